@@ -1,0 +1,1 @@
+"""Tally: usage metering and billing over gRPC, stored in PostgreSQL."""

@@ -1,0 +1,64 @@
+"""BillingService: protobuf in and out around server.billing."""
+
+from __future__ import annotations
+
+import grpc
+
+from server.api.convert import invoice_message, optional_micros, rate_message
+from server.api.errors import rpc
+from server.billing import Billing
+from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
+
+
+class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
+    def __init__(self, billing: Billing) -> None:
+        self._billing = billing
+
+    @rpc
+    async def ListRates(
+        self, request: billing_service_pb2.ListRatesRequest, context: grpc.aio.ServicerContext
+    ) -> billing_service_pb2.ListRatesResponse:
+        page = await self._billing.list_rates(
+            optional_micros(request, "as_of_time"), request.show_history, request.page_size, request.page_token
+        )
+        return billing_service_pb2.ListRatesResponse(
+            rates=[rate_message(rate) for rate in page.items], next_page_token=page.next_page_token
+        )
+
+    @rpc
+    async def SetRate(
+        self, request: billing_service_pb2.SetRateRequest, context: grpc.aio.ServicerContext
+    ) -> billing_service_pb2.SetRateResponse:
+        rate = await self._billing.set_rate(
+            request.service,
+            request.usage_type,
+            request.unit_price,
+            request.currency_code,
+            optional_micros(request, "effective_time"),
+        )
+        return billing_service_pb2.SetRateResponse(rate=rate_message(rate))
+
+    @rpc
+    async def GenerateInvoice(
+        self, request: billing_service_pb2.GenerateInvoiceRequest, context: grpc.aio.ServicerContext
+    ) -> billing_service_pb2.GenerateInvoiceResponse:
+        invoice, created = await self._billing.generate_invoice(
+            request.tenant_id, optional_micros(request, "period_start"), optional_micros(request, "period_end")
+        )
+        return billing_service_pb2.GenerateInvoiceResponse(invoice=invoice_message(invoice), created=created)
+
+    @rpc
+    async def GetInvoice(
+        self, request: billing_service_pb2.GetInvoiceRequest, context: grpc.aio.ServicerContext
+    ) -> billing_service_pb2.GetInvoiceResponse:
+        invoice = await self._billing.get_invoice(request.invoice_id)
+        return billing_service_pb2.GetInvoiceResponse(invoice=invoice_message(invoice))
+
+    @rpc
+    async def ListInvoices(
+        self, request: billing_service_pb2.ListInvoicesRequest, context: grpc.aio.ServicerContext
+    ) -> billing_service_pb2.ListInvoicesResponse:
+        page = await self._billing.list_invoices(request.tenant_id, request.page_size, request.page_token)
+        return billing_service_pb2.ListInvoicesResponse(
+            invoices=[invoice_message(i) for i in page.items], next_page_token=page.next_page_token
+        )

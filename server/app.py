@@ -1,0 +1,125 @@
+"""Wiring: the one place that builds Tally's parts, connects them and runs the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from server.api.billing import BillingApi
+from server.api.usage import UsageApi
+from server.billing import Billing
+from server.config import Config
+from server.domain.events import EventRules
+from server.domain.timeutil import MICROS_PER_SECOND
+from server.health import DatabaseHealth
+from server.metering import Metering
+from server.ratecard import RateCardCache
+from server.storage.database import create_pool
+from server.storage.embedded import EmbeddedPostgres
+from server.storage.invoices import InvoiceStore
+from server.storage.migrations import migrate
+from server.storage.rates import RateStore
+from server.storage.usage import UsageStore
+from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
+)
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1_000
+
+
+class TallyServer:
+    """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.port = 0
+        self.dsn = ""
+        self._embedded: EmbeddedPostgres | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: DatabaseHealth | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._metering: Metering | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        if config.database_url:
+            self.dsn = config.database_url
+        else:
+            self._embedded = EmbeddedPostgres(config.data_dir)
+            self.dsn = await asyncio.to_thread(self._embedded.start)
+        self._pool = await create_pool(self.dsn, min_size=2, max_size=config.pool_size)
+        applied = await migrate(self._pool)
+        if applied:
+            log.info("schema migrated to version %d", applied[-1])
+
+        rate_store = RateStore(self._pool)
+        rate_card = RateCardCache(rate_store)
+        await rate_card.reload()
+        rules = EventRules(
+            max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
+            max_batch_size=config.max_batch_size,
+        )
+        self._metering = Metering(UsageStore(self._pool), rate_card, rules, now_micros)
+        billing = Billing(rate_store, InvoiceStore(self._pool), rate_card, now_micros)
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ]
+        )
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageApi(self._metering), server)
+        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(BillingApi(billing), server)
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self._health = DatabaseHealth(
+            health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds
+        )
+        await self._health.set_all(await self._health.check_once())
+        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        await server.start()
+        self._server = server
+        self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+
+    async def stop(self) -> None:
+        """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._health is not None:
+            await self._health.set_all(False)
+        if self._server is not None:
+            await self._server.stop(self.config.grace_seconds)
+        if self._metering is not None:
+            await self._metering.drain()
+        if self._pool is not None:
+            await self._pool.close()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()

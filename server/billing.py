@@ -1,0 +1,168 @@
+"""The rate card and invoices: the use cases behind BillingService."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Generic, TypeVar
+
+from server.domain.decimals import MINOR_UNITS, check_decimal
+from server.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from server.domain.events import check_id
+from server.domain.models import Invoice, InvoiceStatus, Rate
+from server.domain.pagination import check_page_size, decode_token, encode_token
+from server.domain.pricing import price_usage
+from server.domain.ranges import check_range
+from server.domain.timeutil import EPOCH, is_whole_hour, next_hour, to_datetime, to_micros
+from server.ratecard import RateCardCache
+from server.storage.database import run_with_retries
+from server.storage.invoices import InvoiceStore
+from server.storage.rates import RateStore
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+PRICE_INTEGER_DIGITS = 18
+PRICE_FRACTION_DIGITS = 12
+MAX_INVOICE_DAYS = 366
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+class Billing:
+    def __init__(
+        self,
+        rates: RateStore,
+        invoices: InvoiceStore,
+        rate_card: RateCardCache,
+        now_micros: Callable[[], int],
+        currency: str = "USD",
+    ) -> None:
+        self._rates = rates
+        self._invoices = invoices
+        self._rate_card = rate_card
+        self._now_micros = now_micros
+        self.currency = currency
+        self.minor_digits = MINOR_UNITS[currency]
+
+    # --- rate card -----------------------------------------------------------------
+
+    async def list_rates(
+        self, as_of_micros: int | None, show_history: bool, page_size: int, page_token: str
+    ) -> Page[Rate]:
+        limit = check_page_size(page_size, default=100, maximum=1_000)
+        if show_history:
+            filter_key = "history"
+            last = decode_token(page_token, filter_key, (str, str, int))
+            # ("", "", epoch) sorts before every stored rate: service names are never empty.
+            after = (last[0], last[1], to_datetime(last[2])) if last else ("", "", EPOCH)
+            rates = await self._rates.history(after, limit + 1)
+        else:
+            at = self._now_micros() if as_of_micros is None else as_of_micros
+            filter_key = f"in_effect:{at}"
+            last = decode_token(page_token, filter_key, (str, str, int))
+            rates = await self._rates.in_effect(to_datetime(at), (last[0], last[1]) if last else ("", ""), limit + 1)
+        next_token = ""
+        if len(rates) > limit:
+            rates = rates[:limit]
+            tail = rates[-1]
+            next_token = encode_token(filter_key, [tail.service, tail.usage_type, to_micros(tail.effective_from)])
+        return Page(rates, next_token)
+
+    async def set_rate(
+        self, service: str, usage_type: str, unit_price: str, currency: str, effective_micros: int | None
+    ) -> Rate:
+        violations: list[FieldViolation] = []
+        for name, value in (("service", service), ("usage_type", usage_type)):
+            if not _NAME.fullmatch(value):
+                violations.append(FieldViolation(name, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'"))
+        if problem := check_decimal(
+            unit_price, max_integer_digits=PRICE_INTEGER_DIGITS, max_fraction_digits=PRICE_FRACTION_DIGITS
+        ):
+            violations.append(FieldViolation("unit_price", problem))
+        if currency and currency != self.currency:
+            violations.append(
+                FieldViolation("currency_code", f"must be the rate card's currency {self.currency}")
+            )
+        if effective_micros is not None and (effective_micros < 0 or not is_whole_hour(effective_micros)):
+            violations.append(FieldViolation("effective_time", "must be a whole UTC hour, not before 1970"))
+        if violations:
+            raise InvalidArgument(violations)
+        rate = await self._rates.upsert(
+            service,
+            usage_type,
+            None if effective_micros is None else to_datetime(effective_micros),
+            (EPOCH, to_datetime(next_hour(self._now_micros()))),
+            Decimal(unit_price),
+            self.currency,
+        )
+        self._rate_card.note_rate(service, usage_type, to_micros(rate.effective_from))
+        return rate
+
+    # --- invoices ------------------------------------------------------------------
+
+    async def generate_invoice(
+        self, tenant_id: str, start_micros: int | None, end_micros: int | None
+    ) -> tuple[Invoice, bool]:
+        """The tenant's invoice for the period and whether this call created it."""
+        if problem := check_id(tenant_id):
+            raise InvalidArgument.single("tenant_id", problem)
+        period = check_range(
+            start_micros, end_micros, start_field="period_start", end_field="period_end", max_days=MAX_INVOICE_DAYS
+        )
+        start, end = to_datetime(period.start_micros), to_datetime(period.end_micros)
+
+        async def attempt() -> tuple[Invoice, bool]:
+            async with self._invoices.tenant_transaction(tenant_id) as tx:
+                existing_id: str | None = None
+                for other_id, other_start, other_end, status in await tx.overlapping(tenant_id, start, end):
+                    if (other_start, other_end) != (start, end):
+                        raise FailedPrecondition(
+                            f"the period overlaps invoice {other_id} "
+                            f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant"
+                        )
+                    if status is not InvoiceStatus.DRAFT:
+                        return await tx.load(other_id), False
+                    existing_id = other_id
+                usage = await tx.priced_usage(tenant_id, start, end)
+                priced = [u for u in usage if u is not None]
+                if len(priced) != len(usage):
+                    raise FailedPrecondition("some usage in the period has no rate in effect")
+                amounts = price_usage(priced, self.minor_digits)
+                invoice_id = existing_id or f"inv_{uuid.uuid4().hex}"
+                await tx.save(invoice_id, tenant_id, start, end, self.currency, amounts.total, amounts.lines)
+                return await tx.load(invoice_id), existing_id is None
+
+        return await run_with_retries(attempt)
+
+    async def get_invoice(self, invoice_id: str) -> Invoice:
+        if not invoice_id:
+            raise InvalidArgument.single("invoice_id", "is required")
+        invoice = await self._invoices.get(invoice_id)
+        if invoice is None:
+            raise NotFound(f"invoice {invoice_id[:80]!r} not found")
+        return invoice
+
+    async def list_invoices(self, tenant_id: str, page_size: int, page_token: str) -> Page[Invoice]:
+        if problem := check_id(tenant_id):
+            raise InvalidArgument.single("tenant_id", problem)
+        limit = check_page_size(page_size, default=50, maximum=500)
+        filter_key = f"invoices:{tenant_id}"
+        last = decode_token(page_token, filter_key, (int, str))
+        before = (to_datetime(last[0]), last[1]) if last else None
+        invoices = await self._invoices.list_for_tenant(tenant_id, before, limit + 1)
+        next_token = ""
+        if len(invoices) > limit:
+            invoices = invoices[:limit]
+            tail = invoices[-1]
+            next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
+        return Page(invoices, next_token)
+

@@ -1,0 +1,1 @@
+"""Pure billing and metering logic on plain typed values: no gRPC, no database."""

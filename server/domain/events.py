@@ -1,0 +1,212 @@
+"""Validation of usage events, and their shaping into columns for one bulk insert.
+
+An event is rejected for the first rule it breaks; the other events of its batch go
+on. Valid events are de-duplicated within the batch (the first occurrence wins, the
+others count as duplicates) and sorted by (tenant_id, event_id): concurrent batches
+then take their row locks in the same order and cannot deadlock on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from server.domain.decimals import check_decimal
+from server.domain.errors import FieldViolation
+from server.domain.timeutil import MICROS_PER_SECOND, to_datetime
+
+MAX_ID_LENGTH = 128
+MAX_DIMENSIONS = 16
+MAX_DIMENSION_KEY_LENGTH = 64
+MAX_DIMENSION_VALUE_LENGTH = 256
+QUANTITY_INTEGER_DIGITS = 18
+QUANTITY_FRACTION_DIGITS = 9
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """An event as the client sent it, already out of its protobuf."""
+
+    tenant_id: str
+    event_id: str
+    service: str
+    usage_type: str
+    quantity: str
+    time_micros: int | None  # None: the client left it unset, so the receive time applies
+    dimensions: Mapping[str, str]
+    time_error: str | None = None  # set by the edge when the timestamp itself is malformed
+
+
+@dataclass(frozen=True, slots=True)
+class EventRules:
+    """Limits that every event and batch must keep (configurable per server)."""
+
+    max_future_micros: int = 5 * 60 * MICROS_PER_SECOND
+    max_batch_size: int = 10_000
+
+
+class UsageTypeCatalog(Protocol):
+    """Which (service, usage_type) pairs are priced, and from when."""
+
+    def first_effective(self, service: str, usage_type: str) -> int | None:
+        """Micros of the first rate's effective time, or None for an unknown usage type."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An event that was not recorded, and why."""
+
+    index: int
+    event_id: str
+    field: str
+    reason: str
+
+
+@dataclass(slots=True)
+class EventColumns:
+    """Valid, distinct events as parallel columns, sorted by (tenant_id, event_id)."""
+
+    tenant_ids: list[str] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)
+    usage_types: list[str] = field(default_factory=list)
+    quantities: list[str] = field(default_factory=list)
+    times_micros: list[int] = field(default_factory=list)
+    dimensions_json: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedBatch:
+    columns: EventColumns
+    rejections: list[Rejection]
+    repeated_in_batch: int  # valid events whose key appeared earlier in the same batch
+
+
+def check_id(value: str) -> str | None:
+    """Why `value` is not an acceptable tenant or event id, or None."""
+    if not value:
+        return "is required"
+    if len(value) > MAX_ID_LENGTH:
+        return f"is longer than {MAX_ID_LENGTH} characters"
+    if _CONTROL.search(value):
+        return "contains a control character"
+    if value != value.strip():
+        return "has leading or trailing white space"
+    return None
+
+
+def _check_dimensions(dimensions: Mapping[str, str]) -> FieldViolation | None:
+    if len(dimensions) > MAX_DIMENSIONS:
+        return FieldViolation("dimensions", f"has more than {MAX_DIMENSIONS} entries")
+    for key, value in dimensions.items():
+        if not key or len(key) > MAX_DIMENSION_KEY_LENGTH or _CONTROL.search(key):
+            return FieldViolation(
+                "dimensions",
+                f"key {key[:70]!r} must be 1 to {MAX_DIMENSION_KEY_LENGTH} characters without control characters",
+            )
+        if len(value) > MAX_DIMENSION_VALUE_LENGTH or _CONTROL.search(value):
+            return FieldViolation(
+                f"dimensions[{key}]",
+                f"must be at most {MAX_DIMENSION_VALUE_LENGTH} characters without control characters",
+            )
+    return None
+
+
+def check_event(
+    event: RawEvent, catalog: UsageTypeCatalog, rules: EventRules, now_micros: int
+) -> list[FieldViolation]:
+    """Every rule the event breaks, in field order (empty if it is valid)."""
+    violations: list[FieldViolation] = []
+    if problem := check_id(event.tenant_id):
+        violations.append(FieldViolation("tenant_id", problem))
+    if problem := check_id(event.event_id):
+        violations.append(FieldViolation("event_id", problem))
+    first_effective = catalog.first_effective(event.service, event.usage_type)
+    if not event.service:
+        violations.append(FieldViolation("service", "is required"))
+    if not event.usage_type:
+        violations.append(FieldViolation("usage_type", "is required"))
+    if event.service and event.usage_type and first_effective is None:
+        violations.append(
+            FieldViolation(
+                "usage_type",
+                f"{event.service}/{event.usage_type} is not on the rate card (see BillingService.ListRates)",
+            )
+        )
+    if problem := check_decimal(
+        event.quantity,
+        max_integer_digits=QUANTITY_INTEGER_DIGITS,
+        max_fraction_digits=QUANTITY_FRACTION_DIGITS,
+    ):
+        violations.append(FieldViolation("quantity", problem))
+    if event.time_error is not None:
+        violations.append(FieldViolation("time", event.time_error))
+    elif event.time_micros is not None:
+        if event.time_micros > now_micros + rules.max_future_micros:
+            ahead = rules.max_future_micros // MICROS_PER_SECOND
+            violations.append(FieldViolation("time", f"is more than {ahead} s ahead of the server's clock"))
+        elif first_effective is not None and event.time_micros < first_effective:
+            violations.append(
+                FieldViolation(
+                    "time",
+                    f"is before the first rate of {event.service}/{event.usage_type} took effect "
+                    f"({to_datetime(first_effective).isoformat()})",
+                )
+            )
+    if dimension_problem := _check_dimensions(event.dimensions):
+        violations.append(dimension_problem)
+    return violations
+
+
+def _dimensions_json(dimensions: Mapping[str, str]) -> str:
+    if not dimensions:
+        return "{}"
+    return json.dumps(dict(dimensions), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def validate_batch(
+    events: Sequence[RawEvent], catalog: UsageTypeCatalog, rules: EventRules, now_micros: int
+) -> ValidatedBatch:
+    """Split a batch into insertable columns and rejections (see the module docstring)."""
+    rejections: list[Rejection] = []
+    rows: dict[tuple[str, str], tuple[str, str, str, str, str, int, str]] = {}
+    repeated = 0
+    for index, event in enumerate(events):
+        violations = check_event(event, catalog, rules, now_micros)
+        if violations:
+            first = violations[0]
+            rejections.append(Rejection(index, event.event_id, first.field, first.description))
+            continue
+        key = (event.tenant_id, event.event_id)
+        if key in rows:
+            repeated += 1
+            continue
+        rows[key] = (
+            event.tenant_id,
+            event.event_id,
+            event.service,
+            event.usage_type,
+            event.quantity,
+            now_micros if event.time_micros is None else event.time_micros,
+            _dimensions_json(event.dimensions),
+        )
+    columns = EventColumns()
+    for key in sorted(rows):
+        tenant_id, event_id, service, usage_type, quantity, time_micros, dimensions = rows[key]
+        columns.tenant_ids.append(tenant_id)
+        columns.event_ids.append(event_id)
+        columns.services.append(service)
+        columns.usage_types.append(usage_type)
+        columns.quantities.append(quantity)
+        columns.times_micros.append(time_micros)
+        columns.dimensions_json.append(dimensions)
+    return ValidatedBatch(columns, rejections, repeated)

@@ -1,0 +1,59 @@
+"""The billing values passed between storage, the services and the API layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import Enum
+
+from server.domain.pricing import LineItem
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    service: str
+    usage_type: str
+    unit_price: Decimal
+    currency: str
+    effective_from: datetime
+    created_at: datetime
+
+
+class InvoiceStatus(Enum):
+    DRAFT = "draft"
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    id: str
+    tenant_id: str
+    period_start: datetime
+    period_end: datetime
+    currency: str
+    lines: tuple[LineItem, ...]
+    total: Decimal
+    status: InvoiceStatus
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UsageAggregate:
+    tenant_id: str
+    service: str
+    usage_type: str
+    bucket_start: datetime | None
+    dimension_value: str
+    quantity: Decimal
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    tenant_id: str
+    start: datetime
+    end: datetime
+    bucket: str  # "" (none), "hour", "day" or "month"
+    group_by_dimension: str
+    aggregates: tuple[UsageAggregate, ...]

@@ -1,0 +1,64 @@
+"""Turning priced usage into invoice lines and a total, exactly.
+
+The rounding rule, in one place: each line's amount is quantity * unit_price computed
+exactly, then rounded once to the currency's minor unit, half away from zero
+(decimals.MONEY_ROUNDING). The total is the sum of the rounded lines, so an invoice
+always adds up as printed. Nothing is rounded before the line amount.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+
+from server.domain.decimals import round_money
+
+
+@dataclass(frozen=True, slots=True)
+class PricedUsage:
+    """Usage of one (service, usage_type) at one unit price within an invoice period."""
+
+    service: str
+    usage_type: str
+    unit_price: Decimal
+    quantity: Decimal
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class LineItem:
+    service: str
+    usage_type: str
+    quantity: Decimal
+    unit_price: Decimal
+    amount: Decimal
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceAmounts:
+    lines: tuple[LineItem, ...]
+    total: Decimal
+
+
+def price_usage(usages: Iterable[PricedUsage], minor_digits: int) -> InvoiceAmounts:
+    """One line per (service, usage_type, unit_price), ordered so, and their total."""
+    merged: dict[tuple[str, str, Decimal], tuple[Decimal, int]] = {}
+    for usage in usages:
+        key = (usage.service, usage.usage_type, usage.unit_price)
+        quantity, count = merged.get(key, (Decimal(0), 0))
+        merged[key] = (quantity + usage.quantity, count + usage.event_count)
+    lines = tuple(
+        LineItem(
+            service=service,
+            usage_type=usage_type,
+            quantity=quantity,
+            unit_price=unit_price,
+            amount=round_money(quantity * unit_price, minor_digits),
+            event_count=count,
+        )
+        for (service, usage_type, unit_price), (quantity, count) in sorted(merged.items())
+    )
+    total = sum((line.amount for line in lines), round_money(Decimal(0), minor_digits))
+    return InvoiceAmounts(lines, total)

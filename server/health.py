@@ -1,0 +1,71 @@
+"""Standard grpc.health.v1 health, driven by whether PostgreSQL answers.
+
+The probe uses its own connection, not the pool, so a pool saturated by ingestion does
+not make a busy server look dead; a database that does not answer within the timeout
+turns every service NOT_SERVING until it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from server.storage.database import CONNECTION_ERRORS
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class DatabaseHealth:
+    def __init__(
+        self,
+        servicer: health_aio.HealthServicer,
+        dsn: str,
+        services: Sequence[str],
+        *,
+        interval_seconds: float = 2.0,
+        timeout_seconds: float = 2.0,
+    ) -> None:
+        self._servicer = servicer
+        self._dsn = dsn
+        self._services = ("", *services)  # "" is the server's overall health
+        self._interval = interval_seconds
+        self._timeout = timeout_seconds
+        self._conn: asyncpg.Connection | None = None
+        self._serving: bool | None = None
+
+    async def set_all(self, serving: bool) -> None:
+        if serving != self._serving:
+            log.log(logging.INFO if serving else logging.WARNING, "health: %s", "SERVING" if serving else "NOT_SERVING")
+        self._serving = serving
+        for service in self._services:
+            await self._servicer.set(service, SERVING if serving else NOT_SERVING)
+
+    async def check_once(self) -> bool:
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            await self._conn.fetchval("SELECT 1", timeout=self._timeout)
+            return True
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            return False
+
+    async def run(self) -> None:
+        """Probe forever (until cancelled)."""
+        try:
+            while True:
+                await self.set_all(await self.check_once())
+                await asyncio.sleep(self._interval)
+        finally:
+            if self._conn is not None:
+                self._conn.terminate()

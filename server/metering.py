@@ -1,0 +1,161 @@
+"""Recording usage exactly once and summarising it: the use cases behind UsageService.
+
+Writes are shielded from cancellation: when a client goes away or the server shuts down
+in the middle of a batch, the batch's transaction still finishes (it is committed or
+rolled back as a whole, never half-written), and `drain()` waits for such writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from server.domain.errors import FieldViolation, InvalidArgument
+from server.domain.events import (
+    EventColumns,
+    EventRules,
+    RawEvent,
+    Rejection,
+    check_event,
+    check_id,
+    validate_batch,
+)
+from server.domain.models import UsageAggregate, UsageSummary
+from server.domain.ranges import check_range
+from server.domain.timeutil import to_datetime
+from server.ratecard import RateCardCache
+from server.storage.usage import UsageStore
+
+BUCKETS = ("", "hour", "day", "month")
+MAX_SUMMARY_TENANTS = 1_000
+_TENANTS_PER_QUERY = 100
+_MAX_DAYS_HOURLY = 366
+_MAX_DAYS = 3_660
+_MAX_DIMENSION_KEY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    accepted: int
+    duplicates: int
+    rejections: list[Rejection]
+
+
+class Metering:
+    def __init__(
+        self,
+        store: UsageStore,
+        rate_card: RateCardCache,
+        rules: EventRules,
+        now_micros: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._rate_card = rate_card
+        self._rules = rules
+        self._now_micros = now_micros
+        self._writes: set[asyncio.Task[int]] = set()
+
+    async def record_batch(self, events: Sequence[RawEvent]) -> BatchOutcome:
+        """Record the valid, new events of a batch in one transaction."""
+        if len(events) > self._rules.max_batch_size:
+            raise InvalidArgument.single(
+                "events", f"has {len(events)} events, more than the limit of {self._rules.max_batch_size}"
+            )
+        await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
+        batch = validate_batch(events, self._rate_card, self._rules, self._now_micros())
+        accepted = await self._write(batch.columns) if len(batch.columns) else 0
+        duplicates = len(batch.columns) - accepted + batch.repeated_in_batch
+        return BatchOutcome(accepted, duplicates, batch.rejections)
+
+    async def report(self, event: RawEvent) -> bool:
+        """Record one event; True if it is new, False if it was a duplicate.
+
+        Raises InvalidArgument listing every bad field, prefixed with "event.".
+        """
+        await self._rate_card.ensure_current([(event.service, event.usage_type)])
+        now = self._now_micros()
+        violations = check_event(event, self._rate_card, self._rules, now)
+        if violations:
+            raise InvalidArgument([FieldViolation(f"event.{v.field}", v.description) for v in violations])
+        batch = validate_batch([event], self._rate_card, self._rules, now)
+        return await self._write(batch.columns) == 1
+
+    async def _write(self, columns: EventColumns) -> int:
+        task = asyncio.ensure_future(self._store.record_batch(columns))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for every write in flight (used at shutdown, before the pool closes)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    async def summary(
+        self, tenant_id: str, start_micros: int | None, end_micros: int | None, bucket: str, dimension: str
+    ) -> UsageSummary:
+        if problem := check_id(tenant_id):
+            raise InvalidArgument.single("tenant_id", problem)
+        start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
+        aggregates = await self._store.summarize([tenant_id], start, end, bucket, dimension)
+        return UsageSummary(tenant_id, start, end, bucket, dimension, tuple(aggregates))
+
+    async def summaries(
+        self,
+        tenant_ids: Sequence[str],
+        start_micros: int | None,
+        end_micros: int | None,
+        bucket: str,
+        dimension: str,
+    ) -> AsyncIterator[UsageSummary]:
+        """One summary per listed tenant, or per tenant with usage; in tenant_id order.
+
+        Reads a chunk of tenants per query and holds no connection while the caller
+        consumes, so a slow reader cannot pin a database connection.
+        """
+        if len(tenant_ids) > MAX_SUMMARY_TENANTS:
+            raise InvalidArgument.single("tenant_ids", f"lists more than {MAX_SUMMARY_TENANTS} tenants")
+        violations = [
+            FieldViolation(f"tenant_ids[{i}]", problem)
+            for i, tenant in enumerate(tenant_ids)
+            if (problem := check_id(tenant))
+        ]
+        if violations:
+            raise InvalidArgument(violations)
+        start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
+        listed = sorted(set(tenant_ids))
+        after = ""
+        while True:
+            if listed:
+                chunk = [t for t in listed if t > after][:_TENANTS_PER_QUERY]
+            else:
+                chunk = await self._store.tenants_with_usage(start, end, after, _TENANTS_PER_QUERY)
+            if not chunk:
+                return
+            aggregates = await self._store.summarize(chunk, start, end, bucket, dimension)
+            by_tenant: dict[str, list[UsageAggregate]] = {tenant: [] for tenant in chunk}
+            for aggregate in aggregates:
+                by_tenant[aggregate.tenant_id].append(aggregate)
+            for tenant in chunk:
+                yield UsageSummary(tenant, start, end, bucket, dimension, tuple(by_tenant[tenant]))
+            after = chunk[-1]
+
+    def _check_summary_request(
+        self, start_micros: int | None, end_micros: int | None, bucket: str, dimension: str
+    ) -> tuple[datetime, datetime]:
+        if bucket not in BUCKETS:
+            raise InvalidArgument.single("bucket", "is not a known time bucket")
+        if len(dimension) > _MAX_DIMENSION_KEY or dimension != dimension.strip():
+            raise InvalidArgument.single(
+                "group_by_dimension", f"must be a dimension key of at most {_MAX_DIMENSION_KEY} characters"
+            )
+        time_range = check_range(
+            start_micros,
+            end_micros,
+            start_field="start_time",
+            end_field="end_time",
+            max_days=_MAX_DAYS_HOURLY if bucket == "hour" else _MAX_DAYS,
+        )
+        return to_datetime(time_range.start_micros), to_datetime(time_range.end_micros)
