@@ -66,15 +66,21 @@ class Billing:
             after = (last[0], last[1], to_datetime(last[2])) if last else ("", "", EPOCH)
             rates = await self._rates.history(after, limit + 1)
         else:
-            at = self._now_micros() if as_of_micros is None else as_of_micros
-            filter_key = f"in_effect:{at}"
-            last = decode_token(page_token, filter_key, (str, str, int))
-            rates = await self._rates.in_effect(to_datetime(at), (last[0], last[1]) if last else ("", ""), limit + 1)
+            # A listing "as of now" keeps the instant of its first page on every later page.
+            filter_key = f"in_effect:{'now' if as_of_micros is None else as_of_micros}"
+            last = decode_token(page_token, filter_key, (int, str, str))
+            at = last[0] if last else self._now_micros() if as_of_micros is None else as_of_micros
+            rates = await self._rates.in_effect(to_datetime(at), (last[1], last[2]) if last else ("", ""), limit + 1)
         next_token = ""
         if len(rates) > limit:
             rates = rates[:limit]
             tail = rates[-1]
-            next_token = encode_token(filter_key, [tail.service, tail.usage_type, to_micros(tail.effective_from)])
+            key = (
+                [tail.service, tail.usage_type, to_micros(tail.effective_from)]
+                if show_history
+                else [at, tail.service, tail.usage_type]
+            )
+            next_token = encode_token(filter_key, key)
         return Page(rates, next_token)
 
     async def set_rate(

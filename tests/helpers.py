@@ -1,0 +1,77 @@
+"""Small builders and readers shared by the tests."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
+
+from tally.v1 import resources_pb2
+
+
+def hour_start(offset_hours: int = 0) -> datetime:
+    """A whole UTC hour relative to the current one (negative: in the past)."""
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    return now + timedelta(hours=offset_hours)
+
+
+def ts(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def event(
+    tenant_id: str,
+    event_id: str | None = None,
+    *,
+    service: str = "marketplace",
+    usage_type: str = "wpk_upload",
+    quantity: str = "1",
+    time: datetime | None = None,
+    dimensions: dict[str, str] | None = None,
+) -> resources_pb2.UsageEvent:
+    message = resources_pb2.UsageEvent(
+        tenant_id=tenant_id,
+        event_id=event_id or uuid.uuid4().hex,
+        service=service,
+        usage_type=usage_type,
+        quantity=quantity,
+        dimensions=dimensions or {},
+    )
+    if time is not None:
+        message.time.CopyFrom(ts(time))
+    return message
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations carried by a failed call, field -> description."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            violations: dict[str, str] = {}
+            for detail in status.details:
+                bad_request = error_details_pb2.BadRequest()
+                if detail.Unpack(bad_request):
+                    violations.update({v.field: v.description for v in bad_request.field_violations})
+            return violations
+    return {}
+
+
+async def totals(db: asyncpg.Pool, tenant: str) -> tuple[int, Decimal, int, Decimal]:
+    """(events stored, their quantity sum, rollup event count, rollup quantity sum)."""
+    events = await db.fetchrow(
+        "SELECT count(*) AS n, coalesce(sum(quantity), 0) AS q FROM usage_events WHERE tenant_id = $1", tenant
+    )
+    rollups = await db.fetchrow(
+        "SELECT coalesce(sum(event_count), 0) AS n, coalesce(sum(quantity), 0) AS q"
+        " FROM usage_rollups WHERE tenant_id = $1",
+        tenant,
+    )
+    return events["n"], events["q"], int(rollups["n"]), rollups["q"]
