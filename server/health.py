@@ -43,7 +43,11 @@ class DatabaseHealth:
 
     async def set_all(self, serving: bool) -> None:
         if serving != self._serving:
-            log.log(logging.INFO if serving else logging.WARNING, "health: %s", "SERVING" if serving else "NOT_SERVING")
+            log.log(
+                logging.INFO if serving else logging.WARNING,
+                "health: %s",
+                "SERVING" if serving else "NOT_SERVING",
+            )
         self._serving = serving
         for service in self._services:
             await self._servicer.set(service, SERVING if serving else NOT_SERVING)

@@ -8,8 +8,6 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
-
-from tests.helpers import event, field_violations, hour_start, ts
 from tally.v1 import (
     billing_service_pb2,
     billing_service_pb2_grpc,
@@ -17,6 +15,8 @@ from tally.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
+
+from tests.helpers import event, field_violations, hour_start, ts
 
 DEFAULT_RATES = {
     ("marketplace", "wpk_upload"): "0.10",
@@ -35,14 +35,18 @@ async def report(usage: usage_service_pb2_grpc.UsageServiceStub, *events) -> Non
 
 
 def generate_request(tenant: str, start, end) -> billing_service_pb2.GenerateInvoiceRequest:  # type: ignore[no-untyped-def]
-    return billing_service_pb2.GenerateInvoiceRequest(tenant_id=tenant, period_start=ts(start), period_end=ts(end))
+    return billing_service_pb2.GenerateInvoiceRequest(
+        tenant_id=tenant, period_start=ts(start), period_end=ts(end)
+    )
 
 
 def new_usage_type() -> str:
     return f"t_{uuid.uuid4().hex[:10]}"
 
 
-async def test_fresh_rate_card_holds_the_default_rates_in_usd(billing: billing_service_pb2_grpc.BillingServiceStub) -> None:
+async def test_fresh_rate_card_holds_the_default_rates_in_usd(
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+) -> None:
     rates = (await billing.ListRates(billing_service_pb2.ListRatesRequest(page_size=1000))).rates
     found = {(r.service, r.usage_type): (r.unit_price, r.currency_code) for r in rates}
     for key, price in DEFAULT_RATES.items():
@@ -55,13 +59,17 @@ async def test_seed_example_five_uploads_cost_fifty_cents(
     tenant: str,
 ) -> None:
     start = hour_start(-3)
-    await report(usage, *[event(tenant, f"u{i}", quantity="1.0", time=start + timedelta(minutes=i)) for i in range(5)])
+    await report(
+        usage, *[event(tenant, f"u{i}", quantity="1.0", time=start + timedelta(minutes=i)) for i in range(5)]
+    )
     response = await billing.GenerateInvoice(generate_request(tenant, start, hour_start(0)))
     invoice = response.invoice
     assert response.created
     assert invoice.total == "0.50" and invoice.currency_code == "USD"
-    assert [(li.service, li.usage_type, li.quantity, li.unit_price, li.amount, li.event_count)
-            for li in invoice.line_items] == [("marketplace", "wpk_upload", "5", "0.10", "0.50", 5)]
+    assert [
+        (li.service, li.usage_type, li.quantity, li.unit_price, li.amount, li.event_count)
+        for li in invoice.line_items
+    ] == [("marketplace", "wpk_upload", "5", "0.10", "0.50", 5)]
     assert invoice.status == resources_pb2.INVOICE_STATUS_DRAFT
 
 
@@ -73,12 +81,22 @@ async def test_line_amounts_round_half_away_from_zero_and_total_is_their_sum(
     start = hour_start(-10)
     await report(
         usage,
-        event(tenant, "q", service="analytics", usage_type="query", quantity="0.5", time=start),  # 0.005 -> 0.01
-        event(tenant, "s", service="storage", usage_type="gb_hour", quantity="0.125", time=start),  # 0.0025 -> 0.00
-        event(tenant, "c", service="compute", usage_type="cpu_hour", quantity="1.001", time=start),  # 0.5005 -> 0.50
-        event(tenant, "r", service="analytics", usage_type="report", quantity="0.03", time=start),  # 0.0075 -> 0.01
+        event(
+            tenant, "q", service="analytics", usage_type="query", quantity="0.5", time=start
+        ),  # 0.005 -> 0.01
+        event(
+            tenant, "s", service="storage", usage_type="gb_hour", quantity="0.125", time=start
+        ),  # 0.0025 -> 0.00
+        event(
+            tenant, "c", service="compute", usage_type="cpu_hour", quantity="1.001", time=start
+        ),  # 0.5005 -> 0.50
+        event(
+            tenant, "r", service="analytics", usage_type="report", quantity="0.03", time=start
+        ),  # 0.0075 -> 0.01
     )
-    invoice = (await billing.GenerateInvoice(generate_request(tenant, start, start + timedelta(hours=1)))).invoice
+    invoice = (
+        await billing.GenerateInvoice(generate_request(tenant, start, start + timedelta(hours=1)))
+    ).invoice
     amounts = {(li.service, li.usage_type): li.amount for li in invoice.line_items}
     assert amounts == {
         ("analytics", "query"): "0.01",
@@ -96,17 +114,31 @@ async def test_rate_change_applies_from_its_effective_hour_only(
 ) -> None:
     kind = new_usage_type()
     start = hour_start(-6)
-    first = await billing.SetRate(billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1.5"))
+    first = await billing.SetRate(
+        billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1.5")
+    )
     assert first.rate.effective_time.seconds == 0  # a new usage type's first rate covers all its usage
     await billing.SetRate(
         billing_service_pb2.SetRateRequest(
-            service="metered", usage_type=kind, unit_price="2.25", effective_time=ts(start + timedelta(hours=2))
+            service="metered",
+            usage_type=kind,
+            unit_price="2.25",
+            effective_time=ts(start + timedelta(hours=2)),
         )
     )
     await report(
         usage,
-        event(tenant, "before", service="metered", usage_type=kind, quantity="2", time=start + timedelta(minutes=59, hours=1)),
-        event(tenant, "after", service="metered", usage_type=kind, quantity="4", time=start + timedelta(hours=2)),
+        event(
+            tenant,
+            "before",
+            service="metered",
+            usage_type=kind,
+            quantity="2",
+            time=start + timedelta(minutes=59, hours=1),
+        ),
+        event(
+            tenant, "after", service="metered", usage_type=kind, quantity="4", time=start + timedelta(hours=2)
+        ),
     )
     invoice = (await billing.GenerateInvoice(generate_request(tenant, start, hour_start(0)))).invoice
     assert [(li.unit_price, li.quantity, li.amount) for li in invoice.line_items] == [
@@ -127,8 +159,12 @@ async def test_changing_a_known_rate_defaults_to_the_next_hour(
     billing: billing_service_pb2_grpc.BillingServiceStub,
 ) -> None:
     kind = new_usage_type()
-    await billing.SetRate(billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1"))
-    changed = await billing.SetRate(billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="3"))
+    await billing.SetRate(
+        billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1")
+    )
+    changed = await billing.SetRate(
+        billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="3")
+    )
     assert changed.rate.effective_time.ToDatetime() == hour_start(1).replace(tzinfo=None)
 
 
@@ -139,7 +175,9 @@ async def test_event_before_the_first_rate_of_its_type_is_rejected(
 ) -> None:
     kind = new_usage_type()
     await billing.SetRate(
-        billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1", effective_time=ts(hour_start(-1)))
+        billing_service_pb2.SetRateRequest(
+            service="metered", usage_type=kind, unit_price="1", effective_time=ts(hour_start(-1))
+        )
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await report(usage, event(tenant, service="metered", usage_type=kind, time=hour_start(-2)))
@@ -161,9 +199,14 @@ async def test_event_before_the_first_rate_of_its_type_is_rejected(
     ],
 )
 async def test_bad_rate_is_invalid_argument_and_changes_nothing(
-    billing: billing_service_pb2_grpc.BillingServiceStub, db: asyncpg.Pool, changes: dict[str, object], field: str
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+    db: asyncpg.Pool,
+    changes: dict[str, object],
+    field: str,
 ) -> None:
-    request = billing_service_pb2.SetRateRequest(service="metered", usage_type=new_usage_type(), unit_price="1")
+    request = billing_service_pb2.SetRateRequest(
+        service="metered", usage_type=new_usage_type(), unit_price="1"
+    )
     for name, value in changes.items():
         if name == "effective_minutes":
             request.effective_time.CopyFrom(ts(hour_start(2) + timedelta(minutes=value)))  # type: ignore[arg-type]
@@ -192,7 +235,9 @@ async def test_generating_again_returns_the_same_invoice_recomputed(
     assert second.invoice.id == first.invoice.id
     assert (first.invoice.total, second.invoice.total) == ("0.10", "0.40")
     assert await db.fetchval("SELECT count(*) FROM invoices WHERE tenant_id = $1", tenant) == 1
-    lines = await db.fetch("SELECT quantity, amount FROM invoice_line_items WHERE invoice_id = $1", first.invoice.id)
+    lines = await db.fetch(
+        "SELECT quantity, amount FROM invoice_line_items WHERE invoice_id = $1", first.invoice.id
+    )
     assert [(str(r["quantity"]), str(r["amount"])) for r in lines] == [("4", "0.40")]
 
 
@@ -206,7 +251,9 @@ async def test_concurrent_generation_creates_one_invoice(
 
     start, end = hour_start(-4), hour_start(0)
     await report(usage, event(tenant, time=start))
-    results = await asyncio.gather(*[billing.GenerateInvoice(generate_request(tenant, start, end)) for _ in range(6)])
+    results = await asyncio.gather(
+        *[billing.GenerateInvoice(generate_request(tenant, start, end)) for _ in range(6)]
+    )
     assert len({r.invoice.id for r in results}) == 1
     assert sum(r.created for r in results) == 1
     assert await db.fetchval("SELECT count(*) FROM invoices WHERE tenant_id = $1", tenant) == 1
@@ -223,8 +270,12 @@ async def test_overlapping_period_is_a_failed_precondition(
     await billing.GenerateInvoice(generate_request(tenant, hour_start(-5), hour_start(-2)))
 
 
-async def test_invoice_without_usage_is_zero(billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str) -> None:
-    invoice = (await billing.GenerateInvoice(generate_request(tenant, hour_start(-2), hour_start(-1)))).invoice
+async def test_invoice_without_usage_is_zero(
+    billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
+) -> None:
+    invoice = (
+        await billing.GenerateInvoice(generate_request(tenant, hour_start(-2), hour_start(-1)))
+    ).invoice
     assert (list(invoice.line_items), invoice.total) == ([], "0.00")
 
 
@@ -240,7 +291,9 @@ async def test_bad_period_is_invalid_argument(
     assert field in field_violations(raised.value)
 
 
-async def test_missing_period_and_tenant_are_named(billing: billing_service_pb2_grpc.BillingServiceStub) -> None:
+async def test_missing_period_and_tenant_are_named(
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await billing.GenerateInvoice(billing_service_pb2.GenerateInvoiceRequest())
     assert "tenant_id" in field_violations(raised.value)
@@ -264,7 +317,9 @@ async def test_list_invoices_newest_first_in_pages(
     billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
 ) -> None:
     made = [
-        (await billing.GenerateInvoice(generate_request(tenant, hour_start(-n - 1), hour_start(-n)))).invoice.id
+        (
+            await billing.GenerateInvoice(generate_request(tenant, hour_start(-n - 1), hour_start(-n)))
+        ).invoice.id
         for n in range(1, 6)
     ]  # made[0] is the newest period
     seen: list[str] = []
@@ -289,12 +344,16 @@ async def test_page_token_of_another_tenant_or_garbage_is_invalid(
     page = await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(tenant_id=tenant, page_size=1))
     for other, token in (("someone-else", page.next_page_token), (tenant, "garbage!"), (tenant, "e30")):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(tenant_id=other, page_token=token))
+            await billing.ListInvoices(
+                billing_service_pb2.ListInvoicesRequest(tenant_id=other, page_token=token)
+            )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in field_violations(raised.value)
 
 
-async def test_list_rates_pages_cover_the_card_once(billing: billing_service_pb2_grpc.BillingServiceStub) -> None:
+async def test_list_rates_pages_cover_the_card_once(
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+) -> None:
     everything = (await billing.ListRates(billing_service_pb2.ListRatesRequest(page_size=1000))).rates
     paged = []
     token = ""

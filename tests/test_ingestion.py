@@ -9,9 +9,9 @@ from decimal import Decimal
 import asyncpg
 import grpc
 import pytest
+from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 from tests.helpers import event, field_violations, hour_start, totals
-from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 
 async def ingest(
@@ -37,8 +37,16 @@ async def test_ingest_counts_accepted_duplicates_and_rejections(
         event(tenant, "e13", quantity="0.75"),
     ]
     response = await ingest(usage, [batch1, batch2])
-    assert (response.batch_count, response.accepted_count, response.duplicate_count, response.rejected_count) == (
-        2, 12, 2, 2,
+    assert (
+        response.batch_count,
+        response.accepted_count,
+        response.duplicate_count,
+        response.rejected_count,
+    ) == (
+        2,
+        12,
+        2,
+        2,
     )
     assert [(r.batch_index, r.event_index, r.event_id, r.field) for r in response.rejections] == [
         (1, 3, "e11", "quantity"),
@@ -82,11 +90,17 @@ async def test_stream_acknowledges_each_batch_after_commit_with_its_sequence(
     for sequence in range(1, 4):
         await call.write(
             usage_service_pb2.StreamUsageRequest(
-                sequence=sequence, events=[event(tenant, f"s{sequence}-{i}", quantity="0.5") for i in range(4)]
+                sequence=sequence,
+                events=[event(tenant, f"s{sequence}-{i}", quantity="0.5") for i in range(4)],
             )
         )
         ack = await call.read()
-        assert (ack.sequence, ack.accepted_count, ack.duplicate_count, ack.rejected_count) == (sequence, 4, 0, 0)
+        assert (ack.sequence, ack.accepted_count, ack.duplicate_count, ack.rejected_count) == (
+            sequence,
+            4,
+            0,
+            0,
+        )
         # Acknowledged means committed: the batch is visible to another connection now.
         assert (await totals(db, tenant))[0] == 4 * sequence
     await call.done_writing()
@@ -94,7 +108,9 @@ async def test_stream_acknowledges_each_batch_after_commit_with_its_sequence(
     assert await totals(db, tenant) == (12, Decimal("6"), 12, Decimal("6"))
 
 
-async def test_stream_reports_rejections_per_batch(usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str) -> None:
+async def test_stream_reports_rejections_per_batch(
+    usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
+) -> None:
     call = usage.StreamUsage()
     await call.write(
         usage_service_pb2.StreamUsageRequest(

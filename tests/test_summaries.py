@@ -6,13 +6,15 @@ from datetime import timedelta
 
 import grpc
 import pytest
+from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 from tests.conftest import new_tenant
 from tests.helpers import event, field_violations, hour_start, ts
-from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 
-async def report_all(usage: usage_service_pb2_grpc.UsageServiceStub, events: list[resources_pb2.UsageEvent]) -> None:
+async def report_all(
+    usage: usage_service_pb2_grpc.UsageServiceStub, events: list[resources_pb2.UsageEvent]
+) -> None:
     async def requests():  # type: ignore[no-untyped-def]
         yield usage_service_pb2.IngestUsageRequest(events=events)
 
@@ -43,8 +45,21 @@ async def test_summary_totals_per_usage_type_hour_and_dimension(
         [
             event(tenant, "a", quantity="1.5", time=h0 + timedelta(minutes=5), dimensions={"region": "eu"}),
             event(tenant, "b", quantity="2", time=h0 + timedelta(minutes=59), dimensions={"region": "us"}),
-            event(tenant, "c", quantity="0.25", time=h0 + timedelta(hours=1, minutes=1), dimensions={"region": "eu"}),
-            event(tenant, "d", service="compute", usage_type="cpu_hour", quantity="3", time=h0 + timedelta(hours=2)),
+            event(
+                tenant,
+                "c",
+                quantity="0.25",
+                time=h0 + timedelta(hours=1, minutes=1),
+                dimensions={"region": "eu"},
+            ),
+            event(
+                tenant,
+                "d",
+                service="compute",
+                usage_type="cpu_hour",
+                quantity="3",
+                time=h0 + timedelta(hours=2),
+            ),
             event(tenant, "outside", quantity="100", time=h0 + timedelta(hours=3)),
         ],
     )
@@ -77,7 +92,9 @@ async def test_summary_totals_per_usage_type_hour_and_dimension(
     ]
 
 
-async def test_day_and_month_buckets_are_utc(usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str) -> None:
+async def test_day_and_month_buckets_are_utc(
+    usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
+) -> None:
     day = hour_start(-24 * 40).replace(hour=0)
     await report_all(
         usage,
@@ -87,7 +104,10 @@ async def test_day_and_month_buckets_are_utc(usage: usage_service_pb2_grpc.Usage
         ],
     )
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant, start_time=ts(day), end_time=ts(day + timedelta(days=2)), bucket=resources_pb2.TIME_BUCKET_DAY
+        tenant_id=tenant,
+        start_time=ts(day),
+        end_time=ts(day + timedelta(days=2)),
+        bucket=resources_pb2.TIME_BUCKET_DAY,
     )
     daily = (await usage.GetUsageSummary(request)).summary
     assert [(a.bucket_start.ToDatetime(), a.quantity) for a in daily.aggregates] == [
@@ -101,7 +121,9 @@ async def test_day_and_month_buckets_are_utc(usage: usage_service_pb2_grpc.Usage
     assert sum(a.event_count for a in monthly.aggregates) == 2
 
 
-async def test_summary_of_a_tenant_without_usage_is_empty(usage: usage_service_pb2_grpc.UsageServiceStub) -> None:
+async def test_summary_of_a_tenant_without_usage_is_empty(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
         tenant_id=new_tenant(), start_time=ts(hour_start(-5)), end_time=ts(hour_start(1))
     )
@@ -125,7 +147,9 @@ async def test_bad_summary_range_is_invalid_argument(
     request = usage_service_pb2.GetUsageSummaryRequest(tenant_id=tenant)
     base = hour_start(-24 * 4000)
     if start is not None:
-        request.start_time.CopyFrom(ts(base + (timedelta(minutes=30) if start == "half" else timedelta(hours=start))))  # type: ignore[arg-type]
+        request.start_time.CopyFrom(
+            ts(base + (timedelta(minutes=30) if start == "half" else timedelta(hours=start)))
+        )  # type: ignore[arg-type]
     if end is not None:
         request.end_time.CopyFrom(ts(base + timedelta(hours=end)))  # type: ignore[arg-type]
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -154,7 +178,10 @@ async def test_summary_with_unknown_bucket_value_is_invalid(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant, start_time=ts(hour_start(-1)), end_time=ts(hour_start(0)), bucket=42  # type: ignore[arg-type]
+        tenant_id=tenant,
+        start_time=ts(hour_start(-1)),
+        end_time=ts(hour_start(0)),
+        bucket=42,  # type: ignore[arg-type]
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await usage.GetUsageSummary(request)
@@ -171,25 +198,33 @@ async def test_stream_summaries_for_listed_tenants_in_order_including_empty_ones
         [event(tenants[0], "x", quantity="1", time=h0), event(tenants[2], "y", quantity="2", time=h0)],
     )
     request = usage_service_pb2.StreamUsageSummariesRequest(
-        tenant_ids=[tenants[2], tenants[0], tenants[1], tenants[0]], start_time=ts(h0), end_time=ts(h0 + timedelta(hours=1))
+        tenant_ids=[tenants[2], tenants[0], tenants[1], tenants[0]],
+        start_time=ts(h0),
+        end_time=ts(h0 + timedelta(hours=1)),
     )
     summaries = [r.summary async for r in usage.StreamUsageSummaries(request)]
     assert [s.tenant_id for s in summaries] == tenants
     assert [[a.quantity for a in s.aggregates] for s in summaries] == [["1"], [], ["2"]]
 
 
-async def test_stream_summaries_for_all_tenants_with_usage(usage: usage_service_pb2_grpc.UsageServiceStub) -> None:
+async def test_stream_summaries_for_all_tenants_with_usage(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+) -> None:
     # An hour far in the past that only this test uses, with more tenants than one query chunk.
     h0 = hour_start(-24 * 3000)
     tenants = sorted(new_tenant() for _ in range(130))
     await report_all(usage, [event(t, "only", quantity="1", time=h0 + timedelta(minutes=1)) for t in tenants])
-    request = usage_service_pb2.StreamUsageSummariesRequest(start_time=ts(h0), end_time=ts(h0 + timedelta(hours=1)))
+    request = usage_service_pb2.StreamUsageSummariesRequest(
+        start_time=ts(h0), end_time=ts(h0 + timedelta(hours=1))
+    )
     summaries = [r.summary async for r in usage.StreamUsageSummaries(request)]
     assert [s.tenant_id for s in summaries] == tenants
     assert all(s.aggregates[0].event_count == 1 for s in summaries)
 
 
-async def test_stream_summaries_rejects_bad_tenant_ids(usage: usage_service_pb2_grpc.UsageServiceStub) -> None:
+async def test_stream_summaries_rejects_bad_tenant_ids(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+) -> None:
     request = usage_service_pb2.StreamUsageSummariesRequest(
         tenant_ids=["ok", ""], start_time=ts(hour_start(-1)), end_time=ts(hour_start(0))
     )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import grpc
+from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 
 from server.api.convert import invoice_message, optional_micros, rate_message
 from server.api.errors import rpc
 from server.billing import Billing
-from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 
 
 class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
@@ -19,7 +19,10 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         self, request: billing_service_pb2.ListRatesRequest, context: grpc.aio.ServicerContext
     ) -> billing_service_pb2.ListRatesResponse:
         page = await self._billing.list_rates(
-            optional_micros(request, "as_of_time"), request.show_history, request.page_size, request.page_token
+            optional_micros(request, "as_of_time"),
+            request.show_history,
+            request.page_size,
+            request.page_token,
         )
         return billing_service_pb2.ListRatesResponse(
             rates=[rate_message(rate) for rate in page.items], next_page_token=page.next_page_token
@@ -43,7 +46,9 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         self, request: billing_service_pb2.GenerateInvoiceRequest, context: grpc.aio.ServicerContext
     ) -> billing_service_pb2.GenerateInvoiceResponse:
         invoice, created = await self._billing.generate_invoice(
-            request.tenant_id, optional_micros(request, "period_start"), optional_micros(request, "period_end")
+            request.tenant_id,
+            optional_micros(request, "period_start"),
+            optional_micros(request, "period_end"),
         )
         return billing_service_pb2.GenerateInvoiceResponse(invoice=invoice_message(invoice), created=created)
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from tally.v1 import resources_pb2
 
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
 from server.domain.models import Invoice, Rate, UsageSummary
-from tally.v1 import resources_pb2
 
 # Timestamps outside years 1..9999 (the protobuf Timestamp range) are malformed.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
 
-BUCKET_NAMES = {
+BUCKET_NAMES: dict[resources_pb2.TimeBucket.ValueType, str] = {
     resources_pb2.TIME_BUCKET_UNSPECIFIED: "",
     resources_pb2.TIME_BUCKET_HOUR: "hour",
     resources_pb2.TIME_BUCKET_DAY: "day",
@@ -46,7 +46,7 @@ def optional_micros(message: object, field: str) -> int | None:
 
 
 def bucket_name(value: int) -> str:
-    name = BUCKET_NAMES.get(value)  # type: ignore[call-overload]
+    name = BUCKET_NAMES.get(resources_pb2.TimeBucket.ValueType(value))
     if name is None:
         raise InvalidArgument.single("bucket", f"unknown time bucket {value}")
     return name

@@ -10,12 +10,28 @@ from __future__ import annotations
 import re
 from decimal import ROUND_HALF_UP, Decimal
 
-_DECIMAL = re.compile(r"(-?)(\d+)(?:\.(\d+))?")
+_DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")  # ASCII only: \d also matches digits of other scripts
 
 # ISO 4217 minor units of the currencies Tally accepts. Money is rounded to these.
 MINOR_UNITS: dict[str, int] = {
-    "USD": 2, "EUR": 2, "GBP": 2, "CHF": 2, "CAD": 2, "AUD": 2, "SEK": 2, "NOK": 2, "DKK": 2,
-    "INR": 2, "BRL": 2, "MXN": 2, "CNY": 2, "SGD": 2, "JPY": 0, "KRW": 0, "KWD": 3, "BHD": 3,
+    "USD": 2,
+    "EUR": 2,
+    "GBP": 2,
+    "CHF": 2,
+    "CAD": 2,
+    "AUD": 2,
+    "SEK": 2,
+    "NOK": 2,
+    "DKK": 2,
+    "INR": 2,
+    "BRL": 2,
+    "MXN": 2,
+    "CNY": 2,
+    "SGD": 2,
+    "JPY": 0,
+    "KRW": 0,
+    "KWD": 3,
+    "BHD": 3,
 }
 
 # The one rounding rule for money: half away from zero, applied once per invoice line.
@@ -25,10 +41,10 @@ MONEY_ROUNDING = ROUND_HALF_UP
 def check_decimal(text: str, *, max_integer_digits: int, max_fraction_digits: int) -> str | None:
     """Why `text` is not an acceptable non-negative decimal, or None if it is."""
     if not text:
-        return "is required (an exact decimal string such as \"1.5\")"
+        return 'is required (an exact decimal string such as "1.5")'
     match = _DECIMAL.fullmatch(text)
     if match is None:
-        return f"must be a plain decimal string such as \"1.5\" (no exponent, NaN or spaces), got {text[:40]!r}"
+        return f'must be a plain decimal string such as "1.5" (no exponent, NaN or spaces), got {text[:40]!r}'
     sign, integer, fraction = match.groups()
     if sign:
         return "must not be negative"

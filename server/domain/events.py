@@ -111,7 +111,8 @@ def _check_dimensions(dimensions: Mapping[str, str]) -> FieldViolation | None:
         if not key or len(key) > MAX_DIMENSION_KEY_LENGTH or _CONTROL.search(key):
             return FieldViolation(
                 "dimensions",
-                f"key {key[:70]!r} must be 1 to {MAX_DIMENSION_KEY_LENGTH} characters without control characters",
+                f"key {key[:70]!r} must be 1 to {MAX_DIMENSION_KEY_LENGTH} characters"
+                " without control characters",
             )
         if len(value) > MAX_DIMENSION_VALUE_LENGTH or _CONTROL.search(value):
             return FieldViolation(

@@ -84,8 +84,10 @@ class InvoiceTransaction:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
 
-    async def overlapping(self, tenant_id: str, start: datetime, end: datetime) -> list[tuple[str, datetime, datetime, InvoiceStatus]]:
-        """(id, period_start, period_end, status) of the tenant's invoices whose periods overlap [start, end)."""
+    async def overlapping(
+        self, tenant_id: str, start: datetime, end: datetime
+    ) -> list[tuple[str, datetime, datetime, InvoiceStatus]]:
+        """(id, period_start, period_end, status) of the tenant's invoices overlapping [start, end)."""
         rows = await self._conn.fetch(
             "SELECT id, period_start, period_end, status FROM invoices"
             " WHERE tenant_id = $1 AND period_start < $3 AND period_end > $2 ORDER BY period_start",
@@ -145,8 +147,16 @@ class InvoiceTransaction:
                        (invoice_id, position, service, usage_type, quantity, unit_price, amount, event_count)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
                 [
-                    (invoice_id, position, line.service, line.usage_type, line.quantity, line.unit_price,
-                     line.amount, line.event_count)
+                    (
+                        invoice_id,
+                        position,
+                        line.service,
+                        line.usage_type,
+                        line.quantity,
+                        line.unit_price,
+                        line.amount,
+                        line.event_count,
+                    )
                     for position, line in enumerate(lines)
                 ],
             )
@@ -160,7 +170,9 @@ class InvoiceStore:
     async def tenant_transaction(self, tenant_id: str) -> AsyncIterator[InvoiceTransaction]:
         """A transaction holding the tenant's invoice lock: generations of one tenant run one at a time."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
+            )
             yield InvoiceTransaction(conn)
 
     async def get(self, invoice_id: str) -> Invoice | None:

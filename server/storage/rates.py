@@ -17,7 +17,8 @@ SELECT service, usage_type, min(effective_from) AS first_effective FROM rates GR
 # The rate of each usage type in effect at $1, after the page key ($2, $3).
 _IN_EFFECT = """
 SELECT * FROM (
-    SELECT DISTINCT ON (service, usage_type) service, usage_type, effective_from, unit_price, currency, created_at
+    SELECT DISTINCT ON (service, usage_type)
+           service, usage_type, effective_from, unit_price, currency, created_at
     FROM rates
     WHERE effective_from <= $1
     ORDER BY service, usage_type, effective_from DESC

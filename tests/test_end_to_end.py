@@ -1,0 +1,213 @@
+"""`tally serve` as a user runs it (embedded PostgreSQL, no DATABASE_URL), driven by the real grpcurl
+binary through server reflection, with no .proto files at hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+TALLY = shutil.which("tally") or str(Path(sys.executable).parent / "tally")
+
+
+class Served:
+    def __init__(self, process: subprocess.Popen[str], address: str) -> None:
+        self.process = process
+        self.address = address
+
+    def grpcurl(
+        self, method: str, *messages: dict[str, object], ok: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        args = [GRPCURL, "-plaintext", "-format-error"]
+        if messages:
+            args += ["-d", "@"]
+        result = subprocess.run(
+            [*args, self.address, *([method] if method else [])],
+            input="\n".join(json.dumps(m) for m in messages),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if ok:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def call(self, method: str, *messages: dict[str, object]) -> dict[str, object]:
+        return json.loads(self.grpcurl(method, *messages).stdout)
+
+
+def start(data_dir: Path) -> Served:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(TALLY_PORT="0", TALLY_DATA_DIR=str(data_dir))
+    process = subprocess.Popen(
+        [TALLY, "serve", "--log-level", "WARNING"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("tally listening on "), line
+    return Served(process, line.split()[3])
+
+
+def stop(served: Served) -> str:
+    served.process.send_signal(signal.SIGTERM)
+    out, _ = served.process.communicate(timeout=30)
+    assert served.process.returncode == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tally-data")
+
+
+@pytest.fixture(scope="module")
+def served(data_dir: Path) -> Iterator[Served]:
+    served = start(data_dir)
+    yield served
+    if served.process.poll() is None:
+        stop(served)
+
+
+def hour(offset: int = 0) -> str:
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=offset)
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_reflection_lists_every_service(served: Served) -> None:
+    listed = served.grpcurl("list").stdout.split()
+    assert listed == [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "tally.v1.BillingService",
+        "tally.v1.UsageService",
+    ]
+    described = served.grpcurl("describe").stdout
+    assert (
+        "rpc StreamUsage ( stream .tally.v1.StreamUsageRequest )"
+        " returns ( stream .tally.v1.StreamUsageResponse );" in described
+    )
+
+
+def test_health_checks(served: Served) -> None:
+    assert served.call("grpc.health.v1.Health/Check") == {"status": "SERVING"}
+    assert served.call("grpc.health.v1.Health/Check", {"service": "tally.v1.UsageService"}) == {
+        "status": "SERVING"
+    }
+
+
+def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
+    when = hour(-2)
+    upload = {
+        "tenant_id": "acme",
+        "service": "marketplace",
+        "usage_type": "wpk_upload",
+        "quantity": "1.0",
+        "time": when,
+    }
+    first = served.call("tally.v1.UsageService/ReportUsage", {"event": {**upload, "event_id": "u1"}})
+    assert first["outcome"] == "REPORT_OUTCOME_RECORDED"
+    again = served.call("tally.v1.UsageService/ReportUsage", {"event": {**upload, "event_id": "u1"}})
+    assert again["outcome"] == "REPORT_OUTCOME_DUPLICATE"
+
+    ingested = served.call(
+        "tally.v1.UsageService/IngestUsage",
+        {"events": [{**upload, "event_id": "u2"}, {**upload, "event_id": "u3"}]},
+        {"events": [{**upload, "event_id": "u3"}, {**upload, "event_id": "bad", "quantity": "-1"}]},
+    )
+    assert ingested == {
+        "batch_count": "2",
+        "accepted_count": "2",
+        "duplicate_count": "1",
+        "rejected_count": "1",
+        "rejections": [
+            {
+                "batch_index": "1",
+                "event_index": 1,
+                "event_id": "bad",
+                "field": "quantity",
+                "reason": "must not be negative",
+            }
+        ],
+    }
+
+    acks = served.grpcurl(
+        "tally.v1.UsageService/StreamUsage",
+        {"sequence": 1, "events": [{**upload, "event_id": "u4"}]},
+        {"sequence": 2, "events": [{**upload, "event_id": "u5"}, {**upload, "event_id": "u4"}]},
+    ).stdout
+    decoded = [json.loads(chunk) for chunk in acks.replace("}\n{", "}\x00{").split("\x00")]
+    assert [(a["sequence"], a["accepted_count"], a.get("duplicate_count")) for a in decoded] == [
+        ("1", "1", None),
+        ("2", "1", "1"),
+    ]
+
+    summary = served.call(
+        "tally.v1.UsageService/GetUsageSummary",
+        {"tenant_id": "acme", "start_time": hour(-2), "end_time": hour(0)},
+    )["summary"]
+    aggregates = summary["aggregates"]  # type: ignore[index]
+    assert [(a["service"], a["usage_type"], a["quantity"]) for a in aggregates] == [
+        ("marketplace", "wpk_upload", "5")
+    ]
+
+    invoice = served.call(
+        "tally.v1.BillingService/GenerateInvoice",
+        {"tenant_id": "acme", "period_start": hour(-2), "period_end": hour(0)},
+    )["invoice"]
+    assert invoice["total"] == "0.50"  # type: ignore[index]
+    fetched = served.call("tally.v1.BillingService/GetInvoice", {"invoice_id": invoice["id"]})  # type: ignore[index]
+    assert fetched["invoice"] == invoice
+    listed = served.call("tally.v1.BillingService/ListInvoices", {"tenant_id": "acme"})
+    assert [i["id"] for i in listed["invoices"]] == [invoice["id"]]  # type: ignore[index,union-attr]
+
+
+def test_rates_are_listed_and_set(served: Served) -> None:
+    rates = served.call("tally.v1.BillingService/ListRates")["rates"]
+    assert len(rates) == 7  # type: ignore[arg-type]
+    set_rate = served.call(
+        "tally.v1.BillingService/SetRate",
+        {"service": "compute", "usage_type": "gpu_hour", "unit_price": "2.40"},
+    )["rate"]
+    assert set_rate["unit_price"] == "2.40"  # type: ignore[index]
+
+
+def test_bad_input_and_missing_invoice_give_precise_statuses(served: Served) -> None:
+    bad = served.grpcurl(
+        "tally.v1.UsageService/ReportUsage",
+        {
+            "event": {
+                "tenant_id": "acme",
+                "event_id": "x",
+                "service": "marketplace",
+                "usage_type": "wpk_upload",
+                "quantity": "NaN",
+            }
+        },
+        ok=False,
+    )
+    error = json.loads(bad.stderr)
+    assert error["code"] == 3  # INVALID_ARGUMENT
+    assert error["details"][0]["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    assert [v["field"] for v in error["details"][0]["field_violations"]] == ["event.quantity"]
+    missing = served.grpcurl("tally.v1.BillingService/GetInvoice", {"invoice_id": "inv_nope"}, ok=False)
+    assert json.loads(missing.stderr)["code"] == 5  # NOT_FOUND
+
+
+def test_sigterm_shuts_down_cleanly_and_data_survives_a_restart(served: Served, data_dir: Path) -> None:
+    out = stop(served)
+    assert "shutting down" in out
+    again = start(data_dir)
+    try:
+        listed = again.call("tally.v1.BillingService/ListInvoices", {"tenant_id": "acme"})
+        assert listed["invoices"][0]["total"] == "0.50"  # type: ignore[index]
+    finally:
+        stop(again)

@@ -1,0 +1,72 @@
+"""grpc.health.v1 health follows the database; a lost database gives UNAVAILABLE, never UNKNOWN."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
+
+from server.app import SERVICE_NAMES, TallyServer
+from server.config import Config
+from server.storage.embedded import EmbeddedPostgres
+from tests.helpers import event
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def statuses(stub: health_pb2_grpc.HealthStub) -> set[int]:
+    return {
+        (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+        for name in ("", *SERVICE_NAMES)
+    }
+
+
+async def wait_for(stub: health_pb2_grpc.HealthStub, status: int) -> None:
+    for _ in range(100):
+        if await statuses(stub) == {status}:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health never became {status}")
+
+
+async def test_overall_and_per_service_health_is_serving(health: health_pb2_grpc.HealthStub) -> None:
+    assert await statuses(health) == {SERVING}
+
+
+async def test_unknown_service_is_not_found(health: health_pb2_grpc.HealthStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health.Check(health_pb2.HealthCheckRequest(service="tally.v1.NoSuchService"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_turns_not_serving_while_the_database_is_down(
+    tmp_path: Path, server_config: Config
+) -> None:
+    embedded = EmbeddedPostgres(tmp_path)
+    dsn = await asyncio.to_thread(embedded.start)
+    server = TallyServer(replace(server_config, database_url=dsn))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            usage = usage_service_pb2_grpc.UsageServiceStub(channel)
+            await wait_for(health, SERVING)
+
+            await asyncio.to_thread(embedded.stop)
+            await wait_for(health, NOT_SERVING)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event("t-down")))
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            await asyncio.to_thread(embedded.start)
+            await wait_for(health, SERVING)
+            response = await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event("t-up")))
+            assert response.outcome == usage_service_pb2.REPORT_OUTCOME_RECORDED
+    finally:
+        await server.stop()
