@@ -158,8 +158,8 @@ class Billing:
         return await run_with_retries(attempt)
 
     async def get_invoice(self, invoice_id: str) -> Invoice:
-        if not invoice_id:
-            raise InvalidArgument.single("invoice_id", "is required")
+        if problem := check_id(invoice_id):
+            raise InvalidArgument.single("invoice_id", problem)
         invoice = await self._invoices.get(invoice_id)
         if invoice is None:
             raise NotFound(f"invoice {invoice_id[:80]!r} not found")

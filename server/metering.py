@@ -20,6 +20,7 @@ from server.domain.events import (
     Rejection,
     check_event,
     check_id,
+    has_control,
     validate_batch,
 )
 from server.domain.models import UsageAggregate, UsageSummary
@@ -147,7 +148,7 @@ class Metering:
     ) -> tuple[datetime, datetime]:
         if bucket not in BUCKETS:
             raise InvalidArgument.single("bucket", "is not a known time bucket")
-        if len(dimension) > _MAX_DIMENSION_KEY or dimension != dimension.strip():
+        if len(dimension) > _MAX_DIMENSION_KEY or dimension != dimension.strip() or has_control(dimension):
             raise InvalidArgument.single(
                 "group_by_dimension", f"must be a dimension key of at most {_MAX_DIMENSION_KEY} characters"
             )

@@ -365,3 +365,20 @@ async def test_list_rates_pages_cover_the_card_once(
             break
     key = lambda r: (r.service, r.usage_type)  # noqa: E731
     assert [key(r) for r in paged] == [key(r) for r in everything]
+
+
+async def test_values_postgres_cannot_store_are_invalid_not_internal(
+    billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(invoice_id="inv_\x00"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A forged page token that passes the filter check but carries a NUL character.
+    from server.domain.pagination import encode_token
+
+    forged = encode_token(f"invoices:{tenant}", [0, "inv_\x00"])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await billing.ListInvoices(
+            billing_service_pb2.ListInvoicesRequest(tenant_id=tenant, page_token=forged)
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

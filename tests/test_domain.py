@@ -105,3 +105,15 @@ def test_page_tokens_round_trip_and_are_bound_to_their_filter() -> None:
             decode_token(token, bad_filter, shape)
     with pytest.raises(InvalidArgument):
         decode_token("%%%", "invoices:a", (int, str))
+
+
+def test_pricing_stays_exact_beyond_the_default_28_digits() -> None:
+    quantity = Decimal("999999999999999999.999999999")  # the largest quantity one event may carry
+    price = Decimal("999999999999999999.999999999999")
+    amounts = price_usage([PricedUsage("s", "u", price, quantity, 1)] * 3, 2)
+    assert amounts.lines[0].quantity == Decimal("2999999999999999999.999999997")
+    # Exact product: 2999999999999999999999999996997000000.000000000000000000003
+    assert amounts.lines[0].amount == Decimal("2999999999999999999999999996997000000.00")
+    assert amounts.total == amounts.lines[0].amount
+    # Python's default context (28 digits) would have lost the digits that matter here.
+    assert amounts.lines[0].quantity * price == Decimal("2.999999999999999999999999997E+36")

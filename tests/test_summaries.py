@@ -233,3 +233,17 @@ async def test_stream_summaries_rejects_bad_tenant_ids(
             pass
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "tenant_ids[1]" in field_violations(raised.value)
+
+
+async def test_control_characters_in_the_dimension_key_are_invalid(
+    usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
+) -> None:
+    request = usage_service_pb2.GetUsageSummaryRequest(
+        tenant_id=tenant,
+        start_time=ts(hour_start(-1)),
+        end_time=ts(hour_start(0)),
+        group_by_dimension="re\x00gion",
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await usage.GetUsageSummary(request)
+    assert "group_by_dimension" in field_violations(raised.value)

@@ -8,7 +8,7 @@ signs and surrounding white space.
 from __future__ import annotations
 
 import re
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal, Inexact, InvalidOperation, Overflow
 
 _DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")  # ASCII only: \d also matches digits of other scripts
 
@@ -36,6 +36,11 @@ MINOR_UNITS: dict[str, int] = {
 
 # The one rounding rule for money: half away from zero, applied once per invoice line.
 MONEY_ROUNDING = ROUND_HALF_UP
+
+# Arithmetic on money and quantities. The default context keeps only 28 significant
+# digits; sums of 27-digit quantities times 30-digit prices need more, so this context
+# keeps enough for any value Tally accepts and traps (instead of rounding) if ever not.
+EXACT = Context(prec=120, rounding=MONEY_ROUNDING, traps=[InvalidOperation, Overflow, Inexact])
 
 
 def check_decimal(text: str, *, max_integer_digits: int, max_fraction_digits: int) -> str | None:
@@ -71,12 +76,14 @@ def format_price(value: Decimal, minor_digits: int) -> str:
     fraction = len(text.partition(".")[2])
     if fraction >= minor_digits:
         return text
-    return format(value.quantize(Decimal(1).scaleb(-minor_digits)), "f")
+    return format(value.quantize(Decimal(1).scaleb(-minor_digits), context=EXACT), "f")
 
 
 def round_money(value: Decimal, minor_digits: int) -> Decimal:
     """Round an exact amount to the currency's minor unit with MONEY_ROUNDING."""
-    return value.quantize(Decimal(1).scaleb(-minor_digits), rounding=MONEY_ROUNDING)
+    rounding = EXACT.copy()
+    rounding.traps[Inexact] = False  # rounding to the minor unit is the one intended loss
+    return value.quantize(Decimal(1).scaleb(-minor_digits), rounding=MONEY_ROUNDING, context=rounding)
 
 
 def format_money(value: Decimal, minor_digits: int) -> str:

@@ -91,6 +91,10 @@ class ValidatedBatch:
     repeated_in_batch: int  # valid events whose key appeared earlier in the same batch
 
 
+def has_control(value: str) -> bool:
+    return _CONTROL.search(value) is not None
+
+
 def check_id(value: str) -> str | None:
     """Why `value` is not an acceptable tenant or event id, or None."""
     if not value:

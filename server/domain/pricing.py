@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from server.domain.decimals import round_money
+from server.domain.decimals import EXACT, round_money
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +48,19 @@ def price_usage(usages: Iterable[PricedUsage], minor_digits: int) -> InvoiceAmou
     for usage in usages:
         key = (usage.service, usage.usage_type, usage.unit_price)
         quantity, count = merged.get(key, (Decimal(0), 0))
-        merged[key] = (quantity + usage.quantity, count + usage.event_count)
+        merged[key] = (EXACT.add(quantity, usage.quantity), count + usage.event_count)
     lines = tuple(
         LineItem(
             service=service,
             usage_type=usage_type,
             quantity=quantity,
             unit_price=unit_price,
-            amount=round_money(quantity * unit_price, minor_digits),
+            amount=round_money(EXACT.multiply(quantity, unit_price), minor_digits),
             event_count=count,
         )
         for (service, usage_type, unit_price), (quantity, count) in sorted(merged.items())
     )
-    total = sum((line.amount for line in lines), round_money(Decimal(0), minor_digits))
+    total = round_money(Decimal(0), minor_digits)
+    for line in lines:
+        total = EXACT.add(total, line.amount)
     return InvoiceAmounts(lines, total)

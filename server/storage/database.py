@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from server.domain.errors import Aborted, Unavailable
+from server.domain.errors import Aborted, InvalidArgument, Unavailable
 
 T = TypeVar("T")
 
@@ -57,4 +57,8 @@ async def run_with_retries(operation: Callable[[], Awaitable[T]], *, attempts: i
             await asyncio.sleep(0.005 * 2**attempt)
         except CONNECTION_ERRORS as exc:
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+        except asyncpg.DataError as exc:
+            # Validation should have caught it; if not, it is still bad input (e.g. a NUL
+            # character in a page token), which must not look like a server fault.
+            raise InvalidArgument.single("request", f"a value cannot be stored: {exc.sqlstate}") from exc
     raise AssertionError("unreachable")

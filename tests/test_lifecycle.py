@@ -1,11 +1,13 @@
-"""grpc.health.v1 health follows the database; a lost database gives UNAVAILABLE, never UNKNOWN."""
+"""Health follows the database (a lost database gives UNAVAILABLE, never UNKNOWN); shutdown is graceful."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,7 +16,7 @@ from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
 from server.app import SERVICE_NAMES, TallyServer
 from server.config import Config
 from server.storage.embedded import EmbeddedPostgres
-from tests.helpers import event
+from tests.helpers import event, totals
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -70,3 +72,27 @@ async def test_health_turns_not_serving_while_the_database_is_down(
             assert response.outcome == usage_service_pb2.REPORT_OUTCOME_RECORDED
     finally:
         await server.stop()
+
+
+async def test_shutdown_finishes_the_batch_in_flight(
+    server_config: Config, db: asyncpg.Pool, tenant: str
+) -> None:
+    server = TallyServer(server_config)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        usage = usage_service_pb2_grpc.UsageServiceStub(channel)
+        call = usage.StreamUsage()
+        await call.write(
+            usage_service_pb2.StreamUsageRequest(
+                sequence=1, events=[event(tenant, f"g{i}") for i in range(2_000)]
+            )
+        )
+        await asyncio.sleep(0.05)  # the batch is on its way or being written
+        stopping = asyncio.create_task(server.stop())
+        ack = await call.read()
+        await stopping
+        assert (ack.sequence, ack.accepted_count) == (1, 2_000)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant)), timeout=2)
+        assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert await totals(db, tenant) == (2_000, Decimal(2_000), 2_000, Decimal(2_000))
