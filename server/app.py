@@ -12,7 +12,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
 from server.api.billing import BillingApi
 from server.api.usage import UsageApi
@@ -29,6 +28,7 @@ from server.storage.invoices import InvoiceStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
 from server.storage.usage import UsageStore
+from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class TallyServer:
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
         self._pool: asyncpg.Pool | None = None
+        self._read_pool: asyncpg.Pool | None = None
         self._server: grpc.aio.Server | None = None
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -64,6 +65,9 @@ class TallyServer:
             self._embedded = EmbeddedPostgres(config.data_dir)
             self.dsn = await asyncio.to_thread(self._embedded.start)
         self._pool = await create_pool(self.dsn, min_size=2, max_size=config.pool_size)
+        self._read_pool = await create_pool(
+            self.dsn, min_size=1, max_size=config.read_pool_size, custom_plans=True
+        )
         applied = await migrate(self._pool)
         if applied:
             log.info("schema migrated to version %d", applied[-1])
@@ -75,7 +79,7 @@ class TallyServer:
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
-        self._metering = Metering(UsageStore(self._pool), rate_card, rules, now_micros)
+        self._metering = Metering(UsageStore(self._pool, self._read_pool), rate_card, rules, now_micros)
         billing = Billing(rate_store, InvoiceStore(self._pool), rate_card, now_micros)
 
         server = grpc.aio.server(
@@ -119,8 +123,9 @@ class TallyServer:
             await self._server.stop(self.config.grace_seconds)
         if self._metering is not None:
             await self._metering.drain()
-        if self._pool is not None:
-            await self._pool.close()
+        for pool in (self._pool, self._read_pool):
+            if pool is not None:
+                await pool.close()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
 

@@ -88,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool-size",
         type=int,
         default=_env_int("TALLY_POOL_SIZE", 8),
-        help="most PostgreSQL connections (env TALLY_POOL_SIZE)",
+        help="most PostgreSQL connections for writes (env TALLY_POOL_SIZE)",
+    )
+    serve.add_argument(
+        "--read-pool-size",
+        type=int,
+        default=_env_int("TALLY_READ_POOL_SIZE", 4),
+        help="most PostgreSQL connections for summaries, planned per call (env TALLY_READ_POOL_SIZE)",
     )
     serve.add_argument(
         "--grace-seconds",
@@ -115,6 +121,7 @@ def _config(args: argparse.Namespace) -> Config:
         max_future_seconds=args.max_future_seconds,
         max_message_bytes=args.max_message_bytes,
         pool_size=args.pool_size,
+        read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,
     )
 

@@ -22,5 +22,6 @@ class Config:
     max_future_seconds: int = 300
     max_message_bytes: int = 16 * 1024 * 1024
     pool_size: int = 8
+    read_pool_size: int = 4
     grace_seconds: float = 10.0
     health_interval_seconds: float = 2.0

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from server.coalescer import ReportCoalescer
 from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.events import (
     EventColumns,
@@ -20,6 +21,7 @@ from server.domain.events import (
     Rejection,
     check_event,
     check_id,
+    event_row,
     has_control,
     validate_batch,
 )
@@ -57,6 +59,7 @@ class Metering:
         self._rules = rules
         self._now_micros = now_micros
         self._writes: set[asyncio.Task[int]] = set()
+        self._reports = ReportCoalescer(store)
 
     async def record_batch(self, events: Sequence[RawEvent]) -> BatchOutcome:
         """Record the valid, new events of a batch in one transaction."""
@@ -80,8 +83,7 @@ class Metering:
         violations = check_event(event, self._rate_card, self._rules, now)
         if violations:
             raise InvalidArgument([FieldViolation(f"event.{v.field}", v.description) for v in violations])
-        batch = validate_batch([event], self._rate_card, self._rules, now)
-        return await self._write(batch.columns) == 1
+        return await self._reports.submit(event_row(event, now))
 
     async def _write(self, columns: EventColumns) -> int:
         task = asyncio.ensure_future(self._store.record_batch(columns))
@@ -93,6 +95,7 @@ class Metering:
         """Wait for every write in flight (used at shutdown, before the pool closes)."""
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
+        await self._reports.drain()
 
     async def summary(
         self, tenant_id: str, start_micros: int | None, end_micros: int | None, bucket: str, dimension: str

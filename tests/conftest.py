@@ -17,11 +17,11 @@ import grpc
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2_grpc
-from tally.v1 import billing_service_pb2_grpc, usage_service_pb2_grpc
 
 from server.app import TallyServer
 from server.config import Config
 from server.storage.embedded import EmbeddedPostgres
+from tally.v1 import billing_service_pb2_grpc, usage_service_pb2_grpc
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
+
 from tally.v1 import resources_pb2
 
 

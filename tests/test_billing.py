@@ -8,6 +8,7 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
+
 from tally.v1 import (
     billing_service_pb2,
     billing_service_pb2_grpc,
@@ -15,7 +16,6 @@ from tally.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-
 from tests.helpers import event, field_violations, hour_start, ts
 
 DEFAULT_RATES = {

@@ -15,6 +15,7 @@ from decimal import Decimal
 import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tally.v1 import (
     billing_service_pb2,
     billing_service_pb2_grpc,
@@ -22,7 +23,6 @@ from tally.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-
 from tests.conftest import new_tenant
 from tests.helpers import event, hour_start, totals, ts
 

@@ -9,8 +9,8 @@ from decimal import Decimal
 import asyncpg
 import grpc
 import pytest
-from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
+from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 from tests.helpers import event, field_violations, hour_start, totals
 
 

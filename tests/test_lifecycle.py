@@ -11,11 +11,11 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
 
 from server.app import SERVICE_NAMES, TallyServer
 from server.config import Config
 from server.storage.embedded import EmbeddedPostgres
+from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
 from tests.helpers import event, totals
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -7,8 +7,8 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
-from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
 
+from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
 from tests.helpers import event, field_violations, hour_start
 
 

@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
+from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 from tests.conftest import new_tenant
 from tests.helpers import event, field_violations, hour_start, ts
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import grpc
-from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 
 from server.api.convert import invoice_message, optional_micros, rate_message
 from server.api.errors import rpc
 from server.billing import Billing
+from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 
 
 class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):

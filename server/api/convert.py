@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from tally.v1 import resources_pb2
 
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
 from server.domain.models import Invoice, Rate, UsageSummary
+from tally.v1 import resources_pb2
 
 # Timestamps outside years 1..9999 (the protobuf Timestamp range) are malformed.
 _MIN_SECONDS = -62_135_596_800
@@ -122,14 +122,15 @@ def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
         bucket=_BUCKET_ENUMS[summary.bucket],
         group_by_dimension=summary.group_by_dimension,
     )
+    add = message.aggregates.add
     for aggregate in summary.aggregates:
-        item = message.aggregates.add(
+        item = add(
             service=aggregate.service,
             usage_type=aggregate.usage_type,
             dimension_value=aggregate.dimension_value,
-            quantity=format_quantity(aggregate.quantity),
+            quantity=aggregate.quantity,
             event_count=aggregate.event_count,
         )
-        if aggregate.bucket_start is not None:
-            item.bucket_start.FromDatetime(aggregate.bucket_start)
+        if aggregate.bucket_start_seconds is not None:
+            item.bucket_start.seconds = aggregate.bucket_start_seconds
     return message

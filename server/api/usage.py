@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 from server.api.convert import bucket_name, optional_micros, raw_event, summary_message
 from server.api.errors import rpc
 from server.domain.events import Rejection
 from server.metering import Metering
+from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
 

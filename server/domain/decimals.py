@@ -70,6 +70,13 @@ def format_quantity(value: Decimal) -> str:
     return text
 
 
+def trim_decimal(text: str) -> str:
+    """Canonical form of a plain decimal string ("3.750" -> "3.75", "5.0" -> "5")."""
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
 def format_price(value: Decimal, minor_digits: int) -> str:
     """A unit price with at least the currency's minor digits ("0.10"), more if it has them."""
     text = format_quantity(value)

@@ -178,12 +178,43 @@ def _dimensions_json(dimensions: Mapping[str, str]) -> str:
     return json.dumps(dict(dimensions), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
+EventRow = tuple[str, str, str, str, str, int, str]
+
+
+def event_row(event: RawEvent, now_micros: int) -> EventRow:
+    """A valid event as one row of EventColumns (the receive time fills a missing time)."""
+    return (
+        event.tenant_id,
+        event.event_id,
+        event.service,
+        event.usage_type,
+        event.quantity,
+        now_micros if event.time_micros is None else event.time_micros,
+        _dimensions_json(event.dimensions),
+    )
+
+
+def columns_of(rows: dict[tuple[str, str], EventRow]) -> EventColumns:
+    """Distinct rows by key, as columns in key order."""
+    columns = EventColumns()
+    for key in sorted(rows):
+        tenant_id, event_id, service, usage_type, quantity, time_micros, dimensions = rows[key]
+        columns.tenant_ids.append(tenant_id)
+        columns.event_ids.append(event_id)
+        columns.services.append(service)
+        columns.usage_types.append(usage_type)
+        columns.quantities.append(quantity)
+        columns.times_micros.append(time_micros)
+        columns.dimensions_json.append(dimensions)
+    return columns
+
+
 def validate_batch(
     events: Sequence[RawEvent], catalog: UsageTypeCatalog, rules: EventRules, now_micros: int
 ) -> ValidatedBatch:
     """Split a batch into insertable columns and rejections (see the module docstring)."""
     rejections: list[Rejection] = []
-    rows: dict[tuple[str, str], tuple[str, str, str, str, str, int, str]] = {}
+    rows: dict[tuple[str, str], EventRow] = {}
     repeated = 0
     for index, event in enumerate(events):
         violations = check_event(event, catalog, rules, now_micros)
@@ -195,23 +226,5 @@ def validate_batch(
         if key in rows:
             repeated += 1
             continue
-        rows[key] = (
-            event.tenant_id,
-            event.event_id,
-            event.service,
-            event.usage_type,
-            event.quantity,
-            now_micros if event.time_micros is None else event.time_micros,
-            _dimensions_json(event.dimensions),
-        )
-    columns = EventColumns()
-    for key in sorted(rows):
-        tenant_id, event_id, service, usage_type, quantity, time_micros, dimensions = rows[key]
-        columns.tenant_ids.append(tenant_id)
-        columns.event_ids.append(event_id)
-        columns.services.append(service)
-        columns.usage_types.append(usage_type)
-        columns.quantities.append(quantity)
-        columns.times_micros.append(time_micros)
-        columns.dimensions_json.append(dimensions)
-    return ValidatedBatch(columns, rejections, repeated)
+        rows[key] = event_row(event, now_micros)
+    return ValidatedBatch(columns_of(rows), rejections, repeated)

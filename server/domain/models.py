@@ -40,12 +40,18 @@ class Invoice:
 
 @dataclass(frozen=True, slots=True)
 class UsageAggregate:
+    """One line of a usage summary.
+
+    A read model, shaped for output: the bucket as Unix seconds and the total as a
+    canonical exact decimal string (summaries are printed, never computed with).
+    """
+
     tenant_id: str
     service: str
     usage_type: str
-    bucket_start: datetime | None
+    bucket_start_seconds: int | None  # None when the summary has no time buckets
     dimension_value: str
-    quantity: Decimal
+    quantity: str
     event_count: int
 
 

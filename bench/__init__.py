@@ -1,0 +1,1 @@
+"""Benchmarks of Tally: run `python -m bench.run --help`."""

@@ -1,0 +1,124 @@
+"""A fresh embedded PostgreSQL and a fresh `tally serve` per scenario, and their resource use."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from server.storage.embedded import EmbeddedPostgres
+
+TALLY = str(Path(sys.executable).parent / "tally")
+
+
+@dataclass
+class Stack:
+    dsn: str
+    address: str
+    server: psutil.Process | None
+    postgres: psutil.Process
+
+
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(process: psutil.Process | None) -> float:
+    """User + system CPU of a process and its children (PostgreSQL backends are children)."""
+    if process is None:
+        return 0.0
+    total = 0.0
+    for p in _tree(process):
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    try:  # backends that already exited are counted in their parent's children times
+        root = process.cpu_times()
+        total += root.children_user + root.children_system
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def peak_rss_mb(process: psutil.Process | None) -> float:
+    """Peak resident memory (VmHWM) of the server process, in MB."""
+    if process is None:
+        return 0.0
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@contextmanager
+def postgres() -> Iterator[tuple[str, psutil.Process]]:
+    directory = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    embedded = EmbeddedPostgres(directory)
+    dsn = embedded.start()
+    pid = int((directory / "postgres" / "postmaster.pid").read_text().split()[0])
+    try:
+        yield dsn, psutil.Process(pid)
+    finally:
+        embedded.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def stack(extra_args: list[str] | None = None, *, with_server: bool = True) -> Iterator[Stack]:
+    with postgres() as (dsn, pg):
+        if not with_server:
+            yield Stack(dsn, "", None, pg)
+            return
+        env = {**os.environ, "DATABASE_URL": dsn}
+        process = subprocess.Popen(
+            [TALLY, "serve", "--port", "0", "--log-level", "WARNING", *(extra_args or [])],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("tally listening on "):
+            process.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+        try:
+            yield Stack(dsn, line.split()[3], psutil.Process(process.pid), pg)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+class Meter:
+    """CPU of the server and of PostgreSQL over a timed section."""
+
+    def __init__(self, s: Stack) -> None:
+        self._stack = s
+
+    def __enter__(self) -> Meter:
+        self.started = time.perf_counter()
+        self._server0 = cpu_seconds(self._stack.server)
+        self._pg0 = cpu_seconds(self._stack.postgres)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed = time.perf_counter() - self.started
+        self.server_cpu = (cpu_seconds(self._stack.server) - self._server0) / self.elapsed
+        self.postgres_cpu = (cpu_seconds(self._stack.postgres) - self._pg0) / self.elapsed

@@ -1,0 +1,186 @@
+"""Tally's benchmark: `python -m bench.run` (see --help). Prints a table and writes JSON.
+
+Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`):
+  ingest   bulk ingestion through StreamUsage and IngestUsage, batches of 100/500/2000, 1 and 4 streams
+  plain    the same rows written straight into PostgreSQL (the physical limit), and the ratio
+  unary    ReportUsage: max requests/s with 64 in flight; p50/p99 at a fixed 1,000 requests/s
+  query    GetUsageSummary (hourly, daily) and GenerateInvoice for one tenant with 1M and 10M events
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+
+from bench import harness, plain, queries
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_client(*args: str, stack: harness.Stack) -> tuple[dict[str, Any], harness.Meter]:
+    """Run bench.client in its own process; meter the server and PostgreSQL while it works."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "bench.client", *args, "--address", stack.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None and client.stdout is not None
+    line = client.stdout.readline()
+    if line.strip() != "ready":
+        client.kill()
+        raise RuntimeError(f"client failed: {line!r}")
+    with harness.Meter(stack) as meter:
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        result = json.loads(client.stdout.readline())
+    client.wait(60)
+    return result, meter
+
+
+async def count_events(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        count: int = await conn.fetchval("SELECT count(*) FROM usage_events")
+        return count
+    finally:
+        await conn.close()
+
+
+def scenario_ingest(
+    events: int, batches: list[int], streams: list[int], server_args: list[str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for method in ("stream", "ingest"):
+        for batch in batches:
+            for n in streams:
+                with harness.stack(server_args) as stack:
+                    result, meter = run_client(
+                        "ingest",
+                        "--method",
+                        method,
+                        "--batch",
+                        str(batch),
+                        "--streams",
+                        str(n),
+                        "--events",
+                        str(events),
+                        stack=stack,
+                    )
+                    committed = asyncio.run(count_events(stack.dsn))
+                    row = {
+                        "method": "StreamUsage" if method == "stream" else "IngestUsage",
+                        "batch": batch,
+                        "streams": n,
+                        "sent": result["sent"],
+                        "committed": committed,
+                        "expected": result["distinct"],
+                        "seconds": round(meter.elapsed, 2),
+                        "events_per_s": round(committed / meter.elapsed),
+                        "server_cpu": round(meter.server_cpu * 100),
+                        "postgres_cpu": round(meter.postgres_cpu * 100),
+                        "server_peak_rss_mb": round(harness.peak_rss_mb(stack.server)),
+                    }
+                print(_line(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def scenario_unary(duration: float) -> dict[str, Any]:
+    with harness.stack() as stack:
+        maximum, meter = run_client(
+            "unary-max", "--concurrency", "64", "--duration", str(duration), stack=stack
+        )
+        fixed, _ = run_client("unary-rate", "--rate", "1000", "--duration", str(duration), stack=stack)
+    row = {
+        "max_rps_64_in_flight": round(maximum["rps"]),
+        "server_cpu": round(meter.server_cpu * 100),
+        "postgres_cpu": round(meter.postgres_cpu * 100),
+        "at_1000_rps_achieved": round(fixed["achieved_rps"]),
+        "p50_ms": round(fixed["p50_ms"], 2),
+        "p99_ms": round(fixed["p99_ms"], 2),
+    }
+    print(_line(row), flush=True)
+    return row
+
+
+def _line(row: dict[str, Any]) -> str:
+    return "  " + "  ".join(f"{k}={v}" for k, v in row.items())
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenarios", default="ingest,plain,unary,query", help="comma-separated subset")
+    parser.add_argument("--events", type=int, default=2_000_000, help="events per ingestion run")
+    parser.add_argument("--batches", default="100,500,2000", help="batch sizes")
+    parser.add_argument("--streams", default="1,4", help="concurrent stream counts")
+    parser.add_argument("--unary-seconds", type=float, default=10.0)
+    parser.add_argument("--query-events", default="1000000,10000000", help="events of the queried tenant")
+    parser.add_argument("--server-args", default="", help="extra `tally serve` flags, e.g. '--workers 2'")
+    args = parser.parse_args()
+    chosen = set(args.scenarios.split(","))
+    batches = [int(b) for b in args.batches.split(",")]
+    streams = [int(s) for s in args.streams.split(",")]
+    server_args = args.server_args.split()
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "started": datetime.now(UTC).isoformat(),
+        "args": vars(args),
+    }
+    print(f"machine: {report['machine']}", flush=True)
+    if "ingest" in chosen:
+        print("scenario 1: bulk ingestion through the server", flush=True)
+        report["ingest"] = scenario_ingest(args.events, batches, streams, server_args)
+    if "plain" in chosen:
+        print("scenario 2: the same rows straight into PostgreSQL", flush=True)
+        report["plain"] = plain.scenario(args.events, batches, streams)
+        if "ingest" in report:
+            limit = max(r["events_per_s"] for r in report["plain"])
+            best = max(r["events_per_s"] for r in report["ingest"])
+            report["ratio"] = round(best / limit, 2)
+            print(
+                f"  best server {best} ev/s / plain PostgreSQL limit {limit} ev/s = {report['ratio']}",
+                flush=True,
+            )
+    if "unary" in chosen:
+        print("scenario 3: unary ReportUsage", flush=True)
+        report["unary"] = scenario_unary(args.unary_seconds)
+    if "query" in chosen:
+        print("scenario 4: summaries and invoices over one tenant's month", flush=True)
+        report["query"] = queries.scenario([int(n) for n in args.query_events.split(",")], run_client)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
