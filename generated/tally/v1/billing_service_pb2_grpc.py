@@ -65,6 +65,11 @@ class BillingServiceStub:
                 request_serializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/tally.v1.BillingService/ListAuditEvents',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -117,6 +122,16 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """The audit trail: every rate change and invoice generation with who made
+        it, when, the request id, and the values before and after, oldest first.
+        Needs the billing:admin scope. A token for some tenants sees their entries
+        and the rate card's; asking for another tenant is PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +159,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ListInvoices,
                     request_deserializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesRequest.FromString,
                     response_serializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -287,6 +307,33 @@ class BillingService:
             '/tally.v1.BillingService/ListInvoices',
             tally_dot_v1_dot_billing__service__pb2.ListInvoicesRequest.SerializeToString,
             tally_dot_v1_dot_billing__service__pb2.ListInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/ListAuditEvents',
+            tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

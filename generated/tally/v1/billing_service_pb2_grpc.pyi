@@ -58,6 +58,12 @@ class BillingServiceStub:
     """One invoice by id; NOT_FOUND if there is none."""
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]
     """A tenant's invoices, newest period first."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]
+    """The audit trail: every rate change and invoice generation with who made
+    it, when, the request id, and the values before and after, oldest first.
+    Needs the billing:admin scope. A token for some tenants sees their entries
+    and the rate card's; asking for another tenant is PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -89,6 +95,12 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """One invoice by id; NOT_FOUND if there is none."""
     ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]  # type: ignore[assignment]
     """A tenant's invoices, newest period first."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The audit trail: every rate change and invoice generation with who made
+    it, when, the request id, and the values before and after, oldest first.
+    Needs the billing:admin scope. A token for some tenants sees their entries
+    and the rate card's; asking for another tenant is PERMISSION_DENIED.
+    """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     """The rate card and the invoices computed from recorded usage.
@@ -147,5 +159,17 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.ListInvoicesResponse, _abc.Awaitable[_billing_service_pb2.ListInvoicesResponse]]:
         """A tenant's invoices, newest period first."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _billing_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_billing_service_pb2.ListAuditEventsResponse]]:
+        """The audit trail: every rate change and invoice generation with who made
+        it, when, the request id, and the values before and after, oldest first.
+        Needs the billing:admin scope. A token for some tenants sees their entries
+        and the rate card's; asking for another tenant is PERMISSION_DENIED.
+        """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
