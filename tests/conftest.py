@@ -12,8 +12,9 @@ about security need not think about it. Rate limits are off unless a test turns 
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -33,6 +34,7 @@ from tests.helpers import channel_with_token
 
 TEST_SECRET = b"test-secret-for-tally-tests-only-0123456789"
 AUDIENCE = "tally"
+ISSUER = "tally-tests"
 UNLIMITED = LimitSettings(
     tenant_events_per_second=0,
     principal_events_per_second=0,
@@ -49,6 +51,9 @@ def make_token(
     subject: str = "test-service",
     ttl_seconds: int = 3600,
     secret: bytes = TEST_SECRET,
+    issuer: str = ISSUER,
+    audience: str = AUDIENCE,
+    now: Callable[[], float] = time.time,
 ) -> str:
     return mint_token(
         secret,
@@ -56,7 +61,9 @@ def make_token(
         tenants=ALL_TENANTS if tenants == ALL_TENANTS else list(tenants),
         scopes=scopes,
         ttl_seconds=ttl_seconds,
-        audience=AUDIENCE,
+        issuer=issuer,
+        audience=audience,
+        now=now,
     )
 
 
@@ -92,6 +99,7 @@ def server_config(database_url: str, secret_file: Path) -> Config:
         max_batch_size=2_000,
         jwt_secret_file=secret_file,
         jwt_audience=AUDIENCE,
+        jwt_issuer=ISSUER,
         limits=UNLIMITED,
     )
 
@@ -107,6 +115,13 @@ async def tally(server_config: Config) -> AsyncIterator[TallyServer]:
 @pytest_asyncio.fixture(scope="session")
 async def channel(tally: TallyServer) -> AsyncIterator[grpc.aio.Channel]:
     async with channel_with_token(f"127.0.0.1:{tally.port}", make_token()) as chan:
+        yield chan
+
+
+@pytest_asyncio.fixture(scope="session")
+async def bare_channel(tally: TallyServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel that sends no token of its own: each call brings its metadata."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{tally.port}") as chan:
         yield chan
 
 
