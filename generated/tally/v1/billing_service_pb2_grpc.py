@@ -32,6 +32,10 @@ class BillingServiceStub:
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     def __init__(self, channel):
@@ -79,11 +83,16 @@ class BillingServiceServicer:
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     def ListRates(self, request, context):
         """The rate card: the rates in effect at a time (default now), or every rate
-        ever set, in (service, usage_type, effective_time) order.
+        ever set, in (service, usage_type, effective_time) order. Scope
+        billing:read; the rate card is shared by every tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +102,8 @@ class BillingServiceServicer:
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
         its old price. Setting a rate again for the same effective time replaces it.
+        Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+        otherwise), since the rate card prices every tenant's usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,21 +113,25 @@ class BillingServiceServicer:
         """Computes the invoice of a tenant for a period. There is at most one invoice
         per tenant and period: generating again returns the same invoice,
         recomputed while it is a draft. A period that overlaps another invoice of
-        the tenant fails with FAILED_PRECONDITION.
+        the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
+        the token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetInvoice(self, request, context):
-        """One invoice by id; NOT_FOUND if there is none.
+        """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
+        tenant the token does not cover (the two cannot be told apart). Scope
+        billing:read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListInvoices(self, request, context):
-        """A tenant's invoices, newest period first.
+        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +195,10 @@ class BillingService:
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     @staticmethod
