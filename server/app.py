@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -14,7 +15,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from server.api.billing import BillingApi
+from server.api.decoding import TolerantDecoding
 from server.api.usage import UsageApi
+from server.auth.authenticator import Authenticator
+from server.auth.devkey import ensure_dev_secret
+from server.auth.keys import VerificationKey, load_public_keys, load_secret
+from server.auth.limits import Limiter
+from server.auth.tokens import TokenVerifier
 from server.billing import Billing
 from server.config import Config
 from server.domain.events import EventRules
@@ -22,6 +29,7 @@ from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
 from server.ratecard import RateCardCache
+from server.storage.audit import AuditStore
 from server.storage.database import create_pool
 from server.storage.embedded import EmbeddedPostgres
 from server.storage.invoices import InvoiceStore
@@ -42,6 +50,31 @@ def now_micros() -> int:
     return time.time_ns() // 1_000
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """TLS credentials if a certificate is configured; with a client CA, clients must present one."""
+    if config.tls_cert_file is None:
+        if config.tls_key_file or config.tls_client_ca_file:
+            raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
+        return None
+    if config.tls_key_file is None:
+        raise ValueError("--tls-cert needs --tls-key")
+    client_ca = None
+    if config.tls_client_ca_file is not None:
+        client_ca = _read(config.tls_client_ca_file, "TLS client CA file")
+    return grpc.ssl_server_credentials(
+        [(_read(config.tls_key_file, "TLS key file"), _read(config.tls_cert_file, "TLS certificate file"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
@@ -56,9 +89,36 @@ class TallyServer:
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
+        # Set when no key is configured and the development secret is in use.
+        self.dev_secret_path: Path | None = None
+
+    def _verification_keys(self) -> list[VerificationKey]:
+        config = self.config
+        keys: list[VerificationKey] = []
+        if config.jwt_secret_file is not None:
+            keys.append(load_secret(config.jwt_secret_file))
+        if config.jwt_public_keys_file is not None:
+            keys.extend(load_public_keys(config.jwt_public_keys_file))
+        if not keys:
+            path, created = ensure_dev_secret(config.data_dir)
+            log.warning(
+                "NO JWT KEY CONFIGURED: %s the DEVELOPMENT secret %s. It is for development only; "
+                "configure --jwt-secret-file or --jwt-public-keys in production.",
+                "created" if created else "using",
+                path,
+            )
+            self.dev_secret_path = path
+            keys.append(load_secret(path))
+        return keys
 
     async def start(self) -> None:
+        """Start everything; ValueError (a bad key or TLS file) before anything is started."""
         config = self.config
+        authenticator = Authenticator(
+            TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
+            Limiter(config.limits),
+        )
+        credentials = server_credentials(config)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -80,16 +140,21 @@ class TallyServer:
             max_batch_size=config.max_batch_size,
         )
         self._metering = Metering(UsageStore(self._pool, self._read_pool), rate_card, rules, now_micros)
-        billing = Billing(rate_store, InvoiceStore(self._pool), rate_card, now_micros)
+        billing = Billing(rate_store, InvoiceStore(self._pool), AuditStore(self._pool), rate_card, now_micros)
 
         server = grpc.aio.server(
+            interceptors=[TolerantDecoding(SERVICE_NAMES)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
-            ]
+            ],
         )
-        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageApi(self._metering), server)
-        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(BillingApi(billing), server)
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageApi(self._metering, authenticator), server
+        )
+        billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
+            BillingApi(billing, authenticator), server
+        )
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -104,7 +169,11 @@ class TallyServer:
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds
         )
         await self._health.set_all(await self._health.check_once())
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await server.start()

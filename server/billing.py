@@ -9,6 +9,17 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Generic, TypeVar
 
+from server.domain.access import Caller, Principal
+from server.domain.audit import (
+    INVOICE_CREATED,
+    INVOICE_RECOMPUTED,
+    RATE_SET,
+    AuditEntry,
+    AuditEvent,
+    invoice_state,
+    rate_resource,
+    rate_state,
+)
 from server.domain.decimals import MINOR_UNITS, check_decimal
 from server.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from server.domain.events import check_id
@@ -18,6 +29,7 @@ from server.domain.pricing import price_usage
 from server.domain.ranges import check_range
 from server.domain.timeutil import EPOCH, is_whole_hour, next_hour, to_datetime, to_micros
 from server.ratecard import RateCardCache
+from server.storage.audit import AuditStore
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore
 from server.storage.rates import RateStore
@@ -42,12 +54,14 @@ class Billing:
         self,
         rates: RateStore,
         invoices: InvoiceStore,
+        audit: AuditStore,
         rate_card: RateCardCache,
         now_micros: Callable[[], int],
         currency: str = "USD",
     ) -> None:
         self._rates = rates
         self._invoices = invoices
+        self._audit = audit
         self._rate_card = rate_card
         self._now_micros = now_micros
         self.currency = currency
@@ -86,8 +100,16 @@ class Billing:
         return Page(rates, next_token)
 
     async def set_rate(
-        self, service: str, usage_type: str, unit_price: str, currency: str, effective_micros: int | None
+        self,
+        service: str,
+        usage_type: str,
+        unit_price: str,
+        currency: str,
+        effective_micros: int | None,
+        caller: Caller,
     ) -> Rate:
+        """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may."""
+        caller.principal.require_all_tenants("changing the rate card")
         violations: list[FieldViolation] = []
         for name, value in (("service", service), ("usage_type", usage_type)):
             if not _NAME.fullmatch(value):
@@ -106,6 +128,18 @@ class Billing:
             violations.append(FieldViolation("effective_time", "must be a whole UTC hour, not before 1970"))
         if violations:
             raise InvalidArgument(violations)
+
+        def audit_entry(before: Rate | None, after: Rate) -> AuditEntry:
+            return AuditEntry(
+                principal=caller.principal.subject,
+                request_id=caller.request_id,
+                action=RATE_SET,
+                tenant_id="",
+                resource=rate_resource(after),
+                before=None if before is None else rate_state(before),
+                after=rate_state(after),
+            )
+
         rate = await self._rates.upsert(
             service,
             usage_type,
@@ -113,6 +147,7 @@ class Billing:
             (EPOCH, to_datetime(next_hour(self._now_micros()))),
             Decimal(unit_price),
             self.currency,
+            audit_entry,
         )
         self._rate_card.note_rate(service, usage_type, to_micros(rate.effective_from))
         return rate
@@ -120,11 +155,16 @@ class Billing:
     # --- invoices ------------------------------------------------------------------
 
     async def generate_invoice(
-        self, tenant_id: str, start_micros: int | None, end_micros: int | None
+        self, tenant_id: str, start_micros: int | None, end_micros: int | None, caller: Caller
     ) -> tuple[Invoice, bool]:
-        """The tenant's invoice for the period and whether this call created it."""
+        """The tenant's invoice for the period and whether this call created it.
+
+        Every computation that writes (a new invoice, or a draft recomputed) is recorded
+        in the audit trail in the same transaction.
+        """
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
+        caller.principal.require_tenant(tenant_id)
         period = check_range(
             start_micros,
             end_micros,
@@ -152,22 +192,39 @@ class Billing:
                     raise FailedPrecondition("some usage in the period has no rate in effect")
                 amounts = price_usage(priced, self.minor_digits)
                 invoice_id = existing_id or f"inv_{uuid.uuid4().hex}"
+                before = None if existing_id is None else await tx.load(existing_id)
                 await tx.save(invoice_id, tenant_id, start, end, self.currency, amounts.total, amounts.lines)
-                return await tx.load(invoice_id), existing_id is None
+                invoice = await tx.load(invoice_id)
+                await tx.append_audit(
+                    AuditEntry(
+                        principal=caller.principal.subject,
+                        request_id=caller.request_id,
+                        action=INVOICE_CREATED if before is None else INVOICE_RECOMPUTED,
+                        tenant_id=tenant_id,
+                        resource=f"invoices/{invoice_id}",
+                        before=None if before is None else invoice_state(before),
+                        after=invoice_state(invoice),
+                    )
+                )
+                return invoice, before is None
 
         return await run_with_retries(attempt)
 
-    async def get_invoice(self, invoice_id: str) -> Invoice:
+    async def get_invoice(self, invoice_id: str, principal: Principal) -> Invoice:
+        """The invoice; another tenant's invoice is NOT_FOUND, exactly like a missing one."""
         if problem := check_id(invoice_id):
             raise InvalidArgument.single("invoice_id", problem)
         invoice = await self._invoices.get(invoice_id)
-        if invoice is None:
+        if invoice is None or not principal.may_act_for(invoice.tenant_id):
             raise NotFound(f"invoice {invoice_id[:80]!r} not found")
         return invoice
 
-    async def list_invoices(self, tenant_id: str, page_size: int, page_token: str) -> Page[Invoice]:
+    async def list_invoices(
+        self, tenant_id: str, page_size: int, page_token: str, principal: Principal
+    ) -> Page[Invoice]:
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
+        principal.require_tenant(tenant_id)
         limit = check_page_size(page_size, default=50, maximum=500)
         filter_key = f"invoices:{tenant_id}"
         last = decode_token(page_token, filter_key, (int, str))
@@ -179,3 +236,43 @@ class Billing:
             tail = invoices[-1]
             next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
         return Page(invoices, next_token)
+
+    # --- audit trail ---------------------------------------------------------------
+
+    async def list_audit_events(
+        self,
+        tenant_id: str,
+        start_micros: int | None,
+        end_micros: int | None,
+        page_size: int,
+        page_token: str,
+        principal: Principal,
+    ) -> Page[AuditEvent]:
+        """Audit entries in the order they were written, oldest first.
+
+        With a tenant_id, that tenant's entries (PERMISSION_DENIED for a tenant the
+        principal may not act for). Without, every entry the principal may see: all of
+        them for an all-tenants principal, else its tenants' and the rate card's.
+        """
+        if tenant_id:
+            if problem := check_id(tenant_id):
+                raise InvalidArgument.single("tenant_id", problem)
+            principal.require_tenant(tenant_id)
+        if start_micros is not None and end_micros is not None and end_micros <= start_micros:
+            raise InvalidArgument.single("end_time", "must be after start_time")
+        limit = check_page_size(page_size, default=100, maximum=1_000)
+        filter_key = f"audit:{tenant_id}:{start_micros}:{end_micros}"
+        last = decode_token(page_token, filter_key, (int,))
+        events = await self._audit.list(
+            tenant_id=tenant_id or None,
+            visible_tenants=None if isinstance(principal.tenants, str) else sorted(principal.tenants),
+            start=None if start_micros is None else to_datetime(start_micros),
+            end=None if end_micros is None else to_datetime(end_micros),
+            after_id=last[0] if last else 0,
+            limit=limit + 1,
+        )
+        next_token = ""
+        if len(events) > limit:
+            events = events[:limit]
+            next_token = encode_token(filter_key, [events[-1].id])
+        return Page(events, next_token)

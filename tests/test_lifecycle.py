@@ -16,7 +16,8 @@ from server.app import SERVICE_NAMES, TallyServer
 from server.config import Config
 from server.storage.embedded import EmbeddedPostgres
 from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
-from tests.helpers import event, totals
+from tests.conftest import make_token
+from tests.helpers import channel_with_token, event, totals
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -55,7 +56,7 @@ async def test_health_turns_not_serving_while_the_database_is_down(
     server = TallyServer(replace(server_config, database_url=dsn))
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with channel_with_token(f"127.0.0.1:{server.port}", make_token()) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             usage = usage_service_pb2_grpc.UsageServiceStub(channel)
             await wait_for(health, SERVING)
@@ -79,7 +80,7 @@ async def test_shutdown_finishes_the_batch_in_flight(
 ) -> None:
     server = TallyServer(server_config)
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with channel_with_token(f"127.0.0.1:{server.port}", make_token()) as channel:
         usage = usage_service_pb2_grpc.UsageServiceStub(channel)
         call = usage.StreamUsage()
         await call.write(

@@ -13,12 +13,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
-import grpc
 import pytest
 
 from server.app import TallyServer
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
-from tests.helpers import event, totals, ts
+from tests.conftest import AUDIENCE, ISSUER, TEST_SECRET, make_token
+from tests.helpers import channel_with_token, event, totals, ts
 
 TALLY = str(Path(sys.executable).parent / "tally")
 OLD = datetime(2001, 1, 15, 12, tzinfo=UTC)  # months no other test uses
@@ -102,13 +102,18 @@ def test_retention_needs_a_cutoff() -> None:
 
 
 @pytest.fixture
-def two_servers(tally: TallyServer) -> Iterator[list[str]]:
-    """Two more `tally serve` processes on the test database."""
+def two_servers(tally: TallyServer, tmp_path: Path) -> Iterator[list[str]]:
+    """Two more `tally serve` processes on the test database, trusting the tests' tokens."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(TEST_SECRET)
+    flags = ["--jwt-secret-file", str(secret), "--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE]
+    for limit in ("tenant-events", "principal-events", "tenant-requests", "principal-requests"):
+        flags += [f"--{limit}-per-second", "0"]
     processes = []
     addresses = []
     for _ in range(2):
         process = subprocess.Popen(
-            [TALLY, "serve", "--port", "0", "--log-level", "WARNING"],
+            [TALLY, "serve", "--port", "0", "--log-level", "WARNING", "--data-dir", str(tmp_path), *flags],
             env={**os.environ, "DATABASE_URL": tally.dsn},
             stdout=subprocess.PIPE,
             text=True,
@@ -132,7 +137,7 @@ async def test_two_server_processes_fed_the_same_events_count_each_once(
     batches_b = [list(reversed(events))[i : i + 200] for i in range(0, 3_000, 200)]
 
     async def feed(address: str, batches: list[list[object]]) -> tuple[int, int]:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with channel_with_token(address, make_token()) as channel:
             stub = usage_service_pb2_grpc.UsageServiceStub(channel)
             call = stub.StreamUsage()
             accepted = duplicates = 0

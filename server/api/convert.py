@@ -6,6 +6,7 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from server.domain.audit import INVOICE_CREATED, INVOICE_RECOMPUTED, RATE_SET, AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
@@ -133,4 +134,29 @@ def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
         )
         if aggregate.bucket_start_seconds is not None:
             item.bucket_start.seconds = aggregate.bucket_start_seconds
+    return message
+
+
+_AUDIT_ACTIONS = {
+    RATE_SET: resources_pb2.AUDIT_ACTION_RATE_SET,
+    INVOICE_CREATED: resources_pb2.AUDIT_ACTION_INVOICE_CREATED,
+    INVOICE_RECOMPUTED: resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED,
+}
+
+
+def audit_event_message(event: AuditEvent) -> resources_pb2.AuditEvent:
+    entry = event.entry
+    message = resources_pb2.AuditEvent(
+        id=str(event.id),
+        time=to_timestamp(event.time),
+        principal=entry.principal,
+        request_id=entry.request_id,
+        action=_AUDIT_ACTIONS.get(entry.action, resources_pb2.AUDIT_ACTION_UNSPECIFIED),
+        tenant_id=entry.tenant_id,
+        resource=entry.resource,
+    )
+    if entry.before is not None:
+        message.before.update(entry.before)
+    if entry.after is not None:
+        message.after.update(entry.after)
     return message

@@ -1,18 +1,29 @@
-"""UsageService: protobuf in and out around server.metering."""
+"""UsageService: protobuf in and out around server.metering, with the event rate limits."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
+from server.api.calls import rpc
 from server.api.convert import bucket_name, optional_micros, raw_event, summary_message
-from server.api.errors import rpc
-from server.domain.events import Rejection
-from server.metering import Metering
+from server.auth.authenticator import Authenticator
+from server.auth.limits import Charge, take, try_take
+from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
+from server.domain.events import RawEvent, Rejection, RejectionCause
+from server.metering import BatchOutcome, Metering
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
+
+_CAUSES = {
+    RejectionCause.INVALID: resources_pb2.REJECTION_CAUSE_INVALID,
+    RejectionCause.PERMISSION_DENIED: resources_pb2.REJECTION_CAUSE_PERMISSION_DENIED,
+}
 
 
 def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRejection:
@@ -22,18 +33,42 @@ def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRej
         event_id=rejection.event_id,
         field=rejection.field,
         reason=rejection.reason,
+        cause=_CAUSES[rejection.cause],
     )
 
 
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
-    def __init__(self, metering: Metering) -> None:
+    def __init__(self, metering: Metering, authenticator: Authenticator) -> None:
         self._metering = metering
+        self.authenticator = authenticator
 
-    @rpc
+    def _event_charges(self, caller: Caller, events: Sequence[RawEvent]) -> list[Charge]:
+        # Only tenants the caller may act for are charged: a token for tenant A cannot
+        # spend tenant B's rate with events that are rejected anyway.
+        principal = caller.principal
+        per_tenant = Counter(e.tenant_id for e in events if principal.may_act_for(e.tenant_id))
+        return self.authenticator.limiter.event_charges(principal.subject, len(events), per_tenant)
+
+    async def _record_batch(
+        self, caller: Caller, messages: RepeatedCompositeFieldContainer[resources_pb2.UsageEvent]
+    ) -> BatchOutcome:
+        """Record a streamed batch once the caller's event rates allow it: waiting, not failing."""
+        self._metering.check_batch_size(len(messages))
+        events = [raw_event(e) for e in messages]
+        delay = take(self._event_charges(caller, events))
+        if delay > 0:
+            # Not reading the next message while we wait is what slows the client down:
+            # gRPC flow control stops it once the transport window is full.
+            await asyncio.sleep(delay)
+        return await self._metering.record_batch(events, caller.principal)
+
+    @rpc(USAGE_WRITE, tenant=lambda request: request.event.tenant_id)
     async def ReportUsage(
-        self, request: usage_service_pb2.ReportUsageRequest, context: grpc.aio.ServicerContext
+        self, request: usage_service_pb2.ReportUsageRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> usage_service_pb2.ReportUsageResponse:
-        recorded = await self._metering.report(raw_event(request.event))
+        event = raw_event(request.event)
+        try_take(self._event_charges(caller, [event]))
+        recorded = await self._metering.report(event, caller.principal)
         return usage_service_pb2.ReportUsageResponse(
             tenant_id=request.event.tenant_id,
             event_id=request.event.event_id,
@@ -42,15 +77,16 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             else usage_service_pb2.REPORT_OUTCOME_DUPLICATE,
         )
 
-    @rpc
+    @rpc(USAGE_WRITE)
     async def IngestUsage(
         self,
         request_iterator: AsyncIterator[usage_service_pb2.IngestUsageRequest],
         context: grpc.aio.ServicerContext,
+        caller: Caller,
     ) -> usage_service_pb2.IngestUsageResponse:
         response = usage_service_pb2.IngestUsageResponse()
         async for request in request_iterator:
-            outcome = await self._metering.record_batch([raw_event(e) for e in request.events])
+            outcome = await self._record_batch(caller, request.events)
             response.accepted_count += outcome.accepted
             response.duplicate_count += outcome.duplicates
             response.rejected_count += len(outcome.rejections)
@@ -60,14 +96,15 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         response.rejections_truncated = response.rejected_count > len(response.rejections)
         return response
 
-    @rpc
+    @rpc(USAGE_WRITE)
     async def StreamUsage(
         self,
         request_iterator: AsyncIterator[usage_service_pb2.StreamUsageRequest],
         context: grpc.aio.ServicerContext,
+        caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageResponse]:
         async for request in request_iterator:
-            outcome = await self._metering.record_batch([raw_event(e) for e in request.events])
+            outcome = await self._record_batch(caller, request.events)
             yield usage_service_pb2.StreamUsageResponse(
                 sequence=request.sequence,
                 accepted_count=outcome.accepted,
@@ -76,9 +113,12 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
                 rejections=[_rejection(r, 0) for r in outcome.rejections],
             )
 
-    @rpc
+    @rpc(USAGE_READ, tenant=lambda request: request.tenant_id)
     async def GetUsageSummary(
-        self, request: usage_service_pb2.GetUsageSummaryRequest, context: grpc.aio.ServicerContext
+        self,
+        request: usage_service_pb2.GetUsageSummaryRequest,
+        context: grpc.aio.ServicerContext,
+        caller: Caller,
     ) -> usage_service_pb2.GetUsageSummaryResponse:
         summary = await self._metering.summary(
             request.tenant_id,
@@ -86,12 +126,16 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             optional_micros(request, "end_time"),
             bucket_name(request.bucket),
             request.group_by_dimension,
+            caller.principal,
         )
         return usage_service_pb2.GetUsageSummaryResponse(summary=summary_message(summary))
 
-    @rpc
+    @rpc(USAGE_READ)
     async def StreamUsageSummaries(
-        self, request: usage_service_pb2.StreamUsageSummariesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: usage_service_pb2.StreamUsageSummariesRequest,
+        context: grpc.aio.ServicerContext,
+        caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageSummariesResponse]:
         summaries = self._metering.summaries(
             list(request.tenant_ids),
@@ -99,6 +143,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             optional_micros(request, "end_time"),
             bucket_name(request.bucket),
             request.group_by_dimension,
+            caller.principal,
         )
         async for summary in summaries:
             yield usage_service_pb2.StreamUsageSummariesResponse(summary=summary_message(summary))

@@ -48,3 +48,25 @@ class Unavailable(TallyError):
 
 class Aborted(TallyError):
     """A concurrency conflict that persisted through retries; the call can be retried."""
+
+
+class Unauthenticated(TallyError):
+    """The call carries no valid credentials. The message never repeats the token."""
+
+
+class PermissionDenied(TallyError):
+    """The caller is known but may not do this (missing scope, or another tenant's data)."""
+
+
+class ResourceExhausted(TallyError):
+    """A limit was reached: retry after `retry_after_seconds`; `subject` names the quota."""
+
+    def __init__(self, message: str, *, retry_after_seconds: float, subject: str, limit: str) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+        self.subject = subject
+        self.limit = limit
+
+
+class DeadlineExceeded(TallyError):
+    """The server gave up waiting for the client (an idle stream)."""

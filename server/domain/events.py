@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 
 from server.domain.decimals import check_decimal
@@ -58,6 +59,15 @@ class UsageTypeCatalog(Protocol):
         ...
 
 
+class RejectionCause(Enum):
+    INVALID = "invalid"  # the event breaks a rule; fix it before resending
+    PERMISSION_DENIED = "permission_denied"  # the caller may not report usage for its tenant
+
+
+# The same reason for every tenant the caller may not act for, existing or not.
+NOT_YOUR_TENANT = "the caller may not report usage for this tenant"
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """An event that was not recorded, and why."""
@@ -66,6 +76,7 @@ class Rejection:
     event_id: str
     field: str
     reason: str
+    cause: RejectionCause = RejectionCause.INVALID
 
 
 @dataclass(slots=True)
@@ -210,13 +221,28 @@ def columns_of(rows: dict[tuple[str, str], EventRow]) -> EventColumns:
 
 
 def validate_batch(
-    events: Sequence[RawEvent], catalog: UsageTypeCatalog, rules: EventRules, now_micros: int
+    events: Sequence[RawEvent],
+    catalog: UsageTypeCatalog,
+    rules: EventRules,
+    now_micros: int,
+    may_act_for: Callable[[str], bool] = lambda tenant_id: True,
 ) -> ValidatedBatch:
-    """Split a batch into insertable columns and rejections (see the module docstring)."""
+    """Split a batch into insertable columns and rejections (see the module docstring).
+
+    An event for a tenant the caller may not act for is rejected with PERMISSION_DENIED
+    before any other check, so that nothing about that tenant is looked at or revealed.
+    """
     rejections: list[Rejection] = []
     rows: dict[tuple[str, str], EventRow] = {}
     repeated = 0
     for index, event in enumerate(events):
+        if check_id(event.tenant_id) is None and not may_act_for(event.tenant_id):
+            rejections.append(
+                Rejection(
+                    index, event.event_id, "tenant_id", NOT_YOUR_TENANT, RejectionCause.PERMISSION_DENIED
+                )
+            )
+            continue
         violations = check_event(event, catalog, rules, now_micros)
         if violations:
             first = violations[0]

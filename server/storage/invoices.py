@@ -9,8 +9,10 @@ from decimal import Decimal
 
 import asyncpg
 
+from server.domain.audit import AuditEntry
 from server.domain.models import Invoice, InvoiceStatus
 from server.domain.pricing import LineItem, PricedUsage
+from server.storage import audit
 from server.storage.database import run_with_retries
 
 # Usage of a tenant over [$2, $3) per usage type and unit price. Each rate holds from
@@ -112,6 +114,10 @@ class InvoiceTransaction:
             )
             for row in rows
         ]
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        """Record the change in the audit trail, committed (or not) with it."""
+        await audit.append(self._conn, entry)
 
     async def load(self, invoice_id: str) -> Invoice:
         rows = await self._conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)

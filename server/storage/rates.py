@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
 
+from server.domain.audit import AuditEntry
 from server.domain.models import Rate
+from server.storage import audit
 from server.storage.database import run_with_retries
 
 _FIRST_EFFECTIVE = """
@@ -42,6 +45,16 @@ VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (service, usage_type, effective_from) DO UPDATE
     SET unit_price = excluded.unit_price, currency = excluded.currency, created_at = now()
 RETURNING service, usage_type, effective_from, unit_price, currency, created_at
+"""
+
+
+# The rate of a usage type in effect at $3: the one a new rate from $3 on replaces or follows.
+_IN_EFFECT_AT = """
+SELECT service, usage_type, effective_from, unit_price, currency, created_at
+FROM rates
+WHERE service = $1 AND usage_type = $2 AND effective_from <= $3
+ORDER BY effective_from DESC
+LIMIT 1
 """
 
 
@@ -92,11 +105,14 @@ class RateStore:
         default_effective_from: tuple[datetime, datetime],
         unit_price: Decimal,
         currency: str,
+        audit_entry: Callable[[Rate | None, Rate], AuditEntry],
     ) -> Rate:
         """Set a rate. With no effective time, a new usage type gets default[0], a known one default[1].
 
         The choice is made under a lock on the usage type so that two concurrent
-        first rates of a new type cannot both take the "new type" default.
+        first rates of a new type cannot both take the "new type" default. The audit
+        entry, made from the rate in effect before and the rate set, is written in the
+        same transaction.
         """
 
         async def attempt() -> Rate:
@@ -114,7 +130,11 @@ class RateStore:
                         usage_type,
                     )
                     effective = default_effective_from[1] if known else default_effective_from[0]
-                row = await conn.fetchrow(_UPSERT, service, usage_type, effective, unit_price, currency)
-                return _rate(row)
+                before = await conn.fetchrow(_IN_EFFECT_AT, service, usage_type, effective)
+                rate = _rate(
+                    await conn.fetchrow(_UPSERT, service, usage_type, effective, unit_price, currency)
+                )
+                await audit.append(conn, audit_entry(None if before is None else _rate(before), rate))
+                return rate
 
         return await run_with_retries(attempt)

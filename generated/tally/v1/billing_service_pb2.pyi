@@ -159,6 +159,80 @@ class SetRateResponse(_message.Message):
 Global___SetRateResponse: _TypeAlias = SetRateResponse  # noqa: Y015
 
 @_typing.final
+class ListAuditEventsRequest(_message.Message):
+    """Request of ListAuditEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Only the entries of this tenant. Empty: every entry the caller may see,
+    including the rate card's (whose tenant_id is empty).
+    """
+    page_size: _builtins.int
+    """Maximum number of entries to return: default 100, at most 1,000."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same other fields."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only entries at or after this time. Optional."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only entries before this time. Optional; must be after start_time."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    """Response of ListAuditEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page. Entries written later
+    appear on later pages, so a client can follow the trail with it.
+    """
+    @_builtins.property
+    def audit_events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.AuditEvent]:
+        """The entries, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        audit_events: _abc.Iterable[_resources_pb2.AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_events", b"audit_events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
 class GenerateInvoiceRequest(_message.Message):
     """Request of GenerateInvoice."""
 

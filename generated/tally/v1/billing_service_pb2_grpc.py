@@ -32,6 +32,10 @@ class BillingServiceStub:
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     def __init__(self, channel):
@@ -65,6 +69,11 @@ class BillingServiceStub:
                 request_serializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/tally.v1.BillingService/ListAuditEvents',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -74,11 +83,16 @@ class BillingServiceServicer:
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     def ListRates(self, request, context):
         """The rate card: the rates in effect at a time (default now), or every rate
-        ever set, in (service, usage_type, effective_time) order.
+        ever set, in (service, usage_type, effective_time) order. Scope
+        billing:read; the rate card is shared by every tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,6 +102,8 @@ class BillingServiceServicer:
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
         its old price. Setting a rate again for the same effective time replaces it.
+        Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+        otherwise), since the rate card prices every tenant's usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,21 +113,35 @@ class BillingServiceServicer:
         """Computes the invoice of a tenant for a period. There is at most one invoice
         per tenant and period: generating again returns the same invoice,
         recomputed while it is a draft. A period that overlaps another invoice of
-        the tenant fails with FAILED_PRECONDITION.
+        the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
+        the token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetInvoice(self, request, context):
-        """One invoice by id; NOT_FOUND if there is none.
+        """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
+        tenant the token does not cover (the two cannot be told apart). Scope
+        billing:read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListInvoices(self, request, context):
-        """A tenant's invoices, newest period first.
+        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        token does not cover is PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """The audit trail: every rate change and invoice generation with who made
+        it, when, the request id, and the values before and after, oldest first.
+        Needs the billing:admin scope. A token for some tenants sees their entries
+        and the rate card's; asking for another tenant is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +175,11 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     request_deserializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesRequest.FromString,
                     response_serializer=tally_dot_v1_dot_billing__service__pb2.ListInvoicesResponse.SerializeToString,
             ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tally.v1.BillingService', rpc_method_handlers)
@@ -160,6 +195,10 @@ class BillingService:
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     @staticmethod
@@ -287,6 +326,33 @@ class BillingService:
             '/tally.v1.BillingService/ListInvoices',
             tally_dot_v1_dot_billing__service__pb2.ListInvoicesRequest.SerializeToString,
             tally_dot_v1_dot_billing__service__pb2.ListInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/ListAuditEvents',
+            tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,10 @@ class BillingServiceStub:
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     @_typing.overload
@@ -41,23 +45,38 @@ class BillingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> BillingServiceAsyncStub: ...
     ListRates: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListRatesRequest, _billing_service_pb2.ListRatesResponse]
     """The rate card: the rates in effect at a time (default now), or every rate
-    ever set, in (service, usage_type, effective_time) order.
+    ever set, in (service, usage_type, effective_time) order. Scope
+    billing:read; the rate card is shared by every tenant.
     """
     SetRate: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.SetRateRequest, _billing_service_pb2.SetRateResponse]
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
     its old price. Setting a rate again for the same effective time replaces it.
+    Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+    otherwise), since the rate card prices every tenant's usage.
     """
     GenerateInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GenerateInvoiceRequest, _billing_service_pb2.GenerateInvoiceResponse]
     """Computes the invoice of a tenant for a period. There is at most one invoice
     per tenant and period: generating again returns the same invoice,
     recomputed while it is a draft. A period that overlaps another invoice of
-    the tenant fails with FAILED_PRECONDITION.
+    the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
+    the token does not cover is PERMISSION_DENIED.
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]
-    """One invoice by id; NOT_FOUND if there is none."""
+    """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
+    tenant the token does not cover (the two cannot be told apart). Scope
+    billing:read.
+    """
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]
-    """A tenant's invoices, newest period first."""
+    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    token does not cover is PERMISSION_DENIED.
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]
+    """The audit trail: every rate change and invoice generation with who made
+    it, when, the request id, and the values before and after, oldest first.
+    Needs the billing:admin scope. A token for some tenants sees their entries
+    and the rate card's; asking for another tenant is PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -67,28 +86,47 @@ class BillingServiceAsyncStub(BillingServiceStub):
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListRates: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListRatesRequest, _billing_service_pb2.ListRatesResponse]  # type: ignore[assignment]
     """The rate card: the rates in effect at a time (default now), or every rate
-    ever set, in (service, usage_type, effective_time) order.
+    ever set, in (service, usage_type, effective_time) order. Scope
+    billing:read; the rate card is shared by every tenant.
     """
     SetRate: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.SetRateRequest, _billing_service_pb2.SetRateResponse]  # type: ignore[assignment]
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
     its old price. Setting a rate again for the same effective time replaces it.
+    Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+    otherwise), since the rate card prices every tenant's usage.
     """
     GenerateInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GenerateInvoiceRequest, _billing_service_pb2.GenerateInvoiceResponse]  # type: ignore[assignment]
     """Computes the invoice of a tenant for a period. There is at most one invoice
     per tenant and period: generating again returns the same invoice,
     recomputed while it is a draft. A period that overlaps another invoice of
-    the tenant fails with FAILED_PRECONDITION.
+    the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
+    the token does not cover is PERMISSION_DENIED.
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]  # type: ignore[assignment]
-    """One invoice by id; NOT_FOUND if there is none."""
+    """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
+    tenant the token does not cover (the two cannot be told apart). Scope
+    billing:read.
+    """
     ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]  # type: ignore[assignment]
-    """A tenant's invoices, newest period first."""
+    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    token does not cover is PERMISSION_DENIED.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The audit trail: every rate change and invoice generation with who made
+    it, when, the request id, and the values before and after, oldest first.
+    Needs the billing:admin scope. A token for some tenants sees their entries
+    and the rate card's; asking for another tenant is PERMISSION_DENIED.
+    """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     """The rate card and the invoices computed from recorded usage.
@@ -97,6 +135,10 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     Each invoice line is quantity * unit_price rounded once to the currency's
     minor unit, half away from zero; the invoice total is the sum of the rounded
     lines, so it always adds up.
+
+    Every call needs `authorization: Bearer <token>` metadata with the scope
+    named below (see docs/security.md). Rate changes and invoice generation are
+    recorded in the audit trail (ListAuditEvents).
     """
 
     @_abc_1.abstractmethod
@@ -106,7 +148,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.ListRatesResponse, _abc.Awaitable[_billing_service_pb2.ListRatesResponse]]:
         """The rate card: the rates in effect at a time (default now), or every rate
-        ever set, in (service, usage_type, effective_time) order.
+        ever set, in (service, usage_type, effective_time) order. Scope
+        billing:read; the rate card is shared by every tenant.
         """
 
     @_abc_1.abstractmethod
@@ -118,6 +161,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
         its old price. Setting a rate again for the same effective time replaces it.
+        Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+        otherwise), since the rate card prices every tenant's usage.
         """
 
     @_abc_1.abstractmethod
@@ -129,7 +174,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Computes the invoice of a tenant for a period. There is at most one invoice
         per tenant and period: generating again returns the same invoice,
         recomputed while it is a draft. A period that overlaps another invoice of
-        the tenant fails with FAILED_PRECONDITION.
+        the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
+        the token does not cover is PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -138,7 +184,10 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.GetInvoiceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.GetInvoiceResponse, _abc.Awaitable[_billing_service_pb2.GetInvoiceResponse]]:
-        """One invoice by id; NOT_FOUND if there is none."""
+        """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
+        tenant the token does not cover (the two cannot be told apart). Scope
+        billing:read.
+        """
 
     @_abc_1.abstractmethod
     def ListInvoices(
@@ -146,6 +195,20 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.ListInvoicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.ListInvoicesResponse, _abc.Awaitable[_billing_service_pb2.ListInvoicesResponse]]:
-        """A tenant's invoices, newest period first."""
+        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        token does not cover is PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _billing_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_billing_service_pb2.ListAuditEventsResponse]]:
+        """The audit trail: every rate change and invoice generation with who made
+        it, when, the request id, and the values before and after, oldest first.
+        Needs the billing:admin scope. A token for some tenants sees their entries
+        and the rate card's; asking for another tenant is PERMISSION_DENIED.
+        """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tally/v1/resources.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x01\n\nUsageEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x12\n\nusage_type\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\ndimensions\x18\x07 \x03(\x0b\x32$.tally.v1.UsageEvent.DimensionsEntry\x1a\x31\n\x0f\x44imensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0e\x45ventRejection\x12\x13\n\x0b\x65vent_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xa7\x01\n\x0eUsageAggregate\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x30\n\x0c\x62ucket_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64imension_value\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x06 \x01(\x03\"\xef\x01\n\x0cUsageSummary\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06\x62ucket\x18\x04 \x01(\x0e\x32\x14.tally.v1.TimeBucket\x12\x1a\n\x12group_by_dimension\x18\x05 \x01(\t\x12,\n\naggregates\x18\x06 \x03(\x0b\x32\x18.tally.v1.UsageAggregate\"\xbb\x01\n\x04Rate\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x0fInvoiceLineItem\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\t\x12\x12\n\nunit_price\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x06 \x01(\x03\"\xea\x02\n\x07Invoice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcurrency_code\x18\x05 \x01(\t\x12-\n\nline_items\x18\x06 \x03(\x0b\x32\x19.tally.v1.InvoiceLineItem\x12\r\n\x05total\x18\x07 \x01(\t\x12\'\n\x06status\x18\x08 \x01(\x0e\x32\x17.tally.v1.InvoiceStatus\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*k\n\nTimeBucket\x12\x1b\n\x17TIME_BUCKET_UNSPECIFIED\x10\x00\x12\x14\n\x10TIME_BUCKET_HOUR\x10\x01\x12\x13\n\x0fTIME_BUCKET_DAY\x10\x02\x12\x15\n\x11TIME_BUCKET_MONTH\x10\x03*I\n\rInvoiceStatus\x12\x1e\n\x1aINVOICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INVOICE_STATUS_DRAFT\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tally/v1/resources.proto\x12\x08tally.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x01\n\nUsageEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x12\n\nusage_type\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\ndimensions\x18\x07 \x03(\x0b\x32$.tally.v1.UsageEvent.DimensionsEntry\x1a\x31\n\x0f\x44imensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x01\n\x0e\x45ventRejection\x12\x13\n\x0b\x65vent_index\x18\x01 \x01(\x05\x12\x13\n\x0b\x62\x61tch_index\x18\x02 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\'\n\x05\x63\x61use\x18\x06 \x01(\x0e\x32\x18.tally.v1.RejectionCause\"\xa7\x01\n\x0eUsageAggregate\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x30\n\x0c\x62ucket_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64imension_value\x18\x04 \x01(\t\x12\x10\n\x08quantity\x18\x05 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x06 \x01(\x03\"\xef\x01\n\x0cUsageSummary\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06\x62ucket\x18\x04 \x01(\x0e\x32\x14.tally.v1.TimeBucket\x12\x1a\n\x12group_by_dimension\x18\x05 \x01(\t\x12,\n\naggregates\x18\x06 \x03(\x0b\x32\x18.tally.v1.UsageAggregate\"\xbb\x01\n\x04Rate\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x0fInvoiceLineItem\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\t\x12\x12\n\nunit_price\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x06 \x01(\x03\"\xea\x02\n\x07Invoice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcurrency_code\x18\x05 \x01(\t\x12-\n\nline_items\x18\x06 \x03(\x0b\x32\x19.tally.v1.InvoiceLineItem\x12\r\n\x05total\x18\x07 \x01(\t\x12\'\n\x06status\x18\x08 \x01(\x0e\x32\x17.tally.v1.InvoiceStatus\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12%\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x15.tally.v1.AuditAction\x12\x11\n\ttenant_id\x18\x06 \x01(\t\x12\x10\n\x08resource\x18\x07 \x01(\t\x12\'\n\x06\x62\x65\x66ore\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x61\x66ter\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct*u\n\x0eRejectionCause\x12\x1f\n\x1bREJECTION_CAUSE_UNSPECIFIED\x10\x00\x12\x1b\n\x17REJECTION_CAUSE_INVALID\x10\x01\x12%\n!REJECTION_CAUSE_PERMISSION_DENIED\x10\x02*k\n\nTimeBucket\x12\x1b\n\x17TIME_BUCKET_UNSPECIFIED\x10\x00\x12\x14\n\x10TIME_BUCKET_HOUR\x10\x01\x12\x13\n\x0fTIME_BUCKET_DAY\x10\x02\x12\x15\n\x11TIME_BUCKET_MONTH\x10\x03*I\n\rInvoiceStatus\x12\x1e\n\x1aINVOICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14INVOICE_STATUS_DRAFT\x10\x01*\x8d\x01\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41UDIT_ACTION_RATE_SET\x10\x01\x12 \n\x1c\x41UDIT_ACTION_INVOICE_CREATED\x10\x02\x12#\n\x1f\x41UDIT_ACTION_INVOICE_RECOMPUTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGEEVENT_DIMENSIONSENTRY']._loaded_options = None
   _globals['_USAGEEVENT_DIMENSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_TIMEBUCKET']._serialized_start=1537
-  _globals['_TIMEBUCKET']._serialized_end=1644
-  _globals['_INVOICESTATUS']._serialized_start=1646
-  _globals['_INVOICESTATUS']._serialized_end=1719
-  _globals['_USAGEEVENT']._serialized_start=72
-  _globals['_USAGEEVENT']._serialized_end=327
-  _globals['_USAGEEVENT_DIMENSIONSENTRY']._serialized_start=278
-  _globals['_USAGEEVENT_DIMENSIONSENTRY']._serialized_end=327
-  _globals['_EVENTREJECTION']._serialized_start=329
-  _globals['_EVENTREJECTION']._serialized_end=436
-  _globals['_USAGEAGGREGATE']._serialized_start=439
-  _globals['_USAGEAGGREGATE']._serialized_end=606
-  _globals['_USAGESUMMARY']._serialized_start=609
-  _globals['_USAGESUMMARY']._serialized_end=848
-  _globals['_RATE']._serialized_start=851
-  _globals['_RATE']._serialized_end=1038
-  _globals['_INVOICELINEITEM']._serialized_start=1041
-  _globals['_INVOICELINEITEM']._serialized_end=1170
-  _globals['_INVOICE']._serialized_start=1173
-  _globals['_INVOICE']._serialized_end=1535
+  _globals['_REJECTIONCAUSE']._serialized_start=1874
+  _globals['_REJECTIONCAUSE']._serialized_end=1991
+  _globals['_TIMEBUCKET']._serialized_start=1993
+  _globals['_TIMEBUCKET']._serialized_end=2100
+  _globals['_INVOICESTATUS']._serialized_start=2102
+  _globals['_INVOICESTATUS']._serialized_end=2175
+  _globals['_AUDITACTION']._serialized_start=2178
+  _globals['_AUDITACTION']._serialized_end=2319
+  _globals['_USAGEEVENT']._serialized_start=102
+  _globals['_USAGEEVENT']._serialized_end=357
+  _globals['_USAGEEVENT_DIMENSIONSENTRY']._serialized_start=308
+  _globals['_USAGEEVENT_DIMENSIONSENTRY']._serialized_end=357
+  _globals['_EVENTREJECTION']._serialized_start=360
+  _globals['_EVENTREJECTION']._serialized_end=508
+  _globals['_USAGEAGGREGATE']._serialized_start=511
+  _globals['_USAGEAGGREGATE']._serialized_end=678
+  _globals['_USAGESUMMARY']._serialized_start=681
+  _globals['_USAGESUMMARY']._serialized_end=920
+  _globals['_RATE']._serialized_start=923
+  _globals['_RATE']._serialized_end=1110
+  _globals['_INVOICELINEITEM']._serialized_start=1113
+  _globals['_INVOICELINEITEM']._serialized_end=1242
+  _globals['_INVOICE']._serialized_start=1245
+  _globals['_INVOICE']._serialized_end=1607
+  _globals['_AUDITEVENT']._serialized_start=1610
+  _globals['_AUDITEVENT']._serialized_end=1872
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -19,6 +20,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RejectionCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RejectionCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectionCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REJECTION_CAUSE_UNSPECIFIED: _RejectionCause.ValueType  # 0
+    """Never used."""
+    REJECTION_CAUSE_INVALID: _RejectionCause.ValueType  # 1
+    """The event breaks a rule (a bad or missing field); resending it unchanged
+    will fail again.
+    """
+    REJECTION_CAUSE_PERMISSION_DENIED: _RejectionCause.ValueType  # 2
+    """The caller's token does not cover the event's tenant (field "tenant_id").
+    The reason is the same whether or not that tenant exists, and nothing
+    about it is revealed or written.
+    """
+
+class RejectionCause(_RejectionCause, metaclass=_RejectionCauseEnumTypeWrapper):
+    """Why an event was rejected."""
+
+REJECTION_CAUSE_UNSPECIFIED: RejectionCause.ValueType  # 0
+"""Never used."""
+REJECTION_CAUSE_INVALID: RejectionCause.ValueType  # 1
+"""The event breaks a rule (a bad or missing field); resending it unchanged
+will fail again.
+"""
+REJECTION_CAUSE_PERMISSION_DENIED: RejectionCause.ValueType  # 2
+"""The caller's token does not cover the event's tenant (field "tenant_id").
+The reason is the same whether or not that tenant exists, and nothing
+about it is revealed or written.
+"""
+Global___RejectionCause: _TypeAlias = RejectionCause  # noqa: Y015
 
 class _TimeBucket:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -67,6 +102,44 @@ INVOICE_STATUS_UNSPECIFIED: InvoiceStatus.ValueType  # 0
 INVOICE_STATUS_DRAFT: InvoiceStatus.ValueType  # 1
 """Recomputed from usage each time it is generated; not yet sent."""
 Global___InvoiceStatus: _TypeAlias = InvoiceStatus  # noqa: Y015
+
+class _AuditAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_ACTION_UNSPECIFIED: _AuditAction.ValueType  # 0
+    """Never used."""
+    AUDIT_ACTION_RATE_SET: _AuditAction.ValueType  # 1
+    """BillingService.SetRate set a price. `before` is the rate of the usage type
+    in effect at the new rate's effective time (unset for a new usage type),
+    `after` the rate set.
+    """
+    AUDIT_ACTION_INVOICE_CREATED: _AuditAction.ValueType  # 2
+    """BillingService.GenerateInvoice created an invoice; `before` is unset."""
+    AUDIT_ACTION_INVOICE_RECOMPUTED: _AuditAction.ValueType  # 3
+    """BillingService.GenerateInvoice recomputed a draft invoice; `before` and
+    `after` are its contents before and after.
+    """
+
+class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
+    """What kind of change an audit event records."""
+
+AUDIT_ACTION_UNSPECIFIED: AuditAction.ValueType  # 0
+"""Never used."""
+AUDIT_ACTION_RATE_SET: AuditAction.ValueType  # 1
+"""BillingService.SetRate set a price. `before` is the rate of the usage type
+in effect at the new rate's effective time (unset for a new usage type),
+`after` the rate set.
+"""
+AUDIT_ACTION_INVOICE_CREATED: AuditAction.ValueType  # 2
+"""BillingService.GenerateInvoice created an invoice; `before` is unset."""
+AUDIT_ACTION_INVOICE_RECOMPUTED: AuditAction.ValueType  # 3
+"""BillingService.GenerateInvoice recomputed a draft invoice; `before` and
+`after` are its contents before and after.
+"""
+Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 @_typing.final
 class UsageEvent(_message.Message):
@@ -174,6 +247,7 @@ class EventRejection(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     event_index: _builtins.int
     """Position of the event in its batch (the `events` field of the request),
     counting from 0.
@@ -188,6 +262,10 @@ class EventRejection(_message.Message):
     """The offending field of the event, e.g. "quantity" or "dimensions[region]"."""
     reason: _builtins.str
     """What is wrong with it, for a human."""
+    cause: Global___RejectionCause.ValueType
+    """What kind of problem it is, for a program: fix the event, or use a token
+    for its tenant.
+    """
     def __init__(
         self,
         *,
@@ -196,10 +274,11 @@ class EventRejection(_message.Message):
         event_id: _builtins.str = ...,
         field: _builtins.str = ...,
         reason: _builtins.str = ...,
+        cause: Global___RejectionCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "event_id", b"event_id", "event_index", b"event_index", "field", b"field", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_index", b"batch_index", "cause", b"cause", "event_id", b"event_id", "event_index", b"event_index", "field", b"field", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -470,3 +549,77 @@ class Invoice(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Invoice: _TypeAlias = Invoice  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    """One entry of the append-only audit trail of money rules: who changed what,
+    when, in which request, from which value to which. Entries are written in
+    the same transaction as the change, and are never updated or deleted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Position in the trail: a decimal integer string, increasing in the order
+    the entries were written.
+    """
+    principal: _builtins.str
+    """The principal that made it: the `sub` claim of the caller's token."""
+    request_id: _builtins.str
+    """The request id of the call: the caller's x-request-id metadata value, or
+    the one the server generated and returned in the x-request-id response
+    metadata.
+    """
+    action: Global___AuditAction.ValueType
+    """The kind of change."""
+    tenant_id: _builtins.str
+    """The tenant concerned; empty for changes to the rate card, which is shared
+    by every tenant.
+    """
+    resource: _builtins.str
+    """The thing changed, e.g. "rates/compute/cpu_hour/2026-12-01T00:00:00+00:00"
+    or "invoices/inv_0123...".
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was made (the start of its database transaction)."""
+
+    @_builtins.property
+    def before(self) -> _struct_pb2.Struct:
+        """The state before the change, as JSON (money and quantities as exact
+        decimal strings); unset when there was none.
+        """
+
+    @_builtins.property
+    def after(self) -> _struct_pb2.Struct:
+        """The state after the change, as JSON."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        action: Global___AuditAction.ValueType = ...,
+        tenant_id: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        before: _struct_pb2.Struct | None = ...,
+        after: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "after", b"after", "before", b"before", "id", b"id", "principal", b"principal", "request_id", b"request_id", "resource", b"resource", "tenant_id", b"tenant_id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015

@@ -32,6 +32,12 @@ class UsageServiceStub:
     always safe. Invalid events are rejected one by one with the field at fault;
     the valid events of the same batch are recorded. Ingested usage is visible in
     summaries and invoices as soon as its call (or acknowledgement) returns.
+
+    Every call needs `authorization: Bearer <token>` metadata (UNAUTHENTICATED
+    otherwise) whose token holds the scope named below (PERMISSION_DENIED
+    otherwise) and covers the tenants concerned (see docs/security.md). Rate
+    limits answer RESOURCE_EXHAUSTED with google.rpc.RetryInfo on unary calls and
+    slow streams down instead of failing them.
     """
 
     def __init__(self, channel):
@@ -74,11 +80,18 @@ class UsageServiceServicer:
     always safe. Invalid events are rejected one by one with the field at fault;
     the valid events of the same batch are recorded. Ingested usage is visible in
     summaries and invoices as soon as its call (or acknowledgement) returns.
+
+    Every call needs `authorization: Bearer <token>` metadata (UNAUTHENTICATED
+    otherwise) whose token holds the scope named below (PERMISSION_DENIED
+    otherwise) and covers the tenants concerned (see docs/security.md). Rate
+    limits answer RESOURCE_EXHAUSTED with google.rpc.RetryInfo on unary calls and
+    slow streams down instead of failing them.
     """
 
     def ReportUsage(self, request, context):
         """Records one event. An invalid event fails the call with INVALID_ARGUMENT
-        and google.rpc.BadRequest details naming the field.
+        and google.rpc.BadRequest details naming the field. Scope usage:write; an
+        event for a tenant the token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,7 +102,10 @@ class UsageServiceServicer:
         each batch as it arrives and answers once, after the client closes its side,
         with the counts over the whole stream. An oversized batch fails the stream
         with INVALID_ARGUMENT; the batches before it stay committed (resending them
-        is safe).
+        is safe). Scope usage:write; an event for a tenant the token does not cover
+        is rejected on its own (cause REJECTION_CAUSE_PERMISSION_DENIED) and the
+        rest of its batch is recorded. A stream without a message for the server's
+        idle timeout (300 s by default) ends with DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +116,8 @@ class UsageServiceServicer:
         and a client-chosen sequence number; the server answers each batch, in
         order, only after it is durably committed. A client that loses the
         connection resends the batches it has no acknowledgement for; events already
-        recorded are reported as duplicates and never counted twice.
+        recorded are reported as duplicates and never counted twice. Scope and
+        tenant rules as for IngestUsage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,7 +125,9 @@ class UsageServiceServicer:
 
     def GetUsageSummary(self, request, context):
         """Usage of one tenant over a time range, per (service, usage_type),
-        optionally per time bucket and per value of one dimension.
+        optionally per time bucket and per value of one dimension. Scope
+        usage:read; a tenant the token does not cover is PERMISSION_DENIED, with the
+        same message whether or not it exists.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,7 +135,9 @@ class UsageServiceServicer:
 
     def StreamUsageSummaries(self, request, context):
         """One summary per tenant over a time range, for the listed tenants or for
-        every tenant with usage in the range, in tenant_id order.
+        every tenant with usage in the range, in tenant_id order. Scope usage:read;
+        listing a tenant the token does not cover is PERMISSION_DENIED, and with no
+        list only the token's tenants are streamed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +186,12 @@ class UsageService:
     always safe. Invalid events are rejected one by one with the field at fault;
     the valid events of the same batch are recorded. Ingested usage is visible in
     summaries and invoices as soon as its call (or acknowledgement) returns.
+
+    Every call needs `authorization: Bearer <token>` metadata (UNAUTHENTICATED
+    otherwise) whose token holds the scope named below (PERMISSION_DENIED
+    otherwise) and covers the tenants concerned (see docs/security.md). Rate
+    limits answer RESOURCE_EXHAUSTED with google.rpc.RetryInfo on unary calls and
+    slow streams down instead of failing them.
     """
 
     @staticmethod

@@ -33,6 +33,12 @@ class UsageServiceStub:
     always safe. Invalid events are rejected one by one with the field at fault;
     the valid events of the same batch are recorded. Ingested usage is visible in
     summaries and invoices as soon as its call (or acknowledgement) returns.
+
+    Every call needs `authorization: Bearer <token>` metadata (UNAUTHENTICATED
+    otherwise) whose token holds the scope named below (PERMISSION_DENIED
+    otherwise) and covers the tenants concerned (see docs/security.md). Rate
+    limits answer RESOURCE_EXHAUSTED with google.rpc.RetryInfo on unary calls and
+    slow streams down instead of failing them.
     """
 
     @_typing.overload
@@ -41,29 +47,38 @@ class UsageServiceStub:
     def __new__(cls, channel: _aio.Channel) -> UsageServiceAsyncStub: ...
     ReportUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ReportUsageRequest, _usage_service_pb2.ReportUsageResponse]
     """Records one event. An invalid event fails the call with INVALID_ARGUMENT
-    and google.rpc.BadRequest details naming the field.
+    and google.rpc.BadRequest details naming the field. Scope usage:write; an
+    event for a tenant the token does not cover is PERMISSION_DENIED.
     """
     IngestUsage: _grpc.StreamUnaryMultiCallable[_usage_service_pb2.IngestUsageRequest, _usage_service_pb2.IngestUsageResponse]
     """Bulk ingestion: the client streams batches of events, the server commits
     each batch as it arrives and answers once, after the client closes its side,
     with the counts over the whole stream. An oversized batch fails the stream
     with INVALID_ARGUMENT; the batches before it stay committed (resending them
-    is safe).
+    is safe). Scope usage:write; an event for a tenant the token does not cover
+    is rejected on its own (cause REJECTION_CAUSE_PERMISSION_DENIED) and the
+    rest of its batch is recorded. A stream without a message for the server's
+    idle timeout (300 s by default) ends with DEADLINE_EXCEEDED.
     """
     StreamUsage: _grpc.StreamStreamMultiCallable[_usage_service_pb2.StreamUsageRequest, _usage_service_pb2.StreamUsageResponse]
     """Bidirectional ingestion with acknowledgements: each request carries a batch
     and a client-chosen sequence number; the server answers each batch, in
     order, only after it is durably committed. A client that loses the
     connection resends the batches it has no acknowledgement for; events already
-    recorded are reported as duplicates and never counted twice.
+    recorded are reported as duplicates and never counted twice. Scope and
+    tenant rules as for IngestUsage.
     """
     GetUsageSummary: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageSummaryRequest, _usage_service_pb2.GetUsageSummaryResponse]
     """Usage of one tenant over a time range, per (service, usage_type),
-    optionally per time bucket and per value of one dimension.
+    optionally per time bucket and per value of one dimension. Scope
+    usage:read; a tenant the token does not cover is PERMISSION_DENIED, with the
+    same message whether or not it exists.
     """
     StreamUsageSummaries: _grpc.UnaryStreamMultiCallable[_usage_service_pb2.StreamUsageSummariesRequest, _usage_service_pb2.StreamUsageSummariesResponse]
     """One summary per tenant over a time range, for the listed tenants or for
-    every tenant with usage in the range, in tenant_id order.
+    every tenant with usage in the range, in tenant_id order. Scope usage:read;
+    listing a tenant the token does not cover is PERMISSION_DENIED, and with no
+    list only the token's tenants are streamed.
     """
 
 @_typing.type_check_only
@@ -74,34 +89,49 @@ class UsageServiceAsyncStub(UsageServiceStub):
     always safe. Invalid events are rejected one by one with the field at fault;
     the valid events of the same batch are recorded. Ingested usage is visible in
     summaries and invoices as soon as its call (or acknowledgement) returns.
+
+    Every call needs `authorization: Bearer <token>` metadata (UNAUTHENTICATED
+    otherwise) whose token holds the scope named below (PERMISSION_DENIED
+    otherwise) and covers the tenants concerned (see docs/security.md). Rate
+    limits answer RESOURCE_EXHAUSTED with google.rpc.RetryInfo on unary calls and
+    slow streams down instead of failing them.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReportUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ReportUsageRequest, _usage_service_pb2.ReportUsageResponse]  # type: ignore[assignment]
     """Records one event. An invalid event fails the call with INVALID_ARGUMENT
-    and google.rpc.BadRequest details naming the field.
+    and google.rpc.BadRequest details naming the field. Scope usage:write; an
+    event for a tenant the token does not cover is PERMISSION_DENIED.
     """
     IngestUsage: _aio.StreamUnaryMultiCallable[_usage_service_pb2.IngestUsageRequest, _usage_service_pb2.IngestUsageResponse]  # type: ignore[assignment]
     """Bulk ingestion: the client streams batches of events, the server commits
     each batch as it arrives and answers once, after the client closes its side,
     with the counts over the whole stream. An oversized batch fails the stream
     with INVALID_ARGUMENT; the batches before it stay committed (resending them
-    is safe).
+    is safe). Scope usage:write; an event for a tenant the token does not cover
+    is rejected on its own (cause REJECTION_CAUSE_PERMISSION_DENIED) and the
+    rest of its batch is recorded. A stream without a message for the server's
+    idle timeout (300 s by default) ends with DEADLINE_EXCEEDED.
     """
     StreamUsage: _aio.StreamStreamMultiCallable[_usage_service_pb2.StreamUsageRequest, _usage_service_pb2.StreamUsageResponse]  # type: ignore[assignment]
     """Bidirectional ingestion with acknowledgements: each request carries a batch
     and a client-chosen sequence number; the server answers each batch, in
     order, only after it is durably committed. A client that loses the
     connection resends the batches it has no acknowledgement for; events already
-    recorded are reported as duplicates and never counted twice.
+    recorded are reported as duplicates and never counted twice. Scope and
+    tenant rules as for IngestUsage.
     """
     GetUsageSummary: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageSummaryRequest, _usage_service_pb2.GetUsageSummaryResponse]  # type: ignore[assignment]
     """Usage of one tenant over a time range, per (service, usage_type),
-    optionally per time bucket and per value of one dimension.
+    optionally per time bucket and per value of one dimension. Scope
+    usage:read; a tenant the token does not cover is PERMISSION_DENIED, with the
+    same message whether or not it exists.
     """
     StreamUsageSummaries: _aio.UnaryStreamMultiCallable[_usage_service_pb2.StreamUsageSummariesRequest, _usage_service_pb2.StreamUsageSummariesResponse]  # type: ignore[assignment]
     """One summary per tenant over a time range, for the listed tenants or for
-    every tenant with usage in the range, in tenant_id order.
+    every tenant with usage in the range, in tenant_id order. Scope usage:read;
+    listing a tenant the token does not cover is PERMISSION_DENIED, and with no
+    list only the token's tenants are streamed.
     """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -111,6 +141,12 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     always safe. Invalid events are rejected one by one with the field at fault;
     the valid events of the same batch are recorded. Ingested usage is visible in
     summaries and invoices as soon as its call (or acknowledgement) returns.
+
+    Every call needs `authorization: Bearer <token>` metadata (UNAUTHENTICATED
+    otherwise) whose token holds the scope named below (PERMISSION_DENIED
+    otherwise) and covers the tenants concerned (see docs/security.md). Rate
+    limits answer RESOURCE_EXHAUSTED with google.rpc.RetryInfo on unary calls and
+    slow streams down instead of failing them.
     """
 
     @_abc_1.abstractmethod
@@ -120,7 +156,8 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.ReportUsageResponse, _abc.Awaitable[_usage_service_pb2.ReportUsageResponse]]:
         """Records one event. An invalid event fails the call with INVALID_ARGUMENT
-        and google.rpc.BadRequest details naming the field.
+        and google.rpc.BadRequest details naming the field. Scope usage:write; an
+        event for a tenant the token does not cover is PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -133,7 +170,10 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         each batch as it arrives and answers once, after the client closes its side,
         with the counts over the whole stream. An oversized batch fails the stream
         with INVALID_ARGUMENT; the batches before it stay committed (resending them
-        is safe).
+        is safe). Scope usage:write; an event for a tenant the token does not cover
+        is rejected on its own (cause REJECTION_CAUSE_PERMISSION_DENIED) and the
+        rest of its batch is recorded. A stream without a message for the server's
+        idle timeout (300 s by default) ends with DEADLINE_EXCEEDED.
         """
 
     @_abc_1.abstractmethod
@@ -146,7 +186,8 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         and a client-chosen sequence number; the server answers each batch, in
         order, only after it is durably committed. A client that loses the
         connection resends the batches it has no acknowledgement for; events already
-        recorded are reported as duplicates and never counted twice.
+        recorded are reported as duplicates and never counted twice. Scope and
+        tenant rules as for IngestUsage.
         """
 
     @_abc_1.abstractmethod
@@ -156,7 +197,9 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.GetUsageSummaryResponse, _abc.Awaitable[_usage_service_pb2.GetUsageSummaryResponse]]:
         """Usage of one tenant over a time range, per (service, usage_type),
-        optionally per time bucket and per value of one dimension.
+        optionally per time bucket and per value of one dimension. Scope
+        usage:read; a tenant the token does not cover is PERMISSION_DENIED, with the
+        same message whether or not it exists.
         """
 
     @_abc_1.abstractmethod
@@ -166,7 +209,9 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_usage_service_pb2.StreamUsageSummariesResponse], _abc.AsyncIterator[_usage_service_pb2.StreamUsageSummariesResponse]]:
         """One summary per tenant over a time range, for the listed tenants or for
-        every tenant with usage in the range, in tenant_id order.
+        every tenant with usage in the range, in tenant_id order. Scope usage:read;
+        listing a tenant the token does not cover is PERMISSION_DENIED, and with no
+        list only the token's tenants are streamed.
         """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""Authentication and limits: verification keys, JWT bearer tokens, the development key, rate limits."""

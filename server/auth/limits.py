@@ -1,0 +1,180 @@
+"""Rate limits and stream slots, in memory, per server process.
+
+Token buckets: each key (a tenant or a principal) has a bucket holding up to one second
+of its rate, refilled continuously. A unary call takes its tokens only if every bucket
+involved has them (`try_take`), otherwise it is refused with the time after which a
+retry can succeed. A stream takes what its batch needs even if that drives the buckets
+into debt (`take`), and then waits for the debt to be repaid before it reads the next
+message, so that gRPC flow control slows the client down instead of failing it.
+
+Limits are per server process: with several processes, a tenant may get the configured
+rate from each of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from server.domain.errors import ResourceExhausted
+
+MAX_BUCKETS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Rates in units per second; 0 means unlimited."""
+
+    tenant_events_per_second: float = 10_000
+    principal_events_per_second: float = 50_000
+    tenant_requests_per_second: float = 200
+    principal_requests_per_second: float = 500
+    max_streams_per_principal: int = 16
+    stream_idle_seconds: float = 300
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class TokenBuckets:
+    """One token bucket per key, all with the same rate; capacity is one second of that rate."""
+
+    def __init__(self, name: str, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.rate = rate
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate <= 0
+
+    def _bucket(self, key: str, now: float) -> _Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._forget_full(now)
+            bucket = self._buckets[key] = _Bucket(self.rate, now)
+        else:
+            bucket.tokens = min(self.rate, bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+        return bucket
+
+    def _forget_full(self, now: float) -> None:
+        """Drop buckets that have refilled: a fresh bucket is the same, so nothing is lost."""
+        for key, bucket in list(self._buckets.items()):
+            if bucket.tokens + (now - bucket.updated) * self.rate >= self.rate:
+                del self._buckets[key]
+
+    def wait_for(self, key: str, amount: float) -> float:
+        """Seconds until `amount` tokens are available for `key` (0 if they are now)."""
+        if self.unlimited:
+            return 0.0
+        bucket = self._bucket(key, self._clock())
+        # A request larger than the capacity can never be covered at once; it waits for a full bucket.
+        missing = min(amount, self.rate) - bucket.tokens
+        return max(0.0, missing / self.rate)
+
+    def remove(self, key: str, amount: float) -> None:
+        if not self.unlimited:
+            self._bucket(key, self._clock()).tokens -= amount
+
+    def debt_seconds(self, key: str) -> float:
+        """Seconds until the bucket of `key` is no longer in debt."""
+        if self.unlimited:
+            return 0.0
+        bucket = self._bucket(key, self._clock())
+        return max(0.0, -bucket.tokens / self.rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """An amount to take from one key's bucket."""
+
+    buckets: TokenBuckets
+    key: str
+    amount: float
+
+
+def try_take(charges: Iterable[Charge]) -> None:
+    """Take every charge, or none of them and raise ResourceExhausted with the retry delay."""
+    charges = list(charges)
+    worst: tuple[float, Charge] | None = None
+    for charge in charges:
+        wait = charge.buckets.wait_for(charge.key, charge.amount)
+        if wait > 0 and (worst is None or wait > worst[0]):
+            worst = (wait, charge)
+    if worst is not None:
+        wait, charge = worst
+        raise ResourceExhausted(
+            f"rate limit of {charge.buckets.rate:g} {charge.buckets.name} per second reached",
+            retry_after_seconds=wait,
+            subject=charge.key,
+            limit=charge.buckets.name,
+        )
+    for charge in charges:
+        charge.buckets.remove(charge.key, charge.amount)
+
+
+def take(charges: Iterable[Charge]) -> float:
+    """Take every charge even into debt; return the seconds to wait before the next message."""
+    delay = 0.0
+    for charge in charges:
+        charge.buckets.remove(charge.key, charge.amount)
+        delay = max(delay, charge.buckets.debt_seconds(charge.key))
+    return delay
+
+
+class StreamSlots:
+    """At most `limit` concurrent streams per principal."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def acquire(self, subject: str) -> None:
+        count = self._open.get(subject, 0)
+        if self.limit > 0 and count >= self.limit:
+            raise ResourceExhausted(
+                f"at most {self.limit} concurrent streams per principal",
+                retry_after_seconds=1.0,
+                subject=subject,
+                limit="streams",
+            )
+        self._open[subject] = count + 1
+
+    def release(self, subject: str) -> None:
+        count = self._open.get(subject, 0) - 1
+        if count > 0:
+            self._open[subject] = count
+        else:
+            self._open.pop(subject, None)
+
+
+class Limiter:
+    """The limits of one server process: request and event buckets per tenant and per principal."""
+
+    def __init__(self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.tenant_requests = TokenBuckets("requests", settings.tenant_requests_per_second, clock)
+        self.principal_requests = TokenBuckets("requests", settings.principal_requests_per_second, clock)
+        self.tenant_events = TokenBuckets("events", settings.tenant_events_per_second, clock)
+        self.principal_events = TokenBuckets("events", settings.principal_events_per_second, clock)
+        self.streams = StreamSlots(settings.max_streams_per_principal)
+
+    def request(self, subject: str, tenant_id: str | None) -> None:
+        """Admit one call of a principal, about one tenant (if the call names one it may act for)."""
+        charges = [Charge(self.principal_requests, f"principal:{subject}", 1)]
+        if tenant_id is not None:
+            charges.append(Charge(self.tenant_requests, f"tenant:{tenant_id}", 1))
+        try_take(charges)
+
+    def event_charges(self, subject: str, total: int, per_tenant: Mapping[str, int]) -> list[Charge]:
+        """`total` events of a principal, `per_tenant` of them for tenants it may act for."""
+        charges = [Charge(self.principal_events, f"principal:{subject}", total)]
+        charges += [Charge(self.tenant_events, f"tenant:{t}", n) for t, n in sorted(per_tenant.items())]
+        return charges

@@ -1,0 +1,63 @@
+"""Who is calling and what it may do: the principal named by a verified token, and its checks.
+
+A principal acts for a fixed set of tenants, or for every tenant (internal services that
+report usage on behalf of all of them), and holds scopes that say which kinds of calls it
+may make. The use cases ask `may_act_for` before reading or writing a tenant's data; the
+API layer asks `require_scope` before calling them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from server.domain.errors import PermissionDenied
+
+USAGE_WRITE: Final = "usage:write"
+USAGE_READ: Final = "usage:read"
+BILLING_READ: Final = "billing:read"
+BILLING_ADMIN: Final = "billing:admin"
+SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN)
+
+ALL_TENANTS: Final = "all"
+AllTenants = Literal["all"]
+
+# One message for every tenant the caller may not see, whether or not the tenant exists,
+# so that the answer reveals nothing about other tenants.
+TENANT_DENIED = "the caller may not act for this tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified identity behind a call."""
+
+    subject: str
+    tenants: frozenset[str] | AllTenants
+    scopes: frozenset[str]
+
+    @property
+    def all_tenants(self) -> bool:
+        return self.tenants == ALL_TENANTS
+
+    def may_act_for(self, tenant_id: str) -> bool:
+        return self.tenants == ALL_TENANTS or tenant_id in self.tenants
+
+    def require_scope(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(f"the token lacks the scope {scope}")
+
+    def require_tenant(self, tenant_id: str) -> None:
+        if not self.may_act_for(tenant_id):
+            raise PermissionDenied(TENANT_DENIED)
+
+    def require_all_tenants(self, what: str) -> None:
+        if self.tenants != ALL_TENANTS:
+            raise PermissionDenied(f"{what} needs a token for all tenants")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A principal within one call: the request id ties audit entries and logs to the call."""
+
+    principal: Principal
+    request_id: str

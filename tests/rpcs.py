@@ -1,0 +1,142 @@
+"""Every Tally RPC, described once, so that security and fuzz tests can cover them all generically."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from server.domain.access import BILLING_ADMIN, BILLING_READ, USAGE_READ, USAGE_WRITE
+from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
+from tests.helpers import event, hour_start, ts
+
+USAGE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
+BILLING = billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"]
+
+
+@dataclass(frozen=True)
+class Rpc:
+    name: str  # e.g. "UsageService/ReportUsage"
+    scope: str
+    client_streaming: bool
+    server_streaming: bool
+    request_type: type[Message]
+    response_type: type[Message]
+    example: Callable[[str, str], Message]  # (tenant, invoice id) -> a valid request about the tenant
+
+    @property
+    def path(self) -> str:
+        return f"/tally.v1.{self.name}"
+
+
+def _range() -> dict[str, Any]:
+    return {"start_time": ts(hour_start(-3)), "end_time": ts(hour_start(1))}
+
+
+EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
+    "ReportUsage": (USAGE_WRITE, lambda t, i: usage_service_pb2.ReportUsageRequest(event=event(t))),
+    "IngestUsage": (USAGE_WRITE, lambda t, i: usage_service_pb2.IngestUsageRequest(events=[event(t)])),
+    "StreamUsage": (
+        USAGE_WRITE,
+        lambda t, i: usage_service_pb2.StreamUsageRequest(sequence=1, events=[event(t)]),
+    ),
+    "GetUsageSummary": (
+        USAGE_READ,
+        lambda t, i: usage_service_pb2.GetUsageSummaryRequest(tenant_id=t, **_range()),
+    ),
+    "StreamUsageSummaries": (
+        USAGE_READ,
+        lambda t, i: usage_service_pb2.StreamUsageSummariesRequest(tenant_ids=[t], **_range()),
+    ),
+    "ListRates": (BILLING_READ, lambda t, i: billing_service_pb2.ListRatesRequest()),
+    "SetRate": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.SetRateRequest(
+            service="authtest", usage_type=f"u{uuid.uuid4().hex[:12]}", unit_price="1.5"
+        ),
+    ),
+    "GenerateInvoice": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.GenerateInvoiceRequest(
+            tenant_id=t, period_start=ts(hour_start(-3)), period_end=ts(hour_start(1))
+        ),
+    ),
+    "GetInvoice": (BILLING_READ, lambda t, i: billing_service_pb2.GetInvoiceRequest(invoice_id=i)),
+    "ListInvoices": (BILLING_READ, lambda t, i: billing_service_pb2.ListInvoicesRequest(tenant_id=t)),
+    "ListAuditEvents": (BILLING_ADMIN, lambda t, i: billing_service_pb2.ListAuditEventsRequest(tenant_id=t)),
+}
+
+
+def _rpcs() -> list[Rpc]:
+    from google.protobuf import symbol_database
+
+    db = symbol_database.Default()
+    found = []
+    for service in (USAGE, BILLING):
+        for method in service.methods:
+            scope, example = EXAMPLES[method.name]
+            found.append(
+                Rpc(
+                    name=f"{service.name}/{method.name}",
+                    scope=scope,
+                    client_streaming=method.client_streaming,
+                    server_streaming=method.server_streaming,
+                    request_type=db.GetSymbol(method.input_type.full_name),
+                    response_type=db.GetSymbol(method.output_type.full_name),
+                    example=example,
+                )
+            )
+    return found
+
+
+RPCS = _rpcs()
+assert {r.name.split("/")[1] for r in RPCS} == set(EXAMPLES), "every RPC needs an example"
+
+
+async def invoke(
+    channel: grpc.aio.Channel,
+    rpc: Rpc,
+    requests: Sequence[Message | bytes],
+    *,
+    token: str | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
+    deadline_seconds: float = 10,
+) -> list[Any]:
+    """Call the RPC with these request messages (or raw bytes); return the responses as a list."""
+    raw = any(isinstance(r, bytes) for r in requests)
+    serializer = None if raw else (lambda m: m.SerializeToString())
+    deserializer = rpc.response_type.FromString
+    call_metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token is not None else ())
+    kind = (
+        ("stream" if rpc.client_streaming else "unary")
+        + "_"
+        + ("stream" if rpc.server_streaming else "unary")
+    )
+    callable_ = getattr(channel, kind)(
+        rpc.path, request_serializer=serializer, response_deserializer=deserializer
+    )
+    if rpc.client_streaming:
+
+        async def stream() -> Any:
+            for request in requests:
+                yield request
+
+        call = callable_(stream(), metadata=call_metadata, timeout=deadline_seconds)
+    else:
+        assert len(requests) == 1
+        call = callable_(requests[0], metadata=call_metadata, timeout=deadline_seconds)
+    if rpc.server_streaming:
+        return [response async for response in call]
+    return [await call]
+
+
+def rejected_causes(responses: list[Any]) -> list[int]:
+    """The cause of every rejection in ingestion responses."""
+    return [r.cause for response in responses for r in getattr(response, "rejections", [])]
+
+
+PERMISSION_CAUSE = resources_pb2.REJECTION_CAUSE_PERMISSION_DENIED
