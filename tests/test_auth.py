@@ -375,3 +375,22 @@ async def test_server_refuses_to_start_with_an_unreadable_key(server_config: Any
     server = TallyServer(replace(server_config, jwt_secret_file=tmp_path / "missing"))
     with pytest.raises(ValueError, match="cannot read the JWT secret file"):
         await server.start()
+
+
+def test_a_cached_token_stops_working_when_it_expires() -> None:
+    from server.auth.keys import HS256, VerificationKey
+    from server.domain.errors import Unauthenticated
+
+    clock = [time.time()]
+    secret = b"cache-test-secret-0123456789abcdef"
+    verifier = TokenVerifier([VerificationKey(HS256, secret)], now=lambda: clock[0], leeway_seconds=0)
+    token = jwt.encode(
+        {"sub": "svc", "tenants": "*", "scope": "usage:read", "exp": int(clock[0]) + 60},
+        secret,
+        algorithm="HS256",
+    )
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first  # served from the cache
+    clock[0] += 61
+    with pytest.raises(Unauthenticated):
+        verifier.verify(token)
