@@ -20,6 +20,7 @@ from server.domain.events import (
     EventRules,
     RawEvent,
     Rejection,
+    ValidatedBatch,
     check_event,
     check_id,
     event_row,
@@ -74,11 +75,16 @@ class Metering:
         Events for tenants the principal may not act for are rejected one by one
         (PERMISSION_DENIED); the rest of the batch is recorded.
         """
+        return await self.commit_batch(await self.prepare_batch(events, principal))
+
+    async def prepare_batch(self, events: Sequence[RawEvent], principal: Principal) -> ValidatedBatch:
+        """The CPU half of record_batch: limits, validation, de-duplication within the batch."""
         self.check_batch_size(len(events))
         await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
-        batch = validate_batch(
-            events, self._rate_card, self._rules, self._now_micros(), principal.may_act_for
-        )
+        return validate_batch(events, self._rate_card, self._rules, self._now_micros(), principal.may_act_for)
+
+    async def commit_batch(self, batch: ValidatedBatch) -> BatchOutcome:
+        """The database half of record_batch: one transaction."""
         accepted = await self._write(batch.columns) if len(batch.columns) else 0
         duplicates = len(batch.columns) - accepted + batch.repeated_in_batch
         return BatchOutcome(accepted, duplicates, batch.rejections)

@@ -145,3 +145,21 @@ async def test_resending_unacknowledged_batches_after_reconnect_counts_nothing_t
     for ack in resent:
         assert ack.accepted_count + ack.duplicate_count == 50
     assert await totals(db, tenant) == (200, Decimal("220.0"), 200, Decimal("220.0"))
+
+
+async def test_within_a_stream_the_earliest_batch_wins_even_when_batches_overlap(
+    usage: usage_service_pb2_grpc.UsageServiceStub, db: asyncpg.Pool, tenant: str
+) -> None:
+    call = usage.StreamUsage()
+    for sequence in range(12):  # written without waiting, so the server has several in flight
+        batch = [event(tenant, "contested", quantity=str(sequence + 1))]
+        batch += [event(tenant, f"filler-{sequence}-{i}") for i in range(300)]
+        await call.write(usage_service_pb2.StreamUsageRequest(sequence=sequence, events=batch))
+    await call.done_writing()
+    acks = [ack async for ack in call]
+    assert [a.sequence for a in acks] == list(range(12))
+    assert [a.accepted_count for a in acks] == [301] + [300] * 11
+    stored = await db.fetchval(
+        "SELECT quantity FROM usage_events WHERE tenant_id = $1 AND event_id = 'contested'", tenant
+    )
+    assert stored == Decimal("1")

@@ -11,11 +11,12 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from server.api.calls import rpc
 from server.api.convert import bucket_name, optional_micros, raw_event, summary_message
+from server.api.pipeline import pipelined
 from server.auth.authenticator import Authenticator
 from server.auth.limits import Charge, take, try_take
 from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
-from server.domain.events import RawEvent, Rejection, RejectionCause
-from server.metering import BatchOutcome, Metering
+from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
+from server.metering import Metering
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
@@ -49,10 +50,10 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         per_tenant = Counter(e.tenant_id for e in events if principal.may_act_for(e.tenant_id))
         return self.authenticator.limiter.event_charges(principal.subject, len(events), per_tenant)
 
-    async def _record_batch(
+    async def _prepare_batch(
         self, caller: Caller, messages: RepeatedCompositeFieldContainer[resources_pb2.UsageEvent]
-    ) -> BatchOutcome:
-        """Record a streamed batch once the caller's event rates allow it: waiting, not failing."""
+    ) -> ValidatedBatch:
+        """Decode and validate a streamed batch once the event rates allow it: waiting, not failing."""
         self._metering.check_batch_size(len(messages))
         events = [raw_event(e) for e in messages]
         delay = take(self._event_charges(caller, events))
@@ -60,7 +61,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             # Not reading the next message while we wait is what slows the client down:
             # gRPC flow control stops it once the transport window is full.
             await asyncio.sleep(delay)
-        return await self._metering.record_batch(events, caller.principal)
+        return await self._metering.prepare_batch(events, caller.principal)
 
     @rpc(USAGE_WRITE, tenant=lambda request: request.event.tenant_id)
     async def ReportUsage(
@@ -85,8 +86,10 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.IngestUsageResponse:
         response = usage_service_pb2.IngestUsageResponse()
-        async for request in request_iterator:
-            outcome = await self._record_batch(caller, request.events)
+        batches = pipelined(
+            request_iterator, lambda r: self._prepare_batch(caller, r.events), self._metering.commit_batch
+        )
+        async for _, outcome in batches:
             response.accepted_count += outcome.accepted
             response.duplicate_count += outcome.duplicates
             response.rejected_count += len(outcome.rejections)
@@ -103,8 +106,10 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageResponse]:
-        async for request in request_iterator:
-            outcome = await self._record_batch(caller, request.events)
+        batches = pipelined(
+            request_iterator, lambda r: self._prepare_batch(caller, r.events), self._metering.commit_batch
+        )
+        async for request, outcome in batches:
             yield usage_service_pb2.StreamUsageResponse(
                 sequence=request.sequence,
                 accepted_count=outcome.accepted,
