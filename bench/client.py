@@ -20,6 +20,7 @@ from bench.workload import build
 from tally.v1 import billing_service_pb2, usage_service_pb2
 
 USAGE = "/tally.v1.UsageService/"
+METADATA: tuple[tuple[str, str], ...] = ()  # the bearer token, set from --token
 
 
 def _wait_for_go() -> None:
@@ -49,7 +50,7 @@ async def ingest(address: str, method: str, batch: int, streams: int, events: in
                         yield message
 
                 accepted = duplicates = acks = 0
-                async for ack in call(requests()):
+                async for ack in call(requests(), metadata=METADATA):
                     accepted += ack.accepted_count
                     duplicates += ack.duplicate_count
                     acks += 1
@@ -66,7 +67,7 @@ async def ingest(address: str, method: str, batch: int, streams: int, events: in
                     for message in share:
                         yield message
 
-                response = await client_stream(requests())
+                response = await client_stream(requests(), metadata=METADATA)
                 return response.accepted_count, response.duplicate_count, response.batch_count
 
         results = await asyncio.gather(*[run(share) for share in shares])
@@ -104,7 +105,7 @@ async def unary_max(address: str, concurrency: int, duration: float) -> dict[str
             nonlocal done
             i = offset
             while time.perf_counter() < deadline:
-                await call(requests[i % len(requests)])
+                await call(requests[i % len(requests)], metadata=METADATA)
                 done += 1
                 i += concurrency
 
@@ -121,14 +122,14 @@ async def unary_rate(address: str, rate: float, duration: float) -> dict[str, ob
         await channel.channel_ready()
         call = channel.unary_unary(USAGE + "ReportUsage", request_serializer=None, response_deserializer=None)
         for warm in requests[:200]:  # warm the connection pool and code paths
-            await call(warm.replace(b"unary-", b"warmu-"))
+            await call(warm.replace(b"unary-", b"warmu-"), metadata=METADATA)
         _wait_for_go()
         started = time.perf_counter()
         tasks = set()
 
         async def one(message: bytes) -> None:
             sent = time.perf_counter()
-            await call(message)
+            await call(message, metadata=METADATA)
             latencies.append(time.perf_counter() - sent)
 
         # Open loop: requests start on schedule whatever the latency of earlier ones.
@@ -183,13 +184,13 @@ async def query(address: str, kind: str, tenant: str, start: int, end: int, coun
                 end_time=ts(end),
                 bucket=1 if kind == "summary-hour" else 2,
             )
-        await call(request)  # warm up
+        await call(request, metadata=METADATA)  # warm up
         _wait_for_go()
         latencies = []
         size = 0
         for _ in range(count):
             sent = time.perf_counter()
-            response = await call(request)
+            response = await call(request, metadata=METADATA)
             latencies.append(time.perf_counter() - sent)
             size = response.ByteSize()
     latencies.sort()
@@ -206,26 +207,32 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest")
     p.add_argument("--address", required=True)
+    p.add_argument("--token", required=True)
     p.add_argument("--method", choices=["stream", "ingest"], required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--streams", type=int, required=True)
     p.add_argument("--events", type=int, required=True)
     p = sub.add_parser("unary-max")
     p.add_argument("--address", required=True)
+    p.add_argument("--token", required=True)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--duration", type=float, default=10)
     p = sub.add_parser("unary-rate")
     p.add_argument("--address", required=True)
+    p.add_argument("--token", required=True)
     p.add_argument("--rate", type=float, default=1000)
     p.add_argument("--duration", type=float, default=10)
     p = sub.add_parser("query")
     p.add_argument("--address", required=True)
+    p.add_argument("--token", required=True)
     p.add_argument("--kind", choices=["summary-hour", "summary-day", "invoice"], required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--start", type=int, required=True)
     p.add_argument("--end", type=int, required=True)
     p.add_argument("--count", type=int, default=50)
     args = parser.parse_args()
+    global METADATA
+    METADATA = (("authorization", f"Bearer {args.token}"),)
     if args.command == "ingest":
         result = asyncio.run(ingest(args.address, args.method, args.batch, args.streams, args.events))
     elif args.command == "unary-max":

@@ -16,9 +16,18 @@ from pathlib import Path
 
 import psutil
 
+from server.auth.tokens import mint_token
+from server.domain.access import ALL_TENANTS, SCOPES
 from server.storage.embedded import EmbeddedPostgres
 
 TALLY = str(Path(sys.executable).parent / "tally")
+
+
+SECRET = b"tally-benchmark-secret-0123456789abcdef"
+UNLIMITED = [
+    f"--{name}-per-second=0"
+    for name in ("tenant-events", "principal-events", "tenant-requests", "principal-requests")
+]
 
 
 @dataclass
@@ -27,6 +36,7 @@ class Stack:
     address: str
     server: psutil.Process | None
     postgres: psutil.Process
+    token: str = ""
 
 
 def _tree(process: psutil.Process) -> list[psutil.Process]:
@@ -85,8 +95,12 @@ def stack(extra_args: list[str] | None = None, *, with_server: bool = True) -> I
             yield Stack(dsn, "", None, pg)
             return
         env = {**os.environ, "DATABASE_URL": dsn}
+        secret = Path(tempfile.mkdtemp(prefix="tally-bench-key-")) / "jwt-secret"
+        secret.write_bytes(SECRET)
+        # Rate limits off: the benchmark measures capacity, not the default quotas.
+        flags = ["--jwt-secret-file", str(secret), "--max-streams-per-principal=0", *UNLIMITED]
         process = subprocess.Popen(
-            [TALLY, "serve", "--port", "0", "--log-level", "WARNING", *(extra_args or [])],
+            [TALLY, "serve", "--port", "0", "--log-level", "WARNING", *flags, *(extra_args or [])],
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -97,7 +111,15 @@ def stack(extra_args: list[str] | None = None, *, with_server: bool = True) -> I
             process.kill()
             raise RuntimeError(f"server did not start: {line!r}")
         try:
-            yield Stack(dsn, line.split()[3], psutil.Process(process.pid), pg)
+            token = mint_token(
+                SECRET,
+                subject="bench",
+                tenants=ALL_TENANTS,
+                scopes=SCOPES,
+                ttl_seconds=24 * 3600,
+                audience="tally",
+            )
+            yield Stack(dsn, line.split()[3], psutil.Process(process.pid), pg, token)
         finally:
             process.send_signal(signal.SIGTERM)
             try:

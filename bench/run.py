@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run_client(*args: str, stack: harness.Stack) -> tuple[dict[str, Any], harness.Meter]:
     """Run bench.client in its own process; meter the server and PostgreSQL while it works."""
     client = subprocess.Popen(
-        [sys.executable, "-m", "bench.client", *args, "--address", stack.address],
+        [sys.executable, "-m", "bench.client", *args, "--address", stack.address, "--token", stack.token],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -233,10 +233,10 @@ async def test_request_id_is_echoed_or_generated(bare_channel: grpc.aio.Channel,
     auth = ("authorization", f"Bearer {make_token()}")
     call = stub(rpc.example(tenant, ""), metadata=(("x-request-id", "req-42"), auth))
     await call
-    assert ("x-request-id", "req-42") in list(await call.initial_metadata())
+    assert ("x-request-id", "req-42") in list(await call.trailing_metadata())
     call = stub(rpc.example(tenant, ""), metadata=(auth,))
     await call
-    generated = dict(await call.initial_metadata())["x-request-id"]
+    generated = dict(await call.trailing_metadata())["x-request-id"]
     assert len(generated) == 32
 
 

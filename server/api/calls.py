@@ -1,12 +1,13 @@
 """What happens around every Tally RPC, declared once per method with `@rpc(scope, tenant=...)`.
 
-In order: the request id is read from `x-request-id` (or made up) and sent back in the
-initial metadata; the bearer token is verified (UNAUTHENTICATED); the scope is checked
-(PERMISSION_DENIED); a malformed request is refused (INVALID_ARGUMENT); the principal's
-request rate, and the named tenant's if the principal may act for it, are charged
-(RESOURCE_EXHAUSTED with RetryInfo); a stream takes one of the principal's stream slots
-and its incoming messages are subject to the idle timeout (DEADLINE_EXCEEDED). The method
-then runs with a `Caller`. Any failure becomes a precise status (server.api.errors).
+In order: the request id is read from `x-request-id` (or made up) and sent back (in the
+initial metadata of streams, the trailing metadata of unary calls and of every error);
+the bearer token is verified (UNAUTHENTICATED); the scope is checked (PERMISSION_DENIED);
+a malformed request is refused (INVALID_ARGUMENT); the principal's request rate, and the
+named tenant's if the principal may act for it, are charged (RESOURCE_EXHAUSTED with
+RetryInfo); a stream takes one of the principal's stream slots and its incoming messages
+are subject to the idle timeout (DEADLINE_EXCEEDED). The method then runs with a
+`Caller`. Any failure becomes a precise status (server.api.errors).
 
 Tenant isolation itself is enforced by the use cases, which receive the caller.
 """
@@ -88,7 +89,12 @@ def rpc(scope: str, *, tenant: Callable[[Any], str] | None = None) -> Callable[[
         async def admitted(
             self: Guarded, request: Any, context: grpc.aio.ServicerContext, rid: str
         ) -> AsyncIterator[tuple[Caller, Any]]:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+            if streaming:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+            else:
+                # With the status rather than ahead of the response: sending initial metadata
+                # early is one more operation per call, measured at 7% of a unary call's CPU.
+                context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             principal = self.authenticator.principal(context.invocation_metadata() or ())
             principal.require_scope(scope)
             limiter = self.authenticator.limiter

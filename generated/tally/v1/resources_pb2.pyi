@@ -576,8 +576,8 @@ class AuditEvent(_message.Message):
     """The principal that made it: the `sub` claim of the caller's token."""
     request_id: _builtins.str
     """The request id of the call: the caller's x-request-id metadata value, or
-    the one the server generated and returned in the x-request-id response
-    metadata.
+    the one the server generated and returned as x-request-id metadata (in the
+    trailing metadata of unary calls, the initial metadata of streams).
     """
     action: Global___AuditAction.ValueType
     """The kind of change."""
