@@ -139,7 +139,15 @@ class TallyServer:
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
-        self._metering = Metering(UsageStore(self._pool, self._read_pool), rate_card, rules, now_micros)
+        self._metering = Metering(
+            UsageStore(self._pool, self._read_pool),
+            rate_card,
+            rules,
+            now_micros,
+            # Half the write pool: lanes hold a connection only while writing, and the other
+            # half serves invoice generation, rate changes and partition creation.
+            write_lanes=max(1, config.pool_size // 2),
+        )
         billing = Billing(rate_store, InvoiceStore(self._pool), AuditStore(self._pool), rate_card, now_micros)
 
         server = grpc.aio.server(

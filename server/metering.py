@@ -1,22 +1,21 @@
 """Recording usage exactly once and summarising it: the use cases behind UsageService.
 
-Writes are shielded from cancellation: when a client goes away or the server shuts down
-in the middle of a batch, the batch's transaction still finishes (it is committed or
-rolled back as a whole, never half-written), and `drain()` waits for such writes.
+Writes go through write lanes (server.lanes), which merge what waits into one
+transaction and keep each stream's order. They are not cancelled with their caller: when
+a client goes away or the server shuts down in the middle of a batch, its transaction
+still finishes (committed or rolled back as a whole, never half-written), and `drain()`
+waits for such writes.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from server.coalescer import ReportCoalescer
 from server.domain.access import Principal
 from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.events import (
-    EventColumns,
     EventRules,
     RawEvent,
     Rejection,
@@ -30,6 +29,7 @@ from server.domain.events import (
 from server.domain.models import UsageAggregate, UsageSummary
 from server.domain.ranges import check_range
 from server.domain.timeutil import to_datetime
+from server.lanes import Lane, WriteLanes
 from server.ratecard import RateCardCache
 from server.storage.usage import UsageStore
 
@@ -55,13 +55,14 @@ class Metering:
         rate_card: RateCardCache,
         rules: EventRules,
         now_micros: Callable[[], int],
+        *,
+        write_lanes: int = 4,
     ) -> None:
         self._store = store
         self._rate_card = rate_card
         self._rules = rules
         self._now_micros = now_micros
-        self._writes: set[asyncio.Task[int]] = set()
-        self._reports = ReportCoalescer(store)
+        self._lanes = WriteLanes(store, lanes=write_lanes)
 
     def check_batch_size(self, size: int) -> None:
         if size > self._rules.max_batch_size:
@@ -69,25 +70,35 @@ class Metering:
                 "events", f"has {size} events, more than the limit of {self._rules.max_batch_size}"
             )
 
+    def stream_lane(self) -> Lane:
+        """The lane for all the batches of one stream, which keeps them in the stream's order."""
+        return self._lanes.for_stream()
+
     async def record_batch(self, events: Sequence[RawEvent], principal: Principal) -> BatchOutcome:
-        """Record the valid, new events of a batch in one transaction.
+        """Record the valid, new events of a batch.
 
         Events for tenants the principal may not act for are rejected one by one
         (PERMISSION_DENIED); the rest of the batch is recorded.
         """
-        return await self.commit_batch(await self.prepare_batch(events, principal))
+        batch = await self.prepare_batch(events, principal)
+        return await self.submit_batch(batch, self._lanes.for_stream())
 
     async def prepare_batch(self, events: Sequence[RawEvent], principal: Principal) -> ValidatedBatch:
-        """The CPU half of record_batch: limits, validation, de-duplication within the batch."""
+        """The CPU half of recording: limits, validation, de-duplication within the batch."""
         self.check_batch_size(len(events))
         await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
         return validate_batch(events, self._rate_card, self._rules, self._now_micros(), principal.may_act_for)
 
-    async def commit_batch(self, batch: ValidatedBatch) -> BatchOutcome:
-        """The database half of record_batch: one transaction."""
-        accepted = await self._write(batch.columns) if len(batch.columns) else 0
-        duplicates = len(batch.columns) - accepted + batch.repeated_in_batch
-        return BatchOutcome(accepted, duplicates, batch.rejections)
+    def submit_batch(self, batch: ValidatedBatch, lane: Lane) -> Awaitable[BatchOutcome]:
+        """The database half: queue the batch on the lane now (the ordering point); the
+        awaitable gives its outcome once its transaction has committed."""
+        accepted = lane.submit(batch.rows) if batch.rows else None
+        return self._outcome(batch, accepted)
+
+    @staticmethod
+    async def _outcome(batch: ValidatedBatch, accepted: Awaitable[int] | None) -> BatchOutcome:
+        new = 0 if accepted is None else await accepted
+        return BatchOutcome(new, len(batch.rows) - new + batch.repeated_in_batch, batch.rejections)
 
     async def report(self, event: RawEvent, principal: Principal) -> bool:
         """Record one event; True if it is new, False if it was a duplicate.
@@ -102,19 +113,12 @@ class Metering:
         violations = check_event(event, self._rate_card, self._rules, now)
         if violations:
             raise InvalidArgument([FieldViolation(f"event.{v.field}", v.description) for v in violations])
-        return await self._reports.submit(event_row(event, now))
-
-    async def _write(self, columns: EventColumns) -> int:
-        task = asyncio.ensure_future(self._store.record_batch(columns))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-        return await asyncio.shield(task)
+        row = event_row(event, now)
+        return await self._lanes.reports.submit({(row[0], row[1]): row}) == 1
 
     async def drain(self) -> None:
         """Wait for every write in flight (used at shutdown, before the pool closes)."""
-        while self._writes:
-            await asyncio.gather(*list(self._writes), return_exceptions=True)
-        await self._reports.drain()
+        await self._lanes.drain()
 
     async def summary(
         self,

@@ -1,12 +1,13 @@
-"""Overlapping the batches of one stream: prepare the next while the last one commits.
+"""Overlapping the batches of one stream: prepare the next while the last ones commit.
 
 A stream handled one batch at a time leaves the server idle while PostgreSQL commits and
 PostgreSQL idle while the server decodes and validates. Here a reader takes messages off
 the stream and starts preparing each at once, with at most `window` batches in flight.
-Commits still happen one at a time and in the stream's order, so within a stream the
-first report of an event wins exactly as without the overlap; results come back in order,
-each once its batch is committed. The bound turns a fast client into backpressure: the
-reader stops reading and gRPC flow control stops the client.
+Prepared batches are submitted for writing in the stream's order (to one write lane,
+which writes in submission order, merging batches that wait), so within a stream the
+first report of an event wins exactly as without the overlap. Results come back in
+order, each once its batch is committed. The bound turns a fast client into
+backpressure: the reader stops reading and gRPC flow control stops the client.
 """
 
 from __future__ import annotations
@@ -22,33 +23,43 @@ R = TypeVar("R")
 
 
 class _EarlierBatchFailed(Exception):
-    """A batch is not committed after an earlier batch of its stream failed."""
+    """A batch is not submitted after an earlier batch of its stream failed."""
 
 
 async def pipelined(
     messages: AsyncIterator[M],
     prepare: Callable[[M], Awaitable[P]],
-    commit: Callable[[P], Awaitable[R]],
+    submit: Callable[[P], Awaitable[R]],
     *,
-    window: int = 2,
+    window: int = 4,
 ) -> AsyncIterator[tuple[M, R]]:
-    """(message, commit result) pairs in message order; see the module docstring."""
+    """(message, result) pairs in message order; see the module docstring.
+
+    submit(prepared) is called in message order, and the call itself must fix the order
+    of the writes (it queues and returns an awaitable of the result).
+    """
     in_flight: asyncio.Queue[tuple[M, asyncio.Future[R]] | None] = asyncio.Queue(maxsize=window)
 
-    async def run(message: M, previous: asyncio.Future[R] | None) -> R:
-        prepared = await prepare(message)
-        if previous is not None:
-            await asyncio.wait([previous])
-            if previous.cancelled() or previous.exception() is not None:
+    async def run(message: M, previous: asyncio.Future[bool] | None, submitted: asyncio.Future[bool]) -> R:
+        try:
+            prepared = await prepare(message)
+            if previous is not None and not await previous:
                 raise _EarlierBatchFailed
-        return await commit(prepared)
+            result = submit(prepared)
+        except BaseException:
+            submitted.set_result(False)
+            raise
+        submitted.set_result(True)
+        return await result
 
     async def read() -> None:
-        previous: asyncio.Future[R] | None = None
+        previous: asyncio.Future[bool] | None = None
         try:
             async for message in messages:
-                previous = asyncio.ensure_future(run(message, previous))
-                await in_flight.put((message, previous))
+                submitted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+                result = asyncio.ensure_future(run(message, previous, submitted))
+                previous = submitted
+                await in_flight.put((message, result))
         finally:
             await in_flight.put(None)
 

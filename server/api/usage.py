@@ -86,8 +86,11 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.IngestUsageResponse:
         response = usage_service_pb2.IngestUsageResponse()
+        lane = self._metering.stream_lane()
         batches = pipelined(
-            request_iterator, lambda r: self._prepare_batch(caller, r.events), self._metering.commit_batch
+            request_iterator,
+            lambda r: self._prepare_batch(caller, r.events),
+            lambda batch: self._metering.submit_batch(batch, lane),
         )
         async for _, outcome in batches:
             response.accepted_count += outcome.accepted
@@ -106,8 +109,11 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageResponse]:
+        lane = self._metering.stream_lane()
         batches = pipelined(
-            request_iterator, lambda r: self._prepare_batch(caller, r.events), self._metering.commit_batch
+            request_iterator,
+            lambda r: self._prepare_batch(caller, r.events),
+            lambda batch: self._metering.submit_batch(batch, lane),
         )
         async for request, outcome in batches:
             yield usage_service_pb2.StreamUsageResponse(

@@ -2,8 +2,9 @@
 
 An event is rejected for the first rule it breaks; the other events of its batch go
 on. Valid events are de-duplicated within the batch (the first occurrence wins, the
-others count as duplicates) and sorted by (tenant_id, event_id): concurrent batches
-then take their row locks in the same order and cannot deadlock on each other.
+others count as duplicates). Columns for a write are sorted by (tenant_id, event_id):
+concurrent transactions then take their row locks in the same order and cannot deadlock
+on each other.
 """
 
 from __future__ import annotations
@@ -95,9 +96,15 @@ class EventColumns:
         return len(self.event_ids)
 
 
+# A valid event as (tenant_id, event_id, service, usage_type, quantity, time µs, dimensions JSON),
+# and its idempotency key (tenant_id, event_id).
+EventRow = tuple[str, str, str, str, str, int, str]
+EventKey = tuple[str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class ValidatedBatch:
-    columns: EventColumns
+    rows: dict[EventKey, EventRow]  # distinct valid events, first occurrence of each key
     rejections: list[Rejection]
     repeated_in_batch: int  # valid events whose key appeared earlier in the same batch
 
@@ -189,9 +196,6 @@ def _dimensions_json(dimensions: Mapping[str, str]) -> str:
     return json.dumps(dict(dimensions), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-EventRow = tuple[str, str, str, str, str, int, str]
-
-
 def event_row(event: RawEvent, now_micros: int) -> EventRow:
     """A valid event as one row of EventColumns (the receive time fills a missing time)."""
     return (
@@ -205,7 +209,7 @@ def event_row(event: RawEvent, now_micros: int) -> EventRow:
     )
 
 
-def columns_of(rows: dict[tuple[str, str], EventRow]) -> EventColumns:
+def columns_of(rows: Mapping[EventKey, EventRow]) -> EventColumns:
     """Distinct rows by key, as columns in key order."""
     columns = EventColumns()
     for key in sorted(rows):
@@ -227,13 +231,13 @@ def validate_batch(
     now_micros: int,
     may_act_for: Callable[[str], bool] = lambda tenant_id: True,
 ) -> ValidatedBatch:
-    """Split a batch into insertable columns and rejections (see the module docstring).
+    """Split a batch into distinct valid rows and rejections (see the module docstring).
 
     An event for a tenant the caller may not act for is rejected with PERMISSION_DENIED
     before any other check, so that nothing about that tenant is looked at or revealed.
     """
     rejections: list[Rejection] = []
-    rows: dict[tuple[str, str], EventRow] = {}
+    rows: dict[EventKey, EventRow] = {}
     repeated = 0
     for index, event in enumerate(events):
         if check_id(event.tenant_id) is None and not may_act_for(event.tenant_id):
@@ -253,4 +257,4 @@ def validate_batch(
             repeated += 1
             continue
         rows[key] = event_row(event, now_micros)
-    return ValidatedBatch(columns_of(rows), rejections, repeated)
+    return ValidatedBatch(rows, rejections, repeated)

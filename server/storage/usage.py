@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 
@@ -57,8 +56,7 @@ new_keys AS (
 _UNNEST = """
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])
     AS t(tenant_id, event_id, service, usage_type, quantity, time_micros, dimensions)"""
-_RECORD_BATCH = RECORD_FROM.format(source=_UNNEST, result="SELECT count(*) FROM new_keys")
-_RECORD_BATCH_KEYS = RECORD_FROM.format(source=_UNNEST, result="SELECT tenant_id, event_id FROM new_keys")
+_RECORD_BATCH = RECORD_FROM.format(source=_UNNEST, result="SELECT tenant_id, event_id FROM new_keys")
 
 # Totals per tenant and usage type, optionally per time bucket and per value of one
 # dimension ($4). One statement per shape, chosen from these constants: a generic CASE
@@ -131,19 +129,10 @@ class UsageStore:
                 )
         self._partitions.update(missing)
 
-    async def record_batch(self, columns: EventColumns) -> int:
-        """Store the events that are new; return how many were (the rest were duplicates)."""
-        count: int = await self._record(_RECORD_BATCH, columns, fetch_keys=False)
-        return count
-
     async def record_new_keys(self, columns: EventColumns) -> set[tuple[str, str]]:
-        """Store the events that are new; return their (tenant_id, event_id) keys."""
-        keys: set[tuple[str, str]] = await self._record(_RECORD_BATCH_KEYS, columns, fetch_keys=True)
-        return keys
-
-    async def _record(self, sql: str, columns: EventColumns, *, fetch_keys: bool) -> Any:
+        """Store the events that are new, in one transaction; return their (tenant_id, event_id) keys."""
         if not len(columns):
-            return set() if fetch_keys else 0
+            return set()
         args = (
             columns.tenant_ids,
             columns.event_ids,
@@ -154,13 +143,11 @@ class UsageStore:
             columns.dimensions_json,
         )
 
-        async def attempt() -> Any:
+        async def attempt() -> set[tuple[str, str]]:
             await self._ensure_partitions(columns)
             async with self._pool.acquire() as conn:
                 try:
-                    if fetch_keys:
-                        return {(row[0], row[1]) for row in await conn.fetch(sql, *args)}
-                    return await conn.fetchval(sql, *args)
+                    return {(row[0], row[1]) for row in await conn.fetch(_RECORD_BATCH, *args)}
                 except asyncpg.CheckViolationError as exc:
                     if "no partition" not in str(exc):
                         raise
