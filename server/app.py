@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server.api.billing import BillingApi
 from server.api.decoding import TolerantDecoding
+from server.api.pipeline import EventBudget
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
@@ -158,7 +159,7 @@ class TallyServer:
             ],
         )
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator), server
+            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), server
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
             BillingApi(billing, authenticator), server

@@ -203,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest gRPC message accepted or sent (env TALLY_MAX_MESSAGE_BYTES)",
     )
     serve.add_argument(
+        "--max-events-in-flight",
+        type=int,
+        default=_env_int("TALLY_MAX_EVENTS_IN_FLIGHT", 40_000),
+        help="most streamed events held between reading and committing, over all streams; beyond it "
+        "the server stops reading and gRPC flow control holds the clients back, which bounds memory "
+        "(env TALLY_MAX_EVENTS_IN_FLIGHT)",
+    )
+    serve.add_argument(
         "--pool-size",
         type=int,
         default=_env_int("TALLY_POOL_SIZE", 8),
@@ -379,6 +387,7 @@ def _config(args: argparse.Namespace) -> Config:
         max_batch_size=args.max_batch_size,
         max_future_seconds=args.max_future_seconds,
         max_message_bytes=args.max_message_bytes,
+        max_events_in_flight=args.max_events_in_flight,
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,

@@ -74,17 +74,12 @@ class Metering:
         """The lane for all the batches of one stream, which keeps them in the stream's order."""
         return self._lanes.for_stream()
 
-    async def record_batch(self, events: Sequence[RawEvent], principal: Principal) -> BatchOutcome:
-        """Record the valid, new events of a batch.
+    async def prepare_batch(self, events: Sequence[RawEvent], principal: Principal) -> ValidatedBatch:
+        """The CPU half of recording a batch: limits, validation, de-duplication within it.
 
         Events for tenants the principal may not act for are rejected one by one
-        (PERMISSION_DENIED); the rest of the batch is recorded.
+        (PERMISSION_DENIED); the rest of the batch goes on.
         """
-        batch = await self.prepare_batch(events, principal)
-        return await self.submit_batch(batch, self._lanes.for_stream())
-
-    async def prepare_batch(self, events: Sequence[RawEvent], principal: Principal) -> ValidatedBatch:
-        """The CPU half of recording: limits, validation, de-duplication within the batch."""
         self.check_batch_size(len(events))
         await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
         return validate_batch(events, self._rate_card, self._rules, self._now_micros(), principal.may_act_for)

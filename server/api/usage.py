@@ -11,7 +11,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from server.api.calls import rpc
 from server.api.convert import bucket_name, optional_micros, raw_event, summary_message
-from server.api.pipeline import pipelined
+from server.api.pipeline import EventBudget, pipelined
 from server.auth.authenticator import Authenticator
 from server.auth.limits import Charge, take, try_take
 from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
@@ -39,8 +39,9 @@ def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRej
 
 
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
-    def __init__(self, metering: Metering, authenticator: Authenticator) -> None:
+    def __init__(self, metering: Metering, authenticator: Authenticator, budget: EventBudget) -> None:
         self._metering = metering
+        self._budget = budget
         self.authenticator = authenticator
 
     def _event_charges(self, caller: Caller, events: Sequence[RawEvent]) -> list[Charge]:
@@ -91,6 +92,8 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             request_iterator,
             lambda r: self._prepare_batch(caller, r.events),
             lambda batch: self._metering.submit_batch(batch, lane),
+            budget=self._budget,
+            size=lambda r: len(r.events),
         )
         async for _, outcome in batches:
             response.accepted_count += outcome.accepted
@@ -114,6 +117,8 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             request_iterator,
             lambda r: self._prepare_batch(caller, r.events),
             lambda batch: self._metering.submit_batch(batch, lane),
+            budget=self._budget,
+            size=lambda r: len(r.events),
         )
         async for request, outcome in batches:
             yield usage_service_pb2.StreamUsageResponse(
