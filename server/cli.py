@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-events-in-flight",
         type=int,
-        default=_env_int("TALLY_MAX_EVENTS_IN_FLIGHT", 8_000),
+        default=_env_int("TALLY_MAX_EVENTS_IN_FLIGHT", 20_000),
         help="most streamed events held between reading and committing, over all streams; beyond it "
         "the server stops reading and gRPC flow control holds the clients back, which bounds memory "
         "(env TALLY_MAX_EVENTS_IN_FLIGHT)",

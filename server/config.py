@@ -23,7 +23,7 @@ class Config:
     max_batch_size: int = 10_000
     max_future_seconds: int = 300
     max_message_bytes: int = 16 * 1024 * 1024
-    max_events_in_flight: int = 8_000  # streamed events held between reading and committing, all streams
+    max_events_in_flight: int = 20_000  # streamed events held between reading and committing, all streams
     pool_size: int = 8
     read_pool_size: int = 4
     grace_seconds: float = 10.0
