@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from typing import TypeVar
 
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -16,10 +17,13 @@ from server.auth.authenticator import Authenticator
 from server.auth.limits import Charge, take, try_take
 from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
 from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
-from server.metering import Metering
+from server.metering import BatchOutcome, Metering
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
+
+# A request carrying a batch: IngestUsageRequest or StreamUsageRequest.
+R = TypeVar("R", usage_service_pb2.IngestUsageRequest, usage_service_pb2.StreamUsageRequest)
 
 _CAUSES = {
     RejectionCause.INVALID: resources_pb2.REJECTION_CAUSE_INVALID,
@@ -64,6 +68,19 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             await asyncio.sleep(delay)
         return await self._metering.prepare_batch(events, caller.principal)
 
+    def _record_stream(
+        self, caller: Caller, requests: AsyncIterator[R]
+    ) -> AsyncIterator[tuple[R, BatchOutcome]]:
+        """Each request's batch recorded, in order, pipelined on one write lane (see api.pipeline)."""
+        lane = self._metering.stream_lane()
+        return pipelined(
+            requests,
+            lambda r: self._prepare_batch(caller, r.events),
+            lambda batch: self._metering.submit_batch(batch, lane),
+            budget=self._budget,
+            size=lambda r: len(r.events),
+        )
+
     @rpc(USAGE_WRITE, tenant=lambda request: request.event.tenant_id)
     async def ReportUsage(
         self, request: usage_service_pb2.ReportUsageRequest, context: grpc.aio.ServicerContext, caller: Caller
@@ -87,14 +104,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.IngestUsageResponse:
         response = usage_service_pb2.IngestUsageResponse()
-        lane = self._metering.stream_lane()
-        batches = pipelined(
-            request_iterator,
-            lambda r: self._prepare_batch(caller, r.events),
-            lambda batch: self._metering.submit_batch(batch, lane),
-            budget=self._budget,
-            size=lambda r: len(r.events),
-        )
+        batches = self._record_stream(caller, request_iterator)
         async for _, outcome in batches:
             response.accepted_count += outcome.accepted
             response.duplicate_count += outcome.duplicates
@@ -112,14 +122,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageResponse]:
-        lane = self._metering.stream_lane()
-        batches = pipelined(
-            request_iterator,
-            lambda r: self._prepare_batch(caller, r.events),
-            lambda batch: self._metering.submit_batch(batch, lane),
-            budget=self._budget,
-            size=lambda r: len(r.events),
-        )
+        batches = self._record_stream(caller, request_iterator)
         async for request, outcome in batches:
             yield usage_service_pb2.StreamUsageResponse(
                 sequence=request.sequence,
