@@ -15,7 +15,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from server.api.billing import BillingApi
-from server.api.decoding import TolerantDecoding
+from server.api.decoding import TolerantRegistration
 from server.api.pipeline import EventBudget
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
@@ -152,7 +152,6 @@ class TallyServer:
         billing = Billing(rate_store, InvoiceStore(self._pool), AuditStore(self._pool), rate_card, now_micros)
 
         server = grpc.aio.server(
-            interceptors=[TolerantDecoding(SERVICE_NAMES)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -164,11 +163,12 @@ class TallyServer:
                 ("grpc.http2.bdp_probe", 0),
             ],
         )
+        tolerant = TolerantRegistration(server)  # undecodable requests: INVALID_ARGUMENT
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), server
+            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tolerant
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, authenticator), server
+            BillingApi(billing, authenticator), tolerant
         )
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

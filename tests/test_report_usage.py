@@ -170,3 +170,20 @@ async def test_ids_with_quotes_sql_and_unicode_are_stored_verbatim(
     assert json.loads(row["d"]) == dims
     await db.execute("DELETE FROM usage_events WHERE tenant_id = $1", tenant)
     await db.execute("DELETE FROM usage_rollups WHERE tenant_id = $1", tenant)
+
+
+async def test_bytes_that_are_not_protobuf_are_invalid_argument(channel: grpc.aio.Channel) -> None:
+    report = channel.unary_unary("/tally.v1.UsageService/ReportUsage", request_serializer=None)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await report(b"\x0a\x05\xff\xfe\xfd\xfc\xfb")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request" in field_violations(raised.value)
+
+    ingest = channel.stream_unary("/tally.v1.UsageService/IngestUsage", request_serializer=None)
+
+    async def garbage():  # type: ignore[no-untyped-def]
+        yield b"\xff"
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await ingest(garbage())
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
