@@ -45,7 +45,7 @@ def event(
         dimensions=dimensions or {},
     )
     if time is not None:
-        message.time.CopyFrom(ts(time))
+        message.event_time.CopyFrom(ts(time))
     return message
 
 
