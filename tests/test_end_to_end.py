@@ -118,6 +118,20 @@ def test_reflection_lists_every_service(served: Served) -> None:
     )
 
 
+def test_describe_shows_the_proto_comments_and_annotations(served: Served) -> None:
+    result = subprocess.run(
+        [GRPCURL, "-plaintext", served.address, "describe", "tally.v1.UsageEvent"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    described = result.stdout
+    # The field's comment, then the field with its behaviour, as in resources.proto.
+    assert "// The client's idempotency key for this event, unique within the tenant." in described
+    assert "string event_id = 2 [" in described and "(.google.api.field_behavior) = REQUIRED" in described
+
+
 def test_health_checks(served: Served) -> None:
     assert served.call("grpc.health.v1.Health/Check") == {"status": "SERVING"}
     assert served.call("grpc.health.v1.Health/Check", {"service": "tally.v1.UsageService"}) == {
