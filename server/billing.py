@@ -107,8 +107,15 @@ class Billing:
         currency: str,
         effective_micros: int | None,
         caller: Caller,
+        *,
+        reprice_past_usage: bool = False,
     ) -> Rate:
-        """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may."""
+        """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may.
+
+        An effective time before now re-prices usage already reported (and what draft
+        invoices show), so it is refused unless the request says reprice_past_usage;
+        then the audit entry records that it did.
+        """
         caller.principal.require_all_tenants("changing the rate card")
         violations: list[FieldViolation] = []
         for name, value in (("service", service), ("usage_type", usage_type)):
@@ -124,8 +131,19 @@ class Billing:
             violations.append(
                 FieldViolation("currency_code", f"must be the rate card's currency {self.currency}")
             )
+        repricing = False
         if effective_micros is not None and (effective_micros < 0 or not is_whole_hour(effective_micros)):
             violations.append(FieldViolation("effective_time", "must be a whole UTC hour, not before 1970"))
+        elif effective_micros is not None and effective_micros < self._now_micros():
+            if not reprice_past_usage:
+                violations.append(
+                    FieldViolation(
+                        "effective_time",
+                        "is in the past: it would re-price usage already reported; "
+                        "set reprice_past_usage to do so, or give a time from the next hour on",
+                    )
+                )
+            repricing = True
         if violations:
             raise InvalidArgument(violations)
 
@@ -137,7 +155,7 @@ class Billing:
                 tenant_id="",
                 resource=rate_resource(after),
                 before=None if before is None else rate_state(before),
-                after=rate_state(after),
+                after={**rate_state(after), "reprice_past_usage": True} if repricing else rate_state(after),
             )
 
         rate = await self._rates.upsert(

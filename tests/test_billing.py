@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import timedelta
 
@@ -124,6 +125,7 @@ async def test_rate_change_applies_from_its_effective_hour_only(
             usage_type=kind,
             unit_price="2.25",
             effective_time=ts(start + timedelta(hours=2)),
+            reprice_past_usage=True,
         )
     )
     await report(
@@ -176,13 +178,76 @@ async def test_event_before_the_first_rate_of_its_type_is_rejected(
     kind = new_usage_type()
     await billing.SetRate(
         billing_service_pb2.SetRateRequest(
-            service="metered", usage_type=kind, unit_price="1", effective_time=ts(hour_start(-1))
+            service="metered",
+            usage_type=kind,
+            unit_price="1",
+            effective_time=ts(hour_start(-1)),
+            reprice_past_usage=True,
         )
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await report(usage, event(tenant, service="metered", usage_type=kind, time=hour_start(-2)))
     assert "event.time" in field_violations(raised.value)
     await report(usage, event(tenant, service="metered", usage_type=kind, time=hour_start(-1)))
+
+
+async def test_past_effective_time_without_reprice_flag_is_refused_and_writes_nothing(
+    billing: billing_service_pb2_grpc.BillingServiceStub, db: asyncpg.Pool
+) -> None:
+    kind = new_usage_type()
+    await billing.SetRate(
+        billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1")
+    )
+    rates_before = await db.fetch(
+        "SELECT effective_from, unit_price FROM rates WHERE usage_type = $1 ORDER BY 1", kind
+    )
+    audit_before = await db.fetchval("SELECT count(*) FROM audit_events WHERE resource LIKE $1", f"%/{kind}/%")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await billing.SetRate(
+            billing_service_pb2.SetRateRequest(
+                service="metered", usage_type=kind, unit_price="5", effective_time=ts(hour_start(-1))
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "re-price usage already reported" in field_violations(raised.value)["effective_time"]
+    assert (
+        await db.fetch("SELECT effective_from, unit_price FROM rates WHERE usage_type = $1 ORDER BY 1", kind)
+        == rates_before
+    )
+    assert (
+        await db.fetchval("SELECT count(*) FROM audit_events WHERE resource LIKE $1", f"%/{kind}/%")
+        == audit_before
+    )
+
+
+async def test_repricing_past_usage_on_request_changes_the_invoice_and_is_audited(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+    db: asyncpg.Pool,
+    tenant: str,
+) -> None:
+    kind = new_usage_type()
+    await billing.SetRate(
+        billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1")
+    )
+    await report(usage, event(tenant, service="metered", usage_type=kind, quantity="3", time=hour_start(-2)))
+    repriced = await billing.SetRate(
+        billing_service_pb2.SetRateRequest(
+            service="metered",
+            usage_type=kind,
+            unit_price="1.10",
+            effective_time=ts(hour_start(-2)),
+            reprice_past_usage=True,
+        ),
+        metadata=(("x-request-id", f"reprice-{kind}"),),
+    )
+    assert repriced.rate.effective_time.ToDatetime() == hour_start(-2).replace(tzinfo=None)
+    invoice = (await billing.GenerateInvoice(generate_request(tenant, hour_start(-3), hour_start(0)))).invoice
+    assert invoice.total == "3.30"
+    after = json.loads(
+        await db.fetchval("SELECT after FROM audit_events WHERE request_id = $1", f"reprice-{kind}")
+    )
+    assert (after["unit_price"], after["reprice_past_usage"]) == ("1.10", True)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
             request.currency_code,
             optional_micros(request, "effective_time"),
             caller,
+            reprice_past_usage=request.reprice_past_usage,
         )
         return billing_service_pb2.SetRateResponse(rate=rate_message(rate))
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tally.v1 import resources_pb2 as tally_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etally/v1/billing_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"\x7f\n\x10ListRatesRequest\x12.\n\nas_of_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cshow_history\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"K\n\x11ListRatesResponse\x12\x1d\n\x05rates\x18\x01 \x03(\x0b\x32\x0e.tally.v1.Rate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x01\n\x0eSetRateRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"/\n\x0fSetRateResponse\x12\x1c\n\x04rate\x18\x01 \x01(\x0b\x32\x0e.tally.v1.Rate\"\xb0\x01\n\x16ListAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x14.tally.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x16GenerateInvoiceRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x17GenerateInvoiceResponse\x12\"\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.Invoice\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\'\n\x11GetInvoiceRequest\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\"8\n\x12GetInvoiceResponse\x12\"\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.Invoice\"O\n\x13ListInvoicesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x14ListInvoicesResponse\x12#\n\x08invoices\x18\x01 \x03(\x0b\x32\x11.tally.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xde\x03\n\x0e\x42illingService\x12\x44\n\tListRates\x12\x1a.tally.v1.ListRatesRequest\x1a\x1b.tally.v1.ListRatesResponse\x12>\n\x07SetRate\x12\x18.tally.v1.SetRateRequest\x1a\x19.tally.v1.SetRateResponse\x12V\n\x0fGenerateInvoice\x12 .tally.v1.GenerateInvoiceRequest\x1a!.tally.v1.GenerateInvoiceResponse\x12G\n\nGetInvoice\x12\x1b.tally.v1.GetInvoiceRequest\x1a\x1c.tally.v1.GetInvoiceResponse\x12M\n\x0cListInvoices\x12\x1d.tally.v1.ListInvoicesRequest\x1a\x1e.tally.v1.ListInvoicesResponse\x12V\n\x0fListAuditEvents\x12 .tally.v1.ListAuditEventsRequest\x1a!.tally.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etally/v1/billing_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"\x7f\n\x10ListRatesRequest\x12.\n\nas_of_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cshow_history\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"K\n\x11ListRatesResponse\x12\x1d\n\x05rates\x18\x01 \x03(\x0b\x32\x0e.tally.v1.Rate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb0\x01\n\x0eSetRateRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12reprice_past_usage\x18\x06 \x01(\x08\"/\n\x0fSetRateResponse\x12\x1c\n\x04rate\x18\x01 \x01(\x0b\x32\x0e.tally.v1.Rate\"\xb0\x01\n\x16ListAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x14.tally.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x16GenerateInvoiceRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x17GenerateInvoiceResponse\x12\"\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.Invoice\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\'\n\x11GetInvoiceRequest\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\"8\n\x12GetInvoiceResponse\x12\"\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.Invoice\"O\n\x13ListInvoicesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x14ListInvoicesResponse\x12#\n\x08invoices\x18\x01 \x03(\x0b\x32\x11.tally.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xde\x03\n\x0e\x42illingService\x12\x44\n\tListRates\x12\x1a.tally.v1.ListRatesRequest\x1a\x1b.tally.v1.ListRatesResponse\x12>\n\x07SetRate\x12\x18.tally.v1.SetRateRequest\x1a\x19.tally.v1.SetRateResponse\x12V\n\x0fGenerateInvoice\x12 .tally.v1.GenerateInvoiceRequest\x1a!.tally.v1.GenerateInvoiceResponse\x12G\n\nGetInvoice\x12\x1b.tally.v1.GetInvoiceRequest\x1a\x1c.tally.v1.GetInvoiceResponse\x12M\n\x0cListInvoices\x12\x1d.tally.v1.ListInvoicesRequest\x1a\x1e.tally.v1.ListInvoicesResponse\x12V\n\x0fListAuditEvents\x12 .tally.v1.ListAuditEventsRequest\x1a!.tally.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRATESRESPONSE']._serialized_start=232
   _globals['_LISTRATESRESPONSE']._serialized_end=307
   _globals['_SETRATEREQUEST']._serialized_start=310
-  _globals['_SETRATEREQUEST']._serialized_end=458
-  _globals['_SETRATERESPONSE']._serialized_start=460
-  _globals['_SETRATERESPONSE']._serialized_end=507
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=510
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=686
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=688
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=782
-  _globals['_GENERATEINVOICEREQUEST']._serialized_start=785
-  _globals['_GENERATEINVOICEREQUEST']._serialized_end=926
-  _globals['_GENERATEINVOICERESPONSE']._serialized_start=928
-  _globals['_GENERATEINVOICERESPONSE']._serialized_end=1006
-  _globals['_GETINVOICEREQUEST']._serialized_start=1008
-  _globals['_GETINVOICEREQUEST']._serialized_end=1047
-  _globals['_GETINVOICERESPONSE']._serialized_start=1049
-  _globals['_GETINVOICERESPONSE']._serialized_end=1105
-  _globals['_LISTINVOICESREQUEST']._serialized_start=1107
-  _globals['_LISTINVOICESREQUEST']._serialized_end=1186
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=1188
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=1272
-  _globals['_BILLINGSERVICE']._serialized_start=1275
-  _globals['_BILLINGSERVICE']._serialized_end=1753
+  _globals['_SETRATEREQUEST']._serialized_end=486
+  _globals['_SETRATERESPONSE']._serialized_start=488
+  _globals['_SETRATERESPONSE']._serialized_end=535
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=538
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=714
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=716
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=810
+  _globals['_GENERATEINVOICEREQUEST']._serialized_start=813
+  _globals['_GENERATEINVOICEREQUEST']._serialized_end=954
+  _globals['_GENERATEINVOICERESPONSE']._serialized_start=956
+  _globals['_GENERATEINVOICERESPONSE']._serialized_end=1034
+  _globals['_GETINVOICEREQUEST']._serialized_start=1036
+  _globals['_GETINVOICEREQUEST']._serialized_end=1075
+  _globals['_GETINVOICERESPONSE']._serialized_start=1077
+  _globals['_GETINVOICERESPONSE']._serialized_end=1133
+  _globals['_LISTINVOICESREQUEST']._serialized_start=1135
+  _globals['_LISTINVOICESREQUEST']._serialized_end=1214
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=1216
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=1300
+  _globals['_BILLINGSERVICE']._serialized_start=1303
+  _globals['_BILLINGSERVICE']._serialized_end=1781
 # @@protoc_insertion_point(module_scope)

@@ -102,6 +102,8 @@ class BillingServiceServicer:
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
         its old price. Setting a rate again for the same effective time replaces it.
+        An effective time in the past needs reprice_past_usage (INVALID_ARGUMENT
+        otherwise).
         Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
         otherwise), since the rate card prices every tenant's usage.
         """

@@ -52,6 +52,8 @@ class BillingServiceStub:
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
     its old price. Setting a rate again for the same effective time replaces it.
+    An effective time in the past needs reprice_past_usage (INVALID_ARGUMENT
+    otherwise).
     Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
     otherwise), since the rate card prices every tenant's usage.
     """
@@ -102,6 +104,8 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
     its old price. Setting a rate again for the same effective time replaces it.
+    An effective time in the past needs reprice_past_usage (INVALID_ARGUMENT
+    otherwise).
     Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
     otherwise), since the rate card prices every tenant's usage.
     """
@@ -161,6 +165,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
         its old price. Setting a rate again for the same effective time replaces it.
+        An effective time in the past needs reprice_past_usage (INVALID_ARGUMENT
+        otherwise).
         Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
         otherwise), since the rate card prices every tenant's usage.
         """
