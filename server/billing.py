@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Generic, TypeVar
 
@@ -235,7 +235,7 @@ class Billing:
         invoice = await self._invoices.get(invoice_id)
         if invoice is None or not principal.may_act_for(invoice.tenant_id):
             raise NotFound(f"invoice {invoice_id[:80]!r} not found")
-        return invoice
+        return (await self._current(invoice.tenant_id, [invoice]))[0]
 
     async def list_invoices(
         self, tenant_id: str, page_size: int, page_token: str, principal: Principal
@@ -253,7 +253,36 @@ class Billing:
             invoices = invoices[:limit]
             tail = invoices[-1]
             next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
-        return Page(invoices, next_token)
+        return Page(await self._current(tenant_id, invoices), next_token)
+
+    async def _current(self, tenant_id: str, invoices: list[Invoice]) -> list[Invoice]:
+        """The invoices with each draft priced afresh from the usage and rates of now.
+
+        Usage keeps arriving for a draft's period, so totals stored by the last
+        GenerateInvoice go stale; a read shows what the draft would be if generated now.
+        The result is not stored: a read needs only billing:read and must not write, and
+        the stored draft, its update_time and the audit trail change only through
+        GenerateInvoice. It costs one query per call (all drafts of a page together),
+        the same aggregate over hourly rollups that generation runs.
+        """
+        drafts = [i for i in invoices if i.status is InvoiceStatus.DRAFT]
+        if not drafts:
+            return invoices
+        # Taken before the query, so that all usage committed before it is counted.
+        computed_at = to_datetime(self._now_micros())
+        usage = await self._invoices.priced_usage(
+            tenant_id, [(i.id, i.period_start, i.period_end) for i in drafts]
+        )
+        current: dict[str, Invoice] = {}
+        for draft in drafts:
+            priced = [u for u in usage[draft.id] if u is not None]
+            if len(priced) != len(usage[draft.id]):
+                continue  # usage without a rate: shown as last generated, with that compute time
+            amounts = price_usage(priced, MINOR_UNITS.get(draft.currency, self.minor_digits))
+            current[draft.id] = replace(
+                draft, lines=amounts.lines, total=amounts.total, computed_at=computed_at
+            )
+        return [current.get(i.id, i) for i in invoices]
 
     # --- audit trail ---------------------------------------------------------------
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import asyncpg
 import grpc
@@ -201,7 +202,9 @@ async def test_past_effective_time_without_reprice_flag_is_refused_and_writes_no
     rates_before = await db.fetch(
         "SELECT effective_from, unit_price FROM rates WHERE usage_type = $1 ORDER BY 1", kind
     )
-    audit_before = await db.fetchval("SELECT count(*) FROM audit_events WHERE resource LIKE $1", f"%/{kind}/%")
+    audit_before = await db.fetchval(
+        "SELECT count(*) FROM audit_events WHERE resource LIKE $1", f"%/{kind}/%"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await billing.SetRate(
             billing_service_pb2.SetRateRequest(
@@ -371,11 +374,58 @@ async def test_get_invoice_and_unknown_invoice_is_not_found(
     billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
 ) -> None:
     made = (await billing.GenerateInvoice(generate_request(tenant, hour_start(-2), hour_start(-1)))).invoice
+    assert made.compute_time == made.update_time
     got = (await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(invoice_id=made.id))).invoice
+    assert got.compute_time.ToDatetime() >= made.compute_time.ToDatetime()
+    got.ClearField("compute_time")
+    made.ClearField("compute_time")
     assert got == made
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(invoice_id="inv_missing"))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reading_a_draft_shows_usage_reported_since_it_was_generated(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+    db: asyncpg.Pool,
+    tenant: str,
+) -> None:
+    start, end = hour_start(-3), hour_start(0)
+    await report(usage, event(tenant, "first", quantity="3", time=start))  # 3 x 0.10
+    generated = (await billing.GenerateInvoice(generate_request(tenant, start, end))).invoice
+    assert generated.total == "0.30"
+    audit_before = await db.fetchval("SELECT count(*) FROM audit_events WHERE tenant_id = $1", tenant)
+    await report(
+        usage,
+        event(tenant, "later", quantity="2.25", time=start + timedelta(hours=1)),  # 0.225 -> 0.23
+        event(
+            tenant,
+            "query",
+            service="analytics",
+            usage_type="query",
+            quantity="7",
+            time=end - timedelta(minutes=1),
+        ),
+        event(tenant, "outside", quantity="100", time=end),  # after the period: not on it
+    )
+    reported_at = datetime.now(UTC)
+
+    got = (await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(invoice_id=generated.id))).invoice
+    assert [(li.usage_type, li.quantity, li.amount, li.event_count) for li in got.line_items] == [
+        ("query", "7", "0.07", 1),
+        ("wpk_upload", "5.25", "0.53", 2),
+    ]
+    assert got.total == "0.60"
+    assert got.compute_time.ToDatetime(UTC) >= reported_at
+    assert got.update_time == generated.update_time  # the stored draft is not rewritten by a read
+    listed = (await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(tenant_id=tenant))).invoices
+    assert [(i.id, i.total) for i in listed] == [(generated.id, "0.60")]
+    assert listed[0].compute_time.ToDatetime(UTC) >= reported_at
+
+    # Reads write nothing: the stored draft and the audit trail are as GenerateInvoice left them.
+    assert await db.fetchval("SELECT total FROM invoices WHERE id = $1", generated.id) == Decimal("0.30")
+    assert await db.fetchval("SELECT count(*) FROM audit_events WHERE tenant_id = $1", tenant) == audit_before
 
 
 async def test_list_invoices_newest_first_in_pages(

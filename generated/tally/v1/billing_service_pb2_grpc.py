@@ -124,7 +124,8 @@ class BillingServiceServicer:
 
     def GetInvoice(self, request, context):
         """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-        tenant the token does not cover (the two cannot be told apart). Scope
+        tenant the token does not cover (the two cannot be told apart). A draft's
+        totals are computed as of the call (see Invoice.compute_time). Scope
         billing:read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -132,7 +133,8 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListInvoices(self, request, context):
-        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        """A tenant's invoices, newest period first; drafts' totals are computed as
+        of the call (see Invoice.compute_time). Scope billing:read; a tenant the
         token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -66,11 +66,13 @@ class BillingServiceStub:
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]
     """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-    tenant the token does not cover (the two cannot be told apart). Scope
+    tenant the token does not cover (the two cannot be told apart). A draft's
+    totals are computed as of the call (see Invoice.compute_time). Scope
     billing:read.
     """
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]
-    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    """A tenant's invoices, newest period first; drafts' totals are computed as
+    of the call (see Invoice.compute_time). Scope billing:read; a tenant the
     token does not cover is PERMISSION_DENIED.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]
@@ -118,11 +120,13 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]  # type: ignore[assignment]
     """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-    tenant the token does not cover (the two cannot be told apart). Scope
+    tenant the token does not cover (the two cannot be told apart). A draft's
+    totals are computed as of the call (see Invoice.compute_time). Scope
     billing:read.
     """
     ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]  # type: ignore[assignment]
-    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    """A tenant's invoices, newest period first; drafts' totals are computed as
+    of the call (see Invoice.compute_time). Scope billing:read; a tenant the
     token does not cover is PERMISSION_DENIED.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
@@ -191,7 +195,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.GetInvoiceResponse, _abc.Awaitable[_billing_service_pb2.GetInvoiceResponse]]:
         """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-        tenant the token does not cover (the two cannot be told apart). Scope
+        tenant the token does not cover (the two cannot be told apart). A draft's
+        totals are computed as of the call (see Invoice.compute_time). Scope
         billing:read.
         """
 
@@ -201,7 +206,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.ListInvoicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.ListInvoicesResponse, _abc.Awaitable[_billing_service_pb2.ListInvoicesResponse]]:
-        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        """A tenant's invoices, newest period first; drafts' totals are computed as
+        of the call (see Invoice.compute_time). Scope billing:read; a tenant the
         token does not cover is PERMISSION_DENIED.
         """
 

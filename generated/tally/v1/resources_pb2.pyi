@@ -496,6 +496,7 @@ class Invoice(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    COMPUTE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique identifier, e.g. "inv_01JD..."."""
     tenant_id: _builtins.str
@@ -528,6 +529,17 @@ class Invoice(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When its contents were last computed."""
 
+    @_builtins.property
+    def compute_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when the line items and total shown were computed; they
+        include all usage recorded before this time. A draft is priced afresh on
+        every read (GetInvoice, ListInvoices), from the usage and rates at that
+        moment, so its compute_time is the time of the read and its totals are
+        current; that computation is not stored, so update_time (and the audit
+        trail) still tell when GenerateInvoice last computed the stored draft. In
+        a GenerateInvoice response, compute_time equals update_time.
+        """
+
     def __init__(
         self,
         *,
@@ -541,10 +553,11 @@ class Invoice(_message.Message):
         status: Global___InvoiceStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        compute_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period_end", b"period_end", "period_start", b"period_start", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "period_end", b"period_end", "period_start", b"period_start", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency_code", b"currency_code", "id", b"id", "line_items", b"line_items", "period_end", b"period_end", "period_start", b"period_start", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "currency_code", b"currency_code", "id", b"id", "line_items", b"line_items", "period_end", b"period_end", "period_start", b"period_start", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
