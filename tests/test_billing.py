@@ -428,6 +428,26 @@ async def test_reading_a_draft_shows_usage_reported_since_it_was_generated(
     assert await db.fetchval("SELECT count(*) FROM audit_events WHERE tenant_id = $1", tenant) == audit_before
 
 
+async def test_listed_drafts_are_each_priced_from_their_own_period(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    billing: billing_service_pb2_grpc.BillingServiceStub,
+    tenant: str,
+) -> None:
+    older, newer = (hour_start(-4), hour_start(-2)), (hour_start(-2), hour_start(0))
+    for start, end in (older, newer):
+        await billing.GenerateInvoice(generate_request(tenant, start, end))
+    await report(
+        usage,
+        event(tenant, "old", quantity="1", time=older[0]),  # 0.10
+        event(tenant, "new", quantity="4", time=newer[1] - timedelta(minutes=1)),  # 0.40
+    )
+    listed = (await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(tenant_id=tenant))).invoices
+    assert [(i.period_start.ToDatetime(UTC), i.total) for i in listed] == [
+        (newer[0], "0.40"),
+        (older[0], "0.10"),
+    ]
+
+
 async def test_list_invoices_newest_first_in_pages(
     billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
 ) -> None:
