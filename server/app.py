@@ -140,6 +140,7 @@ class TallyServer:
         await rate_card.reload()
         rules = EventRules(
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
+            max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
         self._metering = Metering(
