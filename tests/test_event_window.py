@@ -3,9 +3,10 @@ backfill needs its own scope, is audited, and creates storage only for the month
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Set
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -14,9 +15,13 @@ import grpc
 import pytest
 
 from server.app import TallyServer
+from server.cli import _config, build_parser
 from server.domain.access import USAGE_BACKFILL, USAGE_WRITE
-from server.domain.events import EventRules, RawEvent, check_event
+from server.domain.audit import AuditEntry
+from server.domain.events import EventColumns, EventKey, EventRow, EventRules, RawEvent, check_event
 from server.domain.timeutil import MICROS_PER_DAY
+from server.lanes import Lane
+from server.storage.usage import AuditHook
 from tally.v1 import (
     billing_service_pb2,
     billing_service_pb2_grpc,
@@ -70,11 +75,12 @@ async def ingest(
 
 
 async def audit_rows(db: asyncpg.Pool, tenant: str) -> list[asyncpg.Record]:
-    return await db.fetch(
+    rows: list[asyncpg.Record] = await db.fetch(
         "SELECT principal, request_id, action, resource, before, after::text AS after"
         " FROM audit_events WHERE tenant_id = $1 ORDER BY id",
         tenant,
     )
+    return rows
 
 
 async def test_an_event_older_than_the_window_is_rejected_with_the_reason_and_nothing_stored(
@@ -214,8 +220,6 @@ async def test_a_batch_with_two_far_apart_months_creates_exactly_two_partitions(
 def test_max_event_age_comes_from_the_flag_the_environment_or_35_days(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from server.cli import _config, build_parser
-
     def configured(*flags: str) -> int:
         return _config(build_parser().parse_args(["serve", *flags])).max_event_age_seconds
 
@@ -227,3 +231,44 @@ def test_max_event_age_comes_from_the_flag_the_environment_or_35_days(
     monkeypatch.setenv("TALLY_MAX_EVENT_AGE", "soon")
     with pytest.raises(SystemExit, match="TALLY_MAX_EVENT_AGE"):
         configured()
+
+
+async def test_a_backfilled_batch_is_written_alone_in_its_place_in_the_lane() -> None:
+    """Batches waiting on a lane share a transaction, except a backfill: its audit entries must
+    count exactly its own new events, so it gets a transaction of its own, in stream order."""
+    writes: list[tuple[list[str], bool]] = []
+    release = asyncio.Event()
+
+    class Store:
+        async def record_new_keys(
+            self, columns: EventColumns, audit: AuditHook | None = None
+        ) -> set[EventKey]:
+            writes.append((list(columns.event_ids), audit is not None))
+            await release.wait()
+            keys = set(zip(columns.tenant_ids, columns.event_ids, strict=True))
+            if audit is not None:
+                audit(keys)
+            return keys
+
+    def rows(*ids: str) -> dict[EventKey, EventRow]:
+        return {("t", i): ("t", i, "s", "u", "1", 0, "{}") for i in ids}
+
+    audited: list[set[EventKey]] = []
+
+    def audit(keys: Set[EventKey]) -> list[AuditEntry]:
+        audited.append(set(keys))
+        return []
+
+    lane = Lane(Store(), max_events=100)  # type: ignore[arg-type]
+    first = lane.submit(rows("a"))
+    await asyncio.sleep(0)  # the lane starts writing "a"; the rest queue behind it
+    waiting = [
+        lane.submit(rows("b")),
+        lane.submit(rows("c", "d"), audit),
+        lane.submit(rows("e")),
+        lane.submit(rows("f")),
+    ]
+    release.set()
+    assert [await f for f in (first, *waiting)] == [1, 1, 2, 1, 1]
+    assert writes == [(["a"], False), (["b"], False), (["c", "d"], True), (["e", "f"], False)]
+    assert audited == [{("t", "c"), ("t", "d")}]
