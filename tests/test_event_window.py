@@ -50,12 +50,12 @@ def test_the_window_ends_exactly_max_age_before_the_clock_and_a_backfill_skips_i
 
     oldest = now - 35 * MICROS_PER_DAY
     assert problems(oldest) == {}
-    assert "35 days before the server's clock" in problems(oldest - 1)["time"]
-    assert "backfill" in problems(oldest - 1)["time"]
+    assert "35 days before the server's clock" in problems(oldest - 1)["event_time"]
+    assert "backfill" in problems(oldest - 1)["event_time"]
     assert problems(oldest - 1, backfill=True) == {}
     assert problems(1, backfill=True) == {}
     assert (
-        "ahead" in problems(now + 3600 * 1_000_000, backfill=True)["time"]
+        "ahead" in problems(now + 3600 * 1_000_000, backfill=True)["event_time"]
     )  # the future is never backfilled
 
 
@@ -90,12 +90,12 @@ async def test_an_event_older_than_the_window_is_rejected_with_the_reason_and_no
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant, "r", time=too_old)))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    reason = field_violations(raised.value)["event.time"]
+    reason = field_violations(raised.value)["event.event_time"]
     assert "more than 35 days before the server's clock" in reason and "backfill" in reason
 
     response = await ingest(usage, [event(tenant, "i", time=too_old)], backfill=False)
     assert (response.accepted_count, response.rejected_count) == (0, 1)
-    assert (response.rejections[0].field, response.rejections[0].reason) == ("time", reason)
+    assert (response.rejections[0].field, response.rejections[0].reason) == ("event_time", reason)
     assert await totals(db, tenant) == NOTHING
     assert await audit_rows(db, tenant) == []
 
@@ -153,7 +153,7 @@ async def test_stream_usage_backfills_batch_by_batch(
     )
     accepted = await call.read()
     await call.done_writing()
-    assert (refused.rejected_count, refused.rejections[0].field) == (1, "time")
+    assert (refused.rejected_count, refused.rejections[0].field) == (1, "event_time")
     assert accepted.accepted_count == 1
     assert await totals(db, tenant) == (1, Decimal(1), 1, Decimal(1))
     assert [r["action"] for r in await audit_rows(db, tenant)] == ["usage_backfilled"]

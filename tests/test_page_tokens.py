@@ -58,7 +58,9 @@ def listings(tenant: str) -> list[Listing]:
         Listing(
             "ListInvoices",
             lambda stub, token: stub.ListInvoices(
-                billing_service_pb2.ListInvoicesRequest(tenant_id=tenant, page_size=1, page_token=token)
+                billing_service_pb2.ListInvoicesRequest(
+                    parent=f"tenants/{tenant}", page_size=1, page_token=token
+                )
             ),
             f"invoices:{tenant}",
             [[10**20, "x"], [-(10**18), "x"], [0, "x" * 129], [0.5, "x"]],
@@ -79,7 +81,9 @@ async def two_invoices(billing: Stub, tenant: str) -> None:
     for n in (1, 2):
         await billing.GenerateInvoice(
             billing_service_pb2.GenerateInvoiceRequest(
-                tenant_id=tenant, period_start=ts(hour_start(-n - 1)), period_end=ts(hour_start(-n))
+                parent=f"tenants/{tenant}",
+                period_start_time=ts(hour_start(-n - 1)),
+                period_end_time=ts(hour_start(-n)),
             )
         )
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from server.domain.errors import InvalidArgument
+from server.domain.errors import ErrorReason, InvalidArgument
 from server.domain.timeutil import to_micros
 
 DEFAULT_FIELD = "page_token"
@@ -32,6 +32,10 @@ MAX_TOKEN_CHARS = 2_048
 # Domain separation: a MAC made for something else with the same key is never a page token.
 _MAC_CONTEXT = b"tally.v1.page_token\n"
 _NOT_OURS = "is not a token returned by this method"
+
+
+def _invalid(description: str) -> InvalidArgument:
+    return InvalidArgument.single(DEFAULT_FIELD, description, reason=ErrorReason.PAGE_TOKEN_INVALID)
 
 
 class KeyPart(Protocol):
@@ -114,29 +118,29 @@ class PageTokens:
         if not token:
             return None
         if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
-            raise InvalidArgument.single(DEFAULT_FIELD, _NOT_OURS)
+            raise _invalid(_NOT_OURS)
         body_text, mac_text = token.split(".")
         try:
             body = _b64decode(body_text)
             mac = _b64decode(mac_text)
         except (binascii.Error, ValueError) as exc:
-            raise InvalidArgument.single(DEFAULT_FIELD, _NOT_OURS) from exc
+            raise _invalid(_NOT_OURS) from exc
         if not hmac.compare_digest(mac, self._mac(body)):
-            raise InvalidArgument.single(DEFAULT_FIELD, _NOT_OURS)
+            raise _invalid(_NOT_OURS)
         try:
             decoded = json.loads(body)
             key = decoded["k"]
             fingerprint = decoded["f"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidArgument.single(DEFAULT_FIELD, _NOT_OURS) from exc
+            raise _invalid(_NOT_OURS) from exc
         if fingerprint != _fingerprint(filter_key):
-            raise InvalidArgument.single(DEFAULT_FIELD, "was issued for a request with different filters")
+            raise _invalid("was issued for a request with different filters")
         if (
             not isinstance(key, list)
             or len(key) != len(shape)
             or not all(part.accepts(value) for value, part in zip(key, shape, strict=True))
         ):
-            raise InvalidArgument.single(DEFAULT_FIELD, _NOT_OURS)
+            raise _invalid(_NOT_OURS)
         return key
 
 
