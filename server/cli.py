@@ -17,7 +17,7 @@ from pathlib import Path
 
 from server.auth.limits import LimitSettings
 from server.config import Config, default_data_dir
-from server.domain.access import ALL_TENANTS, SCOPES
+from server.domain.access import ALL_TENANTS, SCOPES, USAGE_BACKFILL
 
 DEFAULT_LIMITS = LimitSettings()
 _DURATION = re.compile(r"(\d+)([smhd]?)")
@@ -46,6 +46,16 @@ def _env_float(name: str, default: float) -> float:
         return float(value)
     except ValueError:
         raise SystemExit(f"tally: {name} must be a number, got {value!r}") from None
+
+
+def _env_duration(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return _duration(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"tally: {name}: {exc}") from None
 
 
 def _env_path(name: str) -> Path | None:
@@ -198,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how far ahead of the server's clock an event time may be (env TALLY_MAX_FUTURE_SECONDS)",
     )
     serve.add_argument(
+        "--max-event-age",
+        type=_duration,
+        default=_env_duration("TALLY_MAX_EVENT_AGE", 35 * 86_400),
+        help="how far behind the server's clock an event time may be: seconds, or a number with s, m, h "
+        "or d; older usage needs a backfill (scope usage:backfill, audited) (env TALLY_MAX_EVENT_AGE)",
+    )
+    serve.add_argument(
         "--max-message-bytes",
         type=int,
         default=_env_int("TALLY_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
@@ -335,7 +352,8 @@ def token_hint(data_dir: Path) -> str:
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
     for scope in SCOPES:
-        words += ["--scope", scope]
+        if scope != USAGE_BACKFILL:  # backfilling the past is for administrators, asked for explicitly
+            words += ["--scope", scope]
     return shlex.join(words)
 
 
@@ -387,6 +405,7 @@ def _config(args: argparse.Namespace) -> Config:
         database_url=args.database_url,
         max_batch_size=args.max_batch_size,
         max_future_seconds=args.max_future_seconds,
+        max_event_age_seconds=args.max_event_age,
         max_message_bytes=args.max_message_bytes,
         max_events_in_flight=args.max_events_in_flight,
         pool_size=args.pool_size,
