@@ -167,3 +167,4 @@ def fake_stripe() -> Iterator[FakeStripe]:
     """
     with FakeStripe() as fake:
         yield fake
+    assert not fake.internal_errors, f"the fake Stripe API itself failed: {fake.internal_errors}"

@@ -20,7 +20,7 @@ def open_invoice(
     client: stripe.StripeClient, amounts: list[int], *, payment_method: str = "pm_card_visa"
 ) -> stripe.Invoice:
     customer = client.v1.customers.create(
-        params={"email": "ops@example.com", "payment_method": payment_method}
+        params={"email": "ops@example.com", "invoice_settings": {"default_payment_method": payment_method}}
     )
     invoice = client.v1.invoices.create(
         params={"customer": customer.id, "auto_advance": False, "currency": "eur"}
@@ -49,7 +49,11 @@ def test_form_bodies_nest_as_stripe_parses_them() -> None:
 def test_invoice_is_itemized_finalized_and_paid_with_totals_from_its_items(fake_stripe: FakeStripe) -> None:
     client = fake_stripe.client()
     customer = client.v1.customers.create(
-        params={"name": "Acme", "metadata": {"tally_tenant": "t-1"}, "payment_method": "pm_card_visa"}
+        params={
+            "name": "Acme",
+            "metadata": {"tally_tenant": "t-1"},
+            "invoice_settings": {"default_payment_method": "pm_card_visa"},
+        }
     )
     draft = client.v1.invoices.create(
         params={
@@ -218,6 +222,23 @@ def test_declined_card_raises_card_error_and_counts_the_attempt(fake_stripe: Fak
     assert (paid.status, paid.attempt_count, paid.amount_paid) == ("paid", 2, 2_500)
 
 
+def test_invoice_charges_the_default_payment_method_not_a_merely_attached_one(
+    fake_stripe: FakeStripe,
+) -> None:
+    client = fake_stripe.client()
+    customer = client.v1.customers.create(params={"payment_method": "pm_card_visa"})
+    invoice = client.v1.invoices.create(params={"customer": customer.id})
+    client.v1.invoice_items.create(params={"customer": customer.id, "invoice": invoice.id, "amount": 100})
+    client.v1.invoices.finalize_invoice(invoice.id)
+
+    with pytest.raises(stripe.CardError) as error:
+        client.v1.invoices.pay(invoice.id)
+
+    assert (error.value.http_status, error.value.code) == (402, "missing")
+    assert fake_stripe.get(invoice.id)["attempt_count"] == 1
+    assert client.v1.invoices.pay(invoice.id, params={"payment_method": "pm_card_visa"}).status == "paid"
+
+
 def test_injected_decline_carries_its_decline_code_and_changes_nothing(fake_stripe: FakeStripe) -> None:
     client = fake_stripe.client()
     invoice = open_invoice(client, [700])
@@ -289,7 +310,9 @@ def test_recorded_events_carry_the_object_as_it_was(fake_stripe: FakeStripe) -> 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 async def test_async_client_and_a_blocking_sync_call_both_get_answers(fake_stripe: FakeStripe) -> None:
     client = fake_stripe.client(max_network_retries=1)
-    customer = await client.v1.customers.create_async(params={"payment_method": "pm_card_visa"})
+    customer = await client.v1.customers.create_async(
+        params={"invoice_settings": {"default_payment_method": "pm_card_visa"}}
+    )
     invoice = await client.v1.invoices.create_async(params={"customer": customer.id, "auto_advance": False})
     await client.v1.invoice_items.create_async(
         params={"customer": customer.id, "invoice": invoice.id, "amount": 4_200}
@@ -487,3 +510,31 @@ def test_an_invoice_holds_at_most_250_items(fake_stripe: FakeStripe) -> None:
 
     assert error.value.status == 400 and error.value.error["param"] == "invoice"
     assert fake_stripe.get(invoice.body["id"])["total"] == 250
+
+
+def test_refused_request_leaves_nothing_half_written(fake_stripe: FakeStripe) -> None:
+    client = fake_stripe.client()
+    customer = client.v1.customers.create(params={"name": "Before", "metadata": {"plan": "a"}})
+
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.customers.update(
+            customer.id,
+            params={"name": "After", "invoice_settings": {"default_payment_method": "pm_card_unknown"}},
+        )
+
+    assert fake_stripe.get(customer.id)["name"] == "Before"
+    assert [e["type"] for e in fake_stripe.events()] == ["customer.created"]
+
+
+def test_a_bug_in_the_fake_answers_500_and_is_kept_for_the_fixture_to_report() -> None:
+    with FakeStripe() as fake:
+
+        def broken_emit(event_type: str, obj: dict[str, Any]) -> None:
+            raise KeyError(event_type)
+
+        fake.state.emit = broken_emit  # type: ignore[method-assign]
+
+        with pytest.raises(stripe.APIError, match="fake Stripe bug"):
+            fake.client().v1.customers.create()
+
+        assert [type(e) for e in fake.internal_errors] == [KeyError]

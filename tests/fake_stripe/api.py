@@ -1,57 +1,40 @@
-"""A local, stateful fake of Stripe's v1 HTTP API, for tests that drive the real `stripe` SDK.
+"""Stripe's objects and endpoints, free of HTTP: customers, invoice items, invoices, credit notes.
 
-Stripe cannot be reached from the test machines, and stripe-mock is stateless and ignores idempotency. This
-server keeps objects, replays idempotent requests and fails on demand, so the code that pushes invoices is
-tested against Stripe's behaviour at the HTTP level while the SDK in between is the real one, pointed here
-with `stripe.StripeClient(key, base_addresses={"api": fake.url})` (or `fake.client()`).
-
-It runs the stdlib HTTP server on threads of its own, not on the event loop: a synchronous SDK call made from
-an async test blocks the loop, and an in-loop server could then never answer it. Both the sync client
-(requests) and the async one (httpx, the `_async` methods) are answered.
-
-What it models (the part of Stripe that Tally's push and webhooks use):
-- form bodies and query strings as Stripe parses them (`metadata[k]=v`, `lines[0][amount]=`, `expand[]=`),
-  values as strings, unknown parameters refused (400 parameter_unknown) so a misspelt one fails loudly;
-- `Authorization: Bearer <key>` against the keys it was given (401 otherwise);
-- customers, invoice items, invoices (draft -> open -> paid / void / uncollectible, totals from the items,
-  a `lines` list of at most 10 with `has_more`, as Stripe embeds it), credit notes; amounts are integers in
-  the currency's minor units; lists and searches paginate like Stripe's;
-- idempotency: a POST's `Idempotency-Key` with the same method, path and parameters replays the stored
-  response with `Idempotent-Replayed: true`; other parameters get 400 idempotency_error. As at Stripe, only
-  requests that ran are stored (successes and card declines), not ones refused before running;
-- payment methods by Stripe's test names: `pm_card_visa` pays, `pm_card_chargeDeclined*` declines (402);
-- faults: `fail_next` (an error status before the request runs, so nothing is stored under its key),
-  `delay_next` (hold a request before or after it runs, until `release()`: client timeouts without racing
-  the clock), `disconnect_next` (close the connection without an answer, before or after running);
-- events: every state change appends a Stripe event (`events()`), and `event()` / `sign()` build and sign
-  any event with the SDK's own `WebhookSignature`.
-
-Not modelled: taxes, discounts, prices/products, customer balances, subscriptions, Stripe's own automatic
-retries (with `auto_advance` off Stripe does not retry; Tally drives dunning), rate limiting (inject 429s).
+Objects are plain dicts shaped as the API shows them (`id` with Stripe's prefix, `object`, `created`,
+`livemode: false`, amounts as integers in minor units); fields starting with "_" are the fake's own and never
+leave it. Computed fields (an invoice's totals and embedded `lines`) are derived on every read, so they cannot
+drift from the items.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
-import json
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import stripe
 
-Obj = dict[str, Any]
+from tests.fake_stripe.forms import (
+    Obj,
+    StripeApiError,
+    check_known,
+    matches_search,
+    merge_metadata,
+    missing,
+    read_bool,
+    read_currency,
+    read_decimal,
+    read_dict,
+    read_int,
+    read_str,
+    search_clauses,
+)
 
-DEFAULT_API_KEY = "sk_test_tally_fake_stripe_key"
-DEFAULT_WEBHOOK_SECRET = "whsec_tally_fake_stripe_secret"
 MAX_INVOICE_ITEMS = 250  # Stripe's limit on lines per invoice
 LIST_LIMIT_DEFAULT = 10
 LIST_LIMIT_MAX = 100
@@ -72,279 +55,11 @@ TEST_PAYMENT_METHODS: dict[str, tuple[str, str, str] | None] = {
 }
 
 
-class StripeApiError(Exception):
-    """An error answered as Stripe does: `{"error": {...}}` with an HTTP status.
-
-    `ran` marks errors raised after the request changed state (a card decline): Stripe stores those under
-    the idempotency key and replays them; errors refused before running are not stored.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        decline_code: str | None = None,
-        ran: bool = False,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.ran = ran
-        self.headers = headers or {}
-        self.error: Obj = {"type": type, "message": message}
-        if code is not None:
-            self.error["code"] = code
-        if param is not None:
-            self.error["param"] = param
-        if decline_code is not None:
-            self.error["decline_code"] = decline_code
-
-
-def _missing(kind: str, object_id: str, param: str = "id") -> StripeApiError:
-    # An id in the URL that does not exist is 404; one passed as a parameter is 400, as at Stripe.
-    status = 404 if param == "id" else 400
-    return StripeApiError(status, f"No such {kind}: '{object_id}'", code="resource_missing", param=param)
-
-
-# --- form bodies -------------------------------------------------------------------------------------------
-
-_KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)")
-_SUBKEY = re.compile(r"\[([^\[\]]*)\]")
-
-
-def parse_form(raw: str) -> Obj:
-    """Parse a form-encoded body or query string into nested dicts and lists, values as strings.
-
-    `a[b][c]=v` nests, `a[0][b]=v` and `a[]=v` make lists (metadata keys stay keys even when numeric).
-    """
-    root: Obj = {}
-    for key, value in parse_qsl(raw, keep_blank_values=True):
-        match = _KEY.fullmatch(key)
-        if match is None:
-            raise StripeApiError(400, f"Invalid parameter name: {key}", code="parameter_unknown", param=key)
-        parts = [match[1], *_SUBKEY.findall(match[2])]
-        node = root
-        for depth, part in enumerate(parts):
-            if part == "":
-                if depth != len(parts) - 1:
-                    raise StripeApiError(400, f"Invalid array parameter: {key}", param=key)
-                part = str(len(node))
-            if depth == len(parts) - 1:
-                if part in node:
-                    raise StripeApiError(400, f"Parameter given twice: {key}", param=key)
-                node[part] = value
-            else:
-                child = node.setdefault(part, {})
-                if not isinstance(child, dict):
-                    raise StripeApiError(400, f"Invalid parameter: {key}", param=key)
-                node = child
-    return _listify(root, in_metadata=False)  # type: ignore[no-any-return]
-
-
-def _listify(node: Any, *, in_metadata: bool) -> Any:
-    if not isinstance(node, dict):
-        return node
-    if not in_metadata and node and all(k.isdigit() for k in node):
-        return [_listify(node[k], in_metadata=False) for k in sorted(node, key=int)]
-    return {k: _listify(v, in_metadata=(k == "metadata")) for k, v in node.items()}
-
-
-# --- parameter readers: Stripe's form values are strings -------------------------------------------------
-
-
-def _check_known(params: Obj, known: Iterable[str]) -> None:
-    allowed = {*known, "expand"}
-    for name in params:
-        if name not in allowed:
-            raise StripeApiError(
-                400, f"Received unknown parameter: {name}", code="parameter_unknown", param=name
-            )
-
-
-def _str(params: Obj, name: str, *, required: bool = False, choices: Iterable[str] = ()) -> str | None:
-    value = params.get(name)
-    if value is None or value == "":
-        if required:
-            raise StripeApiError(
-                400, f"Missing required param: {name}.", code="parameter_missing", param=name
-            )
-        return None
-    if not isinstance(value, str):
-        raise StripeApiError(400, f"Invalid string: {name}", code="parameter_invalid_string", param=name)
-    allowed = tuple(choices)
-    if allowed and value not in allowed:
-        raise StripeApiError(
-            400, f"Invalid {name}: must be one of {', '.join(allowed)}", code="parameter_invalid", param=name
-        )
-    return value
-
-
-def _int(params: Obj, name: str, *, required: bool = False, minimum: int | None = None) -> int | None:
-    raw = _str(params, name, required=required)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise StripeApiError(
-            400, f"Invalid integer: {raw}", code="parameter_invalid_integer", param=name
-        ) from None
-    if minimum is not None and value < minimum:
-        raise StripeApiError(
-            400,
-            f"This value must be greater than or equal to {minimum}.",
-            code="parameter_invalid_integer",
-            param=name,
-        )
-    return value
-
-
-def _bool(params: Obj, name: str, default: bool) -> bool:
-    raw = _str(params, name)
-    if raw is None:
-        return default
-    if raw not in ("true", "false"):
-        raise StripeApiError(400, f"Invalid boolean: {raw}", code="parameter_invalid_boolean", param=name)
-    return raw == "true"
-
-
-def _decimal(params: Obj, name: str) -> Decimal | None:
-    raw = _str(params, name)
-    if raw is None:
-        return None
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        raise StripeApiError(400, f"Invalid decimal: {raw}", code="parameter_invalid", param=name) from None
-    if not value.is_finite():
-        raise StripeApiError(400, f"Invalid decimal: {raw}", code="parameter_invalid", param=name)
-    return value
-
-
-def _dict(params: Obj, name: str) -> Obj:
-    value = params.get(name, {})
-    if value == "":
-        return {}
-    if not isinstance(value, dict):
-        raise StripeApiError(400, f"Invalid object: {name}", code="parameter_invalid", param=name)
-    return value
-
-
-def _merge_metadata(current: dict[str, str], params: Obj) -> dict[str, str]:
-    # An empty value unsets a key, and `metadata=` unsets them all, as at Stripe.
-    if params.get("metadata") == "":
-        return {}
-    merged = dict(current)
-    for key, value in _dict(params, "metadata").items():
-        if not isinstance(value, str):
-            raise StripeApiError(400, f"Invalid metadata value for {key}", param=f"metadata[{key}]")
-        if value == "":
-            merged.pop(key, None)
-        else:
-            merged[key] = value
-    if len(merged) > 50:
-        raise StripeApiError(400, "Metadata can have at most 50 keys.", param="metadata")
-    return merged
-
-
-def _currency(params: Obj, name: str = "currency") -> str | None:
-    value = _str(params, name)
-    if value is not None and not re.fullmatch(r"[A-Za-z]{3}", value):
-        raise StripeApiError(400, f"Invalid currency: {value}", code="parameter_invalid", param=name)
-    return value.lower() if value else None
-
-
-def _search_clauses(query: str) -> list[tuple[str, str]]:
-    """Stripe's search language, the part worth having: `field:'v'` and `metadata['k']:'v'`, AND-ed."""
-    clauses: list[tuple[str, str]] = []
-    for clause in query.split(" AND "):
-        match = re.fullmatch(r"\s*(metadata\['[^']+'\]|[a-z_]+):'([^']*)'\s*", clause)
-        if match is None:
-            raise StripeApiError(
-                400, f"Invalid search query: {query}", code="parameter_invalid", param="query"
-            )
-        clauses.append((match[1], match[2]))
-    return clauses
-
-
-def _matches(obj: Obj, clauses: list[tuple[str, str]]) -> bool:
-    for name, wanted in clauses:
-        if name.startswith("metadata["):
-            actual = obj["metadata"].get(name[len("metadata['") : -2])
-        else:
-            actual = obj.get(name)
-        if actual is None or str(actual) != wanted:
-            return False
-    return True
-
-
-# --- recorded traffic and faults ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedRequest:
-    """One request as the fake saw it, for assertions on what the code under test sent."""
-
-    method: str
-    path: str
-    params: Obj
-    idempotency_key: str | None
-    status: int | None  # None: the connection was closed without an answer
-    replayed: bool = False
-    fault: str | None = None  # the injected fault that answered it, if any
-
-
 @dataclass(slots=True)
 class Response:
     status: int
     body: Obj
     headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Fault:
-    kind: str  # "status", "delay" or "disconnect"
-    pattern: str
-    method: str | None
-    remaining: int
-    after: bool = False  # delay/disconnect after the request ran (its result stored) instead of before
-    error: StripeApiError | None = None
-    hold_seconds: float = 0.0
-    released: threading.Event = field(default_factory=threading.Event)
-
-    def matches(self, method: str, path: str) -> bool:
-        return (
-            self.remaining > 0
-            and (self.method is None or self.method == method)
-            and fnmatch.fnmatchcase(path, self.pattern)
-        )
-
-
-_DEFAULT_ERRORS: dict[int, tuple[str, str | None, str]] = {
-    400: ("invalid_request_error", None, "Invalid request."),
-    401: ("invalid_request_error", None, "Invalid API Key provided."),
-    402: ("card_error", "card_declined", "Your card was declined."),
-    403: ("invalid_request_error", None, "The provided key does not have access to this resource."),
-    404: ("invalid_request_error", "resource_missing", "No such object."),
-    409: (
-        "invalid_request_error",
-        "lock_timeout",
-        "This object cannot be accessed right now because another API request or Stripe process is "
-        "currently accessing it.",
-    ),
-    429: (
-        "invalid_request_error",
-        "rate_limit",
-        "Too many requests hit the API too quickly. We recommend an exponential backoff of your requests.",
-    ),
-}
-
-
-# --- the API: objects and endpoints ------------------------------------------------------------------------
 
 
 class StripeState:
@@ -416,10 +131,16 @@ class StripeState:
                         )
                     replay = stored[3]
                     return Response(replay.status, copy.deepcopy(replay.body), dict(replay.headers)), True
+            # A refused request leaves nothing half-written, as at Stripe: writes roll back to this snapshot.
+            snapshot = None if method == "GET" else (copy.deepcopy(self._objects), len(self._events))
+            numbers = self._invoice_numbers
             try:
                 response = Response(200, handler(params, *ids))
             except StripeApiError as error:
                 if not error.ran:
+                    if snapshot is not None:
+                        self._objects, self._invoice_numbers = snapshot[0], numbers
+                        del self._events[snapshot[1] :]
                     raise
                 response = Response(error.status, {"error": error.error}, dict(error.headers))
             if key is not None:
@@ -434,7 +155,7 @@ class StripeState:
         raise StripeApiError(
             404,
             f"Unrecognized request URL ({method}: {path}). The fake Stripe does not model this endpoint; "
-            "see tests/fake_stripe.py.",
+            "see tests/fake_stripe/api.py.",
         )
 
     # -- helpers --
@@ -451,11 +172,14 @@ class StripeState:
     def _find(self, object_type: str, object_id: str | None, *, param: str = "id") -> Obj:
         obj = self._objects.get(object_id or "")
         if obj is None or obj["object"] != object_type:
-            raise _missing(object_type, object_id or "", param)
+            raise missing(object_type, object_id or "", param)
         return obj
 
     def stored(self, object_type: str) -> list[Obj]:
         return [obj for obj in self._objects.values() if obj["object"] == object_type]
+
+    def stored_object(self, object_id: str) -> Obj | None:
+        return self._objects.get(object_id)
 
     def render(self, obj: Obj) -> Obj:
         """An object as the API shows it: computed fields filled in, a copy safe to hand out."""
@@ -475,18 +199,18 @@ class StripeState:
         }
 
     def _page(self, objs: list[Obj], params: Obj, url: str, *, newest_first: bool = True) -> Obj:
-        limit = _int(params, "limit", minimum=1) or LIST_LIMIT_DEFAULT
+        limit = read_int(params, "limit", minimum=1) or LIST_LIMIT_DEFAULT
         if limit > LIST_LIMIT_MAX:
             raise StripeApiError(
                 400, f"This value must be less than or equal to {LIST_LIMIT_MAX}.", param="limit"
             )
         ordered = list(reversed(objs)) if newest_first else list(objs)
         start = 0
-        after = _str(params, "starting_after")
+        after = read_str(params, "starting_after")
         if after is not None:
             ids = [obj["id"] for obj in ordered]
             if after not in ids:
-                raise _missing("object", after, "starting_after")
+                raise missing("object", after, "starting_after")
             start = ids.index(after) + 1
         return self._list([self.render(obj) for obj in ordered], url, limit=limit, start=start)
 
@@ -515,22 +239,23 @@ class StripeState:
     # -- customers --
 
     def create_customer(self, params: Obj) -> Obj:
-        _check_known(
+        check_known(
             params, ("email", "name", "description", "metadata", "payment_method", "invoice_settings")
         )
-        payment_method = self._payment_method(_str(params, "payment_method"), "payment_method")
-        settings = _dict(params, "invoice_settings")
-        _check_known(settings, ("default_payment_method",))
+        payment_method = self._payment_method(read_str(params, "payment_method"), "payment_method")
+        settings = read_dict(params, "invoice_settings")
+        check_known(settings, ("default_payment_method",))
         default = self._payment_method(
-            _str(settings, "default_payment_method"), "invoice_settings[default_payment_method]"
+            read_str(settings, "default_payment_method"), "invoice_settings[default_payment_method]"
         )
         customer = self._base("cus", "customer") | {
-            "email": _str(params, "email"),
-            "name": _str(params, "name"),
-            "description": _str(params, "description"),
-            "metadata": _merge_metadata({}, params),
+            "email": read_str(params, "email"),
+            "name": read_str(params, "name"),
+            "description": read_str(params, "description"),
+            "metadata": merge_metadata({}, params),
             "currency": None,
             "invoice_settings": {"default_payment_method": default},
+            # Attached only: as at Stripe, invoices charge a default payment method, not any attached one.
             "_attached_payment_method": payment_method,
         }
         self._objects[customer["id"]] = customer
@@ -538,28 +263,36 @@ class StripeState:
         return self.render(customer)
 
     def retrieve_customer(self, params: Obj, customer_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         return self.render(self._find("customer", customer_id))
 
     def update_customer(self, params: Obj, customer_id: str) -> Obj:
-        _check_known(params, ("email", "name", "description", "metadata", "invoice_settings"))
+        check_known(params, ("email", "name", "description", "metadata", "invoice_settings"))
         customer = self._find("customer", customer_id)
         for name in ("email", "name", "description"):
             if name in params:
-                customer[name] = _str(params, name)
-        customer["metadata"] = _merge_metadata(customer["metadata"], params)
-        settings = _dict(params, "invoice_settings")
-        _check_known(settings, ("default_payment_method",))
+                customer[name] = read_str(params, name)
+        customer["metadata"] = merge_metadata(customer["metadata"], params)
+        settings = read_dict(params, "invoice_settings")
+        check_known(settings, ("default_payment_method",))
         if "default_payment_method" in settings:
             customer["invoice_settings"]["default_payment_method"] = self._payment_method(
-                _str(settings, "default_payment_method"), "invoice_settings[default_payment_method]"
+                read_str(settings, "default_payment_method"), "invoice_settings[default_payment_method]"
             )
         self.emit("customer.updated", customer)
         return self.render(customer)
 
+    def set_default_payment_method(self, customer_id: str, payment_method: str) -> None:
+        """What a customer does in Stripe's hosted pages, outside the API."""
+        customer = self._find("customer", customer_id)
+        customer["invoice_settings"]["default_payment_method"] = self._payment_method(
+            payment_method, "payment_method"
+        )
+        self.emit("customer.updated", customer)
+
     def list_customers(self, params: Obj) -> Obj:
-        _check_known(params, ("limit", "starting_after", "email"))
-        email = _str(params, "email")
+        check_known(params, ("limit", "starting_after", "email"))
+        email = read_str(params, "email")
         found = [c for c in self.stored("customer") if email is None or c["email"] == email]
         return self._page(found, params, "/v1/customers")
 
@@ -567,11 +300,11 @@ class StripeState:
         return self._search("customer", params, "/v1/customers/search")
 
     def _search(self, object_type: str, params: Obj, url: str) -> Obj:
-        _check_known(params, ("query", "limit", "page"))
-        clauses = _search_clauses(_str(params, "query", required=True) or "")
-        found = [self.render(o) for o in reversed(self.stored(object_type)) if _matches(o, clauses)]
-        limit = _int(params, "limit", minimum=1) or LIST_LIMIT_DEFAULT
-        start = _int(params, "page", minimum=0) or 0  # the fake's page token is simply an offset
+        check_known(params, ("query", "limit", "page"))
+        clauses = search_clauses(read_str(params, "query", required=True) or "")
+        found = [self.render(o) for o in reversed(self.stored(object_type)) if matches_search(o, clauses)]
+        limit = read_int(params, "limit", minimum=1) or LIST_LIMIT_DEFAULT
+        start = read_int(params, "page", minimum=0) or 0  # the fake's page token is simply an offset
         more = start + limit < len(found)
         return {
             "object": "search_result",
@@ -583,13 +316,13 @@ class StripeState:
 
     def _payment_method(self, payment_method: str | None, param: str) -> str | None:
         if payment_method is not None and payment_method not in TEST_PAYMENT_METHODS:
-            raise _missing("PaymentMethod", payment_method, param)
+            raise missing("PaymentMethod", payment_method, param)
         return payment_method
 
     # -- invoice items --
 
     def create_invoice_item(self, params: Obj) -> Obj:
-        _check_known(
+        check_known(
             params,
             (
                 "customer",
@@ -603,10 +336,10 @@ class StripeState:
                 "period",
             ),
         )
-        customer = self._find("customer", _str(params, "customer", required=True), param="customer")
-        invoice_id = _str(params, "invoice")
+        customer = self._find("customer", read_str(params, "customer", required=True), param="customer")
+        invoice_id = read_str(params, "invoice")
         invoice = self._find("invoice", invoice_id, param="invoice") if invoice_id else None
-        currency = _currency(params)
+        currency = read_currency(params)
         if invoice is not None:
             if invoice["customer"] != customer["id"]:
                 raise StripeApiError(
@@ -634,9 +367,9 @@ class StripeState:
             raise StripeApiError(
                 400, "Missing required param: currency.", code="parameter_missing", param="currency"
             )
-        amount = _int(params, "amount")
-        quantity = _int(params, "quantity", minimum=0)
-        unit = _decimal(params, "unit_amount_decimal")
+        amount = read_int(params, "amount")
+        quantity = read_int(params, "quantity", minimum=0)
+        unit = read_decimal(params, "unit_amount_decimal")
         if amount is not None and unit is not None:
             raise StripeApiError(
                 400,
@@ -658,20 +391,20 @@ class StripeState:
                 )
             assert amount is not None
             unit, quantity = Decimal(amount), 1
-        period = _dict(params, "period")
-        _check_known(period, ("start", "end"))
+        period = read_dict(params, "period")
+        check_known(period, ("start", "end"))
         now = self.now()
         item = self._base("ii", "invoiceitem") | {
             "amount": amount,
             "currency": currency,
             "customer": customer["id"],
             "date": now,
-            "description": _str(params, "description"),
+            "description": read_str(params, "description"),
             "invoice": invoice["id"] if invoice else None,
-            "metadata": _merge_metadata({}, params),
+            "metadata": merge_metadata({}, params),
             "period": {
-                "start": _int(period, "start") if "start" in period else now,
-                "end": _int(period, "end") if "end" in period else now,
+                "start": read_int(period, "start") if "start" in period else now,
+                "end": read_int(period, "end") if "end" in period else now,
             },
             "quantity": quantity,
             "unit_amount_decimal": str(unit),
@@ -681,14 +414,14 @@ class StripeState:
         return self.render(item)
 
     def retrieve_invoice_item(self, params: Obj, item_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         return self.render(self._find("invoiceitem", item_id))
 
     def list_invoice_items(self, params: Obj) -> Obj:
-        _check_known(params, ("limit", "starting_after", "invoice", "customer", "pending"))
-        invoice = _str(params, "invoice")
-        customer = _str(params, "customer")
-        pending = _bool(params, "pending", False) if "pending" in params else None
+        check_known(params, ("limit", "starting_after", "invoice", "customer", "pending"))
+        invoice = read_str(params, "invoice")
+        customer = read_str(params, "customer")
+        pending = read_bool(params, "pending", False) if "pending" in params else None
         found = [
             item
             for item in self.stored("invoiceitem")
@@ -699,7 +432,7 @@ class StripeState:
         return self._page(found, params, "/v1/invoiceitems")
 
     def delete_invoice_item(self, params: Obj, item_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         item = self._find("invoiceitem", item_id)
         if item["invoice"] is not None and self._objects[item["invoice"]]["status"] != "draft":
             raise StripeApiError(
@@ -733,7 +466,7 @@ class StripeState:
     # -- invoices --
 
     def create_invoice(self, params: Obj) -> Obj:
-        _check_known(
+        check_known(
             params,
             (
                 "customer",
@@ -747,10 +480,10 @@ class StripeState:
                 "pending_invoice_items_behavior",
             ),
         )
-        customer = self._find("customer", _str(params, "customer", required=True), param="customer")
-        collection = _str(params, "collection_method", choices=("charge_automatically", "send_invoice"))
+        customer = self._find("customer", read_str(params, "customer", required=True), param="customer")
+        collection = read_str(params, "collection_method", choices=("charge_automatically", "send_invoice"))
         collection = collection or "charge_automatically"
-        days_until_due = _int(params, "days_until_due", minimum=0)
+        days_until_due = read_int(params, "days_until_due", minimum=0)
         if collection == "send_invoice" and days_until_due is None:
             raise StripeApiError(
                 400,
@@ -764,20 +497,22 @@ class StripeState:
                 "days_until_due is only valid with collection_method send_invoice.",
                 param="days_until_due",
             )
-        pending = _str(params, "pending_invoice_items_behavior", choices=("exclude", "include")) or "exclude"
+        pending = (
+            read_str(params, "pending_invoice_items_behavior", choices=("exclude", "include")) or "exclude"
+        )
         invoice = self._base("in", "invoice") | {
             "customer": customer["id"],
-            "currency": _currency(params) or "usd",
+            "currency": read_currency(params) or "usd",
             "status": "draft",
-            "auto_advance": _bool(params, "auto_advance", False),
+            "auto_advance": read_bool(params, "auto_advance", False),
             "collection_method": collection,
             "days_until_due": days_until_due,
             "due_date": None,
-            "description": _str(params, "description"),
-            "metadata": _merge_metadata({}, params),
+            "description": read_str(params, "description"),
+            "metadata": merge_metadata({}, params),
             "number": None,
             "default_payment_method": self._payment_method(
-                _str(params, "default_payment_method"), "default_payment_method"
+                read_str(params, "default_payment_method"), "default_payment_method"
             ),
             "amount_paid": 0,
             "attempt_count": 0,
@@ -794,7 +529,7 @@ class StripeState:
             },
         }
         self._objects[invoice["id"]] = invoice
-        if pending == "include":
+        if pending == "include":  # Stripe's default is "exclude": pending items wait for a later invoice
             for item in self.stored("invoiceitem"):
                 if item["customer"] == customer["id"] and item["invoice"] is None:
                     item["invoice"] = invoice["id"]
@@ -818,11 +553,11 @@ class StripeState:
         return {k: v for k, v in rendered.items() if not k.startswith("_")}
 
     def retrieve_invoice(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         return self.render(self._find("invoice", invoice_id))
 
     def update_invoice(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ("auto_advance", "description", "metadata", "default_payment_method"))
+        check_known(params, ("auto_advance", "description", "metadata", "default_payment_method"))
         invoice = self._find("invoice", invoice_id)
         if invoice["status"] in ("paid", "void"):
             raise StripeApiError(
@@ -831,19 +566,19 @@ class StripeState:
                 code="invoice_not_editable",
             )
         if "auto_advance" in params:
-            invoice["auto_advance"] = _bool(params, "auto_advance", False)
+            invoice["auto_advance"] = read_bool(params, "auto_advance", False)
         if "description" in params:
-            invoice["description"] = _str(params, "description")
+            invoice["description"] = read_str(params, "description")
         if "default_payment_method" in params:
             invoice["default_payment_method"] = self._payment_method(
-                _str(params, "default_payment_method"), "default_payment_method"
+                read_str(params, "default_payment_method"), "default_payment_method"
             )
-        invoice["metadata"] = _merge_metadata(invoice["metadata"], params)
+        invoice["metadata"] = merge_metadata(invoice["metadata"], params)
         self.emit("invoice.updated", invoice)
         return self.render(invoice)
 
     def delete_invoice(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         invoice = self._find("invoice", invoice_id)
         if invoice["status"] != "draft":
             raise StripeApiError(400, "You can only delete draft invoices.", code="invoice_not_editable")
@@ -854,8 +589,8 @@ class StripeState:
         return {"id": invoice_id, "object": "invoice", "deleted": True}
 
     def list_invoices(self, params: Obj) -> Obj:
-        _check_known(params, ("limit", "starting_after", "customer", "status", "collection_method"))
-        wanted = {name: _str(params, name) for name in ("customer", "status", "collection_method")}
+        check_known(params, ("limit", "starting_after", "customer", "status", "collection_method"))
+        wanted = {name: read_str(params, name) for name in ("customer", "status", "collection_method")}
         found = [
             invoice
             for invoice in self.stored("invoice")
@@ -867,26 +602,26 @@ class StripeState:
         return self._search("invoice", params, "/v1/invoices/search")
 
     def list_invoice_lines(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ("limit", "starting_after"))
+        check_known(params, ("limit", "starting_after"))
         invoice = self._find("invoice", invoice_id)
         lines = [self._line(item) for item in self._items_of(invoice["id"])]
         # Lines page in the order they were added, unlike most lists.
-        limit = _int(params, "limit", minimum=1) or LIST_LIMIT_DEFAULT
+        limit = read_int(params, "limit", minimum=1) or LIST_LIMIT_DEFAULT
         if limit > LIST_LIMIT_MAX:
             raise StripeApiError(
                 400, f"This value must be less than or equal to {LIST_LIMIT_MAX}.", param="limit"
             )
         start = 0
-        after = _str(params, "starting_after")
+        after = read_str(params, "starting_after")
         if after is not None:
             ids = [line["id"] for line in lines]
             if after not in ids:
-                raise _missing("line_item", after, "starting_after")
+                raise missing("line_item", after, "starting_after")
             start = ids.index(after) + 1
         return self._list(lines, f"/v1/invoices/{invoice_id}/lines", limit=limit, start=start)
 
     def finalize_invoice(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ("auto_advance",))
+        check_known(params, ("auto_advance",))
         invoice = self._find("invoice", invoice_id)
         if invoice["status"] != "draft":
             raise StripeApiError(
@@ -895,7 +630,7 @@ class StripeState:
                 code="invoice_not_editable",
             )
         if "auto_advance" in params:
-            invoice["auto_advance"] = _bool(params, "auto_advance", False)
+            invoice["auto_advance"] = read_bool(params, "auto_advance", False)
         self._finalize(invoice)
         return self.render(invoice)
 
@@ -919,7 +654,7 @@ class StripeState:
         self.emit("invoice.paid", invoice)
 
     def pay_invoice(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ("paid_out_of_band", "payment_method", "off_session", "forgive"))
+        check_known(params, ("paid_out_of_band", "payment_method", "off_session", "forgive"))
         invoice = self._find("invoice", invoice_id)
         if invoice["status"] == "paid":
             raise StripeApiError(400, "Invoice is already paid", code="invoice_already_paid")
@@ -927,16 +662,15 @@ class StripeState:
             raise StripeApiError(
                 400, f"You can only pay open or uncollectible invoices; this one is {invoice['status']}."
             )
-        if _bool(params, "paid_out_of_band", False):
+        if read_bool(params, "paid_out_of_band", False):
             invoice["paid_out_of_band"] = True
             self._mark_paid(invoice)
             return self.render(invoice)
         customer = self._objects[invoice["customer"]]
         payment_method = (
-            self._payment_method(_str(params, "payment_method"), "payment_method")
+            self._payment_method(read_str(params, "payment_method"), "payment_method")
             or invoice["default_payment_method"]
             or customer["invoice_settings"]["default_payment_method"]
-            or customer["_attached_payment_method"]
         )
         invoice["attempt_count"] += 1
         invoice["attempted"] = True
@@ -959,7 +693,7 @@ class StripeState:
         return self.render(invoice)
 
     def send_invoice(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         invoice = self._find("invoice", invoice_id)
         if invoice["collection_method"] != "send_invoice":
             raise StripeApiError(
@@ -973,7 +707,7 @@ class StripeState:
         return self.render(invoice)
 
     def void_invoice(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         invoice = self._find("invoice", invoice_id)
         if invoice["status"] not in ("open", "uncollectible"):
             raise StripeApiError(400, "You can only pass in open invoices. This invoice isn't open.")
@@ -984,7 +718,7 @@ class StripeState:
         return self.render(invoice)
 
     def mark_uncollectible(self, params: Obj, invoice_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         invoice = self._find("invoice", invoice_id)
         if invoice["status"] != "open":
             raise StripeApiError(400, "You can only mark open invoices as uncollectible.")
@@ -997,7 +731,7 @@ class StripeState:
     # -- credit notes --
 
     def create_credit_note(self, params: Obj) -> Obj:
-        _check_known(
+        check_known(
             params,
             (
                 "invoice",
@@ -1011,19 +745,19 @@ class StripeState:
                 "out_of_band_amount",
             ),
         )
-        invoice = self._find("invoice", _str(params, "invoice", required=True), param="invoice")
+        invoice = self._find("invoice", read_str(params, "invoice", required=True), param="invoice")
         if invoice["status"] not in ("open", "paid", "uncollectible"):
             raise StripeApiError(
                 400,
                 f"Credit notes can only be issued on finalized invoices; this one is {invoice['status']}.",
             )
-        reason = _str(
+        reason = read_str(
             params,
             "reason",
             choices=("duplicate", "fraudulent", "order_change", "product_unsatisfactory"),
         )
         lines = self._credit_note_lines(invoice, params.get("lines", []))
-        amount = _int(params, "amount", minimum=1)
+        amount = read_int(params, "amount", minimum=1)
         if not lines:
             if amount is None:
                 raise StripeApiError(
@@ -1050,7 +784,7 @@ class StripeState:
             )
         pre_payment = invoice["status"] != "paid"
         split = {
-            name: _int(params, name, minimum=0)
+            name: read_int(params, name, minimum=0)
             for name in ("credit_amount", "refund_amount", "out_of_band_amount")
         }
         if pre_payment:
@@ -1078,8 +812,8 @@ class StripeState:
             "customer": invoice["customer"],
             "invoice": invoice["id"],
             "number": f"{invoice['number']}-CN-{previous + 1:02d}",
-            "memo": _str(params, "memo"),
-            "metadata": _merge_metadata({}, params),
+            "memo": read_str(params, "memo"),
+            "metadata": merge_metadata({}, params),
             "reason": reason,
             "status": "issued",
             "type": "pre_payment" if pre_payment else "post_payment",
@@ -1116,18 +850,20 @@ class StripeState:
             where = f"lines[{index}]"
             if not isinstance(raw, dict):
                 raise StripeApiError(400, "Invalid object", param=where)
-            _check_known(
+            check_known(
                 raw,
                 ("type", "invoice_line_item", "amount", "quantity", "unit_amount", "description", "metadata"),
             )
-            kind = _str(raw, "type", required=True, choices=("invoice_line_item", "custom_line_item")) or ""
-            quantity = _int(raw, "quantity", minimum=1)
-            amount = _int(raw, "amount", minimum=1)
+            kind = (
+                read_str(raw, "type", required=True, choices=("invoice_line_item", "custom_line_item")) or ""
+            )
+            quantity = read_int(raw, "quantity", minimum=1)
+            amount = read_int(raw, "amount", minimum=1)
             if kind == "invoice_line_item":
-                line_id = _str(raw, "invoice_line_item", required=True) or ""
+                line_id = read_str(raw, "invoice_line_item", required=True) or ""
                 line = invoice_lines.get(line_id)
                 if line is None:
-                    raise _missing("line_item", line_id, f"{where}[invoice_line_item]")
+                    raise missing("line_item", line_id, f"{where}[invoice_line_item]")
                 if amount is None:
                     quantity = quantity or line["quantity"]
                     if line["quantity"] == 0 or line["amount"] * quantity % line["quantity"]:
@@ -1148,7 +884,7 @@ class StripeState:
                     )
                 )
             else:
-                unit = _int(raw, "unit_amount", minimum=1)
+                unit = read_int(raw, "unit_amount", minimum=1)
                 quantity = quantity or 1
                 if unit is None:
                     raise StripeApiError(
@@ -1157,7 +893,7 @@ class StripeState:
                         code="parameter_missing",
                         param=f"{where}[unit_amount]",
                     )
-                description = _str(raw, "description", required=True)
+                description = read_str(raw, "description", required=True)
                 lines.append(self._credit_line(kind, unit * quantity, quantity, unit, description, None, raw))
         return lines
 
@@ -1180,18 +916,18 @@ class StripeState:
             "unit_amount": unit_amount,
             "description": description,
             "invoice_line_item": invoice_line_item,
-            "metadata": _merge_metadata({}, raw or {}),
+            "metadata": merge_metadata({}, raw or {}),
             "livemode": False,
         }
 
     def retrieve_credit_note(self, params: Obj, note_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         return self.render(self._find("credit_note", note_id))
 
     def list_credit_notes(self, params: Obj) -> Obj:
-        _check_known(params, ("limit", "starting_after", "invoice", "customer"))
-        invoice = _str(params, "invoice")
-        customer = _str(params, "customer")
+        check_known(params, ("limit", "starting_after", "invoice", "customer"))
+        invoice = read_str(params, "invoice")
+        customer = read_str(params, "customer")
         found = [
             cn
             for cn in self.stored("credit_note")
@@ -1201,7 +937,7 @@ class StripeState:
         return self._page(found, params, "/v1/credit_notes")
 
     def void_credit_note(self, params: Obj, note_id: str) -> Obj:
-        _check_known(params, ())
+        check_known(params, ())
         note = self._find("credit_note", note_id)
         if note["status"] == "void":
             raise StripeApiError(400, "This credit note is already void.")
@@ -1218,300 +954,3 @@ class StripeState:
         note["voided_at"] = self.now()
         self.emit("credit_note.voided", note)
         return self.render(note)
-
-
-# --- the HTTP server ----------------------------------------------------------------------------------------
-
-
-class FakeStripe:
-    """The fake Stripe API on 127.0.0.1 and a free port; use as a context manager or start()/close()."""
-
-    def __init__(
-        self,
-        *,
-        api_keys: Iterable[str] = (DEFAULT_API_KEY,),
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.api_key = next(iter(api_keys))
-        self.state = StripeState(api_keys=api_keys, clock=clock)
-        self._clock = clock
-        self._faults: list[_Fault] = []
-        self._log: list[RecordedRequest] = []
-        self._closing = threading.Event()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-stripe", daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
-
-    def start(self) -> FakeStripe:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._closing.set()
-        self.release()  # held requests end now instead of at their deadline
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> FakeStripe:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def client(
-        self, *, api_key: str | None = None, max_network_retries: int = 0, timeout: float = 30.0
-    ) -> stripe.StripeClient:
-        """A real StripeClient pointed here; sync calls go through requests, `_async` ones through httpx."""
-        http_client = stripe.RequestsClient(
-            timeout=timeout, async_fallback_client=stripe.HTTPXClient(timeout=timeout)
-        )
-        return stripe.StripeClient(
-            api_key or self.api_key,
-            base_addresses={"api": self.url},
-            max_network_retries=max_network_retries,
-            http_client=http_client,
-        )
-
-    # -- faults --
-
-    def fail_next(
-        self,
-        pattern: str,
-        status: int = 500,
-        *,
-        times: int = 1,
-        method: str | None = None,
-        code: str | None = None,
-        decline_code: str | None = None,
-        message: str | None = None,
-        should_retry: bool | None = None,
-    ) -> None:
-        """Answer the next `times` requests whose path matches `pattern` (fnmatch: `/v1/invoices/*/pay`)
-        with an error, before they run: nothing changes and nothing is stored under their idempotency key,
-        as for a Stripe request refused by a busy or failing front end. `should_retry` sets the
-        `Stripe-Should-Retry` header, which the SDK obeys over its own rules."""
-        error_type, default_code, default_message = _DEFAULT_ERRORS.get(
-            status, ("api_error", None, "An unknown error occurred on Stripe's side.")
-        )
-        if status == 402 and decline_code is None:
-            decline_code = "generic_decline"
-        headers = {} if should_retry is None else {"Stripe-Should-Retry": "true" if should_retry else "false"}
-        error = StripeApiError(
-            status,
-            message or default_message,
-            type=error_type,
-            code=code or default_code,
-            decline_code=decline_code,
-            headers=headers,
-        )
-        self._add_fault(_Fault("status", pattern, method, times, error=error))
-
-    def delay_next(
-        self,
-        pattern: str,
-        *,
-        times: int = 1,
-        method: str | None = None,
-        after: bool = False,
-        seconds: float = 60.0,
-    ) -> None:
-        """Hold the next `times` matching requests until `release()` (or `seconds`, a backstop), before
-        they run or, with `after=True`, after they ran and were stored. Give the client a short timeout:
-        it times out because the hold outlasts it, never because of how fast the machine is."""
-        self._add_fault(_Fault("delay", pattern, method, times, after=after, hold_seconds=seconds))
-
-    def disconnect_next(
-        self, pattern: str, *, times: int = 1, method: str | None = None, after: bool = True
-    ) -> None:
-        """Close the connection of the next `times` matching requests without an answer; by default after
-        they ran (the object exists, the caller never heard): the crash window that idempotency keys cover."""
-        self._add_fault(_Fault("disconnect", pattern, method, times, after=after))
-
-    def release(self) -> None:
-        """Let every held request go on."""
-        with self.state.lock:
-            for fault in self._faults:
-                fault.released.set()
-
-    def _add_fault(self, fault: _Fault) -> None:
-        if fault.remaining < 1:
-            raise ValueError("times must be at least 1")
-        with self.state.lock:
-            self._faults.append(fault)
-
-    def _take_fault(self, method: str, path: str) -> _Fault | None:
-        with self.state.lock:
-            for fault in self._faults:
-                if fault.matches(method, path):
-                    fault.remaining -= 1
-                    return fault
-        return None
-
-    # -- inspection --
-
-    def requests(self, method: str | None = None, path: str | None = None) -> list[RecordedRequest]:
-        """The requests seen so far, oldest first; `path` is an fnmatch pattern."""
-        with self.state.lock:
-            return [
-                r
-                for r in self._log
-                if (method is None or r.method == method)
-                and (path is None or fnmatch.fnmatchcase(r.path, path))
-            ]
-
-    def objects(self, object_type: str) -> list[Obj]:
-        """Every stored object of a type ("customer", "invoice", "invoiceitem", "credit_note"), oldest first,
-        as the API would show it."""
-        with self.state.lock:
-            return [self.state.render(obj) for obj in self.state.stored(object_type)]
-
-    def get(self, object_id: str) -> Obj:
-        with self.state.lock:
-            obj = self.state._objects.get(object_id)
-            if obj is None:
-                raise KeyError(object_id)
-            return self.state.render(obj)
-
-    def set_default_payment_method(self, customer_id: str, payment_method: str) -> None:
-        """What a customer does in Stripe's hosted pages, outside the API under test."""
-        if payment_method not in TEST_PAYMENT_METHODS:
-            raise ValueError(f"unknown test payment method {payment_method!r}")
-        with self.state.lock:
-            self.state._find("customer", customer_id)["invoice_settings"]["default_payment_method"] = (
-                payment_method
-            )
-
-    def revoke_api_key(self, api_key: str | None = None) -> None:
-        """Make a key invalid from now on (401), as rolling it in the dashboard would."""
-        with self.state.lock:
-            self.state.api_keys.discard(api_key or self.api_key)
-
-    # -- events --
-
-    def events(self, event_type: str | None = None) -> list[Obj]:
-        """The events Stripe would have sent for the changes so far, oldest first."""
-        with self.state.lock:
-            return [e for e in self.state.events() if event_type is None or e["type"] == event_type]
-
-    def event(
-        self, event_type: str, obj: str | Obj, *, previous_attributes: Obj | None = None, **overrides: Any
-    ) -> Obj:
-        """An event about a stored object (by id, as it is now) or any object given as a dict; `overrides`
-        replace fields of the object, e.g. `attempt_count=2, next_payment_attempt=ts`."""
-        rendered = self.get(obj) if isinstance(obj, str) else copy.deepcopy(obj)
-        with self.state.lock:
-            return self.state.event(event_type, rendered | overrides, previous_attributes)
-
-    def sign(
-        self, event: Obj | str, secret: str = DEFAULT_WEBHOOK_SECRET, *, timestamp: int | None = None
-    ) -> tuple[bytes, str]:
-        """The body and `Stripe-Signature` header of a webhook delivery, signed by the SDK's own code."""
-        payload = event if isinstance(event, str) else json.dumps(event)
-        when = int(self._clock()) if timestamp is None else timestamp
-        header = stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=when)
-        return payload.encode(), header
-
-    # -- serving (on the server's threads) --
-
-    def _record(self, entry: RecordedRequest) -> None:
-        with self.state.lock:
-            self._log.append(entry)
-
-    def _serve(self, method: str, path: str, params: Obj, headers: dict[str, str]) -> Response | None:
-        """Answer one request, faults included; None means close the connection without an answer."""
-        response = self._serve_faulty(method, path, params, headers)
-        if response is not None:
-            key = headers.get("idempotency-key")
-            if key is not None:
-                response.headers["Idempotency-Key"] = key
-            response.headers["Request-Id"] = f"req_{uuid.uuid4().hex[:14]}"
-            response.headers["Stripe-Version"] = headers.get("stripe-version", stripe.api_version)
-        return response
-
-    def _serve_faulty(self, method: str, path: str, params: Obj, headers: dict[str, str]) -> Response | None:
-        key = headers.get("idempotency-key")
-        fault = self._take_fault(method, path)
-        if fault is not None and not fault.after:
-            if fault.kind == "status":
-                assert fault.error is not None
-                self._record(RecordedRequest(method, path, params, key, fault.error.status, fault="status"))
-                return Response(fault.error.status, {"error": fault.error.error}, dict(fault.error.headers))
-            if fault.kind == "disconnect":
-                self._record(RecordedRequest(method, path, params, key, None, fault="disconnect"))
-                return None
-            fault.released.wait(fault.hold_seconds)
-            if self._closing.is_set():
-                return None
-        try:
-            response, replayed = self.state.handle(method, path, params, headers)
-        except StripeApiError as error:
-            response, replayed = Response(error.status, {"error": error.error}, dict(error.headers)), False
-        if replayed:
-            response.headers["Idempotent-Replayed"] = "true"
-        after = fault.kind if fault is not None and fault.after else None
-        self._record(
-            RecordedRequest(
-                method, path, params, key, None if after == "disconnect" else response.status, replayed, after
-            )
-        )
-        if fault is not None and fault.after:
-            if fault.kind == "disconnect":
-                return None
-            fault.released.wait(fault.hold_seconds)
-        return response
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeStripe
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    # HTTP/1.0: one connection per request, so no idle keep-alive threads outlive a test.
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self) -> None:
-        self._answer("GET")
-
-    def do_POST(self) -> None:
-        self._answer("POST")
-
-    def do_DELETE(self) -> None:
-        self._answer("DELETE")
-
-    def _answer(self, method: str) -> None:
-        url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length).decode("utf-8") if length else ""
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        try:
-            params = parse_form(body if method == "POST" else url.query)
-        except StripeApiError as error:
-            response: Response | None = Response(error.status, {"error": error.error})
-        else:
-            response = self.server.fake._serve(method, url.path, params, headers)
-        if response is None:
-            self.close_connection = True
-            return
-        payload = json.dumps(response.body, indent=2).encode()
-        try:
-            self.send_response(response.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in response.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (its timeout); Stripe would not notice either
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # the request log is fake.requests(); stderr noise would hide test output
