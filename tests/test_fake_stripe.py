@@ -345,8 +345,9 @@ def test_connection_dropped_after_the_request_ran_is_answered_by_replay(fake_str
 def test_response_held_past_the_client_timeout_is_replayed_on_retry(fake_stripe: FakeStripe) -> None:
     customer = fake_stripe.client().v1.customers.create()
     fake_stripe.delay_next("/v1/invoices", method="POST", after=True)
-    # The hold lasts until release(), so the first attempt always times out; the retry is answered at once.
-    client = fake_stripe.client(max_network_retries=2, timeout=2.0)
+    # The hold lasts until release(), so the first attempt always times out; the retries are answered at
+    # once (three of them, so that even a machine too loaded to answer one in 2 s does not fail the test).
+    client = fake_stripe.client(max_network_retries=3, timeout=2.0)
 
     invoice = client.v1.invoices.create(
         params={"customer": customer.id}, options={"idempotency_key": "inv-1"}
@@ -354,7 +355,8 @@ def test_response_held_past_the_client_timeout_is_replayed_on_retry(fake_stripe:
 
     fake_stripe.release()
     attempts = fake_stripe.requests("POST", "/v1/invoices")
-    assert [(r.status, r.replayed) for r in attempts] == [(200, False), (200, True)]
+    assert (attempts[0].status, attempts[0].replayed) == (200, False)
+    assert len(attempts) >= 2 and all(r.status == 200 and r.replayed for r in attempts[1:])
     assert [i["id"] for i in fake_stripe.objects("invoice")] == [invoice.id]
 
 
@@ -414,7 +416,12 @@ def test_credit_note_on_a_paid_invoice_is_post_payment(fake_stripe: FakeStripe) 
 
     note = client.v1.credit_notes.create(params={"invoice": invoice.id, "amount": 250, "refund_amount": 250})
 
-    assert (note.type, note.refund_amount, note.credit_amount) == ("post_payment", 250, 0)
+    assert (note.type, note.post_payment_amount, note.customer_balance_transaction) == (
+        "post_payment",
+        250,
+        None,
+    )
+    assert [refund.amount_refunded for refund in note.refunds] == [250]
     paid = client.v1.invoices.retrieve(invoice.id)
     assert (paid.status, paid.amount_paid, paid.post_payment_credit_notes_amount) == ("paid", 1_000, 250)
 

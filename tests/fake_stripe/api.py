@@ -817,9 +817,16 @@ class StripeState:
             "reason": reason,
             "status": "issued",
             "type": "pre_payment" if pre_payment else "post_payment",
-            "credit_amount": split["credit_amount"] or 0,
-            "refund_amount": split["refund_amount"] or 0,
-            "out_of_band_amount": split["out_of_band_amount"] or 0,
+            "subtotal": total,
+            "total": total,
+            "pre_payment_amount": total if pre_payment else 0,
+            "post_payment_amount": 0 if pre_payment else total,
+            # The create parameters' split shows as Stripe shows it: a balance transaction and refunds.
+            "customer_balance_transaction": self.new_id("cbtxn") if split["credit_amount"] else None,
+            "refunds": [{"amount_refunded": split["refund_amount"], "refund": self.new_id("re")}]
+            if split["refund_amount"]
+            else [],
+            "out_of_band_amount": split["out_of_band_amount"],
             "voided_at": None,
             "lines": lines,
         }
