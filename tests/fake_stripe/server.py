@@ -112,9 +112,10 @@ class FakeStripe:
     def close(self) -> None:
         self._closing.set()
         self.release()  # held requests end now instead of at their deadline
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a server that never served
+            self._server.shutdown()
+            self._thread.join(timeout=10)
         self._server.server_close()
-        self._thread.join(timeout=10)
 
     def __enter__(self) -> FakeStripe:
         return self.start()
