@@ -32,6 +32,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+_UNDECODABLE = (DecodeError, UnicodeDecodeError, ValueError, RecursionError)
+_UNDECODABLE_REASON = "is not a valid protobuf message of the method's request type"
+
 
 @dataclass(frozen=True, slots=True)
 class Malformed:
@@ -50,13 +53,18 @@ class RequestReader:
     async def read(self, context: grpc.aio.ServicerContext) -> Any:
         """The next message, or grpc.aio.EOF; waiting for a slot counts against the timeout."""
         try:
-            async with asyncio.timeout(self.timeout_seconds), self._slots:
+            async with asyncio.timeout(self.timeout_seconds) as timeout, self._slots:
+                # A slot freed just as this call's time ran out: do not start reading.
+                if (deadline := timeout.when()) is not None and deadline <= asyncio.get_running_loop().time():
+                    raise TimeoutError
                 return await context.read()
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the request message did not arrive within {self.timeout_seconds:g} s",
             )
+        except _UNDECODABLE:  # health and reflection keep gRPC's deserializers
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_REASON)
 
     async def read_one(self, context: grpc.aio.ServicerContext) -> Any:
         """The request of a unary-request method."""
@@ -74,8 +82,8 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def decode(data: bytes) -> Any:
         try:
             return deserialize(data)
-        except (DecodeError, UnicodeDecodeError, ValueError, RecursionError):
-            return Malformed("is not a valid protobuf message of the method's request type")
+        except _UNDECODABLE:
+            return Malformed(_UNDECODABLE_REASON)
 
     return decode
 
