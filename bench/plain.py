@@ -42,10 +42,11 @@ async def _write(dsn: str, method: str, batches: list[list[tuple[Any, ...]]], co
     for instant in (min(times), max(times)):  # the workload spans minutes: at most two months
         await pool.execute("SELECT tally_event_partition($1)", to_datetime(instant))
     count = "SELECT count(*) FROM new_keys"
-    copy_sql = RECORD_FROM.format(source="SELECT * FROM staging", result=count)
+    copy_sql = RECORD_FROM.format(source="SELECT * FROM staging", meters="", result=count)
     unnest_sql = RECORD_FROM.format(
         source="SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
         "$6::bigint[], $7::text[]) AS t(" + ", ".join(_COLUMNS) + ")",
+        meters="",
         result=count,
     )
     queue: asyncio.Queue[list[tuple[Any, ...]]] = asyncio.Queue()

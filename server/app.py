@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
+from server.api.meters import MeterApi
 from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
@@ -31,23 +32,36 @@ from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
+from server.metering.corrections import Corrections
+from server.metering.meters import MeterCatalog
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
+from server.storage.corrections import CorrectionStore
 from server.storage.database import create_pool
 from server.storage.embedded import EmbeddedPostgres
+from server.storage.folding import Folder
 from server.storage.invoices import InvoiceStore
+from server.storage.meters import MeterStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
 from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
 from server.storage.usage import UsageStore
-from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+from tally.v1 import (
+    billing_service_pb2,
+    billing_service_pb2_grpc,
+    meter_service_pb2,
+    meter_service_pb2_grpc,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
+    meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
 )
 
 
@@ -108,6 +122,7 @@ class TallyServer:
         self._server: grpc.aio.Server | None = None
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._folding_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
@@ -157,6 +172,9 @@ class TallyServer:
         rate_store = RateStore(self._pool)
         rate_card = RateCardCache(rate_store)
         await rate_card.reload()
+        page_tokens = PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY))
+        meters = MeterCatalog(MeterStore(self._pool), rate_card, page_tokens)
+        await meters.reload()
         rules = EventRules(
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
             max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
@@ -167,6 +185,7 @@ class TallyServer:
             rate_card,
             rules,
             now_micros,
+            meters,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
@@ -176,7 +195,7 @@ class TallyServer:
             InvoiceStore(self._pool),
             AuditStore(self._pool),
             rate_card,
-            PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY)),
+            page_tokens,
             now_micros,
         )
 
@@ -198,8 +217,15 @@ class TallyServer:
         reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
         tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tally
+            UsageApi(
+                self._metering,
+                authenticator,
+                EventBudget(config.max_events_in_flight),
+                Corrections(CorrectionStore(self._pool), meters),
+            ),
+            tally,
         )
+        meter_service_pb2_grpc.add_MeterServiceServicer_to_server(MeterApi(meters, authenticator), tally)
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
             BillingApi(billing, authenticator), tally
         )
@@ -232,13 +258,15 @@ class TallyServer:
         await server.start()
         self._server = server
         self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        self._folding_task = asyncio.create_task(Folder(self._pool).run(), name="tally-folding")
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._folding_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:

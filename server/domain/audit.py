@@ -25,7 +25,18 @@ RATE_SET: Final = "rate_set"
 INVOICE_CREATED: Final = "invoice_created"
 INVOICE_RECOMPUTED: Final = "invoice_recomputed"
 USAGE_BACKFILLED: Final = "usage_backfilled"
-ACTIONS: Final = (RATE_SET, INVOICE_CREATED, INVOICE_RECOMPUTED, USAGE_BACKFILLED)
+METER_CREATED: Final = "meter_created"
+METER_ARCHIVED: Final = "meter_archived"
+USAGE_EVENT_CANCELLED: Final = "usage_event_cancelled"
+ACTIONS: Final = (
+    RATE_SET,
+    INVOICE_CREATED,
+    INVOICE_RECOMPUTED,
+    USAGE_BACKFILLED,
+    METER_CREATED,
+    METER_ARCHIVED,
+    USAGE_EVENT_CANCELLED,
+)
 
 State = Mapping[str, Any]
 

@@ -24,9 +24,12 @@ class ErrorReason(enum.StrEnum):
     PAGE_TOKEN_INVALID = "PAGE_TOKEN_INVALID"
     BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
     INVOICE_NOT_FOUND = "INVOICE_NOT_FOUND"
+    METER_NOT_FOUND = "METER_NOT_FOUND"
+    EVENT_NOT_FOUND = "EVENT_NOT_FOUND"
     INVOICE_PERIOD_OVERLAP = "INVOICE_PERIOD_OVERLAP"
     USAGE_NOT_PRICED = "USAGE_NOT_PRICED"
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+    METER_EXISTS = "METER_EXISTS"
     SCOPE_MISSING = "SCOPE_MISSING"
     TENANT_NOT_PERMITTED = "TENANT_NOT_PERMITTED"
     ALL_TENANTS_REQUIRED = "ALL_TENANTS_REQUIRED"
@@ -96,6 +99,10 @@ class InvalidArgument(TallyError):
 
 class NotFound(TallyError):
     """The named resource does not exist."""
+
+
+class AlreadyExists(TallyError):
+    """A resource with the id the caller chose exists already."""
 
 
 class FailedPrecondition(TallyError):

@@ -7,6 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from enum import Enum
 
+from server.domain.meters import Meter
 from server.domain.pricing import LineItem
 
 
@@ -59,6 +60,17 @@ class UsageAggregate:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterValue:
+    """One line of a meter's summary: its value in one bucket and dimension value, as decimal text."""
+
+    tenant_id: str
+    meter: Meter
+    bucket_start_seconds: int | None
+    dimension_value: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class UsageSummary:
     tenant_id: str
     start: datetime
@@ -66,3 +78,4 @@ class UsageSummary:
     bucket: str  # "" (none), "hour", "day" or "month"
     group_by_dimension: str
     aggregates: tuple[UsageAggregate, ...]
+    meter_values: tuple[MeterValue, ...] = ()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btally/v1/error_reason.proto\x12\x08tally.v1*\x80\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rFIELD_INVALID\x10\x01\x12\x15\n\x11REQUEST_MALFORMED\x10\x02\x12\x16\n\x12PAGE_TOKEN_INVALID\x10\x03\x12\x13\n\x0f\x42\x41TCH_TOO_LARGE\x10\x04\x12\x15\n\x11INVOICE_NOT_FOUND\x10\n\x12\x1a\n\x16INVOICE_PERIOD_OVERLAP\x10\x14\x12\x14\n\x10USAGE_NOT_PRICED\x10\x15\x12\x15\n\x11REQUEST_ID_REUSED\x10\x16\x12\x11\n\rSCOPE_MISSING\x10\x1e\x12\x18\n\x14TENANT_NOT_PERMITTED\x10\x1f\x12\x18\n\x14\x41LL_TENANTS_REQUIRED\x10 \x12\x11\n\rTOKEN_MISSING\x10(\x12\x11\n\rTOKEN_INVALID\x10)\x12\x11\n\rTOKEN_EXPIRED\x10*\x12\x17\n\x13TOKEN_NOT_YET_VALID\x10+\x12\x10\n\x0cRATE_LIMITED\x10\x32\x12\x18\n\x14STREAM_LIMIT_REACHED\x10\x33\x12\x18\n\x14\x44\x41TABASE_UNAVAILABLE\x10<\x12\x18\n\x14TRANSACTION_CONFLICT\x10=\x12\x0f\n\x0bSTREAM_IDLE\x10>\x12\x12\n\x0eINTERNAL_ERROR\x10\x46\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btally/v1/error_reason.proto\x12\x08tally.v1*\xbc\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rFIELD_INVALID\x10\x01\x12\x15\n\x11REQUEST_MALFORMED\x10\x02\x12\x16\n\x12PAGE_TOKEN_INVALID\x10\x03\x12\x13\n\x0f\x42\x41TCH_TOO_LARGE\x10\x04\x12\x15\n\x11INVOICE_NOT_FOUND\x10\n\x12\x13\n\x0fMETER_NOT_FOUND\x10\x0f\x12\x13\n\x0f\x45VENT_NOT_FOUND\x10\x10\x12\x1a\n\x16INVOICE_PERIOD_OVERLAP\x10\x14\x12\x14\n\x10USAGE_NOT_PRICED\x10\x15\x12\x15\n\x11REQUEST_ID_REUSED\x10\x16\x12\x10\n\x0cMETER_EXISTS\x10\x1d\x12\x11\n\rSCOPE_MISSING\x10\x1e\x12\x18\n\x14TENANT_NOT_PERMITTED\x10\x1f\x12\x18\n\x14\x41LL_TENANTS_REQUIRED\x10 \x12\x11\n\rTOKEN_MISSING\x10(\x12\x11\n\rTOKEN_INVALID\x10)\x12\x11\n\rTOKEN_EXPIRED\x10*\x12\x17\n\x13TOKEN_NOT_YET_VALID\x10+\x12\x10\n\x0cRATE_LIMITED\x10\x32\x12\x18\n\x14STREAM_LIMIT_REACHED\x10\x33\x12\x18\n\x14\x44\x41TABASE_UNAVAILABLE\x10<\x12\x18\n\x14TRANSACTION_CONFLICT\x10=\x12\x0f\n\x0bSTREAM_IDLE\x10>\x12\x12\n\x0eINTERNAL_ERROR\x10\x46\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tally.v1.error_reason_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=42
-  _globals['_ERRORREASON']._serialized_end=554
+  _globals['_ERRORREASON']._serialized_end=614
 # @@protoc_insertion_point(module_scope)

@@ -58,6 +58,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[NOT_FOUND] No invoice has this name, or it belongs to a tenant the
     token does not cover (the two are not told apart).
     """
+    METER_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """[NOT_FOUND] No meter has this name (metadata: meter)."""
+    EVENT_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """[NOT_FOUND] The tenant has no recorded event with this event_id, or it is
+    a tenant the token does not cover (the two are not told apart).
+    """
     INVOICE_PERIOD_OVERLAP: _ErrorReason.ValueType  # 20
     """[FAILED_PRECONDITION] The invoice period overlaps another invoice of the
     tenant (metadata: invoice, that invoice's name).
@@ -70,6 +76,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[FAILED_PRECONDITION] The request_id was used before, by the same
     principal and method, for a request with other parameters (metadata:
     requestId). Use a new request_id for a new request.
+    """
+    METER_EXISTS: _ErrorReason.ValueType  # 29
+    """[ALREADY_EXISTS] A meter with this meter_id exists already, active or
+    archived (metadata: meter). Meter ids are never reused.
     """
     SCOPE_MISSING: _ErrorReason.ValueType  # 30
     """[PERMISSION_DENIED] The token lacks the scope the method needs
@@ -151,6 +161,12 @@ INVOICE_NOT_FOUND: ErrorReason.ValueType  # 10
 """[NOT_FOUND] No invoice has this name, or it belongs to a tenant the
 token does not cover (the two are not told apart).
 """
+METER_NOT_FOUND: ErrorReason.ValueType  # 15
+"""[NOT_FOUND] No meter has this name (metadata: meter)."""
+EVENT_NOT_FOUND: ErrorReason.ValueType  # 16
+"""[NOT_FOUND] The tenant has no recorded event with this event_id, or it is
+a tenant the token does not cover (the two are not told apart).
+"""
 INVOICE_PERIOD_OVERLAP: ErrorReason.ValueType  # 20
 """[FAILED_PRECONDITION] The invoice period overlaps another invoice of the
 tenant (metadata: invoice, that invoice's name).
@@ -163,6 +179,10 @@ REQUEST_ID_REUSED: ErrorReason.ValueType  # 22
 """[FAILED_PRECONDITION] The request_id was used before, by the same
 principal and method, for a request with other parameters (metadata:
 requestId). Use a new request_id for a new request.
+"""
+METER_EXISTS: ErrorReason.ValueType  # 29
+"""[ALREADY_EXISTS] A meter with this meter_id exists already, active or
+archived (metadata: meter). Meter ids are never reused.
 """
 SCOPE_MISSING: ErrorReason.ValueType  # 30
 """[PERMISSION_DENIED] The token lacks the scope the method needs
