@@ -18,7 +18,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
+from server.domain.decimals import format_quantity
 from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.events import (
     MAX_DIMENSION_KEY_LENGTH,
@@ -208,6 +210,8 @@ def contribution(meter: Meter, dimensions: Mapping[str, str], quantity: str) -> 
         value = dimensions.get(spec.value_dimension)
         if value is None:
             return None
+    elif spec.aggregation is Aggregation.UNIQUE_COUNT:
+        value = format_quantity(Decimal(quantity))  # "1.50" and "1.5" are one value
     else:
         value = quantity
     groups = {key: dimensions[key] for key in spec.group_by if key in dimensions}

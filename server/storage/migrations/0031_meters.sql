@@ -51,7 +51,6 @@ CREATE TABLE meter_hourly (
     hour            timestamptz NOT NULL,
     group_values    jsonb       NOT NULL,
     stripe          integer     NOT NULL,
-    event_count     bigint      NOT NULL,
     min_value       numeric     NOT NULL,
     max_value       numeric     NOT NULL,
     latest_time     timestamptz NOT NULL,
