@@ -85,8 +85,8 @@ SELECT EXISTS (
 """
 _DELETE_DISTINCT = """
 DELETE FROM meter_distinct
-WHERE tenant_id = $1 AND meter_id = $2 AND grain = $3::text::"char" AND bucket = $4 AND group_values = $5::jsonb
-  AND value = $6
+WHERE tenant_id = $1 AND meter_id = $2 AND grain = $3::text::"char" AND bucket = $4
+  AND group_values = $5::jsonb AND value = $6
 """
 _DELETE_READING = """
 DELETE FROM meter_readings
