@@ -1,10 +1,11 @@
-"""The pure arithmetic of meters: buckets, range decomposition, time-weighted integrals."""
+"""The pure arithmetic of meters (buckets, ranges, time-weighted integrals) and retention's cutoff."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from server.domain.aggregation import (
     unit_hours,
 )
 from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, to_datetime, to_micros
+from server.storage.retention import check_cutoff
 
 JAN_2026 = to_micros(datetime(2026, 1, 1, tzinfo=UTC))
 hours = st.integers(0, 24 * 800)  # hours after 2026-01-01: a little over two years
@@ -104,3 +106,11 @@ def test_an_hour_summary_composes_to_the_same_integral(
     direct = integrate(carried_value, readings, [Span(None, hour, hour + MICROS_PER_HOUR)])[0]
     assert hour_integral(carried_value, summarize_hour(hour, readings)) == direct
     assert summarize_hour(hour, readings).last_value == max(readings).value
+
+
+def test_retention_never_drops_the_current_or_the_previous_month() -> None:
+    today = date(2026, 1, 15)
+    check_cutoff(2025, 12, today)  # drops November and before: allowed
+    for year, month in ((2026, 1), (2026, 2)):
+        with pytest.raises(ValueError, match="2025-12 or later"):
+            check_cutoff(year, month, today)
