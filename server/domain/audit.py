@@ -18,7 +18,6 @@ from server.domain.models import Invoice, Rate
 RATE_SET: Final = "rate_set"
 INVOICE_CREATED: Final = "invoice_created"
 INVOICE_RECOMPUTED: Final = "invoice_recomputed"
-ACTIONS: Final = (RATE_SET, INVOICE_CREATED, INVOICE_RECOMPUTED)
 
 State = Mapping[str, Any]
 
