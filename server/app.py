@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from server.api.billing import BillingApi
 from server.api.decoding import TolerantRegistration
 from server.api.pipeline import EventBudget
+from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
@@ -179,6 +180,7 @@ class TallyServer:
                 reflection.SERVICE_NAME,
             ),
             server,
+            pool=SourcePool(load_sources()),  # so that `grpcurl describe` shows the proto comments
         )
         self._health = DatabaseHealth(
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds

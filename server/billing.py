@@ -21,12 +21,14 @@ from server.domain.audit import (
     rate_state,
 )
 from server.domain.decimals import MINOR_UNITS, check_decimal
-from server.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from server.domain.events import check_id
 from server.domain.models import Invoice, InvoiceStatus, Rate
+from server.domain.names import invoice_name
 from server.domain.pagination import check_page_size, decode_token, encode_token
 from server.domain.pricing import price_usage
 from server.domain.ranges import check_range
+from server.domain.requests import Once, Replayed
 from server.domain.timeutil import EPOCH, is_whole_hour, next_hour, to_datetime, to_micros
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -107,8 +109,12 @@ class Billing:
         currency: str,
         effective_micros: int | None,
         caller: Caller,
-    ) -> Rate:
-        """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may."""
+        once: Once[Rate] | None = None,
+    ) -> Rate | Replayed:
+        """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may.
+
+        With `once`, a retry of the same request is answered with the first call's response.
+        """
         caller.principal.require_all_tenants("changing the rate card")
         violations: list[FieldViolation] = []
         for name, value in (("service", service), ("usage_type", usage_type)):
@@ -148,19 +154,28 @@ class Billing:
             Decimal(unit_price),
             self.currency,
             audit_entry,
+            once,
         )
+        if isinstance(rate, Replayed):
+            return rate
         self._rate_card.note_rate(service, usage_type, to_micros(rate.effective_from))
         return rate
 
     # --- invoices ------------------------------------------------------------------
 
     async def generate_invoice(
-        self, tenant_id: str, start_micros: int | None, end_micros: int | None, caller: Caller
-    ) -> tuple[Invoice, bool]:
+        self,
+        tenant_id: str,
+        start_micros: int | None,
+        end_micros: int | None,
+        caller: Caller,
+        once: Once[tuple[Invoice, bool]] | None = None,
+    ) -> tuple[Invoice, bool] | Replayed:
         """The tenant's invoice for the period and whether this call created it.
 
         Every computation that writes (a new invoice, or a draft recomputed) is recorded
-        in the audit trail in the same transaction.
+        in the audit trail in the same transaction. With `once`, a retry of the same
+        request is answered with the first call's response and recomputes nothing.
         """
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
@@ -168,28 +183,37 @@ class Billing:
         period = check_range(
             start_micros,
             end_micros,
-            start_field="period_start",
-            end_field="period_end",
+            start_field="period_start_time",
+            end_field="period_end_time",
             max_days=MAX_INVOICE_DAYS,
         )
         start, end = to_datetime(period.start_micros), to_datetime(period.end_micros)
 
-        async def attempt() -> tuple[Invoice, bool]:
+        async def attempt() -> tuple[Invoice, bool] | Replayed:
             async with self._invoices.tenant_transaction(tenant_id) as tx:
+                if once is not None and (stored := await tx.claim(once.key)) is not None:
+                    return Replayed(stored)
                 existing_id: str | None = None
                 for other_id, other_start, other_end, status in await tx.overlapping(tenant_id, start, end):
                     if (other_start, other_end) != (start, end):
                         raise FailedPrecondition(
                             f"the period overlaps invoice {other_id} "
-                            f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant"
+                            f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant",
+                            reason=ErrorReason.INVOICE_PERIOD_OVERLAP,
+                            metadata={"invoice": invoice_name(tenant_id, other_id)},
                         )
                     if status is not InvoiceStatus.DRAFT:
-                        return await tx.load(other_id), False
+                        final = await tx.load(other_id), False
+                        if once is not None:
+                            await tx.complete(once.key, once.encode(final))
+                        return final
                     existing_id = other_id
                 usage = await tx.priced_usage(tenant_id, start, end)
                 priced = [u for u in usage if u is not None]
                 if len(priced) != len(usage):
-                    raise FailedPrecondition("some usage in the period has no rate in effect")
+                    raise FailedPrecondition(
+                        "some usage in the period has no rate in effect", reason=ErrorReason.USAGE_NOT_PRICED
+                    )
                 amounts = price_usage(priced, self.minor_digits)
                 invoice_id = existing_id or f"inv_{uuid.uuid4().hex}"
                 before = None if existing_id is None else await tx.load(existing_id)
@@ -206,17 +230,20 @@ class Billing:
                         after=invoice_state(invoice),
                     )
                 )
-                return invoice, before is None
+                result = invoice, before is None
+                if once is not None:
+                    await tx.complete(once.key, once.encode(result))
+                return result
 
         return await run_with_retries(attempt)
 
-    async def get_invoice(self, invoice_id: str, principal: Principal) -> Invoice:
-        """The invoice; another tenant's invoice is NOT_FOUND, exactly like a missing one."""
+    async def get_invoice(self, tenant_id: str, invoice_id: str, principal: Principal) -> Invoice:
+        """The tenant's invoice; another tenant's invoice is NOT_FOUND, exactly like a missing one."""
         if problem := check_id(invoice_id):
             raise InvalidArgument.single("invoice_id", problem)
         invoice = await self._invoices.get(invoice_id)
-        if invoice is None or not principal.may_act_for(invoice.tenant_id):
-            raise NotFound(f"invoice {invoice_id[:80]!r} not found")
+        if invoice is None or invoice.tenant_id != tenant_id or not principal.may_act_for(invoice.tenant_id):
+            raise NotFound(f"invoice {invoice_id[:80]!r} not found", reason=ErrorReason.INVOICE_NOT_FOUND)
         return invoice
 
     async def list_invoices(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from server.domain.access import Principal
-from server.domain.errors import FieldViolation, InvalidArgument
+from server.domain.errors import ErrorReason, FieldViolation, InvalidArgument
 from server.domain.events import (
     EventRules,
     RawEvent,
@@ -67,7 +67,10 @@ class Metering:
     def check_batch_size(self, size: int) -> None:
         if size > self._rules.max_batch_size:
             raise InvalidArgument.single(
-                "events", f"has {size} events, more than the limit of {self._rules.max_batch_size}"
+                "events",
+                f"has {size} events, more than the limit of {self._rules.max_batch_size}",
+                reason=ErrorReason.BATCH_TOO_LARGE,
+                metadata={"maxBatchSize": str(self._rules.max_batch_size)},
             )
 
     def stream_lane(self) -> Lane:

@@ -45,7 +45,7 @@ def event(
         dimensions=dimensions or {},
     )
     if time is not None:
-        message.time.CopyFrom(ts(time))
+        message.event_time.CopyFrom(ts(time))
     return message
 
 
@@ -118,3 +118,14 @@ def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
 def channel_with_token(address: str, token: str) -> grpc.aio.Channel:
     """A plaintext channel whose calls carry the bearer token."""
     return grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(token))
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The google.rpc.ErrorInfo carried by a failed call, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    return None

@@ -38,10 +38,12 @@ async def victim(usage: Any, billing: Any, tenant: str) -> tuple[str, str]:
     await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant, time=hour_start(-2))))
     generated = await billing.GenerateInvoice(
         billing_service_pb2.GenerateInvoiceRequest(
-            tenant_id=tenant, period_start=ts(hour_start(-24)), period_end=ts(hour_start(-4))
+            parent=f"tenants/{tenant}",
+            period_start_time=ts(hour_start(-24)),
+            period_end_time=ts(hour_start(-4)),
         )
     )
-    return tenant, generated.invoice.id
+    return tenant, generated.invoice.name.rpartition("/")[2]
 
 
 async def snapshot(db: asyncpg.Pool, tenant: str) -> tuple[Any, ...]:

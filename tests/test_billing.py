@@ -36,7 +36,7 @@ async def report(usage: usage_service_pb2_grpc.UsageServiceStub, *events) -> Non
 
 def generate_request(tenant: str, start, end) -> billing_service_pb2.GenerateInvoiceRequest:  # type: ignore[no-untyped-def]
     return billing_service_pb2.GenerateInvoiceRequest(
-        tenant_id=tenant, period_start=ts(start), period_end=ts(end)
+        parent=f"tenants/{tenant}", period_start_time=ts(start), period_end_time=ts(end)
     )
 
 
@@ -181,7 +181,7 @@ async def test_event_before_the_first_rate_of_its_type_is_rejected(
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await report(usage, event(tenant, service="metered", usage_type=kind, time=hour_start(-2)))
-    assert "event.time" in field_violations(raised.value)
+    assert "event.event_time" in field_violations(raised.value)
     await report(usage, event(tenant, service="metered", usage_type=kind, time=hour_start(-1)))
 
 
@@ -232,11 +232,12 @@ async def test_generating_again_returns_the_same_invoice_recomputed(
     await report(usage, event(tenant, "late", quantity="3", time=start + timedelta(hours=1)))
     second = await billing.GenerateInvoice(generate_request(tenant, start, end))
     assert first.created and not second.created
-    assert second.invoice.id == first.invoice.id
+    assert second.invoice.name == first.invoice.name
     assert (first.invoice.total, second.invoice.total) == ("0.10", "0.40")
     assert await db.fetchval("SELECT count(*) FROM invoices WHERE tenant_id = $1", tenant) == 1
     lines = await db.fetch(
-        "SELECT quantity, amount FROM invoice_line_items WHERE invoice_id = $1", first.invoice.id
+        "SELECT quantity, amount FROM invoice_line_items WHERE invoice_id = $1",
+        first.invoice.name.rpartition("/")[2],
     )
     assert [(str(r["quantity"]), str(r["amount"])) for r in lines] == [("4", "0.40")]
 
@@ -254,7 +255,7 @@ async def test_concurrent_generation_creates_one_invoice(
     results = await asyncio.gather(
         *[billing.GenerateInvoice(generate_request(tenant, start, end)) for _ in range(6)]
     )
-    assert len({r.invoice.id for r in results}) == 1
+    assert len({r.invoice.name for r in results}) == 1
     assert sum(r.created for r in results) == 1
     assert await db.fetchval("SELECT count(*) FROM invoices WHERE tenant_id = $1", tenant) == 1
 
@@ -281,7 +282,7 @@ async def test_invoice_without_usage_is_zero(
 
 @pytest.mark.parametrize(
     ("start", "end", "field"),
-    [(-3, -3, "period_end"), (-2, -3, "period_end"), (-24 * 400, 0, "period_end")],
+    [(-3, -3, "period_end_time"), (-2, -3, "period_end_time"), (-24 * 400, 0, "period_end_time")],
 )
 async def test_bad_period_is_invalid_argument(
     billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str, start: int, end: int, field: str
@@ -296,20 +297,22 @@ async def test_missing_period_and_tenant_are_named(
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await billing.GenerateInvoice(billing_service_pb2.GenerateInvoiceRequest())
-    assert "tenant_id" in field_violations(raised.value)
+    assert "parent" in field_violations(raised.value)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await billing.GenerateInvoice(billing_service_pb2.GenerateInvoiceRequest(tenant_id="t"))
-    assert set(field_violations(raised.value)) == {"period_start", "period_end"}
+        await billing.GenerateInvoice(billing_service_pb2.GenerateInvoiceRequest(parent="tenants/t"))
+    assert set(field_violations(raised.value)) == {"period_start_time", "period_end_time"}
 
 
 async def test_get_invoice_and_unknown_invoice_is_not_found(
     billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
 ) -> None:
     made = (await billing.GenerateInvoice(generate_request(tenant, hour_start(-2), hour_start(-1)))).invoice
-    got = (await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(invoice_id=made.id))).invoice
+    got = (await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(name=made.name))).invoice
     assert got == made
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(invoice_id="inv_missing"))
+        await billing.GetInvoice(
+            billing_service_pb2.GetInvoiceRequest(name=f"tenants/{tenant}/invoices/inv_missing")
+        )
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -319,17 +322,17 @@ async def test_list_invoices_newest_first_in_pages(
     made = [
         (
             await billing.GenerateInvoice(generate_request(tenant, hour_start(-n - 1), hour_start(-n)))
-        ).invoice.id
+        ).invoice.name
         for n in range(1, 6)
     ]  # made[0] is the newest period
     seen: list[str] = []
     token = ""
     while True:
         page = await billing.ListInvoices(
-            billing_service_pb2.ListInvoicesRequest(tenant_id=tenant, page_size=2, page_token=token)
+            billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{tenant}", page_size=2, page_token=token)
         )
         assert len(page.invoices) <= 2
-        seen += [i.id for i in page.invoices]
+        seen += [i.name for i in page.invoices]
         token = page.next_page_token
         if not token:
             break
@@ -341,11 +344,13 @@ async def test_page_token_of_another_tenant_or_garbage_is_invalid(
 ) -> None:
     for n in range(1, 3):
         await billing.GenerateInvoice(generate_request(tenant, hour_start(-n - 1), hour_start(-n)))
-    page = await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(tenant_id=tenant, page_size=1))
+    page = await billing.ListInvoices(
+        billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{tenant}", page_size=1)
+    )
     for other, token in (("someone-else", page.next_page_token), (tenant, "garbage!"), (tenant, "e30")):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await billing.ListInvoices(
-                billing_service_pb2.ListInvoicesRequest(tenant_id=other, page_token=token)
+                billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{other}", page_token=token)
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in field_violations(raised.value)
@@ -371,7 +376,9 @@ async def test_values_postgres_cannot_store_are_invalid_not_internal(
     billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await billing.GetInvoice(billing_service_pb2.GetInvoiceRequest(invoice_id="inv_\x00"))
+        await billing.GetInvoice(
+            billing_service_pb2.GetInvoiceRequest(name=f"tenants/{tenant}/invoices/inv_\x00")
+        )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A forged page token that passes the filter check but carries a NUL character.
     from server.domain.pagination import encode_token
@@ -379,6 +386,6 @@ async def test_values_postgres_cannot_store_are_invalid_not_internal(
     forged = encode_token(f"invoices:{tenant}", [0, "inv_\x00"])
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await billing.ListInvoices(
-            billing_service_pb2.ListInvoicesRequest(tenant_id=tenant, page_token=forged)
+            billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{tenant}", page_token=forged)
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

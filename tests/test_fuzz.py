@@ -112,7 +112,9 @@ async def control(usage: Any, billing: Any, db: asyncpg.Pool) -> tuple[str, tupl
     )
     invoice = await billing.GenerateInvoice(
         billing_service_pb2.GenerateInvoiceRequest(
-            tenant_id=tenant, period_start=ts(hour_start(-3)), period_end=ts(hour_start(-1))
+            parent=f"tenants/{tenant}",
+            period_start_time=ts(hour_start(-3)),
+            period_end_time=ts(hour_start(-1)),
         )
     )
     return tenant, await totals(db, tenant), invoice.invoice.SerializeToString()
@@ -126,7 +128,7 @@ async def assert_unharmed(
         await health.Check(health_pb2.HealthCheckRequest())
     ).status == health_pb2.HealthCheckResponse.SERVING
     assert await totals(db, tenant) == before
-    listed = await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(tenant_id=tenant))
+    listed = await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{tenant}"))
     assert [i.SerializeToString() for i in listed.invoices] == [invoice]
 
 
@@ -201,7 +203,10 @@ async def test_ids_and_dimensions_full_of_quotes_sql_and_unicode_are_kept_verbat
     token = make_token([tenant], SCOPES)
     summary_rpc = next(r for r in RPCS if r.name.endswith("/GetUsageSummary"))
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant, start_time=ts(hour_start(-1)), end_time=ts(hour_start(0)), group_by_dimension=key
+        name=f"tenants/{tenant}/usageSummary",
+        start_time=ts(hour_start(-1)),
+        end_time=ts(hour_start(0)),
+        group_by_dimension=key,
     )
     [answer] = await invoke(bare_channel, summary_rpc, [request], token=token)
     assert answer.summary.tenant_id == tenant
@@ -210,7 +215,9 @@ async def test_ids_and_dimensions_full_of_quotes_sql_and_unicode_are_kept_verbat
     ]
     invoice = await billing.GenerateInvoice(
         billing_service_pb2.GenerateInvoiceRequest(
-            tenant_id=tenant, period_start=ts(hour_start(-1)), period_end=ts(hour_start(0))
+            parent=f"tenants/{tenant}",
+            period_start_time=ts(hour_start(-1)),
+            period_end_time=ts(hour_start(0)),
         )
     )
     assert (invoice.invoice.tenant_id, Decimal(invoice.invoice.total)) == (tenant, Decimal("0.50"))

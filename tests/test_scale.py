@@ -57,9 +57,9 @@ async def test_retention_drops_old_raw_months_and_keeps_totals_and_dedup(
             usage_service_pb2.ReportUsageRequest(event=event(tenant, f"old{i}", time=when))
         )
     period = billing_service_pb2.GenerateInvoiceRequest(
-        tenant_id=tenant,
-        period_start=ts(datetime(2001, 1, 1, tzinfo=UTC)),
-        period_end=ts(datetime(2001, 3, 1, tzinfo=UTC)),
+        parent=f"tenants/{tenant}",
+        period_start_time=ts(datetime(2001, 1, 1, tzinfo=UTC)),
+        period_end_time=ts(datetime(2001, 3, 1, tzinfo=UTC)),
     )
     before = (await billing.GenerateInvoice(period)).invoice
     assert {"usage_events_2001_01", "usage_events_2001_02"} <= await partitions(db)
@@ -77,8 +77,8 @@ async def test_retention_drops_old_raw_months_and_keeps_totals_and_dedup(
     # Raw January events are gone; totals read rollups and do not change.
     assert await db.fetchval("SELECT count(*) FROM usage_events WHERE tenant_id = $1", tenant) == 1
     after = (await billing.GenerateInvoice(period)).invoice
-    assert (after.id, after.total, list(after.line_items)) == (
-        before.id,
+    assert (after.name, after.total, list(after.line_items)) == (
+        before.name,
         before.total,
         list(before.line_items),
     )

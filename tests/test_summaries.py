@@ -27,7 +27,7 @@ def aggregates(summary: resources_pb2.UsageSummary) -> list[tuple[str, str, str,
         (
             a.service,
             a.usage_type,
-            a.bucket_start.ToDatetime().isoformat() if a.HasField("bucket_start") else "",
+            a.bucket_start_time.ToDatetime().isoformat() if a.HasField("bucket_start_time") else "",
             a.dimension_value,
             a.quantity,
             a.event_count,
@@ -64,7 +64,7 @@ async def test_summary_totals_per_usage_type_hour_and_dimension(
         ],
     )
     base = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant, start_time=ts(h0), end_time=ts(h0 + timedelta(hours=3))
+        name=f"tenants/{tenant}/usageSummary", start_time=ts(h0), end_time=ts(h0 + timedelta(hours=3))
     )
     whole = (await usage.GetUsageSummary(base)).summary
     assert aggregates(whole) == [
@@ -104,19 +104,19 @@ async def test_day_and_month_buckets_are_utc(
         ],
     )
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(day),
         end_time=ts(day + timedelta(days=2)),
         bucket=resources_pb2.TIME_BUCKET_DAY,
     )
     daily = (await usage.GetUsageSummary(request)).summary
-    assert [(a.bucket_start.ToDatetime(), a.quantity) for a in daily.aggregates] == [
+    assert [(a.bucket_start_time.ToDatetime(), a.quantity) for a in daily.aggregates] == [
         (day.replace(tzinfo=None), "1"),
         ((day + timedelta(days=1)).replace(tzinfo=None), "2"),
     ]
     request.bucket = resources_pb2.TIME_BUCKET_MONTH
     monthly = (await usage.GetUsageSummary(request)).summary
-    months = {a.bucket_start.ToDatetime() for a in monthly.aggregates}
+    months = {a.bucket_start_time.ToDatetime() for a in monthly.aggregates}
     assert months <= {day.replace(day=1, tzinfo=None), (day + timedelta(days=1)).replace(day=1, tzinfo=None)}
     assert sum(a.event_count for a in monthly.aggregates) == 2
 
@@ -125,7 +125,7 @@ async def test_summary_of_a_tenant_without_usage_is_empty(
     usage: usage_service_pb2_grpc.UsageServiceStub,
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=new_tenant(), start_time=ts(hour_start(-5)), end_time=ts(hour_start(1))
+        name=f"tenants/{new_tenant()}/usageSummary", start_time=ts(hour_start(-5)), end_time=ts(hour_start(1))
     )
     assert list((await usage.GetUsageSummary(request)).summary.aggregates) == []
 
@@ -144,7 +144,7 @@ async def test_summary_of_a_tenant_without_usage_is_empty(
 async def test_bad_summary_range_is_invalid_argument(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str, start: object, end: object, field: str
 ) -> None:
-    request = usage_service_pb2.GetUsageSummaryRequest(tenant_id=tenant)
+    request = usage_service_pb2.GetUsageSummaryRequest(name=f"tenants/{tenant}/usageSummary")
     base = hour_start(-24 * 4000)
     if start is not None:
         request.start_time.CopyFrom(
@@ -162,7 +162,7 @@ async def test_hourly_buckets_over_more_than_a_year_are_refused(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(hour_start(-24 * 400)),
         end_time=ts(hour_start(0)),
         bucket=resources_pb2.TIME_BUCKET_HOUR,
@@ -178,7 +178,7 @@ async def test_summary_with_unknown_bucket_value_is_invalid(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(hour_start(-1)),
         end_time=ts(hour_start(0)),
         bucket=42,  # type: ignore[arg-type]
@@ -239,7 +239,7 @@ async def test_control_characters_in_the_dimension_key_are_invalid(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(hour_start(-1)),
         end_time=ts(hour_start(0)),
         group_by_dimension="re\x00gion",

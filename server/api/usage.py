@@ -11,12 +11,13 @@ import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from server.api.calls import rpc
-from server.api.convert import bucket_name, optional_micros, raw_event, summary_message
+from server.api.convert import bucket_name, optional_micros, raw_event, summary_message, tenant_in
 from server.api.pipeline import EventBudget, pipelined
 from server.auth.authenticator import Authenticator
 from server.auth.limits import Charge, take, try_take
 from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
 from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
+from server.domain.names import parse_usage_summary_name
 from server.metering import BatchOutcome, Metering
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
@@ -132,7 +133,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
                 rejections=[_rejection(r, 0) for r in outcome.rejections],
             )
 
-    @rpc(USAGE_READ, tenant=lambda request: request.tenant_id)
+    @rpc(USAGE_READ, tenant=lambda request: tenant_in(request.name, parse_usage_summary_name))
     async def GetUsageSummary(
         self,
         request: usage_service_pb2.GetUsageSummaryRequest,
@@ -140,7 +141,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.GetUsageSummaryResponse:
         summary = await self._metering.summary(
-            request.tenant_id,
+            parse_usage_summary_name(request.name),
             optional_micros(request, "start_time"),
             optional_micros(request, "end_time"),
             bucket_name(request.bucket),

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from server.config import LimitSettings
-from server.domain.errors import ResourceExhausted
+from server.domain.errors import ErrorReason, ResourceExhausted
 
 MAX_BUCKETS = 100_000
 
@@ -133,6 +133,7 @@ class StreamSlots:
                 retry_after_seconds=1.0,
                 subject=subject,
                 limit="streams",
+                reason=ErrorReason.STREAM_LIMIT_REACHED,
             )
         self._open[subject] = count + 1
 

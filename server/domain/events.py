@@ -172,15 +172,17 @@ def check_event(
     ):
         violations.append(FieldViolation("quantity", problem))
     if event.time_error is not None:
-        violations.append(FieldViolation("time", event.time_error))
+        violations.append(FieldViolation("event_time", event.time_error))
     elif event.time_micros is not None:
         if event.time_micros > now_micros + rules.max_future_micros:
             ahead = rules.max_future_micros // MICROS_PER_SECOND
-            violations.append(FieldViolation("time", f"is more than {ahead} s ahead of the server's clock"))
+            violations.append(
+                FieldViolation("event_time", f"is more than {ahead} s ahead of the server's clock")
+            )
         elif first_effective is not None and event.time_micros < first_effective:
             violations.append(
                 FieldViolation(
-                    "time",
+                    "event_time",
                     f"is before the first rate of {event.service}/{event.usage_type} took effect "
                     f"({to_datetime(first_effective).isoformat()})",
                 )

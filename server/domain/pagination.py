@@ -12,9 +12,10 @@ import hashlib
 import json
 from typing import Any
 
-from server.domain.errors import InvalidArgument
+from server.domain.errors import ErrorReason, InvalidArgument
 
 DEFAULT_FIELD = "page_token"
+_REASON = ErrorReason.PAGE_TOKEN_INVALID
 
 
 def _fingerprint(filter_key: str) -> str:
@@ -39,15 +40,19 @@ def decode_token(token: str, filter_key: str, shape: tuple[type, ...]) -> list[A
         key = body["k"]
         fingerprint = body["f"]
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument.single(DEFAULT_FIELD, "is not a token returned by this method") from exc
+        raise InvalidArgument.single(
+            DEFAULT_FIELD, "is not a token returned by this method", reason=_REASON
+        ) from exc
     if fingerprint != _fingerprint(filter_key):
-        raise InvalidArgument.single(DEFAULT_FIELD, "was issued for a request with different filters")
+        raise InvalidArgument.single(
+            DEFAULT_FIELD, "was issued for a request with different filters", reason=_REASON
+        )
     if (
         not isinstance(key, list)
         or len(key) != len(shape)
         or not all(type(value) is kind for value, kind in zip(key, shape, strict=True))
     ):
-        raise InvalidArgument.single(DEFAULT_FIELD, "is not a token returned by this method")
+        raise InvalidArgument.single(DEFAULT_FIELD, "is not a token returned by this method", reason=_REASON)
     return key
 
 

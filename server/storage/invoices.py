@@ -12,7 +12,8 @@ import asyncpg
 from server.domain.audit import AuditEntry
 from server.domain.models import Invoice, InvoiceStatus
 from server.domain.pricing import LineItem, PricedUsage
-from server.storage import audit
+from server.domain.requests import RequestKey
+from server.storage import audit, request_ids
 from server.storage.database import run_with_retries
 
 # Usage of a tenant over [$2, $3) per usage type and unit price. Each rate holds from
@@ -114,6 +115,14 @@ class InvoiceTransaction:
             )
             for row in rows
         ]
+
+    async def claim(self, key: RequestKey) -> bytes | None:
+        """Claim a request's key for this change; the first call's response if it ran before."""
+        return await request_ids.claim(self._conn, key)
+
+    async def complete(self, key: RequestKey, response: bytes) -> None:
+        """Store the response of the change that claimed `key`, committed (or not) with it."""
+        await request_ids.complete(self._conn, key, response)
 
     async def append_audit(self, entry: AuditEntry) -> None:
         """Record the change in the audit trail, committed (or not) with it."""
