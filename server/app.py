@@ -30,6 +30,7 @@ from server.domain.events import EventRules
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
+from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
 from server.storage.database import create_pool
@@ -114,13 +115,15 @@ class TallyServer:
         return keys
 
     async def start(self) -> None:
-        """Start everything; ValueError (a bad key or TLS file) before anything is started."""
+        """Start everything; ValueError (a bad key or TLS file, a port in use) before anything is started."""
         config = self.config
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
             Limiter(config.limits),
         )
         credentials = server_credentials(config)
+        # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
+        check_port_free(config.host, config.port)
         if config.database_url:
             self.dsn = config.database_url
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Generic, TypeVar
 
@@ -110,10 +110,15 @@ class Billing:
         effective_micros: int | None,
         caller: Caller,
         once: Once[Rate] | None = None,
+        *,
+        reprice_past_usage: bool = False,
     ) -> Rate | Replayed:
         """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may.
 
         With `once`, a retry of the same request is answered with the first call's response.
+        An effective time before now re-prices usage already reported (and what draft
+        invoices show), so it is refused unless the request says reprice_past_usage;
+        then the audit entry records that it did.
         """
         caller.principal.require_all_tenants("changing the rate card")
         violations: list[FieldViolation] = []
@@ -130,8 +135,19 @@ class Billing:
             violations.append(
                 FieldViolation("currency_code", f"must be the rate card's currency {self.currency}")
             )
+        repricing = False
         if effective_micros is not None and (effective_micros < 0 or not is_whole_hour(effective_micros)):
             violations.append(FieldViolation("effective_time", "must be a whole UTC hour, not before 1970"))
+        elif effective_micros is not None and effective_micros < self._now_micros():
+            if not reprice_past_usage:
+                violations.append(
+                    FieldViolation(
+                        "effective_time",
+                        "is in the past: it would re-price usage already reported; "
+                        "set reprice_past_usage to do so, or give a time from the next hour on",
+                    )
+                )
+            repricing = True
         if violations:
             raise InvalidArgument(violations)
 
@@ -143,7 +159,7 @@ class Billing:
                 tenant_id="",
                 resource=rate_resource(after),
                 before=None if before is None else rate_state(before),
-                after=rate_state(after),
+                after={**rate_state(after), "reprice_past_usage": True} if repricing else rate_state(after),
             )
 
         rate = await self._rates.upsert(
@@ -244,7 +260,7 @@ class Billing:
         invoice = await self._invoices.get(invoice_id)
         if invoice is None or invoice.tenant_id != tenant_id or not principal.may_act_for(invoice.tenant_id):
             raise NotFound(f"invoice {invoice_id[:80]!r} not found", reason=ErrorReason.INVOICE_NOT_FOUND)
-        return invoice
+        return (await self._current(invoice.tenant_id, [invoice]))[0]
 
     async def list_invoices(
         self, tenant_id: str, page_size: int, page_token: str, principal: Principal
@@ -262,7 +278,36 @@ class Billing:
             invoices = invoices[:limit]
             tail = invoices[-1]
             next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
-        return Page(invoices, next_token)
+        return Page(await self._current(tenant_id, invoices), next_token)
+
+    async def _current(self, tenant_id: str, invoices: list[Invoice]) -> list[Invoice]:
+        """The invoices with each draft priced afresh from the usage and rates of now.
+
+        Usage keeps arriving for a draft's period, so totals stored by the last
+        GenerateInvoice go stale; a read shows what the draft would be if generated now.
+        The result is not stored: a read needs only billing:read and must not write, and
+        the stored draft, its update_time and the audit trail change only through
+        GenerateInvoice. It costs one query per call (all drafts of a page together),
+        the same aggregate over hourly rollups that generation runs.
+        """
+        drafts = [i for i in invoices if i.status is InvoiceStatus.DRAFT]
+        if not drafts:
+            return invoices
+        # Taken before the query, so that all usage committed before it is counted.
+        computed_at = to_datetime(self._now_micros())
+        usage = await self._invoices.priced_usage(
+            tenant_id, [(i.id, i.period_start, i.period_end) for i in drafts]
+        )
+        current: dict[str, Invoice] = {}
+        for draft in drafts:
+            priced = [u for u in usage[draft.id] if u is not None]
+            if len(priced) != len(usage[draft.id]):
+                continue  # usage without a rate: shown as last generated, with that compute time
+            amounts = price_usage(priced, MINOR_UNITS.get(draft.currency, self.minor_digits))
+            current[draft.id] = replace(
+                draft, lines=amounts.lines, total=amounts.total, computed_at=computed_at
+            )
+        return [current.get(i.id, i) for i in invoices]
 
     # --- audit trail ---------------------------------------------------------------
 

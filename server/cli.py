@@ -246,7 +246,7 @@ async def _serve(config: Config) -> None:
     server = TallyServer(config)
     try:
         await server.start()
-    except ValueError as exc:  # a key or TLS file that cannot be used
+    except ValueError as exc:  # a key or TLS file that cannot be used, a port in use
         raise SystemExit(f"tally serve: {exc}") from None
     where = (
         config.database_url and "the PostgreSQL at DATABASE_URL"
@@ -254,6 +254,12 @@ async def _serve(config: Config) -> None:
     tls = (
         "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
     )
+    # Before the "listening" line: a supervisor may send SIGTERM as soon as it reads it, and
+    # without the handler that would kill the process without a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
     if server.dev_secret_path is not None:
         print(
@@ -262,10 +268,6 @@ async def _serve(config: Config) -> None:
             f"  {token_hint(config.data_dir)}",
             flush=True,
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
@@ -275,6 +277,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "serve":
         config = config_from_args(args)
+        # gRPC's fork handlers are for children that go on using gRPC; ours never do (the
+        # only fork is subprocess running pg_ctl for the embedded PostgreSQL, which execs at
+        # once), and with them on, gRPC logs "Other threads are currently calling into
+        # gRPC, skipping fork() handlers" on every stop. gRPC reads this when it is
+        # imported, which is below (no import of this module loads grpc); an operator's own
+        # setting wins.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         logging.basicConfig(
             level=config.log_level,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -170,7 +170,13 @@ class Config:
         default="127.0.0.1",
         help="address to listen on, e.g. 0.0.0.0 or [::] for every interface",
     )
-    port: int = setting("--port", INT, default=50051, help="port to listen on; 0 picks a free one")
+    port: int = setting(
+        "--port",
+        INT,
+        default=50051,
+        help="port to listen on; 0 picks a free one. A port that another process listens on is "
+        "refused at start",
+    )
     data_dir: Path = setting(
         "--data-dir",
         PATH,

@@ -127,6 +127,7 @@ def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
         status=resources_pb2.INVOICE_STATUS_DRAFT,
         create_time=to_timestamp(invoice.created_at),
         update_time=to_timestamp(invoice.updated_at),
+        compute_time=to_timestamp(invoice.computed_at),
     )
 
 
