@@ -27,6 +27,7 @@ from server.auth.tokens import TokenVerifier
 from server.billing import Billing
 from server.config import Config
 from server.domain.events import EventRules
+from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
@@ -38,6 +39,7 @@ from server.storage.embedded import EmbeddedPostgres
 from server.storage.invoices import InvoiceStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
+from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
 from server.storage.usage import UsageStore
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
@@ -142,6 +144,7 @@ class TallyServer:
         await rate_card.reload()
         rules = EventRules(
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
+            max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
         self._metering = Metering(
@@ -153,7 +156,14 @@ class TallyServer:
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
         )
-        billing = Billing(rate_store, InvoiceStore(self._pool), AuditStore(self._pool), rate_card, now_micros)
+        billing = Billing(
+            rate_store,
+            InvoiceStore(self._pool),
+            AuditStore(self._pool),
+            rate_card,
+            PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY)),
+            now_micros,
+        )
 
         server = grpc.aio.server(
             options=[

@@ -25,7 +25,7 @@ from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation
 from server.domain.events import check_id
 from server.domain.models import Invoice, InvoiceStatus, Rate
 from server.domain.names import invoice_name
-from server.domain.pagination import check_page_size, decode_token, encode_token
+from server.domain.pagination import BIGINT_ID, ID, MICROS, NAME, PageTokens, check_page_size
 from server.domain.pricing import price_usage
 from server.domain.ranges import check_range
 from server.domain.requests import Once, Replayed
@@ -58,10 +58,12 @@ class Billing:
         invoices: InvoiceStore,
         audit: AuditStore,
         rate_card: RateCardCache,
+        page_tokens: PageTokens,
         now_micros: Callable[[], int],
         currency: str = "USD",
     ) -> None:
         self._rates = rates
+        self._page_tokens = page_tokens
         self._invoices = invoices
         self._audit = audit
         self._rate_card = rate_card
@@ -77,14 +79,14 @@ class Billing:
         limit = check_page_size(page_size, default=100, maximum=1_000)
         if show_history:
             filter_key = "history"
-            last = decode_token(page_token, filter_key, (str, str, int))
+            last = self._page_tokens.decode(page_token, filter_key, (NAME, NAME, MICROS))
             # ("", "", epoch) sorts before every stored rate: service names are never empty.
             after = (last[0], last[1], to_datetime(last[2])) if last else ("", "", EPOCH)
             rates = await self._rates.history(after, limit + 1)
         else:
             # A listing "as of now" keeps the instant of its first page on every later page.
             filter_key = f"in_effect:{'now' if as_of_micros is None else as_of_micros}"
-            last = decode_token(page_token, filter_key, (int, str, str))
+            last = self._page_tokens.decode(page_token, filter_key, (MICROS, NAME, NAME))
             at = last[0] if last else self._now_micros() if as_of_micros is None else as_of_micros
             rates = await self._rates.in_effect(
                 to_datetime(at), (last[1], last[2]) if last else ("", ""), limit + 1
@@ -98,7 +100,7 @@ class Billing:
                 if show_history
                 else [at, tail.service, tail.usage_type]
             )
-            next_token = encode_token(filter_key, key)
+            next_token = self._page_tokens.encode(filter_key, key)
         return Page(rates, next_token)
 
     async def set_rate(
@@ -270,14 +272,14 @@ class Billing:
         principal.require_tenant(tenant_id)
         limit = check_page_size(page_size, default=50, maximum=500)
         filter_key = f"invoices:{tenant_id}"
-        last = decode_token(page_token, filter_key, (int, str))
+        last = self._page_tokens.decode(page_token, filter_key, (MICROS, ID))
         before = (to_datetime(last[0]), last[1]) if last else None
         invoices = await self._invoices.list_for_tenant(tenant_id, before, limit + 1)
         next_token = ""
         if len(invoices) > limit:
             invoices = invoices[:limit]
             tail = invoices[-1]
-            next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
+            next_token = self._page_tokens.encode(filter_key, [to_micros(tail.period_start), tail.id])
         return Page(await self._current(tenant_id, invoices), next_token)
 
     async def _current(self, tenant_id: str, invoices: list[Invoice]) -> list[Invoice]:
@@ -334,7 +336,7 @@ class Billing:
             raise InvalidArgument.single("end_time", "must be after start_time")
         limit = check_page_size(page_size, default=100, maximum=1_000)
         filter_key = f"audit:{tenant_id}:{start_micros}:{end_micros}"
-        last = decode_token(page_token, filter_key, (int,))
+        last = self._page_tokens.decode(page_token, filter_key, (BIGINT_ID,))
         events = await self._audit.list(
             tenant_id=tenant_id or None,
             visible_tenants=None if isinstance(principal.tenants, str) else sorted(principal.tenants),
@@ -346,5 +348,5 @@ class Billing:
         next_token = ""
         if len(events) > limit:
             events = events[:limit]
-            next_token = encode_token(filter_key, [events[-1].id])
+            next_token = self._page_tokens.encode(filter_key, [events[-1].id])
         return Page(events, next_token)

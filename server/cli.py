@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import DURATION, Config, Kind, Setting, build_config, default_data_dir, settings
-from server.domain.access import ALL_TENANTS, SCOPES
+from server.domain.access import ALL_TENANTS, SCOPES, USAGE_BACKFILL
 
 SETTINGS = settings()  # by Config attribute path; `tally serve` takes every one
 # What `tally token` and `tally retention` read like `tally serve`: the same flags, variables and defaults.
@@ -191,7 +191,8 @@ def token_hint(data_dir: Path) -> str:
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
     for scope in SCOPES:
-        words += ["--scope", scope]
+        if scope != USAGE_BACKFILL:  # backfilling the past is for administrators, asked for explicitly
+            words += ["--scope", scope]
     return shlex.join(words)
 
 

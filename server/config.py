@@ -200,6 +200,13 @@ class Config:
         default=300,
         help="how far ahead of the server's clock an event time may be",
     )
+    max_event_age_seconds: int = setting(  # older events need a backfill (usage:backfill)
+        "--max-event-age",
+        DURATION,
+        default=35 * 86_400,
+        help="how far behind the server's clock an event time may be: seconds, or a number with s, m, h "
+        "or d; older usage needs a backfill (scope usage:backfill, audited)",
+    )
     max_message_bytes: int = setting(
         "--max-message-bytes", INT, default=16 * 1024 * 1024, help="largest gRPC message accepted or sent"
     )

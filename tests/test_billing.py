@@ -18,7 +18,7 @@ from tally.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from tests.helpers import event, field_violations, hour_start, ts
+from tests.helpers import event, field_violations, hour_start, server_page_tokens, ts
 
 DEFAULT_RATES = {
     ("marketplace", "wpk_upload"): "0.10",
@@ -514,17 +514,15 @@ async def test_list_rates_pages_cover_the_card_once(
 
 
 async def test_values_postgres_cannot_store_are_invalid_not_internal(
-    billing: billing_service_pb2_grpc.BillingServiceStub, tenant: str
+    billing: billing_service_pb2_grpc.BillingServiceStub, db: asyncpg.Pool, tenant: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await billing.GetInvoice(
             billing_service_pb2.GetInvoiceRequest(name=f"tenants/{tenant}/invoices/inv_\x00")
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # A forged page token that passes the filter check but carries a NUL character.
-    from server.domain.pagination import encode_token
-
-    forged = encode_token(f"invoices:{tenant}", [0, "inv_\x00"])
+    # A validly signed page token for the right filter that carries a NUL character.
+    forged = (await server_page_tokens(db)).encode(f"invoices:{tenant}", [0, "inv_\x00"])
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await billing.ListInvoices(
             billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{tenant}", page_token=forged)

@@ -181,6 +181,13 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """BillingService.GenerateInvoice recomputed a draft invoice; `before` and
     `after` are its contents before and after.
     """
+    AUDIT_ACTION_USAGE_BACKFILLED: _AuditAction.ValueType  # 4
+    """UsageService.IngestUsage or StreamUsage backfilled usage older than the
+    ingestion window for the tenant. `before` is unset; `after` holds
+    accepted_count, duplicate_count, first_event_time and last_event_time of
+    the batch's events for this tenant and its usage_types
+    ("service/usage_type"). Resource: "tenants/{tenant_id}/usage".
+    """
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What kind of change an audit event records."""
@@ -197,6 +204,13 @@ AUDIT_ACTION_INVOICE_CREATED: AuditAction.ValueType  # 2
 AUDIT_ACTION_INVOICE_RECOMPUTED: AuditAction.ValueType  # 3
 """BillingService.GenerateInvoice recomputed a draft invoice; `before` and
 `after` are its contents before and after.
+"""
+AUDIT_ACTION_USAGE_BACKFILLED: AuditAction.ValueType  # 4
+"""UsageService.IngestUsage or StreamUsage backfilled usage older than the
+ingestion window for the tenant. `before` is unset; `after` holds
+accepted_count, duplicate_count, first_event_time and last_event_time of
+the batch's events for this tenant and its usage_types
+("service/usage_type"). Resource: "tenants/{tenant_id}/usage".
 """
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
@@ -262,8 +276,10 @@ class UsageEvent(_message.Message):
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the usage happened. Defaults to the time the server receives the
-        event. At most 5 minutes ahead of the server's clock (configurable) and not
-        before the first rate of its usage type took effect. Stored to the
+        event. At most 5 minutes ahead of the server's clock and at most 35 days
+        behind it (both configurable: --max-future-seconds, --max-event-age), and
+        not before the first rate of its usage type took effect. Older usage is
+        recorded only by a backfill (IngestUsageRequest.backfill). Stored to the
         microsecond; nanoseconds below that are dropped.
         """
 
