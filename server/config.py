@@ -207,8 +207,48 @@ class Config:
         help="how far behind the server's clock an event time may be: seconds, or a number with s, m, h "
         "or d; older usage needs a backfill (scope usage:backfill, audited)",
     )
+    # What callers can make the server hold before their token is checked: docs/security.md,
+    # "Memory bound", has the arithmetic and the test that measures it.
     max_message_bytes: int = setting(
-        "--max-message-bytes", INT, default=16 * 1024 * 1024, help="largest gRPC message accepted or sent"
+        "--max-message-bytes",
+        INT,
+        default=4 * 1024 * 1024,
+        help="largest gRPC message accepted or sent, e.g. one batch of events; with the next flags "
+        "it bounds the memory that callers without a token can take (docs/security.md)",
+    )
+    max_incoming_requests: int = setting(  # request messages being received at once (server.api.decoding)
+        "--max-incoming-requests",
+        INT,
+        default=16,
+        help="most request messages being received at once before their token is checked (unary "
+        "calls, health, reflection); more wait",
+    )
+    request_receive_seconds: float = setting(
+        "--request-receive-seconds",
+        FLOAT,
+        default=10.0,
+        help="a request message that has not arrived in this time, waiting included, ends its call "
+        "with DEADLINE_EXCEEDED",
+    )
+    max_connections: int = setting(
+        "--max-connections",
+        INT,
+        default=256,
+        help="most open client connections; more are closed as they arrive; 0: unlimited",
+    )
+    max_streams_per_connection: int = setting(
+        "--max-streams-per-connection",
+        INT,
+        default=100,
+        help="most concurrent calls on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "clients queue the rest",
+    )
+    max_concurrent_calls: int = setting(
+        "--max-concurrent-calls",
+        INT,
+        default=1_000,
+        help="most calls in progress over all connections, streams included; more get "
+        "RESOURCE_EXHAUSTED; 0: unlimited",
     )
     max_events_in_flight: int = setting(
         "--max-events-in-flight",
