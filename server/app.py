@@ -98,8 +98,13 @@ def memory_bound_options(config: Config) -> list[tuple[str, int]]:
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker: int | None = None) -> None:
+        """worker: this process's index among the processes of `tally serve --workers N`
+        (server.supervisor). Their parent has checked and holds the port, started PostgreSQL
+        and migrated the schema, so a worker does none of that; telemetry can tell workers
+        apart by it."""
         self.config = config
+        self.worker = worker
         self.port = 0
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
@@ -139,8 +144,10 @@ class TallyServer:
             Limiter(config.limits),
         )
         credentials = server_credentials(config)
-        # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
-        check_port_free(config.host, config.port)
+        if self.worker is None:
+            # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
+            # A worker's parent has checked it and holds it (server.ports.reserve_port).
+            check_port_free(config.host, config.port)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -150,9 +157,10 @@ class TallyServer:
         self._read_pool = await create_pool(
             self.dsn, min_size=1, max_size=config.read_pool_size, custom_plans=True
         )
-        applied = await migrate(self._pool)
-        if applied:
-            log.info("schema migrated to version %d", applied[-1])
+        if self.worker is None:  # a worker's parent migrated once for all of them
+            applied = await migrate(self._pool)
+            if applied:
+                log.info("schema migrated to version %d", applied[-1])
 
         rate_store = RateStore(self._pool)
         rate_card = RateCardCache(rate_store)
