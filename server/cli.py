@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             type=float,
             default=_env_float(env, getattr(DEFAULT_LIMITS, name)),
-            help=f"rate limit: {what}, per server process, bursts up to one second's worth; "
-            f"0: unlimited (env {env})",
+            help=f"rate limit: {what}, shared by every server process on the database (see "
+            f"--limit-sync-seconds), bursts up to one second's worth; 0: unlimited (env {env})",
         )
     serve.add_argument(
         "--max-streams-per-principal",
@@ -184,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_int("TALLY_MAX_STREAMS_PER_PRINCIPAL", DEFAULT_LIMITS.max_streams_per_principal),
         help="most concurrent IngestUsage/StreamUsage/StreamUsageSummaries calls of one principal; "
         "0: unlimited (env TALLY_MAX_STREAMS_PER_PRINCIPAL)",
+    )
+    serve.add_argument(
+        "--limit-sync-seconds",
+        type=float,
+        default=_env_float("TALLY_LIMIT_SYNC_SECONDS", DEFAULT_CONFIG.limit_sync_seconds),
+        help="how often each server process settles the rate limits and stream counts above with the "
+        "other processes (workers, hosts) through PostgreSQL; within one such interval they may "
+        "together exceed a limit's burst (docs/scaling.md); 0: limits per process "
+        "(env TALLY_LIMIT_SYNC_SECONDS)",
     )
     serve.add_argument(
         "--stream-idle-seconds",
@@ -462,6 +471,7 @@ def _config(args: argparse.Namespace) -> Config:
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,
+        limit_sync_seconds=args.limit_sync_seconds,
         jwt_secret_file=args.jwt_secret_file,
         jwt_public_keys_file=args.jwt_public_keys,
         jwt_issuer=args.jwt_issuer or None,

@@ -14,18 +14,24 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import asyncpg
 import grpc
 import psutil  # type: ignore[import-untyped]
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import TallyServer
+from server.auth.limits import Limiter, LimitSettings, take
+from server.auth.sharing import LimitSharing
+from server.domain.errors import ResourceExhausted
 from server.ports import PortUnavailable, check_port_free, reserve_port
+from server.storage.shared_limits import SharedLimitStore
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 from tests.conftest import AUDIENCE, ISSUER, TEST_SECRET, make_token, new_tenant
 from tests.helpers import bearer_interceptors, event, totals
@@ -267,3 +273,122 @@ def test_held_port_admits_workers_and_refuses_others() -> None:
                 accepted.close()
     finally:
         held.close()
+
+
+# --- limits shared by processes, on a fake clock ------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._epoch = time.time()  # shared rows are in wall-clock seconds: near the real ones
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return self._epoch + self.now
+
+
+class Process:
+    """One server process's limiter and its settlement, on the session database."""
+
+    def __init__(self, db: asyncpg.Pool, clock: FakeClock, settings: LimitSettings) -> None:
+        self.limiter = Limiter(settings, clock)
+        self.sharing = LimitSharing(
+            self.limiter, SharedLimitStore(db), interval=0.1, wall_clock=clock.wall, clock=clock
+        )
+
+    def call(self, subject: str, tenant: str) -> bool:
+        try:
+            self.limiter.request(subject, tenant)
+            return True
+        except ResourceExhausted:
+            return False
+
+
+RATES = LimitSettings(
+    tenant_events_per_second=10,
+    principal_events_per_second=0,
+    tenant_requests_per_second=10,
+    principal_requests_per_second=0,
+    max_streams_per_principal=2,
+)
+
+
+def subject() -> str:
+    return f"svc-{uuid.uuid4().hex[:8]}"
+
+
+async def test_a_burst_spent_on_one_process_is_refused_on_the_other(db: asyncpg.Pool) -> None:
+    clock, tenant = FakeClock(), new_tenant()
+    a, b = Process(db, clock, RATES), Process(db, clock, RATES)
+    assert all(a.call(subject(), tenant) for _ in range(10))
+    # b has not settled since: it admits from its own full bucket (the documented overshoot
+    # within one interval), then learns the shared balance, which is now in debt.
+    assert b.call(subject(), tenant)
+    await a.sharing.settle()
+    await b.sharing.settle()
+    assert not b.call(subject(), tenant) and not a.call(subject(), tenant)
+    clock.now = 0.45  # 4.5 tokens refilled, less the debt of 1: three calls pass over both
+    await a.sharing.settle()
+    await b.sharing.settle()
+    assert [b.call(subject(), tenant), a.call(subject(), tenant), b.call(subject(), tenant)] == [True] * 3
+    await b.sharing.settle()
+    await a.sharing.settle()
+    assert not a.call(subject(), tenant)
+    await b.sharing.settle()
+    assert not b.call(subject(), tenant)
+
+
+async def test_a_process_serving_all_of_a_tenants_calls_gets_all_of_its_rate(db: asyncpg.Pool) -> None:
+    clock, tenant = FakeClock(), new_tenant()
+    busy, idle = Process(db, clock, RATES), Process(db, clock, RATES)
+    admitted = 0
+    for step in range(30):  # three seconds, settling every 0.1 s
+        clock.now = step * 0.1
+        admitted += sum(busy.call(subject(), tenant) for _ in range(5))
+        await busy.sharing.settle()
+        await idle.sharing.settle()
+    # One second's burst and then the whole rate: 10 + 29 steps of 0.1 s at 10/s (not 10/s / 2).
+    assert 38 <= admitted <= 39
+
+
+async def test_stream_debt_on_one_process_holds_back_streams_on_the_other(db: asyncpg.Pool) -> None:
+    clock, tenant = FakeClock(), new_tenant()
+    a, b = Process(db, clock, RATES), Process(db, clock, RATES)
+    assert take(b.limiter.event_charges("svc", 1, {tenant: 1})) == 0
+    assert take(a.limiter.event_charges("svc", 25, {tenant: 25})) == pytest.approx(1.5)
+    await a.sharing.settle()
+    await b.sharing.settle()
+    # b's next batch waits for the debt a ran up (26 taken of 10: 1.6 s) and its own 4 (0.4 s).
+    assert take(b.limiter.event_charges("svc", 4, {tenant: 4})) == pytest.approx(2.0)
+
+
+async def test_stream_slots_count_the_streams_open_on_other_processes(db: asyncpg.Pool) -> None:
+    clock, principal = FakeClock(), subject()
+    a, b = Process(db, clock, RATES), Process(db, clock, RATES)
+    a.limiter.streams.acquire(principal)
+    a.limiter.streams.acquire(principal)
+    await a.sharing.settle()
+    await b.sharing.settle()
+    with pytest.raises(ResourceExhausted):
+        b.limiter.streams.acquire(principal)
+    a.limiter.streams.release(principal)
+    await a.sharing.settle()
+    await b.sharing.settle()
+    b.limiter.streams.acquire(principal)
+
+
+async def test_streams_of_a_process_gone_without_a_word_stop_counting(db: asyncpg.Pool) -> None:
+    clock, principal = FakeClock(), subject()
+    gone, alive = Process(db, clock, RATES), Process(db, clock, RATES)
+    gone.limiter.streams.acquire(principal)
+    gone.limiter.streams.acquire(principal)
+    await gone.sharing.settle()
+    await alive.sharing.settle()
+    with pytest.raises(ResourceExhausted):
+        alive.limiter.streams.acquire(principal)
+    clock.now = 2.5  # `gone` stopped settling: after the stale time its counts are ignored
+    await alive.sharing.settle()
+    alive.limiter.streams.acquire(principal)
