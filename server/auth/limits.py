@@ -1,4 +1,4 @@
-"""Rate limits and stream slots, in memory, per server process.
+"""Rate limits and stream slots, in memory in each server process (shared: server.auth.sharing).
 
 Token buckets: each key (a tenant or a principal) has a bucket holding up to one second
 of its rate, refilled continuously. A unary call takes its tokens only if every bucket
@@ -179,7 +179,7 @@ class StreamSlots:
 
 
 class Limiter:
-    """The limits of one server process: request and event buckets per tenant and per principal."""
+    """The limits as one server process sees them: request and event buckets per tenant and per principal."""
 
     def __init__(self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
