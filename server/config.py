@@ -46,3 +46,6 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # How often rate limits and stream counts are settled with the other server processes on
+    # the database (server.auth.sharing); 0: limits per process.
+    limit_sync_seconds: float = 0.1
