@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -79,8 +80,10 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        # The rate limits' clock, in seconds: tests pass a fake one to step time themselves.
+        self._clock = clock
         self.port = 0
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
@@ -117,7 +120,7 @@ class TallyServer:
         config = self.config
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
-            Limiter(config.limits),
+            Limiter(config.limits, self._clock),
         )
         credentials = server_credentials(config)
         if config.database_url:
