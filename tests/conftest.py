@@ -30,7 +30,7 @@ from server.config import Config
 from server.domain.access import ALL_TENANTS, SCOPES
 from server.storage.embedded import EmbeddedPostgres
 from tally.v1 import billing_service_pb2_grpc, usage_service_pb2_grpc
-from tests.helpers import channel_with_token
+from tests.helpers import channel_with_token, one_hour_per_test
 
 TEST_SECRET = b"test-secret-for-tally-tests-only-0123456789"
 AUDIENCE = "tally"
@@ -147,6 +147,13 @@ async def db(tally: TallyServer) -> AsyncIterator[asyncpg.Pool]:
     assert pool is not None
     yield pool
     await pool.close()
+
+
+@pytest.fixture(autouse=True)
+def _one_hour_per_test() -> Iterator[None]:
+    """Every hour_start() of a test counts from the hour the test started in."""
+    with one_hour_per_test():
+        yield
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ async def invoke(
     *,
     token: str | None = None,
     metadata: Sequence[tuple[str, str]] = (),
-    deadline_seconds: float = 10,
+    deadline_seconds: float = 60,  # only so that a bug cannot hang; a loaded machine is slow
 ) -> list[Any]:
     """Call the RPC with these request messages (or raw bytes); return the responses as a list."""
     raw = any(isinstance(r, bytes) for r in requests)
