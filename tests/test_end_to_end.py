@@ -1,12 +1,12 @@
 """`tally serve` as a user runs it (embedded PostgreSQL, no DATABASE_URL, no key configured), driven by
 the real grpcurl binary through server reflection, with no .proto files at hand, with tokens from
-`tally token` signed by the development secret that `tally serve` created."""
+`tally token` signed by the development secret that `tally serve` created, starting with the
+commands that `tally serve` prints, run by a shell as a user pastes them."""
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -21,23 +21,34 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl"
 TALLY = shutil.which("tally") or str(Path(sys.executable).parent / "tally")
 
 
-def tally_token(*args: str) -> str:
-    """A token from `tally token` (the command is given as `tally serve` printed it)."""
-    assert args[:2] == ("tally", "token"), args
-    result = subprocess.run([TALLY, *args[1:]], capture_output=True, text=True, timeout=30, check=True)
-    return result.stdout.strip()
+# A user who has not activated the virtual environment: what `tally serve` prints must run as is.
+PATH_WITHOUT_VENV = os.pathsep.join(
+    p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != Path(sys.executable).parent
+)
+
+
+def shell(script: str) -> str:
+    """Run lines as a user pastes them into a shell (one with no virtual environment active)."""
+    env = {**os.environ, "PATH": PATH_WITHOUT_VENV}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 class Served:
-    def __init__(self, process: subprocess.Popen[str], address: str, token_command: list[str]) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], address: str, data_dir: Path, next_steps: list[str]
+    ) -> None:
         self.process = process
         self.address = address
+        # The lines `tally serve` printed: `TOKEN=$(tally token ...)`, then a grpcurl call using it.
+        self.next_steps = next_steps
         # The README's token for tenant acme with every scope, and an administrator's for the rate card.
-        self.token = tally_token(*token_command)
-        data_dir = token_command[token_command.index("--data-dir") + 1]
-        self.admin_token = tally_token(
-            "tally", "token", "--data-dir", data_dir, "--all-tenants", "--scope", "billing:admin"
-        )
+        self.token = shell(f'{next_steps[0]}\nprintf %s "$TOKEN"')
+        admin = [TALLY, "token", "--data-dir", str(data_dir), "--all-tenants", "--scope", "billing:admin"]
+        self.admin_token = subprocess.run(
+            admin, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
 
     def grpcurl(
         self, method: str, *messages: dict[str, object], ok: bool = True, token: str | None = None
@@ -64,18 +75,24 @@ class Served:
 
 def start(data_dir: Path) -> Served:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(TALLY_PORT="0", TALLY_DATA_DIR=str(data_dir))
+    env.update(TALLY_PORT="0", TALLY_DATA_DIR=str(data_dir), PATH=PATH_WITHOUT_VENV)
     process = subprocess.Popen(
         [TALLY, "serve", "--log-level", "WARNING"], env=env, stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line.startswith("tally listening on "), line
+    address = line.split()[3]
     warning = process.stdout.readline()
     assert warning.startswith("WARNING: no JWT key configured; using the DEVELOPMENT secret"), warning
-    hint = process.stdout.readline().strip()
+    assert warning.rstrip().endswith("Get a token with:"), warning
+    token_step = process.stdout.readline().strip()
+    assert token_step.startswith("TOKEN=$(") and " token --data-dir " in token_step, token_step
+    assert process.stdout.readline().startswith("then record a first event with grpcurl"), token_step
+    grpcurl_step = process.stdout.readline().strip()
+    assert grpcurl_step.endswith(f"{address} tally.v1.UsageService/ReportUsage"), grpcurl_step
     assert (data_dir / "dev-jwt-secret").stat().st_mode & 0o077 == 0  # readable by its owner only
-    return Served(process, line.split()[3], shlex.split(hint))
+    return Served(process, address, data_dir, [token_step, grpcurl_step])
 
 
 def stop(served: Served) -> str:
@@ -116,6 +133,18 @@ def test_reflection_lists_every_service(served: Served) -> None:
         "rpc StreamUsage ( stream .tally.v1.StreamUsageRequest )"
         " returns ( stream .tally.v1.StreamUsageResponse );" in described
     )
+
+
+def test_the_printed_next_steps_record_a_first_event(served: Served) -> None:
+    start = hour(0)
+    recorded = json.loads(shell("\n".join(served.next_steps)))
+    assert recorded == {"tenant_id": "acme", "event_id": "hello-1", "outcome": "REPORT_OUTCOME_RECORDED"}
+    summary = served.call(
+        "tally.v1.UsageService/GetUsageSummary",
+        {"tenant_id": "acme", "start_time": start, "end_time": hour(1)},
+    )["summary"]
+    rows = [(a["service"], a["usage_type"], a["quantity"]) for a in summary["aggregates"]]  # type: ignore[index]
+    assert rows == [("analytics", "query", "1")]
 
 
 def test_health_checks(served: Served) -> None:
