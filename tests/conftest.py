@@ -12,6 +12,8 @@ about security need not think about it. Rate limits are off unless a test turns 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -68,14 +70,28 @@ def make_token(
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def cluster_dir() -> Iterator[Callable[[str], Path]]:
+    """Makes new directories for embedded PostgreSQL clusters, outside pytest's temporary directory.
+
+    Run as root, the embedded server runs as another user, who must be able to traverse every
+    parent of its cluster; but any pytest session that starts on the machine (another
+    engineer's) closes /tmp/pytest-of-root to its owner again, and clusters under tmp_path then
+    failed to start ("could not access directory ...: Permission denied").
+    """
+    root = Path(tempfile.mkdtemp(prefix="tally-tests-"))
+    yield lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(cluster_dir: Callable[[str], Path]) -> Iterator[str]:
     import os
 
     external = os.environ.get("TALLY_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    embedded = EmbeddedPostgres(cluster_dir("pg"))
     yield embedded.start()
     embedded.stop()
 

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -103,8 +103,8 @@ def stop(served: Served) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tally-data")
+def data_dir(cluster_dir: Callable[[str], Path]) -> Path:
+    return cluster_dir("tally-data")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -56,9 +57,9 @@ async def test_unknown_service_is_not_found(health: health_pb2_grpc.HealthStub) 
 
 
 async def test_health_turns_not_serving_while_the_database_is_down(
-    tmp_path: Path, server_config: Config
+    cluster_dir: Callable[[str], Path], server_config: Config
 ) -> None:
-    embedded = EmbeddedPostgres(tmp_path)
+    embedded = EmbeddedPostgres(cluster_dir("down"))
     dsn = await asyncio.to_thread(embedded.start)
     server = TallyServer(replace(server_config, database_url=dsn))
     await server.start()
@@ -80,6 +81,7 @@ async def test_health_turns_not_serving_while_the_database_is_down(
             assert response.outcome == usage_service_pb2.REPORT_OUTCOME_RECORDED
     finally:
         await server.stop()
+        await asyncio.to_thread(embedded.stop)
 
 
 async def test_shutdown_finishes_the_batch_in_flight(
