@@ -79,6 +79,17 @@ def start(data_dir: Path) -> Served:
     process = subprocess.Popen(
         [TALLY, "serve", "--log-level", "WARNING"], env=env, stdout=subprocess.PIPE, text=True
     )
+    try:
+        return _started(process, data_dir)
+    except BaseException:
+        # A server whose start-up did not go as expected is stopped, not left running.
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        raise
+
+
+def _started(process: subprocess.Popen[str], data_dir: Path) -> Served:
+    """The server, once its start-up lines are read and checked."""
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line.startswith("tally listening on "), line
