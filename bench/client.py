@@ -170,7 +170,7 @@ async def query(address: str, kind: str, tenant: str, start: int, end: int, coun
                 response_deserializer=billing_service_pb2.GenerateInvoiceResponse.FromString,
             )
             request: object = billing_service_pb2.GenerateInvoiceRequest(
-                tenant_id=tenant, period_start=ts(start), period_end=ts(end)
+                parent=f"tenants/{tenant}", period_start_time=ts(start), period_end_time=ts(end)
             )
         else:
             call = channel.unary_unary(
@@ -179,7 +179,7 @@ async def query(address: str, kind: str, tenant: str, start: int, end: int, coun
                 response_deserializer=usage_service_pb2.GetUsageSummaryResponse.FromString,
             )
             request = usage_service_pb2.GetUsageSummaryRequest(
-                tenant_id=tenant,
+                name=f"tenants/{tenant}/usageSummary",
                 start_time=ts(start),
                 end_time=ts(end),
                 bucket=1 if kind == "summary-hour" else 2,

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from server.api.billing import BillingApi
 from server.api.decoding import TolerantRegistration
 from server.api.pipeline import EventBudget
+from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
@@ -27,9 +28,11 @@ from server.auth.tokens import TokenVerifier
 from server.billing import Billing
 from server.config import Config
 from server.domain.events import EventRules
+from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
+from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
 from server.storage.database import create_pool
@@ -37,6 +40,7 @@ from server.storage.embedded import EmbeddedPostgres
 from server.storage.invoices import InvoiceStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
+from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
 from server.storage.usage import UsageStore
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
@@ -116,13 +120,15 @@ class TallyServer:
         return keys
 
     async def start(self) -> None:
-        """Start everything; ValueError (a bad key or TLS file) before anything is started."""
+        """Start everything; ValueError (a bad key or TLS file, a port in use) before anything is started."""
         config = self.config
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
             Limiter(config.limits, self._clock),
         )
         credentials = server_credentials(config)
+        # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
+        check_port_free(config.host, config.port)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -141,6 +147,7 @@ class TallyServer:
         await rate_card.reload()
         rules = EventRules(
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
+            max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
         self._metering = Metering(
@@ -152,7 +159,14 @@ class TallyServer:
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
         )
-        billing = Billing(rate_store, InvoiceStore(self._pool), AuditStore(self._pool), rate_card, now_micros)
+        billing = Billing(
+            rate_store,
+            InvoiceStore(self._pool),
+            AuditStore(self._pool),
+            rate_card,
+            PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY)),
+            now_micros,
+        )
 
         server = grpc.aio.server(
             options=[
@@ -182,6 +196,7 @@ class TallyServer:
                 reflection.SERVICE_NAME,
             ),
             server,
+            pool=SourcePool(load_sources()),  # so that `grpcurl describe` shows the proto comments
         )
         self._health = DatabaseHealth(
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds

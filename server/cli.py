@@ -19,7 +19,7 @@ from pathlib import Path
 
 from server.auth.limits import LimitSettings
 from server.config import Config, default_data_dir
-from server.domain.access import ALL_TENANTS, SCOPES
+from server.domain.access import ALL_TENANTS, SCOPES, USAGE_BACKFILL
 
 DEFAULT_LIMITS = LimitSettings()
 _DURATION = re.compile(r"(\d+)([smhd]?)")
@@ -48,6 +48,16 @@ def _env_float(name: str, default: float) -> float:
         return float(value)
     except ValueError:
         raise SystemExit(f"tally: {name} must be a number, got {value!r}") from None
+
+
+def _env_duration(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return _duration(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"tally: {name}: {exc}") from None
 
 
 def _env_path(name: str) -> Path | None:
@@ -115,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=int,
         default=_env_int("TALLY_PORT", 50051),
-        help="port to listen on; 0 picks a free one (env TALLY_PORT)",
+        help="port to listen on; 0 picks a free one. A port that another process listens on is "
+        "refused at start (env TALLY_PORT)",
     )
     _add_key_arguments(serve)
     serve.add_argument(
@@ -197,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_env_int("TALLY_MAX_FUTURE_SECONDS", 300),
         help="how far ahead of the server's clock an event time may be (env TALLY_MAX_FUTURE_SECONDS)",
+    )
+    serve.add_argument(
+        "--max-event-age",
+        type=_duration,
+        default=_env_duration("TALLY_MAX_EVENT_AGE", 35 * 86_400),
+        help="how far behind the server's clock an event time may be: seconds, or a number with s, m, h "
+        "or d; older usage needs a backfill (scope usage:backfill, audited) (env TALLY_MAX_EVENT_AGE)",
     )
     serve.add_argument(
         "--max-message-bytes",
@@ -336,7 +354,8 @@ def token_hint(data_dir: Path, program: str = "tally") -> str:
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
     for scope in SCOPES:
-        words += ["--scope", scope]
+        if scope != USAGE_BACKFILL:  # backfilling the past is for administrators, asked for explicitly
+            words += ["--scope", scope]
     return shlex.join(words)
 
 
@@ -388,6 +407,7 @@ def _config(args: argparse.Namespace) -> Config:
         database_url=args.database_url,
         max_batch_size=args.max_batch_size,
         max_future_seconds=args.max_future_seconds,
+        max_event_age_seconds=args.max_event_age,
         max_message_bytes=args.max_message_bytes,
         max_events_in_flight=args.max_events_in_flight,
         pool_size=args.pool_size,
@@ -444,7 +464,7 @@ async def _serve(config: Config) -> None:
     server = TallyServer(config)
     try:
         await server.start()
-    except ValueError as exc:  # a key or TLS file that cannot be used
+    except ValueError as exc:  # a key or TLS file that cannot be used, a port in use
         raise SystemExit(f"tally serve: {exc}") from None
     where = (
         config.database_url and "the PostgreSQL at DATABASE_URL"
@@ -452,6 +472,12 @@ async def _serve(config: Config) -> None:
     tls = (
         "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
     )
+    # Before the "listening" line: a supervisor may send SIGTERM as soon as it reads it, and
+    # without the handler that would kill the process without a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
     if server.dev_secret_path is not None:
         # The next steps, ready to paste into the shell that started the server.
@@ -466,10 +492,6 @@ async def _serve(config: Config) -> None:
                 f"  {_first_event_command(_runnable('grpcurl'), f'{config.host}:{server.port}')}",
             ]
         print("\n".join(lines), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
@@ -478,6 +500,13 @@ async def _serve(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        # gRPC's fork handlers are for children that go on using gRPC; ours never do (the
+        # only fork is subprocess running pg_ctl for the embedded PostgreSQL, which execs at
+        # once), and with them on, gRPC logs "Other threads are currently calling into
+        # gRPC, skipping fork() handlers" on every stop. gRPC reads this when it is
+        # imported, which is below (no import of this module loads grpc); an operator's own
+        # setting wins.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         logging.basicConfig(
             level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )

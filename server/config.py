@@ -22,6 +22,7 @@ class Config:
     database_url: str | None = None  # None: start the embedded PostgreSQL under data_dir
     max_batch_size: int = 10_000
     max_future_seconds: int = 300
+    max_event_age_seconds: int = 35 * 86_400  # older events need a backfill (usage:backfill)
     max_message_bytes: int = 16 * 1024 * 1024
     max_events_in_flight: int = 20_000  # streamed events held between reading and committing, all streams
     pool_size: int = 8

@@ -13,6 +13,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from server.domain.pagination import PageTokens
+from server.storage.shared_keys import PAGE_TOKEN_KEY
 from tally.v1 import resources_pb2
 
 
@@ -67,7 +69,7 @@ def event(
         dimensions=dimensions or {},
     )
     if time is not None:
-        message.time.CopyFrom(ts(time))
+        message.event_time.CopyFrom(ts(time))
     return message
 
 
@@ -96,6 +98,12 @@ async def totals(db: asyncpg.Pool, tenant: str) -> tuple[int, Decimal, int, Deci
         tenant,
     )
     return events["n"], events["q"], int(rollups["n"]), rollups["q"]
+
+
+async def server_page_tokens(db: asyncpg.Pool) -> PageTokens:
+    """Page tokens signed with the servers' shared key, as if a server had issued them."""
+    key = await db.fetchval("SELECT key FROM shared_keys WHERE name = $1", PAGE_TOKEN_KEY)
+    return PageTokens(key)
 
 
 class _BearerToken:
@@ -140,3 +148,14 @@ def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
 def channel_with_token(address: str, token: str) -> grpc.aio.Channel:
     """A plaintext channel whose calls carry the bearer token."""
     return grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(token))
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The google.rpc.ErrorInfo carried by a failed call, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    return None

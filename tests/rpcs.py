@@ -46,7 +46,7 @@ EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
     ),
     "GetUsageSummary": (
         USAGE_READ,
-        lambda t, i: usage_service_pb2.GetUsageSummaryRequest(tenant_id=t, **_range()),
+        lambda t, i: usage_service_pb2.GetUsageSummaryRequest(name=f"tenants/{t}/usageSummary", **_range()),
     ),
     "StreamUsageSummaries": (
         USAGE_READ,
@@ -62,11 +62,17 @@ EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
     "GenerateInvoice": (
         BILLING_ADMIN,
         lambda t, i: billing_service_pb2.GenerateInvoiceRequest(
-            tenant_id=t, period_start=ts(hour_start(-3)), period_end=ts(hour_start(1))
+            parent=f"tenants/{t}", period_start_time=ts(hour_start(-3)), period_end_time=ts(hour_start(1))
         ),
     ),
-    "GetInvoice": (BILLING_READ, lambda t, i: billing_service_pb2.GetInvoiceRequest(invoice_id=i)),
-    "ListInvoices": (BILLING_READ, lambda t, i: billing_service_pb2.ListInvoicesRequest(tenant_id=t)),
+    "GetInvoice": (
+        BILLING_READ,
+        lambda t, i: billing_service_pb2.GetInvoiceRequest(name=f"tenants/{t}/invoices/{i}"),
+    ),
+    "ListInvoices": (
+        BILLING_READ,
+        lambda t, i: billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{t}"),
+    ),
     "ListAuditEvents": (BILLING_ADMIN, lambda t, i: billing_service_pb2.ListAuditEventsRequest(tenant_id=t)),
 }
 

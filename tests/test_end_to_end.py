@@ -152,10 +152,24 @@ def test_the_printed_next_steps_record_a_first_event(served: Served) -> None:
     assert recorded == {"tenant_id": "acme", "event_id": "hello-1", "outcome": "REPORT_OUTCOME_RECORDED"}
     summary = served.call(
         "tally.v1.UsageService/GetUsageSummary",
-        {"tenant_id": "acme", "start_time": start, "end_time": hour(1)},
+        {"name": "tenants/acme/usageSummary", "start_time": start, "end_time": hour(1)},
     )["summary"]
     rows = [(a["service"], a["usage_type"], a["quantity"]) for a in summary["aggregates"]]  # type: ignore[index]
     assert rows == [("analytics", "query", "1")]
+
+
+def test_describe_shows_the_proto_comments_and_annotations(served: Served) -> None:
+    result = subprocess.run(
+        [GRPCURL, "-plaintext", served.address, "describe", "tally.v1.UsageEvent"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    described = result.stdout
+    # The field's comment, then the field with its behaviour, as in resources.proto.
+    assert "// The client's idempotency key for this event, unique within the tenant." in described
+    assert "string event_id = 2 [" in described and "(.google.api.field_behavior) = REQUIRED" in described
 
 
 def test_health_checks(served: Served) -> None:
@@ -172,7 +186,7 @@ def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
         "service": "marketplace",
         "usage_type": "wpk_upload",
         "quantity": "1.0",
-        "time": when,
+        "event_time": when,
     }
     first = served.call("tally.v1.UsageService/ReportUsage", {"event": {**upload, "event_id": "u1"}})
     assert first["outcome"] == "REPORT_OUTCOME_RECORDED"
@@ -214,7 +228,7 @@ def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
 
     summary = served.call(
         "tally.v1.UsageService/GetUsageSummary",
-        {"tenant_id": "acme", "start_time": when, "end_time": end},
+        {"name": "tenants/acme/usageSummary", "start_time": when, "end_time": end},
     )["summary"]
     aggregates = summary["aggregates"]  # type: ignore[index]
     assert [(a["service"], a["usage_type"], a["quantity"]) for a in aggregates] == [
@@ -223,13 +237,16 @@ def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
 
     invoice = served.call(
         "tally.v1.BillingService/GenerateInvoice",
-        {"tenant_id": "acme", "period_start": when, "period_end": end},
+        {"parent": "tenants/acme", "period_start_time": when, "period_end_time": end},
     )["invoice"]
     assert invoice["total"] == "0.50"  # type: ignore[index]
-    fetched = served.call("tally.v1.BillingService/GetInvoice", {"invoice_id": invoice["id"]})  # type: ignore[index]
-    assert fetched["invoice"] == invoice
-    listed = served.call("tally.v1.BillingService/ListInvoices", {"tenant_id": "acme"})
-    assert [i["id"] for i in listed["invoices"]] == [invoice["id"]]  # type: ignore[index,union-attr]
+    fetched = served.call("tally.v1.BillingService/GetInvoice", {"name": invoice["name"]})  # type: ignore[index]
+    # A draft is priced again when read, so only its compute_time differs.
+    generated_at = datetime.fromisoformat(invoice["compute_time"])  # type: ignore[index]
+    assert datetime.fromisoformat(fetched["invoice"]["compute_time"]) >= generated_at  # type: ignore[index]
+    assert {**fetched["invoice"], "compute_time": ""} == {**invoice, "compute_time": ""}  # type: ignore[dict-item]
+    listed = served.call("tally.v1.BillingService/ListInvoices", {"parent": "tenants/acme"})
+    assert [i["name"] for i in listed["invoices"]] == [invoice["name"]]  # type: ignore[index,union-attr]
 
 
 def test_rates_are_listed_and_set(served: Served) -> None:
@@ -261,11 +278,15 @@ def test_bad_input_and_missing_invoice_give_precise_statuses(served: Served) -> 
     assert error["code"] == 3  # INVALID_ARGUMENT
     assert error["details"][0]["@type"] == "type.googleapis.com/google.rpc.BadRequest"
     assert [v["field"] for v in error["details"][0]["field_violations"]] == ["event.quantity"]
-    missing = served.grpcurl("tally.v1.BillingService/GetInvoice", {"invoice_id": "inv_nope"}, ok=False)
+    missing = served.grpcurl(
+        "tally.v1.BillingService/GetInvoice", {"name": "tenants/acme/invoices/inv_nope"}, ok=False
+    )
     assert json.loads(missing.stderr)["code"] == 5  # NOT_FOUND
     anonymous = served.grpcurl("tally.v1.BillingService/ListRates", {}, ok=False, token="")
     assert json.loads(anonymous.stderr)["code"] == 16  # UNAUTHENTICATED
-    other_tenant = served.grpcurl("tally.v1.BillingService/ListInvoices", {"tenant_id": "globex"}, ok=False)
+    other_tenant = served.grpcurl(
+        "tally.v1.BillingService/ListInvoices", {"parent": "tenants/globex"}, ok=False
+    )
     assert json.loads(other_tenant.stderr)["code"] == 7  # PERMISSION_DENIED
 
 
@@ -274,7 +295,7 @@ def test_sigterm_shuts_down_cleanly_and_data_survives_a_restart(served: Served, 
     assert "shutting down" in out
     again = start(data_dir)
     try:
-        listed = again.call("tally.v1.BillingService/ListInvoices", {"tenant_id": "acme"})
+        listed = again.call("tally.v1.BillingService/ListInvoices", {"parent": "tenants/acme"})
         assert listed["invoices"][0]["total"] == "0.50"  # type: ignore[index]
     finally:
         stop(again)

@@ -119,7 +119,7 @@ async def test_stream_reports_rejections_per_batch(
     ack = await call.read()
     await call.done_writing()
     assert (ack.sequence, ack.accepted_count, ack.rejected_count) == (9, 1, 1)
-    assert (ack.rejections[0].event_index, ack.rejections[0].field) == (1, "time")
+    assert (ack.rejections[0].event_index, ack.rejections[0].field) == (1, "event_time")
 
 
 async def test_resending_unacknowledged_batches_after_reconnect_counts_nothing_twice(

@@ -29,7 +29,7 @@ from server.api.decoding import Malformed
 from server.api.errors import REQUEST_ID_KEY, abort
 from server.auth.authenticator import Authenticator
 from server.domain.access import Caller
-from server.domain.errors import DeadlineExceeded, InvalidArgument
+from server.domain.errors import DeadlineExceeded, ErrorReason, InvalidArgument
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=\-]{1,128}")
 
@@ -52,7 +52,7 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
 
 def _malformed(request: object) -> None:
     if isinstance(request, Malformed):
-        raise InvalidArgument.single("request", request.reason)
+        raise InvalidArgument.single("request", request.reason, reason=ErrorReason.REQUEST_MALFORMED)
 
 
 async def _incoming(requests: AsyncIterator[Any], idle_seconds: float) -> AsyncIterator[Any]:
@@ -66,7 +66,9 @@ async def _incoming(requests: AsyncIterator[Any], idle_seconds: float) -> AsyncI
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no message for {idle_seconds:g} s: the stream was closed (batches acknowledged so far "
-                "are committed)"
+                "are committed)",
+                reason=ErrorReason.STREAM_IDLE,
+                metadata={"idleSeconds": f"{idle_seconds:g}"},
             ) from None
         _malformed(message)
         yield message

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from server.domain.errors import ResourceExhausted
+from server.domain.errors import ErrorReason, ResourceExhausted
 
 MAX_BUCKETS = 100_000
 
@@ -148,6 +148,7 @@ class StreamSlots:
                 retry_after_seconds=1.0,
                 subject=subject,
                 limit="streams",
+                reason=ErrorReason.STREAM_LIMIT_REACHED,
             )
         self._open[subject] = count + 1
 

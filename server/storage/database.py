@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from server.domain.errors import Aborted, InvalidArgument, Unavailable
+from server.domain.errors import Aborted, ErrorReason, InvalidArgument, Unavailable
 
 T = TypeVar("T")
 
@@ -81,10 +81,15 @@ async def run_with_retries(operation: Callable[[], Awaitable[T]], *, attempts: i
             return await operation()
         except RETRYABLE_ERRORS as exc:
             if attempt == attempts - 1:
-                raise Aborted(f"concurrent update conflict, retry the call ({type(exc).__name__})") from exc
+                raise Aborted(
+                    f"concurrent update conflict, retry the call ({type(exc).__name__})",
+                    reason=ErrorReason.TRANSACTION_CONFLICT,
+                ) from exc
             await asyncio.sleep(0.005 * 2**attempt)
         except CONNECTION_ERRORS as exc:
-            raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+            raise Unavailable(
+                f"database unavailable: {type(exc).__name__}", reason=ErrorReason.DATABASE_UNAVAILABLE
+            ) from exc
         except asyncpg.DataError as exc:
             # Validation should have caught it; if not, it is still bad input (e.g. a NUL
             # character in a page token), which must not look like a server fault.
