@@ -70,7 +70,7 @@ def make_token(
 
 
 @pytest.fixture(scope="session")
-def cluster_dir() -> Iterator[Callable[[str], Path]]:
+def new_cluster_dir() -> Iterator[Callable[[str], Path]]:
     """Makes new directories for embedded PostgreSQL clusters, outside pytest's temporary directory.
 
     Run as root, the embedded server runs as another user, who must be able to traverse every
@@ -84,14 +84,14 @@ def cluster_dir() -> Iterator[Callable[[str], Path]]:
 
 
 @pytest.fixture(scope="session")
-def database_url(cluster_dir: Callable[[str], Path]) -> Iterator[str]:
+def database_url(new_cluster_dir: Callable[[str], Path]) -> Iterator[str]:
     import os
 
     external = os.environ.get("TALLY_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    embedded = EmbeddedPostgres(cluster_dir("pg"))
+    embedded = EmbeddedPostgres(new_cluster_dir("pg"))
     yield embedded.start()
     embedded.stop()
 

@@ -114,8 +114,8 @@ def stop(served: Served) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(cluster_dir: Callable[[str], Path]) -> Path:
-    return cluster_dir("tally-data")
+def data_dir(new_cluster_dir: Callable[[str], Path]) -> Path:
+    return new_cluster_dir("tally-data")
 
 
 @pytest.fixture(scope="module")

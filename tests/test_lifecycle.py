@@ -57,9 +57,9 @@ async def test_unknown_service_is_not_found(health: health_pb2_grpc.HealthStub) 
 
 
 async def test_health_turns_not_serving_while_the_database_is_down(
-    cluster_dir: Callable[[str], Path], server_config: Config
+    new_cluster_dir: Callable[[str], Path], server_config: Config
 ) -> None:
-    embedded = EmbeddedPostgres(cluster_dir("down"))
+    embedded = EmbeddedPostgres(new_cluster_dir("down"))
     dsn = await asyncio.to_thread(embedded.start)
     server = TallyServer(replace(server_config, database_url=dsn))
     await server.start()
