@@ -432,11 +432,15 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _runnable(name: str) -> str:
-    """How the user's shell runs `name`, a command installed beside this one: the bare name
-    when it is on PATH (an activated virtual environment), else its path."""
-    beside = Path(sys.argv[0]).absolute().parent / name
+    """How the user's shell runs `name`, a command installed beside `tally` (grpcurl comes with
+    the dev dependencies): the bare name when it is on PATH (an active virtual environment),
+    else its path beside this command, where it is or where installing it will put it."""
+    here = Path(sys.argv[0])
+    if here.name != "tally":  # not run as the installed command: nothing better to go by
+        return name
+    beside = here.absolute().parent / name
     found = shutil.which(name)
-    if not beside.exists() or (found is not None and Path(found).resolve() == beside.resolve()):
+    if found is not None and (not beside.exists() or Path(found).resolve() == beside.resolve()):
         return name
     return str(beside)
 

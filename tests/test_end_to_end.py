@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from server.cli import _runnable
+
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 TALLY = shutil.which("tally") or str(Path(sys.executable).parent / "tally")
 
@@ -170,6 +172,17 @@ def test_describe_shows_the_proto_comments_and_annotations(served: Served) -> No
     # The field's comment, then the field with its behaviour, as in resources.proto.
     assert "// The client's idempotency key for this event, unique within the tenant." in described
     assert "string event_id = 2 [" in described and "(.google.api.field_behavior) = REQUIRED" in described
+
+
+def test_printed_commands_are_bare_names_only_where_the_shell_finds_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bin_dir = Path(sys.executable).parent  # where pip put tally and grpcurl
+    monkeypatch.setattr(sys, "argv", [str(bin_dir / "tally"), "serve"])
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{PATH_WITHOUT_VENV}")  # the venv is active
+    assert (_runnable("tally"), _runnable("grpcurl")) == ("tally", "grpcurl")
+    monkeypatch.setenv("PATH", PATH_WITHOUT_VENV)
+    assert (_runnable("tally"), _runnable("grpcurl")) == (str(bin_dir / "tally"), str(bin_dir / "grpcurl"))
 
 
 def test_health_checks(served: Served) -> None:
