@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -23,6 +24,7 @@ from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
 from server.auth.keys import VerificationKey, load_public_keys, load_secret
 from server.auth.limits import Limiter
+from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
 from server.config import Config
@@ -40,6 +42,7 @@ from server.storage.invoices import InvoiceStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
 from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
+from server.storage.shared_limits import SharedLimitStore
 from server.storage.usage import UsageStore
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
@@ -98,8 +101,17 @@ def memory_bound_options(config: Config) -> list[tuple[str, int]]:
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, *, worker: int | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """worker: this process's index among the processes of `tally serve --workers N`
+        (server.supervisor). Their parent has checked and holds the port, started PostgreSQL
+        and migrated the schema, so a worker does none of that; telemetry can tell workers
+        apart by it. clock: the rate limits' clock, in seconds: tests pass a fake one to step
+        time themselves."""
         self.config = config
+        self.worker = worker
+        self._clock = clock
         self.port = 0
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
@@ -109,6 +121,7 @@ class TallyServer:
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
+        self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
 
@@ -134,13 +147,16 @@ class TallyServer:
     async def start(self) -> None:
         """Start everything; ValueError (a bad key or TLS file, a port in use) before anything is started."""
         config = self.config
+        limiter = Limiter(config.limits, self._clock)
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
-            Limiter(config.limits),
+            limiter,
         )
         credentials = server_credentials(config)
-        # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
-        check_port_free(config.host, config.port)
+        if self.worker is None:
+            # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
+            # A worker's parent has checked it and holds it (server.ports.reserve_port).
+            check_port_free(config.host, config.port)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -150,9 +166,10 @@ class TallyServer:
         self._read_pool = await create_pool(
             self.dsn, min_size=1, max_size=config.read_pool_size, custom_plans=True
         )
-        applied = await migrate(self._pool)
-        if applied:
-            log.info("schema migrated to version %d", applied[-1])
+        if self.worker is None:  # a worker's parent migrated once for all of them
+            applied = await migrate(self._pool)
+            if applied:
+                log.info("schema migrated to version %d", applied[-1])
 
         rate_store = RateStore(self._pool)
         rate_card = RateCardCache(rate_store)
@@ -232,13 +249,17 @@ class TallyServer:
         await server.start()
         self._server = server
         self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        if config.limit_sync_seconds > 0:
+            sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
+            self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._sharing_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:

