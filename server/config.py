@@ -39,3 +39,8 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # Telemetry (server.telemetry). Traces are configured by the standard OTEL_* variables.
+    http_port: int | None = None  # /metrics, /healthz, /readyz; None: no HTTP listener, 0: any free port
+    http_host: str | None = None  # None: the same as host
+    access_log: bool = True  # one INFO line per call on the logger tally.access
+    metrics_tenant_labels: bool = False  # a tenant label on the event counters (one series per tenant)
