@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import asyncpg
 import grpc
@@ -51,6 +53,7 @@ from server.telemetry.calls import CallTelemetry
 from server.telemetry.figures import DatabaseFigures
 from server.telemetry.http import HttpListener
 from server.telemetry.ingest import IngestTelemetry
+from server.telemetry.logs import AccessLog
 from server.telemetry.metrics import Metrics
 from server.telemetry.tracing import (
     INSTRUMENTATION_NAME,
@@ -101,9 +104,16 @@ class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop().
 
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
+    `log_stream`: where access lines go (with config.access_log), by default standard error.
     """
 
-    def __init__(self, config: Config, *, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        log_stream: TextIO | None = None,
+    ) -> None:
         self.config = config
         self.port = 0
         self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
@@ -112,6 +122,8 @@ class TallyServer:
         self._uninstrument: Callable[[], None] | None = None
         self.metrics: Metrics | None = None
         self._http: HttpListener | None = None
+        self._log_stream = log_stream
+        self._access_log_task: asyncio.Task[None] | None = None
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
         self._pool: asyncpg.Pool | None = None
@@ -164,7 +176,10 @@ class TallyServer:
             self._uninstrument = instrument_queries(self._tracer_provider)
         registry = CollectorRegistry()
         self.metrics = metrics = Metrics(registry, resource(), tenant_labels=config.metrics_tenant_labels)
-        call_telemetry = CallTelemetry(metrics, tracer=tracer, access_log=config.access_log)
+        access_log = None
+        if config.access_log:
+            access_log = AccessLog(self._log_stream or sys.stderr, config.log_format)
+        call_telemetry = CallTelemetry(metrics, tracer=tracer, access_log=access_log)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -252,6 +267,8 @@ class TallyServer:
         self._server = server
         with suppress_instrumentation():  # the probe's queries are not traces of their own
             self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        if access_log is not None:
+            self._access_log_task = asyncio.create_task(access_log.run(), name="tally-access-log")
         if config.http_port is not None:
             read_pool = self._read_pool
             health = self._health
@@ -280,9 +297,13 @@ class TallyServer:
                 await pool.close()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
-        self._stop_telemetry()
+        await self._stop_telemetry()
 
-    def _stop_telemetry(self) -> None:
+    async def _stop_telemetry(self) -> None:
+        if self._access_log_task is not None:  # writes the last lines
+            self._access_log_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._access_log_task
         if self.metrics is not None:
             self.metrics.shutdown()
         if self._uninstrument is not None:

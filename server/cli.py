@@ -457,7 +457,9 @@ def _config(args: argparse.Namespace) -> Config:
         tls_client_ca_file=args.tls_client_ca,
         http_port=args.http_port,
         http_host=args.http_host,
-        access_log=args.access_log == "on",
+        # Access lines are INFO lines: --log-level WARNING turns them off as well.
+        access_log=args.access_log == "on" and args.log_level in ("DEBUG", "INFO"),
+        log_format=args.log_format,
         metrics_tenant_labels=args.metrics_tenant_labels,
         limits=LimitSettings(
             tenant_events_per_second=args.tenant_events_per_second,

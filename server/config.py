@@ -42,5 +42,6 @@ class Config:
     # Telemetry (server.telemetry). Traces are configured by the standard OTEL_* variables.
     http_port: int | None = None  # /metrics, /healthz, /readyz; None: no HTTP listener, 0: any free port
     http_host: str | None = None  # None: the same as host
-    access_log: bool = True  # one INFO line per call on the logger tally.access
+    access_log: bool = False  # one line per call (tally.access); `tally serve` turns it on
+    log_format: str = "text"  # "text" or "json" (log lines and access lines)
     metrics_tenant_labels: bool = False  # a tenant label on the event counters (one series per tenant)

@@ -11,7 +11,6 @@ the caller's trace (W3C `traceparent` metadata).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from contextvars import Token
@@ -23,10 +22,9 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from server.domain.errors import ResourceExhausted
-from server.telemetry.logs import ACCESS_LOGGER, ACCESS_MESSAGE, current_request_id
+from server.telemetry.logs import AccessLog, current_request_id
 from server.telemetry.metrics import TIMED_METHODS, Metrics
 
-_access = logging.getLogger(ACCESS_LOGGER)
 _OK = grpc.StatusCode.OK
 
 
@@ -50,6 +48,7 @@ class Call:
         "_error",
         "_id_token",
         "_otel_token",
+        "_request_id",
         "_start",
         "_streaming",
         "method",
@@ -66,6 +65,7 @@ class Call:
         self._error: BaseException | None = None
         self._streaming = streaming
         self._start = time.perf_counter()
+        self._request_id = request_id
         self._id_token: Token[str | None] = current_request_id.set(request_id)
         self.span: trace.Span | None = None
         self._otel_token: object = None
@@ -114,20 +114,20 @@ class Call:
             metrics.refusals[(error.limit,)] += 1
         if self.method in TIMED_METHODS:
             metrics.rpc_duration.record(seconds, {"method": self.method, "code": code.name})
-        if telemetry.access_log and _access.isEnabledFor(logging.INFO):
-            _access.info(
-                ACCESS_MESSAGE,
-                self.method,
-                code.name,
-                seconds * 1000,
-                self.principal,
-                current_request_id.get(),
+        span = self.span
+        if telemetry.access_log is not None:
+            ids = None
+            if span is not None:
+                span_context = span.get_span_context()
+                ids = (format(span_context.trace_id, "032x"), format(span_context.span_id, "016x"))
+            telemetry.access_log.write(
+                self.method, code.name, seconds * 1000, self.principal, self._request_id, ids
             )
-        if self.span is not None:
-            self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code is not _OK:
-                self.span.set_status(Status(StatusCode.ERROR, code.name))
-            self.span.end()
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
             try:
                 otel_context.detach(self._otel_token)  # type: ignore[arg-type]
             except ValueError:  # closed from another context (a stream closed by gRPC): nothing to restore
@@ -139,9 +139,12 @@ class Call:
 
 
 class CallTelemetry:
-    """Starts a `Call` per RPC. `tracer` None: tracing is off and no span code runs."""
+    """Starts a `Call` per RPC. `tracer` None: tracing is off and no span code runs;
+    `access_log` None: no access lines."""
 
-    def __init__(self, metrics: Metrics, *, tracer: Tracer | None = None, access_log: bool = True) -> None:
+    def __init__(
+        self, metrics: Metrics, *, tracer: Tracer | None = None, access_log: AccessLog | None = None
+    ) -> None:
         self.metrics = metrics
         self.tracer = tracer
         self.access_log = access_log
