@@ -305,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-log",
         default=_env("TALLY_ACCESS_LOG", "on"),
         choices=["on", "off"],
-        help="one INFO line per call (method, status, duration, principal; never the token or "
-        "the events) on the logger tally.access (env TALLY_ACCESS_LOG)",
+        help="one INFO line per call, as tally.access (method, status, duration, principal, request "
+        "id; never the token or the events); off with --log-level WARNING too (env TALLY_ACCESS_LOG)",
     )
     serve.add_argument(
         "--http-port",

@@ -18,6 +18,7 @@ from contextvars import Token
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
@@ -68,7 +69,7 @@ class Call:
         self._request_id = request_id
         self._id_token: Token[str | None] = current_request_id.set(request_id)
         self.span: trace.Span | None = None
-        self._otel_token: object = None
+        self._otel_token: Token[Context] | None = None
 
     def trace(
         self, tracer: Tracer, service: str, request_id: str, metadata: Sequence[tuple[str, str | bytes]]
@@ -128,10 +129,8 @@ class Call:
             if code is not _OK:
                 span.set_status(Status(StatusCode.ERROR, code.name))
             span.end()
-            try:
-                otel_context.detach(self._otel_token)  # type: ignore[arg-type]
-            except ValueError:  # closed from another context (a stream closed by gRPC): nothing to restore
-                pass
+            if self._otel_token is not None:
+                otel_context.detach(self._otel_token)
         try:
             current_request_id.reset(self._id_token)
         except ValueError:

@@ -110,5 +110,6 @@ class DatabaseFigures:
             "tally.figures.age",
             [age],
             unit="s",
-            description="Age of the database figures above (refreshed at most every 30 s by a scrape)",
+            description="Age of the database figures (a scrape reads them again once they are older "
+            "than the cache's maximum age)",
         )

@@ -12,7 +12,6 @@ Other HTTP endpoints (the Stripe webhook) mount on the same `web.Application` th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
@@ -49,9 +48,7 @@ class HttpListener:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:
