@@ -30,6 +30,7 @@ from server.lanes import Lane
 from server.storage.embedded import EmbeddedPostgres
 from server.telemetry.ingest import IngestTelemetry
 from server.telemetry.logs import ACCESS_LOGGER, JsonFormatter
+from server.telemetry.tracing import resource, tracer_provider_from_env
 from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
 from tests.conftest import make_token
 from tests.helpers import channel_with_token, event
@@ -357,3 +358,21 @@ async def test_a_commit_that_merges_batches_is_the_child_of_the_first_and_links_
     assert [(c.parent.span_id if c.parent else None) for c in commits] == [ids["a"], ids["b"]]
     assert [link.context.span_id for link in commits[1].links] == [ids["c"]]
     assert [c.attributes and c.attributes["tally.commit.batches"] for c in commits] == [1, 2]
+
+
+def test_traces_are_exported_only_when_an_otlp_endpoint_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tracer_provider_from_env({}) is None
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    assert tracer_provider_from_env({**endpoint, "OTEL_SDK_DISABLED": "true"}) is None
+    assert tracer_provider_from_env({**endpoint, "OTEL_TRACES_EXPORTER": "none"}) is None
+    with pytest.raises(ValueError, match="grpc only"):
+        tracer_provider_from_env({**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-meter")
+    provider = tracer_provider_from_env(endpoint)
+    assert provider is not None
+    try:
+        assert provider.resource.attributes["service.name"] == "billing-meter"
+    finally:
+        provider.shutdown()
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    assert resource().attributes["service.name"] == "tally"
