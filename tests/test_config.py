@@ -21,6 +21,7 @@ from server.config import (
     DURATION,
     FLOAT,
     INT,
+    OPTIONAL_INT,
     OPTIONAL_PATH,
     OPTIONAL_TEXT,
     PATH,
@@ -38,6 +39,7 @@ SAMPLES: dict[Kind[Any], str] = {
     TEXT: "tally.example",
     OPTIONAL_TEXT: "postgresql://example/tally",
     INT: "7",
+    OPTIONAL_INT: "9464",
     FLOAT: "2.5",
     PATH: "/srv/tally-example",
     OPTIONAL_PATH: "/srv/tally-example/file.pem",
@@ -54,14 +56,30 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(setting.env, raising=False)
 
 
+def default(path: str) -> Any:
+    return attrgetter(path)(Config())
+
+
 def sample(path: str) -> tuple[str, Any]:
     """A text for the setting, and the value it stands for, which is not the default."""
     kind = SETTINGS[path].kind
-    default = attrgetter(path)(Config())
-    text = next(c for c in kind.choices if c != default) if kind.choices else SAMPLES[kind]
+    if kind.switch:
+        text = kind.show(not default(path))
+    elif kind.choices:
+        text = next(c for c in kind.choices if kind.parse(c) != default(path))
+    else:
+        text = SAMPLES[kind]
     value = kind.parse(text)
-    assert value != default
+    assert value != default(path)
     return text, value
+
+
+def flags(path: str, value: Any) -> list[str]:
+    """The command-line words that set the setting at `path` to `value`."""
+    setting = SETTINGS[path]
+    if setting.kind.switch:
+        return [setting.flag if value else setting.flag.replace("--", "--no-", 1)]
+    return [setting.flag, "" if value is None else setting.kind.show(value)]
 
 
 def serve_config(*flags: str) -> Config:
@@ -72,11 +90,11 @@ def serve_config(*flags: str) -> Config:
 def test_each_setting_is_set_by_its_flag_and_by_its_environment_variable(
     path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    setting = SETTINGS[path]
     text, value = sample(path)
-    assert attrgetter(path)(serve_config(setting.flag, text)) == value
-    monkeypatch.setenv(setting.env, text)
+    assert attrgetter(path)(serve_config(*flags(path, value))) == value
+    monkeypatch.setenv(SETTINGS[path].env, text)
     assert attrgetter(path)(serve_config()) == value
+    assert attrgetter(path)(serve_config(*flags(path, default(path)))) == default(path)
 
 
 def test_a_flag_wins_over_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,7 +113,7 @@ def help_entries(command: str, capsys: pytest.CaptureFixture[str]) -> dict[str, 
         main([command, "--help"])
     assert raised.value.code == 0
     text = capsys.readouterr().out
-    return {entry.split()[0]: " ".join(entry.split()) for entry in re.split(r"\n {2}(?=-)", text)}
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in re.split(r"\n {2}(?=-)", text)}
 
 
 @pytest.mark.parametrize(
@@ -110,7 +128,8 @@ def test_help_names_each_settings_variable_and_shows_configs_default(
         setting = SETTINGS[path]
         entry = entries[setting.flag]
         assert f"(env {setting.env})" in entry
-        assert entry.endswith(f"(default: {attrgetter(path)(Config())})")
+        value = default(path)
+        assert entry.endswith(f"(default: {setting.kind.show(value) if value is not None else None})")
 
 
 def test_help_shows_a_variables_value_as_the_default(
@@ -163,6 +182,20 @@ def test_an_empty_audience_turns_the_audience_check_off(monkeypatch: pytest.Monk
     monkeypatch.setenv("TALLY_JWT_AUDIENCE", "")
     assert serve_config().jwt_audience is None
     assert parse_args(TOKEN_ARGS).jwt_audience is None
+
+
+def test_access_lines_are_on_by_default_and_off_below_log_level_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert serve_config().access_log
+    assert not serve_config("--log-level", "WARNING").access_log
+    monkeypatch.setenv("TALLY_ACCESS_LOG", "on")
+    assert not serve_config("--log-level", "ERROR").access_log
+    assert serve_config("--log-level", "DEBUG").access_log
+
+
+def test_a_switch_reads_yes_and_no_words_from_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    for text, on in (("1", True), ("YES", True), ("true", True), ("0", False), ("off", False), ("", False)):
+        monkeypatch.setenv("TALLY_METRICS_TENANT_LABELS", text)
+        assert serve_config().metrics_tenant_labels is on, text
 
 
 def test_token_and_retention_read_their_shared_settings_like_serve(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
 from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
 from server.domain.names import parse_usage_summary_name
 from server.metering import BatchOutcome, Metering
+from server.telemetry.calls import CallTelemetry
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
@@ -44,10 +45,13 @@ def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRej
 
 
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
-    def __init__(self, metering: Metering, authenticator: Authenticator, budget: EventBudget) -> None:
+    def __init__(
+        self, metering: Metering, authenticator: Authenticator, budget: EventBudget, telemetry: CallTelemetry
+    ) -> None:
         self._metering = metering
         self._budget = budget
         self.authenticator = authenticator
+        self.telemetry = telemetry
 
     def _event_charges(self, caller: Caller, events: Sequence[RawEvent]) -> list[Charge]:
         # Only tenants the caller may act for are charged: a token for tenant A cannot
