@@ -1,4 +1,4 @@
-"""The typed client against the session's real server: exact values in and out, typed errors with their details."""
+"""The typed client against the real server: exact values in and out, typed errors with their details."""
 
 from __future__ import annotations
 
@@ -32,7 +32,11 @@ async def test_report_usage_records_once_and_then_answers_duplicate(
     event = UsageEvent(tenant, "analytics", "query", Decimal("0.000000001"), event_time=hour_start(-1))
     first = await client.report_usage(event)
     again = await client.report_usage(event)
-    assert (first.tenant_id, first.event_id, first.outcome) == (tenant, event.event_id, ReportOutcome.RECORDED)
+    assert (first.tenant_id, first.event_id, first.outcome) == (
+        tenant,
+        event.event_id,
+        ReportOutcome.RECORDED,
+    )
     assert again.outcome is ReportOutcome.DUPLICATE
     assert await totals(db, tenant) == (1, Decimal("0.000000001"), 1, Decimal("0.000000001"))
 
@@ -57,7 +61,9 @@ async def test_summary_comes_back_as_exact_decimals_and_aware_datetimes(
     )
     assert summary.name == f"tenants/{tenant}/usageSummary"
     assert summary.start_time == start and summary.start_time.tzinfo is not None
-    assert [(a.bucket_start_time, a.dimension_value, a.quantity, a.event_count) for a in summary.aggregates] == [
+    assert [
+        (a.bucket_start_time, a.dimension_value, a.quantity, a.event_count) for a in summary.aggregates
+    ] == [
         (start, "eu", Decimal("0.1"), 1),
         (start, "us", Decimal("0.1"), 1),
         (start + timedelta(hours=1), "eu", Decimal("0.1"), 1),
@@ -71,9 +77,13 @@ async def test_invoice_generation_is_exact_and_a_retry_with_the_request_id_chang
 ) -> None:
     start = hour_start(-2)
     for quantity in ("1", "2.5"):
-        await client.report_usage(UsageEvent(tenant, "compute", "cpu_hour", Decimal(quantity), event_time=start))
+        await client.report_usage(
+            UsageEvent(tenant, "compute", "cpu_hour", Decimal(quantity), event_time=start)
+        )
     request_id = uuid.uuid4().hex
-    generated = await client.generate_invoice(tenant, start, start + timedelta(hours=1), request_id=request_id)
+    generated = await client.generate_invoice(
+        tenant, start, start + timedelta(hours=1), request_id=request_id
+    )
     retried = await client.generate_invoice(tenant, start, start + timedelta(hours=1), request_id=request_id)
     invoice = generated.invoice
     assert generated.created and retried.created and retried.invoice == invoice
@@ -98,7 +108,11 @@ async def test_rate_card_pages_are_followed_and_prices_are_decimals(client: Asyn
 async def test_new_usage_type_gets_its_rate_with_an_exact_price(client: AsyncTallyClient) -> None:
     usage_type = f"t_{uuid.uuid4().hex[:12]}"
     rate = await client.set_rate("compute", usage_type, Decimal("0.000000000001"))
-    assert (rate.service, rate.usage_type, rate.unit_price) == ("compute", usage_type, Decimal("0.000000000001"))
+    assert (rate.service, rate.usage_type, rate.unit_price) == (
+        "compute",
+        usage_type,
+        Decimal("0.000000000001"),
+    )
     assert rate.effective_time == datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -114,7 +128,9 @@ async def test_invalid_event_raises_invalid_argument_with_the_field_and_reason(
     assert "event.quantity" in str(error)
 
 
-async def test_unknown_invoice_raises_not_found_with_its_reason(client: AsyncTallyClient, tenant: str) -> None:
+async def test_unknown_invoice_raises_not_found_with_its_reason(
+    client: AsyncTallyClient, tenant: str
+) -> None:
     with pytest.raises(NotFoundError) as caught:
         await client.get_invoice(tenant, "inv_missing")
     assert caught.value.reason == "INVOICE_NOT_FOUND"
@@ -166,4 +182,6 @@ async def test_sync_client_raises_the_same_typed_errors(address: str, tenant: st
         raise AssertionError("no error")
 
     error = await asyncio.to_thread(script)
-    assert error.reason == "FIELD_INVALID" and [v.field for v in error.field_violations] == ["event.usage_type"]
+    assert error.reason == "FIELD_INVALID" and [v.field for v in error.field_violations] == [
+        "event.usage_type"
+    ]

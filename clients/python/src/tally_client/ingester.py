@@ -260,6 +260,8 @@ class AsyncIngester:
                 await asyncio.shield(self._task)
             except asyncio.CancelledError:
                 self.abort()
+                # Let it end its stream before the caller goes on.
+                await asyncio.gather(self._task, return_exceptions=True)
                 raise
         if self._failure is not None:
             raise self._failure
