@@ -136,10 +136,15 @@ class FakeServer:
         return self.streams[-1]
 
 
-async def until(predicate: Callable[[], bool], *, timeout: float = 30.0) -> None:
-    """Let the event loop run until `predicate` holds (the timeout only guards against a hang)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
+HANG_GUARD_SECONDS = 30.0
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Let the event loop run until `predicate` holds (the time limit only turns a hang into a failure)."""
+    async with asyncio.timeout(HANG_GUARD_SECONDS):
+        while True:
+            if predicate():
+                return
             await asyncio.sleep(0.001)
 
 

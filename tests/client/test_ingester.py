@@ -1,4 +1,4 @@
-"""The batching ingester's rules, on a scripted stream and a clock the test moves: batching, bounds, resends."""
+"""The batching ingester's rules on a scripted stream and a clock the test moves: batches, bounds, resends."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.client.fakes import FakeClock, FakeServer, FakeStream, rpc_error, run
 
 
 def events(count: int, prefix: str = "e") -> list[UsageEvent]:
-    return [UsageEvent("acme", "analytics", "query", Decimal(1), event_id=f"{prefix}{i}") for i in range(count)]
+    return [UsageEvent("acme", "analytics", "query", Decimal(1), f"{prefix}{n}") for n in range(count)]
 
 
 def ids(stream: FakeStream) -> list[list[str]]:
@@ -102,7 +102,8 @@ async def test_unacknowledged_batches_are_resent_first_in_order_after_waiting_th
         first = server.stream
         first.ack(1, accepted=3)
         await until(lambda: ing.counts.accepted == 3)
-        first.fail(rpc_error(grpc.StatusCode.UNAVAILABLE, "server restarting", retry_delay=timedelta(seconds=2.5)))
+        restarting = rpc_error(grpc.StatusCode.UNAVAILABLE, "restarting", retry_delay=timedelta(seconds=2.5))
+        first.fail(restarting)
         await until(lambda: 2.5 in clock.sleeping())
         for event in events(3, "n"):  # arrive during the backoff
             ing.add_nowait(event)
