@@ -63,7 +63,8 @@ StreamOpener = Callable[[], Awaitable[Any]]
 class IngestCounts:
     """What the server said of the events acknowledged so far.
 
-    `pending` events are held and not yet acknowledged; `resent_batches` counts the
+    `pending` events are held and not yet acknowledged, `in_flight` of them written
+    on the stream and waiting for their acknowledgement; `resent_batches` counts the
     batches sent again after a lost stream; `rejections` are the first 1,000.
     """
 
@@ -71,6 +72,7 @@ class IngestCounts:
     duplicate: int
     rejected: int
     pending: int
+    in_flight: int
     resent_batches: int
     reconnects: int
     rejections: tuple[EventRejection, ...]
@@ -177,6 +179,7 @@ class AsyncIngester:
             duplicate=c.duplicate,
             rejected=c.rejected,
             pending=self._held,
+            in_flight=sum(len(batch.events) for batch in self._in_flight),
             resent_batches=c.resent_batches,
             reconnects=c.reconnects,
             rejections=tuple(c.rejections),
