@@ -16,6 +16,7 @@ from tally_client import (
     PermissionDeniedError,
     UsageEvent,
 )
+from tally_client.errors import from_rpc_error
 from tally_client.retry import RetryPolicy
 from tests.client.fakes import FakeClock, FakeServer, FakeStream, rpc_error, running, until
 
@@ -95,13 +96,13 @@ async def test_a_full_buffer_refuses_add_nowait_and_makes_add_wait_for_room() ->
 
 async def test_unacknowledged_batches_are_resent_first_in_order_after_waiting_the_retry_info_delay() -> None:
     server, clock = FakeServer(), FakeClock()
-    async with running(ingester(server, clock)) as ing:
-        for event in events(9):
+    async with running(ingester(server, clock, max_batches_in_flight=2)) as ing:
+        for event in events(12):
             ing.add_nowait(event)
-        await until(lambda: len(server.streams) == 1 and len(server.stream.written) == 3)
+        await until(lambda: len(server.streams) == 1 and len(server.stream.written) == 2)
         first = server.stream
         first.ack(1, accepted=3)
-        await until(lambda: ing.counts.accepted == 3)
+        await until(lambda: len(first.written) == 3)  # batch 3 takes the freed place; batch 4 waits
         restarting = rpc_error(grpc.StatusCode.UNAVAILABLE, "restarting", retry_delay=timedelta(seconds=2.5))
         first.fail(restarting)
         await until(lambda: 2.5 in clock.sleeping())
@@ -109,15 +110,18 @@ async def test_unacknowledged_batches_are_resent_first_in_order_after_waiting_th
             ing.add_nowait(event)
         assert len(server.streams) == 1
         clock.advance(2.5)
-        await until(lambda: len(server.streams) == 2 and len(server.stream.written) == 3)
+        await until(lambda: len(server.streams) == 2 and len(server.stream.written) == 2)
         second = server.stream
-        assert ids(second) == [["e3", "e4", "e5"], ["e6", "e7", "e8"], ["n0", "n1", "n2"]]
-        assert [r.sequence for r in second.written] == [2, 3, 4]  # a resent batch keeps its number
         second.ack(2, duplicate=3)  # the lost stream had committed it
         second.ack(3, accepted=3)
+        await until(lambda: len(second.written) == 4)
+        resent, new = [["e3", "e4", "e5"], ["e6", "e7", "e8"]], [["e9", "e10", "e11"], ["n0", "n1", "n2"]]
+        assert ids(second) == resent + new
+        assert [r.sequence for r in second.written] == [2, 3, 4, 5]  # a resent batch keeps its number
         second.ack(4, accepted=3)
+        second.ack(5, accepted=3)
         counts = await ing.flush()
-    assert (counts.accepted, counts.duplicate, counts.rejected) == (9, 3, 0)  # each event counted once
+    assert (counts.accepted, counts.duplicate, counts.rejected) == (12, 3, 0)  # each event counted once
     assert (counts.resent_batches, counts.reconnects) == (2, 1)
 
 
@@ -161,6 +165,39 @@ async def test_an_error_that_retrying_cannot_fix_stops_the_ingester() -> None:
     with pytest.raises(PermissionDeniedError):
         await ing.close()
     assert ing.counts.pending == 1  # never acknowledged: the caller knows what was not sent
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core"), True),  # gRPC's: the connection
+        (rpc_error(grpc.StatusCode.INTERNAL, "bug", reason="INTERNAL_ERROR"), False),  # Tally's: a bug
+        (rpc_error(grpc.StatusCode.UNAUTHENTICATED, "expired", reason="TOKEN_EXPIRED"), True),
+        (rpc_error(grpc.StatusCode.UNAUTHENTICATED, "forged", reason="TOKEN_INVALID"), False),
+        (rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "too many", reason="BATCH_TOO_LARGE"), False),
+    ],
+)
+async def test_only_passing_failures_are_retried(error: grpc.aio.AioRpcError, retried: bool) -> None:
+    server, clock = FakeServer(), FakeClock()
+    ing = ingester(server, clock)
+    ing.add_nowait(events(1)[0])
+    flushed = asyncio.ensure_future(ing.flush())
+    await until(lambda: len(server.streams) == 1 and len(server.stream.written) == 1)
+    server.stream.fail(error)
+    if retried:
+        await until(lambda: ing.counts.reconnects == 1 and bool(clock.sleeping()))
+        clock.advance(10.0)  # past any backoff
+        await until(lambda: len(server.streams) == 2 and len(server.stream.written) == 1)
+        server.stream.ack(1, accepted=1)
+        assert (await asyncio.wait_for(flushed, 30)).accepted == 1
+        assert (await asyncio.wait_for(ing.close(), 30)).accepted == 1
+    else:
+        failure = type(from_rpc_error(error))
+        with pytest.raises(failure):
+            await asyncio.wait_for(flushed, 30)
+        with pytest.raises(failure):
+            await ing.close()
+        assert len(server.streams) == 1 and ing.counts.reconnects == 0
 
 
 async def test_an_idle_stream_is_closed_by_the_client_and_reopened_for_new_events() -> None:

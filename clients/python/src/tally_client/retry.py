@@ -4,8 +4,10 @@ Every Tally call is safe to retry: usage events are identified by their event_id
 and the client sends the same request_id (AIP-155) on every attempt of a change.
 So the question is only whether the failure is passing: the server or its database
 unreachable (UNAVAILABLE), a conflict (ABORTED), a rate or stream limit
-(RESOURCE_EXHAUSTED with reason RATE_LIMITED or STREAM_LIMIT_REACHED), or an
-expired token (a new one is fetched). The wait is the server's RetryInfo delay
+(RESOURCE_EXHAUSTED with reason RATE_LIMITED or STREAM_LIMIT_REACHED), an expired
+token (a new one is fetched), or a connection lost mid-call, which gRPC itself
+reports as INTERNAL or UNKNOWN without Tally's ErrorInfo (Tally's own INTERNAL, a
+bug, has reason INTERNAL_ERROR and is not retried). The wait is the server's RetryInfo delay
 when it gives one, else exponential backoff with jitter.
 """
 
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 
 from tally_client.errors import (
     AbortedError,
+    InternalError,
     RateLimitedError,
     TallyError,
     UnauthenticatedError,
     UnavailableError,
+    UnknownError,
 )
 
 TOKEN_EXPIRED = "TOKEN_EXPIRED"
@@ -30,6 +34,8 @@ def is_transient(error: TallyError) -> bool:
     """True if the same call may succeed later."""
     if isinstance(error, UnauthenticatedError):
         return error.reason == TOKEN_EXPIRED
+    if isinstance(error, InternalError | UnknownError):
+        return error.reason is None
     return isinstance(error, UnavailableError | AbortedError | RateLimitedError)
 
 
