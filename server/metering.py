@@ -5,15 +5,22 @@ transaction and keep each stream's order. They are not cancelled with their call
 a client goes away or the server shuts down in the middle of a batch, its transaction
 still finishes (committed or rolled back as a whole, never half-written), and `drain()`
 waits for such writes.
+
+A backfill (a batch flagged by the client, for usage older than the ingestion window)
+needs the scope usage:backfill. It is written in a transaction of its own together with
+one audit entry per tenant that got new events, naming the principal, the request id and
+the counts, so that every re-priced past period can be traced to the call that did it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from server.domain.access import Principal
+from server.domain.access import USAGE_BACKFILL, Caller, Principal
+from server.domain.audit import backfill_entries
 from server.domain.errors import ErrorReason, FieldViolation, InvalidArgument
 from server.domain.events import (
     EventRules,
@@ -77,20 +84,36 @@ class Metering:
         """The lane for all the batches of one stream, which keeps them in the stream's order."""
         return self._lanes.for_stream()
 
-    async def prepare_batch(self, events: Sequence[RawEvent], principal: Principal) -> ValidatedBatch:
+    async def prepare_batch(
+        self, events: Sequence[RawEvent], caller: Caller, *, backfill: bool = False
+    ) -> ValidatedBatch:
         """The CPU half of recording a batch: limits, validation, de-duplication within it.
 
         Events for tenants the principal may not act for are rejected one by one
-        (PERMISSION_DENIED); the rest of the batch goes on.
+        (PERMISSION_DENIED); the rest of the batch goes on. A backfill without the scope
+        usage:backfill is PERMISSION_DENIED as a whole, before anything is looked at.
         """
+        if backfill:
+            caller.principal.require_scope(USAGE_BACKFILL)
         self.check_batch_size(len(events))
         await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
-        return validate_batch(events, self._rate_card, self._rules, self._now_micros(), principal.may_act_for)
+        batch = validate_batch(
+            events,
+            self._rate_card,
+            self._rules,
+            self._now_micros(),
+            caller.principal.may_act_for,
+            backfill=backfill,
+        )
+        return replace(batch, backfill_by=caller) if backfill else batch
 
     def submit_batch(self, batch: ValidatedBatch, lane: Lane) -> Awaitable[BatchOutcome]:
         """The database half: queue the batch on the lane now (the ordering point); the
         awaitable gives its outcome once its transaction has committed."""
-        accepted = lane.submit(batch.rows) if batch.rows else None
+        audit = None
+        if batch.backfill_by is not None:
+            audit = functools.partial(backfill_entries, batch.backfill_by, batch.rows)
+        accepted = lane.submit(batch.rows, audit) if batch.rows else None
         return self._outcome(batch, accepted)
 
     @staticmethod

@@ -11,6 +11,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from server.domain.pagination import PageTokens
+from server.storage.shared_keys import PAGE_TOKEN_KEY
 from tally.v1 import resources_pb2
 
 
@@ -74,6 +76,12 @@ async def totals(db: asyncpg.Pool, tenant: str) -> tuple[int, Decimal, int, Deci
         tenant,
     )
     return events["n"], events["q"], int(rollups["n"]), rollups["q"]
+
+
+async def server_page_tokens(db: asyncpg.Pool) -> PageTokens:
+    """Page tokens signed with the servers' shared key, as if a server had issued them."""
+    key = await db.fetchval("SELECT key FROM shared_keys WHERE name = $1", PAGE_TOKEN_KEY)
+    return PageTokens(key)
 
 
 class _BearerToken:

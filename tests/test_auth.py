@@ -76,6 +76,7 @@ BAD_TOKENS = {
     ),
     "wrong issuer": lambda tenant, rpc: make_token([tenant], issuer="someone-else"),
     "wrong audience": lambda tenant, rpc: make_token([tenant], audience="another-service"),
+    "'*' mixed with tenant ids": lambda tenant, rpc: make_token([tenant, "*"]),
     "alg none": lambda tenant, rpc: jwt.encode(
         {
             "sub": "x",
@@ -396,3 +397,27 @@ def test_a_cached_token_stops_working_when_it_expires() -> None:
     clock[0] += 61
     with pytest.raises(Unauthenticated):
         verifier.verify(token)
+
+
+@pytest.mark.parametrize("tenants", [["acme", "*"], ["*", "acme"], ["*", "*"]])
+def test_tenants_claim_mixing_every_tenant_with_names_is_refused(tenants: list[str]) -> None:
+    from server.auth.keys import HS256, VerificationKey
+
+    secret = b"mixed-claim-secret-0123456789abcdef"
+    verifier = TokenVerifier([VerificationKey(HS256, secret)], audience=None)
+    token = jwt.encode(
+        {"sub": "svc", "tenants": tenants, "scope": "usage:read", "exp": int(time.time()) + 60},
+        secret,
+        algorithm="HS256",
+    )
+    with pytest.raises(Unauthenticated) as raised:
+        verifier.verify(token)
+    assert str(raised.value) == "the token's 'tenants' claim must be '*' alone, or tenant ids without '*'"
+    # '*' alone, as a string or a one-element list, still means every tenant.
+    for claim in ("*", ["*"]):
+        alone = jwt.encode(
+            {"sub": "svc", "tenants": claim, "scope": "usage:read", "exp": int(time.time()) + 60},
+            secret,
+            algorithm="HS256",
+        )
+        assert verifier.verify(alone).tenants == ALL_TENANTS

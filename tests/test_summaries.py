@@ -13,10 +13,15 @@ from tests.helpers import event, field_violations, hour_start, ts
 
 
 async def report_all(
-    usage: usage_service_pb2_grpc.UsageServiceStub, events: list[resources_pb2.UsageEvent]
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    events: list[resources_pb2.UsageEvent],
+    *,
+    backfill: bool = False,
 ) -> None:
+    """Record the events in one batch; a backfill for times older than the ingestion window."""
+
     async def requests():  # type: ignore[no-untyped-def]
-        yield usage_service_pb2.IngestUsageRequest(events=events)
+        yield usage_service_pb2.IngestUsageRequest(events=events, backfill=backfill)
 
     response = await usage.IngestUsage(requests())
     assert response.rejected_count == 0, response.rejections
@@ -102,6 +107,7 @@ async def test_day_and_month_buckets_are_utc(
             event(tenant, "d1", quantity="1", time=day + timedelta(hours=23, minutes=59)),
             event(tenant, "d2", quantity="2", time=day + timedelta(hours=24)),
         ],
+        backfill=True,
     )
     request = usage_service_pb2.GetUsageSummaryRequest(
         name=f"tenants/{tenant}/usageSummary",
@@ -213,7 +219,11 @@ async def test_stream_summaries_for_all_tenants_with_usage(
     # An hour far in the past that only this test uses, with more tenants than one query chunk.
     h0 = hour_start(-24 * 3000)
     tenants = sorted(new_tenant() for _ in range(130))
-    await report_all(usage, [event(t, "only", quantity="1", time=h0 + timedelta(minutes=1)) for t in tenants])
+    await report_all(
+        usage,
+        [event(t, "only", quantity="1", time=h0 + timedelta(minutes=1)) for t in tenants],
+        backfill=True,
+    )
     request = usage_service_pb2.StreamUsageSummariesRequest(
         start_time=ts(h0), end_time=ts(h0 + timedelta(hours=1))
     )

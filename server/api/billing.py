@@ -60,6 +60,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
             optional_micros(request, "effective_time"),
             caller,
             once(request, _SET_RATE, caller, respond),
+            reprice_past_usage=request.reprice_past_usage,
         )
         return response(result, respond, billing_service_pb2.SetRateResponse)
 

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.domain.audit import INVOICE_CREATED, INVOICE_RECOMPUTED, RATE_SET, AuditEvent
+from server.domain.audit import INVOICE_CREATED, INVOICE_RECOMPUTED, RATE_SET, USAGE_BACKFILLED, AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
@@ -127,6 +127,7 @@ def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
         status=resources_pb2.INVOICE_STATUS_DRAFT,
         create_time=to_timestamp(invoice.created_at),
         update_time=to_timestamp(invoice.updated_at),
+        compute_time=to_timestamp(invoice.computed_at),
     )
 
 
@@ -157,6 +158,7 @@ _AUDIT_ACTIONS = {
     RATE_SET: resources_pb2.AUDIT_ACTION_RATE_SET,
     INVOICE_CREATED: resources_pb2.AUDIT_ACTION_INVOICE_CREATED,
     INVOICE_RECOMPUTED: resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED,
+    USAGE_BACKFILLED: resources_pb2.AUDIT_ACTION_USAGE_BACKFILLED,
 }
 
 

@@ -57,7 +57,10 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         return self.authenticator.limiter.event_charges(principal.subject, len(events), per_tenant)
 
     async def _prepare_batch(
-        self, caller: Caller, messages: RepeatedCompositeFieldContainer[resources_pb2.UsageEvent]
+        self,
+        caller: Caller,
+        messages: RepeatedCompositeFieldContainer[resources_pb2.UsageEvent],
+        backfill: bool,
     ) -> ValidatedBatch:
         """Decode and validate a streamed batch once the event rates allow it: waiting, not failing."""
         self._metering.check_batch_size(len(messages))
@@ -67,7 +70,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             # Not reading the next message while we wait is what slows the client down:
             # gRPC flow control stops it once the transport window is full.
             await asyncio.sleep(delay)
-        return await self._metering.prepare_batch(events, caller.principal)
+        return await self._metering.prepare_batch(events, caller, backfill=backfill)
 
     def _record_stream(
         self, caller: Caller, requests: AsyncIterator[R]
@@ -76,7 +79,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         lane = self._metering.stream_lane()
         return pipelined(
             requests,
-            lambda r: self._prepare_batch(caller, r.events),
+            lambda r: self._prepare_batch(caller, r.events, r.backfill),
             lambda batch: self._metering.submit_batch(batch, lane),
             budget=self._budget,
             size=lambda r: len(r.events),

@@ -2,7 +2,8 @@
 
 Claims:
 - `sub`: the principal's name (required);
-- `tenants`: one tenant id, a list of them, or "*" for every tenant (required);
+- `tenants`: one tenant id, a list of them, or "*" (alone, or as the only element of a list) for
+  every tenant (required); a list mixing "*" with tenant ids is refused;
 - `scope`: space-separated scopes (OAuth 2 style), or a list (required);
 - `exp` (required), `nbf`, `iat`; `iss` and `aud` when the server is configured with them.
 
@@ -55,8 +56,16 @@ def _failure(exc: jwt.PyJWTError) -> Unauthenticated:
 
 
 def _tenants(value: Any) -> frozenset[str] | AllTenants:
-    if value == ALL_TENANTS_CLAIM or (isinstance(value, list) and ALL_TENANTS_CLAIM in value):
+    if value == ALL_TENANTS_CLAIM or value == [ALL_TENANTS_CLAIM]:
         return ALL_TENANTS
+    if isinstance(value, list) and ALL_TENANTS_CLAIM in value:
+        # ["acme", "*"] is ambiguous: most likely a token meant for one tenant that an
+        # issuer's template widened by mistake. Granting every tenant on a guess would turn
+        # that mistake into access to everyone's data, so the token is refused.
+        raise Unauthenticated(
+            "the token's 'tenants' claim must be '*' alone, or tenant ids without '*'",
+            reason=ErrorReason.TOKEN_INVALID,
+        )
     listed = [value] if isinstance(value, str) else value
     if (
         not isinstance(listed, list)

@@ -17,7 +17,9 @@ USAGE_WRITE: Final = "usage:write"
 USAGE_READ: Final = "usage:read"
 BILLING_READ: Final = "billing:read"
 BILLING_ADMIN: Final = "billing:admin"
-SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN)
+# Recording usage older than the ingestion window (audited), on top of usage:write.
+USAGE_BACKFILL: Final = "usage:backfill"
+SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN, USAGE_BACKFILL)
 
 ALL_TENANTS: Final = "all"
 AllTenants = Literal["all"]

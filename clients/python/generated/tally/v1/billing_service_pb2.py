@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tally.v1 import resources_pb2 as tally_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etally/v1/billing_service.proto\x12\x08tally.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"\x97\x01\n\x10ListRatesRequest\x12\x34\n\nas_of_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x1a\n\x0cshow_history\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x11ListRatesResponse\x12#\n\x05rates\x18\x01 \x03(\x0b\x32\x0e.tally.v1.RateB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"\xcc\x01\n\x0eSetRateRequest\x12\x15\n\x07service\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nusage_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nunit_price\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rcurrency_code\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\"5\n\x0fSetRateResponse\x12\"\n\x04rate\x18\x01 \x01(\x0b\x32\x0e.tally.v1.RateB\x04\xe2\x41\x01\x03\"\xce\x01\n\x16ListAuditEventsRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"j\n\x17ListAuditEventsResponse\x12\x30\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x14.tally.v1.AuditEventB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"\xd2\x01\n\x16GenerateInvoiceRequest\x12&\n\x06parent\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\x12\rtally/Invoice\x12;\n\x11period_start_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x39\n\x0fperiod_end_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x17GenerateInvoiceResponse\x12(\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\"9\n\x11GetInvoiceRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rtally/Invoice\">\n\x12GetInvoiceResponse\x12(\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\"p\n\x13ListInvoicesRequest\x12&\n\x06parent\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\x12\rtally/Invoice\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"`\n\x14ListInvoicesResponse\x12)\n\x08invoices\x18\x01 \x03(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x32\xde\x03\n\x0e\x42illingService\x12\x44\n\tListRates\x12\x1a.tally.v1.ListRatesRequest\x1a\x1b.tally.v1.ListRatesResponse\x12>\n\x07SetRate\x12\x18.tally.v1.SetRateRequest\x1a\x19.tally.v1.SetRateResponse\x12V\n\x0fGenerateInvoice\x12 .tally.v1.GenerateInvoiceRequest\x1a!.tally.v1.GenerateInvoiceResponse\x12G\n\nGetInvoice\x12\x1b.tally.v1.GetInvoiceRequest\x1a\x1c.tally.v1.GetInvoiceResponse\x12M\n\x0cListInvoices\x12\x1d.tally.v1.ListInvoicesRequest\x1a\x1e.tally.v1.ListInvoicesResponse\x12V\n\x0fListAuditEvents\x12 .tally.v1.ListAuditEventsRequest\x1a!.tally.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etally/v1/billing_service.proto\x12\x08tally.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"\x97\x01\n\x10ListRatesRequest\x12\x34\n\nas_of_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x1a\n\x0cshow_history\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x11ListRatesResponse\x12#\n\x05rates\x18\x01 \x03(\x0b\x32\x0e.tally.v1.RateB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"\xee\x01\n\x0eSetRateRequest\x12\x15\n\x07service\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nusage_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nunit_price\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rcurrency_code\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12 \n\x12reprice_past_usage\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x01\"5\n\x0fSetRateResponse\x12\"\n\x04rate\x18\x01 \x01(\x0b\x32\x0e.tally.v1.RateB\x04\xe2\x41\x01\x03\"\xce\x01\n\x16ListAuditEventsRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"j\n\x17ListAuditEventsResponse\x12\x30\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x14.tally.v1.AuditEventB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"\xd2\x01\n\x16GenerateInvoiceRequest\x12&\n\x06parent\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\x12\rtally/Invoice\x12;\n\x11period_start_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x39\n\x0fperiod_end_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x17GenerateInvoiceResponse\x12(\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\"9\n\x11GetInvoiceRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rtally/Invoice\">\n\x12GetInvoiceResponse\x12(\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\"p\n\x13ListInvoicesRequest\x12&\n\x06parent\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\x12\rtally/Invoice\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"`\n\x14ListInvoicesResponse\x12)\n\x08invoices\x18\x01 \x03(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x32\xde\x03\n\x0e\x42illingService\x12\x44\n\tListRates\x12\x1a.tally.v1.ListRatesRequest\x1a\x1b.tally.v1.ListRatesResponse\x12>\n\x07SetRate\x12\x18.tally.v1.SetRateRequest\x1a\x19.tally.v1.SetRateResponse\x12V\n\x0fGenerateInvoice\x12 .tally.v1.GenerateInvoiceRequest\x1a!.tally.v1.GenerateInvoiceResponse\x12G\n\nGetInvoice\x12\x1b.tally.v1.GetInvoiceRequest\x1a\x1c.tally.v1.GetInvoiceResponse\x12M\n\x0cListInvoices\x12\x1d.tally.v1.ListInvoicesRequest\x1a\x1e.tally.v1.ListInvoicesResponse\x12V\n\x0fListAuditEvents\x12 .tally.v1.ListAuditEventsRequest\x1a!.tally.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,6 +59,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETRATEREQUEST'].fields_by_name['effective_time']._serialized_options = b'\342A\001\001'
   _globals['_SETRATEREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_SETRATEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATEREQUEST'].fields_by_name['reprice_past_usage']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['reprice_past_usage']._serialized_options = b'\342A\001\001'
   _globals['_SETRATERESPONSE'].fields_by_name['rate']._loaded_options = None
   _globals['_SETRATERESPONSE'].fields_by_name['rate']._serialized_options = b'\342A\001\003'
   _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['tenant_id']._loaded_options = None
@@ -106,25 +108,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRATESRESPONSE']._serialized_start=317
   _globals['_LISTRATESRESPONSE']._serialized_end=404
   _globals['_SETRATEREQUEST']._serialized_start=407
-  _globals['_SETRATEREQUEST']._serialized_end=611
-  _globals['_SETRATERESPONSE']._serialized_start=613
-  _globals['_SETRATERESPONSE']._serialized_end=666
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=669
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=875
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=877
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=983
-  _globals['_GENERATEINVOICEREQUEST']._serialized_start=986
-  _globals['_GENERATEINVOICEREQUEST']._serialized_end=1196
-  _globals['_GENERATEINVOICERESPONSE']._serialized_start=1198
-  _globals['_GENERATEINVOICERESPONSE']._serialized_end=1288
-  _globals['_GETINVOICEREQUEST']._serialized_start=1290
-  _globals['_GETINVOICEREQUEST']._serialized_end=1347
-  _globals['_GETINVOICERESPONSE']._serialized_start=1349
-  _globals['_GETINVOICERESPONSE']._serialized_end=1411
-  _globals['_LISTINVOICESREQUEST']._serialized_start=1413
-  _globals['_LISTINVOICESREQUEST']._serialized_end=1525
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=1527
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=1623
-  _globals['_BILLINGSERVICE']._serialized_start=1626
-  _globals['_BILLINGSERVICE']._serialized_end=2104
+  _globals['_SETRATEREQUEST']._serialized_end=645
+  _globals['_SETRATERESPONSE']._serialized_start=647
+  _globals['_SETRATERESPONSE']._serialized_end=700
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=703
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=909
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=911
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1017
+  _globals['_GENERATEINVOICEREQUEST']._serialized_start=1020
+  _globals['_GENERATEINVOICEREQUEST']._serialized_end=1230
+  _globals['_GENERATEINVOICERESPONSE']._serialized_start=1232
+  _globals['_GENERATEINVOICERESPONSE']._serialized_end=1322
+  _globals['_GETINVOICEREQUEST']._serialized_start=1324
+  _globals['_GETINVOICEREQUEST']._serialized_end=1381
+  _globals['_GETINVOICERESPONSE']._serialized_start=1383
+  _globals['_GETINVOICERESPONSE']._serialized_end=1445
+  _globals['_LISTINVOICESREQUEST']._serialized_start=1447
+  _globals['_LISTINVOICESREQUEST']._serialized_end=1559
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=1561
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=1657
+  _globals['_BILLINGSERVICE']._serialized_start=1660
+  _globals['_BILLINGSERVICE']._serialized_end=2138
 # @@protoc_insertion_point(module_scope)

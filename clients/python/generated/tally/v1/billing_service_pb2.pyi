@@ -98,6 +98,7 @@ class SetRateRequest(_message.Message):
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPRICE_PAST_USAGE_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service, 1 to 64 characters of [A-Za-z0-9_.-]."""
     usage_type: _builtins.str
@@ -116,12 +117,23 @@ class SetRateRequest(_message.Message):
     audit entry. Empty: no deduplication (setting the same rate again
     replaces it, and is audited again).
     """
+    reprice_past_usage: _builtins.bool
+    """Confirms that an effective_time before now is meant: usage already
+    reported from that time on is re-priced at this rate (draft invoices show
+    the new price when next read or generated). Without it, a past
+    effective_time is refused, so a typo cannot change what was already
+    billed. When it re-prices past usage, the audit entry of the change
+    (AUDIT_ACTION_RATE_SET) has `"reprice_past_usage": true` in `after`.
+    Ignored for an effective_time at or after now. Default false.
+    """
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """When the price takes effect; must be a whole UTC hour. Defaults to the start
         of the next hour, so that usage already reported keeps its price. The first
         rate of a new usage type defaults to the Unix epoch, so that it covers all
-        of its usage.
+        of its usage. A time before now re-prices usage already reported and is
+        refused with INVALID_ARGUMENT (field `effective_time`) unless
+        reprice_past_usage is set.
         """
 
     def __init__(
@@ -133,10 +145,11 @@ class SetRateRequest(_message.Message):
         currency_code: _builtins.str = ...,
         effective_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
+        reprice_past_usage: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "effective_time", b"effective_time", "request_id", b"request_id", "service", b"service", "unit_price", b"unit_price", "usage_type", b"usage_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "effective_time", b"effective_time", "reprice_past_usage", b"reprice_past_usage", "request_id", b"request_id", "service", b"service", "unit_price", b"unit_price", "usage_type", b"usage_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

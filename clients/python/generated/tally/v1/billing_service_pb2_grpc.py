@@ -103,7 +103,9 @@ class BillingServiceServicer:
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
         its old price. Setting a rate again for the same effective time replaces
-        it; a retry with the same request_id does not. Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+        it; a retry with the same request_id does not. An effective time in the
+        past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
+        Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
         otherwise), since the rate card prices every tenant's usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -124,7 +126,8 @@ class BillingServiceServicer:
 
     def GetInvoice(self, request, context):
         """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
-        tenant the token does not cover (the two cannot be told apart). Scope
+        tenant the token does not cover (the two cannot be told apart). A draft's
+        totals are computed as of the call (see Invoice.compute_time). Scope
         billing:read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -132,7 +135,8 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListInvoices(self, request, context):
-        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        """A tenant's invoices, newest period first; drafts' totals are computed as
+        of the call (see Invoice.compute_time). Scope billing:read; a tenant the
         token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

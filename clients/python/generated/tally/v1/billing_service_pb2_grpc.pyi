@@ -53,7 +53,9 @@ class BillingServiceStub:
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
     its old price. Setting a rate again for the same effective time replaces
-    it; a retry with the same request_id does not. Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+    it; a retry with the same request_id does not. An effective time in the
+    past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
+    Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
     otherwise), since the rate card prices every tenant's usage.
     """
     GenerateInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GenerateInvoiceRequest, _billing_service_pb2.GenerateInvoiceResponse]
@@ -66,11 +68,13 @@ class BillingServiceStub:
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]
     """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
-    tenant the token does not cover (the two cannot be told apart). Scope
+    tenant the token does not cover (the two cannot be told apart). A draft's
+    totals are computed as of the call (see Invoice.compute_time). Scope
     billing:read.
     """
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]
-    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    """A tenant's invoices, newest period first; drafts' totals are computed as
+    of the call (see Invoice.compute_time). Scope billing:read; a tenant the
     token does not cover is PERMISSION_DENIED.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]
@@ -105,7 +109,9 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
     its old price. Setting a rate again for the same effective time replaces
-    it; a retry with the same request_id does not. Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+    it; a retry with the same request_id does not. An effective time in the
+    past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
+    Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
     otherwise), since the rate card prices every tenant's usage.
     """
     GenerateInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GenerateInvoiceRequest, _billing_service_pb2.GenerateInvoiceResponse]  # type: ignore[assignment]
@@ -118,11 +124,13 @@ class BillingServiceAsyncStub(BillingServiceStub):
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]  # type: ignore[assignment]
     """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
-    tenant the token does not cover (the two cannot be told apart). Scope
+    tenant the token does not cover (the two cannot be told apart). A draft's
+    totals are computed as of the call (see Invoice.compute_time). Scope
     billing:read.
     """
     ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]  # type: ignore[assignment]
-    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    """A tenant's invoices, newest period first; drafts' totals are computed as
+    of the call (see Invoice.compute_time). Scope billing:read; a tenant the
     token does not cover is PERMISSION_DENIED.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
@@ -166,7 +174,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
         its old price. Setting a rate again for the same effective time replaces
-        it; a retry with the same request_id does not. Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
+        it; a retry with the same request_id does not. An effective time in the
+        past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
+        Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
         otherwise), since the rate card prices every tenant's usage.
         """
 
@@ -191,7 +201,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.GetInvoiceResponse, _abc.Awaitable[_billing_service_pb2.GetInvoiceResponse]]:
         """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
-        tenant the token does not cover (the two cannot be told apart). Scope
+        tenant the token does not cover (the two cannot be told apart). A draft's
+        totals are computed as of the call (see Invoice.compute_time). Scope
         billing:read.
         """
 
@@ -201,7 +212,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.ListInvoicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.ListInvoicesResponse, _abc.Awaitable[_billing_service_pb2.ListInvoicesResponse]]:
-        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        """A tenant's invoices, newest period first; drafts' totals are computed as
+        of the call (see Invoice.compute_time). Scope billing:read; a tenant the
         token does not cover is PERMISSION_DENIED.
         """
 

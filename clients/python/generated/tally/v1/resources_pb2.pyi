@@ -181,6 +181,13 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """BillingService.GenerateInvoice recomputed a draft invoice; `before` and
     `after` are its contents before and after.
     """
+    AUDIT_ACTION_USAGE_BACKFILLED: _AuditAction.ValueType  # 4
+    """UsageService.IngestUsage or StreamUsage backfilled usage older than the
+    ingestion window for the tenant. `before` is unset; `after` holds
+    accepted_count, duplicate_count, first_event_time and last_event_time of
+    the batch's events for this tenant and its usage_types
+    ("service/usage_type"). Resource: "tenants/{tenant_id}/usage".
+    """
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What kind of change an audit event records."""
@@ -197,6 +204,13 @@ AUDIT_ACTION_INVOICE_CREATED: AuditAction.ValueType  # 2
 AUDIT_ACTION_INVOICE_RECOMPUTED: AuditAction.ValueType  # 3
 """BillingService.GenerateInvoice recomputed a draft invoice; `before` and
 `after` are its contents before and after.
+"""
+AUDIT_ACTION_USAGE_BACKFILLED: AuditAction.ValueType  # 4
+"""UsageService.IngestUsage or StreamUsage backfilled usage older than the
+ingestion window for the tenant. `before` is unset; `after` holds
+accepted_count, duplicate_count, first_event_time and last_event_time of
+the batch's events for this tenant and its usage_types
+("service/usage_type"). Resource: "tenants/{tenant_id}/usage".
 """
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
@@ -262,8 +276,10 @@ class UsageEvent(_message.Message):
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the usage happened. Defaults to the time the server receives the
-        event. At most 5 minutes ahead of the server's clock (configurable) and not
-        before the first rate of its usage type took effect. Stored to the
+        event. At most 5 minutes ahead of the server's clock and at most 35 days
+        behind it (both configurable: --max-future-seconds, --max-event-age), and
+        not before the first rate of its usage type took effect. Older usage is
+        recorded only by a backfill (IngestUsageRequest.backfill). Stored to the
         microsecond; nanoseconds below that are dropped.
         """
 
@@ -570,6 +586,7 @@ class Invoice(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    COMPUTE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The invoice's resource name, "tenants/{tenant}/invoices/{invoice}", e.g.
     "tenants/acme/invoices/inv_01JD...".
@@ -604,6 +621,17 @@ class Invoice(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When its contents were last computed."""
 
+    @_builtins.property
+    def compute_time(self) -> _timestamp_pb2.Timestamp:
+        """When the line items and total shown were computed; they include all
+        usage recorded before this time. A draft is priced afresh on every read
+        (GetInvoice, ListInvoices), from the usage and rates at that moment, so
+        its compute_time is the time of the read and its totals are current; that
+        computation is not stored, so update_time (and the audit trail) still
+        tell when GenerateInvoice last computed the stored draft. In a
+        GenerateInvoice response, compute_time equals update_time.
+        """
+
     def __init__(
         self,
         *,
@@ -617,10 +645,11 @@ class Invoice(_message.Message):
         status: Global___InvoiceStatus.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        compute_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency_code", b"currency_code", "line_items", b"line_items", "name", b"name", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "currency_code", b"currency_code", "line_items", b"line_items", "name", b"name", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -110,20 +110,33 @@ class IngestUsageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
+    BACKFILL_FIELD_NUMBER: _builtins.int
+    backfill: _builtins.bool
+    """Backfill: record events older than the ingestion window (35 days before the
+    server's clock by default, --max-event-age), which are otherwise rejected
+    with field `event_time`. Needs the scope usage:backfill besides usage:write (the
+    whole stream fails with PERMISSION_DENIED at this batch otherwise, nothing
+    of it written); events still need a rate in effect at their time and a
+    tenant the token covers. The batch is committed in a transaction of its
+    own, with one audit entry (AUDIT_ACTION_USAGE_BACKFILLED) per tenant that
+    got new events: principal, request id, counts and time span. Default false.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.UsageEvent]:
         """A batch of events, committed together. At most 10,000 events (the server's
-        --max-batch-size); the gRPC message limit is 16 MiB by default.
+        --max-batch-size); the gRPC message limit is 4 MiB by default
+        (--max-message-bytes), about 30,000 typical events.
         """
 
     def __init__(
         self,
         *,
         events: _abc.Iterable[_resources_pb2.UsageEvent] | None = ...,
+        backfill: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -181,9 +194,15 @@ class StreamUsageRequest(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    BACKFILL_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Client-chosen number of this batch, echoed in its acknowledgement. Tally
     does not interpret it; increasing numbers make resends easy to track.
+    """
+    backfill: _builtins.bool
+    """Backfill: record events older than the ingestion window; needs the scope
+    usage:backfill and is audited, exactly as IngestUsageRequest.backfill.
+    Default false.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.UsageEvent]:
@@ -194,10 +213,11 @@ class StreamUsageRequest(_message.Message):
         *,
         sequence: _builtins.int = ...,
         events: _abc.Iterable[_resources_pb2.UsageEvent] | None = ...,
+        backfill: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "events", b"events", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
