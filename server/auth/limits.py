@@ -138,11 +138,15 @@ def try_take(charges: Iterable[Charge]) -> None:
 
 def take(charges: Iterable[Charge]) -> float:
     """Take every charge even into debt; return the seconds to wait before the next message."""
-    delay = 0.0
+    charges = list(charges)
     for charge in charges:
         charge.buckets.remove(charge.key, charge.amount)
-        delay = max(delay, charge.buckets.debt_seconds(charge.key))
-    return delay
+    return debt_seconds(charges)
+
+
+def debt_seconds(charges: Iterable[Charge]) -> float:
+    """Seconds until no bucket of these charges is in debt (0 if none is now)."""
+    return max((charge.buckets.debt_seconds(charge.key) for charge in charges), default=0.0)
 
 
 class StreamSlots:
