@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IMAGE = ROOT / "protos" / "tally-v1-image.binpb"
+GENERATED = ROOT / "clients" / "python" / "generated"
 
 
 def tool(name: str) -> str:
@@ -36,7 +37,7 @@ def test_committed_generated_code_is_up_to_date(tmp_path: Path) -> None:
     assert image.read_bytes() == IMAGE.read_bytes(), (
         "protos/tally-v1-image.binpb is stale: run scripts/generate.py"
     )
-    comparison = filecmp.dircmp(ROOT / "generated", tmp_path / "generated")
+    comparison = filecmp.dircmp(GENERATED, tmp_path / "generated")
     stale: list[str] = []
 
     def collect(cmp: filecmp.dircmp[str], prefix: str) -> None:
@@ -48,7 +49,7 @@ def test_committed_generated_code_is_up_to_date(tmp_path: Path) -> None:
                 collect(sub, f"{prefix}{name}/")
 
     collect(comparison, "")
-    assert not stale, f"generated/ is stale, run `python scripts/generate.py`: {stale}"
+    assert not stale, f"clients/python/generated/ is stale, run `python scripts/generate.py`: {stale}"
 
 
 def test_protos_do_not_break_the_committed_image() -> None:
