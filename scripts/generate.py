@@ -1,4 +1,4 @@
-"""Generate the Python code in clients/python/generated/ and the buf image from the contracts in protos/.
+"""Generate the Python code in generated/ and the buf image from the contracts in protos/.
 
 Run `python scripts/generate.py` after changing a .proto file and commit the result;
 the test suite regenerates into a temporary directory and fails if the committed
@@ -9,7 +9,7 @@ The generated `tally.v1` package is part of the client distribution (clients/pyt
 `tally-client`), which the server depends on: one copy of the stubs for both.
 
 Besides the modules, it writes:
-- clients/python/generated/tally/v1/descriptor_set.binpb: the contracts with their comments
+- generated/tally/v1/descriptor_set.binpb: the contracts with their comments
   (source info) and imports, from which the server answers reflection, so that
   `grpcurl describe` shows the proto comments;
 - protos/tally-v1-image.binpb: the buf image of the contracts, the baseline of
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 THIRD_PARTY = ROOT / "third_party"
 IMAGE = PROTO_ROOT / "tally-v1-image.binpb"
-GENERATED = ROOT / "clients" / "python" / "generated"
+GENERATED = ROOT / "generated"
 DESCRIPTOR_SET = "tally/v1/descriptor_set.binpb"
 PACKAGE_MARKER = '"""Code generated from protos/ by scripts/generate.py. Do not edit."""\n'
 

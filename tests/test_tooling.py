@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IMAGE = ROOT / "protos" / "tally-v1-image.binpb"
-GENERATED = ROOT / "clients" / "python" / "generated"
+GENERATED = ROOT / "generated"
 
 
 def tool(name: str) -> str:
@@ -49,7 +49,7 @@ def test_committed_generated_code_is_up_to_date(tmp_path: Path) -> None:
                 collect(sub, f"{prefix}{name}/")
 
     collect(comparison, "")
-    assert not stale, f"clients/python/generated/ is stale, run `python scripts/generate.py`: {stale}"
+    assert not stale, f"generated/ is stale, run `python scripts/generate.py`: {stale}"
 
 
 def test_protos_do_not_break_the_committed_image() -> None:
