@@ -18,6 +18,7 @@ from server.billing import Billing
 from server.domain.access import BILLING_ADMIN, BILLING_READ, Caller
 from server.domain.models import Invoice, Rate
 from server.domain.names import parse_invoice_name, parse_tenant_name
+from server.telemetry.calls import CallTelemetry
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 
 _METHODS = billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].methods_by_name
@@ -27,9 +28,10 @@ _GENERATE_INVOICE = _METHODS["GenerateInvoice"].full_name
 
 
 class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
-    def __init__(self, billing: Billing, authenticator: Authenticator) -> None:
+    def __init__(self, billing: Billing, authenticator: Authenticator, telemetry: CallTelemetry) -> None:
         self._billing = billing
         self.authenticator = authenticator
+        self.telemetry = telemetry
 
     @rpc(BILLING_READ)
     async def ListRates(

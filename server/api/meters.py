@@ -12,6 +12,7 @@ from server.domain.access import METERS_ADMIN, USAGE_READ, Caller
 from server.domain.errors import InvalidArgument
 from server.domain.meters import Meter
 from server.metering.meters import MeterCatalog
+from server.telemetry.calls import CallTelemetry
 from tally.v1 import meter_service_pb2, meter_service_pb2_grpc
 
 _METHODS = meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"].methods_by_name
@@ -20,9 +21,10 @@ _ARCHIVE_METER = _METHODS["ArchiveMeter"].full_name
 
 
 class MeterApi(meter_service_pb2_grpc.MeterServiceServicer):
-    def __init__(self, meters: MeterCatalog, authenticator: Authenticator) -> None:
+    def __init__(self, meters: MeterCatalog, authenticator: Authenticator, telemetry: CallTelemetry) -> None:
         self._meters = meters
         self.authenticator = authenticator
+        self.telemetry = telemetry
 
     @rpc(METERS_ADMIN)
     async def CreateMeter(

@@ -28,15 +28,6 @@ USAGE_BACKFILLED: Final = "usage_backfilled"
 METER_CREATED: Final = "meter_created"
 METER_ARCHIVED: Final = "meter_archived"
 USAGE_EVENT_CANCELLED: Final = "usage_event_cancelled"
-ACTIONS: Final = (
-    RATE_SET,
-    INVOICE_CREATED,
-    INVOICE_RECOMPUTED,
-    USAGE_BACKFILLED,
-    METER_CREATED,
-    METER_ARCHIVED,
-    USAGE_EVENT_CANCELLED,
-)
 
 State = Mapping[str, Any]
 
