@@ -265,3 +265,26 @@ async def test_a_cancelled_event_stops_counting_everywhere_and_stays_a_duplicate
         Code.NOT_FOUND,
         "EVENT_NOT_FOUND",
     )
+
+
+async def test_streamed_summaries_report_the_named_meters_per_tenant(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+) -> None:
+    tenants = sorted(f"t-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    for i, tenant in enumerate(tenants):
+        for quantity in ("1", str(5 + i)):
+            await usage.ReportUsage(
+                usage_service_pb2.ReportUsageRequest(
+                    event=event(tenant, usage_type="wpk_review", quantity=quantity)
+                )
+            )
+    name = "meters/marketplace-wpk-review"
+    streamed = usage.StreamUsageSummaries(
+        usage_service_pb2.StreamUsageSummariesRequest(
+            tenant_ids=tenants, start_time=ts(hour_start(-1)), end_time=ts(hour_start(1)), meters=[name]
+        )
+    )
+    got = {
+        r.summary.tenant_id: [(a.meter, a.value) for a in r.summary.meter_aggregates] async for r in streamed
+    }
+    assert got == {tenants[0]: [(name, "6")], tenants[1]: [(name, "7")]}
