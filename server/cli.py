@@ -111,8 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tally",
         description="Tally: usage metering and billing over gRPC.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
 
+
+def register_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `tally.commands` entry point (pyproject.toml): serve, token and retention in tally-client's
+    `tally` command, each run by `run`."""
+    add_commands(commands)
+    for name in ("serve", "token", "retention"):
+        commands.choices[name].set_defaults(handler=run)
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the gRPC service",
@@ -409,7 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DATABASE_URL") or None,
         help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
     )
-    return parser
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -651,7 +661,11 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the parsed serve, token or retention command."""
     if args.command == "serve":
         # gRPC's fork handlers are for children that go on using gRPC; ours never do (the
         # only fork is subprocess running pg_ctl for the embedded PostgreSQL, which execs at
