@@ -315,7 +315,8 @@ async def test_address_and_token_come_from_the_environment(
 
 def test_installed_tally_lists_the_server_commands_beside_the_client_commands() -> None:
     result = subprocess.run([str(TALLY), "--help"], capture_output=True, text=True, timeout=60, check=True)
-    commands = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ") and line[4] != " "]
+    listed = [line for line in result.stdout.splitlines() if line.startswith("    ") and line[4] != " "]
+    commands = [line.split()[0] for line in listed]
     assert commands == [
         "report",
         "ingest",

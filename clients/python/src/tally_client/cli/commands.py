@@ -131,7 +131,9 @@ def _show_invoice(invoice: Invoice, output: str, created: bool | None = None) ->
         return
     if created is not None:
         print(f"{'created' if created else 'recomputed'} {invoice.name}")
-    print_table(INVOICE_COLUMNS, _invoice_rows([invoice]), title=invoice.name)
+    print_table(
+        INVOICE_COLUMNS, _invoice_rows([invoice]), title=None if created is not None else invoice.name
+    )
     print_table(
         ["service", "usage type", "quantity", "unit price", "amount", "events"],
         [

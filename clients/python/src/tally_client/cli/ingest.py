@@ -15,7 +15,8 @@ import contextlib
 import io
 import itertools
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -28,8 +29,10 @@ from tally_client.client import TallyClient
 from tally_client.errors import IngesterClosedError, IngesterFullError, TallyError
 from tally_client.ingester import IngestCounts
 from tally_client.models import EventRejection, UsageEvent
+from tally_client.threaded import Ingester
 
 MAX_PROBLEMS_SHOWN = 20
+PROGRESS_SECONDS = 0.25  # how often the bar moves while the last acknowledgements come in
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,26 @@ def _counts_text(counts: IngestCounts, unreadable: int) -> str:
     )
 
 
+def _await_acknowledgements(
+    ingester: Ingester, wait: float, show_progress: Callable[[IngestCounts], None]
+) -> None:
+    """Wait for the last acknowledgements, showing them as they come, while the server makes
+    progress; after `wait` seconds without any, return (close() then counts what is left)."""
+    last = ingester.counts
+    since = time.monotonic()
+    while True:
+        try:
+            ingester.flush(timeout=PROGRESS_SECONDS)
+            return
+        except TimeoutError:
+            counts = ingester.counts
+            show_progress(counts)
+            if counts.pending != last.pending:
+                last, since = counts, time.monotonic()
+            elif time.monotonic() - since >= wait:
+                return
+
+
 def ingest_file(client: TallyClient, args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -121,6 +144,14 @@ def _ingest(
     try:
         with progress:
             task = progress.add_task("ingest", total=_size(source), counts="")
+
+            def show_progress(counts: IngestCounts) -> None:
+                # The bar follows the acknowledgements: the bytes read so far, scaled by the
+                # share of the lines read so far that the server has answered.
+                answered = counts.accepted + counts.duplicate + counts.rejected + unreadable
+                done = _position(source) * answered // lines if lines else 0
+                progress.update(task, completed=done, counts=_counts_text(counts, unreadable))
+
             while chunk := list(itertools.islice(records, args.batch_size)):
                 events: list[UsageEvent] = []
                 for record in chunk:
@@ -132,11 +163,11 @@ def _ingest(
                     else:
                         events.append(record[1])
                 ingester.add_many(events, timeout=args.wait)
-                counts = ingester.counts
-                progress.update(task, completed=_position(source), counts=_counts_text(counts, unreadable))
+                show_progress(ingester.counts)
+            _await_acknowledgements(ingester, args.wait, show_progress)
             counts = ingester.close(timeout=args.wait)
             closed = True
-            progress.update(task, completed=_position(source), counts=_counts_text(counts, unreadable))
+            show_progress(counts)
     except IngesterFullError:
         pass  # the server took nothing for --wait seconds: the report says what it acknowledged
     except IngesterClosedError as exc:
