@@ -25,7 +25,6 @@ RATE_SET: Final = "rate_set"
 INVOICE_CREATED: Final = "invoice_created"
 INVOICE_RECOMPUTED: Final = "invoice_recomputed"
 USAGE_BACKFILLED: Final = "usage_backfilled"
-ACTIONS: Final = (RATE_SET, INVOICE_CREATED, INVOICE_RECOMPUTED, USAGE_BACKFILLED)
 
 State = Mapping[str, Any]
 
