@@ -343,3 +343,17 @@ def test_help_loads_neither_grpc_nor_rich() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_server_commands_run_through_the_client_tally_check_their_settings(
+    monkeypatch: pytest.MonkeyPatch, secret_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TALLY_PORT", "bogus")
+    with pytest.raises(SystemExit) as raised:
+        main(["serve"])
+    assert str(raised.value) == "tally: TALLY_PORT must be an integer, got 'bogus'"
+
+    argv = ["token", "--jwt-secret-file", str(secret_file), "--tenant", "acme", "--scope", USAGE_READ]
+    assert main([*argv, "--jwt-issuer", "tally-tests"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.count(".") == 2  # a JWT, minted by the server's `tally token`
