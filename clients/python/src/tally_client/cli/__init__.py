@@ -8,6 +8,7 @@ field violations go to stderr) or an ingestion left events rejected or unacknowl
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from tally_client.cli.parser import build_parser
@@ -24,17 +25,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `tally` with argv (default: the command line); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from tally_client.errors import TallyError  # after parsing: `tally --help` loads no gRPC
-
+    # gRPC is imported by the command that needs it, not here: `tally --help` stays quick, and
+    # `tally serve` sets GRPC_ENABLE_FORK_SUPPORT before gRPC reads it on import.
     try:
         code = args.handler(args)
     except UsageError as exc:
         parser.exit(USAGE_ERROR, f"tally {args.command}: error: {exc}\n")
-    except TallyError as exc:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        errors = sys.modules.get("tally_client.errors")  # not loaded: it cannot be a TallyError
+        if errors is None or not isinstance(exc, errors.TallyError):
+            raise
         from tally_client.cli.output import print_error
 
         print_error(exc)
         return CALL_FAILED
-    except KeyboardInterrupt:
-        return 130
     return code or 0
