@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -25,8 +27,13 @@ from server.auth.keys import VerificationKey, load_public_keys, load_secret
 from server.auth.limits import Limiter
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
+from server.billing.lifecycle import Lifecycle
+from server.billing.periods import CloseScheduler, Periods
+from server.billing.plans import Plans
+from server.billing.pricer import InvoicePricer
 from server.config import Config
 from server.domain.events import EventRules
+from server.domain.lifecycle import Issuer
 from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
@@ -34,6 +41,7 @@ from server.metering import Metering
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
+from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import create_pool
 from server.storage.embedded import EmbeddedPostgres
 from server.storage.invoices import InvoiceStore
@@ -83,8 +91,10 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], int] = now_micros) -> None:
+        """`clock` (microseconds since the epoch) drives event windows, billing and period close."""
         self.config = config
+        self.clock = clock
         self.port = 0
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
@@ -94,6 +104,9 @@ class TallyServer:
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
+        self._scheduler: CloseScheduler | None = None
+        # The period close use cases, for ClosePeriod and for tests that drive the scheduler.
+        self.periods: Periods | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
 
@@ -151,19 +164,26 @@ class TallyServer:
             UsageStore(self._pool, self._read_pool),
             rate_card,
             rules,
-            now_micros,
+            self.clock,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
         )
-        billing = Billing(
-            rate_store,
-            InvoiceStore(self._pool),
-            AuditStore(self._pool),
-            rate_card,
-            PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY)),
-            now_micros,
+        invoices = InvoiceStore(self._pool)
+        page_tokens = PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY))
+        billing = Billing(rate_store, invoices, AuditStore(self._pool), rate_card, page_tokens, self.clock)
+        pricer = InvoicePricer(billing.currency)
+        issuer = Issuer(
+            name=config.issuer_name,
+            address=config.issuer_address,
+            tax_id=config.issuer_tax_id,
+            invoice_prefix=config.invoice_number_prefix,
+            credit_note_prefix=config.credit_note_number_prefix,
         )
+        lifecycle = Lifecycle(invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.clock)
+        grace = timedelta(seconds=config.period_close_grace_seconds)
+        plans = Plans(invoices, rate_store, page_tokens, self.clock, billing.currency, grace)
+        self.periods = Periods(invoices, pricer, lifecycle, self.clock, grace)
 
         server = grpc.aio.server(
             options=[
@@ -182,7 +202,7 @@ class TallyServer:
             UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tolerant
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, authenticator), tolerant
+            BillingApi(billing, lifecycle, plans, self.periods, authenticator), tolerant
         )
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -209,6 +229,9 @@ class TallyServer:
         await server.start()
         self._server = server
         self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        if config.period_close_interval_seconds > 0:
+            self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
+            self._scheduler.start()
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
@@ -216,6 +239,9 @@ class TallyServer:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        if self._scheduler is not None:
+            # Bounded: a close in progress may finish (it is one transaction), then the task ends.
+            await self._scheduler.stop(self.config.grace_seconds)
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:

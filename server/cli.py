@@ -247,6 +247,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (env TALLY_GRACE_SECONDS)",
     )
     serve.add_argument(
+        "--issuer-name",
+        default=_env("TALLY_ISSUER_NAME", "Tally"),
+        help="the operator's name printed on invoices and credit notes; also keys their numbering "
+        "(env TALLY_ISSUER_NAME)",
+    )
+    serve.add_argument(
+        "--issuer-address",
+        default=_env("TALLY_ISSUER_ADDRESS", ""),
+        help="the operator's postal address on invoices (env TALLY_ISSUER_ADDRESS)",
+    )
+    serve.add_argument(
+        "--issuer-tax-id",
+        default=_env("TALLY_ISSUER_TAX_ID", ""),
+        help="the operator's tax id on invoices (env TALLY_ISSUER_TAX_ID)",
+    )
+    serve.add_argument(
+        "--invoice-number-prefix",
+        default=_env("TALLY_INVOICE_NUMBER_PREFIX", "TALLY-{year}-"),
+        help="prefix of invoice numbers, {year} being the year of finalization; each prefix is one "
+        "gap-free sequence, e.g. TALLY-2026-000001 (env TALLY_INVOICE_NUMBER_PREFIX)",
+    )
+    serve.add_argument(
+        "--credit-note-number-prefix",
+        default=_env("TALLY_CREDIT_NOTE_NUMBER_PREFIX", "TALLY-CN-{year}-"),
+        help="prefix of credit note numbers (env TALLY_CREDIT_NOTE_NUMBER_PREFIX)",
+    )
+    serve.add_argument(
+        "--period-close-grace",
+        type=_duration,
+        default=_env_duration("TALLY_PERIOD_CLOSE_GRACE", 3600),
+        metavar="DURATION",
+        help="how long after a billing period ends the server closes it (generates and finalizes its "
+        "invoice); later usage goes on the next invoice as an adjustment (default 1h; env "
+        "TALLY_PERIOD_CLOSE_GRACE)",
+    )
+    serve.add_argument(
+        "--period-close-interval",
+        type=float,
+        default=_env_float("TALLY_PERIOD_CLOSE_INTERVAL", 60.0),
+        metavar="SECONDS",
+        help="how often to look for periods due to close; 0 turns period close off "
+        "(env TALLY_PERIOD_CLOSE_INTERVAL)",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("TALLY_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -426,6 +470,13 @@ def _config(args: argparse.Namespace) -> Config:
             max_streams_per_principal=args.max_streams_per_principal,
             stream_idle_seconds=args.stream_idle_seconds,
         ),
+        issuer_name=args.issuer_name,
+        issuer_address=args.issuer_address,
+        issuer_tax_id=args.issuer_tax_id,
+        invoice_number_prefix=args.invoice_number_prefix,
+        credit_note_number_prefix=args.credit_note_number_prefix,
+        period_close_grace_seconds=args.period_close_grace,
+        period_close_interval_seconds=args.period_close_interval,
     )
 
 

@@ -39,3 +39,14 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # Billing: the issuer printed on invoices and credit notes, and its numbering prefixes
+    # ("{year}" is the UTC year of finalization; each expanded prefix is one gap-free sequence).
+    issuer_name: str = "Tally"
+    issuer_address: str = ""
+    issuer_tax_id: str = ""
+    invoice_number_prefix: str = "TALLY-{year}-"
+    credit_note_number_prefix: str = "TALLY-CN-{year}-"
+    # A period is closed this long after its end, so that late events still make its invoice.
+    period_close_grace_seconds: int = 3600
+    # How often the server looks for periods due to close; 0 turns the scheduler off.
+    period_close_interval_seconds: float = 60.0
