@@ -14,10 +14,10 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from server.api.billing import BillingApi
-from server.api.decoding import TolerantRegistration
+from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
@@ -86,6 +86,21 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def memory_bound_options(config: Config) -> list[tuple[str, int]]:
+    """gRPC core's limits on what a client can make the server hold before its token is checked."""
+    options = [
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # gRPC's "overload protection" also counts calls that have finished but whose memory
+        # is not yet freed, and refuses new streams (REFUSED_STREAM, UNAVAILABLE to the
+        # client) while a client stays within the limit: seen at 64 concurrent unary calls
+        # under a limit of 100. Without it the limit is plain HTTP/2: clients queue the rest.
+        ("grpc.http.overload_protection", 0),
+    ]
+    if config.max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", config.max_connections))
+    return options
 
 
 class TallyServer:
@@ -195,25 +210,33 @@ class TallyServer:
                 # benchmark. With the default window, the events-in-flight budget is what
                 # bounds memory (82-85 MB at batches of 2,000 over 4 streams), at the same rate.
                 ("grpc.http2.bdp_probe", 0),
+                *memory_bound_options(config),
             ],
+            maximum_concurrent_rpcs=config.max_concurrent_calls or None,
         )
-        tolerant = TolerantRegistration(server)  # undecodable requests: INVALID_ARGUMENT
+        # Every request message is read through one bounded reader (server.api.decoding).
+        reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
+        tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tolerant
+            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tally
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, lifecycle, plans, self.periods, authenticator), tolerant
+            BillingApi(billing, lifecycle, plans, self.periods, authenticator), tally
         )
+        open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, open_services)
+        reflection_names = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                reflection_names,
+                pool=SourcePool(load_sources()),  # `grpcurl describe` shows the proto comments
             ),
-            server,
-            pool=SourcePool(load_sources()),  # so that `grpcurl describe` shows the proto comments
+            open_services,
         )
         self._health = DatabaseHealth(
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds

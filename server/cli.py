@@ -20,6 +20,7 @@ from server.config import Config, default_data_dir
 from server.domain.access import ALL_TENANTS, SCOPES, USAGE_BACKFILL
 
 DEFAULT_LIMITS = LimitSettings()
+DEFAULT_CONFIG = Config()
 _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -217,8 +218,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-message-bytes",
         type=int,
-        default=_env_int("TALLY_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
-        help="largest gRPC message accepted or sent (env TALLY_MAX_MESSAGE_BYTES)",
+        default=_env_int("TALLY_MAX_MESSAGE_BYTES", DEFAULT_CONFIG.max_message_bytes),
+        help="largest gRPC message accepted or sent, e.g. one batch of events; with the next flags "
+        "it bounds the memory that callers without a token can take (docs/security.md) "
+        "(env TALLY_MAX_MESSAGE_BYTES)",
+    )
+    serve.add_argument(
+        "--max-incoming-requests",
+        type=int,
+        default=_env_int("TALLY_MAX_INCOMING_REQUESTS", DEFAULT_CONFIG.max_incoming_requests),
+        help="most request messages being received at once before their token is checked (unary "
+        "calls, health, reflection); more wait (env TALLY_MAX_INCOMING_REQUESTS)",
+    )
+    serve.add_argument(
+        "--request-receive-seconds",
+        type=float,
+        default=_env_float("TALLY_REQUEST_RECEIVE_SECONDS", DEFAULT_CONFIG.request_receive_seconds),
+        help="a request message that has not arrived in this time, waiting included, ends its call "
+        "with DEADLINE_EXCEEDED (env TALLY_REQUEST_RECEIVE_SECONDS)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=_env_int("TALLY_MAX_CONNECTIONS", DEFAULT_CONFIG.max_connections),
+        help="most open client connections; more are closed as they arrive; 0: unlimited "
+        "(env TALLY_MAX_CONNECTIONS)",
+    )
+    serve.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=_env_int("TALLY_MAX_STREAMS_PER_CONNECTION", DEFAULT_CONFIG.max_streams_per_connection),
+        help="most concurrent calls on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "clients queue the rest (env TALLY_MAX_STREAMS_PER_CONNECTION)",
+    )
+    serve.add_argument(
+        "--max-concurrent-calls",
+        type=int,
+        default=_env_int("TALLY_MAX_CONCURRENT_CALLS", DEFAULT_CONFIG.max_concurrent_calls),
+        help="most calls in progress over all connections, streams included; more get "
+        "RESOURCE_EXHAUSTED; 0: unlimited (env TALLY_MAX_CONCURRENT_CALLS)",
     )
     serve.add_argument(
         "--max-events-in-flight",
@@ -451,6 +489,11 @@ def _config(args: argparse.Namespace) -> Config:
         max_future_seconds=args.max_future_seconds,
         max_event_age_seconds=args.max_event_age,
         max_message_bytes=args.max_message_bytes,
+        max_incoming_requests=args.max_incoming_requests,
+        request_receive_seconds=args.request_receive_seconds,
+        max_connections=args.max_connections,
+        max_streams_per_connection=args.max_streams_per_connection,
+        max_concurrent_calls=args.max_concurrent_calls,
         max_events_in_flight=args.max_events_in_flight,
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,

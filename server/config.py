@@ -23,7 +23,14 @@ class Config:
     max_batch_size: int = 10_000
     max_future_seconds: int = 300
     max_event_age_seconds: int = 35 * 86_400  # older events need a backfill (usage:backfill)
-    max_message_bytes: int = 16 * 1024 * 1024
+    # What callers can make the server hold before their token is checked: docs/security.md,
+    # "Memory bound", has the arithmetic and the test that measures it.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_incoming_requests: int = 16  # request messages being received at once (server.api.decoding)
+    request_receive_seconds: float = 10.0  # how long one may take to arrive
+    max_connections: int = 256  # 0: unlimited
+    max_streams_per_connection: int = 100
+    max_concurrent_calls: int = 1_000  # all connections together, streams included; 0: unlimited
     max_events_in_flight: int = 20_000  # streamed events held between reading and committing, all streams
     pool_size: int = 8
     read_pool_size: int = 4

@@ -30,6 +30,7 @@ from server.config import Config
 from server.domain.access import ALL_TENANTS, SCOPES
 from server.storage.embedded import EmbeddedPostgres
 from tally.v1 import billing_service_pb2_grpc, usage_service_pb2_grpc
+from tests.fake_stripe import FakeStripe
 from tests.helpers import channel_with_token
 
 TEST_SECRET = b"test-secret-for-tally-tests-only-0123456789"
@@ -158,3 +159,14 @@ def tenant() -> str:
 
 def new_tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def fake_stripe() -> Iterator[FakeStripe]:
+    """A fresh fake Stripe API per test (tests/fake_stripe): no state leaks between tests.
+
+    Point the real SDK at it with `fake_stripe.client()` or `base_addresses={"api": fake_stripe.url}`.
+    """
+    with FakeStripe() as fake:
+        yield fake
+    assert not fake.internal_errors, f"the fake Stripe API itself failed: {fake.internal_errors}"

@@ -124,7 +124,8 @@ class IngestUsageRequest(_message.Message):
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.UsageEvent]:
         """A batch of events, committed together. At most 10,000 events (the server's
-        --max-batch-size); the gRPC message limit is 16 MiB by default.
+        --max-batch-size); the gRPC message limit is 4 MiB by default
+        (--max-message-bytes), about 30,000 typical events.
         """
 
     def __init__(
