@@ -5,6 +5,8 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
   plain    the same rows written straight into PostgreSQL (the physical limit), and the ratio
   unary    ReportUsage: max requests/s with 64 in flight; p50/p99 at a fixed 1,000 requests/s
   query    GetUsageSummary (hourly, daily) and GenerateInvoice for one tenant with 1M and 10M events
+  close    the server closes a month for 10,000 tenants (all seven usage types); every invoice checked
+  preview  PreviewInvoice of one tenant's open period with 1M and 10M events
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench import harness, plain, queries
+from bench import closing, harness, plain, queries
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -138,7 +140,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenarios", default="ingest,plain,unary,query", help="comma-separated subset")
+    parser.add_argument(
+        "--scenarios", default="ingest,plain,unary,query,close,preview", help="comma-separated subset"
+    )
+    parser.add_argument(
+        "--close-tenants", type=int, default=closing.TENANTS, help="tenants whose period closes"
+    )
     parser.add_argument("--events", type=int, default=2_000_000, help="events per ingestion run")
     parser.add_argument("--batches", default="100,500,2000", help="batch sizes")
     parser.add_argument("--streams", default="1,4", help="concurrent stream counts")
@@ -176,6 +183,14 @@ def main() -> None:
     if "query" in chosen:
         print("scenario 4: summaries and invoices over one tenant's month", flush=True)
         report["query"] = queries.scenario([int(n) for n in args.query_events.split(",")], run_client)
+    if "close" in chosen:
+        print("scenario 5: period close for many tenants", flush=True)
+        report["close"] = closing.scenario_close(args.close_tenants)
+    if "preview" in chosen:
+        print("scenario 6: PreviewInvoice of one tenant's open period", flush=True)
+        report["preview"] = closing.scenario_preview(
+            [int(n) for n in args.query_events.split(",")], run_client
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -88,7 +88,12 @@ class Lifecycle:
     async def finalize_in(
         self, tx: InvoiceTransaction, draft: Invoice, caller: Caller, priced: PricedInvoice | None = None
     ) -> Invoice:
-        """Freeze the draft in the caller's transaction: price it now, number it, audit it."""
+        """Freeze the draft in the caller's transaction: price it now, number it, audit it.
+
+        With `priced`, the draft was just saved with exactly these lines (a period close
+        creating it), so they are not written again.
+        """
+        fresh = priced is not None
         check_transition(invoice_name(draft.tenant_id, draft.id), draft.status, InvoiceStatus.FINALIZED)
         if priced is None:
             priced = await self._pricer.price(tx, draft.tenant_id, draft.period_start, draft.period_end)
@@ -98,16 +103,17 @@ class Lifecycle:
             )
         at = to_datetime(self._now_micros())
         amounts = priced.amounts
-        await tx.save(
-            draft.id,
-            draft.tenant_id,
-            draft.period_start,
-            draft.period_end,
-            priced.currency,
-            amounts.total,
-            amounts.lines,
-            draft.kind,
-        )
+        if not fresh:
+            await tx.save(
+                draft.id,
+                draft.tenant_id,
+                draft.period_start,
+                draft.period_end,
+                priced.currency,
+                amounts.total,
+                amounts.lines,
+                draft.kind,
+            )
         prefix = expand_prefix(self.issuer.invoice_prefix, at)
         number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
         parties = {
