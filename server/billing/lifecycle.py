@@ -114,14 +114,14 @@ class Lifecycle:
                 amounts.lines,
                 draft.kind,
             )
-        prefix = expand_prefix(self.issuer.invoice_prefix, at)
-        number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
         parties = {
             "issuer": self.issuer.as_party(),
             "customer": customer_party(draft.tenant_id, priced.profile),
         }
-        await tx.finalize(draft.id, number, parties, priced.plan_ids, at)
-        invoice = await tx.load(draft.id)
+        # The number last: from here to the commit, concurrent finalizations wait for this one.
+        prefix = expand_prefix(self.issuer.invoice_prefix, at)
+        number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
+        invoice = await tx.finalize(draft.id, number, parties, priced.plan_ids, at, amounts.lines)
         await tx.append_audit(
             AuditEntry(
                 principal=caller.principal.subject,

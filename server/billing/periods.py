@@ -109,12 +109,12 @@ class Periods:
         if found is None:
             raise profile_missing(tenant_id)
         profile = found[0]
-        next_close = await conn.fetchval(
-            "SELECT next_close_time FROM billing_profiles WHERE tenant_id = $1", tenant_id
-        )
-        if due_by is not None and next_close > due_by:
+        if due_by is not None and profile.next_close_time is not None and profile.next_close_time > due_by:
             return None
         period = billing_period(profile.anchor_day, profile.billing_start, profile.closed_until)
+        # The cursor first: finalizing (last) holds the numbering sequence until the commit.
+        following = billing_period(profile.anchor_day, profile.billing_start, period.end)
+        await plan_store.mark_closed(conn, tenant_id, period.end, following.end + self.grace)
         invoice: Invoice | None = None
         for other_id, other_start, other_end, status in await tx.overlapping(
             tenant_id, period.start, period.end
@@ -131,7 +131,7 @@ class Periods:
             if status is InvoiceStatus.DRAFT:
                 invoice = await self._lifecycle.finalize_in(tx, invoice, caller)
         if invoice is None:
-            priced = await self._pricer.price(tx, tenant_id, period.start, period.end)
+            priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
             invoice_id = f"inv_{uuid.uuid4().hex}"
             amounts = priced.amounts
             await tx.save(
@@ -144,7 +144,20 @@ class Periods:
                 amounts.lines,
                 InvoiceKind.FINAL,
             )
-            draft = await tx.load(invoice_id)
+            at = to_datetime(self._now_micros())
+            draft = Invoice(
+                id=invoice_id,
+                tenant_id=tenant_id,
+                period_start=period.start,
+                period_end=period.end,
+                currency=priced.currency,
+                lines=amounts.lines,
+                total=amounts.total,
+                status=InvoiceStatus.DRAFT,
+                created_at=at,
+                updated_at=at,
+                computed_at=at,
+            )
             await tx.append_audit(
                 AuditEntry(
                     principal=caller.principal.subject,
@@ -157,8 +170,6 @@ class Periods:
                 )
             )
             invoice = await self._lifecycle.finalize_in(tx, draft, caller, priced)
-        following = billing_period(profile.anchor_day, profile.billing_start, period.end)
-        await plan_store.mark_closed(conn, tenant_id, period.end, following.end + self.grace)
         return invoice
 
     async def close_period(

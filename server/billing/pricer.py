@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Literal
 
 from server.domain.currencies import currency_of
 from server.domain.invoice_pricing import (
@@ -63,11 +64,20 @@ class InvoicePricer:
         self._default_currency = default_currency
 
     async def price(
-        self, tx: InvoiceTransaction, tenant_id: str, start: datetime, end: datetime
+        self,
+        tx: InvoiceTransaction,
+        tenant_id: str,
+        start: datetime,
+        end: datetime,
+        found: tuple[BillingProfile, list[PlanAssignment]] | Literal["unread"] | None = "unread",
     ) -> PricedInvoice:
-        """The tenant's invoice for [start, end) priced now, with adjustments for earlier billed periods."""
+        """The tenant's invoice for [start, end) priced now, with adjustments for earlier billed periods.
+
+        `found` is the tenant's profile and plan history if the caller has read them already.
+        """
         conn = tx.connection
-        found = await plan_store.profile(conn, tenant_id)
+        if found == "unread":
+            found = await plan_store.profile(conn, tenant_id)
         profile, history = found if found is not None else (None, list[PlanAssignment]())
         currency = currency_of(profile.currency if profile else self._default_currency)
         plan_ids = sorted({a.plan_id for a in history} - {DEFAULT_PLAN})

@@ -106,6 +106,7 @@ class BillingProfile:
     closed_until: datetime  # end of the last closed period (billing_start before the first)
     create_time: datetime
     update_time: datetime
+    next_close_time: datetime | None = None  # when the period after closed_until is due to close
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,30 +162,31 @@ async def _load(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> lis
             list(lines),
         ):
             lines[line["invoice_id"]].append(line_item(line))
-    return [
-        Invoice(
-            id=row["id"],
-            tenant_id=row["tenant_id"],
-            period_start=row["period_start"],
-            period_end=row["period_end"],
-            currency=row["currency"],
-            lines=tuple(lines[row["id"]]),
-            total=row["total"],
-            status=InvoiceStatus(row["status"]),
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            computed_at=row["finalize_time"] or row["updated_at"],
-            kind=InvoiceKind(row["kind"]),
-            number=row["number"] or "",
-            finalize_time=row["finalize_time"],
-            paid_time=row["paid_time"],
-            void_time=row["void_time"],
-            uncollectible_time=row["uncollectible_time"],
-            parties=None if row["parties"] is None else json.loads(row["parties"]),
-            plan_ids=tuple(row["plan_ids"]),
-        )
-        for row in rows
-    ]
+    return [_invoice(row, tuple(lines[row["id"]])) for row in rows]
+
+
+def _invoice(row: asyncpg.Record, lines: tuple[LineItem, ...]) -> Invoice:
+    return Invoice(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        period_start=row["period_start"],
+        period_end=row["period_end"],
+        currency=row["currency"],
+        lines=lines,
+        total=row["total"],
+        status=InvoiceStatus(row["status"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        computed_at=row["finalize_time"] or row["updated_at"],
+        kind=InvoiceKind(row["kind"]),
+        number=row["number"] or "",
+        finalize_time=row["finalize_time"],
+        paid_time=row["paid_time"],
+        void_time=row["void_time"],
+        uncollectible_time=row["uncollectible_time"],
+        parties=None if row["parties"] is None else json.loads(row["parties"]),
+        plan_ids=tuple(row["plan_ids"]),
+    )
 
 
 class InvoiceTransaction:
@@ -253,14 +254,10 @@ class InvoiceTransaction:
         The counter row stays locked until commit, so concurrent finalizations from any
         process wait for each other; a rollback gives the number back. No gap, no repeat.
         """
-        await self._conn.execute(
-            "INSERT INTO document_sequences (issuer, prefix) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            issuer,
-            prefix,
-        )
         number: int = await self._conn.fetchval(
-            "UPDATE document_sequences SET last_number = last_number + 1"
-            " WHERE issuer = $1 AND prefix = $2 RETURNING last_number",
+            "INSERT INTO document_sequences AS s (issuer, prefix, last_number) VALUES ($1, $2, 1)"
+            " ON CONFLICT (issuer, prefix) DO UPDATE SET last_number = s.last_number + 1"
+            " RETURNING last_number",
             issuer,
             prefix,
         )
@@ -273,11 +270,17 @@ class InvoiceTransaction:
         parties: Mapping[str, Any],
         plan_ids: Sequence[str],
         at: datetime,
-    ) -> None:
-        """Freeze a draft whose lines were just saved: number it and mark it finalized."""
-        await self._conn.execute(
+        lines: Sequence[LineItem],
+    ) -> Invoice:
+        """Freeze a draft whose `lines` were just saved: number it, mark it finalized, return it.
+
+        One round trip (RETURNING, the lines as saved): it runs while the numbering
+        sequence's row is locked, which every concurrent finalization waits for.
+        """
+        row = await self._conn.fetchrow(
             "UPDATE invoices SET status = 'finalized', number = $2, parties = $3::jsonb, plan_ids = $4,"
-            " finalize_time = $5, issuer = $6, updated_at = now() WHERE id = $1 AND status = 'draft'",
+            " finalize_time = $5, issuer = $6, updated_at = now() WHERE id = $1 AND status = 'draft'"
+            f" RETURNING {_INVOICE_COLUMNS}",
             invoice_id,
             number,
             json.dumps(parties, sort_keys=True),
@@ -285,6 +288,7 @@ class InvoiceTransaction:
             at,
             parties["issuer"]["name"],
         )
+        return _invoice(row, tuple(lines))
 
     async def set_status(self, invoice_id: str, status: InvoiceStatus, at: datetime) -> None:
         """Move a finalized invoice along its lifecycle, stamping the time of the new status."""

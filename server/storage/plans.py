@@ -277,7 +277,7 @@ async def tenant_billed_after(conn: asyncpg.Connection, tenant_id: str, at: date
 
 _PROFILE_COLUMNS = (
     "tenant_id, display_name, email, currency, anchor_day, billing_start, tax_percentage, spend_threshold,"
-    " overrides::text AS overrides, closed_until, create_time, update_time"
+    " overrides::text AS overrides, closed_until, create_time, update_time, next_close_time"
 )
 
 
@@ -296,6 +296,7 @@ def _profile(row: asyncpg.Record, plan_id: str) -> BillingProfile:
         closed_until=row["closed_until"],
         create_time=row["create_time"],
         update_time=row["update_time"],
+        next_close_time=row["next_close_time"],
     )
 
 
