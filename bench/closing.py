@@ -1,6 +1,6 @@
-"""Scenarios 5 and 6: closing a period for 10,000 tenants, and PreviewInvoice at 1M and 10M events.
+"""Scenarios 6 and 7: closing a period for 10,000 tenants, and PreviewInvoice at 1M and 10M events.
 
-Scenario 5 loads 10,000 tenants with billing profiles on the default plan (the rate card)
+Scenario 6 loads 10,000 tenants with billing profiles on the default plan (the rate card)
 and hourly rollups in all seven usage types over January 2026, straight into the tables,
 and makes their close due; then `tally serve` (its period-close task looking every
 second) closes them by itself (and then the months after, which are past too: those are
@@ -8,7 +8,7 @@ not timed). It measures the time until every invoice is finalized and
 checks each total against an independent computation in SQL (per usage type: quantity x
 rate, rounded to the cent half away from zero, summed).
 
-Scenario 6 loads one tenant with 1M, then 10M events (as scenario 4) in its open period
+Scenario 7 loads one tenant with 1M, then 10M events (as scenario 4) in its open period
 and measures PreviewInvoice, which prices the open period live.
 """
 

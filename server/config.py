@@ -57,3 +57,12 @@ class Config:
     period_close_grace_seconds: int = 3600
     # How often the server looks for periods due to close; 0 turns the scheduler off.
     period_close_interval_seconds: float = 60.0
+    # How often rate limits and stream counts are settled with the other server processes on
+    # the database (server.auth.sharing); 0: limits per process.
+    limit_sync_seconds: float = 0.1
+    # Telemetry (server.telemetry). Traces are configured by the standard OTEL_* variables.
+    http_port: int | None = None  # /metrics, /healthz, /readyz; None: no HTTP listener, 0: any free port
+    http_host: str | None = None  # None: the same as host
+    access_log: bool = False  # one line per call (tally.access); `tally serve` turns it on
+    log_format: str = "text"  # "text" or "json" (log lines and access lines)
+    metrics_tenant_labels: bool = False  # a tenant label on the event counters (one series per tenant)

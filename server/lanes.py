@@ -25,20 +25,25 @@ from collections import deque
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from opentelemetry.context import Context
+
 from server.domain.events import EventKey, EventRow, columns_of
 from server.storage.usage import AuditHook, UsageStore
+from server.telemetry.ingest import OFF, IngestTelemetry
 
 
 class _Submission(NamedTuple):
     rows: Mapping[EventKey, EventRow]
     future: asyncio.Future[int]
     audit: AuditHook | None
+    trace: Context | None  # the submitter's trace context, which parents the commit span
 
 
 class Lane:
-    def __init__(self, store: UsageStore, max_events: int) -> None:
+    def __init__(self, store: UsageStore, max_events: int, telemetry: IngestTelemetry = OFF) -> None:
         self._store = store
         self._max_events = max_events
+        self._telemetry = telemetry
         self._pending: deque[_Submission] = deque()
         self._writer: asyncio.Task[None] | None = None
 
@@ -52,7 +57,7 @@ class Lane:
         same transaction, from the keys that were new.
         """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Submission(rows, future, audit))
+        self._pending.append(_Submission(rows, future, audit, self._telemetry.trace_context()))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_pending())
         return future
@@ -80,18 +85,19 @@ class Lane:
 
     async def _write(self, taken: list[_Submission]) -> None:
         merged: dict[EventKey, EventRow] = {}
-        for rows, _, _ in taken:
+        for rows, _, _, _ in taken:
             for key, row in rows.items():
                 merged.setdefault(key, row)
         try:
-            # An audited submission is always taken alone (see _write_pending).
-            new_keys = await self._store.record_new_keys(columns_of(merged), taken[0].audit)
+            with self._telemetry.committing([s.trace for s in taken], len(merged)):
+                # An audited submission is always taken alone (see _write_pending).
+                new_keys = await self._store.record_new_keys(columns_of(merged), taken[0].audit)
         except Exception as exc:  # every waiter gets the failure; none is left hanging
-            for _, future, _ in taken:
+            for _, future, _, _ in taken:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for rows, future, _ in taken:
+        for rows, future, _, _ in taken:
             accepted = 0
             for key in rows:
                 if key in new_keys:
@@ -105,8 +111,10 @@ class WriteLanes:
     """A fixed set of lanes. Single reports share lane 0 (they merge best on one lane);
     streams are spread over all lanes, one lane for the whole stream."""
 
-    def __init__(self, store: UsageStore, *, lanes: int, max_events: int = 5_000) -> None:
-        self._lanes = [Lane(store, max_events) for _ in range(max(1, lanes))]
+    def __init__(
+        self, store: UsageStore, *, lanes: int, max_events: int = 5_000, telemetry: IngestTelemetry = OFF
+    ) -> None:
+        self._lanes = [Lane(store, max_events, telemetry) for _ in range(max(1, lanes))]
         self._next = itertools.cycle(self._lanes)
 
     @property

@@ -79,3 +79,73 @@ def check_port_free(host: str, port: int) -> None:
                     ) from None
                 # Anything else (e.g. an address this machine does not have) is gRPC's to
                 # report or to skip, as it does for a name that resolves to both families.
+
+
+class PortReservation:
+    """Sockets bound (not listening) to a port with SO_REUSEPORT, held while worker processes serve it.
+
+    `tally serve --workers N` checks the port once in the parent, then holds it: the
+    workers' listening sockets join it (they set SO_REUSEPORT too), while a foreign
+    process's check (a bind without SO_REUSEPORT) still fails, also in the moments when
+    a worker is being restarted and no worker listens. A bound socket that does not
+    listen receives no connections, so it does not take a share of them.
+    """
+
+    def __init__(self, port: int, sockets: list[socket.socket]) -> None:
+        self.port = port
+        self._sockets = sockets
+
+    def close(self) -> None:
+        for held in self._sockets:
+            held.close()
+        self._sockets = []
+
+
+def _bind_shared(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
+    held = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # No SO_REUSEADDR: with it, Linux lets another SO_REUSEADDR socket (the probe of
+        # check_port_free) bind beside one that is not listening, and the hold would not hold.
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        held.bind(address)
+    except OSError:
+        held.close()
+        raise
+    return held
+
+
+def reserve_port(host: str, port: int, *, attempts: int = 20) -> PortReservation:
+    """Check host:port as check_port_free does, then hold it for processes that set SO_REUSEPORT.
+
+    Port 0 picks a port free on every address of host (the workers must all get the
+    same one, so the kernel cannot pick it for each of them).
+    """
+    check_port_free(host, port)
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    for _ in range(attempts):
+        held: list[socket.socket] = []
+        chosen = port
+        try:
+            for family, address in _addresses(bare, chosen):
+                try:
+                    sock = _bind_shared(family, (address[0], chosen))
+                except OSError as exc:
+                    if exc.errno == errno.EAFNOSUPPORT or (
+                        exc.errno == errno.EADDRNOTAVAIL and held
+                    ):  # as in check_port_free: gRPC skips what this machine cannot bind
+                        continue
+                    raise
+                held.append(sock)
+                chosen = sock.getsockname()[1]
+        except OSError as exc:
+            for sock in held:
+                sock.close()
+            if port == 0 and exc.errno == errno.EADDRINUSE:
+                continue  # the port picked on one address is taken on another: pick again
+            raise PortUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        if not held:
+            raise PortUnavailable(f"cannot listen on {host}:{port}: no address to bind")
+        return PortReservation(chosen, held)
+    raise PortUnavailable(f"found no port free on every address of {host}")

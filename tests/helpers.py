@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -16,9 +18,29 @@ from server.storage.shared_keys import PAGE_TOKEN_KEY
 from tally.v1 import resources_pb2
 
 
+def current_hour() -> datetime:
+    """The whole UTC hour that holds this moment, by the real clock."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+# The hour each test counts from, fixed by conftest while a test runs: a test that computes
+# hour_start() twice across an hour boundary would otherwise see two different hours (and, say,
+# miss the events it just reported). Empty outside a test: the current hour.
+_test_hour: list[datetime] = []
+
+
+@contextlib.contextmanager
+def one_hour_per_test() -> Iterator[None]:
+    _test_hour.append(current_hour())
+    try:
+        yield
+    finally:
+        _test_hour.pop()
+
+
 def hour_start(offset_hours: int = 0) -> datetime:
-    """A whole UTC hour relative to the current one (negative: in the past)."""
-    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    """A whole UTC hour relative to the one the test started in (negative: in the past)."""
+    now = _test_hour[-1] if _test_hour else current_hour()
     return now + timedelta(hours=offset_hours)
 
 

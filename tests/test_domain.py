@@ -160,9 +160,10 @@ async def test_event_budget_holds_back_what_does_not_fit_until_it_is_released() 
     budget = EventBudget(100)
     assert await budget.acquire(60) == 60
     waiting = asyncio.ensure_future(budget.acquire(50))
-    await asyncio.sleep(0.01)
+    for _ in range(10):  # let it run up to where it waits (a few loop turns, no clock involved)
+        await asyncio.sleep(0)
     assert not waiting.done()  # 60 + 50 > 100
     await budget.release(60)
-    assert await asyncio.wait_for(waiting, 1) == 50
+    assert await asyncio.wait_for(waiting, 60) == 50  # a deadline only so that a bug cannot hang
     await budget.release(50)
     assert await budget.acquire(500) == 100  # a batch bigger than the budget takes all of it

@@ -9,6 +9,8 @@ is still SERVING and a control tenant's totals and invoice are unchanged.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -125,9 +127,14 @@ async def assert_unharmed(
     health: Any, billing: Any, db: asyncpg.Pool, control: tuple[str, tuple[Any, ...], str]
 ) -> None:
     tenant, before, invoice = control
-    assert (
+    # Polled, not asserted at once: on a loaded machine one probe of the database may take longer
+    # than its 2 s timeout, and health reads NOT_SERVING until the next probe.
+    deadline = time.monotonic() + 60
+    while (
         await health.Check(health_pb2.HealthCheckRequest())
-    ).status == health_pb2.HealthCheckResponse.SERVING
+    ).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "health stayed NOT_SERVING"
+        await asyncio.sleep(0.1)
     assert await totals(db, tenant) == before
     listed = await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{tenant}"))
     for listed_invoice in listed.invoices:

@@ -330,7 +330,7 @@ async def test_finalize_time_and_numbers_follow_the_injected_clock(
     config = dataclasses.replace(
         server_config, issuer_name=f"issuer-{uuid.uuid4().hex[:8]}", period_close_interval_seconds=0
     )
-    server = TallyServer(config, clock=lambda: int(later.timestamp() * 1_000_000))
+    server = TallyServer(config, wall_clock=lambda: int(later.timestamp() * 1_000_000))
     name = (await draft(usage, billing, tenant)).name
     await server.start()
     try:

@@ -188,7 +188,7 @@ async def test_scheduler_on_two_servers_closes_each_period_once(
     [due] = ends  # period end + 1 h of grace
     now, clock = fake_clock(due - timedelta(minutes=1))
     config = dataclasses.replace(server_config, period_close_interval_seconds=0)
-    servers = [TallyServer(config, clock=clock), TallyServer(config, clock=clock)]
+    servers = [TallyServer(config, wall_clock=clock), TallyServer(config, wall_clock=clock)]
     for server in servers:
         await server.start()
     try:

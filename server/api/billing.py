@@ -34,6 +34,7 @@ from server.domain.names import (
 )
 from server.domain.plans import BillingProfile, Plan
 from server.storage.credit_notes import CreditNote
+from server.telemetry.calls import CallTelemetry
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 
 M = TypeVar("M", bound=Message)
@@ -64,12 +65,14 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         plans: Plans,
         periods: Periods,
         authenticator: Authenticator,
+        telemetry: CallTelemetry,
     ) -> None:
         self._billing = billing
         self._lifecycle = lifecycle
         self._plans = plans
         self._periods = periods
         self.authenticator = authenticator
+        self.telemetry = telemetry
 
     @rpc(BILLING_READ)
     async def ListRates(

@@ -32,6 +32,11 @@ class EventBudget:
         self._used = 0
         self._freed = asyncio.Condition()
 
+    @property
+    def in_use(self) -> int:
+        """Events taken and not yet given back."""
+        return self._used
+
     async def acquire(self, events: int) -> int:
         """Wait until `events` fit; returns what was taken (a batch larger than the whole
         budget takes all of it, once nothing else is in flight)."""

@@ -14,11 +14,12 @@ from server.api.calls import rpc
 from server.api.convert import bucket_name, optional_micros, raw_event, summary_message, tenant_in
 from server.api.pipeline import EventBudget, pipelined
 from server.auth.authenticator import Authenticator
-from server.auth.limits import Charge, take, try_take
+from server.auth.limits import Charge, debt_seconds, take, try_take
 from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
 from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
 from server.domain.names import parse_usage_summary_name
 from server.metering import BatchOutcome, Metering
+from server.telemetry.calls import CallTelemetry
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
@@ -44,10 +45,13 @@ def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRej
 
 
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
-    def __init__(self, metering: Metering, authenticator: Authenticator, budget: EventBudget) -> None:
+    def __init__(
+        self, metering: Metering, authenticator: Authenticator, budget: EventBudget, telemetry: CallTelemetry
+    ) -> None:
         self._metering = metering
         self._budget = budget
         self.authenticator = authenticator
+        self.telemetry = telemetry
 
     def _event_charges(self, caller: Caller, events: Sequence[RawEvent]) -> list[Charge]:
         # Only tenants the caller may act for are charged: a token for tenant A cannot
@@ -65,11 +69,14 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         """Decode and validate a streamed batch once the event rates allow it: waiting, not failing."""
         self._metering.check_batch_size(len(messages))
         events = [raw_event(e) for e in messages]
-        delay = take(self._event_charges(caller, events))
-        if delay > 0:
+        charges = self._event_charges(caller, events)
+        delay = take(charges)
+        while delay > 0:
             # Not reading the next message while we wait is what slows the client down:
-            # gRPC flow control stops it once the transport window is full.
+            # gRPC flow control stops it once the transport window is full. The debt is read
+            # again from the limiter's clock, which decides when it is repaid (a test's fake one too).
             await asyncio.sleep(delay)
+            delay = debt_seconds(charges)
         return await self._metering.prepare_batch(events, caller, backfill=backfill)
 
     def _record_stream(
