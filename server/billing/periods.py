@@ -200,7 +200,7 @@ class Periods:
         """
         closed = 0
         now = to_datetime(self._now_micros())
-        caller = Caller(replace_subject(SCHEDULER), f"close-{uuid.uuid4().hex[:12]}")
+        caller = Caller(scheduler_principal(), f"close-{uuid.uuid4().hex[:12]}")
         gate = asyncio.Semaphore(workers)
 
         async def close_one(tenant_id: str) -> int:
@@ -238,9 +238,9 @@ class Periods:
             return 0
 
 
-def replace_subject(subject: str) -> Principal:
+def scheduler_principal() -> Principal:
     """The scheduler's own principal: all tenants, no scopes (it calls no RPC)."""
-    return Principal(subject=subject, tenants="all", scopes=frozenset())
+    return Principal(subject=SCHEDULER, tenants="all", scopes=frozenset())
 
 
 class CloseScheduler:

@@ -14,7 +14,7 @@ import asyncpg
 from server.domain.audit import AuditEntry
 from server.domain.charges import TierPortion
 from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
-from server.domain.pricing import LineItem, LineKind, PricedUsage
+from server.domain.pricing import LineItem, LineKind
 from server.domain.requests import RequestKey
 from server.storage import audit, request_ids
 from server.storage.database import run_with_retries
@@ -78,19 +78,6 @@ async def _usage_rows(
             (row["service"], row["usage_type"], row["unit_price"], row["quantity"], row["event_count"])
         )
     return found
-
-
-async def _priced_usage(
-    conn: asyncpg.Connection, tenant_id: str, periods: Sequence[Period]
-) -> dict[str, list[PricedUsage | None]]:
-    """Per period label, the tenant's usage per type and price; None stands for usage no rate covers."""
-    return {
-        label: [
-            None if price is None else PricedUsage(service, usage_type, price, quantity, count)
-            for service, usage_type, price, quantity, count in rows
-        ]
-        for label, rows in (await _usage_rows(conn, tenant_id, periods)).items()
-    }
 
 
 _INVOICE_COLUMNS = (
@@ -301,10 +288,6 @@ class InvoiceTransaction:
             f"UPDATE invoices SET status = $2, {column} = $3 WHERE id = $1", invoice_id, status.value, at
         )
 
-    async def priced_usage(self, tenant_id: str, start: datetime, end: datetime) -> list[PricedUsage | None]:
-        """The tenant's usage per type and price; None stands for usage that no rate covers."""
-        return (await _priced_usage(self._conn, tenant_id, [("", start, end)]))[""]
-
     async def claim(self, key: RequestKey) -> bytes | None:
         """Claim a request's key for this change; the first call's response if it ran before."""
         return await request_ids.claim(self._conn, key)
@@ -430,17 +413,6 @@ class InvoiceStore:
                 rows = await conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)
                 invoices = await _load(conn, rows)
             return invoices[0] if invoices else None
-
-        return await run_with_retries(attempt)
-
-    async def priced_usage(
-        self, tenant_id: str, periods: Sequence[Period]
-    ) -> dict[str, list[PricedUsage | None]]:
-        """The tenant's usage over each period, now, per type and price (see InvoiceTransaction)."""
-
-        async def attempt() -> dict[str, list[PricedUsage | None]]:
-            async with self._pool.acquire() as conn:
-                return await _priced_usage(conn, tenant_id, periods)
 
         return await run_with_retries(attempt)
 
