@@ -5,6 +5,9 @@ the test suite regenerates into a temporary directory and fails if the committed
 files differ. Uses grpcio-tools' bundled protoc and the mypy-protobuf plugins for
 the .pyi type stubs, and buf, so nothing outside the dev dependencies is needed.
 
+The generated `tally.v1` package is part of the client distribution (clients/python,
+`tally-client`), which the server depends on: one copy of the stubs for both.
+
 Besides the modules, it writes:
 - generated/tally/v1/descriptor_set.binpb: the contracts with their comments
   (source info) and imports, from which the server answers reflection, so that
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 THIRD_PARTY = ROOT / "third_party"
 IMAGE = PROTO_ROOT / "tally-v1-image.binpb"
+GENERATED = ROOT / "generated"
 DESCRIPTOR_SET = "tally/v1/descriptor_set.binpb"
 PACKAGE_MARKER = '"""Code generated from protos/ by scripts/generate.py. Do not edit."""\n'
 
@@ -93,7 +97,7 @@ def build_image(image: Path, *, against: Path, allow_breaking: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "generated", help="output directory")
+    parser.add_argument("--out", type=Path, default=GENERATED, help="output directory")
     parser.add_argument("--image", type=Path, default=IMAGE, help="where to write the buf image")
     parser.add_argument(
         "--allow-breaking",

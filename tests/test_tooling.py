@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IMAGE = ROOT / "protos" / "tally-v1-image.binpb"
+GENERATED = ROOT / "generated"
 
 
 def tool(name: str) -> str:
@@ -36,7 +37,7 @@ def test_committed_generated_code_is_up_to_date(tmp_path: Path) -> None:
     assert image.read_bytes() == IMAGE.read_bytes(), (
         "protos/tally-v1-image.binpb is stale: run scripts/generate.py"
     )
-    comparison = filecmp.dircmp(ROOT / "generated", tmp_path / "generated")
+    comparison = filecmp.dircmp(GENERATED, tmp_path / "generated")
     stale: list[str] = []
 
     def collect(cmp: filecmp.dircmp[str], prefix: str) -> None:

@@ -1,0 +1,271 @@
+"""Between the client's values (Decimal, aware datetime, enums) and tally.v1 messages.
+
+Exact numbers travel as decimal strings without exponent and are read back with
+Decimal(str): nothing passes through a float. Times go out as Timestamps of the
+instant and come back as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
+from tally_client.models import (
+    AuditEvent,
+    EventRejection,
+    IngestResult,
+    Invoice,
+    InvoiceLineItem,
+    Quantity,
+    Rate,
+    RejectionCause,
+    ReportOutcome,
+    ReportResult,
+    TimeBucket,
+    UsageAggregate,
+    UsageEvent,
+    UsageSummary,
+    aware,
+    exact,
+)
+from tally_client.names import parse_invoice_name, tenant_name, usage_summary_name
+
+_BUCKETS = {
+    None: resources_pb2.TIME_BUCKET_UNSPECIFIED,
+    TimeBucket.HOUR: resources_pb2.TIME_BUCKET_HOUR,
+    TimeBucket.DAY: resources_pb2.TIME_BUCKET_DAY,
+    TimeBucket.MONTH: resources_pb2.TIME_BUCKET_MONTH,
+}
+_BUCKETS_BACK = {value: key for key, value in _BUCKETS.items()}
+_CAUSES = {
+    resources_pb2.REJECTION_CAUSE_INVALID: RejectionCause.INVALID,
+    resources_pb2.REJECTION_CAUSE_PERMISSION_DENIED: RejectionCause.PERMISSION_DENIED,
+}
+
+
+def decimal_text(value: Quantity, what: str = "quantity") -> str:
+    """The exact decimal string of `value`, without exponent ("1E+3" -> "1000")."""
+    return format(exact(value, what), "f")
+
+
+def timestamp(value: datetime, what: str) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(aware(value, what))
+    return stamp
+
+
+def from_timestamp(stamp: timestamp_pb2.Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def event_message(event: UsageEvent) -> resources_pb2.UsageEvent:
+    message = resources_pb2.UsageEvent(
+        tenant_id=event.tenant_id,
+        event_id=event.event_id,
+        service=event.service,
+        usage_type=event.usage_type,
+        quantity=decimal_text(event.quantity),
+        dimensions=dict(event.dimensions),
+    )
+    if event.event_time is not None:
+        message.event_time.CopyFrom(timestamp(event.event_time, "event_time"))
+    return message
+
+
+def report_result(response: usage_service_pb2.ReportUsageResponse) -> ReportResult:
+    outcome = (
+        ReportOutcome.DUPLICATE
+        if response.outcome == usage_service_pb2.REPORT_OUTCOME_DUPLICATE
+        else ReportOutcome.RECORDED
+    )
+    return ReportResult(response.tenant_id, response.event_id, outcome)
+
+
+def rejection(message: resources_pb2.EventRejection) -> EventRejection:
+    return EventRejection(
+        event_id=message.event_id,
+        field=message.field,
+        reason=message.reason,
+        cause=_CAUSES.get(message.cause, RejectionCause.INVALID),
+    )
+
+
+def ingest_result(response: usage_service_pb2.IngestUsageResponse) -> IngestResult:
+    return IngestResult(
+        batch_count=response.batch_count,
+        accepted_count=response.accepted_count,
+        duplicate_count=response.duplicate_count,
+        rejected_count=response.rejected_count,
+        rejections=tuple(rejection(r) for r in response.rejections),
+    )
+
+
+def usage_summary(message: resources_pb2.UsageSummary) -> UsageSummary:
+    return UsageSummary(
+        name=message.name,
+        tenant_id=message.tenant_id,
+        start_time=from_timestamp(message.start_time),
+        end_time=from_timestamp(message.end_time),
+        bucket=_BUCKETS_BACK.get(message.bucket),
+        group_by_dimension=message.group_by_dimension,
+        aggregates=tuple(
+            UsageAggregate(
+                service=a.service,
+                usage_type=a.usage_type,
+                bucket_start_time=(
+                    from_timestamp(a.bucket_start_time) if a.HasField("bucket_start_time") else None
+                ),
+                dimension_value=a.dimension_value,
+                quantity=Decimal(a.quantity),
+                event_count=a.event_count,
+            )
+            for a in message.aggregates
+        ),
+    )
+
+
+def rate(message: resources_pb2.Rate) -> Rate:
+    return Rate(
+        name=message.name,
+        service=message.service,
+        usage_type=message.usage_type,
+        unit_price=Decimal(message.unit_price),
+        currency_code=message.currency_code,
+        effective_time=from_timestamp(message.effective_time),
+        create_time=from_timestamp(message.create_time),
+    )
+
+
+def invoice(message: resources_pb2.Invoice) -> Invoice:
+    return Invoice(
+        name=message.name,
+        tenant_id=message.tenant_id,
+        invoice_id=parse_invoice_name(message.name)[1],
+        period_start_time=from_timestamp(message.period_start_time),
+        period_end_time=from_timestamp(message.period_end_time),
+        currency_code=message.currency_code,
+        line_items=tuple(
+            InvoiceLineItem(
+                service=line.service,
+                usage_type=line.usage_type,
+                quantity=Decimal(line.quantity),
+                unit_price=Decimal(line.unit_price),
+                amount=Decimal(line.amount),
+                event_count=line.event_count,
+            )
+            for line in message.line_items
+        ),
+        total=Decimal(message.total),
+        status=resources_pb2.InvoiceStatus.Name(message.status).removeprefix("INVOICE_STATUS_").lower(),
+        create_time=from_timestamp(message.create_time),
+        update_time=from_timestamp(message.update_time),
+    )
+
+
+def _struct(message: resources_pb2.AuditEvent, field: str, value: struct_pb2.Struct) -> dict[str, Any] | None:
+    if not message.HasField(field):  # type: ignore[arg-type]
+        return None
+    return json_format.MessageToDict(value)
+
+
+def audit_event(message: resources_pb2.AuditEvent) -> AuditEvent:
+    return AuditEvent(
+        name=message.name,
+        create_time=from_timestamp(message.create_time),
+        principal=message.principal,
+        request_id=message.request_id,
+        action=resources_pb2.AuditAction.Name(message.action).removeprefix("AUDIT_ACTION_").lower(),
+        tenant_id=message.tenant_id,
+        resource=message.resource,
+        before=_struct(message, "before", message.before),
+        after=_struct(message, "after", message.after),
+    )
+
+
+def summary_request(
+    tenant_id: str,
+    start_time: datetime,
+    end_time: datetime,
+    bucket: TimeBucket | None,
+    group_by_dimension: str,
+) -> usage_service_pb2.GetUsageSummaryRequest:
+    return usage_service_pb2.GetUsageSummaryRequest(
+        name=usage_summary_name(tenant_id),
+        start_time=timestamp(start_time, "start_time"),
+        end_time=timestamp(end_time, "end_time"),
+        bucket=_BUCKETS[bucket],
+        group_by_dimension=group_by_dimension,
+    )
+
+
+def summaries_request(
+    tenant_ids: Sequence[str],
+    start_time: datetime,
+    end_time: datetime,
+    bucket: TimeBucket | None,
+    group_by_dimension: str,
+) -> usage_service_pb2.StreamUsageSummariesRequest:
+    return usage_service_pb2.StreamUsageSummariesRequest(
+        tenant_ids=list(tenant_ids),
+        start_time=timestamp(start_time, "start_time"),
+        end_time=timestamp(end_time, "end_time"),
+        bucket=_BUCKETS[bucket],
+        group_by_dimension=group_by_dimension,
+    )
+
+
+def list_rates_request(
+    as_of_time: datetime | None, show_history: bool, page_size: int
+) -> billing_service_pb2.ListRatesRequest:
+    request = billing_service_pb2.ListRatesRequest(show_history=show_history, page_size=page_size)
+    if as_of_time is not None:
+        request.as_of_time.CopyFrom(timestamp(as_of_time, "as_of_time"))
+    return request
+
+
+def set_rate_request(
+    service: str,
+    usage_type: str,
+    unit_price: Quantity,
+    *,
+    effective_time: datetime | None,
+    currency_code: str,
+    request_id: str,
+) -> billing_service_pb2.SetRateRequest:
+    request = billing_service_pb2.SetRateRequest(
+        service=service,
+        usage_type=usage_type,
+        unit_price=decimal_text(unit_price, "unit_price"),
+        currency_code=currency_code,
+        request_id=request_id,
+    )
+    if effective_time is not None:
+        request.effective_time.CopyFrom(timestamp(effective_time, "effective_time"))
+    return request
+
+
+def generate_invoice_request(
+    tenant_id: str, period_start_time: datetime, period_end_time: datetime, request_id: str
+) -> billing_service_pb2.GenerateInvoiceRequest:
+    return billing_service_pb2.GenerateInvoiceRequest(
+        parent=tenant_name(tenant_id),
+        period_start_time=timestamp(period_start_time, "period_start_time"),
+        period_end_time=timestamp(period_end_time, "period_end_time"),
+        request_id=request_id,
+    )
+
+
+def list_audit_events_request(
+    tenant_id: str, start_time: datetime | None, end_time: datetime | None, page_size: int
+) -> billing_service_pb2.ListAuditEventsRequest:
+    request = billing_service_pb2.ListAuditEventsRequest(tenant_id=tenant_id, page_size=page_size)
+    if start_time is not None:
+        request.start_time.CopyFrom(timestamp(start_time, "start_time"))
+    if end_time is not None:
+        request.end_time.CopyFrom(timestamp(end_time, "end_time"))
+    return request

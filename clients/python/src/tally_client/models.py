@@ -1,0 +1,196 @@
+"""The values the client takes and returns: plain frozen dataclasses with exact types.
+
+Quantities and money are `decimal.Decimal`, times are timezone-aware `datetime`s in
+UTC, tenants are their plain tenant ids. Nothing here knows about protobuf; the
+conversions live in tally_client.convert.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+Quantity = Decimal | int | str
+"""What the client accepts as an exact number: a Decimal, an int, or a decimal string. Never a float."""
+
+
+def exact(value: Quantity, what: str = "quantity") -> Decimal:
+    """`value` as a finite Decimal; floats are refused, since they cannot hold most decimal fractions."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
+        raise TypeError(f"{what} must be a Decimal, an int or a decimal string, not {type(value).__name__}")
+    number = Decimal(value) if not isinstance(value, Decimal) else value
+    if not number.is_finite():
+        raise ValueError(f"{what} must be finite, not {value}")
+    return number
+
+
+def aware(value: datetime, what: str) -> datetime:
+    """`value` if it has a time zone: a naive datetime's instant is ambiguous."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware (e.g. datetime.now(UTC)), not naive")
+    return value
+
+
+def new_event_id() -> str:
+    """A random event id (the idempotency key): 32 hex digits."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One measured amount of usage. `(tenant_id, event_id)` identifies it: resending it is safe.
+
+    `event_id` defaults to a random id chosen when the event is built, so resending the
+    same UsageEvent object never counts twice; give your own id to make resends safe
+    across restarts of your program. `event_time` defaults to when the server receives it.
+    """
+
+    tenant_id: str
+    service: str
+    usage_type: str
+    quantity: Decimal
+    event_id: str = field(default_factory=new_event_id)
+    event_time: datetime | None = None
+    dimensions: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantity", exact(self.quantity))
+        if self.event_time is not None:
+            aware(self.event_time, "event_time")
+
+
+class ReportOutcome(enum.Enum):
+    """What became of a reported event."""
+
+    RECORDED = "recorded"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    tenant_id: str
+    event_id: str
+    outcome: ReportOutcome
+
+
+class RejectionCause(enum.Enum):
+    """Why an event of a batch was rejected: fix the event, or use a token for its tenant."""
+
+    INVALID = "invalid"
+    PERMISSION_DENIED = "permission_denied"
+
+
+@dataclass(frozen=True, slots=True)
+class EventRejection:
+    """One event of a batch that was not recorded; the rest of its batch was."""
+
+    event_id: str
+    field: str
+    reason: str
+    cause: RejectionCause
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """Counts over one IngestUsage call: every event is in exactly one of the three counts."""
+
+    batch_count: int
+    accepted_count: int
+    duplicate_count: int
+    rejected_count: int
+    rejections: tuple[EventRejection, ...]
+
+
+class TimeBucket(enum.Enum):
+    """Time grouping of a usage summary (UTC)."""
+
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageAggregate:
+    service: str
+    usage_type: str
+    bucket_start_time: datetime | None
+    dimension_value: str
+    quantity: Decimal
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    """A tenant's usage over [start_time, end_time)."""
+
+    name: str
+    tenant_id: str
+    start_time: datetime
+    end_time: datetime
+    bucket: TimeBucket | None
+    group_by_dimension: str
+    aggregates: tuple[UsageAggregate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    name: str
+    service: str
+    usage_type: str
+    unit_price: Decimal
+    currency_code: str
+    effective_time: datetime
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceLineItem:
+    service: str
+    usage_type: str
+    quantity: Decimal
+    unit_price: Decimal
+    amount: Decimal
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Invoice:
+    name: str
+    tenant_id: str
+    invoice_id: str
+    period_start_time: datetime
+    period_end_time: datetime
+    currency_code: str
+    line_items: tuple[InvoiceLineItem, ...]
+    total: Decimal
+    status: str
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedInvoice:
+    invoice: Invoice
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One entry of the audit trail; `before`/`after` are JSON values (money as strings)."""
+
+    name: str
+    create_time: datetime
+    principal: str
+    request_id: str
+    action: str
+    tenant_id: str
+    resource: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
