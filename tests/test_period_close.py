@@ -221,3 +221,49 @@ async def test_scheduler_task_stops_promptly_on_shutdown(server_config: Config) 
     await server.stop()
     # It was waiting for its next round; stop() must not wait the hour out.
     assert time.monotonic() - began < config.grace_seconds + 30
+
+
+async def test_spend_threshold_bills_an_interim_invoice_and_the_final_one_bills_the_rest(
+    tally: TallyServer, usage: Any, billing: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    assert tally.periods is not None
+    plan = await create_plan(billing, [graduated_api_charge()])
+    await set_profile(
+        billing,
+        tenant,
+        plan=plan.name,
+        billing_anchor_day=far_anchor_day(),
+        billing_start_time=ts(hour_start(-5)),
+        spend_threshold="8",
+    )
+    await uploads(usage, tenant, "50", hour_start(-4))  # 5.00: under the threshold
+    await tally.periods.bill_thresholds()
+    assert await db.fetchval("SELECT count(*) FROM invoices WHERE tenant_id = $1", tenant) == 0
+    await uploads(usage, tenant, "40", hour_start(-3))  # 90 uploads: 9.00 due, over 8
+    await tally.periods.bill_thresholds()
+    await tally.periods.bill_thresholds()  # nothing new is due: no second interim invoice
+    [interim] = (
+        await billing.ListInvoices(billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{tenant}"))
+    ).invoices
+    assert (interim.kind, interim.status, interim.total) == (
+        R.INVOICE_KIND_INTERIM,
+        R.INVOICE_STATUS_FINALIZED,
+        "9.00",
+    )
+    assert interim.number.startswith("TALLY-")
+    await uploads(usage, tenant, "30", hour_start(-2))  # 120 uploads: 100 x 0.10 + 20 x 0.05 = 11.00
+    final = (await close(billing, tenant)).invoice
+    assert final.kind == R.INVOICE_KIND_FINAL
+    assert [(li.kind, li.amount) for li in final.line_items] == [
+        (R.INVOICE_LINE_KIND_USAGE, "11.00"),
+        (R.INVOICE_LINE_KIND_ADJUSTMENT, "-9.00"),  # billed on the interim invoice
+    ]
+    assert final.total == "2.00"  # the rest: 9.00 + 2.00 = the period's 11.00
+    # A late event after both: the adjustment counts what both invoices billed.
+    await uploads(usage, tenant, "10", hour_start(-2))
+    preview = (
+        await billing.PreviewInvoice(billing_service_pb2.PreviewInvoiceRequest(parent=f"tenants/{tenant}"))
+    ).invoice
+    assert [
+        (li.kind, li.amount) for li in preview.line_items if li.kind == R.INVOICE_LINE_KIND_ADJUSTMENT
+    ] == [(R.INVOICE_LINE_KIND_ADJUSTMENT, "0.50")]

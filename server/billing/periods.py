@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable
@@ -218,6 +219,68 @@ class Periods:
             if progress == 0:
                 return closed  # the rest is being closed by another process, or postponed
 
+    async def bill_thresholds(self) -> int:
+        """Spend thresholds: an interim invoice for each tenant whose open period has passed its threshold.
+
+        The open period's amount not yet billed (priced now, minus what its interim invoices
+        billed) is compared with the profile's threshold; when it reaches it, an interim
+        invoice for that amount is finalized, under the tenant's lock. Checked every round
+        of the scheduler, so an interim invoice follows the crossing within one interval.
+        Returns the number of interim invoices made.
+        """
+        now = to_datetime(self._now_micros())
+        caller = Caller(scheduler_principal(), f"threshold-{uuid.uuid4().hex[:12]}")
+        billed = 0
+        for tenant_id in await self._invoices.with_threshold():
+            try:
+                billed += await run_with_retries(
+                    functools.partial(self._bill_threshold, tenant_id, caller, now)
+                )
+            except TallyError as exc:
+                log.warning("interim invoice of tenant %r failed: %s", tenant_id, exc.message)
+        return billed
+
+    async def _bill_threshold(self, tenant_id: str, caller: Caller, now: datetime) -> int:
+        async with self._invoices.try_tenant_transaction(tenant_id) as tx:
+            if tx is None:
+                return 0
+            found = await plan_store.profile(tx.connection, tenant_id)
+            if found is None or (threshold := found[0].spend_threshold) is None:
+                return 0
+            profile = found[0]
+            period = billing_period(profile.anchor_day, profile.billing_start, max(now, profile.closed_until))
+            priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
+            if priced.unpriced or priced.amounts.total < threshold:
+                return 0
+            invoice_id = f"inv_{uuid.uuid4().hex}"
+            amounts = priced.amounts
+            await tx.save(
+                invoice_id,
+                tenant_id,
+                period.start,
+                period.end,
+                priced.currency,
+                amounts.total,
+                amounts.lines,
+                InvoiceKind.INTERIM,
+            )
+            draft = Invoice(
+                id=invoice_id,
+                tenant_id=tenant_id,
+                period_start=period.start,
+                period_end=period.end,
+                currency=priced.currency,
+                lines=amounts.lines,
+                total=amounts.total,
+                status=InvoiceStatus.DRAFT,
+                created_at=now,
+                updated_at=now,
+                computed_at=now,
+                kind=InvoiceKind.INTERIM,
+            )
+            await self._lifecycle.finalize_in(tx, draft, caller, priced)
+            return 1
+
     async def _close_one(self, tenant_id: str, caller: Caller, now: datetime) -> int:
         async def attempt() -> int:
             async with self._invoices.try_tenant_transaction(tenant_id) as tx:
@@ -259,6 +322,7 @@ class CloseScheduler:
         while not self._stopping.is_set():
             try:
                 await self._periods.close_due()
+                await self._periods.bill_thresholds()
             except TallyError as exc:  # the database is down: try again next round
                 log.warning("period close round failed: %s", exc.message)
             with contextlib.suppress(TimeoutError):

@@ -87,8 +87,15 @@ class InvoicePricer:
         # The periods to price: this one, then each earlier billed period (for late usage).
         billed: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
         adjusted: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
-        for invoice_start, invoice_end, line in await tx.billed_lines(tenant_id, start):
-            if line.kind is LineKind.ADJUSTMENT:
+        # What interim invoices of this very period billed (spend thresholds): billed again
+        # below with a minus, so that this invoice bills only the rest.
+        interim: list[LineItem] = []
+        for invoice_start, invoice_end, line in await tx.billed_lines(tenant_id, start, end):
+            if (invoice_start, invoice_end) == (start, end) and (
+                line.kind is not LineKind.ADJUSTMENT or (line.period_start, line.period_end) == (start, end)
+            ):
+                interim.append(line)
+            elif line.kind is LineKind.ADJUSTMENT:
                 assert line.period_start is not None and line.period_end is not None
                 adjusted[(line.period_start, line.period_end)].append(line)
             else:
@@ -129,6 +136,7 @@ class InvoicePricer:
             priced_periods.append(price_segments(currency, period, parts))
 
         lines = list(priced_periods[0])
+        lines.extend(already_billed(start, end, interim))
         for (s, e), repriced in zip(periods[1:], priced_periods[1:], strict=True):
             was = billed_by_charge([*billed[(s, e)], *adjusted[(s, e)]])
             lines.extend(adjustment_items(currency, s, e, was, repriced))
@@ -138,3 +146,29 @@ class InvoicePricer:
         return PricedInvoice(
             currency.code, finish(currency, lines, tax), tuple(sorted(used_plans)), unpriced, profile
         )
+
+
+def already_billed(start: datetime, end: datetime, interim: list[LineItem]) -> list[LineItem]:
+    """One negative line per charge for what interim invoices of [start, end) billed already."""
+    descriptions = {line.charge_key: line.description or line.charge_key for line in interim}
+    lines = []
+    for key, amount in billed_by_charge(interim).items():
+        if amount == 0:
+            continue
+        label = descriptions.get(key or "", "") if key else "Minimum commitment"
+        lines.append(
+            LineItem(
+                service="",
+                usage_type="",
+                quantity=Decimal(1),
+                unit_price=None,
+                amount=-amount,
+                event_count=0,
+                kind=LineKind.ADJUSTMENT,
+                description=f"Billed on interim invoices: {label}",
+                charge_key=key or "",
+                period_start=start,
+                period_end=end,
+            )
+        )
+    return lines

@@ -210,20 +210,25 @@ class InvoiceTransaction:
         return await _usage_rows(self._conn, tenant_id, periods)
 
     async def billed_lines(
-        self, tenant_id: str, before: datetime
+        self, tenant_id: str, start: datetime, end: datetime
     ) -> list[tuple[datetime, datetime, LineItem]]:
-        """(period_start, period_end, line) of every line of the tenant's billed invoices ending by `before`.
+        """(period_start, period_end, line) of the billed lines that bear on pricing [start, end).
 
-        Billed: finalized, paid or uncollectible (a void invoice was withdrawn). Adjustment lines
-        name the earlier period they correct in their own period_start/period_end.
+        Billed: finalized, paid or uncollectible (a void invoice was withdrawn). They are the
+        lines of invoices of periods ending by `start`, of the interim invoices of [start, end),
+        and every adjustment of an earlier period wherever it was billed. Adjustment lines name
+        the period they correct in their own period_start/period_end.
         """
         rows = await self._conn.fetch(
             f"SELECT i.period_start AS invoice_start, i.period_end AS invoice_end, {_LINE_COLUMNS}"
             " FROM invoices i JOIN invoice_line_items l ON l.invoice_id = i.id"
             " WHERE i.tenant_id = $1 AND i.status IN ('finalized', 'paid', 'uncollectible')"
-            " AND i.period_end <= $2 ORDER BY i.period_start, l.invoice_id, l.position",
+            " AND (i.period_end <= $2 OR (i.kind = 'interim' AND i.period_start = $2 AND i.period_end = $3)"
+            "      OR (l.kind = 'adjustment' AND l.period_end <= $2))"
+            " ORDER BY i.period_start, l.invoice_id, l.position",
             tenant_id,
-            before,
+            start,
+            end,
         )
         return [(r["invoice_start"], r["invoice_end"], line_item(r)) for r in rows]
 
@@ -391,6 +396,19 @@ class InvoiceStore:
                 "SELECT pg_try_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
             )
             yield InvoiceTransaction(conn) if locked else None
+
+    async def with_threshold(self) -> list[str]:
+        """Tenants whose billing profile has a spend threshold."""
+
+        async def attempt() -> list[str]:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT tenant_id FROM billing_profiles WHERE spend_threshold IS NOT NULL"
+                    " ORDER BY tenant_id"
+                )
+            return [r["tenant_id"] for r in rows]
+
+        return await run_with_retries(attempt)
 
     async def due_for_close(self, now: datetime, limit: int) -> list[str]:
         """Tenants whose next period close is due at `now` (not locked: each close checks again)."""

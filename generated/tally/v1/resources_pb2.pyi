@@ -1525,8 +1525,10 @@ class BillingProfile(_message.Message):
     100), applied as its own line, rounded once. Empty: no tax line.
     """
     spend_threshold: _builtins.str
-    """Spend threshold: when the open period's running amount passes it, an
-    interim invoice is finalized. Empty: none.
+    """Spend threshold, in the profile's currency: when the open period's amount
+    not yet billed reaches it, an interim invoice (INVOICE_KIND_INTERIM) is
+    finalized for that amount; the period's final invoice bills only the
+    rest. Checked every --period-close-interval. Empty: none.
     """
     @_builtins.property
     def plan_effective_time(self) -> _timestamp_pb2.Timestamp:
