@@ -9,101 +9,88 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime
+from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
-from server.auth.limits import LimitSettings
-from server.config import Config, default_data_dir
+from server.config import DURATION, Config, Kind, Setting, build_config, default_data_dir, settings
 from server.domain.access import ALL_TENANTS, SCOPES, USAGE_BACKFILL
 
-DEFAULT_LIMITS = LimitSettings()
-DEFAULT_CONFIG = Config()
-_DURATION = re.compile(r"(\d+)([smhd]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+SETTINGS = settings()  # by Config attribute path; `tally serve` takes every one
+# What `tally token` and `tally retention` read like `tally serve`: the same flags, variables and defaults.
+TOKEN_SETTINGS = ("data_dir", "jwt_secret_file", "jwt_issuer", "jwt_audience")
+RETENTION_SETTINGS = ("data_dir", "database_url")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+class _BadEnv:
+    """An environment variable its setting cannot parse. It is reported only if the command uses it
+    (a flag given on the command line replaces it), so a bad TALLY_PORT does not break `tally token`."""
+
+    def __init__(self, message: str, text: str) -> None:
+        self.message = message
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text  # what --help shows as the default
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
+def _flag_type(kind: Kind[Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind.parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind.what}") from None
+
+    return parse
+
+
+def _env_default(setting: Setting, default: Any) -> Any:
+    text = os.environ.get(setting.env)
+    if text is None:
         return default
     try:
-        return int(value)
+        return setting.kind.parse(text)
     except ValueError:
-        raise SystemExit(f"tally: {name} must be an integer, got {value!r}") from None
+        return _BadEnv(f"{setting.env} must be {setting.kind.what}, got {text!r}", text)
 
 
-def _env_optional_int(name: str) -> int | None:
-    return _env_int(name, 0) if os.environ.get(name) else None
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise SystemExit(f"tally: {name} must be a number, got {value!r}") from None
-
-
-def _env_duration(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return _duration(value)
-    except argparse.ArgumentTypeError as exc:
-        raise SystemExit(f"tally: {name}: {exc}") from None
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
-
-
-def _duration(text: str) -> int:
-    match = _DURATION.fullmatch(text.strip())
-    if not match or int(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 3600, 90s, 30m, 12h or 7d")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-def _add_key_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by `serve` and `token`: where the keys are, and the claims checked."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
-        help="directory of the embedded PostgreSQL cluster and of the development JWT secret, "
-        "kept between runs (env TALLY_DATA_DIR)",
-    )
-    parser.add_argument(
-        "--jwt-secret-file",
-        type=Path,
-        default=_env_path("TALLY_JWT_SECRET_FILE"),
-        help="file holding the HS256 secret (at least 32 bytes) that signs bearer tokens. Without it and "
-        "--jwt-public-keys, a development secret is created in --data-dir (env TALLY_JWT_SECRET_FILE)",
-    )
-    parser.add_argument(
-        "--jwt-issuer",
-        default=os.environ.get("TALLY_JWT_ISSUER") or None,
-        help="required `iss` claim of tokens; unset: not checked (env TALLY_JWT_ISSUER)",
-    )
-    parser.add_argument(
-        "--jwt-audience",
-        default=_env("TALLY_JWT_AUDIENCE", "tally"),
-        help="required `aud` claim of tokens; empty: not checked (env TALLY_JWT_AUDIENCE)",
-    )
+def _add_settings(parser: argparse.ArgumentParser, paths: Iterable[str]) -> None:
+    """A flag per setting, defaulting to its environment variable, else to Config's default."""
+    defaults = Config()
+    for path in paths:
+        setting = SETTINGS[path]
+        kind = setting.kind
+        default = _env_default(setting, attrgetter(path)(defaults))
+        help = f"{setting.help} (env {setting.env})"
+        if kind.switch:
+            parser.add_argument(
+                setting.flag,
+                dest=setting.dest,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help,
+            )
+            continue
+        if default is not None and not isinstance(default, _BadEnv):
+            # As text, which argparse parses like the flag's argument when the flag is not given,
+            # so that --help shows it as it is written (`on`, not `True`).
+            default = kind.show(default)
+        parser.add_argument(
+            setting.flag,
+            dest=setting.dest,
+            type=_flag_type(kind),
+            # The kind checks its choices itself: argparse would compare them with the parsed value.
+            metavar="{" + ",".join(kind.choices) + "}" if kind.choices else None,
+            default=default,
+            help=help,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,274 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument(
-        "--host",
-        default=_env("TALLY_HOST", "127.0.0.1"),
-        help="address to listen on, e.g. 0.0.0.0 or [::] for every interface (env TALLY_HOST)",
-    )
-    serve.add_argument(
-        "--port",
-        type=int,
-        default=_env_int("TALLY_PORT", 50051),
-        help="port to listen on; 0 picks a free one. A port that another process listens on is "
-        "refused at start (env TALLY_PORT)",
-    )
-    _add_key_arguments(serve)
-    serve.add_argument(
-        "--jwt-public-keys",
-        type=Path,
-        default=_env_path("TALLY_JWT_PUBLIC_KEYS"),
-        help="PEM (public keys or certificates) or JWKS file of RS256/ES256 keys that verify bearer "
-        "tokens; may be combined with --jwt-secret-file (env TALLY_JWT_PUBLIC_KEYS)",
-    )
-    serve.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=_env_path("TALLY_TLS_CERT"),
-        help="PEM certificate chain of the server; turns TLS on (env TALLY_TLS_CERT)",
-    )
-    serve.add_argument(
-        "--tls-key",
-        type=Path,
-        default=_env_path("TALLY_TLS_KEY"),
-        help="PEM private key of --tls-cert (env TALLY_TLS_KEY)",
-    )
-    serve.add_argument(
-        "--tls-client-ca",
-        type=Path,
-        default=_env_path("TALLY_TLS_CLIENT_CA"),
-        help="PEM CA certificates; clients must present a certificate they signed (mutual TLS) "
-        "(env TALLY_TLS_CLIENT_CA)",
-    )
-    limits = (
-        ("--tenant-events-per-second", "tenant_events_per_second", "events per second of one tenant"),
-        (
-            "--principal-events-per-second",
-            "principal_events_per_second",
-            "events per second of one principal",
-        ),
-        ("--tenant-requests-per-second", "tenant_requests_per_second", "calls per second about one tenant"),
-        (
-            "--principal-requests-per-second",
-            "principal_requests_per_second",
-            "calls per second of one principal",
-        ),
-    )
-    for flag, name, what in limits:
-        env = "TALLY_" + name.upper()
-        serve.add_argument(
-            flag,
-            type=float,
-            default=_env_float(env, getattr(DEFAULT_LIMITS, name)),
-            help=f"rate limit: {what}, shared by every server process on the database (see "
-            f"--limit-sync-seconds), bursts up to one second's worth; 0: unlimited (env {env})",
-        )
-    serve.add_argument(
-        "--max-streams-per-principal",
-        type=int,
-        default=_env_int("TALLY_MAX_STREAMS_PER_PRINCIPAL", DEFAULT_LIMITS.max_streams_per_principal),
-        help="most concurrent IngestUsage/StreamUsage/StreamUsageSummaries calls of one principal; "
-        "0: unlimited (env TALLY_MAX_STREAMS_PER_PRINCIPAL)",
-    )
-    serve.add_argument(
-        "--limit-sync-seconds",
-        type=float,
-        default=_env_float("TALLY_LIMIT_SYNC_SECONDS", DEFAULT_CONFIG.limit_sync_seconds),
-        help="how often each server process settles the rate limits and stream counts above with the "
-        "other processes (workers, hosts) through PostgreSQL; within one such interval they may "
-        "together exceed a limit's burst (docs/scaling.md); 0: limits per process "
-        "(env TALLY_LIMIT_SYNC_SECONDS)",
-    )
-    serve.add_argument(
-        "--stream-idle-seconds",
-        type=float,
-        default=_env_float("TALLY_STREAM_IDLE_SECONDS", DEFAULT_LIMITS.stream_idle_seconds),
-        help="an ingestion stream without a message for this long is closed with DEADLINE_EXCEEDED; "
-        "0: never (env TALLY_STREAM_IDLE_SECONDS)",
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        default=_env_int("TALLY_WORKERS", 1),
-        help="server processes sharing the port, each using one core; 0: one per available core. "
-        "Each has its own database pools; see docs/scaling.md for choosing N (env TALLY_WORKERS)",
-    )
-    serve.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL") or None,
-        help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
-    )
-    serve.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=_env_int("TALLY_MAX_BATCH_SIZE", 10_000),
-        help="most events in one IngestUsage/StreamUsage message (env TALLY_MAX_BATCH_SIZE)",
-    )
-    serve.add_argument(
-        "--max-future-seconds",
-        type=int,
-        default=_env_int("TALLY_MAX_FUTURE_SECONDS", 300),
-        help="how far ahead of the server's clock an event time may be (env TALLY_MAX_FUTURE_SECONDS)",
-    )
-    serve.add_argument(
-        "--max-event-age",
-        type=_duration,
-        default=_env_duration("TALLY_MAX_EVENT_AGE", 35 * 86_400),
-        help="how far behind the server's clock an event time may be: seconds, or a number with s, m, h "
-        "or d; older usage needs a backfill (scope usage:backfill, audited) (env TALLY_MAX_EVENT_AGE)",
-    )
-    serve.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=_env_int("TALLY_MAX_MESSAGE_BYTES", DEFAULT_CONFIG.max_message_bytes),
-        help="largest gRPC message accepted or sent, e.g. one batch of events; with the next flags "
-        "it bounds the memory that callers without a token can take (docs/security.md) "
-        "(env TALLY_MAX_MESSAGE_BYTES)",
-    )
-    serve.add_argument(
-        "--max-incoming-requests",
-        type=int,
-        default=_env_int("TALLY_MAX_INCOMING_REQUESTS", DEFAULT_CONFIG.max_incoming_requests),
-        help="most request messages being received at once before their token is checked (unary "
-        "calls, health, reflection); more wait (env TALLY_MAX_INCOMING_REQUESTS)",
-    )
-    serve.add_argument(
-        "--request-receive-seconds",
-        type=float,
-        default=_env_float("TALLY_REQUEST_RECEIVE_SECONDS", DEFAULT_CONFIG.request_receive_seconds),
-        help="a request message that has not arrived in this time, waiting included, ends its call "
-        "with DEADLINE_EXCEEDED (env TALLY_REQUEST_RECEIVE_SECONDS)",
-    )
-    serve.add_argument(
-        "--max-connections",
-        type=int,
-        default=_env_int("TALLY_MAX_CONNECTIONS", DEFAULT_CONFIG.max_connections),
-        help="most open client connections; more are closed as they arrive; 0: unlimited "
-        "(env TALLY_MAX_CONNECTIONS)",
-    )
-    serve.add_argument(
-        "--max-streams-per-connection",
-        type=int,
-        default=_env_int("TALLY_MAX_STREAMS_PER_CONNECTION", DEFAULT_CONFIG.max_streams_per_connection),
-        help="most concurrent calls on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
-        "clients queue the rest (env TALLY_MAX_STREAMS_PER_CONNECTION)",
-    )
-    serve.add_argument(
-        "--max-concurrent-calls",
-        type=int,
-        default=_env_int("TALLY_MAX_CONCURRENT_CALLS", DEFAULT_CONFIG.max_concurrent_calls),
-        help="most calls in progress over all connections, streams included; more get "
-        "RESOURCE_EXHAUSTED; 0: unlimited (env TALLY_MAX_CONCURRENT_CALLS)",
-    )
-    serve.add_argument(
-        "--max-events-in-flight",
-        type=int,
-        default=_env_int("TALLY_MAX_EVENTS_IN_FLIGHT", 20_000),
-        help="most streamed events held between reading and committing, over all streams; beyond it "
-        "the server stops reading and gRPC flow control holds the clients back, which bounds memory "
-        "(env TALLY_MAX_EVENTS_IN_FLIGHT)",
-    )
-    serve.add_argument(
-        "--pool-size",
-        type=int,
-        default=_env_int("TALLY_POOL_SIZE", 8),
-        help="most PostgreSQL connections for writes (env TALLY_POOL_SIZE)",
-    )
-    serve.add_argument(
-        "--read-pool-size",
-        type=int,
-        default=_env_int("TALLY_READ_POOL_SIZE", 4),
-        help="most PostgreSQL connections for summaries, planned per call (env TALLY_READ_POOL_SIZE)",
-    )
-    serve.add_argument(
-        "--grace-seconds",
-        type=float,
-        default=float(_env("TALLY_GRACE_SECONDS", "10")),
-        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (env TALLY_GRACE_SECONDS)",
-    )
-    serve.add_argument(
-        "--issuer-name",
-        default=_env("TALLY_ISSUER_NAME", "Tally"),
-        help="the operator's name printed on invoices and credit notes; also keys their numbering "
-        "(env TALLY_ISSUER_NAME)",
-    )
-    serve.add_argument(
-        "--issuer-address",
-        default=_env("TALLY_ISSUER_ADDRESS", ""),
-        help="the operator's postal address on invoices (env TALLY_ISSUER_ADDRESS)",
-    )
-    serve.add_argument(
-        "--issuer-tax-id",
-        default=_env("TALLY_ISSUER_TAX_ID", ""),
-        help="the operator's tax id on invoices (env TALLY_ISSUER_TAX_ID)",
-    )
-    serve.add_argument(
-        "--invoice-number-prefix",
-        default=_env("TALLY_INVOICE_NUMBER_PREFIX", "TALLY-{year}-"),
-        help="prefix of invoice numbers, {year} being the year of finalization; each prefix is one "
-        "gap-free sequence, e.g. TALLY-2026-000001 (env TALLY_INVOICE_NUMBER_PREFIX)",
-    )
-    serve.add_argument(
-        "--credit-note-number-prefix",
-        default=_env("TALLY_CREDIT_NOTE_NUMBER_PREFIX", "TALLY-CN-{year}-"),
-        help="prefix of credit note numbers (env TALLY_CREDIT_NOTE_NUMBER_PREFIX)",
-    )
-    serve.add_argument(
-        "--period-close-grace",
-        type=_duration,
-        default=_env_duration("TALLY_PERIOD_CLOSE_GRACE", 3600),
-        metavar="DURATION",
-        help="how long after a billing period ends the server closes it (generates and finalizes its "
-        "invoice); later usage goes on the next invoice as an adjustment (default 1h; env "
-        "TALLY_PERIOD_CLOSE_GRACE)",
-    )
-    serve.add_argument(
-        "--period-close-interval",
-        type=float,
-        default=_env_float("TALLY_PERIOD_CLOSE_INTERVAL", 60.0),
-        metavar="SECONDS",
-        help="how often to look for periods due to close; 0 turns period close off "
-        "(env TALLY_PERIOD_CLOSE_INTERVAL)",
-    )
-    serve.add_argument(
-        "--log-level",
-        default=_env("TALLY_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level (env TALLY_LOG_LEVEL)",
-    )
-    serve.add_argument(
-        "--log-format",
-        default=_env("TALLY_LOG_FORMAT", "text"),
-        choices=["text", "json"],
-        help="log lines as text, or as one JSON object per line with the trace id and request id "
-        "(env TALLY_LOG_FORMAT)",
-    )
-    serve.add_argument(
-        "--access-log",
-        default=_env("TALLY_ACCESS_LOG", "on"),
-        choices=["on", "off"],
-        help="one INFO line per call, as tally.access (method, status, duration, principal, request "
-        "id; never the token or the events); off with --log-level WARNING too (env TALLY_ACCESS_LOG)",
-    )
-    serve.add_argument(
-        "--http-port",
-        type=int,
-        default=_env_optional_int("TALLY_HTTP_PORT"),
-        help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
-        "9464; unset: no HTTP listener; 0 picks a free one (env TALLY_HTTP_PORT)",
-    )
-    serve.add_argument(
-        "--http-host",
-        default=os.environ.get("TALLY_HTTP_HOST") or None,
-        help="address of the HTTP listener; unset: the same as --host (env TALLY_HTTP_HOST)",
-    )
-    serve.add_argument(
-        "--metrics-tenant-labels",
-        action=argparse.BooleanOptionalAction,
-        default=_env("TALLY_METRICS_TENANT_LABELS", "false").lower() in ("1", "true", "on", "yes"),
-        help="label the event counters with the tenant id: one series per tenant, so only with few "
-        "tenants (env TALLY_METRICS_TENANT_LABELS)",
-    )
+    _add_settings(serve, SETTINGS)
 
     token = commands.add_parser(
         "token",
@@ -401,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_key_arguments(token)
+    _add_settings(token, TOKEN_SETTINGS)
     tenants = token.add_mutually_exclusive_group(required=True)
     tenants.add_argument(
         "--tenant",
@@ -423,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--subject", default="developer", help="the principal's name (the `sub` claim)")
     token.add_argument(
-        "--ttl", type=_duration, default=3600, help="lifetime: seconds, or a number with s, m, h or d"
+        "--ttl",
+        type=_flag_type(DURATION),
+        default=3600,
+        help="lifetime: seconds, or a number with s, m, h or d",
     )
 
     retention = commands.add_parser(
@@ -442,18 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-months", type=int, metavar="N", help="keep the current month and the N-1 before it"
     )
     retention.add_argument("--dry-run", action="store_true", help="list what would be dropped")
-    retention.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(_env("TALLY_DATA_DIR", str(default_data_dir()))),
-        help="directory of the embedded PostgreSQL cluster (env TALLY_DATA_DIR)",
-    )
-    retention.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL") or None,
-        help="PostgreSQL URL to use instead of the embedded server (env DATABASE_URL)",
-    )
+    _add_settings(retention, RETENTION_SETTINGS)
     return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with every setting the command reads parsed; exits on a bad flag or variable."""
+    args = build_parser().parse_args(argv)
+    for value in vars(args).values():
+        if isinstance(value, _BadEnv):
+            raise SystemExit(f"tally: {value.message}")
+    return args
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -479,7 +201,7 @@ def _token(args: argparse.Namespace) -> str:
         scopes=args.scopes,
         ttl_seconds=args.ttl,
         issuer=args.jwt_issuer,
-        audience=args.jwt_audience or None,
+        audience=args.jwt_audience,
     )
 
 
@@ -535,55 +257,11 @@ async def _retention(args: argparse.Namespace) -> None:
     print(f"{verb} {len(dropped)} raw event partition(s) before {year:04d}-{month:02d}: {names}")
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return Config(
-        host=args.host,
-        port=args.port,
-        data_dir=args.data_dir,
-        database_url=args.database_url,
-        max_batch_size=args.max_batch_size,
-        max_future_seconds=args.max_future_seconds,
-        max_event_age_seconds=args.max_event_age,
-        max_message_bytes=args.max_message_bytes,
-        max_incoming_requests=args.max_incoming_requests,
-        request_receive_seconds=args.request_receive_seconds,
-        max_connections=args.max_connections,
-        max_streams_per_connection=args.max_streams_per_connection,
-        max_concurrent_calls=args.max_concurrent_calls,
-        max_events_in_flight=args.max_events_in_flight,
-        pool_size=args.pool_size,
-        read_pool_size=args.read_pool_size,
-        grace_seconds=args.grace_seconds,
-        limit_sync_seconds=args.limit_sync_seconds,
-        jwt_secret_file=args.jwt_secret_file,
-        jwt_public_keys_file=args.jwt_public_keys,
-        jwt_issuer=args.jwt_issuer or None,
-        jwt_audience=args.jwt_audience or None,
-        tls_cert_file=args.tls_cert,
-        tls_key_file=args.tls_key,
-        tls_client_ca_file=args.tls_client_ca,
-        http_port=args.http_port,
-        http_host=args.http_host,
-        # Access lines are INFO lines: --log-level WARNING turns them off as well.
-        access_log=args.access_log == "on" and args.log_level in ("DEBUG", "INFO"),
-        log_format=args.log_format,
-        metrics_tenant_labels=args.metrics_tenant_labels,
-        limits=LimitSettings(
-            tenant_events_per_second=args.tenant_events_per_second,
-            principal_events_per_second=args.principal_events_per_second,
-            tenant_requests_per_second=args.tenant_requests_per_second,
-            principal_requests_per_second=args.principal_requests_per_second,
-            max_streams_per_principal=args.max_streams_per_principal,
-            stream_idle_seconds=args.stream_idle_seconds,
-        ),
-        issuer_name=args.issuer_name,
-        issuer_address=args.issuer_address,
-        issuer_tax_id=args.issuer_tax_id,
-        invoice_number_prefix=args.invoice_number_prefix,
-        credit_note_number_prefix=args.credit_note_number_prefix,
-        period_close_grace_seconds=args.period_close_grace,
-        period_close_interval_seconds=args.period_close_interval,
-    )
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config of `tally serve`'s parsed command line."""
+    config = build_config({path: getattr(args, setting.dest) for path, setting in SETTINGS.items()})
+    # Access lines are INFO lines: --log-level WARNING turns them off as well.
+    return replace(config, access_log=config.access_log and config.log_level in ("DEBUG", "INFO"))
 
 
 def _describe(config: Config) -> str:
@@ -702,8 +380,9 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "serve":
+        config = config_from_args(args)
         # gRPC's fork handlers are for children that go on using gRPC; ours never do (the
         # only fork is subprocess running pg_ctl for the embedded PostgreSQL, which execs at
         # once), and with them on, gRPC logs "Other threads are currently calling into
@@ -713,8 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         from server.telemetry.logs import configure_logging
 
-        configure_logging(args.log_level, args.log_format)
-        workers = args.workers
+        configure_logging(config.log_level, config.log_format)
+        workers = config.workers
         if workers == 0:
             from server.supervisor import available_cores
 
@@ -722,9 +401,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if workers < 0:
             raise SystemExit("tally serve: --workers must be 0 (one per core) or more")
         if workers == 1:
-            asyncio.run(_serve(_config(args)))
+            asyncio.run(_serve(config))
         else:
-            asyncio.run(_supervise(_config(args), workers, args.log_level))
+            asyncio.run(_supervise(config, workers, config.log_level))
     elif args.command == "token":
         print(_token(args))
     elif args.command == "retention":

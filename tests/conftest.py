@@ -26,9 +26,8 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2_grpc
 
 from server.app import TallyServer
-from server.auth.limits import LimitSettings
 from server.auth.tokens import mint_token
-from server.config import Config
+from server.config import Config, LimitSettings
 from server.domain.access import ALL_TENANTS, SCOPES
 from server.storage.embedded import EmbeddedPostgres
 from tally.v1 import billing_service_pb2_grpc, usage_service_pb2_grpc
@@ -120,6 +119,7 @@ def server_config(database_url: str, secret_file: Path) -> Config:
         limits=UNLIMITED,
         # Tests close periods themselves (ClosePeriod, or Periods.close_due with a fake clock).
         period_close_interval_seconds=0,
+        access_log=False,  # on by default, as in `tally serve`; test output stays readable
     )
 
 

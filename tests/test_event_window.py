@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from server.app import TallyServer
-from server.cli import _config, build_parser
+from server.cli import config_from_args, parse_args
 from server.domain.access import USAGE_BACKFILL, USAGE_WRITE
 from server.domain.audit import AuditEntry
 from server.domain.events import EventColumns, EventKey, EventRow, EventRules, RawEvent, check_event
@@ -221,7 +221,7 @@ def test_max_event_age_comes_from_the_flag_the_environment_or_35_days(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def configured(*flags: str) -> int:
-        return _config(build_parser().parse_args(["serve", *flags])).max_event_age_seconds
+        return config_from_args(parse_args(["serve", *flags])).max_event_age_seconds
 
     monkeypatch.delenv("TALLY_MAX_EVENT_AGE", raising=False)
     assert configured() == 35 * 86_400

@@ -19,8 +19,8 @@ import pytest_asyncio
 from google.rpc import error_details_pb2, status_pb2
 
 from server.app import TallyServer
-from server.auth.limits import Charge, LimitSettings, TokenBuckets, take, try_take
-from server.config import Config
+from server.auth.limits import Charge, TokenBuckets, take, try_take
+from server.config import Config, LimitSettings
 from server.domain.access import SCOPES
 from server.domain.errors import ResourceExhausted
 from tally.v1 import usage_service_pb2, usage_service_pb2_grpc

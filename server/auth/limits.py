@@ -19,21 +19,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from server.config import LimitSettings
 from server.domain.errors import ErrorReason, ResourceExhausted
 
 MAX_BUCKETS = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class LimitSettings:
-    """Rates in units per second; 0 means unlimited."""
-
-    tenant_events_per_second: float = 10_000
-    principal_events_per_second: float = 50_000
-    tenant_requests_per_second: float = 200
-    principal_requests_per_second: float = 500
-    max_streams_per_principal: int = 16
-    stream_idle_seconds: float = 300
 
 
 @dataclass(slots=True)

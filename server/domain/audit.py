@@ -33,20 +33,6 @@ CREDIT_NOTE_CREATED: Final = "credit_note_created"
 PLAN_CREATED: Final = "plan_created"
 PLAN_VERSION_CREATED: Final = "plan_version_created"
 BILLING_PROFILE_SET: Final = "billing_profile_set"
-ACTIONS: Final = (
-    RATE_SET,
-    INVOICE_CREATED,
-    INVOICE_RECOMPUTED,
-    USAGE_BACKFILLED,
-    INVOICE_FINALIZED,
-    INVOICE_PAID,
-    INVOICE_VOIDED,
-    INVOICE_UNCOLLECTIBLE,
-    CREDIT_NOTE_CREATED,
-    PLAN_CREATED,
-    PLAN_VERSION_CREATED,
-    BILLING_PROFILE_SET,
-)
 
 State = Mapping[str, Any]
 
