@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -33,8 +34,13 @@ from server.auth.limits import Limiter
 from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
+from server.billing.lifecycle import Lifecycle
+from server.billing.periods import CloseScheduler, Periods
+from server.billing.plans import Plans
+from server.billing.pricer import InvoicePricer
 from server.config import Config
 from server.domain.events import EventRules
+from server.domain.lifecycle import Issuer
 from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
@@ -42,6 +48,7 @@ from server.metering import Metering
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
+from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import create_pool
 from server.storage.embedded import EmbeddedPostgres
 from server.storage.invoices import InvoiceStore
@@ -124,6 +131,8 @@ class TallyServer:
     (server.supervisor). Their parent has checked and holds the port, started PostgreSQL and
     migrated the schema, so a worker does none of that; telemetry can tell workers apart by it.
     `clock`: the rate limits' clock, in seconds: tests pass a fake one to step time themselves.
+    `wall_clock`: the time of day in microseconds since the epoch, which drives the event
+    window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
     """
@@ -136,10 +145,12 @@ class TallyServer:
         log_stream: TextIO | None = None,
         worker: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], int] = now_micros,
     ) -> None:
         self.config = config
         self.worker = worker
         self._clock = clock
+        self.wall_clock = wall_clock
         self.port = 0
         self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
         self._tracer_provider = tracer_provider
@@ -157,6 +168,9 @@ class TallyServer:
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
+        self._scheduler: CloseScheduler | None = None
+        # The period close use cases, for ClosePeriod and for tests that drive the scheduler.
+        self.periods: Periods | None = None
         self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
@@ -235,20 +249,31 @@ class TallyServer:
             UsageStore(self._pool, self._read_pool),
             rate_card,
             rules,
-            now_micros,
+            self.wall_clock,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
             telemetry=IngestTelemetry(metrics, tracer),
         )
+        invoices = InvoiceStore(self._pool)
+        page_tokens = PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY))
         billing = Billing(
-            rate_store,
-            InvoiceStore(self._pool),
-            AuditStore(self._pool),
-            rate_card,
-            PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY)),
-            now_micros,
+            rate_store, invoices, AuditStore(self._pool), rate_card, page_tokens, self.wall_clock
         )
+        pricer = InvoicePricer(billing.currency)
+        issuer = Issuer(
+            name=config.issuer_name,
+            address=config.issuer_address,
+            tax_id=config.issuer_tax_id,
+            invoice_prefix=config.invoice_number_prefix,
+            credit_note_prefix=config.credit_note_number_prefix,
+        )
+        lifecycle = Lifecycle(
+            invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.wall_clock
+        )
+        grace = timedelta(seconds=config.period_close_grace_seconds)
+        plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
+        self.periods = Periods(invoices, pricer, lifecycle, self.wall_clock, grace)
 
         server = grpc.aio.server(
             options=[
@@ -273,7 +298,7 @@ class TallyServer:
             UsageApi(self._metering, authenticator, budget, call_telemetry), tally
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, authenticator, call_telemetry), tally
+            BillingApi(billing, lifecycle, plans, self.periods, authenticator, call_telemetry), tally
         )
         open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
@@ -318,6 +343,9 @@ class TallyServer:
         if config.limit_sync_seconds > 0:
             sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
             self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
+        if config.period_close_interval_seconds > 0:
+            self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
+            self._scheduler.start()
 
     async def stop(self) -> None:
         """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
@@ -326,6 +354,9 @@ class TallyServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._scheduler is not None:
+            # Bounded: a close in progress may finish (it is one transaction), then the task ends.
+            await self._scheduler.stop(self.config.grace_seconds)
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:
