@@ -123,8 +123,13 @@ def rpc(scope: str, *, tenant: Callable[[Any], str] | None = None) -> Callable[[
             ) -> AsyncIterator[Any]:
                 rid = request_id(context)
                 try:
-                    async with admitted(self, request, context, rid) as (caller, request):
-                        async for response in method(self, request, context, caller):
+                    async with (
+                        admitted(self, request, context, rid) as (caller, request),
+                        # Closed before the stream slot is given back, whether the call ends,
+                        # fails or is cancelled while a response is being sent.
+                        contextlib.aclosing(method(self, request, context, caller)) as responses,
+                    ):
+                        async for response in responses:
                             yield response
                 except grpc.aio.AbortError:
                     raise
