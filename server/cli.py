@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-seconds",
         type=float,
         default=float(_env("TALLY_GRACE_SECONDS", "10")),
-        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish (env TALLY_GRACE_SECONDS)",
+        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish; writes already under way "
+        "then get 10 s more (env TALLY_GRACE_SECONDS)",
     )
     serve.add_argument(
         "--log-level",
@@ -410,7 +411,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _serve(config: Config) -> None:
-    from server.app import TallyServer  # keeps `tally --help` fast
+    from server.app import DRAIN_SECONDS, TallyServer  # keeps `tally --help` fast
 
     server = TallyServer(config)
     try:
@@ -436,7 +437,13 @@ async def _serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("tally shutting down: finishing in-flight calls", flush=True)
+    # Every step of stop() is bounded (see TallyServer.stop), so a signal always ends the
+    # process: calls get the grace period, writes already under way the drain period.
+    print(
+        f"tally shutting down: finishing in-flight calls (up to {config.grace_seconds:g} s) "
+        f"and writes (up to {DRAIN_SECONDS:g} s more)",
+        flush=True,
+    )
     await server.stop()
 
 
