@@ -146,17 +146,28 @@ async def pipelined(
         in_flight.put_nowait((message, task))
         return submitted
 
+    closed = False
+
     async def read() -> None:
         previous: asyncio.Future[bool] | None = None
         iterator = aiter(messages)
         try:
+            # `closed` is checked after every wait as well as the reader being cancelled:
+            # a cancellation lost in a dependency must not leave the reader running.
             while True:
                 await room.acquire()
+                if closed:
+                    return
                 try:
                     message = await anext(iterator)
                 except StopAsyncIteration:
                     return
+                if closed:
+                    return
                 taken = await budget.acquire(size(message))
+                if closed:
+                    budget.release(taken)
+                    return
                 previous = start(message, taken, previous)
         finally:
             in_flight.put_nowait(None)
@@ -172,8 +183,11 @@ async def pipelined(
             yield message, result
         await reader  # re-raises a failure to read the stream
     finally:
+        closed = True
         unanswered: list[asyncio.Task[R]] = [] if current is None else [current]
         reader.cancel()
+        for _ in range(window):
+            room.release()  # a reader waiting for room wakes and sees `closed`
         await _stopped([reader], cleanup_seconds)
         while not in_flight.empty():
             if (item := in_flight.get_nowait()) is not None:

@@ -34,6 +34,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,
+    # asyncpg's protocol state error, raised when the connection is lost in the middle of a
+    # statement (seen when PostgreSQL stops while a new connection introspects types).
+    # Tally never shares a connection between tasks, which is the other way to cause it.
+    asyncpg.InternalClientError,
 )
 
 
