@@ -23,28 +23,46 @@ USAGE = "/tally.v1.UsageService/"
 METADATA: tuple[tuple[str, str], ...] = ()  # the bearer token, set from --token
 
 
+def _channels(address: str, count: int, options: list[tuple[str, int]]) -> list[grpc.aio.Channel]:
+    """`count` channels with a connection each: with `tally serve --workers N` the kernel spreads
+    connections (not calls) over the workers, and gRPC would otherwise share one connection."""
+    return [
+        grpc.aio.insecure_channel(address, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(count)
+    ]
+
+
 def _wait_for_go() -> None:
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         raise SystemExit("expected go")
 
 
-async def ingest(address: str, method: str, batch: int, streams: int, events: int) -> dict[str, object]:
+async def ingest(
+    address: str, method: str, batch: int, streams: int, events: int, connections: int = 1
+) -> dict[str, object]:
     workload = build(events, batch, stream=method == "stream")
     shares = [workload.batches[i::streams] for i in range(streams)]
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        await channel.channel_ready()
+    channels = _channels(address, connections, options)
+    try:
+        for channel in channels:
+            await channel.channel_ready()
         _wait_for_go()
         started = time.perf_counter()
         if method == "stream":
-            call = channel.stream_stream(
-                USAGE + "StreamUsage",
-                request_serializer=None,
-                response_deserializer=usage_service_pb2.StreamUsageResponse.FromString,
-            )
+            calls = [
+                channel.stream_stream(
+                    USAGE + "StreamUsage",
+                    request_serializer=None,
+                    response_deserializer=usage_service_pb2.StreamUsageResponse.FromString,
+                )
+                for channel in channels
+            ]
 
-            async def run(share: list[bytes]) -> tuple[int, int, int]:
+            async def run(index: int, share: list[bytes]) -> tuple[int, int, int]:
+                call = calls[index % len(calls)]
+
                 async def requests():  # type: ignore[no-untyped-def]
                     for message in share:
                         yield message
@@ -56,13 +74,18 @@ async def ingest(address: str, method: str, batch: int, streams: int, events: in
                     acks += 1
                 return accepted, duplicates, acks
         else:
-            client_stream = channel.stream_unary(
-                USAGE + "IngestUsage",
-                request_serializer=None,
-                response_deserializer=usage_service_pb2.IngestUsageResponse.FromString,
-            )
+            client_streams = [
+                channel.stream_unary(
+                    USAGE + "IngestUsage",
+                    request_serializer=None,
+                    response_deserializer=usage_service_pb2.IngestUsageResponse.FromString,
+                )
+                for channel in channels
+            ]
 
-            async def run(share: list[bytes]) -> tuple[int, int, int]:
+            async def run(index: int, share: list[bytes]) -> tuple[int, int, int]:
+                client_stream = client_streams[index % len(client_streams)]
+
                 async def requests():  # type: ignore[no-untyped-def]
                     for message in share:
                         yield message
@@ -70,8 +93,11 @@ async def ingest(address: str, method: str, batch: int, streams: int, events: in
                 response = await client_stream(requests(), metadata=METADATA)
                 return response.accepted_count, response.duplicate_count, response.batch_count
 
-        results = await asyncio.gather(*[run(share) for share in shares])
+        results = await asyncio.gather(*[run(i, share) for i, share in enumerate(shares)])
         elapsed = time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close()
     return {
         "elapsed": elapsed,
         "sent": workload.sent,
@@ -91,11 +117,18 @@ def _event(i: int) -> bytes:
     return event.SerializeToString()
 
 
-async def unary_max(address: str, concurrency: int, duration: float) -> dict[str, object]:
+async def unary_max(
+    address: str, concurrency: int, duration: float, connections: int = 1
+) -> dict[str, object]:
     requests = [_event(i) for i in range(400_000)]
-    async with grpc.aio.insecure_channel(address) as channel:
-        await channel.channel_ready()
-        call = channel.unary_unary(USAGE + "ReportUsage", request_serializer=None, response_deserializer=None)
+    channels = _channels(address, connections, [])
+    try:
+        for channel in channels:
+            await channel.channel_ready()
+        calls = [
+            channel.unary_unary(USAGE + "ReportUsage", request_serializer=None, response_deserializer=None)
+            for channel in channels
+        ]
         _wait_for_go()
         done = 0
         deadline = time.perf_counter() + duration
@@ -104,6 +137,7 @@ async def unary_max(address: str, concurrency: int, duration: float) -> dict[str
         async def worker(offset: int) -> None:
             nonlocal done
             i = offset
+            call = calls[offset % len(calls)]
             while time.perf_counter() < deadline:
                 await call(requests[i % len(requests)], metadata=METADATA)
                 done += 1
@@ -111,6 +145,9 @@ async def unary_max(address: str, concurrency: int, duration: float) -> dict[str
 
         await asyncio.gather(*[worker(k) for k in range(concurrency)])
         elapsed = time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close()
     return {"elapsed": elapsed, "requests": done, "rps": done / elapsed}
 
 
@@ -170,7 +207,7 @@ async def query(address: str, kind: str, tenant: str, start: int, end: int, coun
                 response_deserializer=billing_service_pb2.GenerateInvoiceResponse.FromString,
             )
             request: object = billing_service_pb2.GenerateInvoiceRequest(
-                tenant_id=tenant, period_start=ts(start), period_end=ts(end)
+                parent=f"tenants/{tenant}", period_start_time=ts(start), period_end_time=ts(end)
             )
         else:
             call = channel.unary_unary(
@@ -179,7 +216,7 @@ async def query(address: str, kind: str, tenant: str, start: int, end: int, coun
                 response_deserializer=usage_service_pb2.GetUsageSummaryResponse.FromString,
             )
             request = usage_service_pb2.GetUsageSummaryRequest(
-                tenant_id=tenant,
+                name=f"tenants/{tenant}/usageSummary",
                 start_time=ts(start),
                 end_time=ts(end),
                 bucket=1 if kind == "summary-hour" else 2,
@@ -212,10 +249,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--streams", type=int, required=True)
     p.add_argument("--events", type=int, required=True)
+    p.add_argument("--connections", type=int, default=1, help="streams take turns on this many connections")
     p = sub.add_parser("unary-max")
     p.add_argument("--address", required=True)
     p.add_argument("--token", required=True)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--connections", type=int, default=1)
     p.add_argument("--duration", type=float, default=10)
     p = sub.add_parser("unary-rate")
     p.add_argument("--address", required=True)
@@ -234,9 +273,11 @@ def main() -> None:
     global METADATA
     METADATA = (("authorization", f"Bearer {args.token}"),)
     if args.command == "ingest":
-        result = asyncio.run(ingest(args.address, args.method, args.batch, args.streams, args.events))
+        result = asyncio.run(
+            ingest(args.address, args.method, args.batch, args.streams, args.events, args.connections)
+        )
     elif args.command == "unary-max":
-        result = asyncio.run(unary_max(args.address, args.concurrency, args.duration))
+        result = asyncio.run(unary_max(args.address, args.concurrency, args.duration, args.connections))
     elif args.command == "unary-rate":
         result = asyncio.run(unary_rate(args.address, args.rate, args.duration))
     else:

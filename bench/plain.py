@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from bench import harness, workload
+from bench.locks import LockSampler
 from server.domain.timeutil import to_datetime
 from server.storage.database import create_pool
 from server.storage.migrations import migrate
@@ -25,6 +26,25 @@ _STAGING = """CREATE TEMPORARY TABLE IF NOT EXISTS staging (
     tenant_id text, event_id text, service text, usage_type text, quantity text,
     time_micros bigint, dimensions text) ON COMMIT DELETE ROWS"""
 _COLUMNS = ["tenant_id", "event_id", "service", "usage_type", "quantity", "time_micros", "dimensions"]
+# The same without the rollup upsert: what PostgreSQL takes when writers share no rows (keys
+# and events only), to tell PostgreSQL's limit from our rollup rows' contention.
+_WITHOUT_ROLLUPS = """
+WITH input AS ({source}),
+new_keys AS (
+    INSERT INTO usage_event_keys (tenant_id, event_id)
+    SELECT tenant_id, event_id FROM input
+    ON CONFLICT (tenant_id, event_id) DO NOTHING
+    RETURNING tenant_id, event_id
+), inserted AS (
+    INSERT INTO usage_events (tenant_id, event_id, service, usage_type, quantity, event_time, dimensions)
+    SELECT t.tenant_id, t.event_id, t.service, t.usage_type, t.quantity::numeric,
+           'epoch'::timestamptz + t.time_micros * interval '1 microsecond', t.dimensions::jsonb
+    FROM input AS t
+    JOIN new_keys AS k ON k.tenant_id = t.tenant_id AND k.event_id = t.event_id
+    RETURNING 1
+)
+{result}
+"""
 
 
 def _dedupe_sorted(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -35,15 +55,18 @@ def _dedupe_sorted(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [seen[key] for key in sorted(seen)]
 
 
-async def _write(dsn: str, method: str, batches: list[list[tuple[Any, ...]]], connections: int) -> float:
+async def _write(
+    dsn: str, method: str, batches: list[list[tuple[Any, ...]]], connections: int, rollups: bool = True
+) -> float:
     pool = await create_pool(dsn, min_size=connections, max_size=connections)
     await migrate(pool)
     times = [row[5] for batch in batches for row in batch]
     for instant in (min(times), max(times)):  # the workload spans minutes: at most two months
         await pool.execute("SELECT tally_event_partition($1)", to_datetime(instant))
     count = "SELECT count(*) FROM new_keys"
-    copy_sql = RECORD_FROM.format(source="SELECT * FROM staging", result=count)
-    unnest_sql = RECORD_FROM.format(
+    statement = RECORD_FROM if rollups else _WITHOUT_ROLLUPS
+    copy_sql = statement.format(source="SELECT * FROM staging", result=count)
+    unnest_sql = statement.format(
         source="SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
         "$6::bigint[], $7::text[]) AS t(" + ", ".join(_COLUMNS) + ")",
         result=count,
@@ -90,6 +113,31 @@ def scenario(events: int, batch_sizes: list[int], streams: list[int]) -> list[di
                 "seconds": round(meter.elapsed, 2),
                 "events_per_s": round(committed / meter.elapsed),
                 "postgres_cpu": round(meter.postgres_cpu * 100),
+            }
+            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            results.append(row)
+    return results
+
+
+def scenario_connections(events: int, batch: int, connections: list[int]) -> list[dict[str, Any]]:
+    """COPY + INSERT SELECT over several connections, with and without the rollup upsert."""
+    rows = workload.rows(events)
+    prepared = [_dedupe_sorted(rows[i : i + batch]) for i in range(0, len(rows), batch)]
+    results = []
+    for rollups in (True, False):
+        for n in connections:
+            with harness.stack(with_server=False) as stack:
+                with harness.Meter(stack) as meter, LockSampler(stack.dsn) as locks:
+                    asyncio.run(_write(stack.dsn, "copy", prepared, n, rollups))
+                committed = asyncio.run(_count(stack.dsn))
+            row = {
+                "plain": "keys+events+rollups" if rollups else "keys+events",
+                "connections": n,
+                "batch": batch,
+                "committed": committed,
+                "events_per_s": round(committed / meter.elapsed),
+                "postgres_cpu": round(meter.postgres_cpu * 100),
+                **locks.per_batch(len(prepared)),
             }
             print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             results.append(row)

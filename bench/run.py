@@ -5,6 +5,10 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
   plain    the same rows written straight into PostgreSQL (the physical limit), and the ratio
   unary    ReportUsage: max requests/s with 64 in flight; p50/p99 at a fixed 1,000 requests/s
   query    GetUsageSummary (hourly, daily) and GenerateInvoice for one tenant with 1M and 10M events
+  scale    `tally serve --workers 1, 2, 4` on one PostgreSQL, several streams each on its own
+           connection, runs interleaved and repeated (median of --repeats), exact counts checked,
+           lock wait per batch sampled; plain PostgreSQL over 1, 2, 4 connections with and without
+           the rollup upsert; unary ReportUsage with 1 and 2 workers
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import asyncio
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +29,7 @@ import asyncpg
 import psutil
 
 from bench import harness, plain, queries
+from bench.locks import LockSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,6 +121,85 @@ def scenario_unary(duration: float) -> dict[str, Any]:
     return row
 
 
+def scenario_scale(
+    events: int, batch: int, streams: int, workers: list[int], repeats: int, unary_seconds: float
+) -> dict[str, Any]:
+    """Ingestion with 1, 2, 4 worker processes, interleaved runs; the plain PostgreSQL baselines."""
+    runs: list[dict[str, Any]] = []
+    for repeat in range(repeats):
+        for n in workers:  # interleaved, so that a slower moment of a shared machine hits every setup
+            with harness.stack(["--workers", str(n)]) as stack:
+                with LockSampler(stack.dsn) as locks:
+                    result, meter = run_client(
+                        "ingest",
+                        "--method",
+                        "stream",
+                        "--batch",
+                        str(batch),
+                        "--streams",
+                        str(streams),
+                        "--connections",
+                        str(streams),
+                        "--events",
+                        str(events),
+                        stack=stack,
+                    )
+                committed = asyncio.run(count_events(stack.dsn))
+            if committed != result["distinct"] or result["accepted"] != committed:
+                raise RuntimeError(f"counts not exact: {committed} stored, {result} reported")
+            row = {
+                "workers": n,
+                "repeat": repeat,
+                "streams": streams,
+                "batch": batch,
+                "committed": committed,
+                "events_per_s": round(committed / meter.elapsed),
+                "server_cpu": round(meter.server_cpu * 100),
+                "postgres_cpu": round(meter.postgres_cpu * 100),
+                **locks.per_batch(result["batches"]),
+            }
+            print(_line(row), flush=True)
+            runs.append(row)
+    medians = []
+    for n in workers:
+        mine = [r for r in runs if r["workers"] == n]
+        medians.append(
+            {
+                "workers": n,
+                "events_per_s_median": round(statistics.median(r["events_per_s"] for r in mine)),
+                "lock_wait_p50_ms_median": statistics.median(r["lock_wait_p50_ms"] for r in mine),
+                "lock_wait_mean_ms_median": statistics.median(r["lock_wait_mean_ms"] for r in mine),
+                "server_cpu_median": statistics.median(r["server_cpu"] for r in mine),
+                "postgres_cpu_median": statistics.median(r["postgres_cpu"] for r in mine),
+            }
+        )
+        print("  median " + _line(medians[-1]).strip(), flush=True)
+    print("  plain PostgreSQL, COPY + INSERT SELECT, several connections:", flush=True)
+    baselines = plain.scenario_connections(events, batch, sorted(set([1, *workers])))
+    unary = []
+    for n in sorted(set(workers) & {1, 2}) or workers[:1]:
+        with harness.stack(["--workers", str(n)]) as stack:
+            result, meter = run_client(
+                "unary-max",
+                "--concurrency",
+                "64",
+                "--connections",
+                str(4 * n),
+                "--duration",
+                str(unary_seconds),
+                stack=stack,
+            )
+        row = {
+            "unary_workers": n,
+            "rps": round(result["rps"]),
+            "server_cpu": round(meter.server_cpu * 100),
+            "postgres_cpu": round(meter.postgres_cpu * 100),
+        }
+        print(_line(row), flush=True)
+        unary.append(row)
+    return {"runs": runs, "medians": medians, "plain": baselines, "unary": unary}
+
+
 def _line(row: dict[str, Any]) -> str:
     return "  " + "  ".join(f"{k}={v}" for k, v in row.items())
 
@@ -145,6 +230,10 @@ def main() -> None:
     parser.add_argument("--unary-seconds", type=float, default=10.0)
     parser.add_argument("--query-events", default="1000000,10000000", help="events of the queried tenant")
     parser.add_argument("--server-args", default="", help="extra `tally serve` flags, e.g. '--workers 2'")
+    parser.add_argument("--scale-workers", default="1,2,4", help="scale: worker counts")
+    parser.add_argument("--scale-streams", type=int, default=8, help="scale: streams, one connection each")
+    parser.add_argument("--scale-batch", type=int, default=1000, help="scale: events per batch")
+    parser.add_argument("--repeats", type=int, default=3, help="scale: interleaved runs per worker count")
     args = parser.parse_args()
     chosen = set(args.scenarios.split(","))
     batches = [int(b) for b in args.batches.split(",")]
@@ -176,6 +265,16 @@ def main() -> None:
     if "query" in chosen:
         print("scenario 4: summaries and invoices over one tenant's month", flush=True)
         report["query"] = queries.scenario([int(n) for n in args.query_events.split(",")], run_client)
+    if "scale" in chosen:
+        print("scenario 5: worker processes on one PostgreSQL, and plain PostgreSQL baselines", flush=True)
+        report["scale"] = scenario_scale(
+            args.events,
+            args.scale_batch,
+            args.scale_streams,
+            [int(n) for n in args.scale_workers.split(",")],
+            args.repeats,
+            args.unary_seconds,
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -62,7 +62,7 @@ def _events(
             quantity=f"{rng.randrange(1, 100_000) / 1000:.3f}",
             dimensions={"region": REGIONS[rng.randrange(len(REGIONS))]},
         )
-        event.time.FromMicroseconds(int((now - rng.random() * 600) * 1_000_000))
+        event.event_time.FromMicroseconds(int((now - rng.random() * 600) * 1_000_000))
         events.append(event)
         distinct += 1
     return events, distinct
@@ -105,7 +105,7 @@ def rows(
             e.service,
             e.usage_type,
             e.quantity,
-            e.time.ToMicroseconds(),
+            e.event_time.ToMicroseconds(),
             json.dumps({"region": e.dimensions["region"]}),
         )
         for e in events

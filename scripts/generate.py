@@ -1,15 +1,28 @@
-"""Generate the Python code in generated/ from the contracts in protos/.
+"""Generate the Python code in generated/ and the buf image from the contracts in protos/.
 
 Run `python scripts/generate.py` after changing a .proto file and commit the result;
 the test suite regenerates into a temporary directory and fails if the committed
-code differs. Uses grpcio-tools' bundled protoc and the mypy-protobuf plugins for
-the .pyi type stubs, so nothing outside the dev dependencies is needed.
+files differ. Uses grpcio-tools' bundled protoc and the mypy-protobuf plugins for
+the .pyi type stubs, and buf, so nothing outside the dev dependencies is needed.
+
+Besides the modules, it writes:
+- generated/tally/v1/descriptor_set.binpb: the contracts with their comments
+  (source info) and imports, from which the server answers reflection, so that
+  `grpcurl describe` shows the proto comments;
+- protos/tally-v1-image.binpb: the buf image of the contracts, the baseline of
+  `buf breaking`. A new image is written only if the contracts pass `buf breaking`
+  against the committed one; --allow-breaking overrides that (only before a
+  release, or for a new major version).
+
+Only tally's protos are generated: the vendored google/api protos in third_party/
+come from the googleapis-common-protos package at run time.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -18,6 +31,9 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+THIRD_PARTY = ROOT / "third_party"
+IMAGE = PROTO_ROOT / "tally-v1-image.binpb"
+DESCRIPTOR_SET = "tally/v1/descriptor_set.binpb"
 PACKAGE_MARKER = '"""Code generated from protos/ by scripts/generate.py. Do not edit."""\n'
 
 
@@ -37,11 +53,15 @@ def generate(out_dir: Path) -> None:
     """Write the generated package tree (tally/v1/...) under out_dir."""
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     well_known = str(Path(protoc.__file__).parent / "_proto")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DESCRIPTOR_SET).parent.mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
         f"--proto_path={PROTO_ROOT}",
+        f"--proto_path={THIRD_PARTY}",
         f"--proto_path={well_known}",
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
+        "--include_source_info",
+        "--include_imports",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
@@ -58,14 +78,34 @@ def generate(out_dir: Path) -> None:
     (out_dir / "tally" / "py.typed").write_text("")
 
 
+def build_image(image: Path, *, against: Path, allow_breaking: bool) -> None:
+    """Write the buf image of the contracts, refusing breaking changes against `against`."""
+    buf = _plugin("buf")
+    if against.exists() and not allow_breaking:
+        # The module directory as input: the image holds tally's files, with their imports.
+        check = subprocess.run([buf, "breaking", "protos", "--against", str(against)], cwd=ROOT)
+        if check.returncode != 0:
+            raise SystemExit(f"buf breaking: the contracts break {against.relative_to(ROOT)} (see above)")
+    image.parent.mkdir(parents=True, exist_ok=True)
+    if subprocess.run([buf, "build", "protos", "-o", str(image)], cwd=ROOT).returncode != 0:
+        raise SystemExit("buf build failed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "generated", help="output directory")
+    parser.add_argument("--image", type=Path, default=IMAGE, help="where to write the buf image")
+    parser.add_argument(
+        "--allow-breaking",
+        action="store_true",
+        help=f"write the image even if the contracts break {IMAGE.relative_to(ROOT)}",
+    )
     args = parser.parse_args()
+    build_image(args.image.resolve(), against=IMAGE, allow_breaking=args.allow_breaking)
     if args.out.exists():
         shutil.rmtree(args.out)
     generate(args.out)
-    print(f"generated {sum(1 for _ in args.out.rglob('*.py*'))} files in {args.out}")
+    print(f"generated {sum(1 for _ in args.out.rglob('*.py*'))} files in {args.out} and {args.image}")
 
 
 if __name__ == "__main__":

@@ -5,30 +5,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
 from server.api.billing import BillingApi
-from server.api.decoding import TolerantRegistration
+from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.pipeline import EventBudget
+from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
 from server.auth.keys import VerificationKey, load_public_keys, load_secret
 from server.auth.limits import Limiter
+from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
 from server.config import Config
 from server.domain.events import EventRules
+from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
+from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
 from server.storage.database import create_pool
@@ -36,7 +47,22 @@ from server.storage.embedded import EmbeddedPostgres
 from server.storage.invoices import InvoiceStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
+from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
+from server.storage.shared_limits import SharedLimitStore
+from server.storage.stats import read_figures
 from server.storage.usage import UsageStore
+from server.telemetry.calls import CallTelemetry
+from server.telemetry.figures import DatabaseFigures
+from server.telemetry.http import HttpListener
+from server.telemetry.ingest import IngestTelemetry
+from server.telemetry.logs import AccessLog
+from server.telemetry.metrics import Metrics
+from server.telemetry.tracing import (
+    INSTRUMENTATION_NAME,
+    instrument_queries,
+    resource,
+    tracer_provider_from_env,
+)
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -91,12 +117,53 @@ async def _close(pool: asyncpg.Pool, seconds: float) -> None:
         pool.terminate()
 
 
-class TallyServer:
-    """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
+def memory_bound_options(config: Config) -> list[tuple[str, int]]:
+    """gRPC core's limits on what a client can make the server hold before its token is checked."""
+    options = [
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # gRPC's "overload protection" also counts calls that have finished but whose memory
+        # is not yet freed, and refuses new streams (REFUSED_STREAM, UNAVAILABLE to the
+        # client) while a client stays within the limit: seen at 64 concurrent unary calls
+        # under a limit of 100. Without it the limit is plain HTTP/2: clients queue the rest.
+        ("grpc.http.overload_protection", 0),
+    ]
+    if config.max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", config.max_connections))
+    return options
 
-    def __init__(self, config: Config) -> None:
+
+class TallyServer:
+    """A running Tally: database, pool, services and the gRPC server. Use start() and stop().
+
+    `worker`: this process's index among the processes of `tally serve --workers N`
+    (server.supervisor). Their parent has checked and holds the port, started PostgreSQL and
+    migrated the schema, so a worker does none of that; telemetry can tell workers apart by it.
+    `clock`: the rate limits' clock, in seconds: tests pass a fake one to step time themselves.
+    `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
+    `log_stream`: where access lines go (with config.access_log), by default standard error.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        log_stream: TextIO | None = None,
+        worker: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self.worker = worker
+        self._clock = clock
         self.port = 0
+        self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
+        self._tracer_provider = tracer_provider
+        self._owns_tracer_provider = False
+        self._uninstrument: Callable[[], None] | None = None
+        self.metrics: Metrics | None = None
+        self._http: HttpListener | None = None
+        self._log_stream = log_stream
+        self._access_log_task: asyncio.Task[None] | None = None
         self.dsn = ""
         self._embedded: EmbeddedPostgres | None = None
         self._pool: asyncpg.Pool | None = None
@@ -106,6 +173,7 @@ class TallyServer:
         self._health_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
         self._budget: EventBudget | None = None
+        self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
 
@@ -129,13 +197,34 @@ class TallyServer:
         return keys
 
     async def start(self) -> None:
-        """Start everything; ValueError (a bad key or TLS file) before anything is started."""
+        """Start everything; ValueError (a bad key or TLS file, a port in use) before anything is started."""
         config = self.config
+        limiter = Limiter(config.limits, self._clock)
         authenticator = Authenticator(
             TokenVerifier(self._verification_keys(), issuer=config.jwt_issuer, audience=config.jwt_audience),
-            Limiter(config.limits),
+            limiter,
         )
         credentials = server_credentials(config)
+        http_host = config.http_host or config.host
+        if self.worker is None:
+            # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
+            # A worker's parent has checked it and holds it (server.ports.reserve_port).
+            check_port_free(config.host, config.port)
+        if config.http_port:
+            check_port_free(http_host, config.http_port)
+        if self._tracer_provider is None:
+            self._tracer_provider = tracer_provider_from_env(os.environ)
+            self._owns_tracer_provider = self._tracer_provider is not None
+        tracer = None
+        if self._tracer_provider is not None:
+            tracer = self._tracer_provider.get_tracer(INSTRUMENTATION_NAME)
+            self._uninstrument = instrument_queries(self._tracer_provider)
+        registry = CollectorRegistry()
+        self.metrics = metrics = Metrics(registry, resource(), tenant_labels=config.metrics_tenant_labels)
+        access_log = None
+        if config.access_log:
+            access_log = AccessLog(self._log_stream or sys.stderr, config.log_format)
+        call_telemetry = CallTelemetry(metrics, tracer=tracer, access_log=access_log)
         if config.database_url:
             self.dsn = config.database_url
         else:
@@ -145,15 +234,17 @@ class TallyServer:
         self._read_pool = await create_pool(
             self.dsn, min_size=1, max_size=config.read_pool_size, custom_plans=True
         )
-        applied = await migrate(self._pool)
-        if applied:
-            log.info("schema migrated to version %d", applied[-1])
+        if self.worker is None:  # a worker's parent migrated once for all of them
+            applied = await migrate(self._pool)
+            if applied:
+                log.info("schema migrated to version %d", applied[-1])
 
         rate_store = RateStore(self._pool)
         rate_card = RateCardCache(rate_store)
         await rate_card.reload()
         rules = EventRules(
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
+            max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
         self._metering = Metering(
@@ -164,8 +255,16 @@ class TallyServer:
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
+            telemetry=IngestTelemetry(metrics, tracer),
         )
-        billing = Billing(rate_store, InvoiceStore(self._pool), AuditStore(self._pool), rate_card, now_micros)
+        billing = Billing(
+            rate_store,
+            InvoiceStore(self._pool),
+            AuditStore(self._pool),
+            rate_card,
+            PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY)),
+            now_micros,
+        )
 
         server = grpc.aio.server(
             options=[
@@ -177,25 +276,35 @@ class TallyServer:
                 # benchmark. With the default window, the events-in-flight budget is what
                 # bounds memory (82-85 MB at batches of 2,000 over 4 streams), at the same rate.
                 ("grpc.http2.bdp_probe", 0),
+                *memory_bound_options(config),
             ],
+            maximum_concurrent_rpcs=config.max_concurrent_calls or None,
         )
-        tolerant = TolerantRegistration(server)  # undecodable requests: INVALID_ARGUMENT
-        self._budget = EventBudget(config.max_events_in_flight)
+        # Every request message is read through one bounded reader (server.api.decoding).
+        reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
+        tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
+        budget = self._budget = EventBudget(config.max_events_in_flight)
+        metrics.watch_events_in_flight(lambda: budget.in_use)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator, self._budget), tolerant
+            UsageApi(self._metering, authenticator, budget, call_telemetry), tally
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, authenticator), tolerant
+            BillingApi(billing, authenticator, call_telemetry), tally
         )
+        open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, open_services)
+        reflection_names = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                reflection_names,
+                pool=SourcePool(load_sources()),  # `grpcurl describe` shows the proto comments
             ),
-            server,
+            open_services,
         )
         self._health = DatabaseHealth(
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds
@@ -210,7 +319,21 @@ class TallyServer:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await server.start()
         self._server = server
-        self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        with suppress_instrumentation():  # the probe's queries are not traces of their own
+            self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+        if access_log is not None:
+            self._access_log_task = asyncio.create_task(access_log.run(), name="tally-access-log")
+        if config.http_port is not None:
+            read_pool = self._read_pool
+            health = self._health
+            figures = DatabaseFigures(lambda: read_figures(read_pool, timeout_seconds=2.0))
+            figures.register(metrics.meter)
+            self._http = HttpListener(registry, lambda: health.serving, figures)
+            await self._http.start(http_host, config.http_port)
+            self.http_port = self._http.port
+        if config.limit_sync_seconds > 0:
+            sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
+            self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
 
     @property
     def events_in_flight(self) -> int:
@@ -229,10 +352,11 @@ class TallyServer:
         then close, and connections still busy after `close_seconds` are terminated (their
         transactions roll back whole). Last, the embedded PostgreSQL stops.
         """
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._sharing_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:
@@ -243,11 +367,27 @@ class TallyServer:
                     await self._metering.drain()
             except TimeoutError:
                 log.warning("writes still in flight %g s into shutdown: closing anyway", drain_seconds)
+        if self._http is not None:  # answered 503 on /readyz while the calls drained
+            await self._http.stop()
         for pool in (self._pool, self._read_pool):
             if pool is not None:
                 await _close(pool, close_seconds)
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
+        await self._stop_telemetry()
+
+    async def _stop_telemetry(self) -> None:
+        if self._access_log_task is not None:  # writes the last lines
+            self._access_log_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._access_log_task
+        if self.metrics is not None:
+            self.metrics.shutdown()
+        if self._uninstrument is not None:
+            self._uninstrument()
+            self._uninstrument = None
+        if self._owns_tracer_provider and self._tracer_provider is not None:
+            self._tracer_provider.shutdown()  # exports the spans still queued
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Generic, TypeVar
 
@@ -21,12 +21,14 @@ from server.domain.audit import (
     rate_state,
 )
 from server.domain.decimals import MINOR_UNITS, check_decimal
-from server.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from server.domain.events import check_id
 from server.domain.models import Invoice, InvoiceStatus, Rate
-from server.domain.pagination import check_page_size, decode_token, encode_token
+from server.domain.names import invoice_name
+from server.domain.pagination import BIGINT_ID, ID, MICROS, NAME, PageTokens, check_page_size
 from server.domain.pricing import price_usage
 from server.domain.ranges import check_range
+from server.domain.requests import Once, Replayed
 from server.domain.timeutil import EPOCH, is_whole_hour, next_hour, to_datetime, to_micros
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -56,10 +58,12 @@ class Billing:
         invoices: InvoiceStore,
         audit: AuditStore,
         rate_card: RateCardCache,
+        page_tokens: PageTokens,
         now_micros: Callable[[], int],
         currency: str = "USD",
     ) -> None:
         self._rates = rates
+        self._page_tokens = page_tokens
         self._invoices = invoices
         self._audit = audit
         self._rate_card = rate_card
@@ -75,14 +79,14 @@ class Billing:
         limit = check_page_size(page_size, default=100, maximum=1_000)
         if show_history:
             filter_key = "history"
-            last = decode_token(page_token, filter_key, (str, str, int))
+            last = self._page_tokens.decode(page_token, filter_key, (NAME, NAME, MICROS))
             # ("", "", epoch) sorts before every stored rate: service names are never empty.
             after = (last[0], last[1], to_datetime(last[2])) if last else ("", "", EPOCH)
             rates = await self._rates.history(after, limit + 1)
         else:
             # A listing "as of now" keeps the instant of its first page on every later page.
             filter_key = f"in_effect:{'now' if as_of_micros is None else as_of_micros}"
-            last = decode_token(page_token, filter_key, (int, str, str))
+            last = self._page_tokens.decode(page_token, filter_key, (MICROS, NAME, NAME))
             at = last[0] if last else self._now_micros() if as_of_micros is None else as_of_micros
             rates = await self._rates.in_effect(
                 to_datetime(at), (last[1], last[2]) if last else ("", ""), limit + 1
@@ -96,7 +100,7 @@ class Billing:
                 if show_history
                 else [at, tail.service, tail.usage_type]
             )
-            next_token = encode_token(filter_key, key)
+            next_token = self._page_tokens.encode(filter_key, key)
         return Page(rates, next_token)
 
     async def set_rate(
@@ -107,8 +111,17 @@ class Billing:
         currency: str,
         effective_micros: int | None,
         caller: Caller,
-    ) -> Rate:
-        """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may."""
+        once: Once[Rate] | None = None,
+        *,
+        reprice_past_usage: bool = False,
+    ) -> Rate | Replayed:
+        """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may.
+
+        With `once`, a retry of the same request is answered with the first call's response.
+        An effective time before now re-prices usage already reported (and what draft
+        invoices show), so it is refused unless the request says reprice_past_usage;
+        then the audit entry records that it did.
+        """
         caller.principal.require_all_tenants("changing the rate card")
         violations: list[FieldViolation] = []
         for name, value in (("service", service), ("usage_type", usage_type)):
@@ -124,8 +137,19 @@ class Billing:
             violations.append(
                 FieldViolation("currency_code", f"must be the rate card's currency {self.currency}")
             )
+        repricing = False
         if effective_micros is not None and (effective_micros < 0 or not is_whole_hour(effective_micros)):
             violations.append(FieldViolation("effective_time", "must be a whole UTC hour, not before 1970"))
+        elif effective_micros is not None and effective_micros < self._now_micros():
+            if not reprice_past_usage:
+                violations.append(
+                    FieldViolation(
+                        "effective_time",
+                        "is in the past: it would re-price usage already reported; "
+                        "set reprice_past_usage to do so, or give a time from the next hour on",
+                    )
+                )
+            repricing = True
         if violations:
             raise InvalidArgument(violations)
 
@@ -137,7 +161,7 @@ class Billing:
                 tenant_id="",
                 resource=rate_resource(after),
                 before=None if before is None else rate_state(before),
-                after=rate_state(after),
+                after={**rate_state(after), "reprice_past_usage": True} if repricing else rate_state(after),
             )
 
         rate = await self._rates.upsert(
@@ -148,19 +172,28 @@ class Billing:
             Decimal(unit_price),
             self.currency,
             audit_entry,
+            once,
         )
+        if isinstance(rate, Replayed):
+            return rate
         self._rate_card.note_rate(service, usage_type, to_micros(rate.effective_from))
         return rate
 
     # --- invoices ------------------------------------------------------------------
 
     async def generate_invoice(
-        self, tenant_id: str, start_micros: int | None, end_micros: int | None, caller: Caller
-    ) -> tuple[Invoice, bool]:
+        self,
+        tenant_id: str,
+        start_micros: int | None,
+        end_micros: int | None,
+        caller: Caller,
+        once: Once[tuple[Invoice, bool]] | None = None,
+    ) -> tuple[Invoice, bool] | Replayed:
         """The tenant's invoice for the period and whether this call created it.
 
         Every computation that writes (a new invoice, or a draft recomputed) is recorded
-        in the audit trail in the same transaction.
+        in the audit trail in the same transaction. With `once`, a retry of the same
+        request is answered with the first call's response and recomputes nothing.
         """
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
@@ -168,28 +201,37 @@ class Billing:
         period = check_range(
             start_micros,
             end_micros,
-            start_field="period_start",
-            end_field="period_end",
+            start_field="period_start_time",
+            end_field="period_end_time",
             max_days=MAX_INVOICE_DAYS,
         )
         start, end = to_datetime(period.start_micros), to_datetime(period.end_micros)
 
-        async def attempt() -> tuple[Invoice, bool]:
+        async def attempt() -> tuple[Invoice, bool] | Replayed:
             async with self._invoices.tenant_transaction(tenant_id) as tx:
+                if once is not None and (stored := await tx.claim(once.key)) is not None:
+                    return Replayed(stored)
                 existing_id: str | None = None
                 for other_id, other_start, other_end, status in await tx.overlapping(tenant_id, start, end):
                     if (other_start, other_end) != (start, end):
                         raise FailedPrecondition(
                             f"the period overlaps invoice {other_id} "
-                            f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant"
+                            f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant",
+                            reason=ErrorReason.INVOICE_PERIOD_OVERLAP,
+                            metadata={"invoice": invoice_name(tenant_id, other_id)},
                         )
                     if status is not InvoiceStatus.DRAFT:
-                        return await tx.load(other_id), False
+                        final = await tx.load(other_id), False
+                        if once is not None:
+                            await tx.complete(once.key, once.encode(final))
+                        return final
                     existing_id = other_id
                 usage = await tx.priced_usage(tenant_id, start, end)
                 priced = [u for u in usage if u is not None]
                 if len(priced) != len(usage):
-                    raise FailedPrecondition("some usage in the period has no rate in effect")
+                    raise FailedPrecondition(
+                        "some usage in the period has no rate in effect", reason=ErrorReason.USAGE_NOT_PRICED
+                    )
                 amounts = price_usage(priced, self.minor_digits)
                 invoice_id = existing_id or f"inv_{uuid.uuid4().hex}"
                 before = None if existing_id is None else await tx.load(existing_id)
@@ -206,18 +248,21 @@ class Billing:
                         after=invoice_state(invoice),
                     )
                 )
-                return invoice, before is None
+                result = invoice, before is None
+                if once is not None:
+                    await tx.complete(once.key, once.encode(result))
+                return result
 
         return await run_with_retries(attempt)
 
-    async def get_invoice(self, invoice_id: str, principal: Principal) -> Invoice:
-        """The invoice; another tenant's invoice is NOT_FOUND, exactly like a missing one."""
+    async def get_invoice(self, tenant_id: str, invoice_id: str, principal: Principal) -> Invoice:
+        """The tenant's invoice; another tenant's invoice is NOT_FOUND, exactly like a missing one."""
         if problem := check_id(invoice_id):
             raise InvalidArgument.single("invoice_id", problem)
         invoice = await self._invoices.get(invoice_id)
-        if invoice is None or not principal.may_act_for(invoice.tenant_id):
-            raise NotFound(f"invoice {invoice_id[:80]!r} not found")
-        return invoice
+        if invoice is None or invoice.tenant_id != tenant_id or not principal.may_act_for(invoice.tenant_id):
+            raise NotFound(f"invoice {invoice_id[:80]!r} not found", reason=ErrorReason.INVOICE_NOT_FOUND)
+        return (await self._current(invoice.tenant_id, [invoice]))[0]
 
     async def list_invoices(
         self, tenant_id: str, page_size: int, page_token: str, principal: Principal
@@ -227,15 +272,44 @@ class Billing:
         principal.require_tenant(tenant_id)
         limit = check_page_size(page_size, default=50, maximum=500)
         filter_key = f"invoices:{tenant_id}"
-        last = decode_token(page_token, filter_key, (int, str))
+        last = self._page_tokens.decode(page_token, filter_key, (MICROS, ID))
         before = (to_datetime(last[0]), last[1]) if last else None
         invoices = await self._invoices.list_for_tenant(tenant_id, before, limit + 1)
         next_token = ""
         if len(invoices) > limit:
             invoices = invoices[:limit]
             tail = invoices[-1]
-            next_token = encode_token(filter_key, [to_micros(tail.period_start), tail.id])
-        return Page(invoices, next_token)
+            next_token = self._page_tokens.encode(filter_key, [to_micros(tail.period_start), tail.id])
+        return Page(await self._current(tenant_id, invoices), next_token)
+
+    async def _current(self, tenant_id: str, invoices: list[Invoice]) -> list[Invoice]:
+        """The invoices with each draft priced afresh from the usage and rates of now.
+
+        Usage keeps arriving for a draft's period, so totals stored by the last
+        GenerateInvoice go stale; a read shows what the draft would be if generated now.
+        The result is not stored: a read needs only billing:read and must not write, and
+        the stored draft, its update_time and the audit trail change only through
+        GenerateInvoice. It costs one query per call (all drafts of a page together),
+        the same aggregate over hourly rollups that generation runs.
+        """
+        drafts = [i for i in invoices if i.status is InvoiceStatus.DRAFT]
+        if not drafts:
+            return invoices
+        # Taken before the query, so that all usage committed before it is counted.
+        computed_at = to_datetime(self._now_micros())
+        usage = await self._invoices.priced_usage(
+            tenant_id, [(i.id, i.period_start, i.period_end) for i in drafts]
+        )
+        current: dict[str, Invoice] = {}
+        for draft in drafts:
+            priced = [u for u in usage[draft.id] if u is not None]
+            if len(priced) != len(usage[draft.id]):
+                continue  # usage without a rate: shown as last generated, with that compute time
+            amounts = price_usage(priced, MINOR_UNITS.get(draft.currency, self.minor_digits))
+            current[draft.id] = replace(
+                draft, lines=amounts.lines, total=amounts.total, computed_at=computed_at
+            )
+        return [current.get(i.id, i) for i in invoices]
 
     # --- audit trail ---------------------------------------------------------------
 
@@ -262,7 +336,7 @@ class Billing:
             raise InvalidArgument.single("end_time", "must be after start_time")
         limit = check_page_size(page_size, default=100, maximum=1_000)
         filter_key = f"audit:{tenant_id}:{start_micros}:{end_micros}"
-        last = decode_token(page_token, filter_key, (int,))
+        last = self._page_tokens.decode(page_token, filter_key, (BIGINT_ID,))
         events = await self._audit.list(
             tenant_id=tenant_id or None,
             visible_tenants=None if isinstance(principal.tenants, str) else sorted(principal.tenants),
@@ -274,5 +348,5 @@ class Billing:
         next_token = ""
         if len(events) > limit:
             events = events[:limit]
-            next_token = encode_token(filter_key, [events[-1].id])
+            next_token = self._page_tokens.encode(filter_key, [events[-1].id])
         return Page(events, next_token)

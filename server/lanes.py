@@ -12,6 +12,9 @@ connection, which is what lets PostgreSQL use more than one core.
 
 Each submission learns how many of its events were new. Writes run in the lane's own task:
 a caller that goes away does not cancel a write, and `drain()` waits for them at shutdown.
+
+A submission with audit entries (a backfill) is written in a transaction of its own, in
+its place in the order, so that its entries count exactly its own new events.
 """
 
 from __future__ import annotations
@@ -20,28 +23,41 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import Mapping
+from typing import NamedTuple
+
+from opentelemetry.context import Context
 
 from server.domain.events import EventKey, EventRow, columns_of
-from server.storage.usage import UsageStore
+from server.storage.usage import AuditHook, UsageStore
+from server.telemetry.ingest import OFF, IngestTelemetry
 
-_Submission = tuple[Mapping[EventKey, EventRow], "asyncio.Future[int]"]
+
+class _Submission(NamedTuple):
+    rows: Mapping[EventKey, EventRow]
+    future: asyncio.Future[int]
+    audit: AuditHook | None
+    trace: Context | None  # the submitter's trace context, which parents the commit span
 
 
 class Lane:
-    def __init__(self, store: UsageStore, max_events: int) -> None:
+    def __init__(self, store: UsageStore, max_events: int, telemetry: IngestTelemetry = OFF) -> None:
         self._store = store
         self._max_events = max_events
+        self._telemetry = telemetry
         self._pending: deque[_Submission] = deque()
         self._writer: asyncio.Task[None] | None = None
 
-    def submit(self, rows: Mapping[EventKey, EventRow]) -> asyncio.Future[int]:
+    def submit(
+        self, rows: Mapping[EventKey, EventRow], audit: AuditHook | None = None
+    ) -> asyncio.Future[int]:
         """Queue distinct rows for writing; the future gives how many of them were new.
 
         The call itself is the ordering point: rows submitted earlier win over rows
-        submitted later with the same key.
+        submitted later with the same key. `audit` gives the audit entries to write in the
+        same transaction, from the keys that were new.
         """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((rows, future))
+        self._pending.append(_Submission(rows, future, audit, self._telemetry.trace_context()))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_pending())
         return future
@@ -54,27 +70,34 @@ class Lane:
         try:
             while self._pending:
                 taken = [self._pending.popleft()]
-                size = len(taken[0][0])
-                while self._pending and size + len(self._pending[0][0]) <= self._max_events:
+                size = len(taken[0].rows)
+                while (
+                    taken[0].audit is None
+                    and self._pending
+                    and self._pending[0].audit is None
+                    and size + len(self._pending[0].rows) <= self._max_events
+                ):
                     taken.append(self._pending.popleft())
-                    size += len(taken[-1][0])
+                    size += len(taken[-1].rows)
                 await self._write(taken)
         finally:
             self._writer = None
 
     async def _write(self, taken: list[_Submission]) -> None:
         merged: dict[EventKey, EventRow] = {}
-        for rows, _ in taken:
+        for rows, _, _, _ in taken:
             for key, row in rows.items():
                 merged.setdefault(key, row)
         try:
-            new_keys = await self._store.record_new_keys(columns_of(merged))
+            with self._telemetry.committing([s.trace for s in taken], len(merged)):
+                # An audited submission is always taken alone (see _write_pending).
+                new_keys = await self._store.record_new_keys(columns_of(merged), taken[0].audit)
         except Exception as exc:  # every waiter gets the failure; none is left hanging
-            for _, future in taken:
+            for _, future, _, _ in taken:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for rows, future in taken:
+        for rows, future, _, _ in taken:
             accepted = 0
             for key in rows:
                 if key in new_keys:
@@ -88,8 +111,10 @@ class WriteLanes:
     """A fixed set of lanes. Single reports share lane 0 (they merge best on one lane);
     streams are spread over all lanes, one lane for the whole stream."""
 
-    def __init__(self, store: UsageStore, *, lanes: int, max_events: int = 5_000) -> None:
-        self._lanes = [Lane(store, max_events) for _ in range(max(1, lanes))]
+    def __init__(
+        self, store: UsageStore, *, lanes: int, max_events: int = 5_000, telemetry: IngestTelemetry = OFF
+    ) -> None:
+        self._lanes = [Lane(store, max_events, telemetry) for _ in range(max(1, lanes))]
         self._next = itertools.cycle(self._lanes)
 
     @property

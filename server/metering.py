@@ -5,20 +5,30 @@ transaction and keep each stream's order. They are not cancelled with their call
 a client goes away or the server shuts down in the middle of a batch, its transaction
 still finishes (committed or rolled back as a whole, never half-written), and `drain()`
 waits for such writes.
+
+A backfill (a batch flagged by the client, for usage older than the ingestion window)
+needs the scope usage:backfill. It is written in a transaction of its own together with
+one audit entry per tenant that got new events, naming the principal, the request id and
+the counts, so that every re-priced past period can be traced to the call that did it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from server.domain.access import Principal
-from server.domain.errors import FieldViolation, InvalidArgument
+from opentelemetry import trace
+
+from server.domain.access import USAGE_BACKFILL, Caller, Principal
+from server.domain.audit import backfill_entries
+from server.domain.errors import ErrorReason, FieldViolation, InvalidArgument, PermissionDenied
 from server.domain.events import (
     EventRules,
     RawEvent,
     Rejection,
+    RejectionCause,
     ValidatedBatch,
     check_event,
     check_id,
@@ -32,6 +42,7 @@ from server.domain.timeutil import to_datetime
 from server.lanes import Lane, WriteLanes
 from server.ratecard import RateCardCache
 from server.storage.usage import UsageStore
+from server.telemetry.ingest import OFF, IngestTelemetry
 
 BUCKETS = ("", "hour", "day", "month")
 MAX_SUMMARY_TENANTS = 1_000
@@ -48,6 +59,14 @@ class BatchOutcome:
     rejections: list[Rejection]
 
 
+def _rejection_of(event: RawEvent, error: InvalidArgument | PermissionDenied) -> Rejection:
+    """A refused report as the rejection it would be in a batch (for the rejection counts)."""
+    if isinstance(error, PermissionDenied):
+        return Rejection(0, event.event_id, "tenant_id", error.message, RejectionCause.PERMISSION_DENIED)
+    first = error.violations[0]
+    return Rejection(0, event.event_id, first.field.removeprefix("event."), first.description)
+
+
 class Metering:
     def __init__(
         self,
@@ -57,43 +76,77 @@ class Metering:
         now_micros: Callable[[], int],
         *,
         write_lanes: int = 4,
+        telemetry: IngestTelemetry = OFF,
     ) -> None:
         self._store = store
         self._rate_card = rate_card
         self._rules = rules
         self._now_micros = now_micros
-        self._lanes = WriteLanes(store, lanes=write_lanes)
+        self._telemetry = telemetry
+        self._lanes = WriteLanes(store, lanes=write_lanes, telemetry=telemetry)
 
     def check_batch_size(self, size: int) -> None:
         if size > self._rules.max_batch_size:
             raise InvalidArgument.single(
-                "events", f"has {size} events, more than the limit of {self._rules.max_batch_size}"
+                "events",
+                f"has {size} events, more than the limit of {self._rules.max_batch_size}",
+                reason=ErrorReason.BATCH_TOO_LARGE,
+                metadata={"maxBatchSize": str(self._rules.max_batch_size)},
             )
 
     def stream_lane(self) -> Lane:
         """The lane for all the batches of one stream, which keeps them in the stream's order."""
         return self._lanes.for_stream()
 
-    async def prepare_batch(self, events: Sequence[RawEvent], principal: Principal) -> ValidatedBatch:
+    async def prepare_batch(
+        self, events: Sequence[RawEvent], caller: Caller, *, backfill: bool = False
+    ) -> ValidatedBatch:
         """The CPU half of recording a batch: limits, validation, de-duplication within it.
 
         Events for tenants the principal may not act for are rejected one by one
-        (PERMISSION_DENIED); the rest of the batch goes on.
+        (PERMISSION_DENIED); the rest of the batch goes on. A backfill without the scope
+        usage:backfill is PERMISSION_DENIED as a whole, before anything is looked at.
         """
+        if backfill:
+            caller.principal.require_scope(USAGE_BACKFILL)
         self.check_batch_size(len(events))
-        await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
-        return validate_batch(events, self._rate_card, self._rules, self._now_micros(), principal.may_act_for)
+        with self._telemetry.preparing(len(events)):
+            await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
+            batch = validate_batch(
+                events,
+                self._rate_card,
+                self._rules,
+                self._now_micros(),
+                caller.principal.may_act_for,
+                backfill=backfill,
+            )
+        return replace(batch, backfill_by=caller) if backfill else batch
 
     def submit_batch(self, batch: ValidatedBatch, lane: Lane) -> Awaitable[BatchOutcome]:
         """The database half: queue the batch on the lane now (the ordering point); the
         awaitable gives its outcome once its transaction has committed."""
-        accepted = lane.submit(batch.rows) if batch.rows else None
-        return self._outcome(batch, accepted)
+        audit = None
+        if batch.backfill_by is not None:
+            audit = functools.partial(backfill_entries, batch.backfill_by, batch.rows)
+        span = self._telemetry.start_batch(len(batch.rows))
+        if span is None:
+            accepted = lane.submit(batch.rows, audit) if batch.rows else None
+        else:
+            with trace.use_span(span):  # the lane's commit span is its child
+                accepted = lane.submit(batch.rows, audit) if batch.rows else None
+        return self._outcome(batch, accepted, span)
 
-    @staticmethod
-    async def _outcome(batch: ValidatedBatch, accepted: Awaitable[int] | None) -> BatchOutcome:
-        new = 0 if accepted is None else await accepted
-        return BatchOutcome(new, len(batch.rows) - new + batch.repeated_in_batch, batch.rejections)
+    async def _outcome(
+        self, batch: ValidatedBatch, accepted: Awaitable[int] | None, span: trace.Span | None
+    ) -> BatchOutcome:
+        try:
+            new = 0 if accepted is None else await accepted
+        except BaseException as exc:
+            self._telemetry.batch_done(span, batch.rows, 0, 0, (), exc)
+            raise
+        duplicates = len(batch.rows) - new + batch.repeated_in_batch
+        self._telemetry.batch_done(span, batch.rows, new, duplicates, batch.rejections)
+        return BatchOutcome(new, duplicates, batch.rejections)
 
     async def report(self, event: RawEvent, principal: Principal) -> bool:
         """Record one event; True if it is new, False if it was a duplicate.
@@ -101,15 +154,22 @@ class Metering:
         Raises InvalidArgument listing every bad field, prefixed with "event.", and
         PermissionDenied for a tenant the principal may not act for.
         """
-        if check_id(event.tenant_id) is None:
-            principal.require_tenant(event.tenant_id)
-        await self._rate_card.ensure_current([(event.service, event.usage_type)])
-        now = self._now_micros()
-        violations = check_event(event, self._rate_card, self._rules, now)
-        if violations:
-            raise InvalidArgument([FieldViolation(f"event.{v.field}", v.description) for v in violations])
+        try:
+            if check_id(event.tenant_id) is None:
+                principal.require_tenant(event.tenant_id)
+            await self._rate_card.ensure_current([(event.service, event.usage_type)])
+            now = self._now_micros()
+            violations = check_event(event, self._rate_card, self._rules, now)
+            if violations:
+                raise InvalidArgument([FieldViolation(f"event.{v.field}", v.description) for v in violations])
+        except (InvalidArgument, PermissionDenied) as exc:
+            self._telemetry.batch_done(None, {}, 0, 0, [_rejection_of(event, exc)])
+            raise
         row = event_row(event, now)
-        return await self._lanes.reports.submit({(row[0], row[1]): row}) == 1
+        key = (row[0], row[1])
+        new = await self._lanes.reports.submit({key: row}) == 1
+        self._telemetry.batch_done(None, (key,), int(new), int(not new), ())
+        return new
 
     async def drain(self) -> None:
         """Wait for every write in flight (used at shutdown, before the pool closes)."""

@@ -12,6 +12,8 @@ about security need not think about it. Rate limits are off unless a test turns 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,7 +32,8 @@ from server.config import Config
 from server.domain.access import ALL_TENANTS, SCOPES
 from server.storage.embedded import EmbeddedPostgres
 from tally.v1 import billing_service_pb2_grpc, usage_service_pb2_grpc
-from tests.helpers import channel_with_token
+from tests.fake_stripe import FakeStripe
+from tests.helpers import channel_with_token, one_hour_per_test
 
 TEST_SECRET = b"test-secret-for-tally-tests-only-0123456789"
 AUDIENCE = "tally"
@@ -68,14 +71,28 @@ def make_token(
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def new_cluster_dir() -> Iterator[Callable[[str], Path]]:
+    """Makes new directories for embedded PostgreSQL clusters, outside pytest's temporary directory.
+
+    Run as root, the embedded server runs as another user, who must be able to traverse every
+    parent of its cluster; but any pytest session that starts on the machine (another
+    engineer's) closes /tmp/pytest-of-root to its owner again, and clusters under tmp_path then
+    failed to start ("could not access directory ...: Permission denied").
+    """
+    root = Path(tempfile.mkdtemp(prefix="tally-tests-"))
+    yield lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(new_cluster_dir: Callable[[str], Path]) -> Iterator[str]:
     import os
 
     external = os.environ.get("TALLY_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    embedded = EmbeddedPostgres(new_cluster_dir("pg"))
     yield embedded.start()
     embedded.stop()
 
@@ -149,6 +166,13 @@ async def db(tally: TallyServer) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+@pytest.fixture(autouse=True)
+def _one_hour_per_test() -> Iterator[None]:
+    """Every hour_start() of a test counts from the hour the test started in."""
+    with one_hour_per_test():
+        yield
+
+
 @pytest.fixture
 def tenant() -> str:
     return new_tenant()
@@ -156,3 +180,14 @@ def tenant() -> str:
 
 def new_tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def fake_stripe() -> Iterator[FakeStripe]:
+    """A fresh fake Stripe API per test (tests/fake_stripe): no state leaks between tests.
+
+    Point the real SDK at it with `fake_stripe.client()` or `base_addresses={"api": fake_stripe.url}`.
+    """
+    with FakeStripe() as fake:
+        yield fake
+    assert not fake.internal_errors, f"the fake Stripe API itself failed: {fake.internal_errors}"

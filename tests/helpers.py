@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -11,12 +13,34 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from server.domain.pagination import PageTokens
+from server.storage.shared_keys import PAGE_TOKEN_KEY
 from tally.v1 import resources_pb2
 
 
+def current_hour() -> datetime:
+    """The whole UTC hour that holds this moment, by the real clock."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+# The hour each test counts from, fixed by conftest while a test runs: a test that computes
+# hour_start() twice across an hour boundary would otherwise see two different hours (and, say,
+# miss the events it just reported). Empty outside a test: the current hour.
+_test_hour: list[datetime] = []
+
+
+@contextlib.contextmanager
+def one_hour_per_test() -> Iterator[None]:
+    _test_hour.append(current_hour())
+    try:
+        yield
+    finally:
+        _test_hour.pop()
+
+
 def hour_start(offset_hours: int = 0) -> datetime:
-    """A whole UTC hour relative to the current one (negative: in the past)."""
-    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    """A whole UTC hour relative to the one the test started in (negative: in the past)."""
+    now = _test_hour[-1] if _test_hour else current_hour()
     return now + timedelta(hours=offset_hours)
 
 
@@ -45,7 +69,7 @@ def event(
         dimensions=dimensions or {},
     )
     if time is not None:
-        message.time.CopyFrom(ts(time))
+        message.event_time.CopyFrom(ts(time))
     return message
 
 
@@ -74,6 +98,12 @@ async def totals(db: asyncpg.Pool, tenant: str) -> tuple[int, Decimal, int, Deci
         tenant,
     )
     return events["n"], events["q"], int(rollups["n"]), rollups["q"]
+
+
+async def server_page_tokens(db: asyncpg.Pool) -> PageTokens:
+    """Page tokens signed with the servers' shared key, as if a server had issued them."""
+    key = await db.fetchval("SELECT key FROM shared_keys WHERE name = $1", PAGE_TOKEN_KEY)
+    return PageTokens(key)
 
 
 class _BearerToken:
@@ -118,3 +148,14 @@ def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
 def channel_with_token(address: str, token: str) -> grpc.aio.Channel:
     """A plaintext channel whose calls carry the bearer token."""
     return grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(token))
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The google.rpc.ErrorInfo carried by a failed call, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    return None

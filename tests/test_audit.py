@@ -65,7 +65,11 @@ async def test_set_rate_records_who_when_which_request_and_the_prices_before_and
 async def test_invoice_generation_and_recomputation_are_recorded_with_totals(
     tally: Any, usage: Any, tenant: str
 ) -> None:
-    period = {"tenant_id": tenant, "period_start": ts(hour_start(-3)), "period_end": ts(hour_start(0))}
+    period = {
+        "parent": f"tenants/{tenant}",
+        "period_start_time": ts(hour_start(-3)),
+        "period_end_time": ts(hour_start(0)),
+    }
     await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant, time=hour_start(-2))))
     async with admin(tally, [tenant], subject="biller") as channel:
         billing = billing_service_pb2_grpc.BillingServiceStub(channel)
@@ -76,8 +80,16 @@ async def test_invoice_generation_and_recomputation_are_recorded_with_totals(
         await billing.GenerateInvoice(billing_service_pb2.GenerateInvoiceRequest(**period))
         entries = await trail(billing, tenant_id=tenant)
     assert [(e.action, e.principal, e.resource) for e in entries] == [
-        (resources_pb2.AUDIT_ACTION_INVOICE_CREATED, "biller", f"invoices/{created.invoice.id}"),
-        (resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED, "biller", f"invoices/{created.invoice.id}"),
+        (
+            resources_pb2.AUDIT_ACTION_INVOICE_CREATED,
+            "biller",
+            f"invoices/{created.invoice.name.rpartition('/')[2]}",
+        ),
+        (
+            resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED,
+            "biller",
+            f"invoices/{created.invoice.name.rpartition('/')[2]}",
+        ),
     ]
     recomputed = MessageToDict(entries[1])
     assert (recomputed["before"]["total"], recomputed["after"]["total"]) == ("0.10", "0.30")
@@ -89,13 +101,17 @@ async def test_failed_change_leaves_no_entry(tally: Any, usage: Any, db: asyncpg
         billing = billing_service_pb2_grpc.BillingServiceStub(channel)
         await billing.GenerateInvoice(
             billing_service_pb2.GenerateInvoiceRequest(
-                tenant_id=tenant, period_start=ts(hour_start(-4)), period_end=ts(hour_start(-2))
+                parent=f"tenants/{tenant}",
+                period_start_time=ts(hour_start(-4)),
+                period_end_time=ts(hour_start(-2)),
             )
         )
         with pytest.raises(grpc.aio.AioRpcError) as raised:  # overlaps the first invoice
             await billing.GenerateInvoice(
                 billing_service_pb2.GenerateInvoiceRequest(
-                    tenant_id=tenant, period_start=ts(hour_start(-3)), period_end=ts(hour_start(-1))
+                    parent=f"tenants/{tenant}",
+                    period_start_time=ts(hour_start(-3)),
+                    period_end_time=ts(hour_start(-1)),
                 )
             )
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -105,7 +121,9 @@ async def test_failed_change_leaves_no_entry(tally: Any, usage: Any, db: asyncpg
 async def test_trail_is_append_only(db: asyncpg.Pool, billing: Any, tenant: str) -> None:
     await billing.GenerateInvoice(
         billing_service_pb2.GenerateInvoiceRequest(
-            tenant_id=tenant, period_start=ts(hour_start(-2)), period_end=ts(hour_start(-1))
+            parent=f"tenants/{tenant}",
+            period_start_time=ts(hour_start(-2)),
+            period_end_time=ts(hour_start(-1)),
         )
     )
     for statement in (
@@ -125,7 +143,9 @@ async def test_tenant_admin_sees_its_tenants_and_the_rate_card_only(
     for who in (tenant, other):
         await billing.GenerateInvoice(
             billing_service_pb2.GenerateInvoiceRequest(
-                tenant_id=who, period_start=ts(hour_start(-2)), period_end=ts(hour_start(-1))
+                parent=f"tenants/{who}",
+                period_start_time=ts(hour_start(-2)),
+                period_end_time=ts(hour_start(-1)),
             )
         )
     async with admin(tally, [tenant]) as channel:

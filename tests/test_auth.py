@@ -38,10 +38,12 @@ async def victim(usage: Any, billing: Any, tenant: str) -> tuple[str, str]:
     await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant, time=hour_start(-2))))
     generated = await billing.GenerateInvoice(
         billing_service_pb2.GenerateInvoiceRequest(
-            tenant_id=tenant, period_start=ts(hour_start(-24)), period_end=ts(hour_start(-4))
+            parent=f"tenants/{tenant}",
+            period_start_time=ts(hour_start(-24)),
+            period_end_time=ts(hour_start(-4)),
         )
     )
-    return tenant, generated.invoice.id
+    return tenant, generated.invoice.name.rpartition("/")[2]
 
 
 async def snapshot(db: asyncpg.Pool, tenant: str) -> tuple[Any, ...]:
@@ -74,6 +76,7 @@ BAD_TOKENS = {
     ),
     "wrong issuer": lambda tenant, rpc: make_token([tenant], issuer="someone-else"),
     "wrong audience": lambda tenant, rpc: make_token([tenant], audience="another-service"),
+    "'*' mixed with tenant ids": lambda tenant, rpc: make_token([tenant, "*"]),
     "alg none": lambda tenant, rpc: jwt.encode(
         {
             "sub": "x",
@@ -394,3 +397,27 @@ def test_a_cached_token_stops_working_when_it_expires() -> None:
     clock[0] += 61
     with pytest.raises(Unauthenticated):
         verifier.verify(token)
+
+
+@pytest.mark.parametrize("tenants", [["acme", "*"], ["*", "acme"], ["*", "*"]])
+def test_tenants_claim_mixing_every_tenant_with_names_is_refused(tenants: list[str]) -> None:
+    from server.auth.keys import HS256, VerificationKey
+
+    secret = b"mixed-claim-secret-0123456789abcdef"
+    verifier = TokenVerifier([VerificationKey(HS256, secret)], audience=None)
+    token = jwt.encode(
+        {"sub": "svc", "tenants": tenants, "scope": "usage:read", "exp": int(time.time()) + 60},
+        secret,
+        algorithm="HS256",
+    )
+    with pytest.raises(Unauthenticated) as raised:
+        verifier.verify(token)
+    assert str(raised.value) == "the token's 'tenants' claim must be '*' alone, or tenant ids without '*'"
+    # '*' alone, as a string or a one-element list, still means every tenant.
+    for claim in ("*", ["*"]):
+        alone = jwt.encode(
+            {"sub": "svc", "tenants": claim, "scope": "usage:read", "exp": int(time.time()) + 60},
+            secret,
+            algorithm="HS256",
+        )
+        assert verifier.verify(alone).tenants == ALL_TENANTS

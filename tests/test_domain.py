@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from server.domain.decimals import check_decimal, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import EventRules, RawEvent, columns_of, validate_batch
-from server.domain.pagination import decode_token, encode_token
+from server.domain.pagination import ID, MICROS, NAME, PageTokens
 from server.domain.pricing import PricedUsage, price_usage
 
 
@@ -89,7 +89,7 @@ def test_total_is_exactly_the_sum_of_rounded_lines(pairs: list[tuple[int, int]])
 
 def test_batch_validation_dedupes_sorts_and_rejects_individually() -> None:
     events = [raw("t", "b"), raw("t", "a"), raw("t", "b", "9"), raw("t", "c", "-1"), raw("", "d")]
-    batch = validate_batch(events, Catalog(), EventRules(), now_micros=10**15)
+    batch = validate_batch(events, Catalog(), EventRules(), now_micros=10**9)
     columns = columns_of(batch.rows)
     assert columns.event_ids == ["a", "b"]  # in key order, whatever the batch order
     assert columns.quantities == ["1", "1"]  # the first report of "b" wins
@@ -98,14 +98,46 @@ def test_batch_validation_dedupes_sorts_and_rejects_individually() -> None:
 
 
 def test_page_tokens_round_trip_and_are_bound_to_their_filter() -> None:
-    token = encode_token("invoices:a", [5, "inv_1"])
-    assert decode_token(token, "invoices:a", (int, str)) == [5, "inv_1"]
-    assert decode_token("", "invoices:a", (int, str)) is None
-    for bad_filter, shape in (("invoices:b", (int, str)), ("invoices:a", (str, str))):
+    tokens = PageTokens(b"k" * 32)
+    token = tokens.encode("invoices:a", [5, "inv_1"])
+    assert tokens.decode(token, "invoices:a", (MICROS, ID)) == [5, "inv_1"]
+    assert tokens.decode("", "invoices:a", (MICROS, ID)) is None
+    for bad_filter, shape in (("invoices:b", (MICROS, ID)), ("invoices:a", (NAME, NAME))):
         with pytest.raises(InvalidArgument):
-            decode_token(token, bad_filter, shape)
+            tokens.decode(token, bad_filter, shape)
     with pytest.raises(InvalidArgument):
-        decode_token("%%%", "invoices:a", (int, str))
+        tokens.decode("%%%", "invoices:a", (MICROS, ID))
+
+
+def test_a_page_token_signed_with_another_key_is_refused() -> None:
+    token = PageTokens(b"k" * 32).encode("invoices:a", [5, "inv_1"])
+    with pytest.raises(InvalidArgument) as raised:
+        PageTokens(b"j" * 32).decode(token, "invoices:a", (MICROS, ID))
+    assert raised.value.violations[0].field == "page_token"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        [10**20, "x"],
+        [-(10**18), "x"],
+        [0, "x" * 129],
+        [0, "inv_\x00"],
+        [0.5, "x"],
+        [True, "x"],
+        [0],
+        [0, "x", 1],
+    ],
+)
+def test_a_validly_signed_key_out_of_range_is_refused(key: list[object]) -> None:
+    tokens = PageTokens(b"k" * 32)
+    with pytest.raises(InvalidArgument):
+        tokens.decode(tokens.encode("f", key), "f", (MICROS, ID))
+
+
+def test_a_page_token_key_must_be_long_enough() -> None:
+    with pytest.raises(ValueError):
+        PageTokens(b"short")
 
 
 def test_pricing_stays_exact_beyond_the_default_28_digits() -> None:

@@ -1,43 +1,56 @@
 """`tally serve` as a user runs it (embedded PostgreSQL, no DATABASE_URL, no key configured), driven by
 the real grpcurl binary through server reflection, with no .proto files at hand, with tokens from
-`tally token` signed by the development secret that `tally serve` created."""
+`tally token` signed by the development secret that `tally serve` created, starting with the
+commands that `tally serve` prints, run by a shell as a user pastes them."""
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from server.cli import _runnable
+
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 TALLY = shutil.which("tally") or str(Path(sys.executable).parent / "tally")
 
 
-def tally_token(*args: str) -> str:
-    """A token from `tally token` (the command is given as `tally serve` printed it)."""
-    assert args[:2] == ("tally", "token"), args
-    result = subprocess.run([TALLY, *args[1:]], capture_output=True, text=True, timeout=30, check=True)
-    return result.stdout.strip()
+# A user who has not activated the virtual environment: what `tally serve` prints must run as is.
+PATH_WITHOUT_VENV = os.pathsep.join(
+    p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != Path(sys.executable).parent
+)
+
+
+def shell(script: str) -> str:
+    """Run lines as a user pastes them into a shell (one with no virtual environment active)."""
+    env = {**os.environ, "PATH": PATH_WITHOUT_VENV}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 class Served:
-    def __init__(self, process: subprocess.Popen[str], address: str, token_command: list[str]) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], address: str, data_dir: Path, next_steps: list[str]
+    ) -> None:
         self.process = process
         self.address = address
+        # The lines `tally serve` printed: `TOKEN=$(tally token ...)`, then a grpcurl call using it.
+        self.next_steps = next_steps
         # The README's token for tenant acme with every scope, and an administrator's for the rate card.
-        self.token = tally_token(*token_command)
-        data_dir = token_command[token_command.index("--data-dir") + 1]
-        self.admin_token = tally_token(
-            "tally", "token", "--data-dir", data_dir, "--all-tenants", "--scope", "billing:admin"
-        )
+        self.token = shell(f'{next_steps[0]}\nprintf %s "$TOKEN"')
+        admin = [TALLY, "token", "--data-dir", str(data_dir), "--all-tenants", "--scope", "billing:admin"]
+        self.admin_token = subprocess.run(
+            admin, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
 
     def grpcurl(
         self, method: str, *messages: dict[str, object], ok: bool = True, token: str | None = None
@@ -64,18 +77,35 @@ class Served:
 
 def start(data_dir: Path) -> Served:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(TALLY_PORT="0", TALLY_DATA_DIR=str(data_dir))
+    env.update(TALLY_PORT="0", TALLY_DATA_DIR=str(data_dir), PATH=PATH_WITHOUT_VENV)
     process = subprocess.Popen(
         [TALLY, "serve", "--log-level", "WARNING"], env=env, stdout=subprocess.PIPE, text=True
     )
+    try:
+        return _started(process, data_dir)
+    except BaseException:
+        # A server whose start-up did not go as expected is stopped, not left running.
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        raise
+
+
+def _started(process: subprocess.Popen[str], data_dir: Path) -> Served:
+    """The server, once its start-up lines are read and checked."""
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line.startswith("tally listening on "), line
+    address = line.split()[3]
     warning = process.stdout.readline()
     assert warning.startswith("WARNING: no JWT key configured; using the DEVELOPMENT secret"), warning
-    hint = process.stdout.readline().strip()
+    assert warning.rstrip().endswith("Get a token with:"), warning
+    token_step = process.stdout.readline().strip()
+    assert token_step.startswith("TOKEN=$(") and " token --data-dir " in token_step, token_step
+    assert process.stdout.readline().startswith("then record a first event with grpcurl"), token_step
+    grpcurl_step = process.stdout.readline().strip()
+    assert grpcurl_step.endswith(f"{address} tally.v1.UsageService/ReportUsage"), grpcurl_step
     assert (data_dir / "dev-jwt-secret").stat().st_mode & 0o077 == 0  # readable by its owner only
-    return Served(process, line.split()[3], shlex.split(hint))
+    return Served(process, address, data_dir, [token_step, grpcurl_step])
 
 
 def stop(served: Served) -> str:
@@ -86,8 +116,8 @@ def stop(served: Served) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tally-data")
+def data_dir(new_cluster_dir: Callable[[str], Path]) -> Path:
+    return new_cluster_dir("tally-data")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +148,43 @@ def test_reflection_lists_every_service(served: Served) -> None:
     )
 
 
+def test_the_printed_next_steps_record_a_first_event(served: Served) -> None:
+    start = hour(0)
+    recorded = json.loads(shell("\n".join(served.next_steps)))
+    assert recorded == {"tenant_id": "acme", "event_id": "hello-1", "outcome": "REPORT_OUTCOME_RECORDED"}
+    summary = served.call(
+        "tally.v1.UsageService/GetUsageSummary",
+        {"name": "tenants/acme/usageSummary", "start_time": start, "end_time": hour(1)},
+    )["summary"]
+    rows = [(a["service"], a["usage_type"], a["quantity"]) for a in summary["aggregates"]]  # type: ignore[index]
+    assert rows == [("analytics", "query", "1")]
+
+
+def test_describe_shows_the_proto_comments_and_annotations(served: Served) -> None:
+    result = subprocess.run(
+        [GRPCURL, "-plaintext", served.address, "describe", "tally.v1.UsageEvent"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    described = result.stdout
+    # The field's comment, then the field with its behaviour, as in resources.proto.
+    assert "// The client's idempotency key for this event, unique within the tenant." in described
+    assert "string event_id = 2 [" in described and "(.google.api.field_behavior) = REQUIRED" in described
+
+
+def test_printed_commands_are_bare_names_only_where_the_shell_finds_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bin_dir = Path(sys.executable).parent  # where pip put tally and grpcurl
+    monkeypatch.setattr(sys, "argv", [str(bin_dir / "tally"), "serve"])
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{PATH_WITHOUT_VENV}")  # the venv is active
+    assert (_runnable("tally"), _runnable("grpcurl")) == ("tally", "grpcurl")
+    monkeypatch.setenv("PATH", PATH_WITHOUT_VENV)
+    assert (_runnable("tally"), _runnable("grpcurl")) == (str(bin_dir / "tally"), str(bin_dir / "grpcurl"))
+
+
 def test_health_checks(served: Served) -> None:
     assert served.call("grpc.health.v1.Health/Check") == {"status": "SERVING"}
     assert served.call("grpc.health.v1.Health/Check", {"service": "tally.v1.UsageService"}) == {
@@ -126,13 +193,13 @@ def test_health_checks(served: Served) -> None:
 
 
 def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
-    when = hour(-2)
+    when, end = hour(-2), hour(0)  # once: the test may run across an hour boundary
     upload = {
         "tenant_id": "acme",
         "service": "marketplace",
         "usage_type": "wpk_upload",
         "quantity": "1.0",
-        "time": when,
+        "event_time": when,
     }
     first = served.call("tally.v1.UsageService/ReportUsage", {"event": {**upload, "event_id": "u1"}})
     assert first["outcome"] == "REPORT_OUTCOME_RECORDED"
@@ -174,7 +241,7 @@ def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
 
     summary = served.call(
         "tally.v1.UsageService/GetUsageSummary",
-        {"tenant_id": "acme", "start_time": hour(-2), "end_time": hour(0)},
+        {"name": "tenants/acme/usageSummary", "start_time": when, "end_time": end},
     )["summary"]
     aggregates = summary["aggregates"]  # type: ignore[index]
     assert [(a["service"], a["usage_type"], a["quantity"]) for a in aggregates] == [
@@ -183,13 +250,16 @@ def test_report_ingest_stream_summary_and_invoice(served: Served) -> None:
 
     invoice = served.call(
         "tally.v1.BillingService/GenerateInvoice",
-        {"tenant_id": "acme", "period_start": hour(-2), "period_end": hour(0)},
+        {"parent": "tenants/acme", "period_start_time": when, "period_end_time": end},
     )["invoice"]
     assert invoice["total"] == "0.50"  # type: ignore[index]
-    fetched = served.call("tally.v1.BillingService/GetInvoice", {"invoice_id": invoice["id"]})  # type: ignore[index]
-    assert fetched["invoice"] == invoice
-    listed = served.call("tally.v1.BillingService/ListInvoices", {"tenant_id": "acme"})
-    assert [i["id"] for i in listed["invoices"]] == [invoice["id"]]  # type: ignore[index,union-attr]
+    fetched = served.call("tally.v1.BillingService/GetInvoice", {"name": invoice["name"]})  # type: ignore[index]
+    # A draft is priced again when read, so only its compute_time differs.
+    generated_at = datetime.fromisoformat(invoice["compute_time"])  # type: ignore[index]
+    assert datetime.fromisoformat(fetched["invoice"]["compute_time"]) >= generated_at  # type: ignore[index]
+    assert {**fetched["invoice"], "compute_time": ""} == {**invoice, "compute_time": ""}  # type: ignore[dict-item]
+    listed = served.call("tally.v1.BillingService/ListInvoices", {"parent": "tenants/acme"})
+    assert [i["name"] for i in listed["invoices"]] == [invoice["name"]]  # type: ignore[index,union-attr]
 
 
 def test_rates_are_listed_and_set(served: Served) -> None:
@@ -221,11 +291,15 @@ def test_bad_input_and_missing_invoice_give_precise_statuses(served: Served) -> 
     assert error["code"] == 3  # INVALID_ARGUMENT
     assert error["details"][0]["@type"] == "type.googleapis.com/google.rpc.BadRequest"
     assert [v["field"] for v in error["details"][0]["field_violations"]] == ["event.quantity"]
-    missing = served.grpcurl("tally.v1.BillingService/GetInvoice", {"invoice_id": "inv_nope"}, ok=False)
+    missing = served.grpcurl(
+        "tally.v1.BillingService/GetInvoice", {"name": "tenants/acme/invoices/inv_nope"}, ok=False
+    )
     assert json.loads(missing.stderr)["code"] == 5  # NOT_FOUND
     anonymous = served.grpcurl("tally.v1.BillingService/ListRates", {}, ok=False, token="")
     assert json.loads(anonymous.stderr)["code"] == 16  # UNAUTHENTICATED
-    other_tenant = served.grpcurl("tally.v1.BillingService/ListInvoices", {"tenant_id": "globex"}, ok=False)
+    other_tenant = served.grpcurl(
+        "tally.v1.BillingService/ListInvoices", {"parent": "tenants/globex"}, ok=False
+    )
     assert json.loads(other_tenant.stderr)["code"] == 7  # PERMISSION_DENIED
 
 
@@ -234,7 +308,7 @@ def test_sigterm_shuts_down_cleanly_and_data_survives_a_restart(served: Served, 
     assert "shutting down" in out
     again = start(data_dir)
     try:
-        listed = again.call("tally.v1.BillingService/ListInvoices", {"tenant_id": "acme"})
+        listed = again.call("tally.v1.BillingService/ListInvoices", {"parent": "tenants/acme"})
         assert listed["invoices"][0]["total"] == "0.50"  # type: ignore[index]
     finally:
         stop(again)

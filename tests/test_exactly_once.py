@@ -132,7 +132,9 @@ async def test_totals_do_not_depend_on_batching_order_duplicates_or_resends(
     summary = (
         await usage.GetUsageSummary(
             usage_service_pb2.GetUsageSummaryRequest(
-                tenant_id=tenant, start_time=ts(BASE), end_time=ts(BASE + timedelta(hours=6))
+                name=f"tenants/{tenant}/usageSummary",
+                start_time=ts(BASE),
+                end_time=ts(BASE + timedelta(hours=6)),
             )
         )
     ).summary
@@ -142,7 +144,9 @@ async def test_totals_do_not_depend_on_batching_order_duplicates_or_resends(
     invoice = (
         await billing.GenerateInvoice(
             billing_service_pb2.GenerateInvoiceRequest(
-                tenant_id=tenant, period_start=ts(BASE), period_end=ts(BASE + timedelta(hours=6))
+                parent=f"tenants/{tenant}",
+                period_start_time=ts(BASE),
+                period_end_time=ts(BASE + timedelta(hours=6)),
             )
         )
     ).invoice

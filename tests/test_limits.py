@@ -1,13 +1,13 @@
 """Limits: rate limits per tenant and per principal, stream slots, idle streams and message size.
 
-A server of its own (on the session's database) runs with low limits; each test uses its
+A server of its own (on the session's database) runs with low limits on a fake clock that the
+tests step, so no outcome depends on how fast this machine makes the calls; each test uses its
 own tenants and principals, so buckets never carry over between tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -33,14 +33,40 @@ LIMITS = LimitSettings(
     tenant_requests_per_second=20,
     principal_requests_per_second=40,
     max_streams_per_principal=2,
-    stream_idle_seconds=0.5,
+    # Real time (asyncio's timer): long enough that no pause of a loaded machine trips it.
+    stream_idle_seconds=120,
 )
+# The idle test's own server: the test waits this long, and the stream's first message must
+# arrive within it (it is sent at once, so a loaded machine has a wide margin).
+IDLE_SECONDS = 2.0
 MAX_MESSAGE_BYTES = 64 * 1024
+# A call that should get an answer at once gets one within this, even on a loaded machine.
+PATIENCE_SECONDS = 60
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest_asyncio.fixture(scope="module")
-async def limited(server_config: Config) -> AsyncIterator[TallyServer]:
-    server = TallyServer(replace(server_config, limits=LIMITS, max_message_bytes=MAX_MESSAGE_BYTES))
+async def limited(server_config: Config, clock: FakeClock) -> AsyncIterator[TallyServer]:
+    server = TallyServer(
+        replace(server_config, limits=LIMITS, max_message_bytes=MAX_MESSAGE_BYTES), clock=clock
+    )
     await server.start()
     yield server
     await server.stop()
@@ -71,14 +97,6 @@ def details(error: grpc.aio.AioRpcError) -> tuple[float, list[str]]:
 
 
 # --- token buckets, on a fake clock ----------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_bucket_allows_a_burst_of_one_second_then_refills_at_its_rate() -> None:
@@ -118,104 +136,108 @@ def test_zero_rate_is_unlimited() -> None:
     assert take([Charge(buckets, "t", 10**9)]) == 0
 
 
-# --- against a server ---------------------------------------------------------------------------
+# --- against a server, on its fake clock -----------------------------------------------------
+
+
+async def report(
+    usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
+) -> tuple[str, grpc.aio.AioRpcError | None]:
+    """ReportUsage of one event: ("OK", None) or (status name, the error)."""
+    try:
+        await usage.ReportUsage(
+            usage_service_pb2.ReportUsageRequest(event=event(tenant)), timeout=PATIENCE_SECONDS
+        )
+        return "OK", None
+    except grpc.aio.AioRpcError as error:
+        return error.code().name, error
 
 
 async def test_unary_calls_over_the_tenant_rate_get_resource_exhausted_with_retry_info(
-    limited: TallyServer,
+    limited: TallyServer, clock: FakeClock
 ) -> None:
     noisy, quiet = new_tenant(), new_tenant()
     channel, usage = stub(limited, [noisy, quiet])
     async with channel:
-        codes = []
-        for _ in range(25):
-            try:
-                await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(noisy)))
-                codes.append("OK")
-            except grpc.aio.AioRpcError as error:
-                codes.append(error.code().name)
-                last = error
-        assert codes.count("OK") >= 20 and "RESOURCE_EXHAUSTED" in codes
+        outcomes = [await report(usage, noisy) for _ in range(25)]
+        # One second's burst (20) passes, then every call is refused until the clock moves.
+        assert [code for code, _ in outcomes] == ["OK"] * 20 + ["RESOURCE_EXHAUSTED"] * 5
+        last = outcomes[-1][1]
+        assert last is not None
         delay, subjects = details(last)
-        assert 0 < delay <= 1 and subjects == [f"tenant:{noisy}"]
+        assert delay == pytest.approx(1 / 20) and subjects == [f"tenant:{noisy}"]
         # The same principal's calls for another tenant still pass (the principal allows 40/s).
-        await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(quiet)))
+        assert (await report(usage, quiet))[0] == "OK"
+        # After the advertised delay, one more call of the noisy tenant fits, and only one.
+        clock.advance(delay)
+        assert [(await report(usage, noisy))[0] for _ in range(2)] == ["OK", "RESOURCE_EXHAUSTED"]
 
 
 async def test_principal_rate_covers_all_its_tenants(limited: TallyServer) -> None:
     tenants = [new_tenant() for _ in range(5)]
-    channel, usage = stub(limited, tenants)
+    subject = f"svc-{uuid.uuid4().hex[:8]}"
+    channel, usage = stub(limited, tenants, subject)
     async with channel:
-        refused = 0
-        for i in range(50):
-            try:
-                await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenants[i % 5])))
-            except grpc.aio.AioRpcError as error:
-                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert details(error)[1][0].startswith("principal:")
-                refused += 1
-        assert refused >= 5
+        # 10 calls per tenant stay under the tenant rate (20/s); the principal's 40/s is the limit.
+        outcomes = [await report(usage, tenants[i % 5]) for i in range(50)]
+    assert [code for code, _ in outcomes] == ["OK"] * 40 + ["RESOURCE_EXHAUSTED"] * 10
+    for _, error in outcomes[40:]:
+        assert error is not None and details(error)[1] == [f"principal:{subject}"]
 
 
 async def test_noisy_tenant_is_slowed_while_the_quiet_one_keeps_its_throughput(
-    limited: TallyServer, db: asyncpg.Pool
+    limited: TallyServer, clock: FakeClock, db: asyncpg.Pool
 ) -> None:
     noisy, quiet = new_tenant(), new_tenant()
     noisy_channel, noisy_usage = stub(limited, [noisy])
     quiet_channel, quiet_usage = stub(limited, [quiet])
-    duration = 1.5
-
-    async def flood() -> int:
-        call = noisy_usage.StreamUsage()
-        sent, start = 0, time.monotonic()
-        while time.monotonic() - start < duration:
-            await call.write(
-                usage_service_pb2.StreamUsageRequest(sequence=sent, events=[event(noisy) for _ in range(250)])
+    async with noisy_channel, quiet_channel:
+        # 2,000 events in 8 batches against a tenant rate of 1,000/s: the first second's burst
+        # (4 batches) is acknowledged, the rest waits for the clock, never fails.
+        flood = noisy_usage.StreamUsage(timeout=PATIENCE_SECONDS)
+        for sequence in range(8):
+            await flood.write(
+                usage_service_pb2.StreamUsageRequest(
+                    sequence=sequence, events=[event(noisy) for _ in range(250)]
+                )
             )
-            await call.read()
-            sent += 1
-        await call.done_writing()
-        return sent * 250
+        assert [(await flood.read()).sequence for _ in range(4)] == [0, 1, 2, 3]
+        fifth = asyncio.ensure_future(flood.read())
 
-    async def trickle() -> list[float]:
-        call = quiet_usage.StreamUsage()
-        latencies = []
-        for sequence in range(15):  # 50 events every 0.1 s: half of the tenant's rate
-            started = time.monotonic()
-            await call.write(
+        # Meanwhile the quiet tenant gets every batch through (half of its rate, all at once).
+        trickle = quiet_usage.StreamUsage(timeout=PATIENCE_SECONDS)
+        for sequence in range(15):
+            await trickle.write(
                 usage_service_pb2.StreamUsageRequest(
                     sequence=sequence, events=[event(quiet) for _ in range(50)]
                 )
             )
-            ack = await call.read()
-            assert ack.accepted_count == 50
-            latencies.append(time.monotonic() - started)
-            await asyncio.sleep(max(0.0, 0.1 - latencies[-1]))
-        await call.done_writing()
-        return latencies
+            assert (await trickle.read()).accepted_count == 50
+        await trickle.done_writing()
+        assert await trickle.read() == grpc.aio.EOF
+        assert (await totals(db, quiet))[0] == 750
 
-    async with noisy_channel, quiet_channel:
-        started = time.monotonic()
-        flooded, latencies = await asyncio.gather(flood(), trickle())
-        elapsed = time.monotonic() - started
-    noisy_stored = (await totals(db, noisy))[0]
-    # The flood was slowed (never failed) to about the tenant's rate: one second's burst plus the refill.
-    assert noisy_stored == flooded
-    assert noisy_stored <= LIMITS.tenant_events_per_second * (1 + elapsed) + 250
-    # The quiet tenant got every event through, each batch promptly.
-    assert (await totals(db, quiet))[0] == 750
-    assert max(latencies) < 0.5, latencies
+        # The flood is still held where the clock stopped: nothing beyond the burst is stored.
+        assert not fifth.done()
+        assert (await totals(db, noisy))[0] == 1_000
+
+        # One second of refill repays the debt of the four waiting batches: all are recorded.
+        clock.advance(1.0)
+        acks = [await fifth] + [await flood.read() for _ in range(3)]
+        assert [(a.sequence, a.accepted_count) for a in acks] == [(4, 250), (5, 250), (6, 250), (7, 250)]
+        await flood.done_writing()
+        assert await flood.read() == grpc.aio.EOF
+    assert (await totals(db, noisy))[0] == 2_000
 
 
 async def test_concurrent_streams_per_principal_are_limited(limited: TallyServer) -> None:
     tenant = new_tenant()
     channel, usage = stub(limited, [tenant])
     async with channel:
-        open_calls = [usage.StreamUsage() for _ in range(2)]
+        open_calls = [usage.StreamUsage(timeout=PATIENCE_SECONDS) for _ in range(2)]
         for call in open_calls:
             await call.write(usage_service_pb2.StreamUsageRequest(sequence=1, events=[event(tenant)]))
             await call.read()
-        third = usage.StreamUsage()
+        third = usage.StreamUsage(timeout=PATIENCE_SECONDS)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await third.read()
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -223,24 +245,30 @@ async def test_concurrent_streams_per_principal_are_limited(limited: TallyServer
         for call in open_calls:
             await call.done_writing()
             assert await call.read() == grpc.aio.EOF
-        again = usage.StreamUsage()
+        again = usage.StreamUsage(timeout=PATIENCE_SECONDS)
         await again.write(usage_service_pb2.StreamUsageRequest(sequence=2, events=[event(tenant)]))
         assert (await again.read()).accepted_count == 1
         await again.done_writing()
 
 
 async def test_idle_stream_is_closed_with_deadline_exceeded_after_committing_what_came(
-    limited: TallyServer, db: asyncpg.Pool
+    server_config: Config, db: asyncpg.Pool
 ) -> None:
-    tenant = new_tenant()
-    channel, usage = stub(limited, [tenant])
-    async with channel:
-        call = usage.IngestUsage()
-        await call.write(usage_service_pb2.IngestUsageRequest(events=[event(tenant) for _ in range(3)]))
-        await asyncio.sleep(LIMITS.stream_idle_seconds * 2)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await call
-        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    server = TallyServer(replace(server_config, limits=replace(LIMITS, stream_idle_seconds=IDLE_SECONDS)))
+    await server.start()
+    try:
+        tenant = new_tenant()
+        channel, usage = stub(server, [tenant])
+        async with channel:
+            call = usage.IngestUsage(timeout=PATIENCE_SECONDS)
+            await call.write(usage_service_pb2.IngestUsageRequest(events=[event(tenant) for _ in range(3)]))
+            # No sleep: the server answers once the stream has been idle for IDLE_SECONDS.
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no message for" in (raised.value.details() or "")
+    finally:
+        await server.stop()
     assert (await totals(db, tenant))[0] == 3
 
 
@@ -250,5 +278,5 @@ async def test_message_over_the_size_limit_is_resource_exhausted(limited: TallyS
     async with channel:
         big = event(tenant, dimensions={f"k{i}": "x" * 250 for i in range(300)})
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=big))
+            await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=big), timeout=PATIENCE_SECONDS)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

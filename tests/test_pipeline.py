@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from server.api.pipeline import EventBudget, pipelined
-from server.domain.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from server.domain.errors import DeadlineExceeded, ErrorReason, InvalidArgument, Unavailable
 
 # How long a stream may take to end in these tests: generous, since nothing here waits
 # for time; a stream that does not end at all fails the test instead of hanging it.
@@ -244,7 +244,7 @@ async def test_a_failed_write_fails_the_stream_promptly() -> None:
     client.send_good(range(20))
     consumer = Consumer(stream(client, lane, budget))
     await until(lambda: client.read >= WINDOW and len(lane.submitted) >= WINDOW)
-    lane.fail(Unavailable("database unavailable: ConnectionRefusedError"))
+    lane.fail(Unavailable("database unavailable", reason=ErrorReason.DATABASE_UNAVAILABLE))
     assert isinstance(await consumer.ended(), Unavailable)
     assert consumer.acknowledged == []
     assert_nothing_held(budget)
@@ -254,7 +254,7 @@ async def test_a_failed_read_is_raised_after_the_batches_read_before_it() -> Non
     # How an idle stream (DEADLINE_EXCEEDED) or a malformed message (INVALID_ARGUMENT) ends.
     client, lane, budget = Client(), Lane(), EventBudget(1_000)
     client.send_good(range(2))
-    client.fail(DeadlineExceeded("no message for 300 s"))
+    client.fail(DeadlineExceeded("no message for 300 s", reason=ErrorReason.STREAM_IDLE))
     consumer = Consumer(stream(client, lane, budget))
     await until(lambda: len(lane.submitted) == 2)
     lane.commit()

@@ -125,17 +125,17 @@ async def test_time_far_in_the_future_is_rejected(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant, time=hour_start(3))))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "event.time" in field_violations(raised.value)
+    assert "event.event_time" in field_violations(raised.value)
 
 
 async def test_malformed_timestamp_is_rejected(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     bad = event(tenant)
-    bad.time.seconds = 10**15
+    bad.event_time.seconds = 10**15
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=bad))
-    assert field_violations(raised.value) == {"event.time": "is not a valid timestamp"}
+    assert field_violations(raised.value) == {"event.event_time": "is not a valid timestamp"}
 
 
 async def test_every_bad_field_is_reported_at_once(usage: usage_service_pb2_grpc.UsageServiceStub) -> None:

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -16,12 +16,18 @@ import asyncpg
 import pytest
 
 from server.app import TallyServer
-from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+from tally.v1 import (
+    billing_service_pb2,
+    billing_service_pb2_grpc,
+    resources_pb2,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
+)
 from tests.conftest import AUDIENCE, ISSUER, TEST_SECRET, make_token
 from tests.helpers import channel_with_token, event, totals, ts
 
 TALLY = str(Path(sys.executable).parent / "tally")
-OLD = datetime(2001, 1, 15, 12, tzinfo=UTC)  # months no other test uses
+OLD = datetime(2001, 1, 15, 12, tzinfo=UTC)  # months no other test uses (recorded by backfill)
 
 
 async def partitions(db: asyncpg.Pool) -> set[str]:
@@ -30,6 +36,18 @@ async def partitions(db: asyncpg.Pool) -> set[str]:
         " WHERE i.inhparent = 'usage_events'::regclass"
     )
     return {r["relname"] for r in rows}
+
+
+async def backfill(
+    usage: usage_service_pb2_grpc.UsageServiceStub, events: list[resources_pb2.UsageEvent]
+) -> usage_service_pb2.IngestUsageResponse:
+    """Record events older than the ingestion window, in one backfilled batch."""
+
+    async def requests() -> AsyncIterator[usage_service_pb2.IngestUsageRequest]:
+        yield usage_service_pb2.IngestUsageRequest(events=events, backfill=True)
+
+    response: usage_service_pb2.IngestUsageResponse = await usage.IngestUsage(requests())
+    return response
 
 
 async def retention(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -52,14 +70,14 @@ async def test_retention_drops_old_raw_months_and_keeps_totals_and_dedup(
     tenant: str,
 ) -> None:
     jan, feb = OLD, OLD + timedelta(days=31)
-    for i, when in enumerate([jan, jan, feb]):
-        await usage.ReportUsage(
-            usage_service_pb2.ReportUsageRequest(event=event(tenant, f"old{i}", time=when))
-        )
+    first = await backfill(
+        usage, [event(tenant, f"old{i}", time=when) for i, when in enumerate([jan, jan, feb])]
+    )
+    assert (first.accepted_count, first.rejected_count) == (3, 0), first.rejections
     period = billing_service_pb2.GenerateInvoiceRequest(
-        tenant_id=tenant,
-        period_start=ts(datetime(2001, 1, 1, tzinfo=UTC)),
-        period_end=ts(datetime(2001, 3, 1, tzinfo=UTC)),
+        parent=f"tenants/{tenant}",
+        period_start_time=ts(datetime(2001, 1, 1, tzinfo=UTC)),
+        period_end_time=ts(datetime(2001, 3, 1, tzinfo=UTC)),
     )
     before = (await billing.GenerateInvoice(period)).invoice
     assert {"usage_events_2001_01", "usage_events_2001_02"} <= await partitions(db)
@@ -77,22 +95,18 @@ async def test_retention_drops_old_raw_months_and_keeps_totals_and_dedup(
     # Raw January events are gone; totals read rollups and do not change.
     assert await db.fetchval("SELECT count(*) FROM usage_events WHERE tenant_id = $1", tenant) == 1
     after = (await billing.GenerateInvoice(period)).invoice
-    assert (after.id, after.total, list(after.line_items)) == (
-        before.id,
+    assert (after.name, after.total, list(after.line_items)) == (
+        before.name,
         before.total,
         list(before.line_items),
     )
 
     # A dropped event sent again is still a duplicate; a late new one for January is recorded,
     # although this server process had the dropped partition in its cache.
-    again = await usage.ReportUsage(
-        usage_service_pb2.ReportUsageRequest(event=event(tenant, "old0", time=jan))
-    )
-    assert again.outcome == usage_service_pb2.REPORT_OUTCOME_DUPLICATE
-    late = await usage.ReportUsage(
-        usage_service_pb2.ReportUsageRequest(event=event(tenant, "late", time=jan))
-    )
-    assert late.outcome == usage_service_pb2.REPORT_OUTCOME_RECORDED
+    again = await backfill(usage, [event(tenant, "old0", time=jan)])
+    assert (again.accepted_count, again.duplicate_count) == (0, 1)
+    late = await backfill(usage, [event(tenant, "late", time=jan)])
+    assert late.accepted_count == 1
     assert (await billing.GenerateInvoice(period)).invoice.total == "0.40"
 
 

@@ -13,10 +13,15 @@ from tests.helpers import event, field_violations, hour_start, ts
 
 
 async def report_all(
-    usage: usage_service_pb2_grpc.UsageServiceStub, events: list[resources_pb2.UsageEvent]
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    events: list[resources_pb2.UsageEvent],
+    *,
+    backfill: bool = False,
 ) -> None:
+    """Record the events in one batch; a backfill for times older than the ingestion window."""
+
     async def requests():  # type: ignore[no-untyped-def]
-        yield usage_service_pb2.IngestUsageRequest(events=events)
+        yield usage_service_pb2.IngestUsageRequest(events=events, backfill=backfill)
 
     response = await usage.IngestUsage(requests())
     assert response.rejected_count == 0, response.rejections
@@ -27,7 +32,7 @@ def aggregates(summary: resources_pb2.UsageSummary) -> list[tuple[str, str, str,
         (
             a.service,
             a.usage_type,
-            a.bucket_start.ToDatetime().isoformat() if a.HasField("bucket_start") else "",
+            a.bucket_start_time.ToDatetime().isoformat() if a.HasField("bucket_start_time") else "",
             a.dimension_value,
             a.quantity,
             a.event_count,
@@ -64,7 +69,7 @@ async def test_summary_totals_per_usage_type_hour_and_dimension(
         ],
     )
     base = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant, start_time=ts(h0), end_time=ts(h0 + timedelta(hours=3))
+        name=f"tenants/{tenant}/usageSummary", start_time=ts(h0), end_time=ts(h0 + timedelta(hours=3))
     )
     whole = (await usage.GetUsageSummary(base)).summary
     assert aggregates(whole) == [
@@ -102,21 +107,22 @@ async def test_day_and_month_buckets_are_utc(
             event(tenant, "d1", quantity="1", time=day + timedelta(hours=23, minutes=59)),
             event(tenant, "d2", quantity="2", time=day + timedelta(hours=24)),
         ],
+        backfill=True,
     )
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(day),
         end_time=ts(day + timedelta(days=2)),
         bucket=resources_pb2.TIME_BUCKET_DAY,
     )
     daily = (await usage.GetUsageSummary(request)).summary
-    assert [(a.bucket_start.ToDatetime(), a.quantity) for a in daily.aggregates] == [
+    assert [(a.bucket_start_time.ToDatetime(), a.quantity) for a in daily.aggregates] == [
         (day.replace(tzinfo=None), "1"),
         ((day + timedelta(days=1)).replace(tzinfo=None), "2"),
     ]
     request.bucket = resources_pb2.TIME_BUCKET_MONTH
     monthly = (await usage.GetUsageSummary(request)).summary
-    months = {a.bucket_start.ToDatetime() for a in monthly.aggregates}
+    months = {a.bucket_start_time.ToDatetime() for a in monthly.aggregates}
     assert months <= {day.replace(day=1, tzinfo=None), (day + timedelta(days=1)).replace(day=1, tzinfo=None)}
     assert sum(a.event_count for a in monthly.aggregates) == 2
 
@@ -125,7 +131,7 @@ async def test_summary_of_a_tenant_without_usage_is_empty(
     usage: usage_service_pb2_grpc.UsageServiceStub,
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=new_tenant(), start_time=ts(hour_start(-5)), end_time=ts(hour_start(1))
+        name=f"tenants/{new_tenant()}/usageSummary", start_time=ts(hour_start(-5)), end_time=ts(hour_start(1))
     )
     assert list((await usage.GetUsageSummary(request)).summary.aggregates) == []
 
@@ -144,7 +150,7 @@ async def test_summary_of_a_tenant_without_usage_is_empty(
 async def test_bad_summary_range_is_invalid_argument(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str, start: object, end: object, field: str
 ) -> None:
-    request = usage_service_pb2.GetUsageSummaryRequest(tenant_id=tenant)
+    request = usage_service_pb2.GetUsageSummaryRequest(name=f"tenants/{tenant}/usageSummary")
     base = hour_start(-24 * 4000)
     if start is not None:
         request.start_time.CopyFrom(
@@ -162,7 +168,7 @@ async def test_hourly_buckets_over_more_than_a_year_are_refused(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(hour_start(-24 * 400)),
         end_time=ts(hour_start(0)),
         bucket=resources_pb2.TIME_BUCKET_HOUR,
@@ -178,7 +184,7 @@ async def test_summary_with_unknown_bucket_value_is_invalid(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(hour_start(-1)),
         end_time=ts(hour_start(0)),
         bucket=42,  # type: ignore[arg-type]
@@ -213,7 +219,11 @@ async def test_stream_summaries_for_all_tenants_with_usage(
     # An hour far in the past that only this test uses, with more tenants than one query chunk.
     h0 = hour_start(-24 * 3000)
     tenants = sorted(new_tenant() for _ in range(130))
-    await report_all(usage, [event(t, "only", quantity="1", time=h0 + timedelta(minutes=1)) for t in tenants])
+    await report_all(
+        usage,
+        [event(t, "only", quantity="1", time=h0 + timedelta(minutes=1)) for t in tenants],
+        backfill=True,
+    )
     request = usage_service_pb2.StreamUsageSummariesRequest(
         start_time=ts(h0), end_time=ts(h0 + timedelta(hours=1))
     )
@@ -239,7 +249,7 @@ async def test_control_characters_in_the_dimension_key_are_invalid(
     usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
 ) -> None:
     request = usage_service_pb2.GetUsageSummaryRequest(
-        tenant_id=tenant,
+        name=f"tenants/{tenant}/usageSummary",
         start_time=ts(hour_start(-1)),
         end_time=ts(hour_start(0)),
         group_by_dimension="re\x00gion",

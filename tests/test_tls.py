@@ -100,7 +100,7 @@ async def list_rates(port: int, credentials: grpc.ChannelCredentials | None) -> 
     )
     async with channel:
         stub = billing_service_pb2_grpc.BillingServiceStub(channel)
-        response = await stub.ListRates(billing_service_pb2.ListRatesRequest(), timeout=5)
+        response = await stub.ListRates(billing_service_pb2.ListRatesRequest(), timeout=60)
         return len(response.rates)
 
 

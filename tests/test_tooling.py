@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+IMAGE = ROOT / "protos" / "tally-v1-image.binpb"
 
 
 def tool(name: str) -> str:
@@ -26,8 +27,15 @@ def test_protos_pass_buf_lint() -> None:
 
 
 def test_committed_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    result = run(sys.executable, "scripts/generate.py", "--out", str(tmp_path / "generated"))
+    image = tmp_path / "image.binpb"
+    result = run(
+        sys.executable, "scripts/generate.py", "--out", str(tmp_path / "generated"), "--image", str(image)
+    )
     assert result.returncode == 0, result.stderr
+    # The buf image, baseline of `buf breaking`, is reproducible and describes the protos as they are.
+    assert image.read_bytes() == IMAGE.read_bytes(), (
+        "protos/tally-v1-image.binpb is stale: run scripts/generate.py"
+    )
     comparison = filecmp.dircmp(ROOT / "generated", tmp_path / "generated")
     stale: list[str] = []
 
@@ -41,6 +49,32 @@ def test_committed_generated_code_is_up_to_date(tmp_path: Path) -> None:
 
     collect(comparison, "")
     assert not stale, f"generated/ is stale, run `python scripts/generate.py`: {stale}"
+
+
+def test_protos_do_not_break_the_committed_image() -> None:
+    result = run(tool("buf"), "breaking", "protos", "--against", str(IMAGE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_renamed_field(tmp_path: Path) -> None:
+    for part in ("protos", "third_party", "buf.yaml"):
+        source = ROOT / part
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / part)
+        else:
+            shutil.copy(source, tmp_path / part)
+    resources = tmp_path / "protos/tally/v1/resources.proto"
+    text = resources.read_text()
+    assert "  string event_id = 2 [" in text
+    resources.write_text(text.replace("  string event_id = 2 [", "  string event_key = 2 [", 1))
+    result = subprocess.run(
+        [tool("buf"), "breaking", "protos", "--against", str(IMAGE)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "event_key" in result.stdout, result.stdout + result.stderr
 
 
 def test_ruff_lint_and_format_are_clean() -> None:

@@ -1,21 +1,37 @@
-"""BillingService: protobuf in and out around server.billing."""
+"""BillingService: protobuf in and out around server.billing, resource names and request ids."""
 
 from __future__ import annotations
 
 import grpc
 
 from server.api.calls import rpc
-from server.api.convert import audit_event_message, invoice_message, optional_micros, rate_message
+from server.api.convert import (
+    audit_event_message,
+    invoice_message,
+    optional_micros,
+    rate_message,
+    tenant_in,
+)
+from server.api.request_ids import once, response
 from server.auth.authenticator import Authenticator
 from server.billing import Billing
 from server.domain.access import BILLING_ADMIN, BILLING_READ, Caller
+from server.domain.models import Invoice, Rate
+from server.domain.names import parse_invoice_name, parse_tenant_name
+from server.telemetry.calls import CallTelemetry
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
+
+_METHODS = billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].methods_by_name
+# The method part of request ids' keys (AIP-155), e.g. "tally.v1.BillingService.SetRate".
+_SET_RATE = _METHODS["SetRate"].full_name
+_GENERATE_INVOICE = _METHODS["GenerateInvoice"].full_name
 
 
 class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
-    def __init__(self, billing: Billing, authenticator: Authenticator) -> None:
+    def __init__(self, billing: Billing, authenticator: Authenticator, telemetry: CallTelemetry) -> None:
         self._billing = billing
         self.authenticator = authenticator
+        self.telemetry = telemetry
 
     @rpc(BILLING_READ)
     async def ListRates(
@@ -35,42 +51,57 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
     async def SetRate(
         self, request: billing_service_pb2.SetRateRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> billing_service_pb2.SetRateResponse:
-        rate = await self._billing.set_rate(
+        def respond(rate: Rate) -> billing_service_pb2.SetRateResponse:
+            return billing_service_pb2.SetRateResponse(rate=rate_message(rate))
+
+        result = await self._billing.set_rate(
             request.service,
             request.usage_type,
             request.unit_price,
             request.currency_code,
             optional_micros(request, "effective_time"),
             caller,
+            once(request, _SET_RATE, caller, respond),
+            reprice_past_usage=request.reprice_past_usage,
         )
-        return billing_service_pb2.SetRateResponse(rate=rate_message(rate))
+        return response(result, respond, billing_service_pb2.SetRateResponse)
 
-    @rpc(BILLING_ADMIN, tenant=lambda request: request.tenant_id)
+    @rpc(BILLING_ADMIN, tenant=lambda request: tenant_in(request.parent, parse_tenant_name))
     async def GenerateInvoice(
         self,
         request: billing_service_pb2.GenerateInvoiceRequest,
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.GenerateInvoiceResponse:
-        invoice, created = await self._billing.generate_invoice(
-            request.tenant_id,
-            optional_micros(request, "period_start"),
-            optional_micros(request, "period_end"),
-            caller,
-        )
-        return billing_service_pb2.GenerateInvoiceResponse(invoice=invoice_message(invoice), created=created)
+        def respond(result: tuple[Invoice, bool]) -> billing_service_pb2.GenerateInvoiceResponse:
+            invoice, created = result
+            return billing_service_pb2.GenerateInvoiceResponse(
+                invoice=invoice_message(invoice), created=created
+            )
 
-    @rpc(BILLING_READ)
+        result = await self._billing.generate_invoice(
+            parse_tenant_name(request.parent),
+            optional_micros(request, "period_start_time"),
+            optional_micros(request, "period_end_time"),
+            caller,
+            once(request, _GENERATE_INVOICE, caller, respond),
+        )
+        return response(result, respond, billing_service_pb2.GenerateInvoiceResponse)
+
+    @rpc(
+        BILLING_READ, tenant=lambda request: tenant_in(request.name, lambda name: parse_invoice_name(name)[0])
+    )
     async def GetInvoice(
         self,
         request: billing_service_pb2.GetInvoiceRequest,
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.GetInvoiceResponse:
-        invoice = await self._billing.get_invoice(request.invoice_id, caller.principal)
+        tenant_id, invoice_id = parse_invoice_name(request.name)
+        invoice = await self._billing.get_invoice(tenant_id, invoice_id, caller.principal)
         return billing_service_pb2.GetInvoiceResponse(invoice=invoice_message(invoice))
 
-    @rpc(BILLING_READ, tenant=lambda request: request.tenant_id)
+    @rpc(BILLING_READ, tenant=lambda request: tenant_in(request.parent, parse_tenant_name))
     async def ListInvoices(
         self,
         request: billing_service_pb2.ListInvoicesRequest,
@@ -78,7 +109,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         caller: Caller,
     ) -> billing_service_pb2.ListInvoicesResponse:
         page = await self._billing.list_invoices(
-            request.tenant_id, request.page_size, request.page_token, caller.principal
+            parse_tenant_name(request.parent), request.page_size, request.page_token, caller.principal
         )
         return billing_service_pb2.ListInvoicesResponse(
             invoices=[invoice_message(i) for i in page.items], next_page_token=page.next_page_token

@@ -7,7 +7,9 @@ a malformed request is refused (INVALID_ARGUMENT); the principal's request rate,
 named tenant's if the principal may act for it, are charged (RESOURCE_EXHAUSTED with
 RetryInfo); a stream takes one of the principal's stream slots and its incoming messages
 are subject to the idle timeout (DEADLINE_EXCEEDED). The method then runs with a
-`Caller`. Any failure becomes a precise status (server.api.errors).
+`Caller`. Any failure becomes a precise status (server.api.errors). Around all of it, the
+call is observed (server.telemetry.calls): a span when tracing is on, an access log line
+and the call counts.
 
 Tenant isolation itself is enforced by the use cases, which receive the caller.
 """
@@ -29,7 +31,8 @@ from server.api.decoding import Malformed
 from server.api.errors import REQUEST_ID_KEY, abort
 from server.auth.authenticator import Authenticator
 from server.domain.access import Caller
-from server.domain.errors import DeadlineExceeded, InvalidArgument
+from server.domain.errors import DeadlineExceeded, ErrorReason, InvalidArgument
+from server.telemetry.calls import CallTelemetry
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=\-]{1,128}")
 
@@ -37,9 +40,32 @@ Method = Callable[..., Any]
 
 
 class Guarded(Protocol):
-    """A servicer whose calls are authenticated and limited by `authenticator`."""
+    """A servicer whose calls are authenticated and limited by `authenticator`, and observed
+    by `telemetry`."""
 
     authenticator: Authenticator
+    telemetry: CallTelemetry
+
+
+_SERVICES: dict[type, str] = {}
+
+
+def service_name(servicer: object) -> str:
+    """The gRPC service a servicer implements ("tally.v1.UsageService"), from its generated base."""
+    cls = type(servicer)
+    name = _SERVICES.get(cls)
+    if name is None:
+        base = next(
+            (
+                c
+                for c in cls.__mro__
+                if c.__module__.endswith("_pb2_grpc") and c.__name__.endswith("Servicer")
+            ),
+            cls,
+        )
+        package = base.__module__.rpartition(".")[0]
+        name = _SERVICES[cls] = f"{package}.{base.__name__.removesuffix('Servicer')}"
+    return name
 
 
 def request_id(context: grpc.aio.ServicerContext) -> str:
@@ -52,7 +78,7 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
 
 def _malformed(request: object) -> None:
     if isinstance(request, Malformed):
-        raise InvalidArgument.single("request", request.reason)
+        raise InvalidArgument.single("request", request.reason, reason=ErrorReason.REQUEST_MALFORMED)
 
 
 async def _incoming(requests: AsyncIterator[Any], idle_seconds: float) -> AsyncIterator[Any]:
@@ -66,7 +92,9 @@ async def _incoming(requests: AsyncIterator[Any], idle_seconds: float) -> AsyncI
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no message for {idle_seconds:g} s: the stream was closed (batches acknowledged so far "
-                "are committed)"
+                "are committed)",
+                reason=ErrorReason.STREAM_IDLE,
+                metadata={"idleSeconds": f"{idle_seconds:g}"},
             ) from None
         _malformed(message)
         yield message
@@ -84,6 +112,7 @@ def rpc(scope: str, *, tenant: Callable[[Any], str] | None = None) -> Callable[[
         client_streaming = "request_iterator" in inspect.signature(method).parameters
         server_streaming = inspect.isasyncgenfunction(method)
         streaming = client_streaming or server_streaming
+        name = method.__name__
 
         @contextlib.asynccontextmanager
         async def admitted(
@@ -122,6 +151,7 @@ def rpc(scope: str, *, tenant: Callable[[Any], str] | None = None) -> Callable[[
                 self: Guarded, request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 rid = request_id(context)
+                call = self.telemetry.start(service_name(self), name, rid, True, context)
                 try:
                     async with (
                         admitted(self, request, context, rid) as (caller, request),
@@ -129,25 +159,40 @@ def rpc(scope: str, *, tenant: Callable[[Any], str] | None = None) -> Callable[[
                         # fails or is cancelled while a response is being sent.
                         contextlib.aclosing(method(self, request, context, caller)) as responses,
                     ):
+                        call.admitted(caller.principal.subject)
                         async for response in responses:
                             yield response
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
+                    call.failed(exc)
                     await abort(context, exc, rid)
+                except BaseException as exc:  # cancelled
+                    call.failed(exc)
+                    raise
+                finally:
+                    call.finish(context)
 
             return stream_wrapper
 
         @functools.wraps(method)
         async def unary_wrapper(self: Guarded, request: Any, context: grpc.aio.ServicerContext) -> Any:
             rid = request_id(context)
+            call = self.telemetry.start(service_name(self), name, rid, streaming, context)
             try:
                 async with admitted(self, request, context, rid) as (caller, request):
+                    call.admitted(caller.principal.subject)
                     return await method(self, request, context, caller)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                call.failed(exc)
                 await abort(context, exc, rid)
+            except BaseException as exc:  # cancelled
+                call.failed(exc)
+                raise
+            finally:
+                call.finish(context)
 
         return unary_wrapper
 

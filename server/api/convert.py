@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.domain.audit import INVOICE_CREATED, INVOICE_RECOMPUTED, RATE_SET, AuditEvent
+from server.domain.audit import INVOICE_CREATED, INVOICE_RECOMPUTED, RATE_SET, USAGE_BACKFILLED, AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
 from server.domain.models import Invoice, Rate, UsageSummary
+from server.domain.names import audit_event_name, invoice_name, rate_name, usage_summary_name
 from tally.v1 import resources_pb2
 
 # Timestamps outside years 1..9999 (the protobuf Timestamp range) are malformed.
@@ -46,6 +48,18 @@ def optional_micros(message: object, field: str) -> int | None:
     return micros(ts)
 
 
+def tenant_in(name: str, parse: Callable[[str], str]) -> str:
+    """The tenant id that a resource name starts with, or "" if it is malformed.
+
+    For charging the tenant's request rate before the request is validated: a malformed
+    name is refused afterwards, by the method, and still charged to the principal.
+    """
+    try:
+        return parse(name)
+    except InvalidArgument:
+        return ""
+
+
 def bucket_name(value: int) -> str:
     name = BUCKET_NAMES.get(resources_pb2.TimeBucket.ValueType(value))
     if name is None:
@@ -62,10 +76,10 @@ def to_timestamp(value: datetime) -> Timestamp:
 def raw_event(event: resources_pb2.UsageEvent) -> RawEvent:
     time_micros: int | None = None
     time_error: str | None = None
-    if event.HasField("time"):
-        time_error = timestamp_problem(event.time)
+    if event.HasField("event_time"):
+        time_error = timestamp_problem(event.event_time)
         if time_error is None:
-            time_micros = micros(event.time)
+            time_micros = micros(event.event_time)
     return RawEvent(
         tenant_id=event.tenant_id,
         event_id=event.event_id,
@@ -80,6 +94,7 @@ def raw_event(event: resources_pb2.UsageEvent) -> RawEvent:
 
 def rate_message(rate: Rate) -> resources_pb2.Rate:
     return resources_pb2.Rate(
+        name=rate_name(rate.service, rate.usage_type, rate.effective_from),
         service=rate.service,
         usage_type=rate.usage_type,
         unit_price=format_price(rate.unit_price, MINOR_UNITS.get(rate.currency, 2)),
@@ -92,10 +107,10 @@ def rate_message(rate: Rate) -> resources_pb2.Rate:
 def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
     minor = MINOR_UNITS.get(invoice.currency, 2)
     return resources_pb2.Invoice(
-        id=invoice.id,
+        name=invoice_name(invoice.tenant_id, invoice.id),
         tenant_id=invoice.tenant_id,
-        period_start=to_timestamp(invoice.period_start),
-        period_end=to_timestamp(invoice.period_end),
+        period_start_time=to_timestamp(invoice.period_start),
+        period_end_time=to_timestamp(invoice.period_end),
         currency_code=invoice.currency,
         line_items=[
             resources_pb2.InvoiceLineItem(
@@ -112,11 +127,13 @@ def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
         status=resources_pb2.INVOICE_STATUS_DRAFT,
         create_time=to_timestamp(invoice.created_at),
         update_time=to_timestamp(invoice.updated_at),
+        compute_time=to_timestamp(invoice.computed_at),
     )
 
 
 def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
     message = resources_pb2.UsageSummary(
+        name=usage_summary_name(summary.tenant_id),
         tenant_id=summary.tenant_id,
         start_time=to_timestamp(summary.start),
         end_time=to_timestamp(summary.end),
@@ -133,7 +150,7 @@ def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
             event_count=aggregate.event_count,
         )
         if aggregate.bucket_start_seconds is not None:
-            item.bucket_start.seconds = aggregate.bucket_start_seconds
+            item.bucket_start_time.seconds = aggregate.bucket_start_seconds
     return message
 
 
@@ -141,14 +158,15 @@ _AUDIT_ACTIONS = {
     RATE_SET: resources_pb2.AUDIT_ACTION_RATE_SET,
     INVOICE_CREATED: resources_pb2.AUDIT_ACTION_INVOICE_CREATED,
     INVOICE_RECOMPUTED: resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED,
+    USAGE_BACKFILLED: resources_pb2.AUDIT_ACTION_USAGE_BACKFILLED,
 }
 
 
 def audit_event_message(event: AuditEvent) -> resources_pb2.AuditEvent:
     entry = event.entry
     message = resources_pb2.AuditEvent(
-        id=str(event.id),
-        time=to_timestamp(event.time),
+        name=audit_event_name(event.id),
+        create_time=to_timestamp(event.time),
         principal=entry.principal,
         request_id=entry.request_id,
         action=_AUDIT_ACTIONS.get(entry.action, resources_pb2.AUDIT_ACTION_UNSPECIFIED),

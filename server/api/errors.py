@@ -1,24 +1,31 @@
 """The one place where failures become gRPC statuses.
 
-Domain errors map to their codes, with google.rpc.BadRequest details naming each bad
-field, and RetryInfo and QuotaFailure for limits; an unreachable database is UNAVAILABLE;
-anything else is a bug, logged with a reference and answered INTERNAL, so nothing reaches
-a client as UNKNOWN. Every failure carries the call's request id in its trailing metadata.
+Every status carries google.rpc.ErrorInfo with domain tally.v1 and the failure's stable
+reason (AIP-193; the reasons are listed in protos/tally/v1/error_reason.proto). Domain
+errors map to their codes, with google.rpc.BadRequest details naming each bad field, and
+RetryInfo and QuotaFailure for limits; an unreachable database is UNAVAILABLE; anything
+else is a bug, logged with a reference and answered INTERNAL, so nothing reaches a client
+as UNKNOWN. Every failure carries the call's request id in its trailing metadata.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, NoReturn
+from collections.abc import Mapping
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from server.domain.errors import (
+    ERROR_DOMAIN,
     Aborted,
     DeadlineExceeded,
+    ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -46,9 +53,26 @@ _CODES: dict[type[TallyError], grpc.StatusCode] = {
 REQUEST_ID_KEY = "x-request-id"
 
 
-def _status(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str, list[Any]]:
+def _packed(details: list[Message]) -> list[any_pb2.Any]:
+    packed = []
+    for detail in details:
+        item = any_pb2.Any()
+        item.Pack(detail)
+        packed.append(item)
+    return packed
+
+
+def _error_info(
+    reason: ErrorReason, metadata: Mapping[str, str] | None = None
+) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason.value, domain=ERROR_DOMAIN, metadata=metadata or {})
+
+
+def status_for(exc: BaseException, request_id: str) -> status_pb2.Status:
+    """The google.rpc.Status that answers `exc`: code, message, ErrorInfo and the other details."""
     if isinstance(exc, TallyError):
-        details: list[Any] = []
+        code = _CODES[type(exc)]
+        details: list[Message] = []
         if isinstance(exc, InvalidArgument):
             details.append(
                 error_details_pb2.BadRequest(
@@ -69,30 +93,30 @@ def _status(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str, 
                     ]
                 )
             )
-        return _CODES[type(exc)], exc.message, details
-    if isinstance(exc, CONNECTION_ERRORS):
-        return grpc.StatusCode.UNAVAILABLE, "database unavailable, retry later", []
-    reference = uuid.uuid4().hex[:12]
-    log.error("internal error %s (request %s)", reference, request_id, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (reference {reference} in the server log)", []
+        # ErrorInfo last: clients that read the first detail (BadRequest) keep working.
+        details.append(_error_info(exc.reason, exc.metadata))
+        message = exc.message
+    elif isinstance(exc, CONNECTION_ERRORS):
+        code = grpc.StatusCode.UNAVAILABLE
+        message = "database unavailable, retry later"
+        details = [_error_info(ErrorReason.DATABASE_UNAVAILABLE)]
+    else:
+        reference = uuid.uuid4().hex[:12]
+        log.error("internal error %s (request %s)", reference, request_id, exc_info=exc)
+        code = grpc.StatusCode.INTERNAL
+        message = f"internal error (reference {reference} in the server log)"
+        details = [_error_info(ErrorReason.INTERNAL_ERROR, {"reference": reference})]
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=_packed(details))
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str) -> NoReturn:
-    code, message, details = _status(exc, request_id)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    status = rpc_status.to_status(status_for(exc, request_id))
+    if status.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         # The message is ours and never quotes the token (see server.auth.tokens).
-        log.info("request %s refused: %s: %s", request_id, code.name, message)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
-    for detail in details:
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        status.details.append(packed)
+        log.info("request %s refused: %s: %s", request_id, status.code.name, status.details)
     await context.abort(
-        code,
-        message,
-        trailing_metadata=(
-            ("grpc-status-details-bin", status.SerializeToString()),
-            (REQUEST_ID_KEY, request_id),
-        ),
+        status.code,
+        status.details,
+        trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, request_id)),
     )
     raise AssertionError("context.abort returned")

@@ -12,13 +12,15 @@ import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from server.api.calls import rpc
-from server.api.convert import bucket_name, optional_micros, raw_event, summary_message
+from server.api.convert import bucket_name, optional_micros, raw_event, summary_message, tenant_in
 from server.api.pipeline import EventBudget, pipelined
 from server.auth.authenticator import Authenticator
-from server.auth.limits import Charge, take, try_take
+from server.auth.limits import Charge, debt_seconds, take, try_take
 from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
 from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
+from server.domain.names import parse_usage_summary_name
 from server.metering import BatchOutcome, Metering
+from server.telemetry.calls import CallTelemetry
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
@@ -44,10 +46,13 @@ def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRej
 
 
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
-    def __init__(self, metering: Metering, authenticator: Authenticator, budget: EventBudget) -> None:
+    def __init__(
+        self, metering: Metering, authenticator: Authenticator, budget: EventBudget, telemetry: CallTelemetry
+    ) -> None:
         self._metering = metering
         self._budget = budget
         self.authenticator = authenticator
+        self.telemetry = telemetry
 
     def _event_charges(self, caller: Caller, events: Sequence[RawEvent]) -> list[Charge]:
         # Only tenants the caller may act for are charged: a token for tenant A cannot
@@ -57,17 +62,23 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         return self.authenticator.limiter.event_charges(principal.subject, len(events), per_tenant)
 
     async def _prepare_batch(
-        self, caller: Caller, messages: RepeatedCompositeFieldContainer[resources_pb2.UsageEvent]
+        self,
+        caller: Caller,
+        messages: RepeatedCompositeFieldContainer[resources_pb2.UsageEvent],
+        backfill: bool,
     ) -> ValidatedBatch:
         """Decode and validate a streamed batch once the event rates allow it: waiting, not failing."""
         self._metering.check_batch_size(len(messages))
         events = [raw_event(e) for e in messages]
-        delay = take(self._event_charges(caller, events))
-        if delay > 0:
+        charges = self._event_charges(caller, events)
+        delay = take(charges)
+        while delay > 0:
             # Not reading the next message while we wait is what slows the client down:
-            # gRPC flow control stops it once the transport window is full.
+            # gRPC flow control stops it once the transport window is full. The debt is read
+            # again from the limiter's clock, which decides when it is repaid (a test's fake one too).
             await asyncio.sleep(delay)
-        return await self._metering.prepare_batch(events, caller.principal)
+            delay = debt_seconds(charges)
+        return await self._metering.prepare_batch(events, caller, backfill=backfill)
 
     def _record_stream(
         self, caller: Caller, requests: AsyncIterator[R]
@@ -76,7 +87,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         lane = self._metering.stream_lane()
         return pipelined(
             requests,
-            lambda r: self._prepare_batch(caller, r.events),
+            lambda r: self._prepare_batch(caller, r.events, r.backfill),
             lambda batch: self._metering.submit_batch(batch, lane),
             budget=self._budget,
             size=lambda r: len(r.events),
@@ -137,7 +148,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
                     rejections=[_rejection(r, 0) for r in outcome.rejections],
                 )
 
-    @rpc(USAGE_READ, tenant=lambda request: request.tenant_id)
+    @rpc(USAGE_READ, tenant=lambda request: tenant_in(request.name, parse_usage_summary_name))
     async def GetUsageSummary(
         self,
         request: usage_service_pb2.GetUsageSummaryRequest,
@@ -145,7 +156,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.GetUsageSummaryResponse:
         summary = await self._metering.summary(
-            request.tenant_id,
+            parse_usage_summary_name(request.name),
             optional_micros(request, "start_time"),
             optional_micros(request, "end_time"),
             bucket_name(request.bucket),

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from server.auth.limits import Limiter
 from server.auth.tokens import TokenVerifier
 from server.domain.access import Principal
-from server.domain.errors import Unauthenticated
+from server.domain.errors import ErrorReason, Unauthenticated
 
 _SCHEME = "bearer "
 
@@ -22,10 +22,16 @@ class Authenticator:
     def principal(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
-            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+            raise Unauthenticated(
+                "missing 'authorization: Bearer <token>' metadata", reason=ErrorReason.TOKEN_MISSING
+            )
         if len(values) > 1:
-            raise Unauthenticated("more than one 'authorization' metadata value")
+            raise Unauthenticated(
+                "more than one 'authorization' metadata value", reason=ErrorReason.TOKEN_INVALID
+            )
         value = values[0]
         if not isinstance(value, str) or not value[: len(_SCHEME)].lower() == _SCHEME:
-            raise Unauthenticated("the 'authorization' metadata must be 'Bearer <token>'")
+            raise Unauthenticated(
+                "the 'authorization' metadata must be 'Bearer <token>'", reason=ErrorReason.TOKEN_MISSING
+            )
         return self._verifier.verify(value[len(_SCHEME) :].strip())

@@ -1,4 +1,4 @@
-"""Rate limits and stream slots, in memory, per server process.
+"""Rate limits and stream slots, in memory in each server process (shared: server.auth.sharing).
 
 Token buckets: each key (a tenant or a principal) has a bucket holding up to one second
 of its rate, refilled continuously. A unary call takes its tokens only if every bucket
@@ -7,8 +7,10 @@ retry can succeed. A stream takes what its batch needs even if that drives the b
 into debt (`take`), and then waits for the debt to be repaid before it reads the next
 message, so that gRPC flow control slows the client down instead of failing it.
 
-Limits are per server process: with several processes, a tenant may get the configured
-rate from each of them.
+Each process decides alone, at once, from its own buckets; server.auth.sharing settles
+them with the other processes' through PostgreSQL several times a second (what each spent
+goes to a shared bucket, whose balance comes back), so that a limit holds for all
+processes together. Without sharing, limits are per process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from server.domain.errors import ResourceExhausted
+from server.domain.errors import ErrorReason, ResourceExhausted
 
 MAX_BUCKETS = 100_000
 
@@ -48,6 +50,10 @@ class TokenBuckets:
         self.rate = rate
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
+        # For server.auth.sharing: what was taken since the last settlement, and when each
+        # key was last asked about (a refused key must learn the shared balance too).
+        self.unsettled: dict[str, float] = {}
+        self.asked: dict[str, float] = {}
 
     @property
     def unlimited(self) -> bool:
@@ -74,14 +80,24 @@ class TokenBuckets:
         """Seconds until `amount` tokens are available for `key` (0 if they are now)."""
         if self.unlimited:
             return 0.0
-        bucket = self._bucket(key, self._clock())
+        now = self._clock()
+        self.asked[key] = now
+        bucket = self._bucket(key, now)
         # A request larger than the capacity can never be covered at once; it waits for a full bucket.
         missing = min(amount, self.rate) - bucket.tokens
         return max(0.0, missing / self.rate)
 
     def remove(self, key: str, amount: float) -> None:
         if not self.unlimited:
-            self._bucket(key, self._clock()).tokens -= amount
+            now = self._clock()
+            self._bucket(key, now).tokens -= amount
+            self.unsettled[key] = self.unsettled.get(key, 0.0) + amount
+            self.asked[key] = now
+
+    def settled(self, key: str, shared_tokens: float) -> None:
+        """Take the shared balance as this bucket's, less what was taken here since it was read."""
+        bucket = self._bucket(key, self._clock())
+        bucket.tokens = shared_tokens - self.unsettled.get(key, 0.0)
 
     def debt_seconds(self, key: str) -> float:
         """Seconds until the bucket of `key` is no longer in debt."""
@@ -122,28 +138,39 @@ def try_take(charges: Iterable[Charge]) -> None:
 
 def take(charges: Iterable[Charge]) -> float:
     """Take every charge even into debt; return the seconds to wait before the next message."""
-    delay = 0.0
+    charges = list(charges)
     for charge in charges:
         charge.buckets.remove(charge.key, charge.amount)
-        delay = max(delay, charge.buckets.debt_seconds(charge.key))
-    return delay
+    return debt_seconds(charges)
+
+
+def debt_seconds(charges: Iterable[Charge]) -> float:
+    """Seconds until no bucket of these charges is in debt (0 if none is now)."""
+    return max((charge.buckets.debt_seconds(charge.key) for charge in charges), default=0.0)
 
 
 class StreamSlots:
-    """At most `limit` concurrent streams per principal."""
+    """At most `limit` concurrent streams per principal (here and, with sharing, in other processes)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: dict[str, int] = {}
+        self.elsewhere: dict[str, int] = {}  # other processes' open streams, as last settled
+
+    @property
+    def open(self) -> dict[str, int]:
+        """Open streams per principal in this process."""
+        return dict(self._open)
 
     def acquire(self, subject: str) -> None:
         count = self._open.get(subject, 0)
-        if self.limit > 0 and count >= self.limit:
+        if self.limit > 0 and count + self.elsewhere.get(subject, 0) >= self.limit:
             raise ResourceExhausted(
                 f"at most {self.limit} concurrent streams per principal",
                 retry_after_seconds=1.0,
                 subject=subject,
                 limit="streams",
+                reason=ErrorReason.STREAM_LIMIT_REACHED,
             )
         self._open[subject] = count + 1
 
@@ -156,7 +183,7 @@ class StreamSlots:
 
 
 class Limiter:
-    """The limits of one server process: request and event buckets per tenant and per principal."""
+    """The limits as one server process sees them: request and event buckets per tenant and per principal."""
 
     def __init__(self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
@@ -165,6 +192,10 @@ class Limiter:
         self.tenant_events = TokenBuckets("events", settings.tenant_events_per_second, clock)
         self.principal_events = TokenBuckets("events", settings.principal_events_per_second, clock)
         self.streams = StreamSlots(settings.max_streams_per_principal)
+
+    @property
+    def buckets(self) -> tuple[TokenBuckets, ...]:
+        return (self.tenant_requests, self.principal_requests, self.tenant_events, self.principal_events)
 
     def request(self, subject: str, tenant_id: str | None) -> None:
         """Admit one call of a principal, about one tenant (if the call names one it may act for)."""

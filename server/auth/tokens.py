@@ -2,7 +2,8 @@
 
 Claims:
 - `sub`: the principal's name (required);
-- `tenants`: one tenant id, a list of them, or "*" for every tenant (required);
+- `tenants`: one tenant id, a list of them, or "*" (alone, or as the only element of a list) for
+  every tenant (required); a list mixing "*" with tenant ids is refused;
 - `scope`: space-separated scopes (OAuth 2 style), or a list (required);
 - `exp` (required), `nbf`, `iat`; `iss` and `aud` when the server is configured with them.
 
@@ -22,7 +23,7 @@ import jwt
 
 from server.auth.keys import HS256, VerificationKey
 from server.domain.access import ALL_TENANTS, SCOPES, AllTenants, Principal
-from server.domain.errors import Unauthenticated
+from server.domain.errors import ErrorReason, Unauthenticated
 from server.domain.events import check_id
 
 ALL_TENANTS_CLAIM = "*"
@@ -30,6 +31,10 @@ MAX_TOKEN_BYTES = 8 * 1024
 MAX_TENANTS = 1_000
 DEFAULT_LEEWAY_SECONDS = 30
 
+_REASONS: dict[type[jwt.PyJWTError], ErrorReason] = {
+    jwt.ExpiredSignatureError: ErrorReason.TOKEN_EXPIRED,
+    jwt.ImmatureSignatureError: ErrorReason.TOKEN_NOT_YET_VALID,
+}
 _FAILURES: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
     (jwt.ExpiredSignatureError, "the token has expired"),
     (jwt.ImmatureSignatureError, "the token is not valid yet"),
@@ -43,16 +48,24 @@ _FAILURES: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
 
 def _failure(exc: jwt.PyJWTError) -> Unauthenticated:
     if isinstance(exc, jwt.MissingRequiredClaimError):
-        return Unauthenticated(f"the token lacks the {exc.claim!r} claim")
+        return Unauthenticated(f"the token lacks the {exc.claim!r} claim", reason=ErrorReason.TOKEN_INVALID)
     for kind, message in _FAILURES:
         if isinstance(exc, kind):
-            return Unauthenticated(message)
-    return Unauthenticated("the token is malformed")
+            return Unauthenticated(message, reason=_REASONS.get(kind, ErrorReason.TOKEN_INVALID))
+    return Unauthenticated("the token is malformed", reason=ErrorReason.TOKEN_INVALID)
 
 
 def _tenants(value: Any) -> frozenset[str] | AllTenants:
-    if value == ALL_TENANTS_CLAIM or (isinstance(value, list) and ALL_TENANTS_CLAIM in value):
+    if value == ALL_TENANTS_CLAIM or value == [ALL_TENANTS_CLAIM]:
         return ALL_TENANTS
+    if isinstance(value, list) and ALL_TENANTS_CLAIM in value:
+        # ["acme", "*"] is ambiguous: most likely a token meant for one tenant that an
+        # issuer's template widened by mistake. Granting every tenant on a guess would turn
+        # that mistake into access to everyone's data, so the token is refused.
+        raise Unauthenticated(
+            "the token's 'tenants' claim must be '*' alone, or tenant ids without '*'",
+            reason=ErrorReason.TOKEN_INVALID,
+        )
     listed = [value] if isinstance(value, str) else value
     if (
         not isinstance(listed, list)
@@ -60,14 +73,20 @@ def _tenants(value: Any) -> frozenset[str] | AllTenants:
         or len(listed) > MAX_TENANTS
         or not all(isinstance(t, str) and check_id(t) is None for t in listed)
     ):
-        raise Unauthenticated("the token's 'tenants' claim must be a tenant id, a list of them, or '*'")
+        raise Unauthenticated(
+            "the token's 'tenants' claim must be a tenant id, a list of them, or '*'",
+            reason=ErrorReason.TOKEN_INVALID,
+        )
     return frozenset(listed)
 
 
 def _scopes(value: Any) -> frozenset[str]:
     listed = value.split() if isinstance(value, str) else value
     if not isinstance(listed, list) or not all(isinstance(s, str) for s in listed):
-        raise Unauthenticated("the token's 'scope' claim must be a space-separated string or a list")
+        raise Unauthenticated(
+            "the token's 'scope' claim must be a space-separated string or a list",
+            reason=ErrorReason.TOKEN_INVALID,
+        )
     # Unknown scopes are ignored, so that one token can also carry other services' scopes.
     return frozenset(s for s in listed if s in SCOPES)
 
@@ -103,13 +122,15 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Unauthenticated("the token is malformed") from None
+            raise Unauthenticated("the token is malformed", reason=ErrorReason.TOKEN_INVALID) from None
         algorithm, key_id = header.get("alg"), header.get("kid")
         candidates = [
             k for k in self._keys if k.algorithm == algorithm and (k.key_id is None or k.key_id == key_id)
         ]
         if not candidates:
-            raise Unauthenticated("the token's algorithm or key id is not accepted")
+            raise Unauthenticated(
+                "the token's algorithm or key id is not accepted", reason=ErrorReason.TOKEN_INVALID
+            )
         return candidates
 
     def verify(self, token: str) -> Principal:
@@ -123,17 +144,19 @@ class TokenVerifier:
         now = self._now()
         if now >= expires + self._leeway:
             del self._verified[token]
-            raise Unauthenticated("the token has expired")
+            raise Unauthenticated("the token has expired", reason=ErrorReason.TOKEN_EXPIRED)
         if now < not_before - self._leeway:
             del self._verified[token]
-            raise Unauthenticated("the token is not valid yet")
+            raise Unauthenticated("the token is not valid yet", reason=ErrorReason.TOKEN_NOT_YET_VALID)
         if len(self._verified) > self._cache_size:
             self._verified.popitem(last=False)
         return principal
 
     def _verify(self, token: str) -> tuple[Principal, float, float]:
         if len(token) > MAX_TOKEN_BYTES:
-            raise Unauthenticated(f"the token is longer than {MAX_TOKEN_BYTES} bytes")
+            raise Unauthenticated(
+                f"the token is longer than {MAX_TOKEN_BYTES} bytes", reason=ErrorReason.TOKEN_INVALID
+            )
         required = ["exp", "sub", "tenants", "scope"]
         if self._issuer:
             required.append("iss")
@@ -158,7 +181,9 @@ class TokenVerifier:
                 raise _failure(exc) from None
             subject = claims["sub"]
             if not isinstance(subject, str) or check_id(subject) is not None:
-                raise Unauthenticated("the token's 'sub' claim must be a non-empty name")
+                raise Unauthenticated(
+                    "the token's 'sub' claim must be a non-empty name", reason=ErrorReason.TOKEN_INVALID
+                )
             principal = Principal(subject, _tenants(claims["tenants"]), _scopes(claims["scope"]))
             return principal, float(claims.get("nbf", float("-inf"))), float(claims["exp"])
         assert failure is not None

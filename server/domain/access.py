@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from server.domain.errors import PermissionDenied
+from server.domain.errors import ErrorReason, PermissionDenied
 
 USAGE_WRITE: Final = "usage:write"
 USAGE_READ: Final = "usage:read"
 BILLING_READ: Final = "billing:read"
 BILLING_ADMIN: Final = "billing:admin"
-SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN)
+# Recording usage older than the ingestion window (audited), on top of usage:write.
+USAGE_BACKFILL: Final = "usage:backfill"
+SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN, USAGE_BACKFILL)
 
 ALL_TENANTS: Final = "all"
 AllTenants = Literal["all"]
@@ -44,15 +46,21 @@ class Principal:
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes:
-            raise PermissionDenied(f"the token lacks the scope {scope}")
+            raise PermissionDenied(
+                f"the token lacks the scope {scope}",
+                reason=ErrorReason.SCOPE_MISSING,
+                metadata={"scope": scope},
+            )
 
     def require_tenant(self, tenant_id: str) -> None:
         if not self.may_act_for(tenant_id):
-            raise PermissionDenied(TENANT_DENIED)
+            raise PermissionDenied(TENANT_DENIED, reason=ErrorReason.TENANT_NOT_PERMITTED)
 
     def require_all_tenants(self, what: str) -> None:
         if self.tenants != ALL_TENANTS:
-            raise PermissionDenied(f"{what} needs a token for all tenants")
+            raise PermissionDenied(
+                f"{what} needs a token for all tenants", reason=ErrorReason.ALL_TENANTS_REQUIRED
+            )
 
 
 @dataclass(frozen=True, slots=True)

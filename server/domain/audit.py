@@ -1,5 +1,8 @@
 """The audit trail's values: who changed which money rule, when, in which request, from what to what.
 
+Besides rate changes and invoices, the trail records backfills: usage recorded for times
+older than the ingestion window changes the totals of past periods.
+
 Entries are written in the same transaction as the change they describe, so the trail
 has an entry for every committed change and none for a change that was rolled back.
 States are plain JSON objects with exact decimal strings, never floats.
@@ -7,18 +10,22 @@ States are plain JSON objects with exact decimal strings, never floats.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from server.domain.access import Caller
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
+from server.domain.events import EventKey, EventRow
 from server.domain.models import Invoice, Rate
+from server.domain.timeutil import to_datetime
 
 RATE_SET: Final = "rate_set"
 INVOICE_CREATED: Final = "invoice_created"
 INVOICE_RECOMPUTED: Final = "invoice_recomputed"
-ACTIONS: Final = (RATE_SET, INVOICE_CREATED, INVOICE_RECOMPUTED)
+USAGE_BACKFILLED: Final = "usage_backfilled"
+ACTIONS: Final = (RATE_SET, INVOICE_CREATED, INVOICE_RECOMPUTED, USAGE_BACKFILLED)
 
 State = Mapping[str, Any]
 
@@ -78,3 +85,42 @@ def invoice_state(invoice: Invoice) -> State:
             for line in invoice.lines
         ],
     }
+
+
+def backfill_entries(
+    caller: Caller, rows: Mapping[EventKey, EventRow], new_keys: Set[EventKey]
+) -> list[AuditEntry]:
+    """One entry per tenant that got new events from a backfilled batch.
+
+    `rows` are the batch's valid events and `new_keys` those of them recorded now (the
+    others were duplicates). A tenant whose events were all duplicates changed nothing
+    and gets no entry.
+    """
+    by_tenant: dict[str, list[EventRow]] = {}
+    for row in rows.values():
+        by_tenant.setdefault(row[0], []).append(row)
+    entries = []
+    for tenant_id in sorted(by_tenant):
+        tenant_rows = by_tenant[tenant_id]
+        new = [row for row in tenant_rows if (row[0], row[1]) in new_keys]
+        if not new:
+            continue
+        times = [row[5] for row in new]
+        entries.append(
+            AuditEntry(
+                principal=caller.principal.subject,
+                request_id=caller.request_id,
+                action=USAGE_BACKFILLED,
+                tenant_id=tenant_id,
+                resource=f"tenants/{tenant_id}/usage",
+                before=None,
+                after={
+                    "accepted_count": len(new),
+                    "duplicate_count": len(tenant_rows) - len(new),
+                    "first_event_time": to_datetime(min(times)).isoformat(),
+                    "last_event_time": to_datetime(max(times)).isoformat(),
+                    "usage_types": sorted({f"{row[2]}/{row[3]}" for row in new}),
+                },
+            )
+        )
+    return entries

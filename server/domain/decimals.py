@@ -9,30 +9,14 @@ from __future__ import annotations
 
 import re
 from decimal import ROUND_HALF_UP, Context, Decimal, Inexact, InvalidOperation, Overflow
+from fractions import Fraction
+
+from server.domain.currencies import CURRENCIES
 
 _DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")  # ASCII only: \d also matches digits of other scripts
 
-# ISO 4217 minor units of the currencies Tally accepts. Money is rounded to these.
-MINOR_UNITS: dict[str, int] = {
-    "USD": 2,
-    "EUR": 2,
-    "GBP": 2,
-    "CHF": 2,
-    "CAD": 2,
-    "AUD": 2,
-    "SEK": 2,
-    "NOK": 2,
-    "DKK": 2,
-    "INR": 2,
-    "BRL": 2,
-    "MXN": 2,
-    "CNY": 2,
-    "SGD": 2,
-    "JPY": 0,
-    "KRW": 0,
-    "KWD": 3,
-    "BHD": 3,
-}
+# ISO 4217 minor units of the currencies Tally accepts (server.domain.currencies). Money is rounded to these.
+MINOR_UNITS: dict[str, int] = {code: currency.minor_units for code, currency in CURRENCIES.items()}
 
 # The one rounding rule for money: half away from zero, applied once per invoice line.
 MONEY_ROUNDING = ROUND_HALF_UP
@@ -96,3 +80,44 @@ def round_money(value: Decimal, minor_digits: int) -> Decimal:
 def format_money(value: Decimal, minor_digits: int) -> str:
     """An amount with exactly the currency's minor digits ("0.50", "12")."""
     return format(round_money(value, minor_digits), "f")
+
+
+def round_fraction(value: Fraction, minor_digits: int) -> Decimal:
+    """Round an exact rational amount (a prorated fee) to the minor unit, half away from zero.
+
+    The same rule as round_money, for the one amount a Decimal cannot hold exactly:
+    100.00 x 5/720 hours is 0.69444..., so it stays a Fraction until this single rounding.
+    """
+    scaled = value * 10**minor_digits
+    units, remainder = divmod(abs(scaled.numerator), scaled.denominator)
+    if 2 * remainder >= scaled.denominator:
+        units += 1
+    sign = 1 if scaled.numerator < 0 and units else 0
+    return Decimal((sign, tuple(int(d) for d in str(units)), -minor_digits))
+
+
+def check_exact(
+    value: Decimal, *, max_integer_digits: int, max_fraction_digits: int, positive: bool = False
+) -> str | None:
+    """Why an already-typed Decimal is not an acceptable non-negative amount, or None if it is.
+
+    The typed twin of check_decimal for values built in code (plans, tiers): it also
+    refuses floats smuggled past the type checker, NaN and infinities, so every product
+    and sum stays exact within EXACT's precision.
+    """
+    if not isinstance(value, Decimal):
+        return f"must be an exact Decimal, not {type(value).__name__}"
+    if not value.is_finite():
+        return "must be a finite number"
+    if value < 0 or (positive and value == 0):
+        return "must be greater than 0" if positive else "must not be negative"
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite, checked above
+    # Trailing zeros after the point (a price stored as 0.100000000000) are not precision.
+    text = "".join(map(str, digits))
+    fraction_digits = max(0, -exponent - (len(text) - len(text.rstrip("0")))) if value else 0
+    if value and value.adjusted() >= max_integer_digits:
+        return f"has more than {max_integer_digits} digits before the decimal point"
+    if fraction_digits > max_fraction_digits:
+        return f"has more than {max_fraction_digits} digits after the decimal point"
+    return None

@@ -1,9 +1,45 @@
-"""The few failures that the domain reports; server.api.errors maps each to a gRPC status."""
+"""The few failures that the domain reports; server.api.errors maps each to a gRPC status.
+
+Each failure carries an ErrorReason, the stable machine-readable reason that reaches the
+client in google.rpc.ErrorInfo (AIP-193), and optional ErrorInfo metadata. The reasons and
+their meaning are listed in protos/tally/v1/error_reason.proto, the contract; a test keeps
+the two lists equal.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+# The ErrorInfo domain of every reason below.
+ERROR_DOMAIN = "tally.v1"
+
+
+class ErrorReason(enum.StrEnum):
+    """Why a call failed, for a program: the ErrorInfo reason (see error_reason.proto)."""
+
+    FIELD_INVALID = "FIELD_INVALID"
+    REQUEST_MALFORMED = "REQUEST_MALFORMED"
+    PAGE_TOKEN_INVALID = "PAGE_TOKEN_INVALID"
+    BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
+    INVOICE_NOT_FOUND = "INVOICE_NOT_FOUND"
+    INVOICE_PERIOD_OVERLAP = "INVOICE_PERIOD_OVERLAP"
+    USAGE_NOT_PRICED = "USAGE_NOT_PRICED"
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+    SCOPE_MISSING = "SCOPE_MISSING"
+    TENANT_NOT_PERMITTED = "TENANT_NOT_PERMITTED"
+    ALL_TENANTS_REQUIRED = "ALL_TENANTS_REQUIRED"
+    TOKEN_MISSING = "TOKEN_MISSING"
+    TOKEN_INVALID = "TOKEN_INVALID"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    TOKEN_NOT_YET_VALID = "TOKEN_NOT_YET_VALID"
+    RATE_LIMITED = "RATE_LIMITED"
+    STREAM_LIMIT_REACHED = "STREAM_LIMIT_REACHED"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    TRANSACTION_CONFLICT = "TRANSACTION_CONFLICT"
+    STREAM_IDLE = "STREAM_IDLE"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,23 +51,47 @@ class FieldViolation:
 
 
 class TallyError(Exception):
-    """Base of the errors a caller is meant to see."""
+    """Base of the errors a caller is meant to see: a message for humans, a reason for programs.
 
-    def __init__(self, message: str) -> None:
+    `metadata` goes into ErrorInfo.metadata: facts a program may use (lowerCamelCase keys).
+    """
+
+    def __init__(
+        self, message: str, *, reason: ErrorReason, metadata: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.reason = reason
+        self.metadata = dict(metadata or {})
 
 
 class InvalidArgument(TallyError):
-    """The request is malformed; `violations` names each bad field."""
+    """The request is malformed; `violations` names each bad field (reason FIELD_INVALID unless told)."""
 
-    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation],
+        *,
+        reason: ErrorReason = ErrorReason.FIELD_INVALID,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         self.violations = tuple(violations)
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+        super().__init__(
+            "; ".join(f"{v.field}: {v.description}" for v in self.violations),
+            reason=reason,
+            metadata=metadata,
+        )
 
     @classmethod
-    def single(cls, field: str, description: str) -> InvalidArgument:
-        return cls([FieldViolation(field, description)])
+    def single(
+        cls,
+        field: str,
+        description: str,
+        *,
+        reason: ErrorReason = ErrorReason.FIELD_INVALID,
+        metadata: Mapping[str, str] | None = None,
+    ) -> InvalidArgument:
+        return cls([FieldViolation(field, description)], reason=reason, metadata=metadata)
 
 
 class NotFound(TallyError):
@@ -61,8 +121,16 @@ class PermissionDenied(TallyError):
 class ResourceExhausted(TallyError):
     """A limit was reached: retry after `retry_after_seconds`; `subject` names the quota."""
 
-    def __init__(self, message: str, *, retry_after_seconds: float, subject: str, limit: str) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float,
+        subject: str,
+        limit: str,
+        reason: ErrorReason = ErrorReason.RATE_LIMITED,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata={"quota": limit})
         self.retry_after_seconds = retry_after_seconds
         self.subject = subject
         self.limit = limit

@@ -1,7 +1,13 @@
 """Validation of usage events, and their shaping into columns for one bulk insert.
 
 An event is rejected for the first rule it breaks; the other events of its batch go
-on. Valid events are de-duplicated within the batch (the first occurrence wins, the
+on. Event times must fall in a window around the server's clock (at most `max_age`
+back, `max_future` ahead), as in every metering system: late usage would silently change
+invoices already sent, and one stray timestamp would otherwise create storage for every
+month since 1970. Older usage goes through an explicit backfill, which skips the age
+limit and is audited (see server.metering).
+
+Valid events are de-duplicated within the batch (the first occurrence wins, the
 others count as duplicates). Columns for a write are sorted by (tenant_id, event_id):
 concurrent transactions then take their row locks in the same order and cannot deadlock
 on each other.
@@ -16,9 +22,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from server.domain.access import Caller
 from server.domain.decimals import check_decimal
 from server.domain.errors import FieldViolation
-from server.domain.timeutil import MICROS_PER_SECOND, to_datetime
+from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_SECOND, to_datetime
 
 MAX_ID_LENGTH = 128
 MAX_DIMENSIONS = 16
@@ -50,6 +57,9 @@ class EventRules:
 
     max_future_micros: int = 5 * 60 * MICROS_PER_SECOND
     max_batch_size: int = 10_000
+    # 35 days, as Stripe's meter events: a month's usage can still arrive after its invoice
+    # period has ended, and a late retry of a few days is never refused.
+    max_age_micros: int = 35 * MICROS_PER_DAY
 
 
 class UsageTypeCatalog(Protocol):
@@ -107,6 +117,8 @@ class ValidatedBatch:
     rows: dict[EventKey, EventRow]  # distinct valid events, first occurrence of each key
     rejections: list[Rejection]
     repeated_in_batch: int  # valid events whose key appeared earlier in the same batch
+    # Who asked for this batch to be backfilled (it is audited); None for usage in the window.
+    backfill_by: Caller | None = None
 
 
 def has_control(value: str) -> bool:
@@ -144,10 +156,21 @@ def _check_dimensions(dimensions: Mapping[str, str]) -> FieldViolation | None:
     return None
 
 
+def _span(micros: int) -> str:
+    """A duration for people: "35 days", "12 hours" or "90 s"."""
+    for unit, name in ((MICROS_PER_DAY, "days"), (MICROS_PER_HOUR, "hours")):
+        if micros % unit == 0:
+            return f"{micros // unit} {name}"
+    return f"{micros // MICROS_PER_SECOND} s"
+
+
 def check_event(
-    event: RawEvent, catalog: UsageTypeCatalog, rules: EventRules, now_micros: int
+    event: RawEvent, catalog: UsageTypeCatalog, rules: EventRules, now_micros: int, *, backfill: bool = False
 ) -> list[FieldViolation]:
-    """Every rule the event breaks, in field order (empty if it is valid)."""
+    """Every rule the event breaks, in field order (empty if it is valid).
+
+    A backfill accepts times older than the window; every other rule still holds.
+    """
     violations: list[FieldViolation] = []
     if problem := check_id(event.tenant_id):
         violations.append(FieldViolation("tenant_id", problem))
@@ -172,15 +195,25 @@ def check_event(
     ):
         violations.append(FieldViolation("quantity", problem))
     if event.time_error is not None:
-        violations.append(FieldViolation("time", event.time_error))
+        violations.append(FieldViolation("event_time", event.time_error))
     elif event.time_micros is not None:
         if event.time_micros > now_micros + rules.max_future_micros:
             ahead = rules.max_future_micros // MICROS_PER_SECOND
-            violations.append(FieldViolation("time", f"is more than {ahead} s ahead of the server's clock"))
+            violations.append(
+                FieldViolation("event_time", f"is more than {ahead} s ahead of the server's clock")
+            )
+        elif not backfill and event.time_micros < now_micros - rules.max_age_micros:
+            violations.append(
+                FieldViolation(
+                    "event_time",
+                    f"is more than {_span(rules.max_age_micros)} before the server's clock; older usage "
+                    "must be backfilled (IngestUsage or StreamUsage with backfill set, scope usage:backfill)",
+                )
+            )
         elif first_effective is not None and event.time_micros < first_effective:
             violations.append(
                 FieldViolation(
-                    "time",
+                    "event_time",
                     f"is before the first rate of {event.service}/{event.usage_type} took effect "
                     f"({to_datetime(first_effective).isoformat()})",
                 )
@@ -230,6 +263,8 @@ def validate_batch(
     rules: EventRules,
     now_micros: int,
     may_act_for: Callable[[str], bool] = lambda tenant_id: True,
+    *,
+    backfill: bool = False,
 ) -> ValidatedBatch:
     """Split a batch into distinct valid rows and rejections (see the module docstring).
 
@@ -247,7 +282,7 @@ def validate_batch(
                 )
             )
             continue
-        violations = check_event(event, catalog, rules, now_micros)
+        violations = check_event(event, catalog, rules, now_micros, backfill=backfill)
         if violations:
             first = violations[0]
             rejections.append(Rejection(index, event.event_id, first.field, first.description))

@@ -36,6 +36,9 @@ class Invoice:
     status: InvoiceStatus
     created_at: datetime
     updated_at: datetime
+    # When lines and total were computed: updated_at for the stored invoice, the time of
+    # the read for a draft priced afresh when read.
+    computed_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

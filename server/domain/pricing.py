@@ -4,6 +4,10 @@ The rounding rule, in one place: each line's amount is quantity * unit_price com
 exactly, then rounded once to the currency's minor unit, half away from zero
 (decimals.MONEY_ROUNDING). The total is the sum of the rounded lines, so an invoice
 always adds up as printed. Nothing is rounded before the line amount.
+
+This is the rate card's flat path; each line is priced as a per-unit charge of the
+charge engine (server.domain.charges), which extends the same rule to tiers, packages,
+flat fees and minimums for plans.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from server.domain.charges import PerUnit, price_usage_model
 from server.domain.decimals import EXACT, round_money
 
 
@@ -55,7 +60,7 @@ def price_usage(usages: Iterable[PricedUsage], minor_digits: int) -> InvoiceAmou
             usage_type=usage_type,
             quantity=quantity,
             unit_price=unit_price,
-            amount=round_money(EXACT.multiply(quantity, unit_price), minor_digits),
+            amount=round_money(price_usage_model(PerUnit(unit_price), quantity).amount, minor_digits),
             event_count=count,
         )
         for (service, usage_type, unit_price), (quantity, count) in sorted(merged.items())

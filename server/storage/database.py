@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from server.domain.errors import Aborted, InvalidArgument, Unavailable
+from server.domain.errors import Aborted, ErrorReason, InvalidArgument, Unavailable
 
 T = TypeVar("T")
 
@@ -107,7 +107,7 @@ async def run_with_retries(
     Connection failures, and an attempt that takes longer than `seconds_per_attempt`
     (waiting for a pool connection included), become domain Unavailable errors, so that
     callers see UNAVAILABLE rather than an internal error or no answer at all. An attempt
-    cut short is rolled back as a whole, like any failed transaction.
+    cut short is never half-written: its transaction commits or rolls back as a whole.
     """
     for attempt in range(attempts):
         try:
@@ -115,12 +115,20 @@ async def run_with_retries(
                 return await operation()
         except RETRYABLE_ERRORS as exc:
             if attempt == attempts - 1:
-                raise Aborted(f"concurrent update conflict, retry the call ({type(exc).__name__})") from exc
+                raise Aborted(
+                    f"concurrent update conflict, retry the call ({type(exc).__name__})",
+                    reason=ErrorReason.TRANSACTION_CONFLICT,
+                ) from exc
             await asyncio.sleep(0.005 * 2**attempt)
         except TimeoutError as exc:
-            raise Unavailable(f"database unavailable: no answer within {seconds_per_attempt:g} s") from exc
+            raise Unavailable(
+                f"database unavailable: no answer within {seconds_per_attempt:g} s",
+                reason=ErrorReason.DATABASE_UNAVAILABLE,
+            ) from exc
         except CONNECTION_ERRORS as exc:
-            raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+            raise Unavailable(
+                f"database unavailable: {type(exc).__name__}", reason=ErrorReason.DATABASE_UNAVAILABLE
+            ) from exc
         except asyncpg.DataError as exc:
             # Validation should have caught it; if not, it is still bad input (e.g. a NUL
             # character in a page token), which must not look like a server fault.

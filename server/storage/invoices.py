@@ -12,33 +12,73 @@ import asyncpg
 from server.domain.audit import AuditEntry
 from server.domain.models import Invoice, InvoiceStatus
 from server.domain.pricing import LineItem, PricedUsage
-from server.storage import audit
+from server.domain.requests import RequestKey
+from server.storage import audit, request_ids
 from server.storage.database import run_with_retries
 
-# Usage of a tenant over [$2, $3) per usage type and unit price. Each rate holds from
-# its effective_from until the next rate of its usage type; rollups are hourly and
-# rates change on whole hours, so each hour has exactly one price. Hours without a
-# rate (impossible through the API) come back with a NULL unit_price.
+# Usage of tenant $1 over each period [$3[i], $4[i]) (labelled $2[i]) per usage type
+# and unit price. Each rate holds from its effective_from until the next rate of its
+# usage type; rollups are hourly and rates change on whole hours, so each hour has
+# exactly one price. Hours without a rate (impossible through the API) come back with
+# a NULL unit_price. Several periods in one query, so that a page of drafts is priced
+# in one round trip.
 _PRICED_USAGE = """
-WITH rate_periods AS (
+WITH periods AS (
+    SELECT * FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[])
+        AS p(label, period_start, period_end)
+), rate_periods AS (
     SELECT service, usage_type, unit_price, effective_from,
            lead(effective_from, 1, 'infinity') OVER (
                PARTITION BY service, usage_type ORDER BY effective_from) AS effective_until
     FROM rates
 ), hourly AS (
-    SELECT service, usage_type, hour, sum(quantity) AS quantity, sum(event_count) AS event_count
-    FROM usage_rollups
-    WHERE tenant_id = $1 AND hour >= $2 AND hour < $3
-    GROUP BY 1, 2, 3
+    SELECT pe.label, u.service, u.usage_type, u.hour,
+           sum(u.quantity) AS quantity, sum(u.event_count) AS event_count
+    FROM periods pe
+    JOIN usage_rollups u
+      ON u.tenant_id = $1 AND u.hour >= pe.period_start AND u.hour < pe.period_end
+    GROUP BY 1, 2, 3, 4
 )
-SELECT h.service, h.usage_type, p.unit_price,
+SELECT h.label, h.service, h.usage_type, p.unit_price,
        sum(h.quantity) AS quantity, sum(h.event_count)::bigint AS event_count
 FROM hourly h
 LEFT JOIN rate_periods p
        ON p.service = h.service AND p.usage_type = h.usage_type
       AND h.hour >= p.effective_from AND h.hour < p.effective_until
-GROUP BY 1, 2, 3
+GROUP BY 1, 2, 3, 4
 """
+
+Period = tuple[str, datetime, datetime]  # (label, start, end)
+
+
+async def _priced_usage(
+    conn: asyncpg.Connection, tenant_id: str, periods: Sequence[Period]
+) -> dict[str, list[PricedUsage | None]]:
+    """Per period label, the tenant's usage per type and price; None stands for usage no rate covers."""
+    found: dict[str, list[PricedUsage | None]] = {label: [] for label, _, _ in periods}
+    if not periods:
+        return found
+    rows = await conn.fetch(
+        _PRICED_USAGE,
+        tenant_id,
+        [label for label, _, _ in periods],
+        [start for _, start, _ in periods],
+        [end for _, _, end in periods],
+    )
+    for row in rows:
+        found[row["label"]].append(
+            None
+            if row["unit_price"] is None
+            else PricedUsage(
+                service=row["service"],
+                usage_type=row["usage_type"],
+                unit_price=row["unit_price"],
+                quantity=row["quantity"],
+                event_count=row["event_count"],
+            )
+        )
+    return found
+
 
 _INVOICE_COLUMNS = "id, tenant_id, period_start, period_end, currency, total, status, created_at, updated_at"
 _LINE_COLUMNS = "invoice_id, service, usage_type, quantity, unit_price, amount, event_count"
@@ -75,6 +115,7 @@ async def _load(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> lis
             status=InvoiceStatus(row["status"]),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            computed_at=row["updated_at"],
         )
         for row in rows
     ]
@@ -101,19 +142,15 @@ class InvoiceTransaction:
 
     async def priced_usage(self, tenant_id: str, start: datetime, end: datetime) -> list[PricedUsage | None]:
         """The tenant's usage per type and price; None stands for usage that no rate covers."""
-        rows = await self._conn.fetch(_PRICED_USAGE, tenant_id, start, end)
-        return [
-            None
-            if row["unit_price"] is None
-            else PricedUsage(
-                service=row["service"],
-                usage_type=row["usage_type"],
-                unit_price=row["unit_price"],
-                quantity=row["quantity"],
-                event_count=row["event_count"],
-            )
-            for row in rows
-        ]
+        return (await _priced_usage(self._conn, tenant_id, [("", start, end)]))[""]
+
+    async def claim(self, key: RequestKey) -> bytes | None:
+        """Claim a request's key for this change; the first call's response if it ran before."""
+        return await request_ids.claim(self._conn, key)
+
+    async def complete(self, key: RequestKey, response: bytes) -> None:
+        """Store the response of the change that claimed `key`, committed (or not) with it."""
+        await request_ids.complete(self._conn, key, response)
 
     async def append_audit(self, entry: AuditEntry) -> None:
         """Record the change in the audit trail, committed (or not) with it."""
@@ -187,6 +224,17 @@ class InvoiceStore:
                 rows = await conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)
                 invoices = await _load(conn, rows)
             return invoices[0] if invoices else None
+
+        return await run_with_retries(attempt)
+
+    async def priced_usage(
+        self, tenant_id: str, periods: Sequence[Period]
+    ) -> dict[str, list[PricedUsage | None]]:
+        """The tenant's usage over each period, now, per type and price (see InvoiceTransaction)."""
+
+        async def attempt() -> dict[str, list[PricedUsage | None]]:
+            async with self._pool.acquire() as conn:
+                return await _priced_usage(conn, tenant_id, periods)
 
         return await run_with_retries(attempt)
 

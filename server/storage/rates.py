@@ -10,7 +10,8 @@ import asyncpg
 
 from server.domain.audit import AuditEntry
 from server.domain.models import Rate
-from server.storage import audit
+from server.domain.requests import Once, Replayed
+from server.storage import audit, request_ids
 from server.storage.database import run_with_retries
 
 _FIRST_EFFECTIVE = """
@@ -106,22 +107,26 @@ class RateStore:
         unit_price: Decimal,
         currency: str,
         audit_entry: Callable[[Rate | None, Rate], AuditEntry],
-    ) -> Rate:
+        once: Once[Rate] | None = None,
+    ) -> Rate | Replayed:
         """Set a rate. With no effective time, a new usage type gets default[0], a known one default[1].
 
         The choice is made under a lock on the usage type so that two concurrent
         first rates of a new type cannot both take the "new type" default. The audit
         entry, made from the rate in effect before and the rate set, is written in the
-        same transaction.
+        same transaction, and so is the response for `once`'s key: a call with a key
+        already claimed returns the stored response and changes nothing.
         """
 
-        async def attempt() -> Rate:
+        async def attempt() -> Rate | Replayed:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtextextended('rate:' || $1 || '/' || $2, 0))",
                     service,
                     usage_type,
                 )
+                if once is not None and (stored := await request_ids.claim(conn, once.key)) is not None:
+                    return Replayed(stored)
                 effective = effective_from
                 if effective is None:
                     known = await conn.fetchval(
@@ -135,6 +140,8 @@ class RateStore:
                     await conn.fetchrow(_UPSERT, service, usage_type, effective, unit_price, currency)
                 )
                 await audit.append(conn, audit_entry(None if before is None else _rate(before), rate))
+                if once is not None:
+                    await request_ids.complete(conn, once.key, once.encode(rate))
                 return rate
 
         return await run_with_retries(attempt)

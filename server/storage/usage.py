@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence, Set
 from datetime import UTC, datetime
 
 import asyncpg
 
+from server.domain.audit import AuditEntry
 from server.domain.decimals import trim_decimal
-from server.domain.events import EventColumns
+from server.domain.events import EventColumns, EventKey
 from server.domain.models import UsageAggregate
 from server.domain.timeutil import to_datetime
+from server.storage.audit import append as append_audit
 from server.storage.database import RetryTransaction, run_with_retries
+
+# The audit entries to write with a batch, given the keys of its events that were new.
+AuditHook = Callable[[Set[EventKey]], Sequence[AuditEntry]]
 
 # One round trip records a whole batch: claim the idempotency keys that are new, store
 # exactly those events, and add exactly those to the hourly rollups, in one statement
@@ -116,10 +121,13 @@ class UsageStore:
         self._partitions: set[int] = set()
 
     async def _ensure_partitions(self, columns: EventColumns) -> None:
-        """Create the monthly partitions this batch needs that this process has not seen yet."""
-        first = _month_index(min(columns.times_micros))
-        last = _month_index(max(columns.times_micros))
-        missing = [m for m in range(first, last + 1) if m not in self._partitions]
+        """Create the monthly partitions this batch needs that this process has not seen yet.
+
+        Only the months that hold one of its events: a backfill of 1990 and today's usage
+        in one batch makes two partitions, not four hundred. (An event that turns out to be
+        a duplicate may still leave its month's partition behind, empty.)
+        """
+        missing = sorted({_month_index(t) for t in columns.times_micros} - self._partitions)
         if not missing:
             return
         async with self._pool.acquire() as conn:
@@ -129,8 +137,12 @@ class UsageStore:
                 )
         self._partitions.update(missing)
 
-    async def record_new_keys(self, columns: EventColumns) -> set[tuple[str, str]]:
-        """Store the events that are new, in one transaction; return their (tenant_id, event_id) keys."""
+    async def record_new_keys(self, columns: EventColumns, audit: AuditHook | None = None) -> set[EventKey]:
+        """Store the events that are new, in one transaction; return their (tenant_id, event_id) keys.
+
+        With `audit`, the entries it gives for the new keys are appended in the same
+        transaction (an explicit one: without audit, the single statement is its own).
+        """
         if not len(columns):
             return set()
         args = (
@@ -143,11 +155,17 @@ class UsageStore:
             columns.dimensions_json,
         )
 
-        async def attempt() -> set[tuple[str, str]]:
+        async def attempt() -> set[EventKey]:
             await self._ensure_partitions(columns)
             async with self._pool.acquire() as conn:
                 try:
-                    return {(row[0], row[1]) for row in await conn.fetch(_RECORD_BATCH, *args)}
+                    if audit is None:
+                        return {(row[0], row[1]) for row in await conn.fetch(_RECORD_BATCH, *args)}
+                    async with conn.transaction():
+                        new_keys = {(row[0], row[1]) for row in await conn.fetch(_RECORD_BATCH, *args)}
+                        for entry in audit(new_keys):
+                            await append_audit(conn, entry)
+                    return new_keys
                 except asyncpg.CheckViolationError as exc:
                     if "no partition" not in str(exc):
                         raise

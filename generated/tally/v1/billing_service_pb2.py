@@ -22,41 +22,111 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tally.v1 import resources_pb2 as tally_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etally/v1/billing_service.proto\x12\x08tally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"\x7f\n\x10ListRatesRequest\x12.\n\nas_of_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cshow_history\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"K\n\x11ListRatesResponse\x12\x1d\n\x05rates\x18\x01 \x03(\x0b\x32\x0e.tally.v1.Rate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x01\n\x0eSetRateRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x12\n\nusage_type\x18\x02 \x01(\t\x12\x12\n\nunit_price\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"/\n\x0fSetRateResponse\x12\x1c\n\x04rate\x18\x01 \x01(\x0b\x32\x0e.tally.v1.Rate\"\xb0\x01\n\x16ListAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x14.tally.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x16GenerateInvoiceRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x17GenerateInvoiceResponse\x12\"\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.Invoice\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\'\n\x11GetInvoiceRequest\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\"8\n\x12GetInvoiceResponse\x12\"\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.Invoice\"O\n\x13ListInvoicesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x14ListInvoicesResponse\x12#\n\x08invoices\x18\x01 \x03(\x0b\x32\x11.tally.v1.Invoice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xde\x03\n\x0e\x42illingService\x12\x44\n\tListRates\x12\x1a.tally.v1.ListRatesRequest\x1a\x1b.tally.v1.ListRatesResponse\x12>\n\x07SetRate\x12\x18.tally.v1.SetRateRequest\x1a\x19.tally.v1.SetRateResponse\x12V\n\x0fGenerateInvoice\x12 .tally.v1.GenerateInvoiceRequest\x1a!.tally.v1.GenerateInvoiceResponse\x12G\n\nGetInvoice\x12\x1b.tally.v1.GetInvoiceRequest\x1a\x1c.tally.v1.GetInvoiceResponse\x12M\n\x0cListInvoices\x12\x1d.tally.v1.ListInvoicesRequest\x1a\x1e.tally.v1.ListInvoicesResponse\x12V\n\x0fListAuditEvents\x12 .tally.v1.ListAuditEventsRequest\x1a!.tally.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etally/v1/billing_service.proto\x12\x08tally.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"\x97\x01\n\x10ListRatesRequest\x12\x34\n\nas_of_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x1a\n\x0cshow_history\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"W\n\x11ListRatesResponse\x12#\n\x05rates\x18\x01 \x03(\x0b\x32\x0e.tally.v1.RateB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"\xee\x01\n\x0eSetRateRequest\x12\x15\n\x07service\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nusage_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nunit_price\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rcurrency_code\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12 \n\x12reprice_past_usage\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x01\"5\n\x0fSetRateResponse\x12\"\n\x04rate\x18\x01 \x01(\x0b\x32\x0e.tally.v1.RateB\x04\xe2\x41\x01\x03\"\xce\x01\n\x16ListAuditEventsRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"j\n\x17ListAuditEventsResponse\x12\x30\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x14.tally.v1.AuditEventB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"\xd2\x01\n\x16GenerateInvoiceRequest\x12&\n\x06parent\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\x12\rtally/Invoice\x12;\n\x11period_start_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x39\n\x0fperiod_end_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"Z\n\x17GenerateInvoiceResponse\x12(\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reated\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\"9\n\x11GetInvoiceRequest\x12$\n\x04name\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\n\rtally/Invoice\">\n\x12GetInvoiceResponse\x12(\n\x07invoice\x18\x01 \x01(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\"p\n\x13ListInvoicesRequest\x12&\n\x06parent\x18\x01 \x01(\tB\x16\xe2\x41\x01\x02\xfa\x41\x0f\x12\rtally/Invoice\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"`\n\x14ListInvoicesResponse\x12)\n\x08invoices\x18\x01 \x03(\x0b\x32\x11.tally.v1.InvoiceB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x32\xde\x03\n\x0e\x42illingService\x12\x44\n\tListRates\x12\x1a.tally.v1.ListRatesRequest\x1a\x1b.tally.v1.ListRatesResponse\x12>\n\x07SetRate\x12\x18.tally.v1.SetRateRequest\x1a\x19.tally.v1.SetRateResponse\x12V\n\x0fGenerateInvoice\x12 .tally.v1.GenerateInvoiceRequest\x1a!.tally.v1.GenerateInvoiceResponse\x12G\n\nGetInvoice\x12\x1b.tally.v1.GetInvoiceRequest\x1a\x1c.tally.v1.GetInvoiceResponse\x12M\n\x0cListInvoices\x12\x1d.tally.v1.ListInvoicesRequest\x1a\x1e.tally.v1.ListInvoicesResponse\x12V\n\x0fListAuditEvents\x12 .tally.v1.ListAuditEventsRequest\x1a!.tally.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tally.v1.billing_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTRATESREQUEST']._serialized_start=103
-  _globals['_LISTRATESREQUEST']._serialized_end=230
-  _globals['_LISTRATESRESPONSE']._serialized_start=232
-  _globals['_LISTRATESRESPONSE']._serialized_end=307
-  _globals['_SETRATEREQUEST']._serialized_start=310
-  _globals['_SETRATEREQUEST']._serialized_end=458
-  _globals['_SETRATERESPONSE']._serialized_start=460
-  _globals['_SETRATERESPONSE']._serialized_end=507
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=510
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=686
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=688
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=782
-  _globals['_GENERATEINVOICEREQUEST']._serialized_start=785
-  _globals['_GENERATEINVOICEREQUEST']._serialized_end=926
-  _globals['_GENERATEINVOICERESPONSE']._serialized_start=928
-  _globals['_GENERATEINVOICERESPONSE']._serialized_end=1006
-  _globals['_GETINVOICEREQUEST']._serialized_start=1008
-  _globals['_GETINVOICEREQUEST']._serialized_end=1047
-  _globals['_GETINVOICERESPONSE']._serialized_start=1049
-  _globals['_GETINVOICERESPONSE']._serialized_end=1105
-  _globals['_LISTINVOICESREQUEST']._serialized_start=1107
-  _globals['_LISTINVOICESREQUEST']._serialized_end=1186
-  _globals['_LISTINVOICESRESPONSE']._serialized_start=1188
-  _globals['_LISTINVOICESRESPONSE']._serialized_end=1272
-  _globals['_BILLINGSERVICE']._serialized_start=1275
-  _globals['_BILLINGSERVICE']._serialized_end=1753
+  _globals['_LISTRATESREQUEST'].fields_by_name['as_of_time']._loaded_options = None
+  _globals['_LISTRATESREQUEST'].fields_by_name['as_of_time']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRATESREQUEST'].fields_by_name['show_history']._loaded_options = None
+  _globals['_LISTRATESREQUEST'].fields_by_name['show_history']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRATESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTRATESREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRATESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTRATESREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTRATESRESPONSE'].fields_by_name['rates']._loaded_options = None
+  _globals['_LISTRATESRESPONSE'].fields_by_name['rates']._serialized_options = b'\342A\001\003'
+  _globals['_LISTRATESRESPONSE'].fields_by_name['next_page_token']._loaded_options = None
+  _globals['_LISTRATESRESPONSE'].fields_by_name['next_page_token']._serialized_options = b'\342A\001\003'
+  _globals['_SETRATEREQUEST'].fields_by_name['service']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['service']._serialized_options = b'\342A\001\002'
+  _globals['_SETRATEREQUEST'].fields_by_name['usage_type']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['usage_type']._serialized_options = b'\342A\001\002'
+  _globals['_SETRATEREQUEST'].fields_by_name['unit_price']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['unit_price']._serialized_options = b'\342A\001\002'
+  _globals['_SETRATEREQUEST'].fields_by_name['currency_code']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['currency_code']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATEREQUEST'].fields_by_name['effective_time']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['effective_time']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATEREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATEREQUEST'].fields_by_name['reprice_past_usage']._loaded_options = None
+  _globals['_SETRATEREQUEST'].fields_by_name['reprice_past_usage']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATERESPONSE'].fields_by_name['rate']._loaded_options = None
+  _globals['_SETRATERESPONSE'].fields_by_name['rate']._serialized_options = b'\342A\001\003'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['tenant_id']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['tenant_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['start_time']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['start_time']._serialized_options = b'\342A\001\001'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['end_time']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['end_time']._serialized_options = b'\342A\001\001'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTAUDITEVENTSRESPONSE'].fields_by_name['audit_events']._loaded_options = None
+  _globals['_LISTAUDITEVENTSRESPONSE'].fields_by_name['audit_events']._serialized_options = b'\342A\001\003'
+  _globals['_LISTAUDITEVENTSRESPONSE'].fields_by_name['next_page_token']._loaded_options = None
+  _globals['_LISTAUDITEVENTSRESPONSE'].fields_by_name['next_page_token']._serialized_options = b'\342A\001\003'
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\017\022\rtally/Invoice'
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['period_start_time']._loaded_options = None
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['period_start_time']._serialized_options = b'\342A\001\002'
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['period_end_time']._loaded_options = None
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['period_end_time']._serialized_options = b'\342A\001\002'
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_GENERATEINVOICEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEINVOICERESPONSE'].fields_by_name['invoice']._loaded_options = None
+  _globals['_GENERATEINVOICERESPONSE'].fields_by_name['invoice']._serialized_options = b'\342A\001\003'
+  _globals['_GENERATEINVOICERESPONSE'].fields_by_name['created']._loaded_options = None
+  _globals['_GENERATEINVOICERESPONSE'].fields_by_name['created']._serialized_options = b'\342A\001\003'
+  _globals['_GETINVOICEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETINVOICEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\017\n\rtally/Invoice'
+  _globals['_GETINVOICERESPONSE'].fields_by_name['invoice']._loaded_options = None
+  _globals['_GETINVOICERESPONSE'].fields_by_name['invoice']._serialized_options = b'\342A\001\003'
+  _globals['_LISTINVOICESREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTINVOICESREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\017\022\rtally/Invoice'
+  _globals['_LISTINVOICESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTINVOICESREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTINVOICESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTINVOICESREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTINVOICESRESPONSE'].fields_by_name['invoices']._loaded_options = None
+  _globals['_LISTINVOICESRESPONSE'].fields_by_name['invoices']._serialized_options = b'\342A\001\003'
+  _globals['_LISTINVOICESRESPONSE'].fields_by_name['next_page_token']._loaded_options = None
+  _globals['_LISTINVOICESRESPONSE'].fields_by_name['next_page_token']._serialized_options = b'\342A\001\003'
+  _globals['_LISTRATESREQUEST']._serialized_start=164
+  _globals['_LISTRATESREQUEST']._serialized_end=315
+  _globals['_LISTRATESRESPONSE']._serialized_start=317
+  _globals['_LISTRATESRESPONSE']._serialized_end=404
+  _globals['_SETRATEREQUEST']._serialized_start=407
+  _globals['_SETRATEREQUEST']._serialized_end=645
+  _globals['_SETRATERESPONSE']._serialized_start=647
+  _globals['_SETRATERESPONSE']._serialized_end=700
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=703
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=909
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=911
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1017
+  _globals['_GENERATEINVOICEREQUEST']._serialized_start=1020
+  _globals['_GENERATEINVOICEREQUEST']._serialized_end=1230
+  _globals['_GENERATEINVOICERESPONSE']._serialized_start=1232
+  _globals['_GENERATEINVOICERESPONSE']._serialized_end=1322
+  _globals['_GETINVOICEREQUEST']._serialized_start=1324
+  _globals['_GETINVOICEREQUEST']._serialized_end=1381
+  _globals['_GETINVOICERESPONSE']._serialized_start=1383
+  _globals['_GETINVOICERESPONSE']._serialized_end=1445
+  _globals['_LISTINVOICESREQUEST']._serialized_start=1447
+  _globals['_LISTINVOICESREQUEST']._serialized_end=1559
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=1561
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=1657
+  _globals['_BILLINGSERVICE']._serialized_start=1660
+  _globals['_BILLINGSERVICE']._serialized_end=2138
 # @@protoc_insertion_point(module_scope)

@@ -97,6 +97,8 @@ class SetRateRequest(_message.Message):
     UNIT_PRICE_FIELD_NUMBER: _builtins.int
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPRICE_PAST_USAGE_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service, 1 to 64 characters of [A-Za-z0-9_.-]."""
     usage_type: _builtins.str
@@ -109,12 +111,29 @@ class SetRateRequest(_message.Message):
     """ISO 4217 code; must be the rate card's currency (the server's --currency,
     USD by default). Empty means that currency.
     """
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto, "Request
+    ids"): a retry answers the first call's response and writes no second
+    audit entry. Empty: no deduplication (setting the same rate again
+    replaces it, and is audited again).
+    """
+    reprice_past_usage: _builtins.bool
+    """Confirms that an effective_time before now is meant: usage already
+    reported from that time on is re-priced at this rate (draft invoices show
+    the new price when next read or generated). Without it, a past
+    effective_time is refused, so a typo cannot change what was already
+    billed. When it re-prices past usage, the audit entry of the change
+    (AUDIT_ACTION_RATE_SET) has `"reprice_past_usage": true` in `after`.
+    Ignored for an effective_time at or after now. Default false.
+    """
     @_builtins.property
     def effective_time(self) -> _timestamp_pb2.Timestamp:
         """When the price takes effect; must be a whole UTC hour. Defaults to the start
         of the next hour, so that usage already reported keeps its price. The first
         rate of a new usage type defaults to the Unix epoch, so that it covers all
-        of its usage.
+        of its usage. A time before now re-prices usage already reported and is
+        refused with INVALID_ARGUMENT (field `effective_time`) unless
+        reprice_past_usage is set.
         """
 
     def __init__(
@@ -125,10 +144,12 @@ class SetRateRequest(_message.Message):
         unit_price: _builtins.str = ...,
         currency_code: _builtins.str = ...,
         effective_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+        reprice_past_usage: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "effective_time", b"effective_time", "service", b"service", "unit_price", b"unit_price", "usage_type", b"usage_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "effective_time", b"effective_time", "reprice_past_usage", b"reprice_past_usage", "request_id", b"request_id", "service", b"service", "unit_price", b"unit_price", "usage_type", b"usage_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,11 +200,11 @@ class ListAuditEventsRequest(_message.Message):
     """The next_page_token of a previous call with the same other fields."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Only entries at or after this time. Optional."""
+        """Only entries at or after this time."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only entries before this time. Optional; must be after start_time."""
+        """Only entries before this time; must be after start_time."""
 
     def __init__(
         self,
@@ -238,31 +259,38 @@ class GenerateInvoiceRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TENANT_ID_FIELD_NUMBER: _builtins.int
-    PERIOD_START_FIELD_NUMBER: _builtins.int
-    PERIOD_END_FIELD_NUMBER: _builtins.int
-    tenant_id: _builtins.str
-    """The tenant to bill."""
+    PARENT_FIELD_NUMBER: _builtins.int
+    PERIOD_START_TIME_FIELD_NUMBER: _builtins.int
+    PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The tenant to bill: "tenants/{tenant}"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto, "Request
+    ids"): a retry answers the first call's response, even if the invoice was
+    recomputed since. Empty: every call recomputes a draft.
+    """
     @_builtins.property
-    def period_start(self) -> _timestamp_pb2.Timestamp:
-        """Start of the period, inclusive; a whole UTC hour. Required."""
+    def period_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period, inclusive; a whole UTC hour."""
 
     @_builtins.property
-    def period_end(self) -> _timestamp_pb2.Timestamp:
-        """End of the period, exclusive; a whole UTC hour after period_start, at most
-        366 days after it. Required.
+    def period_end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the period, exclusive; a whole UTC hour after period_start_time, at
+        most 366 days after it.
         """
 
     def __init__(
         self,
         *,
-        tenant_id: _builtins.str = ...,
-        period_start: _timestamp_pb2.Timestamp | None = ...,
-        period_end: _timestamp_pb2.Timestamp | None = ...,
+        parent: _builtins.str = ...,
+        period_start_time: _timestamp_pb2.Timestamp | None = ...,
+        period_end_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end_time", b"period_end_time", "period_start_time", b"period_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,17 +330,17 @@ class GetInvoiceRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    INVOICE_ID_FIELD_NUMBER: _builtins.int
-    invoice_id: _builtins.str
-    """The invoice's id."""
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The invoice's name: "tenants/{tenant}/invoices/{invoice}"."""
     def __init__(
         self,
         *,
-        invoice_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,25 +376,25 @@ class ListInvoicesRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    tenant_id: _builtins.str
-    """The tenant whose invoices to list. Required."""
+    parent: _builtins.str
+    """The tenant whose invoices to list: "tenants/{tenant}"."""
     page_size: _builtins.int
     """Maximum number of invoices to return: default 50, at most 500."""
     page_token: _builtins.str
-    """The next_page_token of a previous call with the same tenant_id."""
+    """The next_page_token of a previous call with the same parent."""
     def __init__(
         self,
         *,
-        tenant_id: _builtins.str = ...,
+        parent: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

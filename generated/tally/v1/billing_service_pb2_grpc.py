@@ -92,7 +92,8 @@ class BillingServiceServicer:
     def ListRates(self, request, context):
         """The rate card: the rates in effect at a time (default now), or every rate
         ever set, in (service, usage_type, effective_time) order. Scope
-        billing:read; the rate card is shared by every tenant.
+        billing:read; the rate card is shared by every tenant, so the listing
+        spans every service and usage type and has no parent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,7 +102,9 @@ class BillingServiceServicer:
     def SetRate(self, request, context):
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
-        its old price. Setting a rate again for the same effective time replaces it.
+        its old price. Setting a rate again for the same effective time replaces
+        it; a retry with the same request_id does not. An effective time in the
+        past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
         Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
         otherwise), since the rate card prices every tenant's usage.
         """
@@ -112,17 +115,19 @@ class BillingServiceServicer:
     def GenerateInvoice(self, request, context):
         """Computes the invoice of a tenant for a period. There is at most one invoice
         per tenant and period: generating again returns the same invoice,
-        recomputed while it is a draft. A period that overlaps another invoice of
-        the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
-        the token does not cover is PERMISSION_DENIED.
+        recomputed while it is a draft (a retry with the same request_id returns
+        the first call's answer instead). A period that overlaps another invoice
+        of the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a
+        tenant the token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetInvoice(self, request, context):
-        """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-        tenant the token does not cover (the two cannot be told apart). Scope
+        """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
+        tenant the token does not cover (the two cannot be told apart). A draft's
+        totals are computed as of the call (see Invoice.compute_time). Scope
         billing:read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -130,7 +135,8 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListInvoices(self, request, context):
-        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        """A tenant's invoices, newest period first; drafts' totals are computed as
+        of the call (see Invoice.compute_time). Scope billing:read; a tenant the
         token does not cover is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -46,29 +46,35 @@ class BillingServiceStub:
     ListRates: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListRatesRequest, _billing_service_pb2.ListRatesResponse]
     """The rate card: the rates in effect at a time (default now), or every rate
     ever set, in (service, usage_type, effective_time) order. Scope
-    billing:read; the rate card is shared by every tenant.
+    billing:read; the rate card is shared by every tenant, so the listing
+    spans every service and usage type and has no parent.
     """
     SetRate: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.SetRateRequest, _billing_service_pb2.SetRateResponse]
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
-    its old price. Setting a rate again for the same effective time replaces it.
+    its old price. Setting a rate again for the same effective time replaces
+    it; a retry with the same request_id does not. An effective time in the
+    past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
     Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
     otherwise), since the rate card prices every tenant's usage.
     """
     GenerateInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GenerateInvoiceRequest, _billing_service_pb2.GenerateInvoiceResponse]
     """Computes the invoice of a tenant for a period. There is at most one invoice
     per tenant and period: generating again returns the same invoice,
-    recomputed while it is a draft. A period that overlaps another invoice of
-    the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
-    the token does not cover is PERMISSION_DENIED.
+    recomputed while it is a draft (a retry with the same request_id returns
+    the first call's answer instead). A period that overlaps another invoice
+    of the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a
+    tenant the token does not cover is PERMISSION_DENIED.
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]
-    """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-    tenant the token does not cover (the two cannot be told apart). Scope
+    """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
+    tenant the token does not cover (the two cannot be told apart). A draft's
+    totals are computed as of the call (see Invoice.compute_time). Scope
     billing:read.
     """
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]
-    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    """A tenant's invoices, newest period first; drafts' totals are computed as
+    of the call (see Invoice.compute_time). Scope billing:read; a tenant the
     token does not cover is PERMISSION_DENIED.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]
@@ -96,29 +102,35 @@ class BillingServiceAsyncStub(BillingServiceStub):
     ListRates: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListRatesRequest, _billing_service_pb2.ListRatesResponse]  # type: ignore[assignment]
     """The rate card: the rates in effect at a time (default now), or every rate
     ever set, in (service, usage_type, effective_time) order. Scope
-    billing:read; the rate card is shared by every tenant.
+    billing:read; the rate card is shared by every tenant, so the listing
+    spans every service and usage type and has no parent.
     """
     SetRate: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.SetRateRequest, _billing_service_pb2.SetRateResponse]  # type: ignore[assignment]
     """Sets the price of a usage type from an effective time on; adds the usage
     type to the rate card if it is new. Usage before the effective time keeps
-    its old price. Setting a rate again for the same effective time replaces it.
+    its old price. Setting a rate again for the same effective time replaces
+    it; a retry with the same request_id does not. An effective time in the
+    past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
     Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
     otherwise), since the rate card prices every tenant's usage.
     """
     GenerateInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GenerateInvoiceRequest, _billing_service_pb2.GenerateInvoiceResponse]  # type: ignore[assignment]
     """Computes the invoice of a tenant for a period. There is at most one invoice
     per tenant and period: generating again returns the same invoice,
-    recomputed while it is a draft. A period that overlaps another invoice of
-    the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
-    the token does not cover is PERMISSION_DENIED.
+    recomputed while it is a draft (a retry with the same request_id returns
+    the first call's answer instead). A period that overlaps another invoice
+    of the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a
+    tenant the token does not cover is PERMISSION_DENIED.
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]  # type: ignore[assignment]
-    """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-    tenant the token does not cover (the two cannot be told apart). Scope
+    """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
+    tenant the token does not cover (the two cannot be told apart). A draft's
+    totals are computed as of the call (see Invoice.compute_time). Scope
     billing:read.
     """
     ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]  # type: ignore[assignment]
-    """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+    """A tenant's invoices, newest period first; drafts' totals are computed as
+    of the call (see Invoice.compute_time). Scope billing:read; a tenant the
     token does not cover is PERMISSION_DENIED.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListAuditEventsRequest, _billing_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
@@ -149,7 +161,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_billing_service_pb2.ListRatesResponse, _abc.Awaitable[_billing_service_pb2.ListRatesResponse]]:
         """The rate card: the rates in effect at a time (default now), or every rate
         ever set, in (service, usage_type, effective_time) order. Scope
-        billing:read; the rate card is shared by every tenant.
+        billing:read; the rate card is shared by every tenant, so the listing
+        spans every service and usage type and has no parent.
         """
 
     @_abc_1.abstractmethod
@@ -160,7 +173,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_billing_service_pb2.SetRateResponse, _abc.Awaitable[_billing_service_pb2.SetRateResponse]]:
         """Sets the price of a usage type from an effective time on; adds the usage
         type to the rate card if it is new. Usage before the effective time keeps
-        its old price. Setting a rate again for the same effective time replaces it.
+        its old price. Setting a rate again for the same effective time replaces
+        it; a retry with the same request_id does not. An effective time in the
+        past needs reprice_past_usage (INVALID_ARGUMENT otherwise).
         Scope billing:admin, with a token for all tenants (PERMISSION_DENIED
         otherwise), since the rate card prices every tenant's usage.
         """
@@ -173,9 +188,10 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_billing_service_pb2.GenerateInvoiceResponse, _abc.Awaitable[_billing_service_pb2.GenerateInvoiceResponse]]:
         """Computes the invoice of a tenant for a period. There is at most one invoice
         per tenant and period: generating again returns the same invoice,
-        recomputed while it is a draft. A period that overlaps another invoice of
-        the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a tenant
-        the token does not cover is PERMISSION_DENIED.
+        recomputed while it is a draft (a retry with the same request_id returns
+        the first call's answer instead). A period that overlaps another invoice
+        of the tenant fails with FAILED_PRECONDITION. Scope billing:admin; a
+        tenant the token does not cover is PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -184,8 +200,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.GetInvoiceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.GetInvoiceResponse, _abc.Awaitable[_billing_service_pb2.GetInvoiceResponse]]:
-        """One invoice by id; NOT_FOUND if there is none, or if it belongs to a
-        tenant the token does not cover (the two cannot be told apart). Scope
+        """One invoice by name; NOT_FOUND if there is none, or if it belongs to a
+        tenant the token does not cover (the two cannot be told apart). A draft's
+        totals are computed as of the call (see Invoice.compute_time). Scope
         billing:read.
         """
 
@@ -195,7 +212,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.ListInvoicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.ListInvoicesResponse, _abc.Awaitable[_billing_service_pb2.ListInvoicesResponse]]:
-        """A tenant's invoices, newest period first. Scope billing:read; a tenant the
+        """A tenant's invoices, newest period first; drafts' totals are computed as
+        of the call (see Invoice.compute_time). Scope billing:read; a tenant the
         token does not cover is PERMISSION_DENIED.
         """
 

@@ -110,20 +110,33 @@ class IngestUsageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
+    BACKFILL_FIELD_NUMBER: _builtins.int
+    backfill: _builtins.bool
+    """Backfill: record events older than the ingestion window (35 days before the
+    server's clock by default, --max-event-age), which are otherwise rejected
+    with field `event_time`. Needs the scope usage:backfill besides usage:write (the
+    whole stream fails with PERMISSION_DENIED at this batch otherwise, nothing
+    of it written); events still need a rate in effect at their time and a
+    tenant the token covers. The batch is committed in a transaction of its
+    own, with one audit entry (AUDIT_ACTION_USAGE_BACKFILLED) per tenant that
+    got new events: principal, request id, counts and time span. Default false.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.UsageEvent]:
         """A batch of events, committed together. At most 10,000 events (the server's
-        --max-batch-size); the gRPC message limit is 16 MiB by default.
+        --max-batch-size); the gRPC message limit is 4 MiB by default
+        (--max-message-bytes), about 30,000 typical events.
         """
 
     def __init__(
         self,
         *,
         events: _abc.Iterable[_resources_pb2.UsageEvent] | None = ...,
+        backfill: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -181,9 +194,15 @@ class StreamUsageRequest(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    BACKFILL_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Client-chosen number of this batch, echoed in its acknowledgement. Tally
     does not interpret it; increasing numbers make resends easy to track.
+    """
+    backfill: _builtins.bool
+    """Backfill: record events older than the ingestion window; needs the scope
+    usage:backfill and is audited, exactly as IngestUsageRequest.backfill.
+    Default false.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.UsageEvent]:
@@ -194,10 +213,11 @@ class StreamUsageRequest(_message.Message):
         *,
         sequence: _builtins.int = ...,
         events: _abc.Iterable[_resources_pb2.UsageEvent] | None = ...,
+        backfill: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill", b"backfill", "events", b"events", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,33 +269,33 @@ class GetUsageSummaryRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TENANT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     GROUP_BY_DIMENSION_FIELD_NUMBER: _builtins.int
-    tenant_id: _builtins.str
-    """The tenant to summarise."""
+    name: _builtins.str
+    """The summary to compute: "tenants/{tenant}/usageSummary"."""
     bucket: _resources_pb2.TimeBucket.ValueType
-    """Optional time grouping; unspecified means one aggregate per usage type."""
+    """Time grouping; unspecified means one aggregate per usage type."""
     group_by_dimension: _builtins.str
-    """Optional dimension key to group by, e.g. "region"."""
+    """Dimension key to group by, e.g. "region"; empty means no grouping."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Start of the range, inclusive. Required; a whole UTC hour, since usage is
-        kept in hourly rollups.
+        """Start of the range, inclusive; a whole UTC hour, since usage is kept in
+        hourly rollups.
         """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """End of the range, exclusive. Required; a whole UTC hour after start_time,
+        """End of the range, exclusive; a whole UTC hour after start_time,
         at most 366 days after it with hourly buckets and 10 years otherwise.
         """
 
     def __init__(
         self,
         *,
-        tenant_id: _builtins.str = ...,
+        name: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         bucket: _resources_pb2.TimeBucket.ValueType = ...,
@@ -283,7 +303,7 @@ class GetUsageSummaryRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "name", b"name", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -325,9 +345,9 @@ class StreamUsageSummariesRequest(_message.Message):
     BUCKET_FIELD_NUMBER: _builtins.int
     GROUP_BY_DIMENSION_FIELD_NUMBER: _builtins.int
     bucket: _resources_pb2.TimeBucket.ValueType
-    """Optional time grouping."""
+    """Time grouping; unspecified means one aggregate per usage type."""
     group_by_dimension: _builtins.str
-    """Optional dimension key to group by."""
+    """Dimension key to group by; empty means no grouping."""
     @_builtins.property
     def tenant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tenants to summarise, at most 1,000. Empty means every tenant with usage in
@@ -336,11 +356,11 @@ class StreamUsageSummariesRequest(_message.Message):
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Start of the range, inclusive; a whole UTC hour. Required."""
+        """Start of the range, inclusive; a whole UTC hour."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """End of the range, exclusive; a whole UTC hour. Required."""
+        """End of the range, exclusive; a whole UTC hour."""
 
     def __init__(
         self,

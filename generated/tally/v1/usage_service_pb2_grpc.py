@@ -91,7 +91,9 @@ class UsageServiceServicer:
     def ReportUsage(self, request, context):
         """Records one event. An invalid event fails the call with INVALID_ARGUMENT
         and google.rpc.BadRequest details naming the field. Scope usage:write; an
-        event for a tenant the token does not cover is PERMISSION_DENIED.
+        event for a tenant the token does not cover is PERMISSION_DENIED. Usage
+        older than the ingestion window (35 days by default) cannot be reported
+        here: backfill it with IngestUsage or StreamUsage (`backfill` set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

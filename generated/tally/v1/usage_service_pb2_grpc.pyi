@@ -48,7 +48,9 @@ class UsageServiceStub:
     ReportUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ReportUsageRequest, _usage_service_pb2.ReportUsageResponse]
     """Records one event. An invalid event fails the call with INVALID_ARGUMENT
     and google.rpc.BadRequest details naming the field. Scope usage:write; an
-    event for a tenant the token does not cover is PERMISSION_DENIED.
+    event for a tenant the token does not cover is PERMISSION_DENIED. Usage
+    older than the ingestion window (35 days by default) cannot be reported
+    here: backfill it with IngestUsage or StreamUsage (`backfill` set).
     """
     IngestUsage: _grpc.StreamUnaryMultiCallable[_usage_service_pb2.IngestUsageRequest, _usage_service_pb2.IngestUsageResponse]
     """Bulk ingestion: the client streams batches of events, the server commits
@@ -101,7 +103,9 @@ class UsageServiceAsyncStub(UsageServiceStub):
     ReportUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ReportUsageRequest, _usage_service_pb2.ReportUsageResponse]  # type: ignore[assignment]
     """Records one event. An invalid event fails the call with INVALID_ARGUMENT
     and google.rpc.BadRequest details naming the field. Scope usage:write; an
-    event for a tenant the token does not cover is PERMISSION_DENIED.
+    event for a tenant the token does not cover is PERMISSION_DENIED. Usage
+    older than the ingestion window (35 days by default) cannot be reported
+    here: backfill it with IngestUsage or StreamUsage (`backfill` set).
     """
     IngestUsage: _aio.StreamUnaryMultiCallable[_usage_service_pb2.IngestUsageRequest, _usage_service_pb2.IngestUsageResponse]  # type: ignore[assignment]
     """Bulk ingestion: the client streams batches of events, the server commits
@@ -157,7 +161,9 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_usage_service_pb2.ReportUsageResponse, _abc.Awaitable[_usage_service_pb2.ReportUsageResponse]]:
         """Records one event. An invalid event fails the call with INVALID_ARGUMENT
         and google.rpc.BadRequest details naming the field. Scope usage:write; an
-        event for a tenant the token does not cover is PERMISSION_DENIED.
+        event for a tenant the token does not cover is PERMISSION_DENIED. Usage
+        older than the ingestion window (35 days by default) cannot be reported
+        here: backfill it with IngestUsage or StreamUsage (`backfill` set).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,71 @@
+"""Resource names (AIP-122): how the API names tenants, invoices, rates and audit entries.
+
+The patterns are declared in protos/tally/v1/resources.proto; this module is their one
+implementation, so that formatting and parsing cannot drift apart. A tenant id is
+already restricted (server.domain.events.check_id) but may contain "/", so parsing
+splits on the fixed collection ids rather than on every "/".
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from server.domain.errors import InvalidArgument
+from server.domain.events import check_id
+
+TENANTS = "tenants/"
+INVOICES = "/invoices/"
+USAGE_SUMMARY = "/usageSummary"
+
+
+def tenant_name(tenant_id: str) -> str:
+    return f"{TENANTS}{tenant_id}"
+
+
+def invoice_name(tenant_id: str, invoice_id: str) -> str:
+    return f"{TENANTS}{tenant_id}{INVOICES}{invoice_id}"
+
+
+def usage_summary_name(tenant_id: str) -> str:
+    return f"{TENANTS}{tenant_id}{USAGE_SUMMARY}"
+
+
+def rate_name(service: str, usage_type: str, effective: datetime) -> str:
+    stamp = effective.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"services/{service}/usageTypes/{usage_type}/rates/{stamp}"
+
+
+def audit_event_name(position: int) -> str:
+    return f"auditEvents/{position}"
+
+
+def _bad(field: str, pattern: str) -> InvalidArgument:
+    return InvalidArgument.single(field, f"must be a resource name of the form {pattern!r}")
+
+
+def parse_tenant_name(name: str, field: str = "parent") -> str:
+    """The tenant id of "tenants/{tenant}"; InvalidArgument naming `field` otherwise."""
+    if not name.startswith(TENANTS):
+        raise _bad(field, "tenants/{tenant}")
+    tenant_id = name[len(TENANTS) :]
+    if problem := check_id(tenant_id):
+        raise InvalidArgument.single(field, f"tenant id {problem}")
+    return tenant_id
+
+
+def parse_invoice_name(name: str, field: str = "name") -> tuple[str, str]:
+    """(tenant id, invoice id) of "tenants/{tenant}/invoices/{invoice}"."""
+    tenant_part, separator, invoice_id = name.rpartition(INVOICES)
+    if not separator or "/" in invoice_id:
+        raise _bad(field, "tenants/{tenant}/invoices/{invoice}")
+    tenant_id = parse_tenant_name(tenant_part, field)
+    if problem := check_id(invoice_id):
+        raise InvalidArgument.single(field, f"invoice id {problem}")
+    return tenant_id, invoice_id
+
+
+def parse_usage_summary_name(name: str, field: str = "name") -> str:
+    """The tenant id of "tenants/{tenant}/usageSummary"."""
+    if not name.endswith(USAGE_SUMMARY):
+        raise _bad(field, "tenants/{tenant}/usageSummary")
+    return parse_tenant_name(name[: -len(USAGE_SUMMARY)], field)
