@@ -74,6 +74,12 @@ from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_servic
 
 log = logging.getLogger(__name__)
 
+# Shutdown, after the grace period: how long batches already being written may take to
+# commit, and how long closing the pools may wait for busy connections before it
+# terminates them (asyncpg's close waits for every connection, for ever if one hangs).
+DRAIN_SECONDS = 10.0
+POOL_CLOSE_SECONDS = 5.0
+
 SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
@@ -107,6 +113,15 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+async def _close(pool: asyncpg.Pool, seconds: float) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await pool.close()
+    except TimeoutError:
+        log.warning("database connections still busy %g s into shutdown: terminated", seconds)
+        pool.terminate()
 
 
 def memory_bound_options(config: Config) -> list[tuple[str, int]]:
@@ -171,6 +186,7 @@ class TallyServer:
         self._scheduler: CloseScheduler | None = None
         # The period close use cases, for ClosePeriod and for tests that drive the scheduler.
         self.periods: Periods | None = None
+        self._budget: EventBudget | None = None
         self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
@@ -292,7 +308,7 @@ class TallyServer:
         # Every request message is read through one bounded reader (server.api.decoding).
         reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
         tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
-        budget = EventBudget(config.max_events_in_flight)
+        budget = self._budget = EventBudget(config.max_events_in_flight)
         metrics.watch_events_in_flight(lambda: budget.in_use)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageApi(self._metering, authenticator, budget, call_telemetry), tally
@@ -347,8 +363,23 @@ class TallyServer:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
 
-    async def stop(self) -> None:
-        """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
+    @property
+    def events_in_flight(self) -> int:
+        """Streamed events read and not yet answered, over all streams (see api.pipeline)."""
+        return 0 if self._budget is None else self._budget.in_use
+
+    async def stop(
+        self, *, drain_seconds: float = DRAIN_SECONDS, close_seconds: float = POOL_CLOSE_SECONDS
+    ) -> None:
+        """Graceful shutdown, every step bounded (grace + drain + close + PostgreSQL's own stop).
+
+        Health turns NOT_SERVING and no new call is accepted; calls in flight have
+        `grace_seconds` to finish, then gRPC cancels them (clients see UNAVAILABLE, and
+        streams end and give back what they hold within the pipeline's cleanup bound).
+        Batches already handed to a write lane get `drain_seconds` to commit; the pools
+        then close, and connections still busy after `close_seconds` are terminated (their
+        transactions roll back whole). Last, the embedded PostgreSQL stops.
+        """
         for task in (self._health_task, self._sharing_task):
             if task is not None:
                 task.cancel()
@@ -362,12 +393,16 @@ class TallyServer:
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds)
         if self._metering is not None:
-            await self._metering.drain()
+            try:
+                async with asyncio.timeout(drain_seconds):
+                    await self._metering.drain()
+            except TimeoutError:
+                log.warning("writes still in flight %g s into shutdown: closing anyway", drain_seconds)
         if self._http is not None:  # answered 503 on /readyz while the calls drained
             await self._http.stop()
         for pool in (self._pool, self._read_pool):
             if pool is not None:
-                await pool.close()
+                await _close(pool, close_seconds)
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         await self._stop_telemetry()

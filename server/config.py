@@ -295,7 +295,8 @@ class Config:
         "--grace-seconds",
         FLOAT,
         default=10.0,
-        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish",
+        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish; writes already under way "
+        "then get 10 s more",
     )
     log_level: str = setting(
         "--log-level", choice("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO", help="log level"
