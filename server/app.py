@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -23,7 +22,7 @@ from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
 from server.auth.keys import VerificationKey, load_public_keys, load_secret
-from server.auth.limits import Limiter
+from server.auth.limits import SYSTEM_CLOCK, LimitClock, Limiter
 from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
@@ -102,13 +101,13 @@ class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop()."""
 
     def __init__(
-        self, config: Config, *, worker: int | None = None, clock: Callable[[], float] = time.monotonic
+        self, config: Config, *, worker: int | None = None, clock: LimitClock = SYSTEM_CLOCK
     ) -> None:
         """worker: this process's index among the processes of `tally serve --workers N`
         (server.supervisor). Their parent has checked and holds the port, started PostgreSQL
         and migrated the schema, so a worker does none of that; telemetry can tell workers
-        apart by it. clock: the rate limits' clock, in seconds: tests pass a fake one to step
-        time themselves."""
+        apart by it. clock: the rate limits' clock (its monotonic and wall-clock readings, see
+        server.auth.limits.LimitClock): tests pass a fake one to step time themselves."""
         self.config = config
         self.worker = worker
         self._clock = clock
@@ -249,7 +248,9 @@ class TallyServer:
         await server.start()
         self._server = server
         self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
-        if config.limit_sync_seconds > 0:
+        # A process without limits has nothing to settle, and no business judging (on its own
+        # clock) which of the other processes' shared rows are stale.
+        if config.limit_sync_seconds > 0 and not limiter.unlimited:
             sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
             self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
 
