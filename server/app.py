@@ -30,7 +30,7 @@ from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
 from server.auth.keys import VerificationKey, load_public_keys, load_secret
-from server.auth.limits import Limiter
+from server.auth.limits import SYSTEM_CLOCK, LimitClock, Limiter
 from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
@@ -145,7 +145,8 @@ class TallyServer:
     `worker`: this process's index among the processes of `tally serve --workers N`
     (server.supervisor). Their parent has checked and holds the port, started PostgreSQL and
     migrated the schema, so a worker does none of that; telemetry can tell workers apart by it.
-    `clock`: the rate limits' clock, in seconds: tests pass a fake one to step time themselves.
+    `clock`: the rate limits' clock (monotonic and wall-clock readings, server.auth.limits.LimitClock):
+    tests pass a fake one to step time themselves.
     `wall_clock`: the time of day in microseconds since the epoch, which drives the event
     window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
@@ -159,7 +160,7 @@ class TallyServer:
         tracer_provider: TracerProvider | None = None,
         log_stream: TextIO | None = None,
         worker: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: LimitClock = SYSTEM_CLOCK,
         wall_clock: Callable[[], int] = now_micros,
     ) -> None:
         self.config = config
@@ -356,7 +357,9 @@ class TallyServer:
             self._http = HttpListener(registry, lambda: health.serving, figures)
             await self._http.start(http_host, config.http_port)
             self.http_port = self._http.port
-        if config.limit_sync_seconds > 0:
+        # A process without limits has nothing to settle, and no business judging (on its own
+        # clock) which of the other processes' shared rows are stale.
+        if config.limit_sync_seconds > 0 and not limiter.unlimited:
             sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
             self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
         if config.period_close_interval_seconds > 0:
