@@ -9,6 +9,8 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
            connection, runs interleaved and repeated (median of --repeats), exact counts checked,
            lock wait per batch sampled; plain PostgreSQL over 1, 2, 4 connections with and without
            the rollup upsert; unary ReportUsage with 1 and 2 workers
+  close    the server closes a month for 10,000 tenants (all seven usage types); every invoice checked
+  preview  PreviewInvoice of one tenant's open period with 1M and 10M events
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench import harness, plain, queries
+from bench import closing, harness, plain, queries
 from bench.locks import LockSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -223,7 +225,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenarios", default="ingest,plain,unary,query", help="comma-separated subset")
+    parser.add_argument(
+        "--scenarios", default="ingest,plain,unary,query,close,preview", help="comma-separated subset"
+    )
+    parser.add_argument(
+        "--close-tenants", type=int, default=closing.TENANTS, help="tenants whose period closes"
+    )
     parser.add_argument("--events", type=int, default=2_000_000, help="events per ingestion run")
     parser.add_argument("--batches", default="100,500,2000", help="batch sizes")
     parser.add_argument("--streams", default="1,4", help="concurrent stream counts")
@@ -274,6 +281,14 @@ def main() -> None:
             [int(n) for n in args.scale_workers.split(",")],
             args.repeats,
             args.unary_seconds,
+        )
+    if "close" in chosen:
+        print("scenario 6: period close for many tenants", flush=True)
+        report["close"] = closing.scenario_close(args.close_tenants)
+    if "preview" in chosen:
+        print("scenario 7: PreviewInvoice of one tenant's open period", flush=True)
+        report["preview"] = closing.scenario_preview(
+            [int(n) for n in args.query_events.split(",")], run_client
         )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

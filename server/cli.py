@@ -337,7 +337,7 @@ def _first_event_command(grpcurl: str, address: str) -> str:
 
 
 async def _serve(config: Config) -> None:
-    from server.app import TallyServer  # keeps `tally --help` fast
+    from server.app import DRAIN_SECONDS, TallyServer  # keeps `tally --help` fast
 
     server = TallyServer(config)
     try:
@@ -356,7 +356,13 @@ async def _serve(config: Config) -> None:
         http_host = config.http_host or config.host
         print(f"tally metrics and probes on http://{http_host}:{server.http_port}/metrics", flush=True)
     await stop.wait()
-    print("tally shutting down: finishing in-flight calls", flush=True)
+    # Every step of stop() is bounded (see TallyServer.stop), so a signal always ends the
+    # process: calls get the grace period, writes already under way the drain period.
+    print(
+        f"tally shutting down: finishing in-flight calls (up to {config.grace_seconds:g} s) "
+        f"and writes (up to {DRAIN_SECONDS:g} s more)",
+        flush=True,
+    )
     await server.stop()
 
 

@@ -21,7 +21,7 @@ from server.api.calls import _incoming
 from server.api.errors import status_for
 from server.auth.limits import Charge, StreamSlots, TokenBuckets, try_take
 from server.domain.access import SCOPES, USAGE_READ
-from server.domain.errors import ERROR_DOMAIN, ErrorReason, TallyError
+from server.domain.errors import ERROR_DOMAIN, AlreadyExists, ErrorReason, TallyError
 from server.storage.database import run_with_retries
 from tally.v1 import billing_service_pb2, error_reason_pb2, usage_service_pb2
 from tests.conftest import make_token, new_tenant
@@ -216,6 +216,18 @@ async def test_persistent_conflict_is_transaction_conflict() -> None:
     assert (code, info.reason) == (code_pb2.ABORTED, "TRANSACTION_CONFLICT")
 
 
+def test_existing_plan_is_already_exists_with_its_name() -> None:
+    error = AlreadyExists(
+        "plan 'x' exists already", reason=ErrorReason.PLAN_EXISTS, metadata={"plan": "plans/x"}
+    )
+    code, info, _ = mapped(error)
+    assert (code, info.reason, dict(info.metadata)) == (
+        code_pb2.ALREADY_EXISTS,
+        "PLAN_EXISTS",
+        {"plan": "plans/x"},
+    )
+
+
 def test_a_bug_is_internal_error_with_the_log_reference() -> None:
     code, info, status = mapped(RuntimeError("a bug"))
     assert (code, info.reason) == (code_pb2.INTERNAL, "INTERNAL_ERROR")
@@ -227,6 +239,7 @@ def test_every_domain_error_kind_maps_with_its_reason() -> None:
     assert kinds == {
         "InvalidArgument",
         "NotFound",
+        "AlreadyExists",
         "FailedPrecondition",
         "Unavailable",
         "Aborted",

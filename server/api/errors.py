@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 from server.domain.errors import (
     ERROR_DOMAIN,
     Aborted,
+    AlreadyExists,
     DeadlineExceeded,
     ErrorReason,
     FailedPrecondition,
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 _CODES: dict[type[TallyError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Aborted: grpc.StatusCode.ABORTED,
