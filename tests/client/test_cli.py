@@ -323,6 +323,7 @@ def test_installed_tally_lists_the_server_commands_beside_the_client_commands() 
         "summary",
         "invoices",
         "rates",
+        "plans",
         "audit",
         "serve",
         "token",
@@ -357,3 +358,34 @@ def test_server_commands_run_through_the_client_tally_check_their_settings(
     assert main([*argv, "--jwt-issuer", "tally-tests"]) == 0
     token = capsys.readouterr().out.strip()
     assert token.count(".") == 2  # a JWT, minted by the server's `tally token`
+
+
+async def test_invoice_lifecycle_actions_finalize_then_mark_paid(cli: Tally, tenant: str) -> None:
+    await cli(
+        "report",
+        *("--tenant", tenant, "--event-id", "l-1", "--service", "compute", "--usage-type", "cpu_hour"),
+        *("--quantity", "2", "--time", iso(-2, 1)),
+    )
+    generated = await cli(
+        "invoices", "generate", "--tenant", tenant, "--start", iso(-2), "--end", iso(-1), "-o", "json"
+    )
+    name = json.loads(generated.out)["invoice"]["name"]
+    finalized = await cli("invoices", "finalize", name, "-o", "json")
+    assert finalized.code == 0, finalized.err
+    assert (json.loads(finalized.out)["status"], json.loads(finalized.out)["total"]) == ("finalized", "1.00")
+    paid = await cli("invoices", "mark-paid", name.rsplit("/", 1)[1], "--tenant", tenant)
+    assert paid.code == 0 and " paid " in paid.out, paid.err
+    again = await cli("invoices", "finalize", name)
+    assert again.code == 1 and again.err.startswith("tally: FAILED_PRECONDITION (INVOICE_STATUS_INVALID)")
+
+
+async def test_plans_list_and_show_the_default_plan(cli: Tally) -> None:
+    plans = json.loads((await cli("plans", "list", "-o", "json")).out)
+    assert plans[0]["name"] == "plans/default"
+    table = await cli("plans", "list")
+    assert table.code == 0 and " default " in table.out
+    shown = await cli("plans", "show", "default", "-o", "json")
+    plan = json.loads(shown.out)
+    assert plan["name"] == "plans/default" and plan["versions"]
+    missing = await cli("plans", "show", "no-such-plan")
+    assert missing.code == 1 and missing.err.startswith("tally: NOT_FOUND")

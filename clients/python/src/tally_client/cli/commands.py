@@ -125,7 +125,7 @@ def invoices_list(args: argparse.Namespace) -> None:
         print_table(INVOICE_COLUMNS, _invoice_rows(invoices), title=f"invoices of {args.tenant}")
 
 
-def _show_invoice(invoice: Invoice, output: str, created: bool | None = None) -> None:
+def show_invoice(invoice: Invoice, output: str, created: bool | None = None) -> None:
     if output == "json":
         print_json(invoice if created is None else {"invoice": invoice, "created": created})
         return
@@ -144,19 +144,23 @@ def _show_invoice(invoice: Invoice, output: str, created: bool | None = None) ->
     )
 
 
-def invoices_show(args: argparse.Namespace) -> None:
+def invoice_ref(args: argparse.Namespace) -> tuple[str, str]:
+    """(tenant id, invoice id) of the INVOICE argument: a full name, or an id with --tenant."""
     if args.invoice.startswith("tenants/"):
         try:
-            tenant, invoice_id = parse_invoice_name(args.invoice)
+            return parse_invoice_name(args.invoice)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    elif args.tenant:
-        tenant, invoice_id = args.tenant, args.invoice
-    else:
-        raise UsageError("give --tenant (or TALLY_TENANT), or the invoice's full name tenants/T/invoices/I")
+    if args.tenant:
+        return args.tenant, args.invoice
+    raise UsageError("give --tenant (or TALLY_TENANT), or the invoice's full name tenants/T/invoices/I")
+
+
+def invoices_show(args: argparse.Namespace) -> None:
+    tenant, invoice_id = invoice_ref(args)
     with connect(args) as client:
         invoice = client.get_invoice(tenant, invoice_id)
-    _show_invoice(invoice, args.output)
+    show_invoice(invoice, args.output)
 
 
 def invoices_generate(args: argparse.Namespace) -> None:
@@ -165,7 +169,7 @@ def invoices_generate(args: argparse.Namespace) -> None:
     end = args.end or _month_start(now)
     with connect(args) as client:
         generated = client.generate_invoice(args.tenant, start, end)
-    _show_invoice(generated.invoice, args.output, generated.created)
+    show_invoice(generated.invoice, args.output, generated.created)
 
 
 def rates_list(args: argparse.Namespace) -> None:

@@ -24,15 +24,25 @@ TENANT_ENV = "TALLY_TENANT"
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _lazy(function: str) -> Handler:
-    """The handler `function` of tally_client.cli.commands, imported when the command runs."""
+def _lazy(function: str, module: str = "commands", *arguments: str) -> Handler:
+    """The handler `function` of tally_client.cli.<module>, imported when the command runs
+    (called with `arguments` first if given: a factory of handlers)."""
 
     def handler(args: argparse.Namespace) -> int | None:
-        module = importlib.import_module("tally_client.cli.commands")
-        result: int | None = getattr(module, function)(args)
+        found = getattr(importlib.import_module(f"tally_client.cli.{module}"), function)
+        result: int | None = (found(*arguments) if arguments else found)(args)
         return result
 
     return handler
+
+
+# The invoice lifecycle actions (tally_client.cli.lifecycle.INVOICE_ACTIONS) and what each does.
+INVOICE_ACTIONS = {
+    "finalize": "freeze a draft invoice and give it its number (FinalizeInvoice)",
+    "void": "void a draft, finalized or uncollectible invoice (VoidInvoice)",
+    "mark-paid": "mark a finalized or uncollectible invoice paid (MarkInvoicePaid)",
+    "mark-uncollectible": "mark a finalized invoice uncollectible (MarkInvoiceUncollectible)",
+}
 
 
 def utc_time(text: str) -> datetime:
@@ -228,7 +238,9 @@ def _add_summary(
 def _add_invoices(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    invoices = commands.add_parser("invoices", help="list, show and generate invoices")
+    invoices = commands.add_parser(
+        "invoices", help="list, show and generate invoices; finalize, void, mark paid or uncollectible"
+    )
     actions = invoices.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help="a tenant's invoices, newest period first")
     _tenant(listing, "whose invoices")
@@ -242,6 +254,18 @@ def _add_invoices(
         help=f"whose invoice, unless INVOICE is a full name (env {TENANT_ENV})",
     )
     show.set_defaults(handler=_lazy("invoices_show"))
+    for action, what in INVOICE_ACTIONS.items():
+        acting = actions.add_parser(
+            action, parents=[common], help=what, description=what[0].upper() + what[1:] + "."
+        )
+        acting.add_argument("invoice", metavar="INVOICE", help="invoice id, or name tenants/T/invoices/I")
+        acting.add_argument(
+            "--tenant",
+            default=os.environ.get(TENANT_ENV) or None,
+            metavar="TENANT_ID",
+            help=f"whose invoice, unless INVOICE is a full name (env {TENANT_ENV})",
+        )
+        acting.set_defaults(handler=_lazy("invoice_action", "lifecycle", action))
     generate = actions.add_parser(
         "generate",
         parents=[common],
@@ -278,6 +302,18 @@ def _add_rates(
         "--effective", type=utc_time, metavar="TIME", help="from when (default: the next whole UTC hour)"
     )
     setting.set_defaults(handler=_lazy("rates_set"))
+
+
+def _add_plans(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    plans = commands.add_parser("plans", help="list and show price plans")
+    actions = plans.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help='the plans, "default" first (ListPlans)')
+    listing.set_defaults(handler=_lazy("plans_list", "lifecycle"))
+    show = actions.add_parser("show", parents=[common], help="one plan's versions and charges (GetPlan)")
+    show.add_argument("plan", metavar="PLAN", help="plan id, or name plans/P")
+    show.set_defaults(handler=_lazy("plans_show", "lifecycle"))
 
 
 def _add_audit(
@@ -317,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary(commands, common)
     _add_invoices(commands, common)
     _add_rates(commands, common)
+    _add_plans(commands, common)
     _add_audit(commands, common)
     _add_extensions(commands)
     return parser
