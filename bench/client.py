@@ -205,13 +205,20 @@ async def query(
         address, options=[("grpc.max_receive_message_length", 64 << 20)]
     ) as channel:
         await channel.channel_ready()
-        if kind == "invoice":
+        if kind == "preview":
+            call = channel.unary_unary(
+                "/tally.v1.BillingService/PreviewInvoice",
+                request_serializer=billing_service_pb2.PreviewInvoiceRequest.SerializeToString,
+                response_deserializer=billing_service_pb2.PreviewInvoiceResponse.FromString,
+            )
+            request: object = billing_service_pb2.PreviewInvoiceRequest(parent=f"tenants/{tenant}")
+        elif kind == "invoice":
             call = channel.unary_unary(
                 "/tally.v1.BillingService/GenerateInvoice",
                 request_serializer=billing_service_pb2.GenerateInvoiceRequest.SerializeToString,
                 response_deserializer=billing_service_pb2.GenerateInvoiceResponse.FromString,
             )
-            request: object = billing_service_pb2.GenerateInvoiceRequest(
+            request = billing_service_pb2.GenerateInvoiceRequest(
                 parent=f"tenants/{tenant}", period_start_time=ts(start), period_end_time=ts(end)
             )
         else:
@@ -270,7 +277,7 @@ def main() -> None:
     p = sub.add_parser("query")
     p.add_argument("--address", required=True)
     p.add_argument("--token", required=True)
-    p.add_argument("--kind", choices=[*_BUCKETS, "invoice"], required=True)
+    p.add_argument("--kind", choices=[*_BUCKETS, "invoice", "preview"], required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--start", type=int, required=True)
     p.add_argument("--end", type=int, required=True)

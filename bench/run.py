@@ -9,6 +9,8 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
            connection, runs interleaved and repeated (median of --repeats), exact counts checked,
            lock wait per batch sampled; plain PostgreSQL over 1, 2, 4 connections with and without
            the rollup upsert; unary ReportUsage with 1 and 2 workers
+  close    the server closes a month for 10,000 tenants (all seven usage types); every invoice checked
+  preview  PreviewInvoice of one tenant's open period with 1M and 10M events
   meters-ingest  ingestion with the 7 default SUM meters vs. with MAX, UNIQUE_COUNT and TIME_WEIGHTED
            meters too, interleaved (--repeats), lock wait per batch sampled (bench.meters)
   meters-query   GetUsageSummary per aggregation (SUM, MAX, UNIQUE_COUNT, TIME_WEIGHTED), daily and
@@ -32,7 +34,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench import harness, meters, plain, queries
+from bench import closing, harness, meters, plain, queries
 from bench.locks import LockSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -227,7 +229,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenarios", default="ingest,plain,unary,query", help="comma-separated subset")
+    parser.add_argument(
+        "--scenarios", default="ingest,plain,unary,query,close,preview", help="comma-separated subset"
+    )
+    parser.add_argument(
+        "--close-tenants", type=int, default=closing.TENANTS, help="tenants whose period closes"
+    )
     parser.add_argument("--events", type=int, default=2_000_000, help="events per ingestion run")
     parser.add_argument("--batches", default="100,500,2000", help="batch sizes")
     parser.add_argument("--streams", default="1,4", help="concurrent stream counts")
@@ -281,14 +288,22 @@ def main() -> None:
             args.repeats,
             args.unary_seconds,
         )
+    if "close" in chosen:
+        print("scenario 6: period close for many tenants", flush=True)
+        report["close"] = closing.scenario_close(args.close_tenants)
+    if "preview" in chosen:
+        print("scenario 7: PreviewInvoice of one tenant's open period", flush=True)
+        report["preview"] = closing.scenario_preview(
+            [int(n) for n in args.query_events.split(",")], run_client
+        )
     if "meters-ingest" in chosen:
         print(
-            "scenario 6: ingestion with the default SUM meters, and with MAX, UNIQUE_COUNT, TIME_WEIGHTED",
+            "scenario 8: ingestion with the default SUM meters, and with MAX, UNIQUE_COUNT, TIME_WEIGHTED",
             flush=True,
         )
         report["meters_ingest"] = meters.scenario_ingest(args.events, args.repeats, run_client)
     if "meters-query" in chosen:
-        print("scenario 7: one summary per aggregation over one tenant's month", flush=True)
+        print("scenario 9: one summary per aggregation over one tenant's month", flush=True)
         report["meters_query"] = meters.scenario_query(
             [int(n) for n in args.query_events.split(",")], run_client
         )

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -30,12 +31,17 @@ from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
 from server.auth.devkey import ensure_dev_secret
 from server.auth.keys import VerificationKey, load_public_keys, load_secret
-from server.auth.limits import Limiter
+from server.auth.limits import SYSTEM_CLOCK, LimitClock, Limiter
 from server.auth.sharing import LimitSharing
 from server.auth.tokens import TokenVerifier
 from server.billing import Billing
+from server.billing.lifecycle import Lifecycle
+from server.billing.periods import CloseScheduler, Periods
+from server.billing.plans import Plans
+from server.billing.pricer import InvoicePricer
 from server.config import Config
 from server.domain.events import EventRules
+from server.domain.lifecycle import Issuer
 from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
@@ -46,6 +52,7 @@ from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
 from server.storage.corrections import CorrectionStore
+from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import create_pool
 from server.storage.embedded import EmbeddedPostgres
 from server.storage.folding import Folder
@@ -79,6 +86,12 @@ from tally.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+# Shutdown, after the grace period: how long batches already being written may take to
+# commit, and how long closing the pools may wait for busy connections before it
+# terminates them (asyncpg's close waits for every connection, for ever if one hangs).
+DRAIN_SECONDS = 10.0
+POOL_CLOSE_SECONDS = 5.0
 
 SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
@@ -116,6 +129,15 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
+async def _close(pool: asyncpg.Pool, seconds: float) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await pool.close()
+    except TimeoutError:
+        log.warning("database connections still busy %g s into shutdown: terminated", seconds)
+        pool.terminate()
+
+
 def memory_bound_options(config: Config) -> list[tuple[str, int]]:
     """gRPC core's limits on what a client can make the server hold before its token is checked."""
     options = [
@@ -137,7 +159,10 @@ class TallyServer:
     `worker`: this process's index among the processes of `tally serve --workers N`
     (server.supervisor). Their parent has checked and holds the port, started PostgreSQL and
     migrated the schema, so a worker does none of that; telemetry can tell workers apart by it.
-    `clock`: the rate limits' clock, in seconds: tests pass a fake one to step time themselves.
+    `clock`: the rate limits' clock (monotonic and wall-clock readings, server.auth.limits.LimitClock):
+    tests pass a fake one to step time themselves.
+    `wall_clock`: the time of day in microseconds since the epoch, which drives the event
+    window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
     """
@@ -149,11 +174,13 @@ class TallyServer:
         tracer_provider: TracerProvider | None = None,
         log_stream: TextIO | None = None,
         worker: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: LimitClock = SYSTEM_CLOCK,
+        wall_clock: Callable[[], int] = now_micros,
     ) -> None:
         self.config = config
         self.worker = worker
         self._clock = clock
+        self.wall_clock = wall_clock
         self.port = 0
         self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
         self._tracer_provider = tracer_provider
@@ -172,6 +199,10 @@ class TallyServer:
         self._health_task: asyncio.Task[None] | None = None
         self._folding_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
+        self._scheduler: CloseScheduler | None = None
+        # The period close use cases, for ClosePeriod and for tests that drive the scheduler.
+        self.periods: Periods | None = None
+        self._budget: EventBudget | None = None
         self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
@@ -253,21 +284,32 @@ class TallyServer:
             UsageStore(self._pool, self._read_pool),
             rate_card,
             rules,
-            now_micros,
+            self.wall_clock,
             meters,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
             telemetry=IngestTelemetry(metrics, tracer),
         )
+        invoices = InvoiceStore(self._pool)
+        page_tokens = PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY))
         billing = Billing(
-            rate_store,
-            InvoiceStore(self._pool),
-            AuditStore(self._pool),
-            rate_card,
-            page_tokens,
-            now_micros,
+            rate_store, invoices, AuditStore(self._pool), rate_card, page_tokens, self.wall_clock
         )
+        pricer = InvoicePricer(billing.currency)
+        issuer = Issuer(
+            name=config.issuer_name,
+            address=config.issuer_address,
+            tax_id=config.issuer_tax_id,
+            invoice_prefix=config.invoice_number_prefix,
+            credit_note_prefix=config.credit_note_number_prefix,
+        )
+        lifecycle = Lifecycle(
+            invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.wall_clock
+        )
+        grace = timedelta(seconds=config.period_close_grace_seconds)
+        plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
+        self.periods = Periods(invoices, pricer, lifecycle, self.wall_clock, grace)
 
         server = grpc.aio.server(
             options=[
@@ -286,7 +328,7 @@ class TallyServer:
         # Every request message is read through one bounded reader (server.api.decoding).
         reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
         tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
-        budget = EventBudget(config.max_events_in_flight)
+        budget = self._budget = EventBudget(config.max_events_in_flight)
         metrics.watch_events_in_flight(lambda: budget.in_use)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageApi(
@@ -302,7 +344,7 @@ class TallyServer:
             MeterApi(meters, authenticator, call_telemetry), tally
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
-            BillingApi(billing, authenticator, call_telemetry), tally
+            BillingApi(billing, lifecycle, plans, self.periods, authenticator, call_telemetry), tally
         )
         open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
@@ -345,28 +387,55 @@ class TallyServer:
             self._http = HttpListener(registry, lambda: health.serving, figures)
             await self._http.start(http_host, config.http_port)
             self.http_port = self._http.port
-        if config.limit_sync_seconds > 0:
+        # A process without limits has nothing to settle, and no business judging (on its own
+        # clock) which of the other processes' shared rows are stale.
+        if config.limit_sync_seconds > 0 and not limiter.unlimited:
             sharing = LimitSharing(limiter, SharedLimitStore(self._pool), interval=config.limit_sync_seconds)
             self._sharing_task = asyncio.create_task(sharing.run(), name="tally-shared-limits")
+        if config.period_close_interval_seconds > 0:
+            self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
+            self._scheduler.start()
 
-    async def stop(self) -> None:
-        """Graceful shutdown: report NOT_SERVING, let in-flight calls and batches finish, close."""
+    @property
+    def events_in_flight(self) -> int:
+        """Streamed events read and not yet answered, over all streams (see api.pipeline)."""
+        return 0 if self._budget is None else self._budget.in_use
+
+    async def stop(
+        self, *, drain_seconds: float = DRAIN_SECONDS, close_seconds: float = POOL_CLOSE_SECONDS
+    ) -> None:
+        """Graceful shutdown, every step bounded (grace + drain + close + PostgreSQL's own stop).
+
+        Health turns NOT_SERVING and no new call is accepted; calls in flight have
+        `grace_seconds` to finish, then gRPC cancels them (clients see UNAVAILABLE, and
+        streams end and give back what they hold within the pipeline's cleanup bound).
+        Batches already handed to a write lane get `drain_seconds` to commit; the pools
+        then close, and connections still busy after `close_seconds` are terminated (their
+        transactions roll back whole). Last, the embedded PostgreSQL stops.
+        """
         for task in (self._health_task, self._sharing_task, self._folding_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._scheduler is not None:
+            # Bounded: a close in progress may finish (it is one transaction), then the task ends.
+            await self._scheduler.stop(self.config.grace_seconds)
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds)
         if self._metering is not None:
-            await self._metering.drain()
+            try:
+                async with asyncio.timeout(drain_seconds):
+                    await self._metering.drain()
+            except TimeoutError:
+                log.warning("writes still in flight %g s into shutdown: closing anyway", drain_seconds)
         if self._http is not None:  # answered 503 on /readyz while the calls drained
             await self._http.stop()
         for pool in (self._pool, self._read_pool):
             if pool is not None:
-                await pool.close()
+                await _close(pool, close_seconds)
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         await self._stop_telemetry()

@@ -98,8 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tally",
         description="Tally: usage metering and billing over gRPC.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
 
+
+def register_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `tally.commands` entry point (pyproject.toml): serve, token and retention in tally-client's
+    `tally` command, each run by `run`."""
+    add_commands(commands)
+    for name in ("serve", "token", "retention"):
+        commands.choices[name].set_defaults(handler=run)
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the gRPC service",
@@ -166,16 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retention.add_argument("--dry-run", action="store_true", help="list what would be dropped")
     _add_settings(retention, RETENTION_SETTINGS)
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, with every setting the command reads parsed; exits on a bad flag or variable."""
     args = build_parser().parse_args(argv)
+    _check_settings(args)
+    return args
+
+
+def _check_settings(args: argparse.Namespace) -> None:
     for value in vars(args).values():
         if isinstance(value, _BadEnv):
             raise SystemExit(f"tally: {value.message}")
-    return args
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -328,7 +342,7 @@ def _first_event_command(grpcurl: str, address: str) -> str:
 
 
 async def _serve(config: Config) -> None:
-    from server.app import TallyServer  # keeps `tally --help` fast
+    from server.app import DRAIN_SECONDS, TallyServer  # keeps `tally --help` fast
 
     server = TallyServer(config)
     try:
@@ -347,7 +361,13 @@ async def _serve(config: Config) -> None:
         http_host = config.http_host or config.host
         print(f"tally metrics and probes on http://{http_host}:{server.http_port}/metrics", flush=True)
     await stop.wait()
-    print("tally shutting down: finishing in-flight calls", flush=True)
+    # Every step of stop() is bounded (see TallyServer.stop), so a signal always ends the
+    # process: calls get the grace period, writes already under way the drain period.
+    print(
+        f"tally shutting down: finishing in-flight calls (up to {config.grace_seconds:g} s) "
+        f"and writes (up to {DRAIN_SECONDS:g} s more)",
+        flush=True,
+    )
     await server.stop()
 
 
@@ -385,7 +405,12 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the parsed serve, token or retention command (of this module's parser or of the client's)."""
+    _check_settings(args)  # the client's `tally` parses without parse_args
     if args.command == "serve":
         config = config_from_args(args)
         # gRPC's fork handlers are for children that go on using gRPC; ours never do (the

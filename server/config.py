@@ -295,7 +295,8 @@ class Config:
         "--grace-seconds",
         FLOAT,
         default=10.0,
-        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish",
+        help="on SIGTERM/SIGINT, how long in-flight calls may take to finish; writes already under way "
+        "then get 10 s more",
     )
     log_level: str = setting(
         "--log-level", choice("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO", help="log level"
@@ -368,6 +369,46 @@ class Config:
         default=1,
         help="server processes sharing the port, each using one core; 0: one per available core. "
         "Each has its own database pools; see docs/scaling.md for choosing N",
+    )
+    # Billing (server.billing): the issuer printed on invoices and credit notes, its numbering,
+    # and period close.
+    issuer_name: str = setting(
+        "--issuer-name",
+        TEXT,
+        default="Tally",
+        help="the operator's name printed on invoices and credit notes; also keys their numbering",
+    )
+    issuer_address: str = setting(
+        "--issuer-address", TEXT, default="", help="the operator's postal address on invoices"
+    )
+    issuer_tax_id: str = setting(
+        "--issuer-tax-id", TEXT, default="", help="the operator's tax id on invoices"
+    )
+    invoice_number_prefix: str = setting(
+        "--invoice-number-prefix",
+        TEXT,
+        default="TALLY-{year}-",
+        help="prefix of invoice numbers, {year} being the UTC year of finalization; each prefix is one "
+        "gap-free sequence, e.g. TALLY-2026-000001",
+    )
+    credit_note_number_prefix: str = setting(
+        "--credit-note-number-prefix",
+        TEXT,
+        default="TALLY-CN-{year}-",
+        help="prefix of credit note numbers (their own gap-free sequence)",
+    )
+    period_close_grace_seconds: int = setting(
+        "--period-close-grace",
+        DURATION,
+        default=3600,
+        help="how long after a billing period ends the server closes it (generates and finalizes its "
+        "invoice): seconds, or a number with s, m, h or d; later usage goes on the next invoice",
+    )
+    period_close_interval_seconds: float = setting(
+        "--period-close-interval",
+        FLOAT,
+        default=60.0,
+        help="seconds between looks for periods due to close and spend thresholds passed; 0: off",
     )
     # Telemetry (server.telemetry). Traces are configured by the standard OTEL_* variables.
     http_port: int | None = setting(

@@ -100,6 +100,62 @@ EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
         METERS_ADMIN,
         lambda t, i: meter_service_pb2.ArchiveMeterRequest(name=f"meters/m-{uuid.uuid4().hex[:12]}"),
     ),
+    "FinalizeInvoice": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.FinalizeInvoiceRequest(name=f"tenants/{t}/invoices/{i}"),
+    ),
+    "VoidInvoice": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.VoidInvoiceRequest(name=f"tenants/{t}/invoices/{i}"),
+    ),
+    "MarkInvoicePaid": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.MarkInvoicePaidRequest(name=f"tenants/{t}/invoices/{i}"),
+    ),
+    "MarkInvoiceUncollectible": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.MarkInvoiceUncollectibleRequest(name=f"tenants/{t}/invoices/{i}"),
+    ),
+    "CreateCreditNote": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.CreateCreditNoteRequest(
+            invoice=f"tenants/{t}/invoices/{i}", amount="0.01", reason="test"
+        ),
+    ),
+    "ListCreditNotes": (
+        BILLING_READ,
+        lambda t, i: billing_service_pb2.ListCreditNotesRequest(parent=f"tenants/{t}"),
+    ),
+    "CreatePlan": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.CreatePlanRequest(
+            plan_id=f"p-{uuid.uuid4().hex[:12]}", display_name="Test", currency_code="USD"
+        ),
+    ),
+    "GetPlan": (BILLING_READ, lambda t, i: billing_service_pb2.GetPlanRequest(name="plans/default")),
+    "ListPlans": (BILLING_READ, lambda t, i: billing_service_pb2.ListPlansRequest()),
+    "CreatePlanVersion": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.CreatePlanVersionRequest(parent="plans/default"),
+    ),
+    "SetBillingProfile": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.SetBillingProfileRequest(
+            billing_profile=resources_pb2.BillingProfile(name=f"tenants/{t}/billingProfile", display_name=t)
+        ),
+    ),
+    "GetBillingProfile": (
+        BILLING_READ,
+        lambda t, i: billing_service_pb2.GetBillingProfileRequest(name=f"tenants/{t}/billingProfile"),
+    ),
+    "PreviewInvoice": (
+        BILLING_READ,
+        lambda t, i: billing_service_pb2.PreviewInvoiceRequest(parent=f"tenants/{t}"),
+    ),
+    "ClosePeriod": (
+        BILLING_ADMIN,
+        lambda t, i: billing_service_pb2.ClosePeriodRequest(parent=f"tenants/{t}"),
+    ),
 }
 
 

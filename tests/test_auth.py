@@ -140,6 +140,21 @@ OTHER_TENANT = {
     "GetMeter": Code.OK,
     "ListMeters": Code.OK,
     "ArchiveMeter": Code.PERMISSION_DENIED,
+    # The lifecycle of an invoice: as GetInvoice, another tenant's invoice does not exist.
+    "FinalizeInvoice": Code.NOT_FOUND,
+    "VoidInvoice": Code.NOT_FOUND,
+    "MarkInvoicePaid": Code.NOT_FOUND,
+    "MarkInvoiceUncollectible": Code.NOT_FOUND,
+    "CreateCreditNote": Code.NOT_FOUND,
+    "ListCreditNotes": Code.PERMISSION_DENIED,
+    "CreatePlan": Code.PERMISSION_DENIED,  # plans are shared: only an all-tenants token may change them
+    "GetPlan": Code.OK,
+    "ListPlans": Code.OK,
+    "CreatePlanVersion": Code.PERMISSION_DENIED,
+    "SetBillingProfile": Code.PERMISSION_DENIED,
+    "GetBillingProfile": Code.PERMISSION_DENIED,
+    "PreviewInvoice": Code.PERMISSION_DENIED,
+    "ClosePeriod": Code.PERMISSION_DENIED,
 }
 
 

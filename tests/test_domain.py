@@ -150,20 +150,3 @@ def test_pricing_stays_exact_beyond_the_default_28_digits() -> None:
     assert amounts.total == amounts.lines[0].amount
     # Python's default context (28 digits) would have lost the digits that matter here.
     assert amounts.lines[0].quantity * price == Decimal("2.999999999999999999999999997E+36")
-
-
-async def test_event_budget_holds_back_what_does_not_fit_until_it_is_released() -> None:
-    import asyncio
-
-    from server.api.pipeline import EventBudget
-
-    budget = EventBudget(100)
-    assert await budget.acquire(60) == 60
-    waiting = asyncio.ensure_future(budget.acquire(50))
-    for _ in range(10):  # let it run up to where it waits (a few loop turns, no clock involved)
-        await asyncio.sleep(0)
-    assert not waiting.done()  # 60 + 50 > 100
-    await budget.release(60)
-    assert await asyncio.wait_for(waiting, 60) == 50  # a deadline only so that a bug cannot hang
-    await budget.release(50)
-    assert await budget.acquire(500) == 100  # a batch bigger than the budget takes all of it

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -302,6 +304,116 @@ def test_bad_input_and_missing_invoice_give_precise_statuses(served: Served) -> 
         "tally.v1.BillingService/ListInvoices", {"parent": "tenants/globex"}, ok=False
     )
     assert json.loads(other_tenant.stderr)["code"] == 7  # PERMISSION_DENIED
+
+
+def test_plan_preview_close_and_late_event_with_grpcurl_money_by_hand(served: Served, data_dir: Path) -> None:
+    """The README's walk-through: every amount below is computed by hand."""
+    tenant = "walkthrough"
+    mint = [TALLY, "token", "--data-dir", str(data_dir), "--tenant", tenant]
+    mint += ["--scope", "usage:write", "--scope", "billing:read", "--scope", "billing:admin"]
+    token = subprocess.run(mint, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    served.call(
+        "tally.v1.BillingService/CreatePlan",
+        {
+            "plan_id": "starter",
+            "display_name": "Starter",
+            "currency_code": "USD",
+            "charges": [
+                {
+                    "key": "uploads",
+                    "description": "Uploads",
+                    "usage_type": {"service": "marketplace", "usage_type": "wpk_upload"},
+                    "graduated": {"tiers": [{"up_to": "100", "unit_price": "0.10"}, {"unit_price": "0.05"}]},
+                },
+                {"key": "platform", "description": "Platform fee", "flat_fee": {"amount": "10"}},
+            ],
+        },
+        token=served.admin_token,
+    )
+    # Periods on the 1st of the month (00:00 UTC); billed from this hour on.
+    profile = served.call(
+        "tally.v1.BillingService/SetBillingProfile",
+        {
+            "billing_profile": {
+                "name": f"tenants/{tenant}/billingProfile",
+                "display_name": "Walkthrough Ltd",
+                "plan": "plans/starter",
+                "billing_start_time": hour(),
+            }
+        },
+        token=token,
+    )["billing_profile"]
+    assert profile["plan"] == "plans/starter" and profile["currency_code"] == "USD"
+    served.call(
+        "tally.v1.UsageService/ReportUsage",
+        {
+            "event": {
+                "tenant_id": tenant,
+                "event_id": "u1",
+                "service": "marketplace",
+                "usage_type": "wpk_upload",
+                "quantity": "120",
+            }
+        },
+        token=token,
+    )
+    preview = served.call(
+        "tally.v1.BillingService/PreviewInvoice", {"parent": f"tenants/{tenant}"}, token=token
+    )
+    lines = preview["invoice"]["line_items"]
+    # 120 uploads: 100 x 0.10 + 20 x 0.05 = 11.00, tiers exact.
+    assert (lines[0]["charge_key"], lines[0]["quantity"], lines[0]["amount"]) == ("uploads", "120", "11.00")
+    assert [(t["quantity"], t["amount"]) for t in lines[0]["tiers"]] == [("100", "10"), ("20", "1")]
+    # The fee, prorated by the hour from the billing start to the end of the month.
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    month = start.replace(day=1, hour=0)
+    next_month = (month + timedelta(days=32)).replace(day=1)
+    covered = int((next_month - start) / timedelta(hours=1))
+    full = int((next_month - month) / timedelta(hours=1))
+    fee = (Decimal(10) * covered / full).quantize(Decimal("0.01"), ROUND_HALF_UP)
+    assert (lines[1]["charge_key"], lines[1]["amount"]) == ("platform", str(fee))
+    assert preview["invoice"]["total"] == str(Decimal("11.00") + fee)
+
+    first = served.call("tally.v1.BillingService/ClosePeriod", {"parent": f"tenants/{tenant}"}, token=token)[
+        "invoice"
+    ]
+    assert first["status"] == "INVOICE_STATUS_FINALIZED"
+    assert re.fullmatch(r"TALLY-\d{4}-\d{6}", first["number"]), first["number"]
+    assert first["customer"]["name"] == "Walkthrough Ltd" and first["issuer"]["name"] == "Tally"
+    assert first["total"] == str(Decimal("11.00") + fee)
+
+    # A late event in the closed period: 130 uploads cost 11.50, 11.00 were billed.
+    served.call(
+        "tally.v1.UsageService/ReportUsage",
+        {
+            "event": {
+                "tenant_id": tenant,
+                "event_id": "u2",
+                "service": "marketplace",
+                "usage_type": "wpk_upload",
+                "quantity": "10",
+                "event_time": hour(),
+            }
+        },
+        token=token,
+    )
+    again = served.call("tally.v1.BillingService/GetInvoice", {"name": first["name"]}, token=token)["invoice"]
+    assert again == first
+    second = served.call("tally.v1.BillingService/ClosePeriod", {"parent": f"tenants/{tenant}"}, token=token)[
+        "invoice"
+    ]
+    amounts = [(li.get("kind"), li.get("charge_key", ""), li["amount"]) for li in second["line_items"]]
+    assert amounts == [
+        ("INVOICE_LINE_KIND_USAGE", "uploads", "0.00"),
+        ("INVOICE_LINE_KIND_FLAT_FEE", "platform", "10.00"),
+        ("INVOICE_LINE_KIND_ADJUSTMENT", "uploads", "0.50"),
+    ]
+    assert second["line_items"][2]["period_start_time"] == first["period_start_time"]
+    assert second["total"] == "10.50" and int(second["number"][-6:]) == int(first["number"][-6:]) + 1
+    paid = served.call("tally.v1.BillingService/MarkInvoicePaid", {"name": first["name"]}, token=token)[
+        "invoice"
+    ]
+    assert paid["status"] == "INVOICE_STATUS_PAID"
 
 
 def test_sigterm_shuts_down_cleanly_and_data_survives_a_restart(served: Served, data_dir: Path) -> None:

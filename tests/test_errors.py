@@ -216,6 +216,18 @@ async def test_persistent_conflict_is_transaction_conflict() -> None:
     assert (code, info.reason) == (code_pb2.ABORTED, "TRANSACTION_CONFLICT")
 
 
+def test_existing_plan_is_already_exists_with_its_name() -> None:
+    error = AlreadyExists(
+        "plan 'x' exists already", reason=ErrorReason.PLAN_EXISTS, metadata={"plan": "plans/x"}
+    )
+    code, info, _ = mapped(error)
+    assert (code, info.reason, dict(info.metadata)) == (
+        code_pb2.ALREADY_EXISTS,
+        "PLAN_EXISTS",
+        {"plan": "plans/x"},
+    )
+
+
 def test_existing_meter_is_already_exists_with_its_name() -> None:
     error = AlreadyExists(
         "a meter named 'meters/x' exists already",

@@ -8,6 +8,7 @@ own tenants and principals, so buckets never carry over between tests.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -45,13 +46,19 @@ PATIENCE_SECONDS = 60
 
 
 class FakeClock:
-    """A monotonic clock that moves only when a test moves it."""
+    """A clock that moves only when a test moves it (server.auth.limits.LimitClock)."""
 
     def __init__(self) -> None:
         self.now = 0.0
+        self._epoch = time.time()  # shared rows are in wall-clock seconds: near the real ones
 
     def __call__(self) -> float:
         return self.now
+
+    def wall(self) -> float:
+        # Moves with the fake clock, never with real time: the server settles its buckets
+        # through the database, and a shared bucket refilled in real time would refill them.
+        return self._epoch + self.now
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -227,6 +234,31 @@ async def test_noisy_tenant_is_slowed_while_the_quiet_one_keeps_its_throughput(
         await flood.done_writing()
         assert await flood.read() == grpc.aio.EOF
     assert (await totals(db, noisy))[0] == 2_000
+
+
+async def test_server_settles_its_shared_buckets_on_its_own_clock(
+    limited: TallyServer, clock: FakeClock, db: asyncpg.Pool
+) -> None:
+    tenant = new_tenant()
+    channel, usage = stub(limited, [tenant])
+    async with channel:
+        assert [(await report(usage, tenant))[0] for _ in range(20)] == ["OK"] * 20
+        # The server settles the burst through the database in the background; the shared
+        # bucket is stamped with the fake clock's wall time (not the real one, by which it
+        # would refill behind the test's back) and, that clock standing still, ends empty.
+        deadline = time.monotonic() + PATIENCE_SECONDS
+        while (row := await shared_bucket(db, f"requests:tenant:{tenant}")) is None or row[0] != 0:
+            assert row is None or row[1] == clock.wall(), (row, clock.wall())
+            assert time.monotonic() < deadline, f"the burst was not settled in {PATIENCE_SECONDS} s: {row}"
+            await asyncio.sleep(0.05)
+        assert row[1] == clock.wall()
+        assert (await report(usage, tenant))[0] == "RESOURCE_EXHAUSTED"
+
+
+async def shared_bucket(db: asyncpg.Pool, key: str) -> tuple[float, float] | None:
+    """(tokens, updated) of a shared rate-limit bucket, if it has a row."""
+    row = await db.fetchrow("SELECT tokens, updated FROM rate_limit_buckets WHERE key = $1", key)
+    return None if row is None else (row["tokens"], row["updated"])
 
 
 async def test_concurrent_streams_per_principal_are_limited(limited: TallyServer) -> None:

@@ -295,9 +295,7 @@ class Process:
 
     def __init__(self, db: asyncpg.Pool, clock: FakeClock, settings: LimitSettings) -> None:
         self.limiter = Limiter(settings, clock)
-        self.sharing = LimitSharing(
-            self.limiter, SharedLimitStore(db), interval=0.1, wall_clock=clock.wall, clock=clock
-        )
+        self.sharing = LimitSharing(self.limiter, SharedLimitStore(db), interval=0.1)
 
     def call(self, subject: str, tenant: str) -> bool:
         try:

@@ -153,9 +153,14 @@ def rpc(scope: str, *, tenant: Callable[[Any], str] | None = None) -> Callable[[
                 rid = request_id(context)
                 call = self.telemetry.start(service_name(self), name, rid, True, context)
                 try:
-                    async with admitted(self, request, context, rid) as (caller, request):
+                    async with (
+                        admitted(self, request, context, rid) as (caller, request),
+                        # Closed before the stream slot is given back, whether the call ends,
+                        # fails or is cancelled while a response is being sent.
+                        contextlib.aclosing(method(self, request, context, caller)) as responses,
+                    ):
                         call.admitted(caller.principal.subject)
-                        async for response in method(self, request, context, caller):
+                        async for response in responses:
                             yield response
                 except grpc.aio.AbortError:
                     raise

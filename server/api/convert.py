@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.domain.audit import (
-    INVOICE_CREATED,
-    INVOICE_RECOMPUTED,
-    METER_ARCHIVED,
-    METER_CREATED,
-    RATE_SET,
-    USAGE_BACKFILLED,
-    USAGE_EVENT_CANCELLED,
-    AuditEvent,
-)
+from server.domain import audit
+from server.domain.audit import AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
 from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState
-from server.domain.models import Invoice, Rate, UsageSummary
-from server.domain.names import audit_event_name, invoice_name, rate_name, usage_summary_name
+from server.domain.models import Invoice, InvoiceKind, InvoiceStatus, Rate, UsageSummary
+from server.domain.names import (
+    audit_event_name,
+    credit_note_name,
+    invoice_name,
+    rate_name,
+    usage_summary_name,
+)
+from server.domain.pricing import LineItem, LineKind
+from server.storage.credit_notes import CreditNote
 from tally.v1 import resources_pb2
 
 # Timestamps outside years 1..9999 (the protobuf Timestamp range) are malformed.
@@ -114,27 +116,120 @@ def rate_message(rate: Rate) -> resources_pb2.Rate:
     )
 
 
+_STATUSES = {
+    InvoiceStatus.DRAFT: resources_pb2.INVOICE_STATUS_DRAFT,
+    InvoiceStatus.FINALIZED: resources_pb2.INVOICE_STATUS_FINALIZED,
+    InvoiceStatus.PAID: resources_pb2.INVOICE_STATUS_PAID,
+    InvoiceStatus.VOID: resources_pb2.INVOICE_STATUS_VOID,
+    InvoiceStatus.UNCOLLECTIBLE: resources_pb2.INVOICE_STATUS_UNCOLLECTIBLE,
+}
+_KINDS = {
+    InvoiceKind.FINAL: resources_pb2.INVOICE_KIND_FINAL,
+    InvoiceKind.INTERIM: resources_pb2.INVOICE_KIND_INTERIM,
+}
+_LINE_KINDS = {
+    LineKind.USAGE: resources_pb2.INVOICE_LINE_KIND_USAGE,
+    LineKind.FLAT_FEE: resources_pb2.INVOICE_LINE_KIND_FLAT_FEE,
+    LineKind.MINIMUM: resources_pb2.INVOICE_LINE_KIND_MINIMUM,
+    LineKind.ADJUSTMENT: resources_pb2.INVOICE_LINE_KIND_ADJUSTMENT,
+    LineKind.TAX: resources_pb2.INVOICE_LINE_KIND_TAX,
+}
+
+
+def _party(party: Mapping[str, Any] | None) -> resources_pb2.InvoiceParty | None:
+    if party is None:
+        return None
+    return resources_pb2.InvoiceParty(
+        name=party.get("name", ""),
+        address=party.get("address", ""),
+        tax_id=party.get("tax_id", ""),
+        email=party.get("email", ""),
+        tenant_id=party.get("tenant_id", ""),
+    )
+
+
+def _line_message(line: LineItem, minor: int) -> resources_pb2.InvoiceLineItem:
+    message = resources_pb2.InvoiceLineItem(
+        service=line.service,
+        usage_type=line.usage_type,
+        quantity=format_quantity(line.quantity),
+        unit_price="" if line.unit_price is None else format_price(line.unit_price, minor),
+        amount=format_money(line.amount, minor),
+        event_count=line.event_count,
+        kind=_LINE_KINDS[line.kind],
+        description=line.description,
+        charge_key=line.charge_key,
+        tiers=[
+            resources_pb2.TierPortion(
+                tier=t.tier,
+                above=format_quantity(t.above),
+                up_to="" if t.up_to is None else format_quantity(t.up_to),
+                quantity=format_quantity(t.quantity),
+                unit_price=format_price(t.unit_price, minor),
+                flat_fee=format_price(t.flat_fee, minor),
+                amount=format_quantity(t.amount),
+            )
+            for t in line.tiers
+        ],
+    )
+    if line.kind is LineKind.TAX:
+        message.unit_price = format_quantity(line.unit_price or Decimal(0))
+    if line.period_start is not None and line.period_end is not None:
+        message.period_start_time.CopyFrom(to_timestamp(line.period_start))
+        message.period_end_time.CopyFrom(to_timestamp(line.period_end))
+    return message
+
+
 def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
     minor = MINOR_UNITS.get(invoice.currency, 2)
+    message = _invoice_message(invoice, minor)
+    message.kind = _KINDS[invoice.kind]
+    message.number = invoice.number
+    parties = invoice.parties or {}
+    if (issuer := _party(parties.get("issuer"))) is not None:
+        message.issuer.CopyFrom(issuer)
+    if (customer := _party(parties.get("customer"))) is not None:
+        message.customer.CopyFrom(customer)
+    for field, value in (
+        ("finalize_time", invoice.finalize_time),
+        ("paid_time", invoice.paid_time),
+        ("void_time", invoice.void_time),
+        ("uncollectible_time", invoice.uncollectible_time),
+    ):
+        if value is not None:
+            getattr(message, field).CopyFrom(to_timestamp(value))
+    return message
+
+
+def credit_note_message(note: CreditNote) -> resources_pb2.CreditNote:
+    minor = MINOR_UNITS.get(note.currency, 2)
+    message = resources_pb2.CreditNote(
+        name=credit_note_name(note.tenant_id, note.id),
+        tenant_id=note.tenant_id,
+        invoice=invoice_name(note.tenant_id, note.invoice_id),
+        number=note.number,
+        currency_code=note.currency,
+        amount=format_money(note.amount, minor),
+        reason=note.reason,
+        create_time=to_timestamp(note.create_time),
+    )
+    if (issuer := _party(note.parties.get("issuer"))) is not None:
+        message.issuer.CopyFrom(issuer)
+    if (customer := _party(note.parties.get("customer"))) is not None:
+        message.customer.CopyFrom(customer)
+    return message
+
+
+def _invoice_message(invoice: Invoice, minor: int) -> resources_pb2.Invoice:
     return resources_pb2.Invoice(
-        name=invoice_name(invoice.tenant_id, invoice.id),
+        name=invoice_name(invoice.tenant_id, invoice.id) if invoice.id else "",
         tenant_id=invoice.tenant_id,
         period_start_time=to_timestamp(invoice.period_start),
         period_end_time=to_timestamp(invoice.period_end),
         currency_code=invoice.currency,
-        line_items=[
-            resources_pb2.InvoiceLineItem(
-                service=line.service,
-                usage_type=line.usage_type,
-                quantity=format_quantity(line.quantity),
-                unit_price=format_price(line.unit_price, minor),
-                amount=format_money(line.amount, minor),
-                event_count=line.event_count,
-            )
-            for line in invoice.lines
-        ],
+        line_items=[_line_message(line, minor) for line in invoice.lines],
         total=format_money(invoice.total, minor),
-        status=resources_pb2.INVOICE_STATUS_DRAFT,
+        status=_STATUSES[invoice.status],
         create_time=to_timestamp(invoice.created_at),
         update_time=to_timestamp(invoice.updated_at),
         compute_time=to_timestamp(invoice.computed_at),
@@ -230,13 +325,21 @@ def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
 
 
 _AUDIT_ACTIONS = {
-    RATE_SET: resources_pb2.AUDIT_ACTION_RATE_SET,
-    INVOICE_CREATED: resources_pb2.AUDIT_ACTION_INVOICE_CREATED,
-    INVOICE_RECOMPUTED: resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED,
-    USAGE_BACKFILLED: resources_pb2.AUDIT_ACTION_USAGE_BACKFILLED,
-    METER_CREATED: resources_pb2.AUDIT_ACTION_METER_CREATED,
-    METER_ARCHIVED: resources_pb2.AUDIT_ACTION_METER_ARCHIVED,
-    USAGE_EVENT_CANCELLED: resources_pb2.AUDIT_ACTION_USAGE_EVENT_CANCELLED,
+    audit.RATE_SET: resources_pb2.AUDIT_ACTION_RATE_SET,
+    audit.INVOICE_CREATED: resources_pb2.AUDIT_ACTION_INVOICE_CREATED,
+    audit.INVOICE_RECOMPUTED: resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED,
+    audit.USAGE_BACKFILLED: resources_pb2.AUDIT_ACTION_USAGE_BACKFILLED,
+    audit.INVOICE_FINALIZED: resources_pb2.AUDIT_ACTION_INVOICE_FINALIZED,
+    audit.INVOICE_PAID: resources_pb2.AUDIT_ACTION_INVOICE_PAID,
+    audit.INVOICE_VOIDED: resources_pb2.AUDIT_ACTION_INVOICE_VOIDED,
+    audit.INVOICE_UNCOLLECTIBLE: resources_pb2.AUDIT_ACTION_INVOICE_UNCOLLECTIBLE,
+    audit.CREDIT_NOTE_CREATED: resources_pb2.AUDIT_ACTION_CREDIT_NOTE_CREATED,
+    audit.PLAN_CREATED: resources_pb2.AUDIT_ACTION_PLAN_CREATED,
+    audit.PLAN_VERSION_CREATED: resources_pb2.AUDIT_ACTION_PLAN_VERSION_CREATED,
+    audit.BILLING_PROFILE_SET: resources_pb2.AUDIT_ACTION_BILLING_PROFILE_SET,
+    audit.METER_CREATED: resources_pb2.AUDIT_ACTION_METER_CREATED,
+    audit.METER_ARCHIVED: resources_pb2.AUDIT_ACTION_METER_ARCHIVED,
+    audit.USAGE_EVENT_CANCELLED: resources_pb2.AUDIT_ACTION_USAGE_EVENT_CANCELLED,
 }
 
 

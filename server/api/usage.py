@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -100,7 +101,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
 
     def _record_stream(
         self, caller: Caller, requests: AsyncIterator[R]
-    ) -> AsyncIterator[tuple[R, BatchOutcome]]:
+    ) -> AsyncGenerator[tuple[R, BatchOutcome], None]:
         """Each request's batch recorded, in order, pipelined on one write lane (see api.pipeline)."""
         lane = self._metering.stream_lane()
         return pipelined(
@@ -134,14 +135,16 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.IngestUsageResponse:
         response = usage_service_pb2.IngestUsageResponse()
-        batches = self._record_stream(caller, request_iterator)
-        async for _, outcome in batches:
-            response.accepted_count += outcome.accepted
-            response.duplicate_count += outcome.duplicates
-            response.rejected_count += len(outcome.rejections)
-            room = MAX_LISTED_REJECTIONS - len(response.rejections)
-            response.rejections.extend(_rejection(r, response.batch_count) for r in outcome.rejections[:room])
-            response.batch_count += 1
+        async with contextlib.aclosing(self._record_stream(caller, request_iterator)) as batches:
+            async for _, outcome in batches:
+                response.accepted_count += outcome.accepted
+                response.duplicate_count += outcome.duplicates
+                response.rejected_count += len(outcome.rejections)
+                room = MAX_LISTED_REJECTIONS - len(response.rejections)
+                response.rejections.extend(
+                    _rejection(r, response.batch_count) for r in outcome.rejections[:room]
+                )
+                response.batch_count += 1
         response.rejections_truncated = response.rejected_count > len(response.rejections)
         return response
 
@@ -152,15 +155,17 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageResponse]:
-        batches = self._record_stream(caller, request_iterator)
-        async for request, outcome in batches:
-            yield usage_service_pb2.StreamUsageResponse(
-                sequence=request.sequence,
-                accepted_count=outcome.accepted,
-                duplicate_count=outcome.duplicates,
-                rejected_count=len(outcome.rejections),
-                rejections=[_rejection(r, 0) for r in outcome.rejections],
-            )
+        # Closed however the handler ends: cancelled while it sends an acknowledgement, it
+        # is not inside the pipeline, and only closing it stops the pipeline's tasks.
+        async with contextlib.aclosing(self._record_stream(caller, request_iterator)) as batches:
+            async for request, outcome in batches:
+                yield usage_service_pb2.StreamUsageResponse(
+                    sequence=request.sequence,
+                    accepted_count=outcome.accepted,
+                    duplicate_count=outcome.duplicates,
+                    rejected_count=len(outcome.rejections),
+                    rejections=[_rejection(r, 0) for r in outcome.rejections],
+                )
 
     @rpc(USAGE_READ, tenant=lambda request: tenant_in(request.name, parse_usage_summary_name))
     async def GetUsageSummary(

@@ -18,11 +18,40 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.config import LimitSettings
 from server.domain.errors import ErrorReason, ResourceExhausted
 
 MAX_BUCKETS = 100_000
+
+
+class LimitClock(Protocol):
+    """The limits' time, both readings from one clock, so that a test's fake clock governs all of it.
+
+    Calling it gives seconds on a monotonic scale, by which the buckets refill; wall() gives
+    seconds since the epoch that move with it, which the buckets shared with other processes
+    carry (server.auth.sharing) and which must be comparable between hosts. Reading the two
+    from different clocks mixes time domains: a fake-clock limiter whose shared buckets
+    refilled in real time.
+    """
+
+    def __call__(self) -> float: ...
+
+    def wall(self) -> float: ...
+
+
+class SystemClock:
+    """The real clocks: time.monotonic for the buckets, time.time for the shared rows."""
+
+    def __call__(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+
+SYSTEM_CLOCK = SystemClock()
 
 
 @dataclass(slots=True)
@@ -174,8 +203,9 @@ class StreamSlots:
 class Limiter:
     """The limits as one server process sees them: request and event buckets per tenant and per principal."""
 
-    def __init__(self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: LimitSettings, clock: LimitClock = SYSTEM_CLOCK) -> None:
         self.settings = settings
+        self.clock = clock  # server.auth.sharing settles on it too
         self.tenant_requests = TokenBuckets("requests", settings.tenant_requests_per_second, clock)
         self.principal_requests = TokenBuckets("requests", settings.principal_requests_per_second, clock)
         self.tenant_events = TokenBuckets("events", settings.tenant_events_per_second, clock)
@@ -185,6 +215,11 @@ class Limiter:
     @property
     def buckets(self) -> tuple[TokenBuckets, ...]:
         return (self.tenant_requests, self.principal_requests, self.tenant_events, self.principal_events)
+
+    @property
+    def unlimited(self) -> bool:
+        """No rate and no stream limit: nothing to share with other processes."""
+        return self.streams.limit <= 0 and all(b.unlimited for b in self.buckets)
 
     def request(self, subject: str, tenant_id: str | None) -> None:
         """Admit one call of a principal, about one tenant (if the call names one it may act for)."""

@@ -29,9 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import asyncpg
@@ -64,17 +63,15 @@ class LimitSharing:
         *,
         interval: float = 0.1,
         active_seconds: float = 5.0,
-        wall_clock: Callable[[], float] = time.time,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._limiter = limiter
         self._store = store
         self._interval = interval
         self._active = active_seconds
-        # Shared rows carry wall-clock times (comparable between hosts); the limiter's buckets
-        # use its own clock, which `clock` must be.
-        self._wall = wall_clock
-        self._clock = clock
+        # The limiter's own clock, never another: its monotonic reading is compared with the
+        # times its buckets were asked about, and the shared buckets must refill by the wall
+        # time that moves with it (a fake clock's too, or real time would refill a test's buckets).
+        self._clock = limiter.clock
         self.worker = uuid.uuid4().hex  # this process, in stream_slots
         self._had_streams = False
         self._last_cleanup = 0.0
@@ -83,7 +80,7 @@ class LimitSharing:
 
     async def settle(self) -> None:
         """One settlement of every active bucket and of the stream counts."""
-        now_wall, now = self._wall(), self._clock()
+        now_wall, now = self._clock.wall(), self._clock()
         spent: list[tuple[str, float, float]] = []
         owners = {}
         for buckets in self._limiter.buckets:
@@ -139,4 +136,4 @@ class LimitSharing:
                     failing = True
         finally:
             with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
-                await self._store.forget_streams(self.worker, self._wall(), self._stale)
+                await self._store.forget_streams(self.worker, self._clock.wall(), self._stale)

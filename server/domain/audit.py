@@ -25,6 +25,14 @@ RATE_SET: Final = "rate_set"
 INVOICE_CREATED: Final = "invoice_created"
 INVOICE_RECOMPUTED: Final = "invoice_recomputed"
 USAGE_BACKFILLED: Final = "usage_backfilled"
+INVOICE_FINALIZED: Final = "invoice_finalized"
+INVOICE_PAID: Final = "invoice_paid"
+INVOICE_VOIDED: Final = "invoice_voided"
+INVOICE_UNCOLLECTIBLE: Final = "invoice_uncollectible"
+CREDIT_NOTE_CREATED: Final = "credit_note_created"
+PLAN_CREATED: Final = "plan_created"
+PLAN_VERSION_CREATED: Final = "plan_version_created"
+BILLING_PROFILE_SET: Final = "billing_profile_set"
 METER_CREATED: Final = "meter_created"
 METER_ARCHIVED: Final = "meter_archived"
 USAGE_EVENT_CANCELLED: Final = "usage_event_cancelled"
@@ -70,7 +78,7 @@ def rate_state(rate: Rate) -> State:
 
 def invoice_state(invoice: Invoice) -> State:
     minor = MINOR_UNITS.get(invoice.currency, 2)
-    return {
+    state: dict[str, Any] = {
         "status": invoice.status.value,
         "currency_code": invoice.currency,
         "total": format_money(invoice.total, minor),
@@ -81,12 +89,22 @@ def invoice_state(invoice: Invoice) -> State:
                 "service": line.service,
                 "usage_type": line.usage_type,
                 "quantity": format_quantity(line.quantity),
-                "unit_price": format_price(line.unit_price, minor),
+                "unit_price": "" if line.unit_price is None else format_price(line.unit_price, minor),
                 "amount": format_money(line.amount, minor),
             }
+            | (
+                {}
+                if line.kind.value == "usage"
+                else {"kind": line.kind.value, "description": line.description}
+            )
             for line in invoice.lines
         ],
     }
+    if invoice.number:
+        state["number"] = invoice.number
+    if invoice.kind.value != "final":
+        state["kind"] = invoice.kind.value
+    return state
 
 
 def backfill_entries(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import Enum
+from typing import Any
 
 from server.domain.meters import Meter
 from server.domain.pricing import LineItem
@@ -22,7 +24,20 @@ class Rate:
 
 
 class InvoiceStatus(Enum):
+    """Where an invoice is in its life (see server.domain.lifecycle for the moves allowed)."""
+
     DRAFT = "draft"
+    FINALIZED = "finalized"
+    PAID = "paid"
+    VOID = "void"
+    UNCOLLECTIBLE = "uncollectible"
+
+
+class InvoiceKind(Enum):
+    """A period's one final invoice, or an interim one billed when a spend threshold was passed."""
+
+    FINAL = "final"
+    INTERIM = "interim"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +55,15 @@ class Invoice:
     # When lines and total were computed: updated_at for the stored invoice, the time of
     # the read for a draft priced afresh when read.
     computed_at: datetime
+    kind: InvoiceKind = InvoiceKind.FINAL
+    number: str = ""  # assigned when finalized
+    finalize_time: datetime | None = None
+    paid_time: datetime | None = None
+    void_time: datetime | None = None
+    uncollectible_time: datetime | None = None
+    # The issuer and the customer as printed, frozen when finalized (None on a draft).
+    parties: Mapping[str, Any] | None = None
+    plan_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,9 @@ from server.domain.events import check_id
 TENANTS = "tenants/"
 INVOICES = "/invoices/"
 USAGE_SUMMARY = "/usageSummary"
+CREDIT_NOTES = "/creditNotes/"
+BILLING_PROFILE = "/billingProfile"
+PLANS = "plans/"
 
 
 def tenant_name(tenant_id: str) -> str:
@@ -24,6 +27,32 @@ def tenant_name(tenant_id: str) -> str:
 
 def invoice_name(tenant_id: str, invoice_id: str) -> str:
     return f"{TENANTS}{tenant_id}{INVOICES}{invoice_id}"
+
+
+def credit_note_name(tenant_id: str, credit_note_id: str) -> str:
+    return f"{TENANTS}{tenant_id}{CREDIT_NOTES}{credit_note_id}"
+
+
+def billing_profile_name(tenant_id: str) -> str:
+    return f"{TENANTS}{tenant_id}{BILLING_PROFILE}"
+
+
+def plan_name(plan_id: str) -> str:
+    return f"{PLANS}{plan_id}"
+
+
+def parse_billing_profile_name(name: str, field: str = "name") -> str:
+    """The tenant id of "tenants/{tenant}/billingProfile"."""
+    if not name.endswith(BILLING_PROFILE):
+        raise _bad(field, "tenants/{tenant}/billingProfile")
+    return parse_tenant_name(name[: -len(BILLING_PROFILE)], field)
+
+
+def parse_plan_name(name: str, field: str = "name") -> str:
+    """The plan id of "plans/{plan}" (checked by the plans' own rule later)."""
+    if not name.startswith(PLANS) or "/" in name[len(PLANS) :] or len(name) == len(PLANS):
+        raise _bad(field, "plans/{plan}")
+    return name[len(PLANS) :]
 
 
 def usage_summary_name(tenant_id: str) -> str:

@@ -12,11 +12,13 @@ flat fees and minimums for plans.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
-from server.domain.charges import PerUnit, price_usage_model
+from server.domain.charges import PerUnit, TierPortion, price_usage_model
 from server.domain.decimals import EXACT, round_money
 
 
@@ -31,14 +33,39 @@ class PricedUsage:
     event_count: int
 
 
+class LineKind(enum.StrEnum):
+    """What an invoice line is: usage, a flat fee, the minimum top-up, an adjustment or the tax."""
+
+    USAGE = "usage"
+    FLAT_FEE = "flat_fee"
+    MINIMUM = "minimum"
+    ADJUSTMENT = "adjustment"
+    TAX = "tax"
+
+
 @dataclass(frozen=True, slots=True)
 class LineItem:
+    """One printed line. `amount` is rounded once; the invoice total is the sum of the amounts.
+
+    Rate card lines are one per (service, usage_type, unit_price). Plan lines name their
+    charge (`charge_key`); graduated lines have no single unit price (None) but `tiers`.
+    `period_start`/`period_end` say which part of the period a line prices when it is not
+    all of it (a plan change mid-period), and which earlier period an adjustment corrects.
+    A tax line's quantity is the taxable amount and its unit price the rate (0.2 for 20%).
+    """
+
     service: str
     usage_type: str
     quantity: Decimal
-    unit_price: Decimal
+    unit_price: Decimal | None
     amount: Decimal
     event_count: int
+    kind: LineKind = LineKind.USAGE
+    description: str = ""
+    charge_key: str = ""
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    tiers: tuple[TierPortion, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +89,7 @@ def price_usage(usages: Iterable[PricedUsage], minor_digits: int) -> InvoiceAmou
             unit_price=unit_price,
             amount=round_money(price_usage_model(PerUnit(unit_price), quantity).amount, minor_digits),
             event_count=count,
+            charge_key=f"{service}/{usage_type}",
         )
         for (service, usage_type, unit_price), (quantity, count) in sorted(merged.items())
     )

@@ -9,9 +9,10 @@ from decimal import Decimal
 import asyncpg
 
 from server.domain.audit import AuditEntry
+from server.domain.lifecycle import period_finalized
 from server.domain.models import Rate
 from server.domain.requests import Once, Replayed
-from server.storage import audit, request_ids
+from server.storage import audit, plans, request_ids
 from server.storage.database import run_with_retries
 
 _FIRST_EFFECTIVE = """
@@ -135,6 +136,10 @@ class RateStore:
                         usage_type,
                     )
                     effective = default_effective_from[1] if known else default_effective_from[0]
+                # The rate card is the default plan: no change inside a period it has billed
+                # this usage type in.
+                if billed := await plans.billed_usage_after(conn, service, usage_type, effective):
+                    raise period_finalized(billed)
                 before = await conn.fetchrow(_IN_EFFECT_AT, service, usage_type, effective)
                 rate = _rate(
                     await conn.fetchrow(_UPSERT, service, usage_type, effective, unit_price, currency)

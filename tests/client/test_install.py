@@ -1,5 +1,6 @@
 """`pip install ./clients/python` alone, in a fresh virtual environment: the client and the stubs, none of the
-server's dependencies, and a five-line script that reports usage to a real server."""
+server's dependencies, a five-line script that reports usage to a real server, and the `tally` command with
+its client commands only."""
 
 from __future__ import annotations
 
@@ -82,3 +83,21 @@ async def test_client_installs_alone_and_a_five_line_script_reports_usage(
     code, output = await run(python, "report.py", tenant, cwd=tmp_path, env=env)
     assert (code, output.strip()) == (0, "recorded"), output
     assert (await totals(db, tenant))[:2] == (1, Decimal("2.5"))
+
+    # The `tally` command came with the client: its client commands, none of the server's.
+    tally = str(venv / "bin" / "tally")
+    code, output = await run(tally, "--help", cwd=tmp_path, env=env)
+    assert code == 0 and "ingest" in output and "summary" in output, output
+    assert not {"serve", "token", "retention"} & {
+        line.split()[0] for line in output.splitlines() if line.strip()
+    }
+    code, output = await run(tally, "report", "--help", cwd=tmp_path, env=env)
+    assert code == 0 and "--quantity" in output, output
+    code, output = await run(tally, "serve", cwd=tmp_path, env=env)
+    assert code == 2 and "invalid choice: 'serve'" in output, output
+    report = ["report", "--tenant", tenant, "--event-id", "cli-1", "--service", "analytics"]
+    code, output = await run(
+        tally, *report, "--usage-type", "query", "--quantity", "0.5", cwd=tmp_path, env=env
+    )
+    assert (code, output) == (0, f"recorded: tenant {tenant}, event cli-1\n"), output
+    assert (await totals(db, tenant))[:2] == (2, Decimal("3.0"))

@@ -21,6 +21,766 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class FinalizeInvoiceRequest(_message.Message):
+    """Request of FinalizeInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The invoice: "tenants/{tenant}/invoices/{invoice}"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinalizeInvoiceRequest: _TypeAlias = FinalizeInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class FinalizeInvoiceResponse(_message.Message):
+    """Response of FinalizeInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoice(self) -> _resources_pb2.Invoice:
+        """The finalized invoice."""
+
+    def __init__(
+        self,
+        *,
+        invoice: _resources_pb2.Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinalizeInvoiceResponse: _TypeAlias = FinalizeInvoiceResponse  # noqa: Y015
+
+@_typing.final
+class VoidInvoiceRequest(_message.Message):
+    """Request of VoidInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The invoice: "tenants/{tenant}/invoices/{invoice}"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidInvoiceRequest: _TypeAlias = VoidInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class VoidInvoiceResponse(_message.Message):
+    """Response of VoidInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoice(self) -> _resources_pb2.Invoice:
+        """The voided invoice."""
+
+    def __init__(
+        self,
+        *,
+        invoice: _resources_pb2.Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidInvoiceResponse: _TypeAlias = VoidInvoiceResponse  # noqa: Y015
+
+@_typing.final
+class MarkInvoicePaidRequest(_message.Message):
+    """Request of MarkInvoicePaid."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The invoice: "tenants/{tenant}/invoices/{invoice}"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkInvoicePaidRequest: _TypeAlias = MarkInvoicePaidRequest  # noqa: Y015
+
+@_typing.final
+class MarkInvoicePaidResponse(_message.Message):
+    """Response of MarkInvoicePaid."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoice(self) -> _resources_pb2.Invoice:
+        """The paid invoice."""
+
+    def __init__(
+        self,
+        *,
+        invoice: _resources_pb2.Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkInvoicePaidResponse: _TypeAlias = MarkInvoicePaidResponse  # noqa: Y015
+
+@_typing.final
+class MarkInvoiceUncollectibleRequest(_message.Message):
+    """Request of MarkInvoiceUncollectible."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The invoice: "tenants/{tenant}/invoices/{invoice}"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkInvoiceUncollectibleRequest: _TypeAlias = MarkInvoiceUncollectibleRequest  # noqa: Y015
+
+@_typing.final
+class MarkInvoiceUncollectibleResponse(_message.Message):
+    """Response of MarkInvoiceUncollectible."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoice(self) -> _resources_pb2.Invoice:
+        """The invoice, now uncollectible."""
+
+    def __init__(
+        self,
+        *,
+        invoice: _resources_pb2.Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkInvoiceUncollectibleResponse: _TypeAlias = MarkInvoiceUncollectibleResponse  # noqa: Y015
+
+@_typing.final
+class CreateCreditNoteRequest(_message.Message):
+    """Request of CreateCreditNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    invoice: _builtins.str
+    """The invoice credited: "tenants/{tenant}/invoices/{invoice}"."""
+    amount: _builtins.str
+    """Amount to credit, in the invoice's currency: an exact decimal string
+    greater than 0 with at most the currency's minor digits.
+    """
+    reason: _builtins.str
+    """Why, printed on the credit note: 1 to 500 characters."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    def __init__(
+        self,
+        *,
+        invoice: _builtins.str = ...,
+        amount: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "invoice", b"invoice", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCreditNoteRequest: _TypeAlias = CreateCreditNoteRequest  # noqa: Y015
+
+@_typing.final
+class CreateCreditNoteResponse(_message.Message):
+    """Response of CreateCreditNote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_NOTE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credit_note(self) -> _resources_pb2.CreditNote:
+        """The credit note."""
+
+    def __init__(
+        self,
+        *,
+        credit_note: _resources_pb2.CreditNote | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit_note", b"credit_note"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_note", b"credit_note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCreditNoteResponse: _TypeAlias = CreateCreditNoteResponse  # noqa: Y015
+
+@_typing.final
+class ListCreditNotesRequest(_message.Message):
+    """Request of ListCreditNotes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The tenant: "tenants/{tenant}"."""
+    page_size: _builtins.int
+    """Maximum number to return: default 50, at most 500."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same parent."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditNotesRequest: _TypeAlias = ListCreditNotesRequest  # noqa: Y015
+
+@_typing.final
+class ListCreditNotesResponse(_message.Message):
+    """Response of ListCreditNotes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDIT_NOTES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def credit_notes(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.CreditNote]:
+        """The credit notes, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        credit_notes: _abc.Iterable[_resources_pb2.CreditNote] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_notes", b"credit_notes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditNotesResponse: _TypeAlias = ListCreditNotesResponse  # noqa: Y015
+
+@_typing.final
+class CreatePlanRequest(_message.Message):
+    """Request of CreatePlan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    CHARGES_FIELD_NUMBER: _builtins.int
+    MINIMUM_AMOUNT_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    plan_id: _builtins.str
+    """The plan's id, the {plan} of its name: 1 to 63 characters of a-z, 0-9
+    and "-", starting with a letter; not "default".
+    """
+    display_name: _builtins.str
+    """Name for people, 1 to 200 characters."""
+    currency_code: _builtins.str
+    """ISO 4217 code of every price of the plan."""
+    minimum_amount: _builtins.str
+    """The first version's minimum commitment per period. Default "0"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    @_builtins.property
+    def charges(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Charge]:
+        """The first version's charges: 0 to 1,000, keys unique."""
+
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """When the first version takes effect: a whole UTC hour. Default: the
+        current hour.
+        """
+
+    def __init__(
+        self,
+        *,
+        plan_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
+        charges: _abc.Iterable[_resources_pb2.Charge] | None = ...,
+        minimum_amount: _builtins.str = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charges", b"charges", "currency_code", b"currency_code", "display_name", b"display_name", "effective_time", b"effective_time", "minimum_amount", b"minimum_amount", "plan_id", b"plan_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePlanRequest: _TypeAlias = CreatePlanRequest  # noqa: Y015
+
+@_typing.final
+class CreatePlanResponse(_message.Message):
+    """Response of CreatePlan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plan(self) -> _resources_pb2.Plan:
+        """The plan created."""
+
+    def __init__(
+        self,
+        *,
+        plan: _resources_pb2.Plan | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePlanResponse: _TypeAlias = CreatePlanResponse  # noqa: Y015
+
+@_typing.final
+class GetPlanRequest(_message.Message):
+    """Request of GetPlan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"plans/{plan}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanRequest: _TypeAlias = GetPlanRequest  # noqa: Y015
+
+@_typing.final
+class GetPlanResponse(_message.Message):
+    """Response of GetPlan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plan(self) -> _resources_pb2.Plan:
+        """The plan."""
+
+    def __init__(
+        self,
+        *,
+        plan: _resources_pb2.Plan | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanResponse: _TypeAlias = GetPlanResponse  # noqa: Y015
+
+@_typing.final
+class ListPlansRequest(_message.Message):
+    """Request of ListPlans."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number to return: default 50, at most 500."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansRequest: _TypeAlias = ListPlansRequest  # noqa: Y015
+
+@_typing.final
+class ListPlansResponse(_message.Message):
+    """Response of ListPlans."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Plan]:
+        """The plans, in id order."""
+
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[_resources_pb2.Plan] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansResponse: _TypeAlias = ListPlansResponse  # noqa: Y015
+
+@_typing.final
+class CreatePlanVersionRequest(_message.Message):
+    """Request of CreatePlanVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    CHARGES_FIELD_NUMBER: _builtins.int
+    MINIMUM_AMOUNT_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The plan: "plans/{plan}"."""
+    minimum_amount: _builtins.str
+    """Its minimum commitment per period. Default "0"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    @_builtins.property
+    def charges(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Charge]:
+        """The version's charges."""
+
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """When it takes effect: a whole UTC hour after the latest version's.
+        Default: the next hour.
+        """
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        charges: _abc.Iterable[_resources_pb2.Charge] | None = ...,
+        minimum_amount: _builtins.str = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charges", b"charges", "effective_time", b"effective_time", "minimum_amount", b"minimum_amount", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePlanVersionRequest: _TypeAlias = CreatePlanVersionRequest  # noqa: Y015
+
+@_typing.final
+class CreatePlanVersionResponse(_message.Message):
+    """Response of CreatePlanVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plan(self) -> _resources_pb2.Plan:
+        """The plan with the new version."""
+
+    def __init__(
+        self,
+        *,
+        plan: _resources_pb2.Plan | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePlanVersionResponse: _TypeAlias = CreatePlanVersionResponse  # noqa: Y015
+
+@_typing.final
+class SetBillingProfileRequest(_message.Message):
+    """Request of SetBillingProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BILLING_PROFILE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    @_builtins.property
+    def billing_profile(self) -> _resources_pb2.BillingProfile:
+        """The profile; its name says whose ("tenants/{tenant}/billingProfile")."""
+
+    def __init__(
+        self,
+        *,
+        billing_profile: _resources_pb2.BillingProfile | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBillingProfileRequest: _TypeAlias = SetBillingProfileRequest  # noqa: Y015
+
+@_typing.final
+class SetBillingProfileResponse(_message.Message):
+    """Response of SetBillingProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BILLING_PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def billing_profile(self) -> _resources_pb2.BillingProfile:
+        """The profile as stored."""
+
+    def __init__(
+        self,
+        *,
+        billing_profile: _resources_pb2.BillingProfile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBillingProfileResponse: _TypeAlias = SetBillingProfileResponse  # noqa: Y015
+
+@_typing.final
+class GetBillingProfileRequest(_message.Message):
+    """Request of GetBillingProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"tenants/{tenant}/billingProfile"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBillingProfileRequest: _TypeAlias = GetBillingProfileRequest  # noqa: Y015
+
+@_typing.final
+class GetBillingProfileResponse(_message.Message):
+    """Response of GetBillingProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BILLING_PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def billing_profile(self) -> _resources_pb2.BillingProfile:
+        """The profile."""
+
+    def __init__(
+        self,
+        *,
+        billing_profile: _resources_pb2.BillingProfile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_profile", b"billing_profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBillingProfileResponse: _TypeAlias = GetBillingProfileResponse  # noqa: Y015
+
+@_typing.final
+class PreviewInvoiceRequest(_message.Message):
+    """Request of PreviewInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The tenant: "tenants/{tenant}"."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewInvoiceRequest: _TypeAlias = PreviewInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class PreviewInvoiceResponse(_message.Message):
+    """Response of PreviewInvoice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoice(self) -> _resources_pb2.Invoice:
+        """The open period's invoice as it stands now: status DRAFT, no name and no
+        number (it is not stored); compute_time is the time of the call.
+        """
+
+    def __init__(
+        self,
+        *,
+        invoice: _resources_pb2.Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewInvoiceResponse: _TypeAlias = PreviewInvoiceResponse  # noqa: Y015
+
+@_typing.final
+class ClosePeriodRequest(_message.Message):
+    """Request of ClosePeriod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The tenant: "tenants/{tenant}"."""
+    request_id: _builtins.str
+    """Client-chosen id that makes a retry safe (see resources.proto)."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClosePeriodRequest: _TypeAlias = ClosePeriodRequest  # noqa: Y015
+
+@_typing.final
+class ClosePeriodResponse(_message.Message):
+    """Response of ClosePeriod."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoice(self) -> _resources_pb2.Invoice:
+        """The period's finalized invoice."""
+
+    def __init__(
+        self,
+        *,
+        invoice: _resources_pb2.Invoice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice", b"invoice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClosePeriodResponse: _TypeAlias = ClosePeriodResponse  # noqa: Y015
+
+@_typing.final
 class ListRatesRequest(_message.Message):
     """Request of ListRates."""
 

@@ -74,6 +74,76 @@ class BillingServiceStub:
                 request_serializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.FinalizeInvoice = channel.unary_unary(
+                '/tally.v1.BillingService/FinalizeInvoice',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.FinalizeInvoiceRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.FinalizeInvoiceResponse.FromString,
+                _registered_method=True)
+        self.VoidInvoice = channel.unary_unary(
+                '/tally.v1.BillingService/VoidInvoice',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.VoidInvoiceRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.VoidInvoiceResponse.FromString,
+                _registered_method=True)
+        self.MarkInvoicePaid = channel.unary_unary(
+                '/tally.v1.BillingService/MarkInvoicePaid',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoicePaidRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoicePaidResponse.FromString,
+                _registered_method=True)
+        self.MarkInvoiceUncollectible = channel.unary_unary(
+                '/tally.v1.BillingService/MarkInvoiceUncollectible',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoiceUncollectibleRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoiceUncollectibleResponse.FromString,
+                _registered_method=True)
+        self.CreateCreditNote = channel.unary_unary(
+                '/tally.v1.BillingService/CreateCreditNote',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.CreateCreditNoteRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.CreateCreditNoteResponse.FromString,
+                _registered_method=True)
+        self.ListCreditNotes = channel.unary_unary(
+                '/tally.v1.BillingService/ListCreditNotes',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.ListCreditNotesRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.ListCreditNotesResponse.FromString,
+                _registered_method=True)
+        self.CreatePlan = channel.unary_unary(
+                '/tally.v1.BillingService/CreatePlan',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanResponse.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/tally.v1.BillingService/GetPlan',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.GetPlanResponse.FromString,
+                _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/tally.v1.BillingService/ListPlans',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
+        self.CreatePlanVersion = channel.unary_unary(
+                '/tally.v1.BillingService/CreatePlanVersion',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanVersionRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanVersionResponse.FromString,
+                _registered_method=True)
+        self.SetBillingProfile = channel.unary_unary(
+                '/tally.v1.BillingService/SetBillingProfile',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.SetBillingProfileRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.SetBillingProfileResponse.FromString,
+                _registered_method=True)
+        self.GetBillingProfile = channel.unary_unary(
+                '/tally.v1.BillingService/GetBillingProfile',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.GetBillingProfileRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.GetBillingProfileResponse.FromString,
+                _registered_method=True)
+        self.PreviewInvoice = channel.unary_unary(
+                '/tally.v1.BillingService/PreviewInvoice',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.PreviewInvoiceRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.PreviewInvoiceResponse.FromString,
+                _registered_method=True)
+        self.ClosePeriod = channel.unary_unary(
+                '/tally.v1.BillingService/ClosePeriod',
+                request_serializer=tally_dot_v1_dot_billing__service__pb2.ClosePeriodRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_billing__service__pb2.ClosePeriodResponse.FromString,
+                _registered_method=True)
 
 
 class BillingServiceServicer:
@@ -153,6 +223,130 @@ class BillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinalizeInvoice(self, request, context):
+        """Finalizes a draft invoice: prices it one last time, freezes its lines and
+        gives it the next number of the issuer's gap-free sequence. Scope
+        billing:admin; tenant rule as GetInvoice (NOT_FOUND for another
+        tenant's). A status other than draft: FAILED_PRECONDITION
+        INVOICE_STATUS_INVALID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoidInvoice(self, request, context):
+        """Voids a draft, finalized or uncollectible invoice: it bills nothing and
+        frees its period. Scope and rules as FinalizeInvoice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkInvoicePaid(self, request, context):
+        """Marks a finalized or uncollectible invoice paid. Scope and rules as
+        FinalizeInvoice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkInvoiceUncollectible(self, request, context):
+        """Marks a finalized invoice uncollectible. Scope and rules as
+        FinalizeInvoice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCreditNote(self, request, context):
+        """Credits part or all of a finalized (or paid, or uncollectible) invoice,
+        numbered from the credit note sequence. The credit notes of an invoice
+        never exceed its total (FAILED_PRECONDITION CREDIT_EXCEEDS_INVOICE).
+        Scope billing:admin; tenant rule as FinalizeInvoice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCreditNotes(self, request, context):
+        """A tenant's credit notes, oldest first. Scope billing:read; a tenant the
+        token does not cover is PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePlan(self, request, context):
+        """Creates a plan with its first version. Scope billing:admin with a token
+        for all tenants (plans are shared). An existing id: ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """One plan with its versions. Scope billing:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPlans(self, request, context):
+        """The plans in id order ("default" first). Scope billing:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePlanVersion(self, request, context):
+        """Adds a version to a plan from an effective time on (a whole hour, by
+        default the next one). A time inside a period already billed with the
+        plan is FAILED_PRECONDITION PERIOD_FINALIZED. The default plan changes
+        only through SetRate (PLAN_READ_ONLY). Scope as CreatePlan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBillingProfile(self, request, context):
+        """Creates or replaces a tenant's billing profile (display name, e-mail,
+        currency, plan, anchor, tax, threshold, price overrides). Scope
+        billing:admin; a tenant the token does not cover is PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBillingProfile(self, request, context):
+        """A tenant's billing profile; NOT_FOUND if it has none. Scope
+        billing:read; a tenant the token does not cover is PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewInvoice(self, request, context):
+        """What the tenant owes so far in its open period, line by line, priced
+        live and not stored (with adjustments for late usage of closed
+        periods). Scope billing:read; tenant rule as ListInvoices.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClosePeriod(self, request, context):
+        """Closes the tenant's oldest open period now, even before it ends: its
+        invoice is generated and finalized (usage that arrives later for it is
+        billed on the next invoice). The server does the same by itself at each
+        period's end plus the grace period. Needs a billing profile
+        (FAILED_PRECONDITION BILLING_PROFILE_NOT_FOUND otherwise... NOT_FOUND).
+        Scope billing:admin; a tenant the token does not cover is
+        PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +379,76 @@ def add_BillingServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'FinalizeInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinalizeInvoice,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.FinalizeInvoiceRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.FinalizeInvoiceResponse.SerializeToString,
+            ),
+            'VoidInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoidInvoice,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.VoidInvoiceRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.VoidInvoiceResponse.SerializeToString,
+            ),
+            'MarkInvoicePaid': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkInvoicePaid,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoicePaidRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoicePaidResponse.SerializeToString,
+            ),
+            'MarkInvoiceUncollectible': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkInvoiceUncollectible,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoiceUncollectibleRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.MarkInvoiceUncollectibleResponse.SerializeToString,
+            ),
+            'CreateCreditNote': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCreditNote,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.CreateCreditNoteRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.CreateCreditNoteResponse.SerializeToString,
+            ),
+            'ListCreditNotes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCreditNotes,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.ListCreditNotesRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.ListCreditNotesResponse.SerializeToString,
+            ),
+            'CreatePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePlan,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.GetPlanRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.GetPlanResponse.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.ListPlansRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'CreatePlanVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePlanVersion,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanVersionRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.CreatePlanVersionResponse.SerializeToString,
+            ),
+            'SetBillingProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBillingProfile,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.SetBillingProfileRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.SetBillingProfileResponse.SerializeToString,
+            ),
+            'GetBillingProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBillingProfile,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.GetBillingProfileRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.GetBillingProfileResponse.SerializeToString,
+            ),
+            'PreviewInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewInvoice,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.PreviewInvoiceRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.PreviewInvoiceResponse.SerializeToString,
+            ),
+            'ClosePeriod': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClosePeriod,
+                    request_deserializer=tally_dot_v1_dot_billing__service__pb2.ClosePeriodRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_billing__service__pb2.ClosePeriodResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +623,384 @@ class BillingService:
             '/tally.v1.BillingService/ListAuditEvents',
             tally_dot_v1_dot_billing__service__pb2.ListAuditEventsRequest.SerializeToString,
             tally_dot_v1_dot_billing__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinalizeInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/FinalizeInvoice',
+            tally_dot_v1_dot_billing__service__pb2.FinalizeInvoiceRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.FinalizeInvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoidInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/VoidInvoice',
+            tally_dot_v1_dot_billing__service__pb2.VoidInvoiceRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.VoidInvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkInvoicePaid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/MarkInvoicePaid',
+            tally_dot_v1_dot_billing__service__pb2.MarkInvoicePaidRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.MarkInvoicePaidResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkInvoiceUncollectible(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/MarkInvoiceUncollectible',
+            tally_dot_v1_dot_billing__service__pb2.MarkInvoiceUncollectibleRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.MarkInvoiceUncollectibleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCreditNote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/CreateCreditNote',
+            tally_dot_v1_dot_billing__service__pb2.CreateCreditNoteRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.CreateCreditNoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCreditNotes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/ListCreditNotes',
+            tally_dot_v1_dot_billing__service__pb2.ListCreditNotesRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.ListCreditNotesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/CreatePlan',
+            tally_dot_v1_dot_billing__service__pb2.CreatePlanRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.CreatePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/GetPlan',
+            tally_dot_v1_dot_billing__service__pb2.GetPlanRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.GetPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/ListPlans',
+            tally_dot_v1_dot_billing__service__pb2.ListPlansRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePlanVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/CreatePlanVersion',
+            tally_dot_v1_dot_billing__service__pb2.CreatePlanVersionRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.CreatePlanVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBillingProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/SetBillingProfile',
+            tally_dot_v1_dot_billing__service__pb2.SetBillingProfileRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.SetBillingProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBillingProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/GetBillingProfile',
+            tally_dot_v1_dot_billing__service__pb2.GetBillingProfileRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.GetBillingProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/PreviewInvoice',
+            tally_dot_v1_dot_billing__service__pb2.PreviewInvoiceRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.PreviewInvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClosePeriod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.BillingService/ClosePeriod',
+            tally_dot_v1_dot_billing__service__pb2.ClosePeriodRequest.SerializeToString,
+            tally_dot_v1_dot_billing__service__pb2.ClosePeriodResponse.FromString,
             options,
             channel_credentials,
             insecure,

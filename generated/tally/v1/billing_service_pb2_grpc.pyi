@@ -83,6 +83,72 @@ class BillingServiceStub:
     Needs the billing:admin scope. A token for some tenants sees their entries
     and the rate card's; asking for another tenant is PERMISSION_DENIED.
     """
+    FinalizeInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.FinalizeInvoiceRequest, _billing_service_pb2.FinalizeInvoiceResponse]
+    """Finalizes a draft invoice: prices it one last time, freezes its lines and
+    gives it the next number of the issuer's gap-free sequence. Scope
+    billing:admin; tenant rule as GetInvoice (NOT_FOUND for another
+    tenant's). A status other than draft: FAILED_PRECONDITION
+    INVOICE_STATUS_INVALID.
+    """
+    VoidInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.VoidInvoiceRequest, _billing_service_pb2.VoidInvoiceResponse]
+    """Voids a draft, finalized or uncollectible invoice: it bills nothing and
+    frees its period. Scope and rules as FinalizeInvoice.
+    """
+    MarkInvoicePaid: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.MarkInvoicePaidRequest, _billing_service_pb2.MarkInvoicePaidResponse]
+    """Marks a finalized or uncollectible invoice paid. Scope and rules as
+    FinalizeInvoice.
+    """
+    MarkInvoiceUncollectible: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.MarkInvoiceUncollectibleRequest, _billing_service_pb2.MarkInvoiceUncollectibleResponse]
+    """Marks a finalized invoice uncollectible. Scope and rules as
+    FinalizeInvoice.
+    """
+    CreateCreditNote: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.CreateCreditNoteRequest, _billing_service_pb2.CreateCreditNoteResponse]
+    """Credits part or all of a finalized (or paid, or uncollectible) invoice,
+    numbered from the credit note sequence. The credit notes of an invoice
+    never exceed its total (FAILED_PRECONDITION CREDIT_EXCEEDS_INVOICE).
+    Scope billing:admin; tenant rule as FinalizeInvoice.
+    """
+    ListCreditNotes: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListCreditNotesRequest, _billing_service_pb2.ListCreditNotesResponse]
+    """A tenant's credit notes, oldest first. Scope billing:read; a tenant the
+    token does not cover is PERMISSION_DENIED.
+    """
+    CreatePlan: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.CreatePlanRequest, _billing_service_pb2.CreatePlanResponse]
+    """Creates a plan with its first version. Scope billing:admin with a token
+    for all tenants (plans are shared). An existing id: ALREADY_EXISTS.
+    """
+    GetPlan: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetPlanRequest, _billing_service_pb2.GetPlanResponse]
+    """One plan with its versions. Scope billing:read."""
+    ListPlans: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListPlansRequest, _billing_service_pb2.ListPlansResponse]
+    """The plans in id order ("default" first). Scope billing:read."""
+    CreatePlanVersion: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.CreatePlanVersionRequest, _billing_service_pb2.CreatePlanVersionResponse]
+    """Adds a version to a plan from an effective time on (a whole hour, by
+    default the next one). A time inside a period already billed with the
+    plan is FAILED_PRECONDITION PERIOD_FINALIZED. The default plan changes
+    only through SetRate (PLAN_READ_ONLY). Scope as CreatePlan.
+    """
+    SetBillingProfile: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.SetBillingProfileRequest, _billing_service_pb2.SetBillingProfileResponse]
+    """Creates or replaces a tenant's billing profile (display name, e-mail,
+    currency, plan, anchor, tax, threshold, price overrides). Scope
+    billing:admin; a tenant the token does not cover is PERMISSION_DENIED.
+    """
+    GetBillingProfile: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetBillingProfileRequest, _billing_service_pb2.GetBillingProfileResponse]
+    """A tenant's billing profile; NOT_FOUND if it has none. Scope
+    billing:read; a tenant the token does not cover is PERMISSION_DENIED.
+    """
+    PreviewInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.PreviewInvoiceRequest, _billing_service_pb2.PreviewInvoiceResponse]
+    """What the tenant owes so far in its open period, line by line, priced
+    live and not stored (with adjustments for late usage of closed
+    periods). Scope billing:read; tenant rule as ListInvoices.
+    """
+    ClosePeriod: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ClosePeriodRequest, _billing_service_pb2.ClosePeriodResponse]
+    """Closes the tenant's oldest open period now, even before it ends: its
+    invoice is generated and finalized (usage that arrives later for it is
+    billed on the next invoice). The server does the same by itself at each
+    period's end plus the grace period. Needs a billing profile
+    (FAILED_PRECONDITION BILLING_PROFILE_NOT_FOUND otherwise... NOT_FOUND).
+    Scope billing:admin; a tenant the token does not cover is
+    PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class BillingServiceAsyncStub(BillingServiceStub):
@@ -138,6 +204,72 @@ class BillingServiceAsyncStub(BillingServiceStub):
     it, when, the request id, and the values before and after, oldest first.
     Needs the billing:admin scope. A token for some tenants sees their entries
     and the rate card's; asking for another tenant is PERMISSION_DENIED.
+    """
+    FinalizeInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.FinalizeInvoiceRequest, _billing_service_pb2.FinalizeInvoiceResponse]  # type: ignore[assignment]
+    """Finalizes a draft invoice: prices it one last time, freezes its lines and
+    gives it the next number of the issuer's gap-free sequence. Scope
+    billing:admin; tenant rule as GetInvoice (NOT_FOUND for another
+    tenant's). A status other than draft: FAILED_PRECONDITION
+    INVOICE_STATUS_INVALID.
+    """
+    VoidInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.VoidInvoiceRequest, _billing_service_pb2.VoidInvoiceResponse]  # type: ignore[assignment]
+    """Voids a draft, finalized or uncollectible invoice: it bills nothing and
+    frees its period. Scope and rules as FinalizeInvoice.
+    """
+    MarkInvoicePaid: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.MarkInvoicePaidRequest, _billing_service_pb2.MarkInvoicePaidResponse]  # type: ignore[assignment]
+    """Marks a finalized or uncollectible invoice paid. Scope and rules as
+    FinalizeInvoice.
+    """
+    MarkInvoiceUncollectible: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.MarkInvoiceUncollectibleRequest, _billing_service_pb2.MarkInvoiceUncollectibleResponse]  # type: ignore[assignment]
+    """Marks a finalized invoice uncollectible. Scope and rules as
+    FinalizeInvoice.
+    """
+    CreateCreditNote: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.CreateCreditNoteRequest, _billing_service_pb2.CreateCreditNoteResponse]  # type: ignore[assignment]
+    """Credits part or all of a finalized (or paid, or uncollectible) invoice,
+    numbered from the credit note sequence. The credit notes of an invoice
+    never exceed its total (FAILED_PRECONDITION CREDIT_EXCEEDS_INVOICE).
+    Scope billing:admin; tenant rule as FinalizeInvoice.
+    """
+    ListCreditNotes: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListCreditNotesRequest, _billing_service_pb2.ListCreditNotesResponse]  # type: ignore[assignment]
+    """A tenant's credit notes, oldest first. Scope billing:read; a tenant the
+    token does not cover is PERMISSION_DENIED.
+    """
+    CreatePlan: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.CreatePlanRequest, _billing_service_pb2.CreatePlanResponse]  # type: ignore[assignment]
+    """Creates a plan with its first version. Scope billing:admin with a token
+    for all tenants (plans are shared). An existing id: ALREADY_EXISTS.
+    """
+    GetPlan: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetPlanRequest, _billing_service_pb2.GetPlanResponse]  # type: ignore[assignment]
+    """One plan with its versions. Scope billing:read."""
+    ListPlans: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListPlansRequest, _billing_service_pb2.ListPlansResponse]  # type: ignore[assignment]
+    """The plans in id order ("default" first). Scope billing:read."""
+    CreatePlanVersion: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.CreatePlanVersionRequest, _billing_service_pb2.CreatePlanVersionResponse]  # type: ignore[assignment]
+    """Adds a version to a plan from an effective time on (a whole hour, by
+    default the next one). A time inside a period already billed with the
+    plan is FAILED_PRECONDITION PERIOD_FINALIZED. The default plan changes
+    only through SetRate (PLAN_READ_ONLY). Scope as CreatePlan.
+    """
+    SetBillingProfile: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.SetBillingProfileRequest, _billing_service_pb2.SetBillingProfileResponse]  # type: ignore[assignment]
+    """Creates or replaces a tenant's billing profile (display name, e-mail,
+    currency, plan, anchor, tax, threshold, price overrides). Scope
+    billing:admin; a tenant the token does not cover is PERMISSION_DENIED.
+    """
+    GetBillingProfile: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetBillingProfileRequest, _billing_service_pb2.GetBillingProfileResponse]  # type: ignore[assignment]
+    """A tenant's billing profile; NOT_FOUND if it has none. Scope
+    billing:read; a tenant the token does not cover is PERMISSION_DENIED.
+    """
+    PreviewInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.PreviewInvoiceRequest, _billing_service_pb2.PreviewInvoiceResponse]  # type: ignore[assignment]
+    """What the tenant owes so far in its open period, line by line, priced
+    live and not stored (with adjustments for late usage of closed
+    periods). Scope billing:read; tenant rule as ListInvoices.
+    """
+    ClosePeriod: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ClosePeriodRequest, _billing_service_pb2.ClosePeriodResponse]  # type: ignore[assignment]
+    """Closes the tenant's oldest open period now, even before it ends: its
+    invoice is generated and finalized (usage that arrives later for it is
+    billed on the next invoice). The server does the same by itself at each
+    period's end plus the grace period. Needs a billing profile
+    (FAILED_PRECONDITION BILLING_PROFILE_NOT_FOUND otherwise... NOT_FOUND).
+    Scope billing:admin; a tenant the token does not cover is
+    PERMISSION_DENIED.
     """
 
 class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -227,6 +359,156 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         it, when, the request id, and the values before and after, oldest first.
         Needs the billing:admin scope. A token for some tenants sees their entries
         and the rate card's; asking for another tenant is PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def FinalizeInvoice(
+        self,
+        request: _billing_service_pb2.FinalizeInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.FinalizeInvoiceResponse, _abc.Awaitable[_billing_service_pb2.FinalizeInvoiceResponse]]:
+        """Finalizes a draft invoice: prices it one last time, freezes its lines and
+        gives it the next number of the issuer's gap-free sequence. Scope
+        billing:admin; tenant rule as GetInvoice (NOT_FOUND for another
+        tenant's). A status other than draft: FAILED_PRECONDITION
+        INVOICE_STATUS_INVALID.
+        """
+
+    @_abc_1.abstractmethod
+    def VoidInvoice(
+        self,
+        request: _billing_service_pb2.VoidInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.VoidInvoiceResponse, _abc.Awaitable[_billing_service_pb2.VoidInvoiceResponse]]:
+        """Voids a draft, finalized or uncollectible invoice: it bills nothing and
+        frees its period. Scope and rules as FinalizeInvoice.
+        """
+
+    @_abc_1.abstractmethod
+    def MarkInvoicePaid(
+        self,
+        request: _billing_service_pb2.MarkInvoicePaidRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.MarkInvoicePaidResponse, _abc.Awaitable[_billing_service_pb2.MarkInvoicePaidResponse]]:
+        """Marks a finalized or uncollectible invoice paid. Scope and rules as
+        FinalizeInvoice.
+        """
+
+    @_abc_1.abstractmethod
+    def MarkInvoiceUncollectible(
+        self,
+        request: _billing_service_pb2.MarkInvoiceUncollectibleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.MarkInvoiceUncollectibleResponse, _abc.Awaitable[_billing_service_pb2.MarkInvoiceUncollectibleResponse]]:
+        """Marks a finalized invoice uncollectible. Scope and rules as
+        FinalizeInvoice.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateCreditNote(
+        self,
+        request: _billing_service_pb2.CreateCreditNoteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.CreateCreditNoteResponse, _abc.Awaitable[_billing_service_pb2.CreateCreditNoteResponse]]:
+        """Credits part or all of a finalized (or paid, or uncollectible) invoice,
+        numbered from the credit note sequence. The credit notes of an invoice
+        never exceed its total (FAILED_PRECONDITION CREDIT_EXCEEDS_INVOICE).
+        Scope billing:admin; tenant rule as FinalizeInvoice.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCreditNotes(
+        self,
+        request: _billing_service_pb2.ListCreditNotesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.ListCreditNotesResponse, _abc.Awaitable[_billing_service_pb2.ListCreditNotesResponse]]:
+        """A tenant's credit notes, oldest first. Scope billing:read; a tenant the
+        token does not cover is PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def CreatePlan(
+        self,
+        request: _billing_service_pb2.CreatePlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.CreatePlanResponse, _abc.Awaitable[_billing_service_pb2.CreatePlanResponse]]:
+        """Creates a plan with its first version. Scope billing:admin with a token
+        for all tenants (plans are shared). An existing id: ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPlan(
+        self,
+        request: _billing_service_pb2.GetPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.GetPlanResponse, _abc.Awaitable[_billing_service_pb2.GetPlanResponse]]:
+        """One plan with its versions. Scope billing:read."""
+
+    @_abc_1.abstractmethod
+    def ListPlans(
+        self,
+        request: _billing_service_pb2.ListPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.ListPlansResponse, _abc.Awaitable[_billing_service_pb2.ListPlansResponse]]:
+        """The plans in id order ("default" first). Scope billing:read."""
+
+    @_abc_1.abstractmethod
+    def CreatePlanVersion(
+        self,
+        request: _billing_service_pb2.CreatePlanVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.CreatePlanVersionResponse, _abc.Awaitable[_billing_service_pb2.CreatePlanVersionResponse]]:
+        """Adds a version to a plan from an effective time on (a whole hour, by
+        default the next one). A time inside a period already billed with the
+        plan is FAILED_PRECONDITION PERIOD_FINALIZED. The default plan changes
+        only through SetRate (PLAN_READ_ONLY). Scope as CreatePlan.
+        """
+
+    @_abc_1.abstractmethod
+    def SetBillingProfile(
+        self,
+        request: _billing_service_pb2.SetBillingProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.SetBillingProfileResponse, _abc.Awaitable[_billing_service_pb2.SetBillingProfileResponse]]:
+        """Creates or replaces a tenant's billing profile (display name, e-mail,
+        currency, plan, anchor, tax, threshold, price overrides). Scope
+        billing:admin; a tenant the token does not cover is PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBillingProfile(
+        self,
+        request: _billing_service_pb2.GetBillingProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.GetBillingProfileResponse, _abc.Awaitable[_billing_service_pb2.GetBillingProfileResponse]]:
+        """A tenant's billing profile; NOT_FOUND if it has none. Scope
+        billing:read; a tenant the token does not cover is PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewInvoice(
+        self,
+        request: _billing_service_pb2.PreviewInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.PreviewInvoiceResponse, _abc.Awaitable[_billing_service_pb2.PreviewInvoiceResponse]]:
+        """What the tenant owes so far in its open period, line by line, priced
+        live and not stored (with adjustments for late usage of closed
+        periods). Scope billing:read; tenant rule as ListInvoices.
+        """
+
+    @_abc_1.abstractmethod
+    def ClosePeriod(
+        self,
+        request: _billing_service_pb2.ClosePeriodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_billing_service_pb2.ClosePeriodResponse, _abc.Awaitable[_billing_service_pb2.ClosePeriodResponse]]:
+        """Closes the tenant's oldest open period now, even before it ends: its
+        invoice is generated and finalized (usage that arrives later for it is
+        billed on the next invoice). The server does the same by itself at each
+        period's end plus the grace period. Needs a billing profile
+        (FAILED_PRECONDITION BILLING_PROFILE_NOT_FOUND otherwise... NOT_FOUND).
+        Scope billing:admin; a tenant the token does not cover is
+        PERMISSION_DENIED.
         """
 
 def add_BillingServiceServicer_to_server(servicer: BillingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

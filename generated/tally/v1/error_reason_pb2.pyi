@@ -58,6 +58,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[NOT_FOUND] No invoice has this name, or it belongs to a tenant the
     token does not cover (the two are not told apart).
     """
+    PLAN_NOT_FOUND: _ErrorReason.ValueType  # 11
+    """[NOT_FOUND] No plan has this name."""
+    BILLING_PROFILE_NOT_FOUND: _ErrorReason.ValueType  # 12
+    """[NOT_FOUND] The tenant has no billing profile (SetBillingProfile creates
+    one), or it is a tenant the token does not cover.
+    """
     METER_NOT_FOUND: _ErrorReason.ValueType  # 15
     """[NOT_FOUND] No meter has this name (metadata: meter)."""
     EVENT_NOT_FOUND: _ErrorReason.ValueType  # 16
@@ -77,6 +83,27 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     principal and method, for a request with other parameters (metadata:
     requestId). Use a new request_id for a new request.
     """
+    INVOICE_STATUS_INVALID: _ErrorReason.ValueType  # 23
+    """[FAILED_PRECONDITION] The invoice's status does not allow this move
+    (draft -> finalized -> paid | void | uncollectible; draft -> void;
+    uncollectible -> paid | void; nothing leaves paid or void). Metadata:
+    invoice, status (its status now), requestedStatus.
+    """
+    PERIOD_FINALIZED: _ErrorReason.ValueType  # 24
+    """[FAILED_PRECONDITION] The change would take effect inside a period that
+    a finalized invoice has already billed (metadata: invoice). A finalized
+    invoice never changes; pick an effective time after its period.
+    """
+    CREDIT_EXCEEDS_INVOICE: _ErrorReason.ValueType  # 25
+    """[FAILED_PRECONDITION] The credit notes of the invoice would exceed its
+    total (metadata: invoice, creditable, what may still be credited).
+    """
+    PLAN_READ_ONLY: _ErrorReason.ValueType  # 26
+    """[FAILED_PRECONDITION] The default plan is the rate card: change it with
+    SetRate, not with CreatePlanVersion.
+    """
+    PLAN_EXISTS: _ErrorReason.ValueType  # 27
+    """[ALREADY_EXISTS] A plan with this id exists already (metadata: plan)."""
     METER_EXISTS: _ErrorReason.ValueType  # 29
     """[ALREADY_EXISTS] A meter with this meter_id exists already, active or
     archived (metadata: meter). Meter ids are never reused.
@@ -161,6 +188,12 @@ INVOICE_NOT_FOUND: ErrorReason.ValueType  # 10
 """[NOT_FOUND] No invoice has this name, or it belongs to a tenant the
 token does not cover (the two are not told apart).
 """
+PLAN_NOT_FOUND: ErrorReason.ValueType  # 11
+"""[NOT_FOUND] No plan has this name."""
+BILLING_PROFILE_NOT_FOUND: ErrorReason.ValueType  # 12
+"""[NOT_FOUND] The tenant has no billing profile (SetBillingProfile creates
+one), or it is a tenant the token does not cover.
+"""
 METER_NOT_FOUND: ErrorReason.ValueType  # 15
 """[NOT_FOUND] No meter has this name (metadata: meter)."""
 EVENT_NOT_FOUND: ErrorReason.ValueType  # 16
@@ -180,6 +213,27 @@ REQUEST_ID_REUSED: ErrorReason.ValueType  # 22
 principal and method, for a request with other parameters (metadata:
 requestId). Use a new request_id for a new request.
 """
+INVOICE_STATUS_INVALID: ErrorReason.ValueType  # 23
+"""[FAILED_PRECONDITION] The invoice's status does not allow this move
+(draft -> finalized -> paid | void | uncollectible; draft -> void;
+uncollectible -> paid | void; nothing leaves paid or void). Metadata:
+invoice, status (its status now), requestedStatus.
+"""
+PERIOD_FINALIZED: ErrorReason.ValueType  # 24
+"""[FAILED_PRECONDITION] The change would take effect inside a period that
+a finalized invoice has already billed (metadata: invoice). A finalized
+invoice never changes; pick an effective time after its period.
+"""
+CREDIT_EXCEEDS_INVOICE: ErrorReason.ValueType  # 25
+"""[FAILED_PRECONDITION] The credit notes of the invoice would exceed its
+total (metadata: invoice, creditable, what may still be credited).
+"""
+PLAN_READ_ONLY: ErrorReason.ValueType  # 26
+"""[FAILED_PRECONDITION] The default plan is the rate card: change it with
+SetRate, not with CreatePlanVersion.
+"""
+PLAN_EXISTS: ErrorReason.ValueType  # 27
+"""[ALREADY_EXISTS] A plan with this id exists already (metadata: plan)."""
 METER_EXISTS: ErrorReason.ValueType  # 29
 """[ALREADY_EXISTS] A meter with this meter_id exists already, active or
 archived (metadata: meter). Meter ids are never reused.

@@ -14,6 +14,8 @@ Field behaviour (AIP-203). Every field carries (google.api.field_behavior):
 - IMMUTABLE: fixed once the server has accepted it (e.g. a usage event's
   fields: the first report of an event wins).
 - IDENTIFIER: the `name` of a resource.
+- INPUT_ONLY: read from a request, never returned (e.g. when a change
+  takes effect).
 
 Resource names (AIP-122/123). A resource that a client can fetch or list
 has a `name` made of collection ids and resource ids, and a resource type
@@ -32,6 +34,9 @@ has a `name` made of collection ids and resource ids, and a resource type
   lower-case letters, digits and hyphens, starting with a letter).
 - auditEvents/{audit_event}: an AuditEvent, {audit_event} being its
   position in the trail, e.g. "auditEvents/42".
+- plans/{plan}: a Plan; "plans/default" is the rate card.
+- tenants/{tenant}/billingProfile: a tenant's BillingProfile (a singleton).
+- tenants/{tenant}/creditNotes/{credit_note}: a CreditNote.
 Get methods take the resource's `name`, List methods (and methods that
 create under a collection, such as GenerateInvoice) its owner's `parent`,
 both with (google.api.resource_reference) (AIP-131/132). Elsewhere (usage
@@ -241,7 +246,23 @@ class _InvoiceStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Invoice
     INVOICE_STATUS_UNSPECIFIED: _InvoiceStatus.ValueType  # 0
     """Never used."""
     INVOICE_STATUS_DRAFT: _InvoiceStatus.ValueType  # 1
-    """Recomputed from usage each time it is generated; not yet sent."""
+    """Recomputed from usage each time it is generated, and priced afresh when
+    read; not yet sent. Becomes FINALIZED (FinalizeInvoice, or the period
+    close) or VOID.
+    """
+    INVOICE_STATUS_FINALIZED: _InvoiceStatus.ValueType  # 2
+    """Numbered and frozen: its lines and total never change again (usage that
+    arrives later for its period is billed on the next invoice as an
+    adjustment). Becomes PAID, VOID or UNCOLLECTIBLE.
+    """
+    INVOICE_STATUS_PAID: _InvoiceStatus.ValueType  # 3
+    """Paid. Final."""
+    INVOICE_STATUS_VOID: _InvoiceStatus.ValueType  # 4
+    """Withdrawn; it bills nothing and frees its period. Final."""
+    INVOICE_STATUS_UNCOLLECTIBLE: _InvoiceStatus.ValueType  # 5
+    """Written off as a bad debt; may still become PAID (a payment arrived) or
+    VOID.
+    """
 
 class InvoiceStatus(_InvoiceStatus, metaclass=_InvoiceStatusEnumTypeWrapper):
     """Where an invoice is in its life."""
@@ -249,8 +270,140 @@ class InvoiceStatus(_InvoiceStatus, metaclass=_InvoiceStatusEnumTypeWrapper):
 INVOICE_STATUS_UNSPECIFIED: InvoiceStatus.ValueType  # 0
 """Never used."""
 INVOICE_STATUS_DRAFT: InvoiceStatus.ValueType  # 1
-"""Recomputed from usage each time it is generated; not yet sent."""
+"""Recomputed from usage each time it is generated, and priced afresh when
+read; not yet sent. Becomes FINALIZED (FinalizeInvoice, or the period
+close) or VOID.
+"""
+INVOICE_STATUS_FINALIZED: InvoiceStatus.ValueType  # 2
+"""Numbered and frozen: its lines and total never change again (usage that
+arrives later for its period is billed on the next invoice as an
+adjustment). Becomes PAID, VOID or UNCOLLECTIBLE.
+"""
+INVOICE_STATUS_PAID: InvoiceStatus.ValueType  # 3
+"""Paid. Final."""
+INVOICE_STATUS_VOID: InvoiceStatus.ValueType  # 4
+"""Withdrawn; it bills nothing and frees its period. Final."""
+INVOICE_STATUS_UNCOLLECTIBLE: InvoiceStatus.ValueType  # 5
+"""Written off as a bad debt; may still become PAID (a payment arrived) or
+VOID.
+"""
 Global___InvoiceStatus: _TypeAlias = InvoiceStatus  # noqa: Y015
+
+class _InvoiceKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InvoiceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InvoiceKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INVOICE_KIND_UNSPECIFIED: _InvoiceKind.ValueType  # 0
+    """Never used."""
+    INVOICE_KIND_FINAL: _InvoiceKind.ValueType  # 1
+    """The period's invoice: at most one per tenant and period (void ones
+    aside). With interim invoices before it, it bills only the rest.
+    """
+    INVOICE_KIND_INTERIM: _InvoiceKind.ValueType  # 2
+    """Billed before the period ends because the running amount passed the
+    tenant's spend threshold.
+    """
+
+class InvoiceKind(_InvoiceKind, metaclass=_InvoiceKindEnumTypeWrapper):
+    """Whether an invoice is its period's final one or an interim one."""
+
+INVOICE_KIND_UNSPECIFIED: InvoiceKind.ValueType  # 0
+"""Never used."""
+INVOICE_KIND_FINAL: InvoiceKind.ValueType  # 1
+"""The period's invoice: at most one per tenant and period (void ones
+aside). With interim invoices before it, it bills only the rest.
+"""
+INVOICE_KIND_INTERIM: InvoiceKind.ValueType  # 2
+"""Billed before the period ends because the running amount passed the
+tenant's spend threshold.
+"""
+Global___InvoiceKind: _TypeAlias = InvoiceKind  # noqa: Y015
+
+class _InvoiceLineKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InvoiceLineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InvoiceLineKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INVOICE_LINE_KIND_UNSPECIFIED: _InvoiceLineKind.ValueType  # 0
+    """Never used."""
+    INVOICE_LINE_KIND_USAGE: _InvoiceLineKind.ValueType  # 1
+    """Usage of one (service, usage_type): the rate card's line per unit price,
+    or a plan charge's line.
+    """
+    INVOICE_LINE_KIND_FLAT_FEE: _InvoiceLineKind.ValueType  # 2
+    """A plan's flat recurring fee, prorated by the hour when the plan covers
+    only part of the period.
+    """
+    INVOICE_LINE_KIND_MINIMUM: _InvoiceLineKind.ValueType  # 3
+    """The top-up to the plan's minimum commitment: unit_price is the minimum
+    (prorated), amount max(0, minimum - charges).
+    """
+    INVOICE_LINE_KIND_ADJUSTMENT: _InvoiceLineKind.ValueType  # 4
+    """A correction of an earlier, finalized period (late usage): the period's
+    price with every event known now minus what it was billed, for one
+    charge (charge_key; empty for the minimum). May be negative.
+    period_start_time/period_end_time name the period corrected.
+    """
+    INVOICE_LINE_KIND_TAX: _InvoiceLineKind.ValueType  # 5
+    """Tax: quantity is the taxable amount (every line above), unit_price the
+    rate ("0.2" for 20%), amount their product rounded once.
+    """
+
+class InvoiceLineKind(_InvoiceLineKind, metaclass=_InvoiceLineKindEnumTypeWrapper):
+    """What an invoice line is."""
+
+INVOICE_LINE_KIND_UNSPECIFIED: InvoiceLineKind.ValueType  # 0
+"""Never used."""
+INVOICE_LINE_KIND_USAGE: InvoiceLineKind.ValueType  # 1
+"""Usage of one (service, usage_type): the rate card's line per unit price,
+or a plan charge's line.
+"""
+INVOICE_LINE_KIND_FLAT_FEE: InvoiceLineKind.ValueType  # 2
+"""A plan's flat recurring fee, prorated by the hour when the plan covers
+only part of the period.
+"""
+INVOICE_LINE_KIND_MINIMUM: InvoiceLineKind.ValueType  # 3
+"""The top-up to the plan's minimum commitment: unit_price is the minimum
+(prorated), amount max(0, minimum - charges).
+"""
+INVOICE_LINE_KIND_ADJUSTMENT: InvoiceLineKind.ValueType  # 4
+"""A correction of an earlier, finalized period (late usage): the period's
+price with every event known now minus what it was billed, for one
+charge (charge_key; empty for the minimum). May be negative.
+period_start_time/period_end_time name the period corrected.
+"""
+INVOICE_LINE_KIND_TAX: InvoiceLineKind.ValueType  # 5
+"""Tax: quantity is the taxable amount (every line above), unit_price the
+rate ("0.2" for 20%), amount their product rounded once.
+"""
+Global___InvoiceLineKind: _TypeAlias = InvoiceLineKind  # noqa: Y015
+
+class _FeeTiming:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeeTimingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeeTiming.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEE_TIMING_UNSPECIFIED: _FeeTiming.ValueType  # 0
+    """In arrears."""
+    FEE_TIMING_IN_ARREARS: _FeeTiming.ValueType  # 1
+    """On the invoice that closes the period (the default)."""
+    FEE_TIMING_IN_ADVANCE: _FeeTiming.ValueType  # 2
+    """In advance. Billed on the same period's invoice in this version."""
+
+class FeeTiming(_FeeTiming, metaclass=_FeeTimingEnumTypeWrapper):
+    """When a flat fee is billed."""
+
+FEE_TIMING_UNSPECIFIED: FeeTiming.ValueType  # 0
+"""In arrears."""
+FEE_TIMING_IN_ARREARS: FeeTiming.ValueType  # 1
+"""On the invoice that closes the period (the default)."""
+FEE_TIMING_IN_ADVANCE: FeeTiming.ValueType  # 2
+"""In advance. Billed on the same period's invoice in this version."""
+Global___FeeTiming: _TypeAlias = FeeTiming  # noqa: Y015
 
 class _AuditAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -278,6 +431,24 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     the batch's events for this tenant and its usage_types
     ("service/usage_type"). Resource: "tenants/{tenant_id}/usage".
     """
+    AUDIT_ACTION_INVOICE_FINALIZED: _AuditAction.ValueType  # 5
+    """An invoice was finalized (FinalizeInvoice or a period close): `before`
+    is the stored draft, `after` the frozen invoice with its number.
+    """
+    AUDIT_ACTION_INVOICE_PAID: _AuditAction.ValueType  # 6
+    """An invoice was marked paid; `before`/`after` hold its status."""
+    AUDIT_ACTION_INVOICE_VOIDED: _AuditAction.ValueType  # 7
+    """An invoice was voided."""
+    AUDIT_ACTION_INVOICE_UNCOLLECTIBLE: _AuditAction.ValueType  # 8
+    """An invoice was marked uncollectible."""
+    AUDIT_ACTION_CREDIT_NOTE_CREATED: _AuditAction.ValueType  # 9
+    """A credit note was created; `after` holds it."""
+    AUDIT_ACTION_PLAN_CREATED: _AuditAction.ValueType  # 10
+    """A plan was created with its first version."""
+    AUDIT_ACTION_PLAN_VERSION_CREATED: _AuditAction.ValueType  # 11
+    """A plan version was added."""
+    AUDIT_ACTION_BILLING_PROFILE_SET: _AuditAction.ValueType  # 12
+    """A billing profile was created or changed (`before` unset on creation)."""
     AUDIT_ACTION_METER_CREATED: _AuditAction.ValueType  # 20
     """MeterService.CreateMeter defined a meter; `after` is its definition.
     Resource: "meters/{meter}"; tenant_id is empty.
@@ -315,6 +486,24 @@ accepted_count, duplicate_count, first_event_time and last_event_time of
 the batch's events for this tenant and its usage_types
 ("service/usage_type"). Resource: "tenants/{tenant_id}/usage".
 """
+AUDIT_ACTION_INVOICE_FINALIZED: AuditAction.ValueType  # 5
+"""An invoice was finalized (FinalizeInvoice or a period close): `before`
+is the stored draft, `after` the frozen invoice with its number.
+"""
+AUDIT_ACTION_INVOICE_PAID: AuditAction.ValueType  # 6
+"""An invoice was marked paid; `before`/`after` hold its status."""
+AUDIT_ACTION_INVOICE_VOIDED: AuditAction.ValueType  # 7
+"""An invoice was voided."""
+AUDIT_ACTION_INVOICE_UNCOLLECTIBLE: AuditAction.ValueType  # 8
+"""An invoice was marked uncollectible."""
+AUDIT_ACTION_CREDIT_NOTE_CREATED: AuditAction.ValueType  # 9
+"""A credit note was created; `after` holds it."""
+AUDIT_ACTION_PLAN_CREATED: AuditAction.ValueType  # 10
+"""A plan was created with its first version."""
+AUDIT_ACTION_PLAN_VERSION_CREATED: AuditAction.ValueType  # 11
+"""A plan version was added."""
+AUDIT_ACTION_BILLING_PROFILE_SET: AuditAction.ValueType  # 12
+"""A billing profile was created or changed (`before` unset on creation)."""
 AUDIT_ACTION_METER_CREATED: AuditAction.ValueType  # 20
 """MeterService.CreateMeter defined a meter; `after` is its definition.
 Resource: "meters/{meter}"; tenant_id is empty.
@@ -804,6 +993,54 @@ class Rate(_message.Message):
 Global___Rate: _TypeAlias = Rate  # noqa: Y015
 
 @_typing.final
+class TierPortion(_message.Message):
+    """The part of a tiered line that one tier prices, exact and unrounded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    ABOVE_FIELD_NUMBER: _builtins.int
+    UP_TO_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_FIELD_NUMBER: _builtins.int
+    FLAT_FEE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    tier: _builtins.int
+    """The tier, counting from 1."""
+    above: _builtins.str
+    """The tier covers quantities above this one..."""
+    up_to: _builtins.str
+    """...up to this one, inclusive; empty for the last, unbounded tier."""
+    quantity: _builtins.str
+    """The quantity priced by this tier."""
+    unit_price: _builtins.str
+    """The tier's unit price."""
+    flat_fee: _builtins.str
+    """The tier's flat fee, charged once the tier is reached."""
+    amount: _builtins.str
+    """quantity x unit_price + flat_fee, exact (the line rounds once, not the
+    tiers).
+    """
+    def __init__(
+        self,
+        *,
+        tier: _builtins.int = ...,
+        above: _builtins.str = ...,
+        up_to: _builtins.str = ...,
+        quantity: _builtins.str = ...,
+        unit_price: _builtins.str = ...,
+        flat_fee: _builtins.str = ...,
+        amount: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["above", b"above", "amount", b"amount", "flat_fee", b"flat_fee", "quantity", b"quantity", "tier", b"tier", "unit_price", b"unit_price", "up_to", b"up_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierPortion: _TypeAlias = TierPortion  # noqa: Y015
+
+@_typing.final
 class InvoiceLineItem(_message.Message):
     """One priced line of an invoice: the usage of one (service, usage_type) at one
     unit price over the invoice period.
@@ -817,6 +1054,12 @@ class InvoiceLineItem(_message.Message):
     UNIT_PRICE_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CHARGE_KEY_FIELD_NUMBER: _builtins.int
+    PERIOD_START_TIME_FIELD_NUMBER: _builtins.int
+    PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service, e.g. "marketplace"."""
     usage_type: _builtins.str
@@ -832,6 +1075,33 @@ class InvoiceLineItem(_message.Message):
     """
     event_count: _builtins.int
     """Number of usage events on this line."""
+    kind: Global___InvoiceLineKind.ValueType
+    """What the line is. Rate card usage lines are USAGE."""
+    description: _builtins.str
+    """The line as printed, e.g. "API requests" or "Adjustment for ...";
+    empty on rate card lines (service and usage_type say it).
+    """
+    charge_key: _builtins.str
+    """The plan charge the line prices ("service/usage_type" on rate card
+    lines); empty on tax and minimum lines.
+    """
+    @_builtins.property
+    def period_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The part of the period the line prices, when it is not the whole period
+        (a plan change mid-period); for an adjustment, the earlier period it
+        corrects. Unset otherwise.
+        """
+
+    @_builtins.property
+    def period_end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of that part, exclusive."""
+
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierPortion]:
+        """For graduated and volume charges: the tiers reached, exact. unit_price
+        is empty on graduated lines (no single price applies).
+        """
+
     def __init__(
         self,
         *,
@@ -841,14 +1111,58 @@ class InvoiceLineItem(_message.Message):
         unit_price: _builtins.str = ...,
         amount: _builtins.str = ...,
         event_count: _builtins.int = ...,
+        kind: Global___InvoiceLineKind.ValueType = ...,
+        description: _builtins.str = ...,
+        charge_key: _builtins.str = ...,
+        period_start_time: _timestamp_pb2.Timestamp | None = ...,
+        period_end_time: _timestamp_pb2.Timestamp | None = ...,
+        tiers: _abc.Iterable[Global___TierPortion] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end_time", b"period_end_time", "period_start_time", b"period_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "event_count", b"event_count", "quantity", b"quantity", "service", b"service", "unit_price", b"unit_price", "usage_type", b"usage_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "charge_key", b"charge_key", "description", b"description", "event_count", b"event_count", "kind", b"kind", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "quantity", b"quantity", "service", b"service", "tiers", b"tiers", "unit_price", b"unit_price", "usage_type", b"usage_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvoiceLineItem: _TypeAlias = InvoiceLineItem  # noqa: Y015
+
+@_typing.final
+class InvoiceParty(_message.Message):
+    """Who an invoice or credit note is from or to, as printed on it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TAX_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name (the issuer's configured name; the customer's display name)."""
+    address: _builtins.str
+    """Postal address, free text (issuer only)."""
+    tax_id: _builtins.str
+    """Tax identification number (issuer only)."""
+    email: _builtins.str
+    """E-mail address (customer only)."""
+    tenant_id: _builtins.str
+    """The tenant (customer only)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        tax_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "email", b"email", "name", b"name", "tax_id", b"tax_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoiceParty: _TypeAlias = InvoiceParty  # noqa: Y015
 
 @_typing.final
 class Invoice(_message.Message):
@@ -869,6 +1183,14 @@ class Invoice(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    FINALIZE_TIME_FIELD_NUMBER: _builtins.int
+    PAID_TIME_FIELD_NUMBER: _builtins.int
+    VOID_TIME_FIELD_NUMBER: _builtins.int
+    UNCOLLECTIBLE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The invoice's resource name, "tenants/{tenant}/invoices/{invoice}", e.g.
     "tenants/acme/invoices/inv_01JD...".
@@ -883,6 +1205,12 @@ class Invoice(_message.Message):
     """
     status: Global___InvoiceStatus.ValueType
     """Life-cycle status."""
+    number: _builtins.str
+    """The document number, given when finalized from the issuer's gap-free
+    sequence, e.g. "TALLY-2026-000123"; empty on a draft.
+    """
+    kind: Global___InvoiceKind.ValueType
+    """Final or interim (spend threshold)."""
     @_builtins.property
     def period_start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the billing period, inclusive; a whole UTC hour."""
@@ -911,8 +1239,37 @@ class Invoice(_message.Message):
         its compute_time is the time of the read and its totals are current; that
         computation is not stored, so update_time (and the audit trail) still
         tell when GenerateInvoice last computed the stored draft. In a
-        GenerateInvoice response, compute_time equals update_time.
+        GenerateInvoice response, compute_time equals update_time. A finalized
+        invoice's is its finalize_time.
         """
+
+    @_builtins.property
+    def issuer(self) -> Global___InvoiceParty:
+        """The operator issuing the invoice (server settings), frozen when
+        finalized; unset on a draft.
+        """
+
+    @_builtins.property
+    def customer(self) -> Global___InvoiceParty:
+        """The customer, from the tenant's billing profile, frozen when finalized;
+        unset on a draft.
+        """
+
+    @_builtins.property
+    def finalize_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was finalized."""
+
+    @_builtins.property
+    def paid_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was marked paid."""
+
+    @_builtins.property
+    def void_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was voided."""
+
+    @_builtins.property
+    def uncollectible_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was marked uncollectible."""
 
     def __init__(
         self,
@@ -928,14 +1285,593 @@ class Invoice(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        number: _builtins.str = ...,
+        kind: Global___InvoiceKind.ValueType = ...,
+        issuer: Global___InvoiceParty | None = ...,
+        customer: Global___InvoiceParty | None = ...,
+        finalize_time: _timestamp_pb2.Timestamp | None = ...,
+        paid_time: _timestamp_pb2.Timestamp | None = ...,
+        void_time: _timestamp_pb2.Timestamp | None = ...,
+        uncollectible_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "customer", b"customer", "finalize_time", b"finalize_time", "issuer", b"issuer", "paid_time", b"paid_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "uncollectible_time", b"uncollectible_time", "update_time", b"update_time", "void_time", b"void_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "currency_code", b"currency_code", "line_items", b"line_items", "name", b"name", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "currency_code", b"currency_code", "customer", b"customer", "finalize_time", b"finalize_time", "issuer", b"issuer", "kind", b"kind", "line_items", b"line_items", "name", b"name", "number", b"number", "paid_time", b"paid_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "uncollectible_time", b"uncollectible_time", "update_time", b"update_time", "void_time", b"void_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Invoice: _TypeAlias = Invoice  # noqa: Y015
+
+@_typing.final
+class CreditNote(_message.Message):
+    """A credit against a finalized invoice: part or all of its total, with a
+    reason. Numbered like invoices, from its own sequence; never changed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    INVOICE_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The credit note's resource name,
+    "tenants/{tenant}/creditNotes/{credit_note}".
+    """
+    tenant_id: _builtins.str
+    """The tenant credited."""
+    invoice: _builtins.str
+    """The invoice credited: "tenants/{tenant}/invoices/{invoice}"."""
+    number: _builtins.str
+    """The document number, e.g. "TALLY-CN-2026-000007"."""
+    currency_code: _builtins.str
+    """The invoice's currency."""
+    amount: _builtins.str
+    """The amount credited, with the currency's minor digits."""
+    reason: _builtins.str
+    """Why, as given."""
+    @_builtins.property
+    def issuer(self) -> Global___InvoiceParty:
+        """The issuer, as printed."""
+
+    @_builtins.property
+    def customer(self) -> Global___InvoiceParty:
+        """The customer, as printed."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        invoice: _builtins.str = ...,
+        number: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
+        amount: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        issuer: Global___InvoiceParty | None = ...,
+        customer: Global___InvoiceParty | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer", b"customer", "issuer", b"issuer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "currency_code", b"currency_code", "customer", b"customer", "invoice", b"invoice", "issuer", b"issuer", "name", b"name", "number", b"number", "reason", b"reason", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditNote: _TypeAlias = CreditNote  # noqa: Y015
+
+@_typing.final
+class UsageTypeRef(_message.Message):
+    """Which (service, usage_type) a usage charge prices: its summed quantity over
+    the period.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    USAGE_TYPE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """The service, e.g. "api"."""
+    usage_type: _builtins.str
+    """The usage type, e.g. "requests"."""
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        usage_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "usage_type", b"usage_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageTypeRef: _TypeAlias = UsageTypeRef  # noqa: Y015
+
+@_typing.final
+class PerUnitPrice(_message.Message):
+    """Every unit at one price."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_PRICE_FIELD_NUMBER: _builtins.int
+    unit_price: _builtins.str
+    """Price of one unit, exact decimal string (at most 18 + 12 digits)."""
+    def __init__(
+        self,
+        *,
+        unit_price: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unit_price", b"unit_price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PerUnitPrice: _TypeAlias = PerUnitPrice  # noqa: Y015
+
+@_typing.final
+class PriceTier(_message.Message):
+    """One tier of a graduated or volume price."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UP_TO_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_FIELD_NUMBER: _builtins.int
+    FLAT_FEE_FIELD_NUMBER: _builtins.int
+    up_to: _builtins.str
+    """Upper bound of the tier, inclusive, exact decimal string; required on
+    every tier but the last, and must be unset (empty) on the last.
+    """
+    unit_price: _builtins.str
+    """Price of one unit in the tier."""
+    flat_fee: _builtins.str
+    """Charged once when the tier is reached. Default "0"."""
+    def __init__(
+        self,
+        *,
+        up_to: _builtins.str = ...,
+        unit_price: _builtins.str = ...,
+        flat_fee: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flat_fee", b"flat_fee", "unit_price", b"unit_price", "up_to", b"up_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriceTier: _TypeAlias = PriceTier  # noqa: Y015
+
+@_typing.final
+class TieredPrice(_message.Message):
+    """Tiers: graduated (each unit priced by the tier it falls in) or volume (all
+    units at the tier the total reaches).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceTier]:
+        """1 to 100 tiers, in increasing up_to order, the last unbounded."""
+
+    def __init__(
+        self,
+        *,
+        tiers: _abc.Iterable[Global___PriceTier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TieredPrice: _TypeAlias = TieredPrice  # noqa: Y015
+
+@_typing.final
+class PackagePrice(_message.Message):
+    """A price per started block of units (1,001 units in blocks of 1,000 are two
+    blocks).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    size: _builtins.str
+    """Units per block, greater than 0."""
+    price: _builtins.str
+    """Price of one block."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.str = ...,
+        price: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackagePrice: _TypeAlias = PackagePrice  # noqa: Y015
+
+@_typing.final
+class FlatFeePrice(_message.Message):
+    """A recurring fee per period, prorated by the hour over part of a period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    TIMING_FIELD_NUMBER: _builtins.int
+    amount: _builtins.str
+    """The fee for a whole period."""
+    timing: Global___FeeTiming.ValueType
+    """When it is billed."""
+    def __init__(
+        self,
+        *,
+        amount: _builtins.str = ...,
+        timing: Global___FeeTiming.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "timing", b"timing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlatFeePrice: _TypeAlias = FlatFeePrice  # noqa: Y015
+
+@_typing.final
+class Charge(_message.Message):
+    """One charge of a plan: what it measures and the model that prices it. Each
+    charge is one invoice line, computed exactly and rounded once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    USAGE_TYPE_FIELD_NUMBER: _builtins.int
+    PER_UNIT_FIELD_NUMBER: _builtins.int
+    GRADUATED_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    FLAT_FEE_FIELD_NUMBER: _builtins.int
+    INCLUDED_QUANTITY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Unique within the plan version, 1 to 128 characters of
+    [A-Za-z0-9_.:/-], e.g. "api/requests". Price overrides name it.
+    """
+    description: _builtins.str
+    """Printed on the invoice line; defaults to the key. At most 200
+    characters.
+    """
+    included_quantity: _builtins.str
+    """Free quantity per period, taken off before the model applies. Default
+    "0"; must be 0 for a flat fee.
+    """
+    @_builtins.property
+    def usage_type(self) -> Global___UsageTypeRef:
+        """The summed quantity of one usage type."""
+
+    @_builtins.property
+    def per_unit(self) -> Global___PerUnitPrice:
+        """Per unit."""
+
+    @_builtins.property
+    def graduated(self) -> Global___TieredPrice:
+        """Graduated tiers."""
+
+    @_builtins.property
+    def volume(self) -> Global___TieredPrice:
+        """Volume tiers."""
+
+    @_builtins.property
+    def package(self) -> Global___PackagePrice:
+        """Package."""
+
+    @_builtins.property
+    def flat_fee(self) -> Global___FlatFeePrice:
+        """Flat recurring fee."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        description: _builtins.str = ...,
+        usage_type: Global___UsageTypeRef | None = ...,
+        per_unit: Global___PerUnitPrice | None = ...,
+        graduated: Global___TieredPrice | None = ...,
+        volume: Global___TieredPrice | None = ...,
+        package: Global___PackagePrice | None = ...,
+        flat_fee: Global___FlatFeePrice | None = ...,
+        included_quantity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flat_fee", b"flat_fee", "graduated", b"graduated", "measures", b"measures", "model", b"model", "package", b"package", "per_unit", b"per_unit", "usage_type", b"usage_type", "volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "flat_fee", b"flat_fee", "graduated", b"graduated", "included_quantity", b"included_quantity", "key", b"key", "measures", b"measures", "model", b"model", "package", b"package", "per_unit", b"per_unit", "usage_type", b"usage_type", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_measures: _TypeAlias = _typing.Literal["usage_type"]  # noqa: Y015
+    _WhichOneofArgType_measures: _TypeAlias = _typing.Literal["measures", b"measures"]  # noqa: Y015
+    _WhichOneofReturnType_model: _TypeAlias = _typing.Literal["per_unit", "graduated", "volume", "package", "flat_fee"]  # noqa: Y015
+    _WhichOneofArgType_model: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_measures) -> _WhichOneofReturnType_measures | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_model) -> _WhichOneofReturnType_model | None: ...
+
+Global___Charge: _TypeAlias = Charge  # noqa: Y015
+
+@_typing.final
+class PlanVersion(_message.Message):
+    """The charges of a plan from an effective time on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    CHARGES_FIELD_NUMBER: _builtins.int
+    MINIMUM_AMOUNT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """1 for the first version, then 2, 3..."""
+    minimum_amount: _builtins.str
+    """Minimum commitment per period ("0": none); the invoice is topped up to
+    it, prorated like flat fees.
+    """
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """When it takes effect: a whole UTC hour. It holds until the next version."""
+
+    @_builtins.property
+    def charges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Charge]:
+        """The charges."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the version was created."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+        charges: _abc.Iterable[Global___Charge] | None = ...,
+        minimum_amount: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "effective_time", b"effective_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charges", b"charges", "create_time", b"create_time", "effective_time", b"effective_time", "minimum_amount", b"minimum_amount", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanVersion: _TypeAlias = PlanVersion  # noqa: Y015
+
+@_typing.final
+class Plan(_message.Message):
+    """A named, versioned set of charges in one currency."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The plan's resource name, "plans/{plan}". "plans/default" is the rate
+    card, shown as one per-unit charge per usage type in effect now.
+    """
+    display_name: _builtins.str
+    """Name for people."""
+    currency_code: _builtins.str
+    """ISO 4217 code of every price of the plan."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanVersion]:
+        """The versions, oldest first."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the plan was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
+        versions: _abc.Iterable[Global___PlanVersion] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "name", b"name", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class PriceOverride(_message.Message):
+    """A tenant's own price for one charge of its plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGE_KEY_FIELD_NUMBER: _builtins.int
+    PER_UNIT_FIELD_NUMBER: _builtins.int
+    GRADUATED_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    FLAT_FEE_FIELD_NUMBER: _builtins.int
+    INCLUDED_QUANTITY_FIELD_NUMBER: _builtins.int
+    charge_key: _builtins.str
+    """The charge's key."""
+    included_quantity: _builtins.str
+    """Free quantity per period. Default "0"."""
+    @_builtins.property
+    def per_unit(self) -> Global___PerUnitPrice:
+        """Per unit."""
+
+    @_builtins.property
+    def graduated(self) -> Global___TieredPrice:
+        """Graduated tiers."""
+
+    @_builtins.property
+    def volume(self) -> Global___TieredPrice:
+        """Volume tiers."""
+
+    @_builtins.property
+    def package(self) -> Global___PackagePrice:
+        """Package."""
+
+    @_builtins.property
+    def flat_fee(self) -> Global___FlatFeePrice:
+        """Flat recurring fee."""
+
+    def __init__(
+        self,
+        *,
+        charge_key: _builtins.str = ...,
+        per_unit: Global___PerUnitPrice | None = ...,
+        graduated: Global___TieredPrice | None = ...,
+        volume: Global___TieredPrice | None = ...,
+        package: Global___PackagePrice | None = ...,
+        flat_fee: Global___FlatFeePrice | None = ...,
+        included_quantity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flat_fee", b"flat_fee", "graduated", b"graduated", "model", b"model", "package", b"package", "per_unit", b"per_unit", "volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge_key", b"charge_key", "flat_fee", b"flat_fee", "graduated", b"graduated", "included_quantity", b"included_quantity", "model", b"model", "package", b"package", "per_unit", b"per_unit", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_model: _TypeAlias = _typing.Literal["per_unit", "graduated", "volume", "package", "flat_fee"]  # noqa: Y015
+    _WhichOneofArgType_model: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_model) -> _WhichOneofReturnType_model | None: ...
+
+Global___PriceOverride: _TypeAlias = PriceOverride  # noqa: Y015
+
+@_typing.final
+class BillingProfile(_message.Message):
+    """Who a tenant is on its invoices, which plan prices it, and how its billing
+    periods run. A tenant without one is on the default plan (the rate card)
+    in calendar months, and its periods are never closed by the server.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    PLAN_EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    BILLING_ANCHOR_DAY_FIELD_NUMBER: _builtins.int
+    BILLING_START_TIME_FIELD_NUMBER: _builtins.int
+    TAX_PERCENTAGE_FIELD_NUMBER: _builtins.int
+    SPEND_THRESHOLD_FIELD_NUMBER: _builtins.int
+    PRICE_OVERRIDES_FIELD_NUMBER: _builtins.int
+    CLOSED_UNTIL_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"tenants/{tenant}/billingProfile"."""
+    tenant_id: _builtins.str
+    """The tenant (the {tenant} of name)."""
+    display_name: _builtins.str
+    """The customer's name on invoices, 1 to 200 characters."""
+    email: _builtins.str
+    """The customer's billing e-mail address; at most 254 characters."""
+    currency_code: _builtins.str
+    """ISO 4217 code; must be the plan's currency. Empty: the plan's."""
+    plan: _builtins.str
+    """The plan, "plans/{plan}". Empty: "plans/default"."""
+    billing_anchor_day: _builtins.int
+    """Day of month on which periods start, 00:00 UTC: 1 (the default, also
+    for 0) is the calendar month; 29, 30 and 31 fall on the last day of
+    shorter months. Fixed when the profile is created.
+    """
+    tax_percentage: _builtins.str
+    """Tax rate in percent, e.g. "20" or "7.5" (at most 3 + 6 digits, at most
+    100), applied as its own line, rounded once. Empty: no tax line.
+    """
+    spend_threshold: _builtins.str
+    """Spend threshold, in the profile's currency: when the open period's amount
+    not yet billed reaches it, an interim invoice (INVOICE_KIND_INTERIM) is
+    finalized for that amount; the period's final invoice bills only the
+    rest. Checked every --period-close-interval. Empty: none.
+    """
+    @_builtins.property
+    def plan_effective_time(self) -> _timestamp_pb2.Timestamp:
+        """When a change of plan takes effect: a whole UTC hour, not inside a
+        closed period. Default: billing_start_time for a new profile, the next
+        hour for a change. The period is split there: usage charges on each
+        side, flat fees prorated by the hour. Not stored.
+        """
+
+    @_builtins.property
+    def billing_start_time(self) -> _timestamp_pb2.Timestamp:
+        """From when the tenant is billed under the profile: a whole UTC hour,
+        default the current hour. Periods are closed from here on, never back
+        through history (the first period may be short; fees are prorated).
+        Fixed when the profile is created.
+        """
+
+    @_builtins.property
+    def price_overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriceOverride]:
+        """The tenant's own prices for charges of its plan."""
+
+    @_builtins.property
+    def closed_until_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the last closed period (billing_start_time before the first
+        close): usage before it is billed on invoices already finalized.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the profile was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last changed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        email: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
+        plan: _builtins.str = ...,
+        plan_effective_time: _timestamp_pb2.Timestamp | None = ...,
+        billing_anchor_day: _builtins.int = ...,
+        billing_start_time: _timestamp_pb2.Timestamp | None = ...,
+        tax_percentage: _builtins.str = ...,
+        spend_threshold: _builtins.str = ...,
+        price_overrides: _abc.Iterable[Global___PriceOverride] | None = ...,
+        closed_until_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["billing_start_time", b"billing_start_time", "closed_until_time", b"closed_until_time", "create_time", b"create_time", "plan_effective_time", b"plan_effective_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_anchor_day", b"billing_anchor_day", "billing_start_time", b"billing_start_time", "closed_until_time", b"closed_until_time", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "email", b"email", "name", b"name", "plan", b"plan", "plan_effective_time", b"plan_effective_time", "price_overrides", b"price_overrides", "spend_threshold", b"spend_threshold", "tax_percentage", b"tax_percentage", "tenant_id", b"tenant_id", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillingProfile: _TypeAlias = BillingProfile  # noqa: Y015
 
 @_typing.final
 class AuditEvent(_message.Message):

@@ -14,6 +14,8 @@ Field behaviour (AIP-203). Every field carries (google.api.field_behavior):
 - IMMUTABLE: fixed once the server has accepted it (e.g. a usage event's
   fields: the first report of an event wins).
 - IDENTIFIER: the `name` of a resource.
+- INPUT_ONLY: read from a request, never returned (e.g. when a change
+  takes effect).
 
 Resource names (AIP-122/123). A resource that a client can fetch or list
 has a `name` made of collection ids and resource ids, and a resource type
@@ -32,6 +34,9 @@ has a `name` made of collection ids and resource ids, and a resource type
   lower-case letters, digits and hyphens, starting with a letter).
 - auditEvents/{audit_event}: an AuditEvent, {audit_event} being its
   position in the trail, e.g. "auditEvents/42".
+- plans/{plan}: a Plan; "plans/default" is the rate card.
+- tenants/{tenant}/billingProfile: a tenant's BillingProfile (a singleton).
+- tenants/{tenant}/creditNotes/{credit_note}: a CreditNote.
 Get methods take the resource's `name`, List methods (and methods that
 create under a collection, such as GenerateInvoice) its owner's `parent`,
 both with (google.api.resource_reference) (AIP-131/132). Elsewhere (usage

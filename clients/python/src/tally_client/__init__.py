@@ -8,55 +8,116 @@
 
 Quantities and money are Decimal, times timezone-aware datetimes, tenants their
 tenant ids. The generated stubs are the `tally.v1` package of this distribution.
+
+The names are imported on first use (PEP 562), so that `tally --help` (tally_client.cli)
+starts without loading gRPC.
 """
 
-from tally_client.aio import AsyncTallyClient
-from tally_client.auth import RefreshingToken, SecretFileTokens, StaticToken, TokenSource, mint_token
-from tally_client.client import TallyClient
-from tally_client.connection import Connection
-from tally_client.errors import (
-    AbortedError,
-    AlreadyExistsError,
-    CallCancelledError,
-    DataLossError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    FieldViolation,
-    IngesterClosedError,
-    IngesterFullError,
-    InternalError,
-    InvalidArgumentError,
-    NotFoundError,
-    OutOfRangeError,
-    PermissionDeniedError,
-    QuotaViolation,
-    RateLimitedError,
-    ResourceExhaustedError,
-    TallyError,
-    UnauthenticatedError,
-    UnavailableError,
-    UnimplementedError,
-    UnknownError,
-)
-from tally_client.ingester import AsyncIngester, IngestCounts
-from tally_client.models import (
-    AuditEvent,
-    EventRejection,
-    GeneratedInvoice,
-    IngestResult,
-    Invoice,
-    InvoiceLineItem,
-    Rate,
-    RejectionCause,
-    ReportOutcome,
-    ReportResult,
-    TimeBucket,
-    UsageAggregate,
-    UsageEvent,
-    UsageSummary,
-)
-from tally_client.retry import RetryPolicy
-from tally_client.threaded import Ingester
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tally_client.aio import AsyncTallyClient
+    from tally_client.auth import RefreshingToken, SecretFileTokens, StaticToken, TokenSource, mint_token
+    from tally_client.client import TallyClient
+    from tally_client.connection import Connection
+    from tally_client.errors import (
+        AbortedError,
+        AlreadyExistsError,
+        CallCancelledError,
+        DataLossError,
+        DeadlineExceededError,
+        FailedPreconditionError,
+        FieldViolation,
+        IngesterClosedError,
+        IngesterFullError,
+        InternalError,
+        InvalidArgumentError,
+        NotFoundError,
+        OutOfRangeError,
+        PermissionDeniedError,
+        QuotaViolation,
+        RateLimitedError,
+        ResourceExhaustedError,
+        TallyError,
+        UnauthenticatedError,
+        UnavailableError,
+        UnimplementedError,
+        UnknownError,
+    )
+    from tally_client.ingester import AsyncIngester, IngestCounts
+    from tally_client.models import (
+        AuditEvent,
+        EventRejection,
+        GeneratedInvoice,
+        IngestResult,
+        Invoice,
+        InvoiceLineItem,
+        Rate,
+        RejectionCause,
+        ReportOutcome,
+        ReportResult,
+        TimeBucket,
+        UsageAggregate,
+        UsageEvent,
+        UsageSummary,
+    )
+    from tally_client.retry import RetryPolicy
+    from tally_client.threaded import Ingester
+
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "AbortedError": "tally_client.errors",
+    "AlreadyExistsError": "tally_client.errors",
+    "AsyncIngester": "tally_client.ingester",
+    "AsyncTallyClient": "tally_client.aio",
+    "AuditEvent": "tally_client.models",
+    "CallCancelledError": "tally_client.errors",
+    "Connection": "tally_client.connection",
+    "DataLossError": "tally_client.errors",
+    "DeadlineExceededError": "tally_client.errors",
+    "EventRejection": "tally_client.models",
+    "FailedPreconditionError": "tally_client.errors",
+    "FieldViolation": "tally_client.errors",
+    "GeneratedInvoice": "tally_client.models",
+    "IngestCounts": "tally_client.ingester",
+    "IngestResult": "tally_client.models",
+    "Ingester": "tally_client.threaded",
+    "IngesterClosedError": "tally_client.errors",
+    "IngesterFullError": "tally_client.errors",
+    "InternalError": "tally_client.errors",
+    "InvalidArgumentError": "tally_client.errors",
+    "Invoice": "tally_client.models",
+    "InvoiceLineItem": "tally_client.models",
+    "NotFoundError": "tally_client.errors",
+    "OutOfRangeError": "tally_client.errors",
+    "PermissionDeniedError": "tally_client.errors",
+    "QuotaViolation": "tally_client.errors",
+    "Rate": "tally_client.models",
+    "RateLimitedError": "tally_client.errors",
+    "RefreshingToken": "tally_client.auth",
+    "RejectionCause": "tally_client.models",
+    "ReportOutcome": "tally_client.models",
+    "ReportResult": "tally_client.models",
+    "ResourceExhaustedError": "tally_client.errors",
+    "RetryPolicy": "tally_client.retry",
+    "SecretFileTokens": "tally_client.auth",
+    "StaticToken": "tally_client.auth",
+    "TallyClient": "tally_client.client",
+    "TallyError": "tally_client.errors",
+    "TimeBucket": "tally_client.models",
+    "TokenSource": "tally_client.auth",
+    "UnauthenticatedError": "tally_client.errors",
+    "UnavailableError": "tally_client.errors",
+    "UnimplementedError": "tally_client.errors",
+    "UnknownError": "tally_client.errors",
+    "UsageAggregate": "tally_client.models",
+    "UsageEvent": "tally_client.models",
+    "UsageSummary": "tally_client.models",
+    "mint_token": "tally_client.auth",
+}
 
 __all__ = [
     "AbortedError",
@@ -108,3 +169,16 @@ __all__ = [
     "UsageSummary",
     "mint_token",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tally_client' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

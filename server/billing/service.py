@@ -1,4 +1,4 @@
-"""The rate card and invoices: the use cases behind BillingService."""
+"""The rate card, invoice generation and reading, and the audit trail: use cases of BillingService."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Generic, TypeVar
 
+from server.billing.pricer import InvoicePricer
 from server.domain.access import Caller, Principal
 from server.domain.audit import (
     INVOICE_CREATED,
@@ -26,7 +27,6 @@ from server.domain.events import check_id
 from server.domain.models import Invoice, InvoiceStatus, Rate
 from server.domain.names import invoice_name
 from server.domain.pagination import BIGINT_ID, ID, MICROS, NAME, PageTokens, check_page_size
-from server.domain.pricing import price_usage
 from server.domain.ranges import check_range
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import EPOCH, is_whole_hour, next_hour, to_datetime, to_micros
@@ -62,6 +62,7 @@ class Billing:
         now_micros: Callable[[], int],
         currency: str = "USD",
     ) -> None:
+        self._pricer = InvoicePricer(currency)
         self._rates = rates
         self._page_tokens = page_tokens
         self._invoices = invoices
@@ -226,16 +227,17 @@ class Billing:
                             await tx.complete(once.key, once.encode(final))
                         return final
                     existing_id = other_id
-                usage = await tx.priced_usage(tenant_id, start, end)
-                priced = [u for u in usage if u is not None]
-                if len(priced) != len(usage):
+                priced = await self._pricer.price(tx, tenant_id, start, end)
+                if priced.unpriced:
                     raise FailedPrecondition(
                         "some usage in the period has no rate in effect", reason=ErrorReason.USAGE_NOT_PRICED
                     )
-                amounts = price_usage(priced, self.minor_digits)
+                amounts = priced.amounts
                 invoice_id = existing_id or f"inv_{uuid.uuid4().hex}"
                 before = None if existing_id is None else await tx.load(existing_id)
-                await tx.save(invoice_id, tenant_id, start, end, self.currency, amounts.total, amounts.lines)
+                await tx.save(
+                    invoice_id, tenant_id, start, end, priced.currency, amounts.total, amounts.lines
+                )
                 invoice = await tx.load(invoice_id)
                 await tx.append_audit(
                     AuditEntry(
@@ -283,32 +285,32 @@ class Billing:
         return Page(await self._current(tenant_id, invoices), next_token)
 
     async def _current(self, tenant_id: str, invoices: list[Invoice]) -> list[Invoice]:
-        """The invoices with each draft priced afresh from the usage and rates of now.
+        """The invoices with each draft priced afresh from the usage, rates and plans of now.
 
         Usage keeps arriving for a draft's period, so totals stored by the last
-        GenerateInvoice go stale; a read shows what the draft would be if generated now.
-        The result is not stored: a read needs only billing:read and must not write, and
-        the stored draft, its update_time and the audit trail change only through
-        GenerateInvoice. It costs one query per call (all drafts of a page together),
-        the same aggregate over hourly rollups that generation runs.
+        GenerateInvoice go stale; a read shows what the draft would be if generated (or
+        finalized) now. The result is not stored: a read needs only billing:read and must
+        not write, and the stored draft, its update_time and the audit trail change only
+        through GenerateInvoice. Finalized invoices are shown as frozen.
         """
         drafts = [i for i in invoices if i.status is InvoiceStatus.DRAFT]
         if not drafts:
             return invoices
-        # Taken before the query, so that all usage committed before it is counted.
+        # Taken before the queries, so that all usage committed before it is counted.
         computed_at = to_datetime(self._now_micros())
-        usage = await self._invoices.priced_usage(
-            tenant_id, [(i.id, i.period_start, i.period_end) for i in drafts]
-        )
         current: dict[str, Invoice] = {}
-        for draft in drafts:
-            priced = [u for u in usage[draft.id] if u is not None]
-            if len(priced) != len(usage[draft.id]):
-                continue  # usage without a rate: shown as last generated, with that compute time
-            amounts = price_usage(priced, MINOR_UNITS.get(draft.currency, self.minor_digits))
-            current[draft.id] = replace(
-                draft, lines=amounts.lines, total=amounts.total, computed_at=computed_at
-            )
+        async with self._invoices.read_transaction() as tx:
+            for draft in drafts:
+                priced = await self._pricer.price(tx, tenant_id, draft.period_start, draft.period_end)
+                if priced.unpriced:
+                    continue  # usage without a rate: shown as last generated, with that compute time
+                current[draft.id] = replace(
+                    draft,
+                    currency=priced.currency,
+                    lines=priced.amounts.lines,
+                    total=priced.amounts.total,
+                    computed_at=computed_at,
+                )
         return [current.get(i.id, i) for i in invoices]
 
     # --- audit trail ---------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans.
+
+They use the generated stubs through the client's own call path (its deadline, retries
+and typed errors), so they behave like the other commands. An invoice action sends one
+request_id on every attempt, so a retry never applies it twice. Plans are printed from
+their protos: exact decimal strings stay strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from tally.v1 import billing_service_pb2, resources_pb2
+from tally_client import convert
+from tally_client.cli.commands import connect, invoice_ref, show_invoice
+from tally_client.cli.output import print_json, print_table
+from tally_client.client import TallyClient
+from tally_client.connection import new_request_id
+from tally_client.names import invoice_name
+
+PLANS = "plans/"
+
+# The INVOICE ACTION commands: each RPC takes the invoice's name and a request_id, and returns it.
+INVOICE_ACTIONS: dict[str, tuple[str, type[Message]]] = {
+    "finalize": ("FinalizeInvoice", billing_service_pb2.FinalizeInvoiceRequest),
+    "void": ("VoidInvoice", billing_service_pb2.VoidInvoiceRequest),
+    "mark-paid": ("MarkInvoicePaid", billing_service_pb2.MarkInvoicePaidRequest),
+    "mark-uncollectible": ("MarkInvoiceUncollectible", billing_service_pb2.MarkInvoiceUncollectibleRequest),
+}
+
+
+def _call(client: TallyClient, method: str, request: Message) -> Any:
+    # The client's retrying call path, with a stub method it has no typed wrapper for yet.
+    return client._call(getattr(client._billing, method), request)
+
+
+def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
+    method, request_type = INVOICE_ACTIONS[action]
+
+    def handler(args: argparse.Namespace) -> None:
+        tenant, invoice_id = invoice_ref(args)
+        request = request_type(name=invoice_name(tenant, invoice_id), request_id=new_request_id())
+        with connect(args) as client:
+            response = _call(client, method, request)
+        show_invoice(convert.invoice(response.invoice), args.output)
+
+    return handler
+
+
+def _plain(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _plans(client: TallyClient) -> Iterator[resources_pb2.Plan]:
+    request = billing_service_pb2.ListPlansRequest()
+    while True:
+        response = _call(client, "ListPlans", request)
+        yield from response.plans
+        if not response.next_page_token:
+            return
+        request.page_token = response.next_page_token
+
+
+def plans_list(args: argparse.Namespace) -> None:
+    with connect(args) as client:
+        plans = list(_plans(client))
+    if args.output == "json":
+        print_json([_plain(plan) for plan in plans])
+        return
+    print_table(
+        ["plan", "display name", "currency", "versions", "latest from"],
+        [
+            [
+                plan.name.removeprefix(PLANS),
+                plan.display_name,
+                plan.currency_code,
+                len(plan.versions),
+                convert.from_timestamp(plan.versions[-1].effective_time) if plan.versions else None,
+            ]
+            for plan in plans
+        ],
+    )
+
+
+def plans_show(args: argparse.Namespace) -> None:
+    name = args.plan if args.plan.startswith(PLANS) else PLANS + args.plan
+    with connect(args) as client:
+        plan = _call(client, "GetPlan", billing_service_pb2.GetPlanRequest(name=name)).plan
+    if args.output == "json":
+        print_json(_plain(plan))
+        return
+    title = f"{plan.name}: {plan.display_name} ({plan.currency_code})"
+    rows = []
+    for version in plan.versions:
+        effective = convert.from_timestamp(version.effective_time)
+        for charge in version.charges:
+            price = charge.WhichOneof("model") or ""
+            target = (
+                f"{charge.usage_type.service}/{charge.usage_type.usage_type}"
+                if charge.HasField("usage_type")
+                else ""
+            )
+            rows.append([version.version, effective, charge.key, target, price, charge.included_quantity])
+    print_table(["version", "effective from", "charge", "usage type", "price", "included"], rows, title=title)
+    print("prices in full: --output json")

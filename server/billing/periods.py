@@ -1,0 +1,341 @@
+"""Billing periods: the live preview, closing a period (ClosePeriod), and the scheduler that closes them.
+
+Closing a tenant's period generates its invoice and finalizes it in one transaction,
+which also moves the profile's `closed_until` to the period's end and sets when the next
+close is due (that period's end plus the grace period). The tenant's invoice lock and
+the profile row make it exactly once: the scheduler only tries the lock (another process
+closing the same tenant makes it skip the tenant) and then checks, under the lock, that
+the close is still due, so two `tally serve` processes on one database never close a
+period twice, and a period closed by ClosePeriod is not closed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from server.billing.lifecycle import Lifecycle
+from server.billing.pricer import InvoicePricer
+from server.domain.access import Caller, Principal
+from server.domain.audit import INVOICE_CREATED, AuditEntry, invoice_state
+from server.domain.errors import ErrorReason, FailedPrecondition, InvalidArgument, NotFound, TallyError
+from server.domain.events import check_id
+from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
+from server.domain.names import invoice_name
+from server.domain.plans import anchor_period, billing_period
+from server.domain.requests import Once, Replayed
+from server.domain.timeutil import MICROS_PER_HOUR, to_datetime
+from server.storage import plans as plan_store
+from server.storage.database import run_with_retries
+from server.storage.invoices import InvoiceStore, InvoiceTransaction
+
+log = logging.getLogger(__name__)
+
+# The principal named in the audit trail for the scheduler's closes.
+SCHEDULER = "tally-period-close"
+
+
+def profile_missing(tenant_id: str) -> NotFound:
+    return NotFound(
+        "the tenant has no billing profile (SetBillingProfile creates one)",
+        reason=ErrorReason.BILLING_PROFILE_NOT_FOUND,
+    )
+
+
+class Periods:
+    def __init__(
+        self,
+        invoices: InvoiceStore,
+        pricer: InvoicePricer,
+        lifecycle: Lifecycle,
+        now_micros: Callable[[], int],
+        grace: timedelta,
+    ) -> None:
+        self._invoices = invoices
+        self._pricer = pricer
+        self._lifecycle = lifecycle
+        self._now_micros = now_micros
+        self.grace = grace
+
+    async def preview(self, tenant_id: str, principal: Principal) -> Invoice:
+        """PreviewInvoice: the open period priced now, not stored (a tenant without profile: this month)."""
+        if problem := check_id(tenant_id):
+            raise InvalidArgument.single("parent", problem)
+        principal.require_tenant(tenant_id)
+        now = to_datetime(self._now_micros())
+
+        async def attempt() -> Invoice:
+            async with self._invoices.read_transaction() as tx:
+                found = await plan_store.profile(tx.connection, tenant_id)
+                if found is None:
+                    start, end = anchor_period(1, now)
+                else:
+                    profile = found[0]
+                    period = billing_period(
+                        profile.anchor_day, profile.billing_start, max(now, profile.closed_until)
+                    )
+                    start, end = period.start, period.end
+                priced = await self._pricer.price(tx, tenant_id, start, end)
+            return Invoice(
+                id="",
+                tenant_id=tenant_id,
+                period_start=start,
+                period_end=end,
+                currency=priced.currency,
+                lines=priced.amounts.lines,
+                total=priced.amounts.total,
+                status=InvoiceStatus.DRAFT,
+                created_at=now,
+                updated_at=now,
+                computed_at=now,
+                plan_ids=priced.plan_ids,
+            )
+
+        return await run_with_retries(attempt)
+
+    async def close_in(
+        self, tx: InvoiceTransaction, tenant_id: str, caller: Caller, due_by: datetime | None
+    ) -> Invoice | None:
+        """Close the tenant's oldest open period in `tx` (holding the tenant's lock).
+
+        With `due_by`, only if its close is due by then (the scheduler); None if not due.
+        """
+        conn = tx.connection
+        found = await plan_store.profile(conn, tenant_id, lock=True)
+        if found is None:
+            raise profile_missing(tenant_id)
+        profile = found[0]
+        if due_by is not None and profile.next_close_time is not None and profile.next_close_time > due_by:
+            return None
+        period = billing_period(profile.anchor_day, profile.billing_start, profile.closed_until)
+        # The cursor first: finalizing (last) holds the numbering sequence until the commit.
+        following = billing_period(profile.anchor_day, profile.billing_start, period.end)
+        await plan_store.mark_closed(conn, tenant_id, period.end, following.end + self.grace)
+        invoice: Invoice | None = None
+        for other_id, other_start, other_end, status in await tx.overlapping(
+            tenant_id, period.start, period.end
+        ):
+            if (other_start, other_end) != (period.start, period.end):
+                raise FailedPrecondition(
+                    f"the period overlaps invoice {other_id} "
+                    f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant",
+                    reason=ErrorReason.INVOICE_PERIOD_OVERLAP,
+                    metadata={"invoice": invoice_name(tenant_id, other_id)},
+                )
+            invoice = await tx.lock(other_id)
+            assert invoice is not None
+            if status is InvoiceStatus.DRAFT:
+                invoice = await self._lifecycle.finalize_in(tx, invoice, caller)
+        if invoice is None:
+            priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
+            invoice_id = f"inv_{uuid.uuid4().hex}"
+            amounts = priced.amounts
+            await tx.save(
+                invoice_id,
+                tenant_id,
+                period.start,
+                period.end,
+                priced.currency,
+                amounts.total,
+                amounts.lines,
+                InvoiceKind.FINAL,
+            )
+            at = to_datetime(self._now_micros())
+            draft = Invoice(
+                id=invoice_id,
+                tenant_id=tenant_id,
+                period_start=period.start,
+                period_end=period.end,
+                currency=priced.currency,
+                lines=amounts.lines,
+                total=amounts.total,
+                status=InvoiceStatus.DRAFT,
+                created_at=at,
+                updated_at=at,
+                computed_at=at,
+            )
+            await tx.append_audit(
+                AuditEntry(
+                    principal=caller.principal.subject,
+                    request_id=caller.request_id,
+                    action=INVOICE_CREATED,
+                    tenant_id=tenant_id,
+                    resource=f"invoices/{invoice_id}",
+                    before=None,
+                    after=invoice_state(draft),
+                )
+            )
+            invoice = await self._lifecycle.finalize_in(tx, draft, caller, priced)
+        return invoice
+
+    async def close_period(
+        self, tenant_id: str, caller: Caller, once: Once[Invoice] | None = None
+    ) -> Invoice | Replayed:
+        """ClosePeriod: close the tenant's oldest open period now, even before it ends."""
+        if problem := check_id(tenant_id):
+            raise InvalidArgument.single("parent", problem)
+        caller.principal.require_tenant(tenant_id)
+
+        async def attempt() -> Invoice | Replayed:
+            async with self._invoices.tenant_transaction(tenant_id) as tx:
+                if once is not None and (stored := await tx.claim(once.key)) is not None:
+                    return Replayed(stored)
+                invoice = await self.close_in(tx, tenant_id, caller, None)
+                assert invoice is not None
+                if once is not None:
+                    await tx.complete(once.key, once.encode(invoice))
+                return invoice
+
+        return await run_with_retries(attempt)
+
+    async def close_due(self, *, batch: int = 500, workers: int = 4) -> int:
+        """Close every period whose close is due now (period end + grace); the number closed.
+
+        Tenants are closed one transaction each, `workers` at a time; a tenant whose close
+        fails (e.g. usage without a rate) is logged and tried again an hour later.
+        """
+        closed = 0
+        now = to_datetime(self._now_micros())
+        caller = Caller(scheduler_principal(), f"close-{uuid.uuid4().hex[:12]}")
+        gate = asyncio.Semaphore(workers)
+
+        async def close_one(tenant_id: str) -> int:
+            async with gate:
+                return await self._close_one(tenant_id, caller, now)
+
+        while True:
+            due = await self._invoices.due_for_close(now, batch)
+            if not due:
+                return closed
+
+            results = await asyncio.gather(*(close_one(t) for t in due))
+            progress = sum(results)
+            closed += progress
+            if progress == 0:
+                return closed  # the rest is being closed by another process, or postponed
+
+    async def bill_thresholds(self) -> int:
+        """Spend thresholds: an interim invoice for each tenant whose open period has passed its threshold.
+
+        The open period's amount not yet billed (priced now, minus what its interim invoices
+        billed) is compared with the profile's threshold; when it reaches it, an interim
+        invoice for that amount is finalized, under the tenant's lock. Checked every round
+        of the scheduler, so an interim invoice follows the crossing within one interval.
+        Returns the number of interim invoices made.
+        """
+        now = to_datetime(self._now_micros())
+        caller = Caller(scheduler_principal(), f"threshold-{uuid.uuid4().hex[:12]}")
+        billed = 0
+        for tenant_id in await self._invoices.with_threshold():
+            try:
+                billed += await run_with_retries(
+                    functools.partial(self._bill_threshold, tenant_id, caller, now)
+                )
+            except TallyError as exc:
+                log.warning("interim invoice of tenant %r failed: %s", tenant_id, exc.message)
+        return billed
+
+    async def _bill_threshold(self, tenant_id: str, caller: Caller, now: datetime) -> int:
+        async with self._invoices.try_tenant_transaction(tenant_id) as tx:
+            if tx is None:
+                return 0
+            found = await plan_store.profile(tx.connection, tenant_id)
+            if found is None or (threshold := found[0].spend_threshold) is None:
+                return 0
+            profile = found[0]
+            period = billing_period(profile.anchor_day, profile.billing_start, max(now, profile.closed_until))
+            priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
+            if priced.unpriced or priced.amounts.total < threshold:
+                return 0
+            invoice_id = f"inv_{uuid.uuid4().hex}"
+            amounts = priced.amounts
+            await tx.save(
+                invoice_id,
+                tenant_id,
+                period.start,
+                period.end,
+                priced.currency,
+                amounts.total,
+                amounts.lines,
+                InvoiceKind.INTERIM,
+            )
+            draft = Invoice(
+                id=invoice_id,
+                tenant_id=tenant_id,
+                period_start=period.start,
+                period_end=period.end,
+                currency=priced.currency,
+                lines=amounts.lines,
+                total=amounts.total,
+                status=InvoiceStatus.DRAFT,
+                created_at=now,
+                updated_at=now,
+                computed_at=now,
+                kind=InvoiceKind.INTERIM,
+            )
+            await self._lifecycle.finalize_in(tx, draft, caller, priced)
+            return 1
+
+    async def _close_one(self, tenant_id: str, caller: Caller, now: datetime) -> int:
+        async def attempt() -> int:
+            async with self._invoices.try_tenant_transaction(tenant_id) as tx:
+                if tx is None:
+                    return 0  # another process is closing it; it will be done there
+                return 0 if await self.close_in(tx, tenant_id, caller, now) is None else 1
+
+        try:
+            return await run_with_retries(attempt)
+        except TallyError as exc:
+            log.warning("period close of tenant %r failed, retried in an hour: %s", tenant_id, exc.message)
+            async with self._invoices.transaction() as tx:
+                await tx.connection.execute(
+                    "UPDATE billing_profiles SET next_close_time = $2 WHERE tenant_id = $1",
+                    tenant_id,
+                    now + timedelta(microseconds=MICROS_PER_HOUR),
+                )
+            return 0
+
+
+def scheduler_principal() -> Principal:
+    """The scheduler's own principal: all tenants, no scopes (it calls no RPC)."""
+    return Principal(subject=SCHEDULER, tenants="all", scopes=frozenset())
+
+
+class CloseScheduler:
+    """The task that closes due periods every `interval_seconds`; stop() ends it within one close."""
+
+    def __init__(self, periods: Periods, interval_seconds: float) -> None:
+        self._periods = periods
+        self._interval = interval_seconds
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tally-period-close")
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._periods.close_due()
+                await self._periods.bill_thresholds()
+            except TallyError as exc:  # the database is down: try again next round
+                log.warning("period close round failed: %s", exc.message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval)
+
+    async def stop(self, timeout_seconds: float) -> None:
+        """Stop: let the close in progress finish (bounded by `timeout_seconds`), then cancel."""
+        self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_seconds)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,174 @@
+"""Pricing a tenant's invoice for a period from what is stored now, inside the caller's transaction.
+
+It gathers the inputs of server.domain.invoice_pricing: the tenant's profile (plan history,
+overrides, tax, currency), the versions of its plans, its usage over every segment of the
+period and, for late usage, of every earlier period it was billed for, with what those
+periods were billed. One query reads the usage of all of them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+
+from server.domain.currencies import currency_of
+from server.domain.invoice_pricing import (
+    SegmentUsage,
+    adjustment_items,
+    billed_by_charge,
+    finish,
+    price_segments,
+)
+from server.domain.period_pricing import Tax
+from server.domain.plans import (
+    DEFAULT_PLAN,
+    BillingPeriod,
+    BillingProfile,
+    PlanAssignment,
+    anchor_period,
+    segments,
+    with_overrides,
+)
+from server.domain.pricing import InvoiceAmounts, LineItem, LineKind, PricedUsage
+from server.storage import plans as plan_store
+from server.storage.invoices import InvoiceTransaction
+
+
+@dataclass(frozen=True, slots=True)
+class PricedInvoice:
+    """An invoice's content as of now; `unpriced` when rate card usage has no rate (not billable)."""
+
+    currency: str
+    amounts: InvoiceAmounts
+    plan_ids: tuple[str, ...]
+    unpriced: bool
+    profile: BillingProfile | None
+
+
+def full_hours(profile: BillingProfile | None, start: datetime, end: datetime) -> int:
+    """The hours flat fees are prorated against: the anchor period's, if [start, end) lies in one."""
+    hours = int((end - start) / timedelta(hours=1))
+    if profile is None:
+        return hours
+    anchor_start, anchor_end = anchor_period(profile.anchor_day, start)
+    if start >= anchor_start and end <= anchor_end:
+        return int((anchor_end - anchor_start) / timedelta(hours=1))
+    return hours
+
+
+class InvoicePricer:
+    def __init__(self, default_currency: str) -> None:
+        self._default_currency = default_currency
+
+    async def price(
+        self,
+        tx: InvoiceTransaction,
+        tenant_id: str,
+        start: datetime,
+        end: datetime,
+        found: tuple[BillingProfile, list[PlanAssignment]] | Literal["unread"] | None = "unread",
+    ) -> PricedInvoice:
+        """The tenant's invoice for [start, end) priced now, with adjustments for earlier billed periods.
+
+        `found` is the tenant's profile and plan history if the caller has read them already.
+        """
+        conn = tx.connection
+        if found == "unread":
+            found = await plan_store.profile(conn, tenant_id)
+        profile, history = found if found is not None else (None, list[PlanAssignment]())
+        currency = currency_of(profile.currency if profile else self._default_currency)
+        plan_ids = sorted({a.plan_id for a in history} - {DEFAULT_PLAN})
+        versions = await plan_store.versions(conn, plan_ids)
+        overrides = profile.overrides if profile else ()
+
+        # The periods to price: this one, then each earlier billed period (for late usage).
+        billed: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
+        adjusted: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
+        # What interim invoices of this very period billed (spend thresholds): billed again
+        # below with a minus, so that this invoice bills only the rest.
+        interim: list[LineItem] = []
+        for invoice_start, invoice_end, line in await tx.billed_lines(tenant_id, start, end):
+            if (invoice_start, invoice_end) == (start, end) and (
+                line.kind is not LineKind.ADJUSTMENT or (line.period_start, line.period_end) == (start, end)
+            ):
+                interim.append(line)
+            elif line.kind is LineKind.ADJUSTMENT:
+                assert line.period_start is not None and line.period_end is not None
+                adjusted[(line.period_start, line.period_end)].append(line)
+            else:
+                billed[(invoice_start, invoice_end)].append(line)
+        periods = [(start, end), *sorted(billed)]
+        pieces = [segments(s, e, history, versions) for s, e in periods]
+        labels = [
+            (f"{p}.{i}", seg.start, seg.end) for p, segs in enumerate(pieces) for i, seg in enumerate(segs)
+        ]
+        usage = await tx.usage_rows(tenant_id, labels)
+
+        unpriced = False
+        priced_periods: list[list[LineItem]] = []
+        used_plans: set[str] = set()
+        for p, ((s, e), segs) in enumerate(zip(periods, pieces, strict=True)):
+            parts: list[SegmentUsage] = []
+            for i, seg in enumerate(segs):
+                rows = usage[f"{p}.{i}"]
+                if seg.version is None:
+                    # The rate card prices each hour at the rate then in effect.
+                    unpriced = unpriced or (p == 0 and any(price is None for _, _, price, _, _ in rows))
+                    rated = tuple(
+                        PricedUsage(service, usage_type, price, quantity, count)
+                        for service, usage_type, price, quantity, count in rows
+                        if price is not None
+                    )
+                    parts.append(SegmentUsage(seg, None, rated))
+                else:
+                    # A plan prices the segment's total per usage type; rate card prices play no part.
+                    summed = tuple(
+                        PricedUsage(service, usage_type, Decimal(0), quantity, count)
+                        for service, usage_type, _, quantity, count in rows
+                    )
+                    parts.append(SegmentUsage(seg, with_overrides(seg.version, overrides), summed))
+                if p == 0:
+                    used_plans.add(seg.plan_id)
+            period = BillingPeriod(s, e, full_hours(profile, s, e))
+            priced_periods.append(price_segments(currency, period, parts))
+
+        lines = list(priced_periods[0])
+        lines.extend(already_billed(start, end, interim))
+        for (s, e), repriced in zip(periods[1:], priced_periods[1:], strict=True):
+            was = billed_by_charge([*billed[(s, e)], *adjusted[(s, e)]])
+            lines.extend(adjustment_items(currency, s, e, was, repriced))
+        tax = None
+        if profile is not None and profile.tax_percentage is not None:
+            tax = Tax("", profile.tax_percentage)
+        return PricedInvoice(
+            currency.code, finish(currency, lines, tax), tuple(sorted(used_plans)), unpriced, profile
+        )
+
+
+def already_billed(start: datetime, end: datetime, interim: list[LineItem]) -> list[LineItem]:
+    """One negative line per charge for what interim invoices of [start, end) billed already."""
+    descriptions = {line.charge_key: line.description or line.charge_key for line in interim}
+    lines = []
+    for key, amount in billed_by_charge(interim).items():
+        if amount == 0:
+            continue
+        label = descriptions.get(key or "", "") if key else "Minimum commitment"
+        lines.append(
+            LineItem(
+                service="",
+                usage_type="",
+                quantity=Decimal(1),
+                unit_price=None,
+                amount=-amount,
+                event_count=0,
+                kind=LineKind.ADJUSTMENT,
+                description=f"Billed on interim invoices: {label}",
+                charge_key=key or "",
+                period_start=start,
+                period_end=end,
+            )
+        )
+    return lines
