@@ -190,7 +190,12 @@ async def unary_rate(address: str, rate: float, duration: float) -> dict[str, ob
     }
 
 
-async def query(address: str, kind: str, tenant: str, start: int, end: int, count: int) -> dict[str, object]:
+_BUCKETS = {"summary-total": 0, "summary-hour": 1, "summary-day": 2, "summary-month": 3}
+
+
+async def query(
+    address: str, kind: str, tenant: str, start: int, end: int, count: int, meters: list[str] | None = None
+) -> dict[str, object]:
     from google.protobuf.timestamp_pb2 import Timestamp
 
     def ts(seconds: int) -> Timestamp:
@@ -226,7 +231,8 @@ async def query(address: str, kind: str, tenant: str, start: int, end: int, coun
                 name=f"tenants/{tenant}/usageSummary",
                 start_time=ts(start),
                 end_time=ts(end),
-                bucket=1 if kind == "summary-hour" else 2,
+                bucket=_BUCKETS[kind],  # type: ignore[arg-type]
+                meters=meters or [],
             )
         await call(request, metadata=METADATA)  # warm up
         _wait_for_go()
@@ -271,11 +277,12 @@ def main() -> None:
     p = sub.add_parser("query")
     p.add_argument("--address", required=True)
     p.add_argument("--token", required=True)
-    p.add_argument("--kind", choices=["summary-hour", "summary-day", "invoice", "preview"], required=True)
+    p.add_argument("--kind", choices=[*_BUCKETS, "invoice", "preview"], required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--start", type=int, required=True)
     p.add_argument("--end", type=int, required=True)
     p.add_argument("--count", type=int, default=50)
+    p.add_argument("--meters", default="", help="comma-separated meter names to report")
     args = parser.parse_args()
     global METADATA
     METADATA = (("authorization", f"Bearer {args.token}"),)
@@ -288,7 +295,10 @@ def main() -> None:
     elif args.command == "unary-rate":
         result = asyncio.run(unary_rate(args.address, args.rate, args.duration))
     else:
-        result = asyncio.run(query(args.address, args.kind, args.tenant, args.start, args.end, args.count))
+        meters = [m for m in args.meters.split(",") if m]
+        result = asyncio.run(
+            query(args.address, args.kind, args.tenant, args.start, args.end, args.count, meters)
+        )
     print(json.dumps(result), flush=True)
 
 

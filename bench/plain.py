@@ -26,25 +26,9 @@ _STAGING = """CREATE TEMPORARY TABLE IF NOT EXISTS staging (
     tenant_id text, event_id text, service text, usage_type text, quantity text,
     time_micros bigint, dimensions text) ON COMMIT DELETE ROWS"""
 _COLUMNS = ["tenant_id", "event_id", "service", "usage_type", "quantity", "time_micros", "dimensions"]
-# The same without the rollup upsert: what PostgreSQL takes when writers share no rows (keys
-# and events only), to tell PostgreSQL's limit from our rollup rows' contention.
-_WITHOUT_ROLLUPS = """
-WITH input AS ({source}),
-new_keys AS (
-    INSERT INTO usage_event_keys (tenant_id, event_id)
-    SELECT tenant_id, event_id FROM input
-    ON CONFLICT (tenant_id, event_id) DO NOTHING
-    RETURNING tenant_id, event_id
-), inserted AS (
-    INSERT INTO usage_events (tenant_id, event_id, service, usage_type, quantity, event_time, dimensions)
-    SELECT t.tenant_id, t.event_id, t.service, t.usage_type, t.quantity::numeric,
-           'epoch'::timestamptz + t.time_micros * interval '1 microsecond', t.dimensions::jsonb
-    FROM input AS t
-    JOIN new_keys AS k ON k.tenant_id = t.tenant_id AND k.event_id = t.event_id
-    RETURNING 1
-)
-{result}
-"""
+# The same without the rollup upsert: what PostgreSQL takes when writers share no rows (keys,
+# with what a cancellation needs, and events only), to tell PostgreSQL's limit from the rollups.
+_WITHOUT_ROLLUPS = RECORD_FROM.split("), rolled_up AS (")[0] + ")\n{result}\n"
 
 
 def _dedupe_sorted(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -65,10 +49,11 @@ async def _write(
         await pool.execute("SELECT tally_event_partition($1)", to_datetime(instant))
     count = "SELECT count(*) FROM new_keys"
     statement = RECORD_FROM if rollups else _WITHOUT_ROLLUPS
-    copy_sql = statement.format(source="SELECT * FROM staging", result=count)
+    copy_sql = statement.format(source="SELECT * FROM staging", meters="", result=count)
     unnest_sql = statement.format(
         source="SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
         "$6::bigint[], $7::text[]) AS t(" + ", ".join(_COLUMNS) + ")",
+        meters="",
         result=count,
     )
     queue: asyncio.Queue[list[tuple[Any, ...]]] = asyncio.Queue()

@@ -11,6 +11,10 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
            the rollup upsert; unary ReportUsage with 1 and 2 workers
   close    the server closes a month for 10,000 tenants (all seven usage types); every invoice checked
   preview  PreviewInvoice of one tenant's open period with 1M and 10M events
+  meters-ingest  ingestion with the 7 default SUM meters vs. with MAX, UNIQUE_COUNT and TIME_WEIGHTED
+           meters too, interleaved (--repeats), lock wait per batch sampled (bench.meters)
+  meters-query   GetUsageSummary per aggregation (SUM, MAX, UNIQUE_COUNT, TIME_WEIGHTED), daily and
+           monthly, for one tenant with 1M and 10M events (not in the default set: run it by name)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench import closing, harness, plain, queries
+from bench import closing, harness, meters, plain, queries
 from bench.locks import LockSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -240,7 +244,9 @@ def main() -> None:
     parser.add_argument("--scale-workers", default="1,2,4", help="scale: worker counts")
     parser.add_argument("--scale-streams", type=int, default=8, help="scale: streams, one connection each")
     parser.add_argument("--scale-batch", type=int, default=1000, help="scale: events per batch")
-    parser.add_argument("--repeats", type=int, default=3, help="scale: interleaved runs per worker count")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="scale and meters-ingest: interleaved runs per variant"
+    )
     args = parser.parse_args()
     chosen = set(args.scenarios.split(","))
     batches = [int(b) for b in args.batches.split(",")]
@@ -288,6 +294,17 @@ def main() -> None:
     if "preview" in chosen:
         print("scenario 7: PreviewInvoice of one tenant's open period", flush=True)
         report["preview"] = closing.scenario_preview(
+            [int(n) for n in args.query_events.split(",")], run_client
+        )
+    if "meters-ingest" in chosen:
+        print(
+            "scenario 8: ingestion with the default SUM meters, and with MAX, UNIQUE_COUNT, TIME_WEIGHTED",
+            flush=True,
+        )
+        report["meters_ingest"] = meters.scenario_ingest(args.events, args.repeats, run_client)
+    if "meters-query" in chosen:
+        print("scenario 9: one summary per aggregation over one tenant's month", flush=True)
+        report["meters_query"] = meters.scenario_query(
             [int(n) for n in args.query_events.split(",")], run_client
         )
     RESULTS.mkdir(exist_ok=True)

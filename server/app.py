@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
+from server.api.meters import MeterApi
 from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
@@ -45,13 +46,18 @@ from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
 from server.metering import Metering
+from server.metering.corrections import Corrections
+from server.metering.meters import MeterCatalog
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
+from server.storage.corrections import CorrectionStore
 from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import create_pool
 from server.storage.embedded import EmbeddedPostgres
+from server.storage.folding import Folder
 from server.storage.invoices import InvoiceStore
+from server.storage.meters import MeterStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
 from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
@@ -70,7 +76,14 @@ from server.telemetry.tracing import (
     resource,
     tracer_provider_from_env,
 )
-from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+from tally.v1 import (
+    billing_service_pb2,
+    billing_service_pb2_grpc,
+    meter_service_pb2,
+    meter_service_pb2_grpc,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +96,7 @@ POOL_CLOSE_SECONDS = 5.0
 SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
+    meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
 )
 
 
@@ -183,6 +197,7 @@ class TallyServer:
         self._server: grpc.aio.Server | None = None
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._folding_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
         self._scheduler: CloseScheduler | None = None
         # The period close use cases, for ClosePeriod and for tests that drive the scheduler.
@@ -257,6 +272,9 @@ class TallyServer:
         rate_store = RateStore(self._pool)
         rate_card = RateCardCache(rate_store)
         await rate_card.reload()
+        page_tokens = PageTokens(await shared_key(self._pool, PAGE_TOKEN_KEY))
+        meters = MeterCatalog(MeterStore(self._pool), rate_card, page_tokens)
+        await meters.reload()
         rules = EventRules(
             max_future_micros=config.max_future_seconds * MICROS_PER_SECOND,
             max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
@@ -267,6 +285,7 @@ class TallyServer:
             rate_card,
             rules,
             self.wall_clock,
+            meters,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
@@ -312,7 +331,17 @@ class TallyServer:
         budget = self._budget = EventBudget(config.max_events_in_flight)
         metrics.watch_events_in_flight(lambda: budget.in_use)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageApi(self._metering, authenticator, budget, call_telemetry), tally
+            UsageApi(
+                self._metering,
+                authenticator,
+                budget,
+                call_telemetry,
+                Corrections(CorrectionStore(self._pool), meters),
+            ),
+            tally,
+        )
+        meter_service_pb2_grpc.add_MeterServiceServicer_to_server(
+            MeterApi(meters, authenticator, call_telemetry), tally
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
             BillingApi(billing, lifecycle, plans, self.periods, authenticator, call_telemetry), tally
@@ -347,6 +376,7 @@ class TallyServer:
         self._server = server
         with suppress_instrumentation():  # the probe's queries are not traces of their own
             self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
+            self._folding_task = asyncio.create_task(Folder(self._pool).run(), name="tally-folding")
         if access_log is not None:
             self._access_log_task = asyncio.create_task(access_log.run(), name="tally-access-log")
         if config.http_port is not None:
@@ -383,7 +413,7 @@ class TallyServer:
         then close, and connections still busy after `close_seconds` are terminated (their
         transactions roll back whole). Last, the embedded PostgreSQL stops.
         """
-        for task in (self._health_task, self._sharing_task):
+        for task in (self._health_task, self._sharing_task, self._folding_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

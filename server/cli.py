@@ -249,9 +249,14 @@ async def _retention(args: argparse.Namespace) -> None:
     import asyncpg
 
     from server.storage.embedded import EmbeddedPostgres
-    from server.storage.retention import drop_before
+    from server.storage.retention import check_cutoff, drop_before
 
-    year, month = _cutoff(args, datetime.now(UTC).date())
+    today = datetime.now(UTC).date()
+    year, month = _cutoff(args, today)
+    try:
+        check_cutoff(year, month, today)
+    except ValueError as exc:
+        raise SystemExit(f"tally retention: {exc}") from None
     embedded = None
     dsn = args.database_url
     if not dsn:

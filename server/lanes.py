@@ -22,14 +22,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from opentelemetry.context import Context
 
 from server.domain.events import EventKey, EventRow, columns_of
+from server.domain.meters import MeterMap
 from server.storage.usage import AuditHook, UsageStore
 from server.telemetry.ingest import OFF, IngestTelemetry
+
+# The active meters at the moment a transaction is written (see server.metering.meters).
+MeterSource = Callable[[], MeterMap]
+_NO_METERS = MeterMap(())
+
+
+def _no_meters() -> MeterMap:
+    return _NO_METERS
 
 
 class _Submission(NamedTuple):
@@ -40,8 +49,15 @@ class _Submission(NamedTuple):
 
 
 class Lane:
-    def __init__(self, store: UsageStore, max_events: int, telemetry: IngestTelemetry = OFF) -> None:
+    def __init__(
+        self,
+        store: UsageStore,
+        max_events: int,
+        telemetry: IngestTelemetry = OFF,
+        meters: MeterSource = _no_meters,
+    ) -> None:
         self._store = store
+        self._meters = meters
         self._max_events = max_events
         self._telemetry = telemetry
         self._pending: deque[_Submission] = deque()
@@ -91,7 +107,14 @@ class Lane:
         try:
             with self._telemetry.committing([s.trace for s in taken], len(merged)):
                 # An audited submission is always taken alone (see _write_pending).
-                new_keys = await self._store.record_new_keys(columns_of(merged), taken[0].audit)
+                # Meters are matched here, on the merged rows, so that a meter created while a
+                # batch waited counts it: the map in force when the transaction is written.
+                columns = columns_of(merged)
+                contributions = self._meters().contributions(list(merged.values()))
+                if len(contributions):
+                    new_keys = await self._store.record_new_keys(columns, taken[0].audit, contributions)
+                else:
+                    new_keys = await self._store.record_new_keys(columns, taken[0].audit)
         except Exception as exc:  # every waiter gets the failure; none is left hanging
             for _, future, _, _ in taken:
                 if not future.done():
@@ -112,9 +135,15 @@ class WriteLanes:
     streams are spread over all lanes, one lane for the whole stream."""
 
     def __init__(
-        self, store: UsageStore, *, lanes: int, max_events: int = 5_000, telemetry: IngestTelemetry = OFF
+        self,
+        store: UsageStore,
+        *,
+        lanes: int,
+        max_events: int = 5_000,
+        telemetry: IngestTelemetry = OFF,
+        meters: MeterSource = _no_meters,
     ) -> None:
-        self._lanes = [Lane(store, max_events, telemetry) for _ in range(max(1, lanes))]
+        self._lanes = [Lane(store, max_events, telemetry, meters) for _ in range(max(1, lanes))]
         self._next = itertools.cycle(self._lanes)
 
     @property

@@ -10,12 +10,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from server.domain.access import BILLING_ADMIN, BILLING_READ, USAGE_READ, USAGE_WRITE
-from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
+from server.domain.access import BILLING_ADMIN, BILLING_READ, METERS_ADMIN, USAGE_READ, USAGE_WRITE
+from tally.v1 import billing_service_pb2, meter_service_pb2, resources_pb2, usage_service_pb2
 from tests.helpers import event, hour_start, ts
 
 USAGE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
 BILLING = billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"]
+METER = meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,31 @@ EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
         lambda t, i: billing_service_pb2.ListInvoicesRequest(parent=f"tenants/{t}"),
     ),
     "ListAuditEvents": (BILLING_ADMIN, lambda t, i: billing_service_pb2.ListAuditEventsRequest(tenant_id=t)),
+    "CancelEvent": (
+        BILLING_ADMIN,
+        lambda t, i: usage_service_pb2.CancelEventRequest(tenant_id=t, event_id=f"e-{uuid.uuid4().hex}"),
+    ),
+    # A SUM meter stores nothing of its own: creating one in a test changes no other test's data.
+    "CreateMeter": (
+        METERS_ADMIN,
+        lambda t, i: meter_service_pb2.CreateMeterRequest(
+            meter=resources_pb2.Meter(
+                meter_id=f"m-{uuid.uuid4().hex[:12]}",
+                service="marketplace",
+                usage_type="wpk_upload",
+                aggregation=resources_pb2.METER_AGGREGATION_SUM,
+            )
+        ),
+    ),
+    "GetMeter": (
+        USAGE_READ,
+        lambda t, i: meter_service_pb2.GetMeterRequest(name="meters/marketplace-wpk-upload"),
+    ),
+    "ListMeters": (USAGE_READ, lambda t, i: meter_service_pb2.ListMetersRequest()),
+    "ArchiveMeter": (
+        METERS_ADMIN,
+        lambda t, i: meter_service_pb2.ArchiveMeterRequest(name=f"meters/m-{uuid.uuid4().hex[:12]}"),
+    ),
     "FinalizeInvoice": (
         BILLING_ADMIN,
         lambda t, i: billing_service_pb2.FinalizeInvoiceRequest(name=f"tenants/{t}/invoices/{i}"),
@@ -138,7 +164,7 @@ def _rpcs() -> list[Rpc]:
 
     db = symbol_database.Default()
     found = []
-    for service in (USAGE, BILLING):
+    for service in (USAGE, BILLING, METER):
         for method in service.methods:
             scope, example = EXAMPLES[method.name]
             found.append(

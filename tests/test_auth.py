@@ -135,6 +135,11 @@ OTHER_TENANT = {
     "GetInvoice": Code.NOT_FOUND,  # exactly as for an invoice that does not exist
     "ListInvoices": Code.PERMISSION_DENIED,
     "ListAuditEvents": Code.PERMISSION_DENIED,
+    "CancelEvent": Code.PERMISSION_DENIED,
+    "CreateMeter": Code.PERMISSION_DENIED,  # meters are shared by every tenant, like the rate card
+    "GetMeter": Code.OK,
+    "ListMeters": Code.OK,
+    "ArchiveMeter": Code.PERMISSION_DENIED,
     # The lifecycle of an invoice: as GetInvoice, another tenant's invoice does not exist.
     "FinalizeInvoice": Code.NOT_FOUND,
     "VoidInvoice": Code.NOT_FOUND,

@@ -141,6 +141,7 @@ def test_reflection_lists_every_service(served: Served) -> None:
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
         "tally.v1.BillingService",
+        "tally.v1.MeterService",
         "tally.v1.UsageService",
     ]
     described = served.grpcurl("describe").stdout

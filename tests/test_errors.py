@@ -228,6 +228,20 @@ def test_existing_plan_is_already_exists_with_its_name() -> None:
     )
 
 
+def test_existing_meter_is_already_exists_with_its_name() -> None:
+    error = AlreadyExists(
+        "a meter named 'meters/x' exists already",
+        reason=ErrorReason.METER_EXISTS,
+        metadata={"meter": "meters/x"},
+    )
+    code, info, _ = mapped(error)
+    assert (code, info.reason, dict(info.metadata)) == (
+        code_pb2.ALREADY_EXISTS,
+        "METER_EXISTS",
+        {"meter": "meters/x"},
+    )
+
+
 def test_a_bug_is_internal_error_with_the_log_reference() -> None:
     code, info, status = mapped(RuntimeError("a bug"))
     assert (code, info.reason) == (code_pb2.INTERNAL, "INTERNAL_ERROR")

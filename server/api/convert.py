@@ -14,6 +14,7 @@ from server.domain.audit import AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
+from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState
 from server.domain.models import Invoice, InvoiceKind, InvoiceStatus, Rate, UsageSummary
 from server.domain.names import (
     audit_event_name,
@@ -235,6 +236,61 @@ def _invoice_message(invoice: Invoice, minor: int) -> resources_pb2.Invoice:
     )
 
 
+_AGGREGATIONS: dict[Aggregation, resources_pb2.MeterAggregation.ValueType] = {
+    Aggregation.SUM: resources_pb2.METER_AGGREGATION_SUM,
+    Aggregation.COUNT: resources_pb2.METER_AGGREGATION_COUNT,
+    Aggregation.MAX: resources_pb2.METER_AGGREGATION_MAX,
+    Aggregation.MIN: resources_pb2.METER_AGGREGATION_MIN,
+    Aggregation.LATEST: resources_pb2.METER_AGGREGATION_LATEST,
+    Aggregation.UNIQUE_COUNT: resources_pb2.METER_AGGREGATION_UNIQUE_COUNT,
+    Aggregation.TIME_WEIGHTED: resources_pb2.METER_AGGREGATION_TIME_WEIGHTED,
+}
+_AGGREGATION_OF = {value: name for name, value in _AGGREGATIONS.items()}
+_METER_STATES = {
+    MeterState.ACTIVE: resources_pb2.METER_STATE_ACTIVE,
+    MeterState.ARCHIVED: resources_pb2.METER_STATE_ARCHIVED,
+}
+
+
+def meter_spec(meter: resources_pb2.Meter) -> MeterSpec:
+    """The definition a CreateMeter request carries; INVALID_ARGUMENT for a missing aggregation."""
+    aggregation = _AGGREGATION_OF.get(meter.aggregation)
+    if aggregation is None:
+        raise InvalidArgument.single(
+            "meter.aggregation", "is required (one of the METER_AGGREGATION_ values)"
+        )
+    return MeterSpec(
+        meter_id=meter.meter_id,
+        service=meter.service,
+        usage_type=meter.usage_type,
+        aggregation=aggregation,
+        filter=dict(meter.filter),
+        value_dimension=meter.value_dimension,
+        group_by=tuple(meter.group_by_dimensions),
+        description=meter.description,
+    )
+
+
+def meter_message(meter: Meter) -> resources_pb2.Meter:
+    spec = meter.spec
+    message = resources_pb2.Meter(
+        name=meter.name,
+        meter_id=spec.meter_id,
+        description=spec.description,
+        service=spec.service,
+        usage_type=spec.usage_type,
+        filter=dict(spec.filter),
+        aggregation=_AGGREGATIONS[spec.aggregation],
+        value_dimension=spec.value_dimension,
+        group_by_dimensions=list(spec.group_by),
+        state=_METER_STATES[meter.state],
+        create_time=to_timestamp(meter.create_time),
+    )
+    if meter.archive_time is not None:
+        message.archive_time.CopyFrom(to_timestamp(meter.archive_time))
+    return message
+
+
 def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
     message = resources_pb2.UsageSummary(
         name=usage_summary_name(summary.tenant_id),
@@ -255,6 +311,16 @@ def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
         )
         if aggregate.bucket_start_seconds is not None:
             item.bucket_start_time.seconds = aggregate.bucket_start_seconds
+    add_value = message.meter_aggregates.add
+    for value in summary.meter_values:
+        entry = add_value(
+            meter=value.meter.name,
+            aggregation=_AGGREGATIONS[value.meter.spec.aggregation],
+            dimension_value=value.dimension_value,
+            value=value.value,
+        )
+        if value.bucket_start_seconds is not None:
+            entry.bucket_start_time.seconds = value.bucket_start_seconds
     return message
 
 
@@ -271,6 +337,9 @@ _AUDIT_ACTIONS = {
     audit.PLAN_CREATED: resources_pb2.AUDIT_ACTION_PLAN_CREATED,
     audit.PLAN_VERSION_CREATED: resources_pb2.AUDIT_ACTION_PLAN_VERSION_CREATED,
     audit.BILLING_PROFILE_SET: resources_pb2.AUDIT_ACTION_BILLING_PROFILE_SET,
+    audit.METER_CREATED: resources_pb2.AUDIT_ACTION_METER_CREATED,
+    audit.METER_ARCHIVED: resources_pb2.AUDIT_ACTION_METER_ARCHIVED,
+    audit.USAGE_EVENT_CANCELLED: resources_pb2.AUDIT_ACTION_USAGE_EVENT_CANCELLED,
 }
 
 

@@ -12,18 +12,31 @@ import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from server.api.calls import rpc
-from server.api.convert import bucket_name, optional_micros, raw_event, summary_message, tenant_in
+from server.api.convert import (
+    bucket_name,
+    optional_micros,
+    raw_event,
+    summary_message,
+    tenant_in,
+    to_timestamp,
+)
 from server.api.pipeline import EventBudget, pipelined
+from server.api.request_ids import once, response
 from server.auth.authenticator import Authenticator
 from server.auth.limits import Charge, debt_seconds, take, try_take
-from server.domain.access import USAGE_READ, USAGE_WRITE, Caller
+from server.domain.access import BILLING_ADMIN, USAGE_READ, USAGE_WRITE, Caller
 from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
 from server.domain.names import parse_usage_summary_name
 from server.metering import BatchOutcome, Metering
+from server.metering.corrections import Corrections
+from server.storage.corrections import CancelledEvent
 from server.telemetry.calls import CallTelemetry
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 MAX_LISTED_REJECTIONS = 1_000
+_CANCEL_EVENT = (
+    usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].methods_by_name["CancelEvent"].full_name
+)
 
 # A request carrying a batch: IngestUsageRequest or StreamUsageRequest.
 R = TypeVar("R", usage_service_pb2.IngestUsageRequest, usage_service_pb2.StreamUsageRequest)
@@ -47,10 +60,16 @@ def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRej
 
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
     def __init__(
-        self, metering: Metering, authenticator: Authenticator, budget: EventBudget, telemetry: CallTelemetry
+        self,
+        metering: Metering,
+        authenticator: Authenticator,
+        budget: EventBudget,
+        telemetry: CallTelemetry,
+        corrections: Corrections,
     ) -> None:
         self._metering = metering
         self._budget = budget
+        self._corrections = corrections
         self.authenticator = authenticator
         self.telemetry = telemetry
 
@@ -162,6 +181,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             bucket_name(request.bucket),
             request.group_by_dimension,
             caller.principal,
+            list(request.meters),
         )
         return usage_service_pb2.GetUsageSummaryResponse(summary=summary_message(summary))
 
@@ -179,6 +199,22 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             bucket_name(request.bucket),
             request.group_by_dimension,
             caller.principal,
+            list(request.meters),
         )
         async for summary in summaries:
             yield usage_service_pb2.StreamUsageSummariesResponse(summary=summary_message(summary))
+
+    @rpc(BILLING_ADMIN, tenant=lambda request: request.tenant_id)
+    async def CancelEvent(
+        self, request: usage_service_pb2.CancelEventRequest, context: grpc.aio.ServicerContext, caller: Caller
+    ) -> usage_service_pb2.CancelEventResponse:
+        def respond(event: CancelledEvent) -> usage_service_pb2.CancelEventResponse:
+            return usage_service_pb2.CancelEventResponse(
+                tenant_id=event.tenant_id,
+                event_id=event.event_id,
+                cancel_time=to_timestamp(event.cancel_time),
+            )
+
+        keyed = once(request, _CANCEL_EVENT, caller, respond)
+        result = await self._corrections.cancel(request.tenant_id, request.event_id, caller, keyed)
+        return response(result, respond, usage_service_pb2.CancelEventResponse)

@@ -19,7 +19,9 @@ BILLING_READ: Final = "billing:read"
 BILLING_ADMIN: Final = "billing:admin"
 # Recording usage older than the ingestion window (audited), on top of usage:write.
 USAGE_BACKFILL: Final = "usage:backfill"
-SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN, USAGE_BACKFILL)
+# Defining and archiving meters (shared by every tenant, like the rate card).
+METERS_ADMIN: Final = "meters:admin"
+SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN, USAGE_BACKFILL, METERS_ADMIN)
 
 ALL_TENANTS: Final = "all"
 AllTenants = Literal["all"]

@@ -33,6 +33,9 @@ CREDIT_NOTE_CREATED: Final = "credit_note_created"
 PLAN_CREATED: Final = "plan_created"
 PLAN_VERSION_CREATED: Final = "plan_version_created"
 BILLING_PROFILE_SET: Final = "billing_profile_set"
+METER_CREATED: Final = "meter_created"
+METER_ARCHIVED: Final = "meter_archived"
+USAGE_EVENT_CANCELLED: Final = "usage_event_cancelled"
 
 State = Mapping[str, Any]
 

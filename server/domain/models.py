@@ -9,6 +9,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
+from server.domain.meters import Meter
 from server.domain.pricing import LineItem
 
 
@@ -83,6 +84,17 @@ class UsageAggregate:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterValue:
+    """One line of a meter's summary: its value in one bucket and dimension value, as decimal text."""
+
+    tenant_id: str
+    meter: Meter
+    bucket_start_seconds: int | None
+    dimension_value: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class UsageSummary:
     tenant_id: str
     start: datetime
@@ -90,3 +102,4 @@ class UsageSummary:
     bucket: str  # "" (none), "hour", "day" or "month"
     group_by_dimension: str
     aggregates: tuple[UsageAggregate, ...]
+    meter_values: tuple[MeterValue, ...] = ()

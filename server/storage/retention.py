@@ -3,11 +3,17 @@
 Rollups, invoices and idempotency keys are kept: summaries and invoices do not change,
 and an old event sent again is still recognised as a duplicate. A late event for a
 month whose raw partition was dropped is still recorded (the partition comes back).
+
+The raw events of the current and the previous month are never dropped: an open billing
+period may still need them (to rebuild a meter or audit a late correction) until its
+invoice is finalized. (Once invoices can be finalized, the cutoff becomes the oldest
+month of a period not yet finalized.)
 """
 
 from __future__ import annotations
 
 import re
+from datetime import date
 
 import asyncpg
 
@@ -29,6 +35,17 @@ async def event_partitions(conn: asyncpg.Connection) -> list[tuple[str, int, int
         if match:
             found.append((row["relname"], int(match.group(1)), int(match.group(2))))
     return found
+
+
+def check_cutoff(year: int, month: int, today: date) -> None:
+    """ValueError if dropping the months before (year, month) would drop an open period's month."""
+    index = today.year * 12 + today.month - 1 - 1  # the previous month
+    latest = (index // 12, index % 12 + 1)
+    if (year, month) > latest:
+        raise ValueError(
+            f"refusing to drop raw events of {latest[0]:04d}-{latest[1]:02d} or later: the current and the "
+            "previous month may still be needed by an open billing period"
+        )
 
 
 async def drop_before(conn: asyncpg.Connection, year: int, month: int, *, dry_run: bool) -> list[str]:

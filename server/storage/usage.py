@@ -10,58 +10,134 @@ import asyncpg
 from server.domain.audit import AuditEntry
 from server.domain.decimals import trim_decimal
 from server.domain.events import EventColumns, EventKey
-from server.domain.models import UsageAggregate
+from server.domain.meters import Contributions, Meter
+from server.domain.models import MeterValue, UsageAggregate
 from server.domain.timeutil import to_datetime
 from server.storage.audit import append as append_audit
 from server.storage.database import RetryTransaction, run_with_retries
+from server.storage.meter_summaries import summarize_meter
 
 # The audit entries to write with a batch, given the keys of its events that were new.
 AuditHook = Callable[[Set[EventKey]], Sequence[AuditEntry]]
 
-# One round trip records a whole batch: claim the idempotency keys that are new, store
-# exactly those events, and add exactly those to the hourly rollups, in one statement
-# and so one transaction.
+# One round trip records a whole batch: claim the idempotency keys that are new (with what
+# a later cancellation needs of each event), store exactly those events, and add exactly
+# those to the hourly rollups, in one statement and so one transaction.
 # {result} is the final SELECT over new_keys (a count, or the new keys themselves).
 # {source} is a query yielding (tenant_id, event_id, service, usage_type, quantity text,
 # time_micros bigint, dimensions text) rows: the batch's arrays here, a staging table in
 # the benchmark's plain-PostgreSQL baseline (which must do exactly the same work).
 # Duplicates (already stored, or stored by a concurrent batch) lose the key claim to
-# ON CONFLICT DO NOTHING, so they reach neither the events nor the rollups. Rollup rows are upserted in
-# key order so that concurrent batches lock them in the same order.
+# ON CONFLICT DO NOTHING, so they reach neither the events nor the rollups.
+# No hot rows: every connection adds to rollup rows of its own stripe (its backend pid,
+# unique among open connections), so concurrent batches of any number of processes never
+# wait for each other's row locks; reads sum the stripes and a background task folds past
+# hours into stripe 0 (server.storage.folding). A concurrent batch waits only for a key
+# that another uncommitted batch is claiming: a resend racing its original.
 # Times travel as microseconds since the epoch: 'epoch' + n * 1 µs is exact for any
 # time before the year 2255 (the product is computed in float8, exact below 2^53).
 RECORD_FROM = """
 WITH input AS ({source}),
 new_keys AS (
-    INSERT INTO usage_event_keys (tenant_id, event_id)
-    SELECT tenant_id, event_id FROM input
-    ON CONFLICT (tenant_id, event_id) DO NOTHING
-    RETURNING tenant_id, event_id
-), inserted AS (
-    INSERT INTO usage_events (tenant_id, event_id, service, usage_type, quantity, event_time, dimensions)
+    INSERT INTO usage_event_keys AS k
+        (tenant_id, event_id, service, usage_type, quantity, event_time, dimensions)
     SELECT t.tenant_id, t.event_id, t.service, t.usage_type, t.quantity::numeric,
            'epoch'::timestamptz + t.time_micros * interval '1 microsecond', t.dimensions::jsonb
     FROM input AS t
-    JOIN new_keys AS k ON k.tenant_id = t.tenant_id AND k.event_id = t.event_id
-    RETURNING tenant_id, service, usage_type, quantity, event_time, dimensions
+    ON CONFLICT (tenant_id, event_id) DO NOTHING
+    RETURNING k.tenant_id, k.event_id, k.service, k.usage_type, k.quantity, k.event_time, k.dimensions
+), inserted AS (
+    INSERT INTO usage_events (tenant_id, event_id, service, usage_type, quantity, event_time, dimensions)
+    SELECT tenant_id, event_id, service, usage_type, quantity, event_time, dimensions FROM new_keys
 ), rolled_up AS (
-    INSERT INTO usage_rollups AS r (tenant_id, hour, service, usage_type, dimensions, quantity, event_count)
+    INSERT INTO usage_rollups AS r
+        (tenant_id, hour, service, usage_type, dimensions, stripe, quantity, event_count)
     SELECT tenant_id, date_trunc('hour', event_time, 'UTC'), service, usage_type, dimensions,
-           sum(quantity), count(*)
-    FROM inserted
+           pg_backend_pid(), sum(quantity), count(*)
+    FROM new_keys
     GROUP BY 1, 2, 3, 4, 5
-    ORDER BY 1, 2, 3, 4, 5
-    ON CONFLICT (tenant_id, hour, service, usage_type, dimensions) DO UPDATE
+    ON CONFLICT (tenant_id, hour, service, usage_type, dimensions, stripe) DO UPDATE
         SET quantity = r.quantity + excluded.quantity,
             event_count = r.event_count + excluded.event_count
-)
+){meters}
 {result}
 """
+# What the batch's new events add to the non-additive meters (server.domain.meters
+# .Contributions: one entry per event and meter, matched in Python), in the same statement.
+# Every table is either appended to, inserted into with ON CONFLICT DO NOTHING (a writer
+# waits only for another that is inserting the very same new key), or striped per writer.
+# Event ids compare byte-wise (COLLATE "C"), as they do in Python, to break LATEST's ties.
+METER_CTES = """, contrib AS (
+    SELECT c.tenant_id, c.event_id, c.meter_id, c.kind, c.value, c.group_values::jsonb AS group_values,
+           'epoch'::timestamptz + c.time_micros * interval '1 microsecond' AS event_time
+    FROM unnest($8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::bigint[])
+        AS c(tenant_id, event_id, meter_id, kind, value, group_values, time_micros)
+    JOIN new_keys AS k ON k.tenant_id = c.tenant_id AND k.event_id = c.event_id
+), gauge_values AS (
+    INSERT INTO meter_values (tenant_id, meter_id, hour, group_values, event_id, event_time, value)
+    SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values, event_id, event_time,
+           value
+    FROM contrib WHERE kind = 'v'
+), gauge_hours AS (
+    INSERT INTO meter_hourly AS h (tenant_id, meter_id, hour, group_values, stripe,
+                                   min_value, max_value, latest_time, latest_event_id, latest_value)
+    SELECT DISTINCT ON (tenant_id, meter_id, hour, group_values)
+           tenant_id, meter_id, hour, group_values, pg_backend_pid(),
+           min(quantity) OVER per_hour, max(quantity) OVER per_hour, event_time, event_id, quantity
+    FROM (SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC') AS hour, group_values,
+                 event_time, event_id, value::numeric AS quantity
+          FROM contrib WHERE kind = 'v') AS v
+    WINDOW per_hour AS (PARTITION BY tenant_id, meter_id, hour, group_values)
+    ORDER BY tenant_id, meter_id, hour, group_values, event_time DESC, event_id COLLATE "C" DESC
+    ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE SET
+        min_value = least(h.min_value, excluded.min_value),
+        max_value = greatest(h.max_value, excluded.max_value),
+        latest_time = greatest(h.latest_time, excluded.latest_time),
+        latest_event_id = CASE
+            WHEN (excluded.latest_time, excluded.latest_event_id COLLATE "C")
+                 > (h.latest_time, h.latest_event_id)
+            THEN excluded.latest_event_id ELSE h.latest_event_id END,
+        latest_value = CASE
+            WHEN (excluded.latest_time, excluded.latest_event_id COLLATE "C")
+                 > (h.latest_time, h.latest_event_id)
+            THEN excluded.latest_value ELSE h.latest_value END
+), unique_values AS (
+    INSERT INTO meter_unique_values (tenant_id, meter_id, group_values, value, hour, event_id)
+    SELECT tenant_id, meter_id, group_values, value, date_trunc('hour', event_time, 'UTC'), event_id
+    FROM contrib WHERE kind = 'u'
+), distinct_values AS (
+    INSERT INTO meter_distinct (tenant_id, meter_id, grain, bucket, group_values, value)
+    SELECT DISTINCT c.tenant_id, c.meter_id, g.grain, date_trunc(g.unit, c.event_time, 'UTC'),
+           c.group_values, c.value
+    FROM contrib AS c
+    CROSS JOIN (VALUES ('h'::"char", 'hour'), ('d', 'day'), ('m', 'month')) AS g(grain, unit)
+    WHERE c.kind = 'u'
+    ON CONFLICT DO NOTHING
+), readings AS (
+    INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
+    SELECT tenant_id, meter_id, group_values, event_time, event_id, value::numeric
+    FROM contrib WHERE kind = 'r'
+), series AS (
+    INSERT INTO meter_series (tenant_id, meter_id, group_values)
+    SELECT DISTINCT tenant_id, meter_id, group_values FROM contrib WHERE kind = 'r'
+    ON CONFLICT DO NOTHING
+), late_readings AS (
+    -- A reading for an hour that the time-weighted cache may already hold (any hour before
+    -- the current one) marks that hour dirty; live readings write nothing here.
+    INSERT INTO meter_tw_dirty AS d (tenant_id, meter_id, group_values, hour, changes)
+    SELECT tenant_id, meter_id, group_values, date_trunc('hour', event_time, 'UTC'), count(*)
+    FROM contrib WHERE kind = 'r' AND event_time < date_trunc('hour', now(), 'UTC')
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT (tenant_id, meter_id, group_values, hour) DO UPDATE SET changes = d.changes + excluded.changes
+)"""
 # The batch arrives as parallel arrays, one per column.
 _UNNEST = """
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])
     AS t(tenant_id, event_id, service, usage_type, quantity, time_micros, dimensions)"""
-_RECORD_BATCH = RECORD_FROM.format(source=_UNNEST, result="SELECT tenant_id, event_id FROM new_keys")
+_NEW_KEYS = "SELECT tenant_id, event_id FROM new_keys"
+_RECORD_BATCH = RECORD_FROM.format(source=_UNNEST, meters="", result=_NEW_KEYS)
+_RECORD_BATCH_WITH_METERS = RECORD_FROM.format(source=_UNNEST, meters=METER_CTES, result=_NEW_KEYS)
 
 # Totals per tenant and usage type, optionally per time bucket and per value of one
 # dimension ($4). One statement per shape, chosen from these constants: a generic CASE
@@ -81,6 +157,7 @@ SELECT tenant_id, service, usage_type, {bucket} AS bucket_start, {dimension} AS 
 FROM usage_rollups
 WHERE tenant_id = ANY($1::text[]) AND hour >= $2 AND hour < $3 {unused_dimension}
 GROUP BY 1, 2, 3, 4, 5
+HAVING sum(event_count) <> 0
 ORDER BY 1, 2, 3, 4, 5
 """
 _SUMMARIZE = {
@@ -137,15 +214,22 @@ class UsageStore:
                 )
         self._partitions.update(missing)
 
-    async def record_new_keys(self, columns: EventColumns, audit: AuditHook | None = None) -> set[EventKey]:
+    async def record_new_keys(
+        self,
+        columns: EventColumns,
+        audit: AuditHook | None = None,
+        contributions: Contributions | None = None,
+    ) -> set[EventKey]:
         """Store the events that are new, in one transaction; return their (tenant_id, event_id) keys.
 
         With `audit`, the entries it gives for the new keys are appended in the same
         transaction (an explicit one: without audit, the single statement is its own).
+        `contributions` are the batch's entries for non-additive meters; those of new
+        events are stored in the same statement.
         """
         if not len(columns):
             return set()
-        args = (
+        args: tuple[list[str] | list[int], ...] = (
             columns.tenant_ids,
             columns.event_ids,
             columns.services,
@@ -154,15 +238,27 @@ class UsageStore:
             columns.times_micros,
             columns.dimensions_json,
         )
+        statement = _RECORD_BATCH
+        if contributions is not None and len(contributions):
+            statement = _RECORD_BATCH_WITH_METERS
+            args += (
+                contributions.tenant_ids,
+                contributions.event_ids,
+                contributions.meter_ids,
+                contributions.kinds,
+                contributions.values,
+                contributions.group_values,
+                contributions.times_micros,
+            )
 
         async def attempt() -> set[EventKey]:
             await self._ensure_partitions(columns)
             async with self._pool.acquire() as conn:
                 try:
                     if audit is None:
-                        return {(row[0], row[1]) for row in await conn.fetch(_RECORD_BATCH, *args)}
+                        return {(row[0], row[1]) for row in await conn.fetch(statement, *args)}
                     async with conn.transaction():
-                        new_keys = {(row[0], row[1]) for row in await conn.fetch(_RECORD_BATCH, *args)}
+                        new_keys = {(row[0], row[1]) for row in await conn.fetch(statement, *args)}
                         for entry in audit(new_keys):
                             await append_audit(conn, entry)
                     return new_keys
@@ -206,6 +302,30 @@ class UsageStore:
                 )
                 for row in rows
             ]
+
+        return await run_with_retries(attempt)
+
+    async def summarize_meters(
+        self,
+        meters: Sequence[Meter],
+        tenant_ids: Sequence[str],
+        start: datetime,
+        end: datetime,
+        bucket: str,
+        dimension: str,
+    ) -> list[MeterValue]:
+        """The meters' values per tenant, in meter name order, then tenant, bucket and dimension value."""
+        if not meters:
+            return []
+
+        async def attempt() -> list[MeterValue]:
+            found: list[MeterValue] = []
+            async with self._read_pool.acquire() as conn:
+                for meter in sorted(meters, key=lambda m: m.spec.meter_id):
+                    found.extend(
+                        await summarize_meter(conn, meter, tenant_ids, start, end, bucket, dimension)
+                    )
+            return found
 
         return await run_with_retries(attempt)
 

@@ -64,6 +64,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[NOT_FOUND] The tenant has no billing profile (SetBillingProfile creates
     one), or it is a tenant the token does not cover.
     """
+    METER_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """[NOT_FOUND] No meter has this name (metadata: meter)."""
+    EVENT_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """[NOT_FOUND] The tenant has no recorded event with this event_id, or it is
+    a tenant the token does not cover (the two are not told apart).
+    """
     INVOICE_PERIOD_OVERLAP: _ErrorReason.ValueType  # 20
     """[FAILED_PRECONDITION] The invoice period overlaps another invoice of the
     tenant (metadata: invoice, that invoice's name).
@@ -98,6 +104,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     PLAN_EXISTS: _ErrorReason.ValueType  # 27
     """[ALREADY_EXISTS] A plan with this id exists already (metadata: plan)."""
+    METER_EXISTS: _ErrorReason.ValueType  # 29
+    """[ALREADY_EXISTS] A meter with this meter_id exists already, active or
+    archived (metadata: meter). Meter ids are never reused.
+    """
     SCOPE_MISSING: _ErrorReason.ValueType  # 30
     """[PERMISSION_DENIED] The token lacks the scope the method needs
     (metadata: scope).
@@ -184,6 +194,12 @@ BILLING_PROFILE_NOT_FOUND: ErrorReason.ValueType  # 12
 """[NOT_FOUND] The tenant has no billing profile (SetBillingProfile creates
 one), or it is a tenant the token does not cover.
 """
+METER_NOT_FOUND: ErrorReason.ValueType  # 15
+"""[NOT_FOUND] No meter has this name (metadata: meter)."""
+EVENT_NOT_FOUND: ErrorReason.ValueType  # 16
+"""[NOT_FOUND] The tenant has no recorded event with this event_id, or it is
+a tenant the token does not cover (the two are not told apart).
+"""
 INVOICE_PERIOD_OVERLAP: ErrorReason.ValueType  # 20
 """[FAILED_PRECONDITION] The invoice period overlaps another invoice of the
 tenant (metadata: invoice, that invoice's name).
@@ -218,6 +234,10 @@ SetRate, not with CreatePlanVersion.
 """
 PLAN_EXISTS: ErrorReason.ValueType  # 27
 """[ALREADY_EXISTS] A plan with this id exists already (metadata: plan)."""
+METER_EXISTS: ErrorReason.ValueType  # 29
+"""[ALREADY_EXISTS] A meter with this meter_id exists already, active or
+archived (metadata: meter). Meter ids are never reused.
+"""
 SCOPE_MISSING: ErrorReason.ValueType  # 30
 """[PERMISSION_DENIED] The token lacks the scope the method needs
 (metadata: scope).

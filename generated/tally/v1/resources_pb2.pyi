@@ -30,6 +30,8 @@ has a `name` made of collection ids and resource ids, and a resource type
 - services/{service}/usageTypes/{usage_type}/rates/{rate}: a Rate, where
   {rate} is its effective time in RFC 3339 UTC, e.g.
   "services/compute/usageTypes/cpu_hour/rates/2026-12-01T00:00:00Z".
+- meters/{meter}: a Meter, e.g. "meters/active-users" ({meter}: 1 to 63
+  lower-case letters, digits and hyphens, starting with a letter).
 - auditEvents/{audit_event}: an AuditEvent, {audit_event} being its
   position in the trail, e.g. "auditEvents/42".
 - plans/{plan}: a Plan; "plans/default" is the rate card.
@@ -146,6 +148,94 @@ TIME_BUCKET_DAY: TimeBucket.ValueType  # 2
 TIME_BUCKET_MONTH: TimeBucket.ValueType  # 3
 """One aggregate per UTC calendar month."""
 Global___TimeBucket: _TypeAlias = TimeBucket  # noqa: Y015
+
+class _MeterAggregation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MeterAggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MeterAggregation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    METER_AGGREGATION_UNSPECIFIED: _MeterAggregation.ValueType  # 0
+    """Never used."""
+    METER_AGGREGATION_SUM: _MeterAggregation.ValueType  # 1
+    """Total quantity, e.g. GB uploaded."""
+    METER_AGGREGATION_COUNT: _MeterAggregation.ValueType  # 2
+    """Number of events, e.g. API calls."""
+    METER_AGGREGATION_MAX: _MeterAggregation.ValueType  # 3
+    """Largest quantity, e.g. peak seats."""
+    METER_AGGREGATION_MIN: _MeterAggregation.ValueType  # 4
+    """Smallest quantity."""
+    METER_AGGREGATION_LATEST: _MeterAggregation.ValueType  # 5
+    """Quantity of the latest event (by event_time; among events at the same
+    time, the greatest event_id, compared byte-wise), e.g. a seat count.
+    """
+    METER_AGGREGATION_UNIQUE_COUNT: _MeterAggregation.ValueType  # 6
+    """Number of distinct values of value_dimension (or of the quantity when
+    value_dimension is empty), e.g. active users. Exact over any range: the
+    count over a month is not the sum of the daily counts.
+    """
+    METER_AGGREGATION_TIME_WEIGHTED: _MeterAggregation.ValueType  # 7
+    """Integral of a gauge over time, in unit-hours, e.g. GB-hours of storage
+    from GB readings: each reading holds until the next one of its series
+    (tenant and group-by values); the last reading before a window carries
+    into it; before the first reading the value is zero. Exact, rounded half
+    to even at 12 decimal places.
+    """
+
+class MeterAggregation(_MeterAggregation, metaclass=_MeterAggregationEnumTypeWrapper):
+    """How a meter aggregates the events it reads."""
+
+METER_AGGREGATION_UNSPECIFIED: MeterAggregation.ValueType  # 0
+"""Never used."""
+METER_AGGREGATION_SUM: MeterAggregation.ValueType  # 1
+"""Total quantity, e.g. GB uploaded."""
+METER_AGGREGATION_COUNT: MeterAggregation.ValueType  # 2
+"""Number of events, e.g. API calls."""
+METER_AGGREGATION_MAX: MeterAggregation.ValueType  # 3
+"""Largest quantity, e.g. peak seats."""
+METER_AGGREGATION_MIN: MeterAggregation.ValueType  # 4
+"""Smallest quantity."""
+METER_AGGREGATION_LATEST: MeterAggregation.ValueType  # 5
+"""Quantity of the latest event (by event_time; among events at the same
+time, the greatest event_id, compared byte-wise), e.g. a seat count.
+"""
+METER_AGGREGATION_UNIQUE_COUNT: MeterAggregation.ValueType  # 6
+"""Number of distinct values of value_dimension (or of the quantity when
+value_dimension is empty), e.g. active users. Exact over any range: the
+count over a month is not the sum of the daily counts.
+"""
+METER_AGGREGATION_TIME_WEIGHTED: MeterAggregation.ValueType  # 7
+"""Integral of a gauge over time, in unit-hours, e.g. GB-hours of storage
+from GB readings: each reading holds until the next one of its series
+(tenant and group-by values); the last reading before a window carries
+into it; before the first reading the value is zero. Exact, rounded half
+to even at 12 decimal places.
+"""
+Global___MeterAggregation: _TypeAlias = MeterAggregation  # noqa: Y015
+
+class _MeterState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MeterStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MeterState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    METER_STATE_UNSPECIFIED: _MeterState.ValueType  # 0
+    """Never used."""
+    METER_STATE_ACTIVE: _MeterState.ValueType  # 1
+    """Counts the events recorded from its creation on."""
+    METER_STATE_ARCHIVED: _MeterState.ValueType  # 2
+    """Counts no new event; what it counted stays readable."""
+
+class MeterState(_MeterState, metaclass=_MeterStateEnumTypeWrapper):
+    """Whether a meter counts new events."""
+
+METER_STATE_UNSPECIFIED: MeterState.ValueType  # 0
+"""Never used."""
+METER_STATE_ACTIVE: MeterState.ValueType  # 1
+"""Counts the events recorded from its creation on."""
+METER_STATE_ARCHIVED: MeterState.ValueType  # 2
+"""Counts no new event; what it counted stays readable."""
+Global___MeterState: _TypeAlias = MeterState  # noqa: Y015
 
 class _InvoiceStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -359,6 +449,19 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """A plan version was added."""
     AUDIT_ACTION_BILLING_PROFILE_SET: _AuditAction.ValueType  # 12
     """A billing profile was created or changed (`before` unset on creation)."""
+    AUDIT_ACTION_METER_CREATED: _AuditAction.ValueType  # 20
+    """MeterService.CreateMeter defined a meter; `after` is its definition.
+    Resource: "meters/{meter}"; tenant_id is empty.
+    """
+    AUDIT_ACTION_METER_ARCHIVED: _AuditAction.ValueType  # 21
+    """MeterService.ArchiveMeter archived a meter; `before` and `after` hold its
+    state. Resource: "meters/{meter}"; tenant_id is empty.
+    """
+    AUDIT_ACTION_USAGE_EVENT_CANCELLED: _AuditAction.ValueType  # 22
+    """UsageService.CancelEvent cancelled a recorded event; `before` is the
+    event (service, usage_type, quantity, event_time, dimensions). Resource:
+    "tenants/{tenant_id}/events/{event_id}".
+    """
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What kind of change an audit event records."""
@@ -401,6 +504,19 @@ AUDIT_ACTION_PLAN_VERSION_CREATED: AuditAction.ValueType  # 11
 """A plan version was added."""
 AUDIT_ACTION_BILLING_PROFILE_SET: AuditAction.ValueType  # 12
 """A billing profile was created or changed (`before` unset on creation)."""
+AUDIT_ACTION_METER_CREATED: AuditAction.ValueType  # 20
+"""MeterService.CreateMeter defined a meter; `after` is its definition.
+Resource: "meters/{meter}"; tenant_id is empty.
+"""
+AUDIT_ACTION_METER_ARCHIVED: AuditAction.ValueType  # 21
+"""MeterService.ArchiveMeter archived a meter; `before` and `after` hold its
+state. Resource: "meters/{meter}"; tenant_id is empty.
+"""
+AUDIT_ACTION_USAGE_EVENT_CANCELLED: AuditAction.ValueType  # 22
+"""UsageService.CancelEvent cancelled a recorded event; `before` is the
+event (service, usage_type, quantity, event_time, dimensions). Resource:
+"tenants/{tenant_id}/events/{event_id}".
+"""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 @_typing.final
@@ -611,6 +727,7 @@ class UsageSummary(_message.Message):
     BUCKET_FIELD_NUMBER: _builtins.int
     GROUP_BY_DIMENSION_FIELD_NUMBER: _builtins.int
     AGGREGATES_FIELD_NUMBER: _builtins.int
+    METER_AGGREGATES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The summary's resource name, "tenants/{tenant}/usageSummary"."""
     tenant_id: _builtins.str
@@ -631,6 +748,15 @@ class UsageSummary(_message.Message):
     def aggregates(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageAggregate]:
         """The aggregates, ordered by service, usage_type, bucket_start_time and
         dimension_value. Usage types without usage in the range are left out.
+        These are the SUM (quantity) and COUNT (event_count) of every usage type.
+        """
+
+    @_builtins.property
+    def meter_aggregates(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeterAggregate]:
+        """The values of the meters the request named (GetUsageSummaryRequest.meters),
+        ordered by meter name, bucket_start_time and dimension_value. Buckets
+        without a value are left out (a TIME_WEIGHTED meter has a value, possibly
+        zero, in every bucket of the range once its tenant has a series).
         """
 
     def __init__(
@@ -643,14 +769,170 @@ class UsageSummary(_message.Message):
         bucket: Global___TimeBucket.ValueType = ...,
         group_by_dimension: _builtins.str = ...,
         aggregates: _abc.Iterable[Global___UsageAggregate] | None = ...,
+        meter_aggregates: _abc.Iterable[Global___MeterAggregate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "name", b"name", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregates", b"aggregates", "bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "meter_aggregates", b"meter_aggregates", "name", b"name", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageSummary: _TypeAlias = UsageSummary  # noqa: Y015
+
+@_typing.final
+class Meter(_message.Message):
+    """A meter: which events it reads and how it aggregates them, per tenant.
+    The seven usage types of the default rate card are SUM meters from the
+    start (e.g. "meters/marketplace-wpk-upload").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FilterEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    METER_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    USAGE_TYPE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    VALUE_DIMENSION_FIELD_NUMBER: _builtins.int
+    GROUP_BY_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ARCHIVE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The meter's resource name, "meters/{meter}"."""
+    meter_id: _builtins.str
+    """The {meter} of name, chosen by the creator: 1 to 63 lower-case letters,
+    digits and hyphens, starting with a letter.
+    """
+    description: _builtins.str
+    """What the meter measures, for people; at most 1,024 characters."""
+    service: _builtins.str
+    """The service of the events read, e.g. "storage"."""
+    usage_type: _builtins.str
+    """The usage type of the events read, e.g. "gb_hour". (service, usage_type)
+    must be on the rate card.
+    """
+    aggregation: Global___MeterAggregation.ValueType
+    """The aggregation."""
+    value_dimension: _builtins.str
+    """UNIQUE_COUNT only: the dimension whose distinct values are counted, e.g.
+    "user_id"; events without it are not counted. Empty: distinct quantities.
+    """
+    state: Global___MeterState.ValueType
+    """Whether it counts new events."""
+    @_builtins.property
+    def filter(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only events whose dimensions hold every one of these entries are read,
+        e.g. {"tier": "premium"}. Empty: every event of the usage type.
+        """
+
+    @_builtins.property
+    def group_by_dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The dimensions a summary may group this meter by (at most 4). SUM and
+        COUNT meters can be grouped by any dimension; the others only by these.
+        For TIME_WEIGHTED, each combination of their values is its own series.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created: it counts the events recorded from then on."""
+
+    @_builtins.property
+    def archive_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was archived; unset while active."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        meter_id: _builtins.str = ...,
+        description: _builtins.str = ...,
+        service: _builtins.str = ...,
+        usage_type: _builtins.str = ...,
+        filter: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        aggregation: Global___MeterAggregation.ValueType = ...,
+        value_dimension: _builtins.str = ...,
+        group_by_dimensions: _abc.Iterable[_builtins.str] | None = ...,
+        state: Global___MeterState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        archive_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive_time", b"archive_time", "create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "archive_time", b"archive_time", "create_time", b"create_time", "description", b"description", "filter", b"filter", "group_by_dimensions", b"group_by_dimensions", "meter_id", b"meter_id", "name", b"name", "service", b"service", "state", b"state", "usage_type", b"usage_type", "value_dimension", b"value_dimension"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Meter: _TypeAlias = Meter  # noqa: Y015
+
+@_typing.final
+class MeterAggregate(_message.Message):
+    """The value of one meter, optionally within one time bucket and one value of
+    the grouped dimension.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METER_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    BUCKET_START_TIME_FIELD_NUMBER: _builtins.int
+    DIMENSION_VALUE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    meter: _builtins.str
+    """The meter, "meters/{meter}"."""
+    aggregation: Global___MeterAggregation.ValueType
+    """The meter's aggregation, which says what value means."""
+    dimension_value: _builtins.str
+    """The value of the grouped dimension; empty for events without it, and
+    when the summary is not grouped.
+    """
+    value: _builtins.str
+    """The aggregated value, an exact decimal string without exponent: a
+    quantity (SUM, MAX, MIN, LATEST), a number of events or values (COUNT,
+    UNIQUE_COUNT), or unit-hours (TIME_WEIGHTED).
+    """
+    @_builtins.property
+    def bucket_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the time bucket. Unset when the summary has no time buckets."""
+
+    def __init__(
+        self,
+        *,
+        meter: _builtins.str = ...,
+        aggregation: Global___MeterAggregation.ValueType = ...,
+        bucket_start_time: _timestamp_pb2.Timestamp | None = ...,
+        dimension_value: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start_time", b"bucket_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "bucket_start_time", b"bucket_start_time", "dimension_value", b"dimension_value", "meter", b"meter", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeterAggregate: _TypeAlias = MeterAggregate  # noqa: Y015
 
 @_typing.final
 class Rate(_message.Message):

@@ -30,6 +30,8 @@ has a `name` made of collection ids and resource ids, and a resource type
 - services/{service}/usageTypes/{usage_type}/rates/{rate}: a Rate, where
   {rate} is its effective time in RFC 3339 UTC, e.g.
   "services/compute/usageTypes/cpu_hour/rates/2026-12-01T00:00:00Z".
+- meters/{meter}: a Meter, e.g. "meters/active-users" ({meter}: 1 to 63
+  lower-case letters, digits and hyphens, starting with a letter).
 - auditEvents/{audit_event}: an AuditEvent, {audit_event} being its
   position in the trail, e.g. "auditEvents/42".
 - plans/{plan}: a Plan; "plans/default" is the rate card.

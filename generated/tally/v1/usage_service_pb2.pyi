@@ -50,6 +50,68 @@ changed.
 Global___ReportOutcome: _TypeAlias = ReportOutcome  # noqa: Y015
 
 @_typing.final
+class CancelEventRequest(_message.Message):
+    """Request of CancelEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant of the event."""
+    event_id: _builtins.str
+    """The event's event_id."""
+    request_id: _builtins.str
+    """Optional client-chosen request id (AIP-155; see resources.proto)."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelEventRequest: _TypeAlias = CancelEventRequest  # noqa: Y015
+
+@_typing.final
+class CancelEventResponse(_message.Message):
+    """Response of CancelEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_TIME_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant of the cancelled event."""
+    event_id: _builtins.str
+    """The cancelled event's event_id."""
+    @_builtins.property
+    def cancel_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was cancelled (the first cancellation, for a repeated one)."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        cancel_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_time", b"cancel_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_time", b"cancel_time", "event_id", b"event_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelEventResponse: _TypeAlias = CancelEventResponse  # noqa: Y015
+
+@_typing.final
 class ReportUsageRequest(_message.Message):
     """Request of ReportUsage."""
 
@@ -274,6 +336,7 @@ class GetUsageSummaryRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     GROUP_BY_DIMENSION_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The summary to compute: "tenants/{tenant}/usageSummary"."""
     bucket: _resources_pb2.TimeBucket.ValueType
@@ -292,6 +355,14 @@ class GetUsageSummaryRequest(_message.Message):
         at most 366 days after it with hourly buckets and 10 years otherwise.
         """
 
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Meters to report in summary.meter_aggregates, as "meters/{meter}", at
+        most 20; empty reports none. A meter other than SUM or COUNT can be
+        grouped only by one of its group_by_dimensions (INVALID_ARGUMENT
+        otherwise); an unknown meter is NOT_FOUND (METER_NOT_FOUND).
+        """
+
     def __init__(
         self,
         *,
@@ -300,10 +371,11 @@ class GetUsageSummaryRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         bucket: _resources_pb2.TimeBucket.ValueType = ...,
         group_by_dimension: _builtins.str = ...,
+        meters: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "name", b"name", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "meters", b"meters", "name", b"name", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,6 +416,7 @@ class StreamUsageSummariesRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     GROUP_BY_DIMENSION_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
     bucket: _resources_pb2.TimeBucket.ValueType
     """Time grouping; unspecified means one aggregate per usage type."""
     group_by_dimension: _builtins.str
@@ -362,6 +435,12 @@ class StreamUsageSummariesRequest(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """End of the range, exclusive; a whole UTC hour."""
 
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Meters to report in each summary's meter_aggregates, as in
+        GetUsageSummaryRequest.meters.
+        """
+
     def __init__(
         self,
         *,
@@ -370,10 +449,11 @@ class StreamUsageSummariesRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         bucket: _resources_pb2.TimeBucket.ValueType = ...,
         group_by_dimension: _builtins.str = ...,
+        meters: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "start_time", b"start_time", "tenant_ids", b"tenant_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "meters", b"meters", "start_time", b"start_time", "tenant_ids", b"tenant_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,6 +71,11 @@ class UsageServiceStub:
                 request_serializer=tally_dot_v1_dot_usage__service__pb2.StreamUsageSummariesRequest.SerializeToString,
                 response_deserializer=tally_dot_v1_dot_usage__service__pb2.StreamUsageSummariesResponse.FromString,
                 _registered_method=True)
+        self.CancelEvent = channel.unary_unary(
+                '/tally.v1.UsageService/CancelEvent',
+                request_serializer=tally_dot_v1_dot_usage__service__pb2.CancelEventRequest.SerializeToString,
+                response_deserializer=tally_dot_v1_dot_usage__service__pb2.CancelEventResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -145,6 +150,20 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelEvent(self, request, context):
+        """Cancels a recorded event (a correction): it stops counting in every
+        summary, meter and invoice draft at once, and its (tenant_id, event_id)
+        stays taken, so the event sent again is still a duplicate. Cancelling a
+        cancelled event changes nothing and returns the same answer. NOT_FOUND
+        (EVENT_NOT_FOUND) if the tenant has no such event. Audited
+        (AUDIT_ACTION_USAGE_EVENT_CANCELLED). Scope billing:admin, since it
+        changes what the tenant is billed; a tenant the token does not cover is
+        PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +191,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.StreamUsageSummaries,
                     request_deserializer=tally_dot_v1_dot_usage__service__pb2.StreamUsageSummariesRequest.FromString,
                     response_serializer=tally_dot_v1_dot_usage__service__pb2.StreamUsageSummariesResponse.SerializeToString,
+            ),
+            'CancelEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelEvent,
+                    request_deserializer=tally_dot_v1_dot_usage__service__pb2.CancelEventRequest.FromString,
+                    response_serializer=tally_dot_v1_dot_usage__service__pb2.CancelEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -321,6 +345,33 @@ class UsageService:
             '/tally.v1.UsageService/StreamUsageSummaries',
             tally_dot_v1_dot_usage__service__pb2.StreamUsageSummariesRequest.SerializeToString,
             tally_dot_v1_dot_usage__service__pb2.StreamUsageSummariesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tally.v1.UsageService/CancelEvent',
+            tally_dot_v1_dot_usage__service__pb2.CancelEventRequest.SerializeToString,
+            tally_dot_v1_dot_usage__service__pb2.CancelEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

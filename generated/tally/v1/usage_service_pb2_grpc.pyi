@@ -82,6 +82,16 @@ class UsageServiceStub:
     listing a tenant the token does not cover is PERMISSION_DENIED, and with no
     list only the token's tenants are streamed.
     """
+    CancelEvent: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.CancelEventRequest, _usage_service_pb2.CancelEventResponse]
+    """Cancels a recorded event (a correction): it stops counting in every
+    summary, meter and invoice draft at once, and its (tenant_id, event_id)
+    stays taken, so the event sent again is still a duplicate. Cancelling a
+    cancelled event changes nothing and returns the same answer. NOT_FOUND
+    (EVENT_NOT_FOUND) if the tenant has no such event. Audited
+    (AUDIT_ACTION_USAGE_EVENT_CANCELLED). Scope billing:admin, since it
+    changes what the tenant is billed; a tenant the token does not cover is
+    PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -136,6 +146,16 @@ class UsageServiceAsyncStub(UsageServiceStub):
     every tenant with usage in the range, in tenant_id order. Scope usage:read;
     listing a tenant the token does not cover is PERMISSION_DENIED, and with no
     list only the token's tenants are streamed.
+    """
+    CancelEvent: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.CancelEventRequest, _usage_service_pb2.CancelEventResponse]  # type: ignore[assignment]
+    """Cancels a recorded event (a correction): it stops counting in every
+    summary, meter and invoice draft at once, and its (tenant_id, event_id)
+    stays taken, so the event sent again is still a duplicate. Cancelling a
+    cancelled event changes nothing and returns the same answer. NOT_FOUND
+    (EVENT_NOT_FOUND) if the tenant has no such event. Audited
+    (AUDIT_ACTION_USAGE_EVENT_CANCELLED). Scope billing:admin, since it
+    changes what the tenant is billed; a tenant the token does not cover is
+    PERMISSION_DENIED.
     """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -218,6 +238,22 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         every tenant with usage in the range, in tenant_id order. Scope usage:read;
         listing a tenant the token does not cover is PERMISSION_DENIED, and with no
         list only the token's tenants are streamed.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelEvent(
+        self,
+        request: _usage_service_pb2.CancelEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.CancelEventResponse, _abc.Awaitable[_usage_service_pb2.CancelEventResponse]]:
+        """Cancels a recorded event (a correction): it stops counting in every
+        summary, meter and invoice draft at once, and its (tenant_id, event_id)
+        stays taken, so the event sent again is still a duplicate. Cancelling a
+        cancelled event changes nothing and returns the same answer. NOT_FOUND
+        (EVENT_NOT_FOUND) if the tenant has no such event. Audited
+        (AUDIT_ACTION_USAGE_EVENT_CANCELLED). Scope billing:admin, since it
+        changes what the tenant is billed; a tenant the token does not cover is
+        PERMISSION_DENIED.
         """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,5 +1,9 @@
 """Recording usage exactly once and summarising it: the use cases behind UsageService.
 
+Every batch is matched against the active meters (server.metering.meters) when its
+transaction is written, and summaries report the meters a caller names beside the
+per-usage-type totals.
+
 Writes go through write lanes (server.lanes), which merge what waits into one
 transaction and keep each stream's order. They are not cancelled with their caller: when
 a client goes away or the server shuts down in the middle of a batch, its transaction
@@ -36,10 +40,11 @@ from server.domain.events import (
     has_control,
     validate_batch,
 )
-from server.domain.models import UsageAggregate, UsageSummary
+from server.domain.models import MeterValue, UsageAggregate, UsageSummary
 from server.domain.ranges import check_range
 from server.domain.timeutil import to_datetime
 from server.lanes import Lane, WriteLanes
+from server.metering.meters import MeterCatalog
 from server.ratecard import RateCardCache
 from server.storage.usage import UsageStore
 from server.telemetry.ingest import OFF, IngestTelemetry
@@ -74,6 +79,7 @@ class Metering:
         rate_card: RateCardCache,
         rules: EventRules,
         now_micros: Callable[[], int],
+        meters: MeterCatalog,
         *,
         write_lanes: int = 4,
         telemetry: IngestTelemetry = OFF,
@@ -82,8 +88,9 @@ class Metering:
         self._rate_card = rate_card
         self._rules = rules
         self._now_micros = now_micros
+        self._meters = meters
         self._telemetry = telemetry
-        self._lanes = WriteLanes(store, lanes=write_lanes, telemetry=telemetry)
+        self._lanes = WriteLanes(store, lanes=write_lanes, telemetry=telemetry, meters=meters.active_map)
 
     def check_batch_size(self, size: int) -> None:
         if size > self._rules.max_batch_size:
@@ -112,6 +119,7 @@ class Metering:
         self.check_batch_size(len(events))
         with self._telemetry.preparing(len(events)):
             await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
+            await self._meters.ensure_current()
             batch = validate_batch(
                 events,
                 self._rate_card,
@@ -158,6 +166,7 @@ class Metering:
             if check_id(event.tenant_id) is None:
                 principal.require_tenant(event.tenant_id)
             await self._rate_card.ensure_current([(event.service, event.usage_type)])
+            await self._meters.ensure_current()
             now = self._now_micros()
             violations = check_event(event, self._rate_card, self._rules, now)
             if violations:
@@ -183,13 +192,16 @@ class Metering:
         bucket: str,
         dimension: str,
         principal: Principal,
+        meter_names: Sequence[str] = (),
     ) -> UsageSummary:
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
         principal.require_tenant(tenant_id)
         start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
+        meters = await self._meters.resolve(meter_names, dimension)
         aggregates = await self._store.summarize([tenant_id], start, end, bucket, dimension)
-        return UsageSummary(tenant_id, start, end, bucket, dimension, tuple(aggregates))
+        values = await self._store.summarize_meters(meters, [tenant_id], start, end, bucket, dimension)
+        return UsageSummary(tenant_id, start, end, bucket, dimension, tuple(aggregates), tuple(values))
 
     async def summaries(
         self,
@@ -199,6 +211,7 @@ class Metering:
         bucket: str,
         dimension: str,
         principal: Principal,
+        meter_names: Sequence[str] = (),
     ) -> AsyncIterator[UsageSummary]:
         """One summary per listed tenant, or per tenant with usage; in tenant_id order.
 
@@ -221,6 +234,7 @@ class Metering:
         for tenant in tenant_ids:
             principal.require_tenant(tenant)
         start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
+        meters = await self._meters.resolve(meter_names, dimension)
         listed = sorted(set(tenant_ids))
         # A restricted principal asking for "every tenant with usage" gets its own tenants,
         # summarised and then left out when they have no usage in the range.
@@ -237,12 +251,24 @@ class Metering:
             if not chunk:
                 return
             aggregates = await self._store.summarize(chunk, start, end, bucket, dimension)
+            values = await self._store.summarize_meters(meters, chunk, start, end, bucket, dimension)
             by_tenant: dict[str, list[UsageAggregate]] = {tenant: [] for tenant in chunk}
             for aggregate in aggregates:
                 by_tenant[aggregate.tenant_id].append(aggregate)
+            values_by_tenant: dict[str, list[MeterValue]] = {tenant: [] for tenant in chunk}
+            for value in values:
+                values_by_tenant[value.tenant_id].append(value)
             for tenant in chunk:
-                if by_tenant[tenant] or not only_with_usage:
-                    yield UsageSummary(tenant, start, end, bucket, dimension, tuple(by_tenant[tenant]))
+                if by_tenant[tenant] or values_by_tenant[tenant] or not only_with_usage:
+                    yield UsageSummary(
+                        tenant,
+                        start,
+                        end,
+                        bucket,
+                        dimension,
+                        tuple(by_tenant[tenant]),
+                        tuple(values_by_tenant[tenant]),
+                    )
             after = chunk[-1]
 
     def _check_summary_request(

@@ -1,0 +1,205 @@
+"""Meters in the benchmark (issue 10): what extra aggregations cost ingestion, and their query latency.
+
+`meters-ingest`: bulk ingestion (StreamUsage, batches of 500, 4 streams) with the seven
+default SUM meters only, and with three more meters (MAX of compute/cpu_hour, UNIQUE_COUNT
+of the quantity of analytics/query, TIME_WEIGHTED of storage/gb_hour per region),
+interleaved run by run on fresh stacks, with lock waits sampled (bench.locks). The
+target: with the extra meters, at least 0.85x the rate without (median of the runs).
+
+`meters-query`: one tenant's 30 days at 1M and 10M events, loaded straight into the
+tables in the shape the server writes them (as bench.queries does for rollups), then 40
+GetUsageSummary calls per aggregation with daily buckets and with one value for the
+month (the calendar month; the data covers its first 30 days). UNIQUE_COUNT reads values
+of up to 100,000 users: 1/7 of the events carry one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from bench import harness, queries
+from bench.locks import LockSampler
+from server.storage.folding import Folder
+
+EXTRA_METERS = [
+    # (name, service, usage type, aggregation, value dimension, group by)
+    ("peak-cpu", "compute", "cpu_hour", "max", "", ["region"]),
+    ("distinct-query-sizes", "analytics", "query", "unique_count", "", ["region"]),
+    ("storage-gb-hours", "storage", "gb_hour", "time_weighted", "", ["region"]),
+]
+_CREATE = """
+INSERT INTO meters (name, service, usage_type, aggregation, value_dimension, group_by)
+VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
+"""
+
+
+async def _create_meters(dsn: str, meters: list[tuple[str, str, str, str, str, list[str]]]) -> dict[str, int]:
+    """Meters straight into the table: the server picks them up within its 2 s cache age."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {m[0]: await conn.fetchval(_CREATE, *m) for m in meters}
+    finally:
+        await conn.close()
+
+
+def scenario_ingest(
+    events: int, runs: int, run_client: Callable[..., tuple[dict[str, Any], Any]]
+) -> list[dict[str, Any]]:
+    rows = []
+    for run in range(runs):
+        for variant in ("default meters", "with MAX, UNIQUE_COUNT, TIME_WEIGHTED"):
+            with harness.stack() as stack:
+                if variant != "default meters":
+                    asyncio.run(_create_meters(stack.dsn, EXTRA_METERS))
+                    time.sleep(2.5)  # the server's meter cache age
+                with LockSampler(stack.dsn) as locks:
+                    result, meter = run_client(
+                        "ingest",
+                        "--method",
+                        "stream",
+                        "--batch",
+                        "500",
+                        "--streams",
+                        "4",
+                        "--events",
+                        str(events),
+                        stack=stack,
+                    )
+                batches = -(-events // 500)
+                row = {
+                    "run": run,
+                    "meters": variant,
+                    "events_per_s": round(result["distinct"] / meter.elapsed),
+                    "server_cpu": round(meter.server_cpu * 100),
+                    "postgres_cpu": round(meter.postgres_cpu * 100),
+                    **locks.per_batch(batches),
+                }
+            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            rows.append(row)
+    base = statistics.median(r["events_per_s"] for r in rows if r["meters"] == "default meters")
+    extra = statistics.median(r["events_per_s"] for r in rows if r["meters"] != "default meters")
+    print(f"  median with the extra meters / without: {extra} / {base} = {extra / base:.2f}", flush=True)
+    return rows
+
+
+_LOAD_HOURLY = """
+INSERT INTO meter_hourly (tenant_id, meter_id, hour, group_values, stripe,
+                          min_value, max_value, latest_time, latest_event_id, latest_value)
+SELECT $1::text, $2::bigint, h, jsonb_build_object('region', r), 0,
+       1, 100 + (extract(hour FROM h))::int, h, 'e', 50
+FROM generate_series($3::timestamptz, $3::timestamptz + interval '30 days' - interval '1 hour',
+                     '1 hour') AS h,
+     unnest(ARRAY['eu-west-1','us-east-1','us-west-2','ap-south-1']) AS r
+"""
+# One event in 7 is a query by one of 100,000 users, spread over the 30 days.
+_LOAD_DISTINCT = """
+INSERT INTO meter_distinct (tenant_id, meter_id, grain, bucket, group_values, value)
+SELECT DISTINCT $1::text, $2::bigint, g.grain, date_trunc(g.unit, t, 'UTC'), '{}'::jsonb,
+       'user-' || (n * 7919 % 100000)
+FROM (SELECT n, $3::timestamptz + (n * ($4::bigint / $5::bigint)) * interval '1 microsecond' AS t
+      FROM generate_series(1, $5::bigint) AS n) AS e
+CROSS JOIN (VALUES ('h'::"char", 'hour'), ('d', 'day'), ('m', 'month')) AS g(grain, unit)
+ON CONFLICT DO NOTHING
+"""
+_LOAD_READINGS = """
+INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
+SELECT $1::text, $2::bigint,
+       jsonb_build_object('region', (ARRAY['eu-west-1','us-east-1','us-west-2','ap-south-1'])[n % 4 + 1]),
+       $3::timestamptz + (n * ($4::bigint / $5::bigint)) * interval '1 microsecond', 'r' || n,
+       (n % 500)::numeric / 10
+FROM generate_series(1, $5::bigint) AS n
+"""
+_LOAD_SERIES = """
+INSERT INTO meter_series (tenant_id, meter_id, group_values)
+SELECT DISTINCT tenant_id, meter_id, group_values FROM meter_readings WHERE tenant_id = $1 AND meter_id = $2
+"""
+
+
+async def _load_meters(dsn: str, tenant: str, events: int, start: datetime, ids: dict[str, int]) -> float:
+    conn = await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
+    began = time.perf_counter()
+    span = queries.DAYS * 86_400 * 1_000_000 - 1
+    try:
+        await conn.execute(_LOAD_HOURLY, tenant, ids["peak-cpu"], start)
+        await conn.execute(_LOAD_DISTINCT, tenant, ids["distinct-users"], start, span, events // 7)
+        await conn.execute(_LOAD_READINGS, tenant, ids["storage-gb-hours"], start, span, events // 7)
+        await conn.execute(_LOAD_SERIES, tenant, ids["storage-gb-hours"])
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+    # The time-weighted cache of the closed hours, as the server's background task builds it.
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, server_settings={"timezone": "UTC"})
+    try:
+        await Folder(
+            pool, batch_rows=100_000, closed_before=lambda: start + timedelta(days=queries.DAYS)
+        ).fold_once()
+    finally:
+        await pool.close()
+    return time.perf_counter() - began
+
+
+QUERY_METERS = [
+    ("sum", "meters/compute-cpu-hour", ""),
+    ("max", "meters/peak-cpu", ""),
+    ("unique_count", "meters/distinct-users", "user_id"),
+    ("time_weighted", "meters/storage-gb-hours", ""),
+]
+
+
+def scenario_query(
+    sizes: list[int], run_client: Callable[..., tuple[dict[str, Any], Any]]
+) -> list[dict[str, Any]]:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    # The calendar month (the data covers its first 30 days): billing periods are months, and
+    # a UNIQUE_COUNT over a whole month reads the month's distinct values, not 31 days' worth.
+    end = datetime(2026, 2, 1, tzinfo=UTC)
+    rows = []
+    with harness.stack() as stack:
+        ids = asyncio.run(
+            _create_meters(
+                stack.dsn,
+                [
+                    ("peak-cpu", "compute", "cpu_hour", "max", "", ["region"]),
+                    ("distinct-users", "analytics", "query", "unique_count", "user_id", []),
+                    ("storage-gb-hours", "storage", "gb_hour", "time_weighted", "", ["region"]),
+                ],
+            )
+        )
+        time.sleep(2.5)
+        for events in sizes:
+            tenant = f"bench-{events}"
+            seconds = asyncio.run(queries.load(stack.dsn, tenant, events, start))
+            seconds += asyncio.run(_load_meters(stack.dsn, tenant, events, start, ids))
+            print(f"  loaded {events} events and their meters for {tenant} in {seconds:.0f} s", flush=True)
+        for events in sizes:
+            tenant = f"bench-{events}"
+            row: dict[str, Any] = {"events": events}
+            for aggregation, name, _ in QUERY_METERS:
+                for kind in ("summary-day", "summary-month"):
+                    result, _ = run_client(
+                        "query",
+                        "--kind",
+                        kind,
+                        "--tenant",
+                        tenant,
+                        "--start",
+                        str(int(start.timestamp())),
+                        "--end",
+                        str(int(end.timestamp())),
+                        "--count",
+                        "40",
+                        "--meters",
+                        name,
+                        stack=stack,
+                    )
+                    row[f"{aggregation}_{kind.split('-')[1]}_p50_ms"] = round(result["p50_ms"], 1)
+            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            rows.append(row)
+    return rows

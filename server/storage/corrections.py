@@ -1,0 +1,235 @@
+"""Cancelling a recorded event: every aggregation forgets it, in one transaction.
+
+Everything needed is kept with the idempotency key (service, usage type, quantity, time,
+dimensions), so no raw event is read. The key itself stays, marked cancelled, so that the
+event sent again is still a duplicate.
+
+- SUM and COUNT: a negative contribution in the canceller's own rollup stripe.
+- MAX, MIN, LATEST: the event's value is deleted and its hour recomputed from the values
+  that survive (meter_values). meter_hourly is locked against the background fold meanwhile.
+- UNIQUE_COUNT: the event's value is deleted; for its hour, day and month, the distinct
+  row goes if no surviving event carries the value there. meter_distinct is locked in
+  SHARE ROW EXCLUSIVE mode first: it waits for the batches writing it to commit and holds
+  new ones back for the few milliseconds of the check, so that a batch adding the same
+  value concurrently cannot be missed.
+- TIME_WEIGHTED: the reading is deleted and its hour marked dirty (the cache of that hour
+  is no longer used; the background task summarises it again).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+
+from server.domain.aggregation import month_bounds
+from server.domain.audit import AuditEntry
+from server.domain.errors import ErrorReason, NotFound
+from server.domain.meters import Meter, contribution
+from server.domain.requests import Once, Replayed
+from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, to_datetime, to_micros
+from server.storage import audit, request_ids
+from server.storage.database import run_with_retries
+
+_KEY = """
+SELECT service, usage_type, quantity::text AS quantity, event_time, dimensions::text AS dimensions,
+       cancel_time
+FROM usage_event_keys WHERE tenant_id = $1 AND event_id = $2
+FOR UPDATE
+"""
+_MARK = """
+UPDATE usage_event_keys SET cancel_time = now() WHERE tenant_id = $1 AND event_id = $2
+RETURNING cancel_time
+"""
+_UNROLL = """
+INSERT INTO usage_rollups AS r
+    (tenant_id, hour, service, usage_type, dimensions, stripe, quantity, event_count)
+VALUES ($1, date_trunc('hour', $2::timestamptz, 'UTC'), $3, $4, $5::jsonb, pg_backend_pid(), -$6::numeric, -1)
+ON CONFLICT (tenant_id, hour, service, usage_type, dimensions, stripe) DO UPDATE
+    SET quantity = r.quantity + excluded.quantity, event_count = r.event_count + excluded.event_count
+"""
+_DELETE_VALUE = """
+DELETE FROM meter_values
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb AND event_id = $5
+RETURNING 1
+"""
+_CLEAR_HOUR = """
+DELETE FROM meter_hourly WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb
+"""
+_RECOMPUTE_HOUR = """
+INSERT INTO meter_hourly (tenant_id, meter_id, hour, group_values, stripe,
+                          min_value, max_value, latest_time, latest_event_id, latest_value)
+SELECT $1, $2, $3, $4::jsonb, 0, min(value::numeric) OVER (), max(value::numeric) OVER (),
+       event_time, event_id, value::numeric
+FROM meter_values
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb
+ORDER BY event_time DESC, event_id COLLATE "C" DESC
+LIMIT 1
+"""
+_DELETE_UNIQUE = """
+DELETE FROM meter_unique_values
+WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND value = $4 AND hour = $5
+  AND event_id = $6
+RETURNING 1
+"""
+_STILL_CARRIED = """
+SELECT EXISTS (
+    SELECT 1 FROM meter_unique_values
+    WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND value = $4
+      AND hour >= $5 AND hour < $6
+)
+"""
+_DELETE_DISTINCT = """
+DELETE FROM meter_distinct
+WHERE tenant_id = $1 AND meter_id = $2 AND grain = $3::text::"char" AND bucket = $4
+  AND group_values = $5::jsonb AND value = $6
+"""
+_DELETE_READING = """
+DELETE FROM meter_readings
+WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND event_time = $4 AND event_id = $5
+RETURNING 1
+"""
+_MARK_DIRTY = """
+INSERT INTO meter_tw_dirty AS d (tenant_id, meter_id, group_values, hour, changes)
+VALUES ($1, $2, $3::jsonb, $4, 1)
+ON CONFLICT (tenant_id, meter_id, group_values, hour) DO UPDATE SET changes = d.changes + 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledEvent:
+    """A cancelled event as it was recorded, and when it was cancelled."""
+
+    tenant_id: str
+    event_id: str
+    service: str
+    usage_type: str
+    quantity: Decimal
+    event_time: datetime
+    dimensions: dict[str, str]
+    cancel_time: datetime
+
+
+def _event_not_found() -> NotFound:
+    return NotFound("the tenant has no recorded event with this event_id", reason=ErrorReason.EVENT_NOT_FOUND)
+
+
+class CorrectionStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def cancel(
+        self,
+        tenant_id: str,
+        event_id: str,
+        meters: Callable[[str, str], Sequence[Meter]],
+        audit_entry: Callable[[CancelledEvent], AuditEntry],
+        once: Once[CancelledEvent] | None,
+    ) -> CancelledEvent | Replayed:
+        """Cancel the event (see the module docstring); a cancelled one is returned as it is.
+
+        `meters(service, usage_type)` gives every non-additive meter of the usage type,
+        archived ones included: what they counted must forget the event too.
+        """
+
+        async def attempt() -> CancelledEvent | Replayed:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if once is not None and (stored := await request_ids.claim(conn, once.key)) is not None:
+                    return Replayed(stored)
+                row = await conn.fetchrow(_KEY, tenant_id, event_id)
+                if row is None or row["service"] is None:
+                    # (A key without its event is one recorded before meters whose raw month
+                    # was dropped before the migration could copy it: nothing to correct.)
+                    raise _event_not_found()
+                event = CancelledEvent(
+                    tenant_id,
+                    event_id,
+                    row["service"],
+                    row["usage_type"],
+                    Decimal(row["quantity"]),
+                    row["event_time"],
+                    json.loads(row["dimensions"]),
+                    row["cancel_time"],
+                )
+                if row["cancel_time"] is None:
+                    cancel_time = await conn.fetchval(_MARK, tenant_id, event_id)
+                    event = CancelledEvent(**{**_fields(event), "cancel_time": cancel_time})
+                    await _forget(conn, event, row["quantity"], row["dimensions"], meters)
+                    await audit.append(conn, audit_entry(event))
+                if once is not None:
+                    await request_ids.complete(conn, once.key, once.encode(event))
+                return event
+
+        return await run_with_retries(attempt)
+
+
+def _fields(event: CancelledEvent) -> dict[str, object]:
+    return {name: getattr(event, name) for name in CancelledEvent.__slots__}
+
+
+async def _forget(
+    conn: asyncpg.Connection,
+    event: CancelledEvent,
+    quantity_text: str,
+    dimensions_text: str,
+    meters: Callable[[str, str], Sequence[Meter]],
+) -> None:
+    tenant_id, event_id = event.tenant_id, event.event_id
+    await conn.execute(
+        _UNROLL, tenant_id, event.event_time, event.service, event.usage_type, dimensions_text, quantity_text
+    )
+    moment = to_micros(event.event_time)
+    hour = moment - moment % MICROS_PER_HOUR
+    hour_time = to_datetime(hour)
+    for meter in meters(event.service, event.usage_type):
+        entry = contribution(meter, event.dimensions, quantity_text)
+        if entry is None:
+            continue
+        if entry.kind == "v":
+            if await conn.fetchval(
+                _DELETE_VALUE, tenant_id, meter.id, hour_time, entry.group_values, event_id
+            ):
+                await conn.execute("LOCK TABLE meter_hourly IN SHARE ROW EXCLUSIVE MODE")
+                await conn.execute(_CLEAR_HOUR, tenant_id, meter.id, hour_time, entry.group_values)
+                await conn.execute(_RECOMPUTE_HOUR, tenant_id, meter.id, hour_time, entry.group_values)
+        elif entry.kind == "u":
+            deleted = await conn.fetchval(
+                _DELETE_UNIQUE, tenant_id, meter.id, entry.group_values, entry.value, hour_time, event_id
+            )
+            if not deleted:
+                continue
+            await conn.execute("LOCK TABLE meter_distinct IN SHARE ROW EXCLUSIVE MODE")
+            day = hour - hour % MICROS_PER_DAY
+            month_start, month_end = month_bounds(hour)
+            for grain, low, high in (
+                ("h", hour, hour + MICROS_PER_HOUR),
+                ("d", day, day + MICROS_PER_DAY),
+                ("m", month_start, month_end),
+            ):
+                carried = await conn.fetchval(
+                    _STILL_CARRIED,
+                    tenant_id,
+                    meter.id,
+                    entry.group_values,
+                    entry.value,
+                    to_datetime(low),
+                    to_datetime(high),
+                )
+                if not carried:
+                    await conn.execute(
+                        _DELETE_DISTINCT,
+                        tenant_id,
+                        meter.id,
+                        grain,
+                        to_datetime(low),
+                        entry.group_values,
+                        entry.value,
+                    )
+        elif await conn.fetchval(
+            _DELETE_READING, tenant_id, meter.id, entry.group_values, event.event_time, event_id
+        ):
+            await conn.execute(_MARK_DIRTY, tenant_id, meter.id, entry.group_values, hour_time)

@@ -1,0 +1,269 @@
+"""Reading meters: one query shape per aggregation, none of which reads raw events.
+
+- SUM and COUNT: the hourly rollups (every stripe), filtered by the meter's dimensions.
+- MAX, MIN, LATEST: meter_hourly (every stripe).
+- UNIQUE_COUNT: meter_distinct, the range of each bucket decomposed into whole months,
+  whole days and edge hours (server.domain.aggregation.decompose), counted as one union.
+- TIME_WEIGHTED: per series, the cached summaries of closed hours plus the readings of
+  the hours not cached (recent or dirty), composed hour by hour in Python.
+
+Buckets come back as epoch seconds and values as canonical decimal text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+
+from server.domain.aggregation import (
+    HourSummary,
+    Reading,
+    Span,
+    decompose,
+    hour_integral,
+    integrate,
+    spans,
+    unit_hours,
+)
+from server.domain.decimals import format_quantity, trim_decimal
+from server.domain.meters import Aggregation, Meter
+from server.domain.models import MeterValue
+from server.domain.timeutil import MICROS_PER_HOUR, MICROS_PER_SECOND, to_datetime, to_micros
+
+_BUCKET = {
+    "": "NULL::bigint",
+    "hour": "extract(epoch FROM hour)::bigint",
+    "day": "extract(epoch FROM date_trunc('day', hour, 'UTC'))::bigint",
+    "month": "extract(epoch FROM date_trunc('month', hour, 'UTC'))::bigint",
+}
+
+# $1 tenants, [$2, $3) range, $4 group-by dimension ('' for none), $5 service,
+# $6 usage type, $7 filter (jsonb containment; '{}' matches every event).
+_ADDITIVE = """
+SELECT tenant_id, {bucket} AS bucket_start, coalesce(dimensions ->> nullif($4, ''), '') AS dimension_value,
+       sum(quantity)::text AS total, sum(event_count)::text AS events
+FROM usage_rollups
+WHERE tenant_id = ANY($1::text[]) AND hour >= $2 AND hour < $3
+  AND service = $5 AND usage_type = $6 AND dimensions @> $7::jsonb
+GROUP BY 1, 2, 3
+HAVING sum(event_count) <> 0
+ORDER BY 1, 2, 3
+"""
+# $5: the meter's id.
+_EXTREMES = """
+SELECT tenant_id, {bucket} AS bucket_start, coalesce(group_values ->> nullif($4, ''), '') AS dimension_value,
+       min(min_value)::text AS low, max(max_value)::text AS high
+FROM meter_hourly
+WHERE tenant_id = ANY($1::text[]) AND meter_id = $5 AND hour >= $2 AND hour < $3
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3
+"""
+_LATEST = """
+SELECT DISTINCT ON (1, 2, 3)
+       tenant_id, {bucket} AS bucket_start, coalesce(group_values ->> nullif($4, ''), '') AS dimension_value,
+       latest_value::text AS latest
+FROM meter_hourly
+WHERE tenant_id = ANY($1::text[]) AND meter_id = $5 AND hour >= $2 AND hour < $3
+ORDER BY 1, 2, 3, latest_time DESC, latest_event_id COLLATE "C" DESC
+"""
+_UNIQUE = """
+WITH pieces AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS p(label, grain, bucket)
+)
+SELECT d.tenant_id, p.label, coalesce(d.group_values ->> nullif($5, ''), '') AS dimension_value,
+       count(DISTINCT d.value) AS distinct_values
+FROM pieces AS p
+JOIN meter_distinct AS d
+  ON d.tenant_id = ANY($1::text[]) AND d.meter_id = $6 AND d.grain = p.grain::"char" AND d.bucket = p.bucket
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3
+"""
+# Time-weighted: each series with its watermark and the last reading before $3.
+_SERIES = """
+SELECT s.group_values::text AS group_values, w.cached_until, c.value::text AS carried
+FROM meter_series AS s
+LEFT JOIN meter_tw_watermarks AS w
+  ON w.tenant_id = s.tenant_id AND w.meter_id = s.meter_id AND w.group_values = s.group_values
+LEFT JOIN LATERAL (
+    SELECT r.value FROM meter_readings AS r
+    WHERE r.tenant_id = s.tenant_id AND r.meter_id = s.meter_id AND r.group_values = s.group_values
+      AND r.event_time < $3
+    ORDER BY r.event_time DESC, r.event_id DESC
+    LIMIT 1
+) AS c ON true
+WHERE s.tenant_id = $1 AND s.meter_id = $2
+"""
+_CACHED_HOURS = """
+SELECT group_values::text AS group_values, hour, first_time, inner_total::text AS inner_total,
+       last_value::text AS last_value
+FROM meter_tw_hours
+WHERE tenant_id = $1 AND meter_id = $2 AND hour >= $3 AND hour < $4
+"""
+_DIRTY_HOURS = """
+SELECT group_values::text AS group_values, hour FROM meter_tw_dirty
+WHERE tenant_id = $1 AND meter_id = $2 AND hour >= $3 AND hour < $4
+"""
+# The readings of one series from $4 to $5.
+_READINGS = """
+SELECT event_time, event_id, value::text AS value FROM meter_readings
+WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND event_time >= $4 AND event_time < $5
+ORDER BY event_time, event_id
+"""
+
+
+def _seconds(micros: int | None) -> int | None:
+    return None if micros is None else micros // MICROS_PER_SECOND
+
+
+async def summarize_meter(
+    conn: asyncpg.Connection,
+    meter: Meter,
+    tenant_ids: Sequence[str],
+    start: datetime,
+    end: datetime,
+    bucket: str,
+    dimension: str,
+) -> list[MeterValue]:
+    """The meter's values for each tenant over [start, end), ordered by tenant, bucket, dimension value."""
+    aggregation = meter.spec.aggregation
+    tenants = list(tenant_ids)
+    if aggregation.additive:
+        rows = await conn.fetch(
+            _ADDITIVE.format(bucket=_BUCKET[bucket]),
+            tenants,
+            start,
+            end,
+            dimension,
+            meter.spec.service,
+            meter.spec.usage_type,
+            json.dumps(dict(meter.spec.filter)),
+        )
+        column = "total" if aggregation is Aggregation.SUM else "events"
+        return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
+    if aggregation in (Aggregation.MAX, Aggregation.MIN):
+        rows = await conn.fetch(
+            _EXTREMES.format(bucket=_BUCKET[bucket]), tenants, start, end, dimension, meter.id
+        )
+        column = "high" if aggregation is Aggregation.MAX else "low"
+        return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
+    if aggregation is Aggregation.LATEST:
+        rows = await conn.fetch(
+            _LATEST.format(bucket=_BUCKET[bucket]), tenants, start, end, dimension, meter.id
+        )
+        return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r["latest"])) for r in rows]
+    if aggregation is Aggregation.UNIQUE_COUNT:
+        return await _unique_count(conn, meter, tenants, start, end, bucket, dimension)
+    found: list[MeterValue] = []
+    for tenant_id in tenants:
+        found.extend(await _time_weighted(conn, meter, tenant_id, start, end, bucket, dimension))
+    return found
+
+
+async def _unique_count(
+    conn: asyncpg.Connection,
+    meter: Meter,
+    tenants: list[str],
+    start: datetime,
+    end: datetime,
+    bucket: str,
+    dimension: str,
+) -> list[MeterValue]:
+    labels: list[int | None] = []
+    grains: list[str] = []
+    buckets: list[datetime] = []
+    for part in spans(to_micros(start), to_micros(end), bucket):
+        for piece in decompose(part.start, part.end):
+            labels.append(_seconds(part.label))
+            grains.append(piece.grain)
+            buckets.append(to_datetime(piece.start))
+    rows = await conn.fetch(_UNIQUE, tenants, labels, grains, buckets, dimension, meter.id)
+    return [MeterValue(r[0], meter, r[1], r[2], str(r[3])) for r in rows]
+
+
+async def _time_weighted(
+    conn: asyncpg.Connection,
+    meter: Meter,
+    tenant_id: str,
+    start: datetime,
+    end: datetime,
+    bucket: str,
+    dimension: str,
+) -> list[MeterValue]:
+    series = await conn.fetch(_SERIES, tenant_id, meter.id, start)
+    if not series:
+        return []
+    start_micros, end_micros = to_micros(start), to_micros(end)
+    parts = spans(start_micros, end_micros, bucket)
+    cached: dict[tuple[str, int], HourSummary] = {}
+    for row in await conn.fetch(_CACHED_HOURS, tenant_id, meter.id, start, end):
+        hour = to_micros(row["hour"])
+        cached[(row["group_values"], hour)] = HourSummary(
+            hour, to_micros(row["first_time"]), Decimal(row["inner_total"]), Decimal(row["last_value"])
+        )
+    dirty = {
+        (row["group_values"], to_micros(row["hour"]))
+        for row in await conn.fetch(_DIRTY_HOURS, tenant_id, meter.id, start, end)
+    }
+    totals: dict[tuple[int | None, str], Decimal] = {}
+    for entry in series:
+        group_values: str = entry["group_values"]
+        watermark = start_micros if entry["cached_until"] is None else to_micros(entry["cached_until"])
+        # Readings are read for the hours past the watermark, and for dirty hours before it.
+        uncached_from = max(start_micros, min(watermark, end_micros))
+        readings: dict[int, list[Reading]] = {}
+        windows = [(uncached_from, end_micros)] if uncached_from < end_micros else []
+        windows += [(hour, hour + MICROS_PER_HOUR) for (g, hour) in sorted(dirty) if g == group_values]
+        for low, high in windows:
+            for row in await conn.fetch(
+                _READINGS, tenant_id, meter.id, group_values, to_datetime(low), to_datetime(high)
+            ):
+                moment = to_micros(row["event_time"])
+                hour = moment - moment % MICROS_PER_HOUR
+                readings.setdefault(hour, []).append(Reading(moment, row["event_id"], Decimal(row["value"])))
+        carried = None if entry["carried"] is None else Decimal(entry["carried"])
+        per_part = _integrate_hours(group_values, carried, parts, uncached_from, dirty, cached, readings)
+        label = json.loads(group_values).get(dimension, "") if dimension else ""
+        for part, total in zip(parts, per_part, strict=True):
+            key = (part.label, label)
+            totals[key] = totals.get(key, Decimal(0)) + total
+    return [
+        MeterValue(tenant_id, meter, _seconds(label), value, format_quantity(unit_hours(total)))
+        for (label, value), total in sorted(totals.items(), key=lambda item: (item[0][0] or 0, item[0][1]))
+    ]
+
+
+def _integrate_hours(
+    group_values: str,
+    carried: Decimal | None,
+    parts: list[Span],
+    uncached_from: int,
+    dirty: set[tuple[str, int]],
+    cached: dict[tuple[str, int], HourSummary],
+    readings: dict[int, list[Reading]],
+) -> list[Decimal]:
+    """One series' integral over each span, hour by hour, from the cache where it is valid."""
+    results = []
+    value = carried
+    for part in parts:
+        total = Decimal(0)
+        for hour in range(part.start, part.end, MICROS_PER_HOUR):
+            summary = None
+            if hour < uncached_from and (group_values, hour) not in dirty:
+                summary = cached.get((group_values, hour))
+                if summary is None:  # a summarised hour without a row had no reading
+                    total += (value or Decimal(0)) * MICROS_PER_HOUR
+                    continue
+            if summary is not None:
+                total += hour_integral(value, summary)
+                value = summary.last_value
+                continue
+            hour_readings = readings.get(hour, [])
+            total += integrate(value, hour_readings, [Span(None, hour, hour + MICROS_PER_HOUR)])[0]
+            if hour_readings:
+                value = max(hour_readings).value
+        results.append(total)
+    return results

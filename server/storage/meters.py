@@ -1,0 +1,149 @@
+"""Queries on the meters table: define, read, list and archive meters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import asyncpg
+
+from server.domain.audit import AuditEntry
+from server.domain.errors import AlreadyExists, ErrorReason, NotFound
+from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState, meter_name
+from server.domain.requests import Once, Replayed
+from server.storage import audit, request_ids
+from server.storage.database import run_with_retries
+
+_COLUMNS = (
+    "id, name, description, service, usage_type, filter::text AS filter, aggregation, value_dimension,"
+    " group_by, state, create_time, archive_time"
+)
+_INSERT = f"""
+INSERT INTO meters (name, description, service, usage_type, filter, aggregation, value_dimension, group_by)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)
+ON CONFLICT (name) DO NOTHING
+RETURNING {_COLUMNS}
+"""
+_GET = f"SELECT {_COLUMNS} FROM meters WHERE name = $1"
+_LIST = f"SELECT {_COLUMNS} FROM meters WHERE name > $1 ORDER BY name LIMIT $2"
+_ALL = f"SELECT {_COLUMNS} FROM meters ORDER BY id"
+_ARCHIVE = f"""
+UPDATE meters SET state = 'archived', archive_time = now()
+WHERE name = $1 AND state = 'active'
+RETURNING {_COLUMNS}
+"""
+
+
+def meter_of(row: asyncpg.Record) -> Meter:
+    return Meter(
+        id=row["id"],
+        spec=MeterSpec(
+            meter_id=row["name"],
+            service=row["service"],
+            usage_type=row["usage_type"],
+            aggregation=Aggregation(row["aggregation"]),
+            filter=json.loads(row["filter"]),
+            value_dimension=row["value_dimension"],
+            group_by=tuple(row["group_by"]),
+            description=row["description"],
+        ),
+        state=MeterState(row["state"]),
+        create_time=row["create_time"],
+        archive_time=row["archive_time"],
+    )
+
+
+def not_found(meter_id: str) -> NotFound:
+    return NotFound(
+        f"no meter named {meter_name(meter_id)!r}",
+        reason=ErrorReason.METER_NOT_FOUND,
+        metadata={"meter": meter_name(meter_id)},
+    )
+
+
+class MeterStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def all(self) -> list[Meter]:
+        async def attempt() -> list[Meter]:
+            async with self._pool.acquire() as conn:
+                return [meter_of(row) for row in await conn.fetch(_ALL)]
+
+        return await run_with_retries(attempt)
+
+    async def get(self, meter_id: str) -> Meter:
+        async def attempt() -> Meter:
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(_GET, meter_id)
+            if row is None:
+                raise not_found(meter_id)
+            return meter_of(row)
+
+        return await run_with_retries(attempt)
+
+    async def page(self, after: str, limit: int) -> list[Meter]:
+        async def attempt() -> list[Meter]:
+            async with self._pool.acquire() as conn:
+                return [meter_of(row) for row in await conn.fetch(_LIST, after, limit)]
+
+        return await run_with_retries(attempt)
+
+    async def create(
+        self, spec: MeterSpec, audit_entry: Callable[[Meter], AuditEntry], once: Once[Meter] | None
+    ) -> Meter | Replayed:
+        """Store a new meter with its audit entry and request id, in one transaction."""
+
+        async def attempt() -> Meter | Replayed:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if once is not None and (stored := await request_ids.claim(conn, once.key)) is not None:
+                    return Replayed(stored)
+                row = await conn.fetchrow(
+                    _INSERT,
+                    spec.meter_id,
+                    spec.description,
+                    spec.service,
+                    spec.usage_type,
+                    json.dumps(dict(spec.filter), sort_keys=True),
+                    spec.aggregation.value,
+                    spec.value_dimension,
+                    list(spec.group_by),
+                )
+                if row is None:
+                    raise AlreadyExists(
+                        f"a meter named {meter_name(spec.meter_id)!r} exists already",
+                        reason=ErrorReason.METER_EXISTS,
+                        metadata={"meter": meter_name(spec.meter_id)},
+                    )
+                meter = meter_of(row)
+                await audit.append(conn, audit_entry(meter))
+                if once is not None:
+                    await request_ids.complete(conn, once.key, once.encode(meter))
+                return meter
+
+        return await run_with_retries(attempt)
+
+    async def archive(
+        self,
+        meter_id: str,
+        audit_entry: Callable[[Meter, Meter], AuditEntry],
+        once: Once[Meter] | None,
+    ) -> Meter | Replayed:
+        """Archive an active meter (audited); an archived one is returned unchanged."""
+
+        async def attempt() -> Meter | Replayed:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if once is not None and (stored := await request_ids.claim(conn, once.key)) is not None:
+                    return Replayed(stored)
+                before = await conn.fetchrow(_GET + " FOR UPDATE", meter_id)
+                if before is None:
+                    raise not_found(meter_id)
+                row = await conn.fetchrow(_ARCHIVE, meter_id)
+                meter = meter_of(before if row is None else row)
+                if row is not None:
+                    await audit.append(conn, audit_entry(meter_of(before), meter))
+                if once is not None:
+                    await request_ids.complete(conn, once.key, once.encode(meter))
+                return meter
+
+        return await run_with_retries(attempt)

@@ -1,0 +1,290 @@
+"""MeterService and corrections: defining meters, what they count, and cancelling events."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+
+from tally.v1 import (
+    billing_service_pb2,
+    billing_service_pb2_grpc,
+    meter_service_pb2,
+    meter_service_pb2_grpc,
+    resources_pb2,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
+)
+from tests.helpers import error_info, event, field_violations, hour_start, ts
+
+Code = grpc.StatusCode
+A = resources_pb2
+
+
+@pytest.fixture(scope="module")
+def meters(channel: grpc.aio.Channel) -> meter_service_pb2_grpc.MeterServiceStub:
+    return meter_service_pb2_grpc.MeterServiceStub(channel)
+
+
+@pytest_asyncio.fixture
+async def usage_type(channel: grpc.aio.Channel) -> AsyncIterator[str]:
+    """A priced usage type of this test's own (service "metered")."""
+    kind = f"u{uuid.uuid4().hex[:10]}"
+    await billing_service_pb2_grpc.BillingServiceStub(channel).SetRate(
+        billing_service_pb2.SetRateRequest(service="metered", usage_type=kind, unit_price="1")
+    )
+    yield kind
+
+
+def _meter(usage_type: str, aggregation: int, **fields: object) -> A.Meter:
+    return A.Meter(
+        meter_id=f"m-{uuid.uuid4().hex[:10]}",
+        service="metered",
+        usage_type=usage_type,
+        aggregation=aggregation,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def _values(
+    usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str, names: list[str], **request: object
+) -> dict[str, str]:
+    summary = (
+        await usage.GetUsageSummary(
+            usage_service_pb2.GetUsageSummaryRequest(
+                name=f"tenants/{tenant}/usageSummary",
+                start_time=ts(hour_start(-3)),
+                end_time=ts(hour_start(1)),
+                meters=names,
+                **request,  # type: ignore[arg-type]
+            )
+        )
+    ).summary
+    return {a.meter: a.value for a in summary.meter_aggregates}
+
+
+async def test_the_seven_usage_types_are_sum_meters_from_the_start(
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+) -> None:
+    listed = []
+    token = ""
+    while True:
+        page = await meters.ListMeters(meter_service_pb2.ListMetersRequest(page_size=3, page_token=token))
+        listed.extend(page.meters)
+        token = page.next_page_token
+        if not token:
+            break
+    defaults = {m.name: (m.service, m.usage_type) for m in listed if m.aggregation == A.METER_AGGREGATION_SUM}
+    assert defaults["meters/marketplace-wpk-upload"] == ("marketplace", "wpk_upload")
+    assert defaults["meters/compute-memory-gb-hour"] == ("compute", "memory_gb_hour")
+    assert [m.name for m in listed] == sorted(m.name for m in listed)
+
+
+async def test_default_sum_meter_reports_the_same_total_as_the_usage_type(
+    usage: usage_service_pb2_grpc.UsageServiceStub, tenant: str
+) -> None:
+    for quantity in ("1.5", "2.25"):
+        await usage.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant, quantity=quantity)))
+    values = await _values(usage, tenant, ["meters/marketplace-wpk-upload"])
+    assert values == {"meters/marketplace-wpk-upload": "3.75"}
+
+
+async def test_a_meter_is_created_read_archived_and_its_id_never_reused(
+    meters: meter_service_pb2_grpc.MeterServiceStub, db: asyncpg.Pool, usage_type: str
+) -> None:
+    definition = _meter(usage_type, A.METER_AGGREGATION_UNIQUE_COUNT, value_dimension="user_id")
+    request_id = uuid.uuid4().hex
+    created = (
+        await meters.CreateMeter(
+            meter_service_pb2.CreateMeterRequest(meter=definition, request_id=request_id)
+        )
+    ).meter
+    assert (created.name, created.state) == (f"meters/{definition.meter_id}", A.METER_STATE_ACTIVE)
+    # A retry with the request id gets the same answer; without it, the id is taken.
+    again = await meters.CreateMeter(
+        meter_service_pb2.CreateMeterRequest(meter=definition, request_id=request_id)
+    )
+    assert again.meter == created
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=definition))
+    assert raised.value.code() == Code.ALREADY_EXISTS
+    assert error_info(raised.value).reason == "METER_EXISTS"  # type: ignore[union-attr]
+    assert (await meters.GetMeter(meter_service_pb2.GetMeterRequest(name=created.name))).meter == created
+
+    archived = (await meters.ArchiveMeter(meter_service_pb2.ArchiveMeterRequest(name=created.name))).meter
+    assert archived.state == A.METER_STATE_ARCHIVED and archived.HasField("archive_time")
+    twice = (await meters.ArchiveMeter(meter_service_pb2.ArchiveMeterRequest(name=created.name))).meter
+    assert twice == archived
+    actions = await db.fetch("SELECT action FROM audit_events WHERE resource = $1 ORDER BY id", created.name)
+    assert [r["action"] for r in actions] == ["meter_created", "meter_archived"]
+
+
+async def test_a_meter_must_read_a_priced_usage_type_and_be_well_formed(
+    meters: meter_service_pb2_grpc.MeterServiceStub, usage_type: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await meters.CreateMeter(
+            meter_service_pb2.CreateMeterRequest(meter=_meter("not-priced", A.METER_AGGREGATION_MAX))
+        )
+    assert raised.value.code() == Code.INVALID_ARGUMENT
+    assert "rate card" in field_violations(raised.value)["meter.usage_type"]
+    bad = _meter(usage_type, A.METER_AGGREGATION_MAX, value_dimension="user", group_by_dimensions=["a", "a"])
+    bad.meter_id = "Not_A_Name"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=bad))
+    assert set(field_violations(raised.value)) == {
+        "meter.meter_id",
+        "meter.value_dimension",
+        "meter.group_by_dimensions",
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await meters.GetMeter(meter_service_pb2.GetMeterRequest(name="meters/no-such-meter"))
+    assert (raised.value.code(), error_info(raised.value).reason) == (  # type: ignore[union-attr]
+        Code.NOT_FOUND,
+        "METER_NOT_FOUND",
+    )
+
+
+async def test_a_new_meter_counts_the_events_after_its_creation_and_sum_covers_the_past(
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    tenant: str,
+    usage_type: str,
+) -> None:
+    def sent(event_id: str, quantity: str) -> usage_service_pb2.ReportUsageRequest:
+        return usage_service_pb2.ReportUsageRequest(
+            event=event(tenant, event_id, service="metered", usage_type=usage_type, quantity=quantity)
+        )
+
+    await usage.ReportUsage(sent("before", "9"))
+    peak = (await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=_meter(usage_type, 3)))).meter
+    total = (
+        await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=_meter(usage_type, 1)))
+    ).meter
+    await usage.ReportUsage(sent("after", "4"))
+    # MAX stores per-event values from its creation on, and is not rebuilt from raw events;
+    # SUM reads the hourly rollups, which hold every event.
+    assert await _values(usage, tenant, [peak.name, total.name]) == {peak.name: "4", total.name: "13"}
+    await meters.ArchiveMeter(meter_service_pb2.ArchiveMeterRequest(name=peak.name))
+    await usage.ReportUsage(sent("archived", "7"))
+    assert (await _values(usage, tenant, [peak.name]))[peak.name] == "4"
+
+
+async def test_a_meter_groups_only_by_its_dimensions_and_unknown_meters_are_not_found(
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    tenant: str,
+    usage_type: str,
+) -> None:
+    peak = (
+        await meters.CreateMeter(
+            meter_service_pb2.CreateMeterRequest(meter=_meter(usage_type, 3, group_by_dimensions=["region"]))
+        )
+    ).meter
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _values(usage, tenant, [peak.name], group_by_dimension="zone")
+    assert "group_by_dimension" in field_violations(raised.value)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _values(usage, tenant, ["meters/no-such-meter"])
+    assert (raised.value.code(), error_info(raised.value).reason) == (  # type: ignore[union-attr]
+        Code.NOT_FOUND,
+        "METER_NOT_FOUND",
+    )
+
+
+async def test_a_cancelled_event_stops_counting_everywhere_and_stays_a_duplicate(
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    db: asyncpg.Pool,
+    tenant: str,
+    usage_type: str,
+) -> None:
+    users = (
+        await meters.CreateMeter(
+            meter_service_pb2.CreateMeterRequest(
+                meter=_meter(usage_type, A.METER_AGGREGATION_UNIQUE_COUNT, value_dimension="user_id")
+            )
+        )
+    ).meter
+    when = hour_start(-1) + timedelta(minutes=5)
+    for event_id, user, quantity in (("a", "ann", "2"), ("b", "bob", "3")):
+        await usage.ReportUsage(
+            usage_service_pb2.ReportUsageRequest(
+                event=event(
+                    tenant,
+                    event_id,
+                    service="metered",
+                    usage_type=usage_type,
+                    quantity=quantity,
+                    time=when,
+                    dimensions={"user_id": user},
+                )
+            )
+        )
+    assert await _values(usage, tenant, [users.name]) == {users.name: "2"}
+    request_id = uuid.uuid4().hex
+    cancel = usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="b", request_id=request_id)
+    first = await usage.CancelEvent(cancel)
+    assert (first.tenant_id, first.event_id) == (tenant, "b")
+    assert await _values(usage, tenant, [users.name]) == {users.name: "1"}
+    summary = (
+        await usage.GetUsageSummary(
+            usage_service_pb2.GetUsageSummaryRequest(
+                name=f"tenants/{tenant}/usageSummary",
+                start_time=ts(hour_start(-3)),
+                end_time=ts(hour_start(1)),
+            )
+        )
+    ).summary
+    assert [(a.quantity, a.event_count) for a in summary.aggregates] == [("2", 1)]
+    # Sent again: still a duplicate. Cancelled again: the same answer, nothing changes.
+    resent = await usage.ReportUsage(
+        usage_service_pb2.ReportUsageRequest(
+            event=event(tenant, "b", service="metered", usage_type=usage_type, quantity="3", time=when)
+        )
+    )
+    assert resent.outcome == usage_service_pb2.REPORT_OUTCOME_DUPLICATE
+    assert await usage.CancelEvent(cancel) == first
+    assert (
+        await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="b")) == first
+    )
+    audit = await db.fetch(
+        "SELECT before ->> 'quantity' AS quantity FROM audit_events WHERE action = 'usage_event_cancelled'"
+        " AND tenant_id = $1",
+        tenant,
+    )
+    assert [r["quantity"] for r in audit] == ["3"]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="never-sent"))
+    assert (raised.value.code(), error_info(raised.value).reason) == (  # type: ignore[union-attr]
+        Code.NOT_FOUND,
+        "EVENT_NOT_FOUND",
+    )
+
+
+async def test_streamed_summaries_report_the_named_meters_per_tenant(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+) -> None:
+    tenants = sorted(f"t-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    for i, tenant in enumerate(tenants):
+        for quantity in ("1", str(5 + i)):
+            await usage.ReportUsage(
+                usage_service_pb2.ReportUsageRequest(
+                    event=event(tenant, usage_type="wpk_review", quantity=quantity)
+                )
+            )
+    name = "meters/marketplace-wpk-review"
+    streamed = usage.StreamUsageSummaries(
+        usage_service_pb2.StreamUsageSummariesRequest(
+            tenant_ids=tenants, start_time=ts(hour_start(-1)), end_time=ts(hour_start(1)), meters=[name]
+        )
+    )
+    got = {
+        r.summary.tenant_id: [(a.meter, a.value) for a in r.summary.meter_aggregates] async for r in streamed
+    }
+    assert got == {tenants[0]: [(name, "6")], tenants[1]: [(name, "7")]}
