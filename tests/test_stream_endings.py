@@ -25,7 +25,7 @@ import pytest
 from server.app import TallyServer
 from server.config import Config
 from server.domain.errors import Unavailable
-from server.storage.database import run_with_retries
+from server.storage.database import ATTEMPT_TIMEOUT_SECONDS, run_with_retries
 from server.storage.embedded import EmbeddedPostgres
 from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
 from tests.conftest import UNLIMITED, make_token
@@ -85,7 +85,10 @@ async def open_lagging_stream(
 
 
 async def status_of(call: grpc.aio.Call) -> grpc.StatusCode:
-    async with asyncio.timeout(BOUND):
+    # A write stuck on a database that is going away ends when its attempt runs out
+    # (ATTEMPT_TIMEOUT_SECONDS, the documented bound), so the wait must outlast that bound, with
+    # a margin for a loaded machine: waiting exactly as long made the test race the server.
+    async with asyncio.timeout(ATTEMPT_TIMEOUT_SECONDS + BOUND):
         return await call.code()  # type: ignore[no-any-return]
 
 
