@@ -188,6 +188,11 @@ async def test_an_oversized_batch_after_good_ones_is_invalid_argument_promptly(
     await eventually(lambda: limited.events_in_flight == 0, "events given back")
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known liveness bug, open in issue 7: under load, a stream whose commit is blocked when "
+    "PostgreSQL stops sometimes gets no status (seen in 2 of about 8 full runs); it passes otherwise",
+)
 async def test_a_database_that_goes_away_mid_stream_answers_unavailable(
     tmp_path: Path, server_config: Config, tenant: str
 ) -> None:
