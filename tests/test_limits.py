@@ -71,6 +71,21 @@ def clock() -> FakeClock:
 
 @pytest_asyncio.fixture(scope="module")
 async def limited(server_config: Config, clock: FakeClock) -> AsyncIterator[TallyServer]:
+    """The limits of one process, on the fake clock. Settlement with other processes is off:
+    it runs in the background on real time, and its rounds would land at arbitrary points of
+    these step-by-step tests (it has a server and a test of its own below)."""
+    server = TallyServer(
+        replace(server_config, limits=LIMITS, max_message_bytes=MAX_MESSAGE_BYTES, limit_sync_seconds=0),
+        clock=clock,
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def shared(server_config: Config, clock: FakeClock) -> AsyncIterator[TallyServer]:
+    """The same limits, settled with the other processes on the database."""
     server = TallyServer(
         replace(server_config, limits=LIMITS, max_message_bytes=MAX_MESSAGE_BYTES), clock=clock
     )
@@ -237,10 +252,10 @@ async def test_noisy_tenant_is_slowed_while_the_quiet_one_keeps_its_throughput(
 
 
 async def test_server_settles_its_shared_buckets_on_its_own_clock(
-    limited: TallyServer, clock: FakeClock, db: asyncpg.Pool
+    shared: TallyServer, clock: FakeClock, db: asyncpg.Pool
 ) -> None:
     tenant = new_tenant()
-    channel, usage = stub(limited, [tenant])
+    channel, usage = stub(shared, [tenant])
     async with channel:
         assert [(await report(usage, tenant))[0] for _ in range(20)] == ["OK"] * 20
         # The server settles the burst through the database in the background; the shared
