@@ -363,6 +363,22 @@ async def test_stream_debt_on_one_process_holds_back_streams_on_the_other(db: as
     assert take(b.limiter.event_charges("svc", 4, {tenant: 4})) == pytest.approx(2.0)
 
 
+async def test_a_call_retried_after_the_advertised_delay_passes_once_the_balance_is_settled(
+    db: asyncpg.Pool,
+) -> None:
+    clock, tenant = FakeClock(), new_tenant()
+    a = Process(db, clock, RATES)
+    assert all(a.call(subject(), tenant) for _ in range(10))
+    await a.sharing.settle()
+    with pytest.raises(ResourceExhausted) as raised:
+        a.limiter.request(subject(), tenant)
+    clock.now += raised.value.retry_after_seconds  # 0.1 s: one call's worth
+    # The shared bucket refills by wall-clock seconds held in doubles (epoch + 0.1 rounds to
+    # 2**-22 s, a little short): a millionth of a token missing is not a reason to refuse.
+    await a.sharing.settle()
+    assert a.call(subject(), tenant) and not a.call(subject(), tenant)
+
+
 async def test_stream_slots_count_the_streams_open_on_other_processes(db: asyncpg.Pool) -> None:
     clock, principal = FakeClock(), subject()
     a, b = Process(db, clock, RATES), Process(db, clock, RATES)

@@ -24,6 +24,12 @@ from server.config import LimitSettings
 from server.domain.errors import ErrorReason, ResourceExhausted
 
 MAX_BUCKETS = 100_000
+# The limits' resolution: a wait shorter than this is none. Settled through PostgreSQL
+# (server.auth.sharing), a balance carries the rounding of wall-clock seconds held in a
+# double (2**-22 s, about 0.24 microseconds, until 2038): a caller who waited exactly the
+# advertised delay, or a stream whose debt the clock has just repaid, would otherwise find
+# a few millionths of a token missing and wait again (for ever, on a test's stopped clock).
+RESOLUTION_SECONDS = 1e-6
 
 
 class LimitClock(Protocol):
@@ -102,8 +108,8 @@ class TokenBuckets:
         self.asked[key] = now
         bucket = self._bucket(key, now)
         # A request larger than the capacity can never be covered at once; it waits for a full bucket.
-        missing = min(amount, self.rate) - bucket.tokens
-        return max(0.0, missing / self.rate)
+        wait = (min(amount, self.rate) - bucket.tokens) / self.rate
+        return wait if wait >= RESOLUTION_SECONDS else 0.0
 
     def remove(self, key: str, amount: float) -> None:
         if not self.unlimited:
@@ -122,7 +128,8 @@ class TokenBuckets:
         if self.unlimited:
             return 0.0
         bucket = self._bucket(key, self._clock())
-        return max(0.0, -bucket.tokens / self.rate)
+        wait = -bucket.tokens / self.rate
+        return wait if wait >= RESOLUTION_SECONDS else 0.0
 
 
 @dataclass(frozen=True, slots=True)
