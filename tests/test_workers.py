@@ -363,6 +363,18 @@ async def test_stream_debt_on_one_process_holds_back_streams_on_the_other(db: as
     assert take(b.limiter.event_charges("svc", 4, {tenant: 4})) == pytest.approx(2.0)
 
 
+async def test_refill_after_a_burst_is_kept_when_the_burst_is_settled_later(db: asyncpg.Pool) -> None:
+    clock, tenant = FakeClock(), new_tenant()
+    a = Process(db, clock, RATES)
+    assert take(a.limiter.event_charges("svc", 15, {tenant: 15})) == pytest.approx(0.5)
+    clock.now = 1.0  # the debt of 5 repaid and 5 refilled, before any settlement
+    await a.sharing.settle()
+    # The burst is settled as of when it was taken, so the shared bucket holds the same 5
+    # (refilled to now before subtracting, its cap of 10 would have swallowed the second: -5).
+    assert take(a.limiter.event_charges("svc", 5, {tenant: 5})) == 0
+    assert take(a.limiter.event_charges("svc", 1, {tenant: 1})) == pytest.approx(0.1)
+
+
 async def test_a_call_retried_after_the_advertised_delay_passes_once_the_balance_is_settled(
     db: asyncpg.Pool,
 ) -> None:

@@ -74,9 +74,11 @@ class TokenBuckets:
         self.rate = rate
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
-        # For server.auth.sharing: what was taken since the last settlement, and when each
-        # key was last asked about (a refused key must learn the shared balance too).
+        # For server.auth.sharing: what was taken since the last settlement and when the
+        # first of it was taken, and when each key was last asked about (a refused key must
+        # learn the shared balance too).
         self.unsettled: dict[str, float] = {}
+        self.unsettled_since: dict[str, float] = {}
         self.asked: dict[str, float] = {}
 
     @property
@@ -116,6 +118,7 @@ class TokenBuckets:
             now = self._clock()
             self._bucket(key, now).tokens -= amount
             self.unsettled[key] = self.unsettled.get(key, 0.0) + amount
+            self.unsettled_since.setdefault(key, now)
             self.asked[key] = now
 
     def settled(self, key: str, shared_tokens: float) -> None:

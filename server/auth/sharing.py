@@ -3,8 +3,8 @@
 Each process admits or refuses a call at once from its own buckets (server.auth.limits):
 no database round trip on the path of a call. Every `interval` (0.1 s by default) it
 settles: in one statement it adds what it took from each bucket since the last settlement
-to that key's shared bucket (rate_limit_buckets, refilled at the key's rate) and reads the
-shared balance back, which becomes its own. Open streams per principal are settled the same
+to that key's shared bucket (rate_limit_buckets, refilled at the key's rate), as of when it
+began taking it, and reads the shared balance back, which becomes its own. Open streams per principal are settled the same
 way (stream_slots: each process's counts, summed over the live ones).
 
 What that guarantees, with N processes (workers or hosts) and a settlement interval t:
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 
 class SharedLimitStore(Protocol):
-    async def settle(self, spent: Sequence[tuple[str, float, float]], now: float) -> dict[str, float]: ...
+    async def settle(
+        self, spent: Sequence[tuple[str, float, float, float]], now: float
+    ) -> dict[str, float]: ...
 
     async def forget_full(self, now: float) -> None: ...
 
@@ -81,7 +83,7 @@ class LimitSharing:
     async def settle(self) -> None:
         """One settlement of every active bucket and of the stream counts."""
         now_wall, now = self._clock.wall(), self._clock()
-        spent: list[tuple[str, float, float]] = []
+        spent: list[tuple[str, float, float, float]] = []
         owners = {}
         for buckets in self._limiter.buckets:
             if buckets.unlimited:
@@ -91,18 +93,28 @@ class LimitSharing:
                     del buckets.asked[key]
                     continue
                 shared_key = f"{buckets.name}:{key}"
-                spent.append((shared_key, buckets.rate, buckets.unsettled.pop(key, 0.0)))
-                owners[shared_key] = (buckets, key)
+                # What was spent goes to the shared bucket as of when the first of it was
+                # taken (in wall-clock time), not as of now: refilled up to now first, a full
+                # bucket would swallow the refill since then under its cap (up to an interval's
+                # worth per settlement; a fake clock stepped in between lost the whole step, and
+                # a stream waited for it for ever). Spending later in the interval is counted as
+                # that early: at most an interval's refill too generous, and only at the cap.
+                since = buckets.unsettled_since.pop(key, now)
+                amount = buckets.unsettled.pop(key, 0.0)
+                spent.append((shared_key, buckets.rate, amount, now_wall - (now - since)))
+                owners[shared_key] = (buckets, key, since)
         if spent:
             try:
                 balances = await self._store.settle(spent, now_wall)
             except BaseException:
-                for shared_key, _, amount in spent:  # not settled: settled next time
-                    buckets, key = owners[shared_key]
+                for shared_key, _, amount, _ in spent:  # not settled: settled next time
+                    buckets, key, since = owners[shared_key]
                     buckets.unsettled[key] = buckets.unsettled.get(key, 0.0) + amount
+                    if amount:
+                        buckets.unsettled_since[key] = min(since, buckets.unsettled_since.get(key, since))
                 raise
             for shared_key, tokens in balances.items():
-                buckets, key = owners[shared_key]
+                buckets, key, _ = owners[shared_key]
                 buckets.settled(key, tokens)
         slots = self._limiter.streams
         if slots.limit > 0:

@@ -7,19 +7,21 @@ from collections.abc import Mapping, Sequence
 import asyncpg
 
 # Each process adds what it spent since it last settled and reads back the shared balance.
-# Refill uses the writer's clock (greatest(): a clock slightly behind never un-refills), so
-# tests can drive it; rows are locked in key order, so concurrent settlements cannot deadlock.
+# A row holds the balance as of `updated`. The spending is subtracted as of when it began
+# ($4, the writer's clock: greatest() keeps a clock slightly behind from un-refilling, and
+# tests can drive it), after the refill up to then; the balance returned is refilled from
+# there to now ($5). Rows are locked in key order, so concurrent settlements cannot deadlock.
 _SETTLE = """
 INSERT INTO rate_limit_buckets AS b (key, rate, tokens, updated)
-SELECT key, rate, rate - spent, $4
-  FROM unnest($1::text[], $2::float8[], $3::float8[]) AS s(key, rate, spent)
+SELECT key, rate, rate - spent, spent_at
+  FROM unnest($1::text[], $2::float8[], $3::float8[], $4::float8[]) AS s(key, rate, spent, spent_at)
  ORDER BY key
 ON CONFLICT (key) DO UPDATE SET
     rate = excluded.rate,
     tokens = least(excluded.rate, b.tokens + greatest(0, excluded.updated - b.updated) * excluded.rate)
              - (excluded.rate - excluded.tokens),
     updated = greatest(b.updated, excluded.updated)
-RETURNING key, tokens
+RETURNING key, least(b.rate, b.tokens + greatest(0, $5 - b.updated) * b.rate) AS tokens
 """
 # A bucket that has refilled is the same as no row; dropping those keeps the table small.
 _FORGET_FULL = "DELETE FROM rate_limit_buckets WHERE tokens + ($1 - updated) * rate >= rate"
@@ -40,10 +42,11 @@ class SharedLimitStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def settle(self, spent: Sequence[tuple[str, float, float]], now: float) -> dict[str, float]:
-        """Subtract each (key, rate, spent) from its shared bucket; return every key's balance after."""
-        keys, rates, amounts = (list(column) for column in zip(*spent, strict=True))
-        rows = await self._pool.fetch(_SETTLE, keys, rates, amounts, now)
+    async def settle(self, spent: Sequence[tuple[str, float, float, float]], now: float) -> dict[str, float]:
+        """Subtract each (key, rate, spent, spent_at) from its shared bucket as of spent_at;
+        return every key's balance at `now`."""
+        keys, rates, amounts, times = (list(column) for column in zip(*spent, strict=True))
+        rows = await self._pool.fetch(_SETTLE, keys, rates, amounts, times, now)
         return {row["key"]: row["tokens"] for row in rows}
 
     async def forget_full(self, now: float) -> None:
