@@ -4,8 +4,9 @@ Each process admits or refuses a call at once from its own buckets (server.auth.
 no database round trip on the path of a call. Every `interval` (0.1 s by default) it
 settles: in one statement it adds what it took from each bucket since the last settlement
 to that key's shared bucket (rate_limit_buckets, refilled at the key's rate), as of when it
-began taking it, and reads the shared balance back, which becomes its own. Open streams per principal are settled the same
-way (stream_slots: each process's counts, summed over the live ones).
+began taking it, and reads the shared balance back, which becomes its own. Open streams per
+principal are settled the same way (stream_slots: each process's counts, summed over the
+live ones).
 
 What that guarantees, with N processes (workers or hosts) and a settlement interval t:
 - Over any window longer than a few intervals, a key gets its rate, whichever processes
