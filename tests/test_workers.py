@@ -204,7 +204,10 @@ async def test_killed_worker_is_restarted_and_its_stream_resent_counts_each_even
 
     unavailable = await send_with_resend(workers, batches, kill_after_acks=10)
 
-    assert unavailable == 1
+    # At least the killed stream fails. A resend can fail too: its new connection may land on the
+    # dying worker's listening socket, still in the port's SO_REUSEPORT group for a moment after
+    # SIGKILL (seen in CI). What must hold is that every event counts once, whatever the resends.
+    assert 1 <= unavailable <= 5
     assert await totals(db, tenant) == (3_000, Decimal("150.00"), 3_000, Decimal("150.00"))  # type: ignore[arg-type]
 
     # The parent started a new worker in place of the killed one, and it serves.
