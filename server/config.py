@@ -416,7 +416,8 @@ class Config:
         OPTIONAL_INT,
         default=None,
         help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
-        "9464; unset: no HTTP listener; 0 picks a free one",
+        "9464; unset: no HTTP listener; 0 picks a free one; with --workers the parent serves it, "
+        "summed over the workers",
     )
     http_host: str | None = setting(
         "--http-host",
