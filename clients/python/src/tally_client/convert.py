@@ -145,7 +145,8 @@ def invoice(message: resources_pb2.Invoice) -> Invoice:
     return Invoice(
         name=message.name,
         tenant_id=message.tenant_id,
-        invoice_id=parse_invoice_name(message.name)[1],
+        # A preview (PreviewInvoice) is not stored: it has no name.
+        invoice_id=parse_invoice_name(message.name)[1] if message.name else "",
         period_start_time=from_timestamp(message.period_start_time),
         period_end_time=from_timestamp(message.period_end_time),
         currency_code=message.currency_code,
