@@ -155,9 +155,12 @@ def invoice(message: resources_pb2.Invoice) -> Invoice:
                 service=line.service,
                 usage_type=line.usage_type,
                 quantity=Decimal(line.quantity),
-                unit_price=Decimal(line.unit_price),
+                unit_price=Decimal(line.unit_price) if line.unit_price else None,
                 amount=Decimal(line.amount),
                 event_count=line.event_count,
+                kind=resources_pb2.InvoiceLineKind.Name(line.kind).removeprefix("INVOICE_LINE_KIND_").lower(),
+                description=line.description,
+                charge_key=line.charge_key,
             )
             for line in message.line_items
         ),
@@ -165,6 +168,7 @@ def invoice(message: resources_pb2.Invoice) -> Invoice:
         status=resources_pb2.InvoiceStatus.Name(message.status).removeprefix("INVOICE_STATUS_").lower(),
         create_time=from_timestamp(message.create_time),
         update_time=from_timestamp(message.update_time),
+        number=message.number,
     )
 
 

@@ -152,12 +152,17 @@ class Rate:
 
 @dataclass(frozen=True, slots=True)
 class InvoiceLineItem:
+    """One priced line. `unit_price` is None where no single price applies (graduated tiers)."""
+
     service: str
     usage_type: str
     quantity: Decimal
-    unit_price: Decimal
+    unit_price: Decimal | None
     amount: Decimal
     event_count: int
+    kind: str = "usage"  # usage, flat_fee, minimum, adjustment, tax
+    description: str = ""  # the line as printed; empty on rate card lines
+    charge_key: str = ""  # the plan charge it prices
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +178,7 @@ class Invoice:
     status: str
     create_time: datetime
     update_time: datetime
+    number: str = ""  # the document number, once finalized
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,14 +134,17 @@ def show_invoice(invoice: Invoice, output: str, created: bool | None = None) -> 
     print_table(
         INVOICE_COLUMNS, _invoice_rows([invoice]), title=None if created is not None else invoice.name
     )
-    print_table(
-        ["service", "usage type", "quantity", "unit price", "amount", "events"],
-        [
-            [line.service, line.usage_type, line.quantity, line.unit_price, line.amount, line.event_count]
-            for line in invoice.line_items
-        ],
-        title="line items",
-    )
+    columns = ["service", "usage type", "quantity", "unit price", "amount", "events"]
+    rows: list[list[object]] = [
+        [line.service, line.usage_type, line.quantity, line.unit_price, line.amount, line.event_count]
+        for line in invoice.line_items
+    ]
+    # Plan invoices have lines that are not one usage type's (fees, minimums, tax, adjustments).
+    if any(line.description or line.kind != "usage" for line in invoice.line_items):
+        columns.insert(0, "line")
+        for row, line in zip(rows, invoice.line_items, strict=True):
+            row.insert(0, line.description or line.charge_key or line.kind)
+    print_table(columns, rows, title="line items")
 
 
 def invoice_ref(args: argparse.Namespace) -> tuple[str, str]:
