@@ -200,3 +200,32 @@ def test_the_aggregation_choices_are_the_protos() -> None:
     create = meters._subparsers._group_actions[0].choices["create"]
     [aggregation] = [a for a in create._actions if a.dest == "aggregation"]
     assert list(aggregation.choices) == AGGREGATIONS
+
+
+async def test_summary_shows_the_named_meters_beside_the_usage_types(cli: Tally, tenant: str) -> None:
+    meter = f"m-{uuid.uuid4().hex[:12]}"
+    await cli(
+        "meters", "create", meter, "--service", "analytics", "--usage-type", "query",
+        "--aggregation", "sum", "--filter", "tier=premium",
+    )  # fmt: skip
+    for event_id, quantity, tier in (
+        ("s-1", "0.5", "premium"),
+        ("s-2", "2", "basic"),
+        ("s-3", "0.25", "premium"),
+    ):
+        await cli(
+            "report", "--tenant", tenant, "--event-id", event_id, "--service", "analytics",
+            "--usage-type", "query", "--quantity", quantity, "--time", iso(0, 1), "-d", f"tier={tier}",
+        )  # fmt: skip
+    window = ("--start", iso(0), "--end", iso(1))
+    summary = json.loads(
+        (await cli("summary", "--tenant", tenant, *window, "--meter", meter, "-o", "json")).out
+    )
+    assert [(a["quantity"], a["event_count"]) for a in summary["aggregates"]] == [("2.75", 3)]
+    assert [(m["meter"], m["aggregation"], m["value"]) for m in summary["meter_aggregates"]] == [
+        (f"meters/{meter}", "sum", "0.75")
+    ]
+    table = await cli("summary", "--tenant", tenant, *window, "--meter", meter)
+    assert cells(table.out, meter) == [meter, "sum", "0.75"]
+    unknown = await cli("summary", "--tenant", tenant, *window, "--meter", "no-such-meter")
+    assert unknown.code == 1 and unknown.err.startswith("tally: NOT_FOUND (METER_NOT_FOUND)")

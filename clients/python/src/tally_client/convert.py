@@ -21,6 +21,7 @@ from tally_client.models import (
     IngestResult,
     Invoice,
     InvoiceLineItem,
+    MeterAggregate,
     Quantity,
     Rate,
     RejectionCause,
@@ -126,6 +127,20 @@ def usage_summary(message: resources_pb2.UsageSummary) -> UsageSummary:
             )
             for a in message.aggregates
         ),
+        meter_aggregates=tuple(
+            MeterAggregate(
+                meter=m.meter,
+                aggregation=resources_pb2.MeterAggregation.Name(m.aggregation)
+                .removeprefix("METER_AGGREGATION_")
+                .lower(),
+                bucket_start_time=(
+                    from_timestamp(m.bucket_start_time) if m.HasField("bucket_start_time") else None
+                ),
+                dimension_value=m.dimension_value,
+                value=Decimal(m.value),
+            )
+            for m in message.meter_aggregates
+        ),
     )
 
 
@@ -198,6 +213,7 @@ def summary_request(
     end_time: datetime,
     bucket: TimeBucket | None,
     group_by_dimension: str,
+    meters: Sequence[str] = (),
 ) -> usage_service_pb2.GetUsageSummaryRequest:
     return usage_service_pb2.GetUsageSummaryRequest(
         name=usage_summary_name(tenant_id),
@@ -205,6 +221,7 @@ def summary_request(
         end_time=timestamp(end_time, "end_time"),
         bucket=_BUCKETS[bucket],
         group_by_dimension=group_by_dimension,
+        meters=[meter if meter.startswith("meters/") else f"meters/{meter}" for meter in meters],
     )
 
 

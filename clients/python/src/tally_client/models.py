@@ -127,6 +127,20 @@ class UsageAggregate:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterAggregate:
+    """The value of one named meter (within one time bucket and one value of the grouped dimension).
+
+    `value` means what `aggregation` says: a quantity (sum, max, min, latest), a number of
+    events or values (count, unique_count), or unit-hours (time_weighted)."""
+
+    meter: str
+    aggregation: str
+    bucket_start_time: datetime | None
+    dimension_value: str
+    value: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class UsageSummary:
     """A tenant's usage over [start_time, end_time)."""
 
@@ -137,6 +151,7 @@ class UsageSummary:
     bucket: TimeBucket | None
     group_by_dimension: str
     aggregates: tuple[UsageAggregate, ...]
+    meter_aggregates: tuple[MeterAggregate, ...] = ()  # the meters asked for, if any
 
 
 @dataclass(frozen=True, slots=True)

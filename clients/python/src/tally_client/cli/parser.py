@@ -232,6 +232,13 @@ def _add_summary(
     summary.add_argument(
         "--group-by", metavar="DIMENSION", default="", help="one row per value of a dimension"
     )
+    summary.add_argument(
+        "--meter",
+        action="append",
+        default=[],
+        metavar="METER",
+        help="also the value of this meter, in a table of its own (repeatable, at most 20)",
+    )
     summary.set_defaults(handler=_lazy("summary"))
 
 
