@@ -209,7 +209,7 @@ class Config:
         PATH,
         default_factory=default_data_dir,
         help="directory of the embedded PostgreSQL cluster and of the development JWT secret, "
-        "kept between runs",
+        "kept between runs (and, with --workers and --http-port, of the workers' metrics files)",
     )
     database_url: str | None = setting(  # None: start the embedded PostgreSQL under data_dir
         "--database-url",
