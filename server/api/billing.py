@@ -25,7 +25,7 @@ from server.billing.lifecycle import Lifecycle
 from server.billing.periods import Periods
 from server.billing.plans import Plans, ProfileInput
 from server.domain.access import BILLING_ADMIN, BILLING_READ, Caller
-from server.domain.models import Invoice, InvoiceStatus, Rate
+from server.domain.models import CreditNote, Invoice, InvoiceStatus, Rate
 from server.domain.names import (
     parse_billing_profile_name,
     parse_invoice_name,
@@ -33,7 +33,6 @@ from server.domain.names import (
     parse_tenant_name,
 )
 from server.domain.plans import BillingProfile, Plan
-from server.storage.credit_notes import CreditNote
 from server.telemetry.calls import CallTelemetry
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 

@@ -15,7 +15,7 @@ from server.domain.decimals import MINOR_UNITS, format_money, format_price, form
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
 from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState
-from server.domain.models import Invoice, InvoiceKind, InvoiceStatus, Rate, UsageSummary
+from server.domain.models import CreditNote, Invoice, InvoiceKind, InvoiceStatus, Rate, UsageSummary
 from server.domain.names import (
     audit_event_name,
     credit_note_name,
@@ -24,7 +24,6 @@ from server.domain.names import (
     usage_summary_name,
 )
 from server.domain.pricing import LineItem, LineKind
-from server.storage.credit_notes import CreditNote
 from tally.v1 import resources_pb2
 
 # Timestamps outside years 1..9999 (the protobuf Timestamp range) are malformed.

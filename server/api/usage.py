@@ -25,11 +25,10 @@ from server.api.request_ids import once, response
 from server.auth.authenticator import Authenticator
 from server.auth.limits import Charge, debt_seconds, take, try_take
 from server.domain.access import BILLING_ADMIN, USAGE_READ, USAGE_WRITE, Caller
-from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
+from server.domain.events import CancelledEvent, RawEvent, Rejection, RejectionCause, ValidatedBatch
 from server.domain.names import parse_usage_summary_name
 from server.metering import BatchOutcome, Metering
 from server.metering.corrections import Corrections
-from server.storage.corrections import CancelledEvent
 from server.telemetry.calls import CallTelemetry
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 

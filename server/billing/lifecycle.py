@@ -29,14 +29,14 @@ from server.domain.decimals import EXACT, check_decimal, format_money
 from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from server.domain.events import check_id
 from server.domain.lifecycle import BILLED, Issuer, check_transition, document_number, expand_prefix
-from server.domain.models import Invoice, InvoiceStatus
+from server.domain.models import CreditNote, Invoice, InvoiceStatus
 from server.domain.names import invoice_name
 from server.domain.pagination import ID, MICROS, PageTokens, check_page_size
 from server.domain.plans import BillingProfile
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import to_datetime, to_micros
 from server.storage import credit_notes
-from server.storage.credit_notes import CreditNote, CreditNoteStore
+from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore, InvoiceTransaction
 

@@ -19,6 +19,8 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from enum import Enum
 from typing import Protocol
 
@@ -293,3 +295,17 @@ def validate_batch(
             continue
         rows[key] = event_row(event, now_micros)
     return ValidatedBatch(rows, rejections, repeated)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledEvent:
+    """A cancelled event as it was recorded, and when it was cancelled."""
+
+    tenant_id: str
+    event_id: str
+    service: str
+    usage_type: str
+    quantity: Decimal
+    event_time: datetime
+    dimensions: dict[str, str]
+    cancel_time: datetime

@@ -103,3 +103,18 @@ class UsageSummary:
     group_by_dimension: str
     aggregates: tuple[UsageAggregate, ...]
     meter_values: tuple[MeterValue, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CreditNote:
+    """A credit note as issued: an amount given back against a finalized invoice."""
+
+    id: str
+    tenant_id: str
+    invoice_id: str
+    number: str
+    currency: str
+    amount: Decimal
+    reason: str
+    parties: Mapping[str, Any]
+    create_time: datetime

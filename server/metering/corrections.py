@@ -12,10 +12,10 @@ from server.domain.access import Caller
 from server.domain.audit import USAGE_EVENT_CANCELLED, AuditEntry
 from server.domain.decimals import format_quantity
 from server.domain.errors import InvalidArgument
-from server.domain.events import check_id
+from server.domain.events import CancelledEvent, check_id
 from server.domain.requests import Once, Replayed
 from server.metering.meters import MeterCatalog
-from server.storage.corrections import CancelledEvent, CorrectionStore
+from server.storage.corrections import CorrectionStore
 
 
 def _entry(caller: Caller, event: CancelledEvent) -> AuditEntry:
