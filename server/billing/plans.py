@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from server.billing.service import Page
 from server.domain.access import Caller, Principal
-from server.domain.audit import BILLING_PROFILE_SET, PLAN_CREATED, PLAN_VERSION_CREATED, AuditEntry, State
+from server.domain.audit import AuditAction, AuditEntry, State
 from server.domain.charges import Charge, PerUnit
 from server.domain.currencies import currency_of
 from server.domain.decimals import check_decimal, format_quantity
@@ -237,7 +237,7 @@ class Plans:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=PLAN_CREATED,
+                        action=AuditAction.PLAN_CREATED,
                         tenant_id="",
                         resource=plan_name(plan_id),
                         before=None,
@@ -296,7 +296,7 @@ class Plans:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=PLAN_VERSION_CREATED,
+                        action=AuditAction.PLAN_VERSION_CREATED,
                         tenant_id="",
                         resource=plan_name(plan_id),
                         before=version_state(latest),
@@ -465,7 +465,7 @@ class Plans:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=BILLING_PROFILE_SET,
+                        action=AuditAction.BILLING_PROFILE_SET,
                         tenant_id=tenant_id,
                         resource=f"tenants/{tenant_id}/billingProfile",
                         before=None if before is None else profile_state(before),

@@ -11,16 +11,7 @@ from typing import Generic, TypeVar
 
 from server.billing.pricer import InvoicePricer
 from server.domain.access import Caller, Principal
-from server.domain.audit import (
-    INVOICE_CREATED,
-    INVOICE_RECOMPUTED,
-    RATE_SET,
-    AuditEntry,
-    AuditEvent,
-    invoice_state,
-    rate_resource,
-    rate_state,
-)
+from server.domain.audit import AuditAction, AuditEntry, AuditEvent, invoice_state, rate_resource, rate_state
 from server.domain.decimals import MINOR_UNITS, check_decimal
 from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from server.domain.events import check_id
@@ -158,7 +149,7 @@ class Billing:
             return AuditEntry(
                 principal=caller.principal.subject,
                 request_id=caller.request_id,
-                action=RATE_SET,
+                action=AuditAction.RATE_SET,
                 tenant_id="",
                 resource=rate_resource(after),
                 before=None if before is None else rate_state(before),
@@ -243,7 +234,9 @@ class Billing:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=INVOICE_CREATED if before is None else INVOICE_RECOMPUTED,
+                        action=(
+                            AuditAction.INVOICE_CREATED if before is None else AuditAction.INVOICE_RECOMPUTED
+                        ),
                         tenant_id=tenant_id,
                         resource=f"invoices/{invoice_id}",
                         before=None if before is None else invoice_state(before),
@@ -341,7 +334,7 @@ class Billing:
         last = self._page_tokens.decode(page_token, filter_key, (BIGINT_ID,))
         events = await self._audit.list(
             tenant_id=tenant_id or None,
-            visible_tenants=None if isinstance(principal.tenants, str) else sorted(principal.tenants),
+            visible_tenants=None if principal.all_tenants else sorted(principal.tenants),
             start=None if start_micros is None else to_datetime(start_micros),
             end=None if end_micros is None else to_datetime(end_micros),
             after_id=last[0] if last else 0,

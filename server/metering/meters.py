@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from server.domain.access import Caller
-from server.domain.audit import METER_ARCHIVED, METER_CREATED, AuditEntry, State
+from server.domain.audit import AuditAction, AuditEntry, State
 from server.domain.errors import InvalidArgument
 from server.domain.meters import Meter, MeterMap, MeterSpec, check_spec, meter_name, parse_meter_name
 from server.domain.pagination import PageTokens, TextPart, check_page_size
@@ -136,7 +136,7 @@ class MeterCatalog:
             return AuditEntry(
                 caller.principal.subject,
                 caller.request_id,
-                METER_CREATED,
+                AuditAction.METER_CREATED,
                 "",
                 meter.name,
                 None,
@@ -169,7 +169,7 @@ class MeterCatalog:
             return AuditEntry(
                 caller.principal.subject,
                 caller.request_id,
-                METER_ARCHIVED,
+                AuditAction.METER_ARCHIVED,
                 "",
                 meter_name(meter_id),
                 meter_state(before),

@@ -26,6 +26,7 @@ from datetime import datetime
 from opentelemetry import trace
 
 from server.domain.access import USAGE_BACKFILL, Caller, Principal
+from server.domain.aggregation import TimeBucket
 from server.domain.audit import backfill_entries
 from server.domain.errors import ErrorReason, FieldViolation, InvalidArgument, PermissionDenied
 from server.domain.events import (
@@ -49,7 +50,6 @@ from server.ratecard import RateCardCache
 from server.storage.usage import UsageStore
 from server.telemetry.ingest import OFF, IngestTelemetry
 
-BUCKETS = ("", "hour", "day", "month")
 MAX_SUMMARY_TENANTS = 1_000
 _TENANTS_PER_QUERY = 100
 _MAX_DAYS_HOURLY = 366
@@ -175,7 +175,7 @@ class Metering:
             self._telemetry.batch_done(None, {}, 0, 0, [_rejection_of(event, exc)])
             raise
         row = event_row(event, now)
-        key = (row[0], row[1])
+        key = row.key
         new = await self._lanes.reports.submit({key: row}) == 1
         self._telemetry.batch_done(None, (key,), int(new), int(not new), ())
         return new
@@ -189,7 +189,7 @@ class Metering:
         tenant_id: str,
         start_micros: int | None,
         end_micros: int | None,
-        bucket: str,
+        bucket: TimeBucket,
         dimension: str,
         principal: Principal,
         meter_names: Sequence[str] = (),
@@ -208,7 +208,7 @@ class Metering:
         tenant_ids: Sequence[str],
         start_micros: int | None,
         end_micros: int | None,
-        bucket: str,
+        bucket: TimeBucket,
         dimension: str,
         principal: Principal,
         meter_names: Sequence[str] = (),
@@ -239,7 +239,7 @@ class Metering:
         # A restricted principal asking for "every tenant with usage" gets its own tenants,
         # summarised and then left out when they have no usage in the range.
         only_with_usage = False
-        if not listed and isinstance(principal.tenants, frozenset):
+        if not listed and not principal.all_tenants:
             only_with_usage = True
             listed = sorted(principal.tenants)
         after = ""
@@ -272,10 +272,8 @@ class Metering:
             after = chunk[-1]
 
     def _check_summary_request(
-        self, start_micros: int | None, end_micros: int | None, bucket: str, dimension: str
+        self, start_micros: int | None, end_micros: int | None, bucket: TimeBucket, dimension: str
     ) -> tuple[datetime, datetime]:
-        if bucket not in BUCKETS:
-            raise InvalidArgument.single("bucket", "is not a known time bucket")
         if len(dimension) > _MAX_DIMENSION_KEY or dimension != dimension.strip() or has_control(dimension):
             raise InvalidArgument.single(
                 "group_by_dimension", f"must be a dimension key of at most {_MAX_DIMENSION_KEY} characters"
@@ -285,6 +283,6 @@ class Metering:
             end_micros,
             start_field="start_time",
             end_field="end_time",
-            max_days=_MAX_DAYS_HOURLY if bucket == "hour" else _MAX_DAYS,
+            max_days=_MAX_DAYS_HOURLY if bucket == TimeBucket.HOUR else _MAX_DAYS,
         )
         return to_datetime(time_range.start_micros), to_datetime(time_range.end_micros)
