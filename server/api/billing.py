@@ -14,6 +14,7 @@ from server.api.convert import (
     credit_note_message,
     invoice_message,
     optional_micros,
+    rate_change,
     rate_message,
     tenant_in,
 )
@@ -95,14 +96,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
             return billing_service_pb2.SetRateResponse(rate=rate_message(rate))
 
         result = await self._billing.set_rate(
-            request.service,
-            request.usage_type,
-            request.unit_price,
-            request.currency_code,
-            optional_micros(request, "effective_time"),
-            caller,
-            once(request, _SET_RATE, caller, respond),
-            reprice_past_usage=request.reprice_past_usage,
+            rate_change(request), caller, once(request, _SET_RATE, caller, respond)
         )
         return response(result, respond, billing_service_pb2.SetRateResponse)
 

@@ -14,6 +14,7 @@ from server.domain.audit import AuditAction, AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
+from server.domain.inputs import RateChange, SummaryQuery
 from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState
 from server.domain.models import CreditNote, Invoice, InvoiceKind, InvoiceStatus, Rate, UsageSummary
 from server.domain.names import (
@@ -24,7 +25,7 @@ from server.domain.names import (
     usage_summary_name,
 )
 from server.domain.pricing import LineItem, LineKind
-from tally.v1 import resources_pb2
+from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
 
 # Timestamps outside years 1..9999 (the protobuf Timestamp range) are malformed.
 _MIN_SECONDS = -62_135_596_800
@@ -69,6 +70,31 @@ def tenant_in(name: str, parse: Callable[[str], str]) -> str:
         return parse(name)
     except InvalidArgument:
         return ""
+
+
+def summary_query(
+    request: usage_service_pb2.GetUsageSummaryRequest | usage_service_pb2.StreamUsageSummariesRequest,
+) -> SummaryQuery:
+    """The query of a summary request, not yet validated (the service does, after authorization)."""
+    return SummaryQuery(
+        optional_micros(request, "start_time"),
+        optional_micros(request, "end_time"),
+        bucket_name(request.bucket),
+        request.group_by_dimension,
+        tuple(request.meters),
+    )
+
+
+def rate_change(request: billing_service_pb2.SetRateRequest) -> RateChange:
+    """The change a SetRate request asks for, not yet validated (the service does)."""
+    return RateChange(
+        request.service,
+        request.usage_type,
+        request.unit_price,
+        request.currency_code,
+        optional_micros(request, "effective_time"),
+        request.reprice_past_usage,
+    )
 
 
 def bucket_name(value: int) -> TimeBucket:

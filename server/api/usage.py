@@ -13,10 +13,9 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from server.api.calls import rpc
 from server.api.convert import (
-    bucket_name,
-    optional_micros,
     raw_event,
     summary_message,
+    summary_query,
     tenant_in,
     to_timestamp,
 )
@@ -174,13 +173,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.GetUsageSummaryResponse:
         summary = await self._metering.summary(
-            parse_usage_summary_name(request.name),
-            optional_micros(request, "start_time"),
-            optional_micros(request, "end_time"),
-            bucket_name(request.bucket),
-            request.group_by_dimension,
-            caller.principal,
-            list(request.meters),
+            parse_usage_summary_name(request.name), summary_query(request), caller.principal
         )
         return usage_service_pb2.GetUsageSummaryResponse(summary=summary_message(summary))
 
@@ -192,13 +185,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageSummariesResponse]:
         summaries = self._metering.summaries(
-            list(request.tenant_ids),
-            optional_micros(request, "start_time"),
-            optional_micros(request, "end_time"),
-            bucket_name(request.bucket),
-            request.group_by_dimension,
-            caller.principal,
-            list(request.meters),
+            list(request.tenant_ids), summary_query(request), caller.principal
         )
         async for summary in summaries:
             yield usage_service_pb2.StreamUsageSummariesResponse(summary=summary_message(summary))

@@ -25,7 +25,7 @@ from enum import Enum
 from typing import NamedTuple, Protocol
 
 from server.domain.access import Caller
-from server.domain.decimals import check_decimal
+from server.domain.decimals import QUANTITY_FRACTION_DIGITS, QUANTITY_INTEGER_DIGITS, check_decimal
 from server.domain.errors import FieldViolation
 from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_SECOND, to_datetime
 
@@ -33,10 +33,11 @@ MAX_ID_LENGTH = 128
 MAX_DIMENSIONS = 16
 MAX_DIMENSION_KEY_LENGTH = 64
 MAX_DIMENSION_VALUE_LENGTH = 256
-QUANTITY_INTEGER_DIGITS = 18
-QUANTITY_FRACTION_DIGITS = 9
+# A service or usage type on the rate card (and so in every event that is accepted).
+MAX_NAME_LENGTH = 64
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LENGTH}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,13 @@ def check_id(value: str) -> str | None:
         return "contains a control character"
     if value != value.strip():
         return "has leading or trailing white space"
+    return None
+
+
+def check_name(value: str) -> str | None:
+    """Why `value` is not an acceptable service or usage type for the rate card, or None."""
+    if not _NAME.fullmatch(value):
+        return f"must be 1 to {MAX_NAME_LENGTH} characters of A-Z, a-z, 0-9, '_', '.', '-'"
     return None
 
 

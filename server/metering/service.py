@@ -26,7 +26,6 @@ from datetime import datetime
 from opentelemetry import trace
 
 from server.domain.access import USAGE_BACKFILL, Caller, Principal
-from server.domain.aggregation import TimeBucket
 from server.domain.audit import backfill_entries
 from server.domain.errors import ErrorReason, FieldViolation, InvalidArgument, PermissionDenied
 from server.domain.events import (
@@ -38,11 +37,10 @@ from server.domain.events import (
     check_event,
     check_id,
     event_row,
-    has_control,
     validate_batch,
 )
+from server.domain.inputs import SummaryQuery
 from server.domain.models import MeterValue, UsageAggregate, UsageSummary
-from server.domain.ranges import check_range
 from server.domain.timeutil import to_datetime
 from server.lanes import Lane, WriteLanes
 from server.metering.meters import MeterCatalog
@@ -52,9 +50,6 @@ from server.telemetry.ingest import OFF, IngestTelemetry
 
 MAX_SUMMARY_TENANTS = 1_000
 _TENANTS_PER_QUERY = 100
-_MAX_DAYS_HOURLY = 366
-_MAX_DAYS = 3_660
-_MAX_DIMENSION_KEY = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,34 +179,19 @@ class Metering:
         """Wait for every write in flight (used at shutdown, before the pool closes)."""
         await self._lanes.drain()
 
-    async def summary(
-        self,
-        tenant_id: str,
-        start_micros: int | None,
-        end_micros: int | None,
-        bucket: TimeBucket,
-        dimension: str,
-        principal: Principal,
-        meter_names: Sequence[str] = (),
-    ) -> UsageSummary:
+    async def summary(self, tenant_id: str, query: SummaryQuery, principal: Principal) -> UsageSummary:
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
         principal.require_tenant(tenant_id)
-        start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
-        meters = await self._meters.resolve(meter_names, dimension)
+        start, end = _range_of(query)
+        bucket, dimension = query.bucket, query.group_by_dimension
+        meters = await self._meters.resolve(query.meters, dimension)
         aggregates = await self._store.summarize([tenant_id], start, end, bucket, dimension)
         values = await self._store.summarize_meters(meters, [tenant_id], start, end, bucket, dimension)
         return UsageSummary(tenant_id, start, end, bucket, dimension, tuple(aggregates), tuple(values))
 
     async def summaries(
-        self,
-        tenant_ids: Sequence[str],
-        start_micros: int | None,
-        end_micros: int | None,
-        bucket: TimeBucket,
-        dimension: str,
-        principal: Principal,
-        meter_names: Sequence[str] = (),
+        self, tenant_ids: Sequence[str], query: SummaryQuery, principal: Principal
     ) -> AsyncIterator[UsageSummary]:
         """One summary per listed tenant, or per tenant with usage; in tenant_id order.
 
@@ -233,8 +213,9 @@ class Metering:
             raise InvalidArgument(violations)
         for tenant in tenant_ids:
             principal.require_tenant(tenant)
-        start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
-        meters = await self._meters.resolve(meter_names, dimension)
+        start, end = _range_of(query)
+        bucket, dimension = query.bucket, query.group_by_dimension
+        meters = await self._meters.resolve(query.meters, dimension)
         listed = sorted(set(tenant_ids))
         # A restricted principal asking for "every tenant with usage" gets its own tenants,
         # summarised and then left out when they have no usage in the range.
@@ -271,18 +252,7 @@ class Metering:
                     )
             after = chunk[-1]
 
-    def _check_summary_request(
-        self, start_micros: int | None, end_micros: int | None, bucket: TimeBucket, dimension: str
-    ) -> tuple[datetime, datetime]:
-        if len(dimension) > _MAX_DIMENSION_KEY or dimension != dimension.strip() or has_control(dimension):
-            raise InvalidArgument.single(
-                "group_by_dimension", f"must be a dimension key of at most {_MAX_DIMENSION_KEY} characters"
-            )
-        time_range = check_range(
-            start_micros,
-            end_micros,
-            start_field="start_time",
-            end_field="end_time",
-            max_days=_MAX_DAYS_HOURLY if bucket == TimeBucket.HOUR else _MAX_DAYS,
-        )
-        return to_datetime(time_range.start_micros), to_datetime(time_range.end_micros)
+
+def _range_of(query: SummaryQuery) -> tuple[datetime, datetime]:
+    time_range = query.validate()
+    return to_datetime(time_range.start_micros), to_datetime(time_range.end_micros)
