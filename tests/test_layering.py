@@ -52,6 +52,12 @@ def test_the_api_layer_never_imports_storage() -> None:
     assert breaches("api", (), ("server.storage", "asyncpg")) == []
 
 
+@pytest.mark.parametrize("package", ["metering", "billing"])
+def test_the_services_never_import_the_api_layer_or_grpc(package: str) -> None:
+    """A use case is whole below the edge (a stream's pipelining included); the edge only converts."""
+    assert breaches(package, (), ("server.api", "grpc", "tally.")) == []
+
+
 def test_the_domain_imports_nothing_of_the_server_but_itself() -> None:
     """Pure logic on plain values: no storage, no services, no gRPC, no database driver."""
     assert breaches("domain", ("server.domain",), ("server", "asyncpg", "grpc", "tally")) == []

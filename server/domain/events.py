@@ -54,6 +54,20 @@ class RawEvent:
     time_error: str | None = None  # set by the edge when the timestamp itself is malformed
 
 
+class IncomingBatch(Protocol):
+    """A batch as it arrives on a stream: its size and flag are known before its events are decoded."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def backfill(self) -> bool: ...
+
+    def events(self) -> list[RawEvent]:
+        """The batch's events, decoded (done once the batch's size has been accepted)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class EventRules:
     """Limits that every event and batch must keep (configurable per server)."""
