@@ -20,12 +20,11 @@ from server.domain.names import invoice_name
 from server.domain.pagination import BIGINT_ID, ID, MICROS, NAME, PageTokens, check_page_size
 from server.domain.ranges import check_range
 from server.domain.requests import Once, Replayed
+from server.domain.stores import AuditReader, RateBook
 from server.domain.timeutil import EPOCH, next_hour, to_datetime, to_micros
 from server.ratecard import RateCardCache
-from server.storage.audit import AuditStore
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore
-from server.storage.rates import RateStore
 
 MAX_INVOICE_DAYS = 366
 
@@ -42,9 +41,9 @@ class Page(Generic[T]):
 class Billing:
     def __init__(
         self,
-        rates: RateStore,
+        rates: RateBook,
         invoices: InvoiceStore,
-        audit: AuditStore,
+        audit: AuditReader,
         rate_card: RateCardCache,
         page_tokens: PageTokens,
         now_micros: Callable[[], int],

@@ -24,8 +24,9 @@ from server.domain.errors import InvalidArgument
 from server.domain.meters import Meter, MeterMap, MeterSpec, check_spec, meter_name, parse_meter_name
 from server.domain.pagination import PageTokens, TextPart, check_page_size
 from server.domain.requests import Once, Replayed
+from server.domain.stores import MeterBook
 from server.ratecard import RateCardCache
-from server.storage.meters import MeterStore, not_found
+from server.storage.meters import not_found
 
 MAX_SUMMARY_METERS = 20
 _METER_ID = TextPart(63)
@@ -54,7 +55,7 @@ def meter_state(meter: Meter) -> State:
 class MeterCatalog:
     def __init__(
         self,
-        store: MeterStore,
+        store: MeterBook,
         rate_card: RateCardCache,
         page_tokens: PageTokens,
         *,

@@ -51,12 +51,12 @@ from server.domain.events import (
 )
 from server.domain.inputs import SummaryQuery
 from server.domain.models import MeterValue, UsageAggregate, UsageSummary
+from server.domain.stores import UsageLedger
 from server.domain.timeutil import to_datetime
 from server.lanes import Lane, WriteLanes
 from server.metering.meters import MeterCatalog
 from server.metering.pipeline import EventBudget, pipelined
 from server.ratecard import RateCardCache
-from server.storage.usage import UsageStore
 from server.telemetry.ingest import OFF, IngestTelemetry
 
 M = TypeVar("M")
@@ -83,7 +83,7 @@ def _rejection_of(event: RawEvent, error: InvalidArgument | PermissionDenied) ->
 class Metering:
     def __init__(
         self,
-        store: UsageStore,
+        store: UsageLedger,
         rate_card: RateCardCache,
         rules: EventRules,
         now_micros: Callable[[], int],

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 
 from server.domain.aggregation import TimeBucket
-from server.domain.audit import AuditEntry
 from server.domain.decimals import trim_decimal
 from server.domain.events import EventColumns, EventKey
 from server.domain.meters import Contributions, Meter
 from server.domain.models import MeterValue, UsageAggregate
+from server.domain.stores import AuditHook
 from server.domain.timeutil import to_datetime
 from server.storage.audit import append as append_audit
 from server.storage.database import RetryTransaction, run_with_retries
 from server.storage.meter_summaries import BUCKET_SECONDS, summarize_meter
-
-# The audit entries to write with a batch, given the keys of its events that were new.
-AuditHook = Callable[[Set[EventKey]], Sequence[AuditEntry]]
 
 # One round trip records a whole batch: claim the idempotency keys that are new (with what
 # a later cancellation needs of each event), store exactly those events, and add exactly
