@@ -25,7 +25,6 @@ from prometheus_client import CollectorRegistry
 from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.meters import MeterApi
-from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
@@ -48,6 +47,7 @@ from server.health import DatabaseHealth
 from server.metering import Metering
 from server.metering.corrections import Corrections
 from server.metering.meters import MeterCatalog
+from server.metering.pipeline import EventBudget
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -299,12 +299,16 @@ class TallyServer:
             max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
+        budget = self._budget = EventBudget(config.max_events_in_flight)
+        metrics.watch_events_in_flight(lambda: budget.in_use)
         self._metering = Metering(
             UsageStore(self._pool, self._read_pool),
             rate_card,
             rules,
             self.wall_clock,
             meters,
+            limiter=limiter,
+            budget=budget,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
@@ -347,13 +351,10 @@ class TallyServer:
         # Every request message is read through one bounded reader (server.api.decoding).
         reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
         tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
-        budget = self._budget = EventBudget(config.max_events_in_flight)
-        metrics.watch_events_in_flight(lambda: budget.in_use)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageApi(
                 self._metering,
                 authenticator,
-                budget,
                 call_telemetry,
                 Corrections(CorrectionStore(self._pool), meters),
             ),
@@ -419,7 +420,7 @@ class TallyServer:
 
     @property
     def events_in_flight(self) -> int:
-        """Streamed events read and not yet answered, over all streams (see api.pipeline)."""
+        """Streamed events read and not yet answered, over all streams (see metering.pipeline)."""
         return 0 if self._budget is None else self._budget.in_use
 
     async def stop(
