@@ -298,3 +298,48 @@ async def test_crash_inside_a_block_then_rerun_closes_each_tenant_once_without_g
         [(f"invoices/{r['id']}", INVOICE_CREATED, None) for r in rows]
         + [(f"invoices/{r['id']}", INVOICE_FINALIZED, r["number"]) for r in rows]
     )
+
+
+class SlowInvoices(InvoiceStore):
+    """An InvoiceStore whose blocks of more than `fits` tenants run out of time."""
+
+    def __init__(self, pool: asyncpg.Pool, fits: int) -> None:
+        super().__init__(pool)
+        self.fits = fits
+        self.sizes: list[int] = []
+
+    @asynccontextmanager
+    async def due_block_transaction(
+        self, now: datetime, limit: int
+    ) -> AsyncIterator[tuple[InvoiceTransaction, list[str]]]:
+        async with super().due_block_transaction(now, limit) as (tx, tenants):
+            self.sizes.append(limit)
+            if len(tenants) > self.fits:
+                raise TimeoutError  # as asyncio.timeout raises it when an attempt runs out
+            yield tx, tenants
+
+
+async def test_block_that_runs_out_of_time_is_closed_in_smaller_blocks(
+    server_config: Config, usage: Any, billing: Any, db: asyncpg.Pool
+) -> None:
+    tenants = sorted(new_tenant() for _ in range(5))
+    for tenant in tenants:
+        await set_profile(
+            billing, tenant, billing_anchor_day=next_anchor_day(), billing_start_time=ts(hour_start(-30))
+        )
+        await uploads(usage, tenant, "3", hour_start(-2))
+    due = max([await next_close(db, t) for t in tenants]) + timedelta(minutes=1)
+    _, clock = fake_clock(due)
+    issuer = Issuer(name=server_config.issuer_name, invoice_prefix=server_config.invoice_number_prefix)
+    store = SlowInvoices(db, fits=2)
+    pricer = InvoicePricer("USD")
+    lifecycle = Lifecycle(store, CreditNoteStore(db), pricer, issuer, PageTokens(b"k" * 32), clock)
+    periods = Periods(store, pricer, lifecycle, clock, timedelta(hours=1))
+
+    assert await periods.close_due(batch=8, blocks=1) >= len(tenants)
+
+    assert store.sizes[:2] == [8, 2]  # the block of 8 ran out of time, blocks of 2 fit
+    rows = await db.fetch("SELECT tenant_id, status, total FROM invoices WHERE tenant_id = ANY($1)", tenants)
+    assert sorted((r["tenant_id"], r["status"], r["total"]) for r in rows) == [
+        (t, "finalized", Decimal("0.30")) for t in tenants
+    ]

@@ -208,7 +208,9 @@ class Periods:
         flight (server.billing.closing: while PostgreSQL writes one block, this process
         prices the next); the few a block hands back (an invoice already over the period,
         usage without a rate) are closed one transaction each, `workers` at a time. A
-        tenant whose close fails is logged and tried again an hour later.
+        tenant whose close fails is logged and tried again an hour later. A block that runs
+        out of its time bound (e.g. tenants with long histories on a loaded machine) is
+        tried again with a quarter of the tenants.
         """
         now = to_datetime(self._now_micros())
         caller = Caller(scheduler_principal(), f"close-{uuid.uuid4().hex[:12]}")
@@ -219,15 +221,21 @@ class Periods:
                 return await self._close_one(tenant_id, caller, now)
 
         async def close_blocks() -> int:
-            closed = 0
+            closed, size = 0, batch
             while True:
                 claimed: list[str] = []
                 try:
                     block = await run_with_retries(
-                        functools.partial(self._close_block, now, caller, batch, claimed)
+                        functools.partial(self._close_block, now, caller, size, claimed)
                     )
-                except Unavailable:
-                    raise
+                except Unavailable as exc:
+                    if size == 1 or not isinstance(exc.__cause__, TimeoutError):
+                        raise
+                    # The block ran out of its time (rolled back whole): a smaller one fits,
+                    # or at worst one tenant at a time, so the closes still get done.
+                    size = max(1, size // 4)
+                    log.warning("period close of a block ran out of time: %d tenants a block now", size)
+                    continue
                 except TallyError as exc:
                     # Something failed the block whole: close its tenants one by one, so that
                     # the one at fault is postponed and the others are closed.
