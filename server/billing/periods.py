@@ -6,7 +6,8 @@ close is due (that period's end plus the grace period). The tenant's invoice loc
 the profile row make it exactly once: the scheduler only tries the lock (another process
 closing the same tenant makes it skip the tenant) and then checks, under the lock, that
 the close is still due, so two `tally serve` processes on one database never close a
-period twice, and a period closed by ClosePeriod is not closed again.
+period twice, and a period closed by ClosePeriod is not closed again. The scheduler closes
+tenants a block per transaction (server.billing.closing) under the same locks.
 """
 
 from __future__ import annotations
