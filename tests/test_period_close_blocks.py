@@ -25,7 +25,7 @@ from server.billing.periods import Periods, scheduler_principal
 from server.billing.pricer import InvoicePricer
 from server.config import Config
 from server.domain.access import Caller
-from server.domain.audit import INVOICE_CREATED, INVOICE_FINALIZED
+from server.domain.audit import AuditAction
 from server.domain.lifecycle import Issuer, expand_prefix
 from server.domain.pagination import PageTokens
 from server.storage.credit_notes import CreditNoteStore
@@ -295,8 +295,8 @@ async def test_crash_inside_a_block_then_rerun_closes_each_tenant_once_without_g
         tenants,
     )
     assert sorted((a["resource"], a["action"], a["number"]) for a in audited) == sorted(
-        [(f"invoices/{r['id']}", INVOICE_CREATED, None) for r in rows]
-        + [(f"invoices/{r['id']}", INVOICE_FINALIZED, r["number"]) for r in rows]
+        [(f"invoices/{r['id']}", AuditAction.INVOICE_CREATED, None) for r in rows]
+        + [(f"invoices/{r['id']}", AuditAction.INVOICE_FINALIZED, r["number"]) for r in rows]
     )
 
 
