@@ -24,8 +24,11 @@ METADATA: tuple[tuple[str, str], ...] = ()  # the bearer token, set from --token
 
 
 def _channels(address: str, count: int, options: list[tuple[str, int]]) -> list[grpc.aio.Channel]:
-    """`count` channels with a connection each: with `tally serve --workers N` the kernel spreads
-    connections (not calls) over the workers, and gRPC would otherwise share one connection."""
+    """`count` channels with a connection each.
+
+    With `tally serve --workers N` the kernel spreads connections (not calls) over the workers,
+    and gRPC would otherwise share one connection.
+    """
     return [
         grpc.aio.insecure_channel(address, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
         for _ in range(count)

@@ -140,7 +140,7 @@ async def _close(pool: asyncpg.Pool, seconds: float) -> None:
 
 
 def memory_bound_options(config: Config) -> list[tuple[str, int]]:
-    """gRPC core's limits on what a client can make the server hold before its token is checked."""
+    """GRPC core's limits on what a client can make the server hold before its token is checked."""
     options = [
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         # gRPC's "overload protection" also counts calls that have finished but whose memory
@@ -158,8 +158,10 @@ GAUGE_PUBLISH_SECONDS = 1.0
 
 
 async def _publish_gauges(metrics: Metrics) -> None:
-    """A worker's events-in-flight gauge, written to its metrics file: it is read, not counted,
-    so the parent's scrape sees it at most this old."""
+    """Write a worker's events-in-flight gauge to its metrics file, every GAUGE_PUBLISH_SECONDS.
+
+    The gauge is read, not counted, so the parent's scrape sees it at most this old.
+    """
     while True:
         metrics.publish_events_in_flight()
         await asyncio.sleep(GAUGE_PUBLISH_SECONDS)

@@ -131,8 +131,11 @@ class Lane:
 
 
 class WriteLanes:
-    """A fixed set of lanes. Single reports share lane 0 (they merge best on one lane);
-    streams are spread over all lanes, one lane for the whole stream."""
+    """A fixed set of lanes.
+
+    Single reports share lane 0 (they merge best on one lane); streams are spread over all
+    lanes, one lane for the whole stream.
+    """
 
     def __init__(
         self,

@@ -322,8 +322,10 @@ class Supervisor:
 def worker_main(
     config: Config, index: int, ready: Connection, log_level: str, metric_files: tuple[Path, str] | None
 ) -> None:
-    """A worker process's entry point (spawned by Supervisor); metric_files: the run's
-    metrics directory and the name of this worker's files in it."""
+    """A worker process's entry point (spawned by Supervisor).
+
+    metric_files: the run's metrics directory and the name of this worker's files in it.
+    """
     # Ctrl-C reaches the whole process group; the parent turns it into one orderly SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as in server.cli

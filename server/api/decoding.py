@@ -155,8 +155,9 @@ class _BoundedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 
 class BoundedRegistration:
-    """Stands in for the server when a generated `add_XServicer_to_server` (or reflection)
-    registers a service, and registers its handlers with bounded reads.
+    """Registers a service's handlers with bounded reads, standing in for the server.
+
+    A generated `add_XServicer_to_server` (or reflection) is given this in place of the server.
 
     `tally=True` is for Tally's services: tolerant deserializers, and client streams left
     to read after the token is checked. Done once at start-up rather than in an

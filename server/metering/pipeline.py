@@ -59,8 +59,10 @@ class EventBudget:
         return self._used
 
     async def acquire(self, events: int) -> int:
-        """Wait until `events` fit; returns what was taken (a batch larger than the whole
-        budget takes all of it, once nothing else is in flight)."""
+        """Wait until `events` fit; returns what was taken.
+
+        A batch larger than the whole budget takes all of it, once nothing else is in flight.
+        """
         events = min(events, self._max)
         if not self._waiters and self._used + events <= self._max:
             self._used += events

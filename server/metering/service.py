@@ -177,8 +177,10 @@ class Metering:
         return replace(batch, backfill_by=caller) if backfill else batch
 
     def _submit_batch(self, batch: ValidatedBatch, lane: Lane) -> Awaitable[BatchOutcome]:
-        """The database half: queue the batch on the lane now (the ordering point); the
-        awaitable gives its outcome once its transaction has committed."""
+        """The database half: queue the batch on the lane now (the ordering point).
+
+        The awaitable gives its outcome once its transaction has committed.
+        """
         audit = None
         if batch.backfill_by is not None:
             audit = functools.partial(backfill_entries, batch.backfill_by, batch.rows)

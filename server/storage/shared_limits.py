@@ -43,8 +43,10 @@ class SharedLimitStore:
         self._pool = pool
 
     async def settle(self, spent: Sequence[tuple[str, float, float, float]], now: float) -> dict[str, float]:
-        """Subtract each (key, rate, spent, spent_at) from its shared bucket as of spent_at;
-        return every key's balance at `now`."""
+        """Subtract each (key, rate, spent, spent_at) from its shared bucket as of spent_at.
+
+        Returns every key's balance at `now`.
+        """
         keys, rates, amounts, times = (list(column) for column in zip(*spent, strict=True))
         rows = await self._pool.fetch(_SETTLE, keys, rates, amounts, times, now)
         return {row["key"]: row["tokens"] for row in rows}
@@ -55,8 +57,10 @@ class SharedLimitStore:
     async def streams_elsewhere(
         self, worker: str, open_here: Mapping[str, int] | None, now: float, stale_seconds: float
     ) -> dict[str, int]:
-        """Record this process's open streams per principal (unless None); return the other live
-        processes' sums."""
+        """Record this process's open streams per principal (unless None).
+
+        Returns the other live processes' sums.
+        """
         if open_here is None:
             rows = await self._pool.fetch(_OTHERS_STREAMS, worker, now - stale_seconds)
             return {row["principal"]: row["open"] for row in rows}

@@ -276,7 +276,6 @@ class UsageStore:
 
         dimension is "" or a key.
         """
-
         sql = _SUMMARIZE[(bucket, bool(dimension))]
 
         async def attempt() -> list[UsageAggregate]:

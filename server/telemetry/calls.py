@@ -138,8 +138,10 @@ class Call:
 
 
 class CallTelemetry:
-    """Starts a `Call` per RPC. `tracer` None: tracing is off and no span code runs;
-    `access_log` None: no access lines."""
+    """Starts a `Call` per RPC.
+
+    `tracer` None: tracing is off and no span code runs; `access_log` None: no access lines.
+    """
 
     def __init__(
         self, metrics: Metrics, *, tracer: Tracer | None = None, access_log: AccessLog | None = None

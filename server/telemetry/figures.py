@@ -1,5 +1,6 @@
-"""Gauges read from the database when Prometheus scrapes: total events, active tenants,
-invoices by state, amounts invoiced by currency.
+"""Gauges read from the database when Prometheus scrapes.
+
+They are total events, active tenants, invoices by state, amounts invoiced by currency.
 
 A scrape refreshes the figures only when they are older than `max_age_seconds`, one query
 at a time and within `timeout_seconds`, so scraping often or from several places costs

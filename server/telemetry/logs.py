@@ -131,8 +131,11 @@ class AccessLog:
         request_id: str,
         trace_ids: tuple[str, str] | None = None,
     ) -> None:
-        """Queue one call's line. `request_id` is a validated token (server.api.calls), and
-        method and code are names, so only the principal (a token's subject) needs quoting."""
+        """Queue one call's line.
+
+        `request_id` is a validated token (server.api.calls), and method and code are names,
+        so only the principal (a token's subject) needs quoting.
+        """
         if self._json:
             ids = "" if trace_ids is None else f',"trace_id":"{trace_ids[0]}","span_id":"{trace_ids[1]}"'
             who = json.dumps(principal, ensure_ascii=False)

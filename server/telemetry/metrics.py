@@ -192,8 +192,10 @@ class Metrics:
             )
 
     def publish_events_in_flight(self) -> None:
-        """Write the events-in-flight gauge to the worker's file (it is read, not counted: called
-        periodically by a worker, see TallyServer)."""
+        """Write the events-in-flight gauge to the worker's file.
+
+        It is read, not counted: a worker calls this periodically (see TallyServer).
+        """
         if self._in_flight_file is not None:
             self._in_flight_file[()] = self._events_in_flight()
 

@@ -131,7 +131,8 @@ class MeterAggregate:
     """The value of one named meter (within one time bucket and one value of the grouped dimension).
 
     `value` means what `aggregation` says: a quantity (sum, max, min, latest), a number of
-    events or values (count, unique_count), or unit-hours (time_weighted)."""
+    events or values (count, unique_count), or unit-hours (time_weighted).
+    """
 
     meter: str
     aggregation: str

@@ -86,8 +86,10 @@ def _counts_text(counts: IngestCounts, unreadable: int) -> str:
 def _await_acknowledgements(
     ingester: Ingester, wait: float, show_progress: Callable[[IngestCounts], None]
 ) -> None:
-    """Wait for the last acknowledgements, showing them as they come, while the server makes
-    progress; after `wait` seconds without any, return (close() then counts what is left)."""
+    """Wait for the last acknowledgements, showing them as they come, while the server makes progress.
+
+    After `wait` seconds without any, return (close() then counts what is left).
+    """
     last = ingester.counts
     since = time.monotonic()
     while True:

@@ -1,5 +1,6 @@
-"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans
-(and, through `call` and `plain_proto`, those of tally_client.cli.billing and .meters).
+"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans.
+
+Through `call` and `plain_proto`, this module also serves tally_client.cli.billing and .meters.
 
 They use the generated stubs through the client's own call path (its deadline, retries
 and typed errors), so they behave like the other commands. An invoice action sends one
@@ -36,8 +37,11 @@ INVOICE_ACTIONS: dict[str, tuple[str, type[Message]]] = {
 
 
 def call(client: TallyClient, method: str, request: Message, service: str = "billing") -> Any:
-    """BillingService (or `service` "meters"/"usage") `method` through the client's retrying call
-    path: its deadline, retries and typed errors, for RPCs it has no typed wrapper for yet."""
+    """Call BillingService (or `service` "meters"/"usage") `method` through the client's call path.
+
+    That path brings its deadline, retries and typed errors to RPCs that have no typed
+    wrapper yet.
+    """
     if service == "billing":
         stub: Any = client._billing
     elif service == "usage":

@@ -25,8 +25,10 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 
 def _lazy(function: str, module: str = "commands", *arguments: str) -> Handler:
-    """The handler `function` of tally_client.cli.<module>, imported when the command runs
-    (called with `arguments` first if given: a factory of handlers)."""
+    """The handler `function` of tally_client.cli.<module>, imported when the command runs.
+
+    If `arguments` are given, `function` is a factory of handlers, called with them first.
+    """
 
     def handler(args: argparse.Namespace) -> int | None:
         found = getattr(importlib.import_module(f"tally_client.cli.{module}"), function)
