@@ -83,6 +83,7 @@ class TallyClient:
         self._random = random
 
     def close(self) -> None:
+        """Close the channel; calls still in progress are cancelled."""
         self._channel.close()
 
     def __enter__(self) -> TallyClient:
@@ -242,6 +243,7 @@ class TallyClient:
         return GeneratedInvoice(convert.invoice(response.invoice), response.created)
 
     def get_invoice(self, tenant_id: str, invoice_id: str) -> Invoice:
+        """One invoice of the tenant; NotFoundError for a missing one or another tenant's."""
         request = billing_service_pb2.GetInvoiceRequest(name=invoice_name(tenant_id, invoice_id))
         return convert.invoice(self._call(self._billing.GetInvoice, request).invoice)
 

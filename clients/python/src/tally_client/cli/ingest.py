@@ -50,6 +50,7 @@ class IngestReport:
 
     @property
     def complete(self) -> bool:
+        """True if every event was accepted or a duplicate: none rejected, none left unacknowledged."""
         return self.rejected == 0 and self.not_acknowledged == 0
 
 
@@ -106,6 +107,11 @@ def _await_acknowledgements(
 
 
 def ingest_file(client: TallyClient, args: argparse.Namespace) -> int:
+    """Send the events of `args.file` (or stdin) through the batching ingester and print the counts.
+
+    Returns the exit status: 0 if every event was settled, 1 if any was rejected or left
+    unacknowledged. A call that failed is raised after the counts are printed.
+    """
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     fmt = args.format or ("csv" if args.file.lower().endswith(".csv") else "jsonl")

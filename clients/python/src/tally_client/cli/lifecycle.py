@@ -52,6 +52,7 @@ def call(client: TallyClient, method: str, request: Message, service: str = "bil
 
 
 def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
+    """The handler of `tally invoices <action>` (finalize, void, mark-paid, mark-uncollectible)."""
     method, request_type = INVOICE_ACTIONS[action]
 
     def handler(args: argparse.Namespace) -> None:
@@ -65,6 +66,7 @@ def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
 
 
 def plain_proto(message: Message) -> dict[str, Any]:
+    """A proto message as JSON-ready values, with the proto's field names (decimal strings stay strings)."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -79,6 +81,7 @@ def _plans(client: TallyClient) -> Iterator[resources_pb2.Plan]:
 
 
 def plans_list(args: argparse.Namespace) -> None:
+    """`tally plans list`: every plan, "default" first, with its number of versions."""
     with connect(args) as client:
         plans = list(_plans(client))
     if args.output == "json":
@@ -100,6 +103,7 @@ def plans_list(args: argparse.Namespace) -> None:
 
 
 def plans_show(args: argparse.Namespace) -> None:
+    """`tally plans show`: one plan's versions and charges."""
     name = args.plan if args.plan.startswith(PLANS) else PLANS + args.plan
     with connect(args) as client:
         plan = call(client, "GetPlan", billing_service_pb2.GetPlanRequest(name=name)).plan
