@@ -55,6 +55,8 @@ async def append(conn: asyncpg.Connection, entry: AuditEntry) -> None:
 
 
 class AuditStore:
+    """Reads the audit trail (the AuditReader of server.domain.stores); entries are appended by `append`."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 

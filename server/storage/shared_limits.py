@@ -39,6 +39,8 @@ _FORGET_STALE_STREAMS = "DELETE FROM stream_slots WHERE seen <= $1"
 
 
 class SharedLimitStore:
+    """The rate-limit buckets and stream counts that every Tally process on one database shares."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
@@ -52,6 +54,7 @@ class SharedLimitStore:
         return {row["key"]: row["tokens"] for row in rows}
 
     async def forget_full(self, now: float) -> None:
+        """Delete the buckets that have refilled by `now`: a full bucket is the same as none."""
         await self._pool.execute(_FORGET_FULL, now)
 
     async def streams_elsewhere(
