@@ -82,6 +82,7 @@ class EventBudget:
         return events
 
     def release(self, events: int) -> None:
+        """Give back `events` taken by `acquire` and wake the waiters that now fit; never waits."""
         self._used -= events
         self._grant()
 
