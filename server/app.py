@@ -102,6 +102,7 @@ SERVICE_NAMES = (
 
 
 def now_micros() -> int:
+    """The wall clock in microseconds since the epoch: the server's `now` for events and billing."""
     return time.time_ns() // 1_000
 
 
@@ -478,5 +479,6 @@ class TallyServer:
             self._tracer_provider.shutdown()  # exports the spans still queued
 
     async def wait_for_termination(self) -> None:
+        """Wait until the gRPC server has stopped; start() must have been called."""
         assert self._server is not None
         await self._server.wait_for_termination()

@@ -100,6 +100,10 @@ def _add_settings(parser: argparse.ArgumentParser, paths: Iterable[str]) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the server's commands alone: `tally serve`, `tally token`, `tally retention`.
+
+    The installed `tally` is tally-client's, which adds these through `register_commands`.
+    """
     parser = argparse.ArgumentParser(
         prog="tally",
         description="Tally: usage metering and billing over gRPC.",
@@ -119,6 +123,7 @@ def register_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add serve, token and retention to `commands`, their flags derived from server.config."""
     serve = commands.add_parser(
         "serve",
         help="run the gRPC service",
@@ -423,6 +428,7 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and run the command (`python -m server.cli`)."""
     run(parse_args(argv))
 
 

@@ -70,6 +70,7 @@ class Backoff:
     stable: float = 60.0
 
     def delay(self, failures: int) -> float:
+        """Seconds to wait before restarting a worker after `failures` failures in a row."""
         return float(min(self.most, self.first * 2 ** max(0, failures - 1)))
 
 

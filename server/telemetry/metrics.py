@@ -83,7 +83,9 @@ def _observe(
 class Recorder(Protocol):
     """A histogram: OpenTelemetry's, or a worker's written to its file."""
 
-    def record(self, amount: float, attributes: Mapping[str, str] | None = None, /) -> None: ...
+    def record(self, amount: float, attributes: Mapping[str, str] | None = None, /) -> None:
+        """Add `amount` to the histogram, under the label values in `attributes`."""
+        ...
 
 
 def _counts(
@@ -200,6 +202,7 @@ class Metrics:
             self._in_flight_file[()] = self._events_in_flight()
 
     def watch_events_in_flight(self, read: Callable[[], int]) -> None:
+        """Read the events-in-flight gauge from `read` (the shared EventBudget's use)."""
         self._events_in_flight = read
 
     def count_events(
