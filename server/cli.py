@@ -123,7 +123,7 @@ def register_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add serve, token and retention to `commands`, their flags derived from server.config."""
+    """Add serve, token and retention to `commands`; their settings' flags come from server.config."""
     serve = commands.add_parser(
         "serve",
         help="run the gRPC service",
