@@ -7,15 +7,16 @@ request id, before and after) and, with a request_id, its response stored, all t
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from server.billing.pricer import InvoicePricer, PricedInvoice
 from server.billing.service import Page
 from server.domain.access import Caller, Principal
-from server.domain.audit import AuditAction, AuditEntry, invoice_state
+from server.domain.audit import AuditAction, AuditEntry, State, invoice_state
 from server.domain.currencies import currency_of
 from server.domain.decimals import EXACT, check_decimal, format_money
 from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
@@ -134,6 +135,69 @@ class Lifecycle:
             )
         )
         return invoice
+
+    async def finalize_block_in(
+        self,
+        tx: InvoiceTransaction,
+        drafts: Sequence[tuple[Invoice, PricedInvoice]],
+        caller: Caller,
+        states: Sequence[State] | None = None,
+    ) -> list[Invoice]:
+        """finalize_in for a block of drafts a period close just saved, in a few statements.
+
+        Keep it in step with finalize_in: whatever finalizing one invoice does, this does for
+        each of the block. The block takes its numbers from the sequence in one statement,
+        in the order of `drafts`, last: from there to the commit, concurrent finalizations
+        wait for the block, and a rollback gives every number back, so none is skipped.
+        `states` are the drafts' invoice_state if the caller has them already.
+        """
+        if not drafts:
+            return []
+        for draft, priced in drafts:
+            check_transition(invoice_name(draft.tenant_id, draft.id), draft.status, InvoiceStatus.FINALIZED)
+            if priced.unpriced:
+                raise FailedPrecondition(
+                    "some usage in the period has no rate in effect", reason=ErrorReason.USAGE_NOT_PRICED
+                )
+        at = to_datetime(self._now_micros())
+        issuer = self.issuer.as_party()
+        prefix = expand_prefix(self.issuer.invoice_prefix, at)
+        first = await tx.take_numbers(self.issuer.name, prefix, len(drafts))
+        invoices = [
+            dataclasses.replace(
+                draft,
+                status=InvoiceStatus.FINALIZED,
+                number=document_number(prefix, first + index),
+                finalize_time=at,
+                updated_at=at,
+                computed_at=at,
+                parties={"issuer": issuer, "customer": customer_party(draft.tenant_id, priced.profile)},
+                plan_ids=priced.plan_ids,
+            )
+            for index, (draft, priced) in enumerate(drafts)
+        ]
+        await tx.finalize_many(
+            [(invoice.id, invoice.number, invoice.parties or {}) for invoice in invoices], at, issuer["name"]
+        )
+        await tx.append_audit_many(
+            [
+                AuditEntry(
+                    principal=caller.principal.subject,
+                    request_id=caller.request_id,
+                    action=AuditAction.INVOICE_FINALIZED,
+                    tenant_id=invoice.tenant_id,
+                    resource=f"invoices/{invoice.id}",
+                    before=before,
+                    after=invoice_state(invoice),
+                )
+                for before, invoice in zip(
+                    states if states is not None else [invoice_state(d) for d, _ in drafts],
+                    invoices,
+                    strict=True,
+                )
+            ]
+        )
+        return invoices
 
     async def finalize(
         self, tenant_id: str, invoice_id: str, caller: Caller, once: Once[Invoice] | None = None

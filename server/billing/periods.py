@@ -6,7 +6,8 @@ close is due (that period's end plus the grace period). The tenant's invoice loc
 the profile row make it exactly once: the scheduler only tries the lock (another process
 closing the same tenant makes it skip the tenant) and then checks, under the lock, that
 the close is still due, so two `tally serve` processes on one database never close a
-period twice, and a period closed by ClosePeriod is not closed again.
+period twice, and a period closed by ClosePeriod is not closed again. The scheduler closes
+tenants a block per transaction (server.billing.closing) under the same locks.
 """
 
 from __future__ import annotations
@@ -19,11 +20,19 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from server.billing.closing import BlockClose, close_block
 from server.billing.lifecycle import Lifecycle
 from server.billing.pricer import InvoicePricer
 from server.domain.access import Caller, Principal
 from server.domain.audit import AuditAction, AuditEntry, invoice_state
-from server.domain.errors import ErrorReason, FailedPrecondition, InvalidArgument, NotFound, TallyError
+from server.domain.errors import (
+    ErrorReason,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TallyError,
+    Unavailable,
+)
 from server.domain.events import check_id
 from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
 from server.domain.names import invoice_name
@@ -199,13 +208,17 @@ class Periods:
 
         return await run_with_retries(attempt)
 
-    async def close_due(self, *, batch: int = 500, workers: int = 4) -> int:
+    async def close_due(self, *, batch: int = 500, blocks: int = 2, workers: int = 4) -> int:
         """Close every period whose close is due now (period end + grace); the number closed.
 
-        Tenants are closed one transaction each, `workers` at a time; a tenant whose close
-        fails (e.g. usage without a rate) is logged and tried again an hour later.
+        Tenants are closed `batch` at a time, one transaction per block, `blocks` blocks in
+        flight (server.billing.closing: while PostgreSQL writes one block, this process
+        prices the next); the few a block hands back (an invoice already over the period,
+        usage without a rate) are closed one transaction each, `workers` at a time. A
+        tenant whose close fails is logged and tried again an hour later. A block that runs
+        out of its time bound (e.g. tenants with long histories on a loaded machine) is
+        tried again with a quarter of the tenants.
         """
-        closed = 0
         now = to_datetime(self._now_micros())
         caller = Caller(scheduler_principal(), f"close-{uuid.uuid4().hex[:12]}")
         gate = asyncio.Semaphore(workers)
@@ -214,16 +227,44 @@ class Periods:
             async with gate:
                 return await self._close_one(tenant_id, caller, now)
 
-        while True:
-            due = await self._invoices.due_for_close(now, batch)
-            if not due:
-                return closed
+        async def close_blocks() -> int:
+            closed, size = 0, batch
+            while True:
+                claimed: list[str] = []
+                try:
+                    block = await run_with_retries(
+                        functools.partial(self._close_block, now, caller, size, claimed)
+                    )
+                except Unavailable as exc:
+                    if size == 1 or not isinstance(exc.__cause__, TimeoutError):
+                        raise
+                    # The block ran out of its time (rolled back whole): a smaller one fits,
+                    # or at worst one tenant at a time, so the closes still get done.
+                    size = max(1, size // 4)
+                    log.warning("period close of a block ran out of time: %d tenants a block now", size)
+                    continue
+                except TallyError as exc:
+                    # Something failed the block whole: close its tenants one by one, so that
+                    # the one at fault is postponed and the others are closed.
+                    log.warning("period close of a block of %d tenants failed: %s", len(claimed), exc.message)
+                    block = BlockClose([], claimed)
+                if not claimed:
+                    return closed  # none due, or the rest is being closed by another process
+                results = await asyncio.gather(*(close_one(t) for t in block.left))
+                progress = len(block.closed) + sum(results)
+                closed += progress
+                if progress == 0:
+                    return closed  # the rest is being closed by another process, or postponed
 
-            results = await asyncio.gather(*(close_one(t) for t in due))
-            progress = sum(results)
-            closed += progress
-            if progress == 0:
-                return closed  # the rest is being closed by another process, or postponed
+        return sum(await asyncio.gather(*(close_blocks() for _ in range(blocks))))
+
+    async def _close_block(self, now: datetime, caller: Caller, batch: int, claimed: list[str]) -> BlockClose:
+        async with self._invoices.due_block_transaction(now, batch) as (tx, tenants):
+            claimed[:] = tenants
+            if not tenants:
+                return BlockClose([], [])
+            at = to_datetime(self._now_micros())
+            return await close_block(tx, tenants, self._pricer, self._lifecycle, caller, at, self.grace)
 
     async def bill_thresholds(self) -> int:
         """Spend thresholds: an interim invoice for each tenant whose open period has passed its threshold.

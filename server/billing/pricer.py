@@ -3,12 +3,15 @@
 It gathers the inputs of server.domain.invoice_pricing: the tenant's profile (plan history,
 overrides, tax, currency), the versions of its plans, its usage over every segment of the
 period and, for late usage, of every earlier period it was billed for, with what those
-periods were billed. One query reads the usage of all of them.
+periods were billed. One query reads the usage of all of them. The pricing itself
+(`pricing_basis`, `InvoicePricer.price_basis`) does no I/O, so a period close prices a
+block of tenants from a few set-based reads exactly as `price` prices one.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -28,13 +31,15 @@ from server.domain.plans import (
     BillingPeriod,
     BillingProfile,
     PlanAssignment,
+    PlanVersion,
+    Segment,
     anchor_period,
     segments,
     with_overrides,
 )
 from server.domain.pricing import InvoiceAmounts, LineItem, LineKind, PricedUsage
 from server.storage import plans as plan_store
-from server.storage.invoices import InvoiceTransaction
+from server.storage.invoices import InvoiceTransaction, UsageRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,70 @@ def full_hours(profile: BillingProfile | None, start: datetime, end: datetime) -
     if start >= anchor_start and end <= anchor_end:
         return int((anchor_end - anchor_start) / timedelta(hours=1))
     return hours
+
+
+@dataclass(frozen=True, slots=True)
+class PricingBasis:
+    """What an invoice for [start, end) is priced from, apart from the usage itself.
+
+    `periods` is [start, end) then each earlier billed period (for late usage), `pieces`
+    their plan segments; `labels()` names each segment's usage to read, so that the usage
+    of one tenant (InvoicePricer.price) or of a block of tenants (a period close) is read
+    in one query, and priced the same way either way.
+    """
+
+    start: datetime
+    end: datetime
+    profile: BillingProfile | None
+    versions: dict[str, list[PlanVersion]]
+    periods: list[tuple[datetime, datetime]]
+    pieces: list[list[Segment]]
+    billed: dict[tuple[datetime, datetime], list[LineItem]]
+    adjusted: dict[tuple[datetime, datetime], list[LineItem]]
+    interim: list[LineItem]
+
+    def labels(self) -> list[tuple[str, datetime, datetime]]:
+        """(label, start, end) of every segment whose usage the invoice needs."""
+        return [
+            (f"{p}.{i}", seg.start, seg.end)
+            for p, segs in enumerate(self.pieces)
+            for i, seg in enumerate(segs)
+        ]
+
+
+def plan_ids_of(history: Sequence[PlanAssignment]) -> list[str]:
+    """The plans (not the rate card) whose versions price a tenant with this plan history."""
+    return sorted({a.plan_id for a in history} - {DEFAULT_PLAN})
+
+
+def pricing_basis(
+    start: datetime,
+    end: datetime,
+    found: tuple[BillingProfile, list[PlanAssignment]] | None,
+    versions: Mapping[str, list[PlanVersion]],
+    billed_lines: Sequence[tuple[datetime, datetime, LineItem]],
+) -> PricingBasis:
+    """Sort what was billed (see InvoiceTransaction.billed_lines) into the periods to price."""
+    profile, history = found if found is not None else (None, list[PlanAssignment]())
+    own_versions = {plan_id: list(versions[plan_id]) for plan_id in plan_ids_of(history)}
+    billed: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
+    adjusted: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
+    # What interim invoices of this very period billed (spend thresholds): billed again
+    # below with a minus, so that this invoice bills only the rest.
+    interim: list[LineItem] = []
+    for invoice_start, invoice_end, line in billed_lines:
+        if (invoice_start, invoice_end) == (start, end) and (
+            line.kind is not LineKind.ADJUSTMENT or (line.period_start, line.period_end) == (start, end)
+        ):
+            interim.append(line)
+        elif line.kind is LineKind.ADJUSTMENT:
+            assert line.period_start is not None and line.period_end is not None
+            adjusted[(line.period_start, line.period_end)].append(line)
+        else:
+            billed[(invoice_start, invoice_end)].append(line)
+    periods = [(start, end), *sorted(billed)]
+    pieces = [segments(s, e, history, own_versions) for s, e in periods]
+    return PricingBasis(start, end, profile, own_versions, periods, pieces, billed, adjusted, interim)
 
 
 class InvoicePricer:
@@ -83,42 +152,23 @@ class InvoicePricer:
         conn = tx.connection
         if found == "unread":
             found = await plan_store.profile(conn, tenant_id)
-        profile, history = found if found is not None else (None, list[PlanAssignment]())
+        versions = await plan_store.versions(conn, plan_ids_of(found[1] if found is not None else []))
+        basis = pricing_basis(start, end, found, versions, await tx.billed_lines(tenant_id, start, end))
+        return self.price_basis(basis, await tx.usage_rows(tenant_id, basis.labels()))
+
+    def price_basis(self, basis: PricingBasis, usage: Mapping[str, Sequence[UsageRow]]) -> PricedInvoice:
+        """The invoice priced from its basis and the usage of each of its labels (pure)."""
+        profile = basis.profile
+        start, end = basis.start, basis.end
         currency = currency_of(profile.currency if profile else self._default_currency)
-        plan_ids = sorted({a.plan_id for a in history} - {DEFAULT_PLAN})
-        versions = await plan_store.versions(conn, plan_ids)
         overrides = profile.overrides if profile else ()
-
-        # The periods to price: this one, then each earlier billed period (for late usage).
-        billed: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
-        adjusted: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
-        # What interim invoices of this very period billed (spend thresholds): billed again
-        # below with a minus, so that this invoice bills only the rest.
-        interim: list[LineItem] = []
-        for invoice_start, invoice_end, line in await tx.billed_lines(tenant_id, start, end):
-            if (invoice_start, invoice_end) == (start, end) and (
-                line.kind is not LineKind.ADJUSTMENT or (line.period_start, line.period_end) == (start, end)
-            ):
-                interim.append(line)
-            elif line.kind is LineKind.ADJUSTMENT:
-                assert line.period_start is not None and line.period_end is not None
-                adjusted[(line.period_start, line.period_end)].append(line)
-            else:
-                billed[(invoice_start, invoice_end)].append(line)
-        periods = [(start, end), *sorted(billed)]
-        pieces = [segments(s, e, history, versions) for s, e in periods]
-        labels = [
-            (f"{p}.{i}", seg.start, seg.end) for p, segs in enumerate(pieces) for i, seg in enumerate(segs)
-        ]
-        usage = await tx.usage_rows(tenant_id, labels)
-
         unpriced = False
         priced_periods: list[list[LineItem]] = []
         used_plans: set[str] = set()
-        for p, ((s, e), segs) in enumerate(zip(periods, pieces, strict=True)):
+        for p, ((s, e), segs) in enumerate(zip(basis.periods, basis.pieces, strict=True)):
             parts: list[SegmentUsage] = []
             for i, seg in enumerate(segs):
-                rows = usage[f"{p}.{i}"]
+                rows = usage.get(f"{p}.{i}", ())
                 if seg.version is None:
                     # The rate card prices each hour at the rate then in effect.
                     unpriced = unpriced or (p == 0 and any(price is None for _, _, price, _, _ in rows))
@@ -141,9 +191,9 @@ class InvoicePricer:
             priced_periods.append(price_segments(currency, period, parts))
 
         lines = list(priced_periods[0])
-        lines.extend(already_billed(start, end, interim))
-        for (s, e), repriced in zip(periods[1:], priced_periods[1:], strict=True):
-            was = billed_by_charge([*billed[(s, e)], *adjusted[(s, e)]])
+        lines.extend(already_billed(start, end, basis.interim))
+        for (s, e), repriced in zip(basis.periods[1:], priced_periods[1:], strict=True):
+            was = billed_by_charge([*basis.billed[(s, e)], *basis.adjusted[(s, e)]])
             lines.extend(adjustment_items(currency, s, e, was, repriced))
         tax = None
         if profile is not None and profile.tax_percentage is not None:

@@ -67,8 +67,11 @@ def price_segments(
         whole = (segment.start, segment.end) == (period.start, period.end)
         part_start, part_end = (None, None) if whole else (segment.start, segment.end)
         if piece.charges is None:
-            for line in price_usage(piece.usage, currency.minor_units).lines:
-                lines.append(replace(line, period_start=part_start, period_end=part_end))
+            rated = price_usage(piece.usage, currency.minor_units).lines
+            if whole:  # rate card lines price the whole period already (no copies: a close prices thousands)
+                lines.extend(rated)
+            else:
+                lines.extend(replace(line, period_start=part_start, period_end=part_end) for line in rated)
             continue
         assert segment.version is not None
         totals: dict[tuple[str, str], tuple[Decimal, int]] = {}

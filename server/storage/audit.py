@@ -54,6 +54,18 @@ async def append(conn: asyncpg.Connection, entry: AuditEntry) -> None:
     )
 
 
+async def append_many(conn: asyncpg.Connection, entries: Sequence[AuditEntry]) -> None:
+    """Append entries in order on `conn` by COPY, inside the transaction of the changes they record."""
+    await conn.copy_records_to_table(
+        "audit_events",
+        columns=("principal", "request_id", "action", "tenant_id", "resource", "before", "after"),
+        records=[
+            (e.principal, e.request_id, e.action, e.tenant_id, e.resource, _json(e.before), _json(e.after))
+            for e in entries
+        ],
+    )
+
+
 class AuditStore:
     """Reads the audit trail (the AuditReader of server.domain.stores); entries are appended by `append`."""
 

@@ -328,6 +328,41 @@ async def profile(
     return _profile(row, history[-1].plan_id), history
 
 
+async def profiles(
+    conn: asyncpg.Connection, tenant_ids: Sequence[str]
+) -> dict[str, tuple[BillingProfile, list[PlanAssignment]]]:
+    """`profile` for many tenants at once (two statements); tenants without a profile are left out."""
+    rows = await conn.fetch(
+        f"SELECT {_PROFILE_COLUMNS} FROM billing_profiles WHERE tenant_id = ANY($1::text[])", list(tenant_ids)
+    )
+    history: dict[str, list[PlanAssignment]] = {r["tenant_id"]: [] for r in rows}
+    for r in await conn.fetch(
+        "SELECT tenant_id, effective_from, plan_id FROM tenant_plans WHERE tenant_id = ANY($1::text[])"
+        " ORDER BY tenant_id, effective_from",
+        list(history),
+    ):
+        history[r["tenant_id"]].append(PlanAssignment(r["effective_from"], r["plan_id"]))
+    return {
+        r["tenant_id"]: (_profile(r, history[r["tenant_id"]][-1].plan_id), history[r["tenant_id"]])
+        for r in rows
+    }
+
+
+async def mark_closed_many(
+    conn: asyncpg.Connection, closes: Sequence[tuple[str, datetime, datetime]]
+) -> None:
+    """mark_closed for many (tenant, closed_until, next_close_time) in one statement."""
+    await conn.execute(
+        "UPDATE billing_profiles b SET closed_until = c.closed_until, next_close_time = c.next_close_time"
+        " FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])"
+        "   AS c(tenant_id, closed_until, next_close_time)"
+        " WHERE b.tenant_id = c.tenant_id",
+        [tenant for tenant, _, _ in closes],
+        [until for _, until, _ in closes],
+        [due for _, _, due in closes],
+    )
+
+
 async def save_profile(conn: asyncpg.Connection, profile: BillingProfile, next_close_time: datetime) -> None:
     """Insert or update the profile (billing_start, anchor and closed_until are fixed at creation)."""
     await conn.execute(
