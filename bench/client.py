@@ -24,8 +24,11 @@ METADATA: tuple[tuple[str, str], ...] = ()  # the bearer token, set from --token
 
 
 def _channels(address: str, count: int, options: list[tuple[str, int]]) -> list[grpc.aio.Channel]:
-    """`count` channels with a connection each: with `tally serve --workers N` the kernel spreads
-    connections (not calls) over the workers, and gRPC would otherwise share one connection."""
+    """`count` channels with a connection each.
+
+    With `tally serve --workers N` the kernel spreads connections (not calls) over the workers,
+    and gRPC would otherwise share one connection.
+    """
     return [
         grpc.aio.insecure_channel(address, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
         for _ in range(count)
@@ -41,6 +44,12 @@ def _wait_for_go() -> None:
 async def ingest(
     address: str, method: str, batch: int, streams: int, events: int, connections: int = 1
 ) -> dict[str, object]:
+    """Send `events` events in batches of `batch` over `streams` concurrent calls of `method`.
+
+    `method` is "stream" (StreamUsage) or "ingest" (IngestUsage); the streams take turns on
+    `connections` connections. Times from "go" to the last response and returns the elapsed
+    seconds, the events sent and distinct, and what the server acknowledged.
+    """
     workload = build(events, batch, stream=method == "stream")
     shares = [workload.batches[i::streams] for i in range(streams)]
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -120,6 +129,10 @@ def _event(i: int) -> bytes:
 async def unary_max(
     address: str, concurrency: int, duration: float, connections: int = 1
 ) -> dict[str, object]:
+    """ReportUsage as fast as it goes: `concurrency` calls in flight for `duration` seconds.
+
+    Returns the elapsed seconds, the requests completed and requests per second.
+    """
     requests = [_event(i) for i in range(400_000)]
     channels = _channels(address, connections, [])
     try:
@@ -152,6 +165,11 @@ async def unary_max(
 
 
 async def unary_rate(address: str, rate: float, duration: float) -> dict[str, object]:
+    """ReportUsage in an open loop at `rate` requests per second for `duration` seconds.
+
+    Requests start on schedule whatever the latency of earlier ones, so a slow server shows as
+    latency rather than a lower rate. Returns the achieved rate and the p50 and p99 latency.
+    """
     total = int(rate * duration)
     requests = [_event(i) for i in range(total)]
     latencies: list[float] = []
@@ -196,6 +214,11 @@ _BUCKETS = {"summary-total": 0, "summary-hour": 1, "summary-day": 2, "summary-mo
 async def query(
     address: str, kind: str, tenant: str, start: int, end: int, count: int, meters: list[str] | None = None
 ) -> dict[str, object]:
+    """`count` sequential reads of `tenant`'s usage over [start, end) (seconds since the epoch).
+
+    `kind` is a summary bucket ("summary-hour"...), "invoice" (GenerateInvoice) or "preview"
+    (PreviewInvoice of the open period). Returns the p50 and p99 latency and the response size.
+    """
     from google.protobuf.timestamp_pb2 import Timestamp
 
     def ts(seconds: int) -> Timestamp:
@@ -253,6 +276,7 @@ async def query(
 
 
 def main() -> None:
+    """Parse the command line, run one load and print its results as one JSON line."""
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ingest")

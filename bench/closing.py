@@ -122,6 +122,11 @@ async def _check(dsn: str) -> tuple[int, int]:
 
 
 def scenario_close(tenants: int = TENANTS, timeout: float = 600.0) -> dict[str, Any]:
+    """Scenario 6: `tenants` periods made due, closed by the server; time until all are finalized.
+
+    Returns a row with the rate and whether every invoice total matched the SQL computation.
+    Gives up after `timeout` seconds.
+    """
     # The server's period-close task looks every second; the clock starts when the closes are due.
     with harness.stack(["--period-close-interval", "1"]) as stack:
         began = time.perf_counter()
@@ -145,6 +150,7 @@ def scenario_close(tenants: int = TENANTS, timeout: float = 600.0) -> dict[str, 
 def scenario_preview(
     sizes: list[int], run_client: Callable[..., tuple[dict[str, Any], Any]]
 ) -> list[dict[str, Any]]:
+    """Scenario 7: PreviewInvoice latency (p50, p99) for one tenant per size in `sizes` events."""
     now = datetime.now(UTC)
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     rows = []

@@ -32,6 +32,12 @@ UNLIMITED = [
 
 @dataclass
 class Stack:
+    """A running benchmark stack: PostgreSQL and, unless started without it, `tally serve`.
+
+    `dsn` reaches the database, `address` and `token` the server; the processes are there to
+    meter their CPU and memory.
+    """
+
     dsn: str
     address: str
     server: psutil.Process | None
@@ -77,6 +83,7 @@ def peak_rss_mb(process: psutil.Process | None) -> float:
 
 @contextmanager
 def postgres() -> Iterator[tuple[str, psutil.Process]]:
+    """A fresh embedded PostgreSQL in a temporary directory, removed on exit: its DSN and process."""
     directory = Path(tempfile.mkdtemp(prefix="tally-bench-"))
     embedded = EmbeddedPostgres(directory)
     dsn = embedded.start()
@@ -90,6 +97,11 @@ def postgres() -> Iterator[tuple[str, psutil.Process]]:
 
 @contextmanager
 def stack(extra_args: list[str] | None = None, *, with_server: bool = True) -> Iterator[Stack]:
+    """A fresh PostgreSQL and `tally serve` on it (with `extra_args`), with rate limits off.
+
+    The server is stopped with SIGTERM on exit (killed if it takes over 30 s). `with_server`
+    False starts PostgreSQL alone.
+    """
     with postgres() as (dsn, pg):
         if not with_server:
             yield Stack(dsn, "", None, pg)

@@ -52,6 +52,11 @@ async def _create_meters(dsn: str, meters: list[tuple[str, str, str, str, str, l
 def scenario_ingest(
     events: int, runs: int, run_client: Callable[..., tuple[dict[str, Any], Any]]
 ) -> list[dict[str, Any]]:
+    """`meters-ingest`: StreamUsage ingestion with the default meters only and with three more.
+
+    The two variants alternate on fresh stacks, `runs` times each; each row has the rate, the
+    CPU of both processes and the lock wait per batch. Prints the ratio of the medians.
+    """
     rows = []
     for run in range(runs):
         for variant in ("default meters", "with MAX, UNIQUE_COUNT, TIME_WEIGHTED"):
@@ -156,6 +161,7 @@ QUERY_METERS = [
 def scenario_query(
     sizes: list[int], run_client: Callable[..., tuple[dict[str, Any], Any]]
 ) -> list[dict[str, Any]]:
+    """`meters-query`: GetUsageSummary latency per aggregation, daily and monthly, per size."""
     start = datetime(2026, 1, 1, tzinfo=UTC)
     # The calendar month (the data covers its first 30 days): billing periods are months, and
     # a UNIQUE_COUNT over a whole month reads the month's distinct values, not 31 days' worth.

@@ -19,6 +19,7 @@ from bench.run import run_client
 
 
 def main() -> None:
+    """Run both builds' ingestion and unary scenarios for --rounds rounds; print medians and ratios."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -80,6 +80,11 @@ async def _write(
 
 
 def scenario(events: int, batch_sizes: list[int], streams: list[int]) -> list[dict[str, Any]]:
+    """Scenario 2: `events` events written straight into PostgreSQL by each plain method.
+
+    Runs COPY and unnest over each count of connections in `streams`, in batches of the
+    largest of `batch_sizes`; each row has the rate and PostgreSQL's CPU.
+    """
     rows = workload.rows(events)
     results = []
     batch = max(batch_sizes)

@@ -45,6 +45,11 @@ GROUP BY 1, 2, 3, 4, 5
 
 
 async def load(dsn: str, tenant: str, events: int, start: datetime) -> float:
+    """Load `events` events of `tenant` over DAYS days from `start` straight into the tables.
+
+    Writes them as the server would (keys, partitions, rollups) and returns the seconds the
+    load took.
+    """
     services = ", ".join(f"'{s}'" for s, _ in USAGE_TYPES)
     types = ", ".join(f"'{t}'" for _, t in USAGE_TYPES)
     conn = await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
@@ -66,6 +71,7 @@ async def load(dsn: str, tenant: str, events: int, start: datetime) -> float:
 
 
 def scenario(sizes: list[int], run_client: Callable[..., tuple[dict[str, Any], Any]]) -> list[dict[str, Any]]:
+    """Scenario 4: summary (hourly, daily) and invoice latency for one tenant per size in `sizes`."""
     start = datetime(2026, 1, 1, tzinfo=UTC)
     end = start + timedelta(days=DAYS)
     rows = []

@@ -12,12 +12,14 @@ from typing import Any
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table of `rows` under `headers`."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def render(report: dict[str, Any]) -> str:
+    """The Markdown report of a benchmark result (the JSON that bench.run writes)."""
     out = []
     m = report["machine"]
     out.append(

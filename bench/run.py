@@ -62,6 +62,7 @@ def run_client(*args: str, stack: harness.Stack) -> tuple[dict[str, Any], harnes
 
 
 async def count_events(dsn: str) -> int:
+    """The number of events committed in the database at `dsn`."""
     conn = await asyncpg.connect(dsn)
     try:
         count: int = await conn.fetchval("SELECT count(*) FROM usage_events")
@@ -73,6 +74,11 @@ async def count_events(dsn: str) -> int:
 def scenario_ingest(
     events: int, batches: list[int], streams: list[int], server_args: list[str]
 ) -> list[dict[str, Any]]:
+    """Scenario 1: bulk ingestion through the server for each RPC, batch size and stream count.
+
+    Each row compares the events committed with the distinct events sent, and has the rate,
+    the CPU of the server and of PostgreSQL, and the server's peak memory.
+    """
     rows = []
     for method in ("stream", "ingest"):
         for batch in batches:
@@ -110,6 +116,7 @@ def scenario_ingest(
 
 
 def scenario_unary(duration: float) -> dict[str, Any]:
+    """Scenario 3: ReportUsage at most with 64 in flight, and latency at a fixed 1,000 requests/s."""
     with harness.stack() as stack:
         maximum, meter = run_client(
             "unary-max", "--concurrency", "64", "--duration", str(duration), stack=stack
@@ -211,6 +218,7 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
+    """What the benchmark ran on: CPU model, cores, memory, Python and platform."""
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -226,6 +234,7 @@ def machine() -> dict[str, Any]:
 
 
 def main() -> None:
+    """Run the chosen scenarios, print their rows and write the JSON report to bench/results/."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

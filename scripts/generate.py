@@ -96,6 +96,7 @@ def build_image(image: Path, *, against: Path, allow_breaking: bool) -> None:
 
 
 def main() -> None:
+    """Build and check the buf image, then regenerate the Python stubs into --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=GENERATED, help="output directory")
     parser.add_argument("--image", type=Path, default=IMAGE, help="where to write the buf image")

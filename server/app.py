@@ -102,6 +102,7 @@ SERVICE_NAMES = (
 
 
 def now_micros() -> int:
+    """The wall clock in microseconds since the epoch: the server's `now` for events and billing."""
     return time.time_ns() // 1_000
 
 
@@ -140,7 +141,7 @@ async def _close(pool: asyncpg.Pool, seconds: float) -> None:
 
 
 def memory_bound_options(config: Config) -> list[tuple[str, int]]:
-    """gRPC core's limits on what a client can make the server hold before its token is checked."""
+    """GRPC core's limits on what a client can make the server hold before its token is checked."""
     options = [
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         # gRPC's "overload protection" also counts calls that have finished but whose memory
@@ -158,8 +159,10 @@ GAUGE_PUBLISH_SECONDS = 1.0
 
 
 async def _publish_gauges(metrics: Metrics) -> None:
-    """A worker's events-in-flight gauge, written to its metrics file: it is read, not counted,
-    so the parent's scrape sees it at most this old."""
+    """Write a worker's events-in-flight gauge to its metrics file, every GAUGE_PUBLISH_SECONDS.
+
+    The gauge is read, not counted, so the parent's scrape sees it at most this old.
+    """
     while True:
         metrics.publish_events_in_flight()
         await asyncio.sleep(GAUGE_PUBLISH_SECONDS)
@@ -476,5 +479,6 @@ class TallyServer:
             self._tracer_provider.shutdown()  # exports the spans still queued
 
     async def wait_for_termination(self) -> None:
+        """Wait until the gRPC server has stopped; start() must have been called."""
         assert self._server is not None
         await self._server.wait_for_termination()

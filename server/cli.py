@@ -1,5 +1,8 @@
-"""The `tally` command line: `tally serve` runs the service, `tally token` mints a bearer token,
-`tally retention` drops old raw events."""
+"""The server's part of the `tally` command line.
+
+`tally serve` runs the service, `tally token` mints a bearer token, `tally retention` drops
+old raw events.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ RETENTION_SETTINGS = ("data_dir", "database_url")
 
 
 class _BadEnv:
-    """An environment variable its setting cannot parse. It is reported only if the command uses it
-    (a flag given on the command line replaces it), so a bad TALLY_PORT does not break `tally token`."""
+    """An environment variable its setting cannot parse.
+
+    It is reported only if the command uses it (a flag given on the command line replaces it),
+    so a bad TALLY_PORT does not break `tally token`.
+    """
 
     def __init__(self, message: str, text: str) -> None:
         self.message = message
@@ -94,6 +100,10 @@ def _add_settings(parser: argparse.ArgumentParser, paths: Iterable[str]) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the server's commands alone: `tally serve`, `tally token`, `tally retention`.
+
+    The installed `tally` is tally-client's, which adds these through `register_commands`.
+    """
     parser = argparse.ArgumentParser(
         prog="tally",
         description="Tally: usage metering and billing over gRPC.",
@@ -103,14 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def register_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The `tally.commands` entry point (pyproject.toml): serve, token and retention in tally-client's
-    `tally` command, each run by `run`."""
+    """The `tally.commands` entry point (pyproject.toml).
+
+    Adds serve, token and retention to tally-client's `tally` command, each run by `run`.
+    """
     add_commands(commands)
     for name in ("serve", "token", "retention"):
         commands.choices[name].set_defaults(handler=run)
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add serve, token and retention to `commands`; their settings' flags come from server.config."""
     serve = commands.add_parser(
         "serve",
         help="run the gRPC service",
@@ -311,9 +324,12 @@ def _warn_dev_secret(config: Config, path: Path | None, port: int) -> None:
 
 
 def _runnable(name: str) -> str:
-    """How the user's shell runs `name`, a command installed beside `tally` (grpcurl comes with
-    the dev dependencies): the bare name when it is on PATH (an active virtual environment),
-    else its path beside this command, where it is or where installing it will put it."""
+    """How the user's shell runs `name`, a command installed beside `tally`.
+
+    (grpcurl comes with the dev dependencies.) The bare name when it is on PATH (an active
+    virtual environment), else its path beside this command, where it is or where installing
+    it will put it.
+    """
     here = Path(sys.argv[0])
     if here.name != "tally":  # not run as the installed command: nothing better to go by
         return name
@@ -412,6 +428,7 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and run the command (`python -m server.cli`)."""
     run(parse_args(argv))
 
 

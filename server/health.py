@@ -23,6 +23,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class DatabaseHealth:
+    """Sets every service's grpc.health.v1 status from a database probe, every `interval_seconds`.
+
+    `services` are the full service names; "" (the server as a whole) is set too.
+    """
+
     def __init__(
         self,
         servicer: health_aio.HealthServicer,
@@ -44,6 +49,7 @@ class DatabaseHealth:
         return bool(self._serving)
 
     async def set_all(self, serving: bool) -> None:
+        """Set every service SERVING or NOT_SERVING, logging when that changes."""
         if serving != self._serving:
             log.log(
                 logging.INFO if serving else logging.WARNING,
@@ -55,6 +61,7 @@ class DatabaseHealth:
             await self._servicer.set(service, SERVING if serving else NOT_SERVING)
 
     async def check_once(self) -> bool:
+        """True if the database answered the probe within its timeout."""
         return await self._probe.check()
 
     async def run(self) -> None:

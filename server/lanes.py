@@ -49,6 +49,11 @@ class _Submission(NamedTuple):
 
 
 class Lane:
+    """One write lane: writes one transaction at a time, merging what waits (see the module docstring).
+
+    A merged transaction holds at most `max_events` events.
+    """
+
     def __init__(
         self,
         store: EventWriter,
@@ -79,6 +84,7 @@ class Lane:
         return future
 
     async def drain(self) -> None:
+        """Wait until everything submitted so far is written (a caller's cancellation does not stop it)."""
         while self._writer is not None:
             await asyncio.shield(self._writer)
 
@@ -131,8 +137,11 @@ class Lane:
 
 
 class WriteLanes:
-    """A fixed set of lanes. Single reports share lane 0 (they merge best on one lane);
-    streams are spread over all lanes, one lane for the whole stream."""
+    """A fixed set of lanes.
+
+    Single reports share lane 0 (they merge best on one lane); streams are spread over all
+    lanes, one lane for the whole stream.
+    """
 
     def __init__(
         self,
@@ -148,11 +157,14 @@ class WriteLanes:
 
     @property
     def reports(self) -> Lane:
+        """The lane of single reports (lane 0): they merge best on one lane."""
         return self._lanes[0]
 
     def for_stream(self) -> Lane:
+        """A lane for a new stream, round-robin; the stream keeps it to the end."""
         return next(self._next)
 
     async def drain(self) -> None:
+        """Wait until every lane has written everything submitted so far."""
         for lane in self._lanes:
             await lane.drain()

@@ -96,6 +96,7 @@ class PortReservation:
         self._sockets = sockets
 
     def close(self) -> None:
+        """Release the port: close the held sockets."""
         for held in self._sockets:
             held.close()
         self._sockets = []

@@ -18,6 +18,8 @@ from server.domain.timeutil import to_micros
 
 
 class RateCardCache:
+    """Which usage types the rate card prices, and from when (see the module docstring)."""
+
     def __init__(
         self,
         store: RateBook,
@@ -34,6 +36,7 @@ class RateCardCache:
         self._loaded_at = float("-inf")
 
     async def reload(self) -> None:
+        """Read the first effective time of every usage type from the store now."""
         times = await self._store.first_effective_times()
         self._first_effective = {key: to_micros(value) for key, value in times.items()}
         self._loaded_at = self._monotonic()
@@ -47,6 +50,7 @@ class RateCardCache:
             await self.reload()
 
     def first_effective(self, service: str, usage_type: str) -> int | None:
+        """When the first rate of the usage type took effect (microseconds), or None if unpriced."""
         return self._first_effective.get((service, usage_type))
 
     def note_rate(self, service: str, usage_type: str, effective_micros: int) -> None:

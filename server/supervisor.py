@@ -70,6 +70,7 @@ class Backoff:
     stable: float = 60.0
 
     def delay(self, failures: int) -> float:
+        """Seconds to wait before restarting a worker after `failures` failures in a row."""
         return float(min(self.most, self.first * 2 ** max(0, failures - 1)))
 
 
@@ -322,8 +323,10 @@ class Supervisor:
 def worker_main(
     config: Config, index: int, ready: Connection, log_level: str, metric_files: tuple[Path, str] | None
 ) -> None:
-    """A worker process's entry point (spawned by Supervisor); metric_files: the run's
-    metrics directory and the name of this worker's files in it."""
+    """A worker process's entry point (spawned by Supervisor).
+
+    metric_files: the run's metrics directory and the name of this worker's files in it.
+    """
     # Ctrl-C reaches the whole process group; the parent turns it into one orderly SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as in server.cli

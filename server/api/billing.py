@@ -58,6 +58,14 @@ def _invoice_response(response_type: type[M]) -> Callable[[Invoice], M]:
 
 
 class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
+    """The BillingService servicer: rates, invoices and their lifecycle, credit notes, plans, profiles.
+
+    Each method converts its request, makes one call to server.billing (`billing`,
+    `lifecycle`, `plans` or `periods`) and converts the answer; the contract, scopes and
+    errors are documented in protos/tally/v1/billing_service.proto. A mutating method
+    answers a retry with the same request_id with the first call's response.
+    """
+
     def __init__(
         self,
         billing: Billing,
@@ -78,6 +86,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
     async def ListRates(
         self, request: billing_service_pb2.ListRatesRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> billing_service_pb2.ListRatesResponse:
+        """The rate card as of a time (default now), or every rate ever set; one page."""
         page = await self._billing.list_rates(
             optional_micros(request, "as_of_time"),
             request.show_history,
@@ -92,6 +101,8 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
     async def SetRate(
         self, request: billing_service_pb2.SetRateRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> billing_service_pb2.SetRateResponse:
+        """A usage type's price from an effective time on; needs a token for all tenants."""
+
         def respond(rate: Rate) -> billing_service_pb2.SetRateResponse:
             return billing_service_pb2.SetRateResponse(rate=rate_message(rate))
 
@@ -107,6 +118,8 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.GenerateInvoiceResponse:
+        """The tenant's invoice for a period, created, or recomputed while it is a draft."""
+
         def respond(result: tuple[Invoice, bool]) -> billing_service_pb2.GenerateInvoiceResponse:
             invoice, created = result
             return billing_service_pb2.GenerateInvoiceResponse(
@@ -131,6 +144,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.GetInvoiceResponse:
+        """One invoice by name; another tenant's is NOT_FOUND, like a missing one."""
         tenant_id, invoice_id = parse_invoice_name(request.name)
         invoice = await self._billing.get_invoice(tenant_id, invoice_id, caller.principal)
         return billing_service_pb2.GetInvoiceResponse(invoice=invoice_message(invoice))
@@ -142,6 +156,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.ListInvoicesResponse:
+        """A tenant's invoices, newest period first; one page."""
         page = await self._billing.list_invoices(
             parse_tenant_name(request.parent), request.page_size, request.page_token, caller.principal
         )
@@ -156,6 +171,10 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.ListAuditEventsResponse:
+        """The audit trail, oldest first, as far as the token may see it; one page.
+
+        A token for some tenants sees their entries and the rate card's.
+        """
         page = await self._billing.list_audit_events(
             request.tenant_id,
             optional_micros(request, "start_time"),
@@ -192,6 +211,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.FinalizeInvoiceResponse:
+        """Price a draft one last time, freeze its lines and give it the issuer's next number."""
         return await self._move(
             request,
             caller,
@@ -207,6 +227,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.VoidInvoiceResponse:
+        """Void a draft, finalized or uncollectible invoice: it bills nothing and frees its period."""
         return await self._move(
             request, caller, InvoiceStatus.VOID, "VoidInvoice", billing_service_pb2.VoidInvoiceResponse
         )
@@ -218,6 +239,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.MarkInvoicePaidResponse:
+        """Mark a finalized or uncollectible invoice paid."""
         return await self._move(
             request,
             caller,
@@ -233,6 +255,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.MarkInvoiceUncollectibleResponse:
+        """Mark a finalized invoice uncollectible."""
         return await self._move(
             request,
             caller,
@@ -248,6 +271,8 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.CreateCreditNoteResponse:
+        """Credit part or all of a finalized invoice; its credit notes never exceed its total."""
+
         def respond(note: CreditNote) -> billing_service_pb2.CreateCreditNoteResponse:
             return billing_service_pb2.CreateCreditNoteResponse(credit_note=credit_note_message(note))
 
@@ -269,6 +294,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.ListCreditNotesResponse:
+        """A tenant's credit notes, oldest first; one page."""
         page = await self._lifecycle.list_credit_notes(
             parse_tenant_name(request.parent), request.page_size, request.page_token, caller.principal
         )
@@ -285,6 +311,8 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.CreatePlanResponse:
+        """A plan with its first version; needs a token for all tenants (plans are shared)."""
+
         def respond(plan: Plan) -> billing_service_pb2.CreatePlanResponse:
             return billing_service_pb2.CreatePlanResponse(plan=plan_message(plan))
 
@@ -305,6 +333,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
     async def GetPlan(
         self, request: billing_service_pb2.GetPlanRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> billing_service_pb2.GetPlanResponse:
+        """One plan with all its versions."""
         plan = await self._plans.get_plan(parse_plan_name(request.name))
         return billing_service_pb2.GetPlanResponse(plan=plan_message(plan))
 
@@ -312,6 +341,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
     async def ListPlans(
         self, request: billing_service_pb2.ListPlansRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> billing_service_pb2.ListPlansResponse:
+        """The plans in id order ("default" first); one page."""
         page = await self._plans.list_plans(request.page_size, request.page_token)
         return billing_service_pb2.ListPlansResponse(
             plans=[plan_message(p) for p in page.items], next_page_token=page.next_page_token
@@ -324,6 +354,8 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.CreatePlanVersionResponse:
+        """New charges for a plan from an effective time on; never inside a billed period."""
+
         def respond(plan: Plan) -> billing_service_pb2.CreatePlanVersionResponse:
             return billing_service_pb2.CreatePlanVersionResponse(plan=plan_message(plan))
 
@@ -348,6 +380,8 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.SetBillingProfileResponse:
+        """Create or replace a tenant's billing profile (plan, anchor day, tax, overrides...)."""
+
         def respond(profile: BillingProfile) -> billing_service_pb2.SetBillingProfileResponse:
             return billing_service_pb2.SetBillingProfileResponse(billing_profile=profile_message(profile))
 
@@ -380,6 +414,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.GetBillingProfileResponse:
+        """A tenant's billing profile; NOT_FOUND if it has none."""
         profile = await self._plans.get_profile(parse_billing_profile_name(request.name), caller.principal)
         return billing_service_pb2.GetBillingProfileResponse(billing_profile=profile_message(profile))
 
@@ -392,6 +427,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.PreviewInvoiceResponse:
+        """What the tenant owes so far in its open period, priced live and not stored."""
         invoice = await self._periods.preview(parse_tenant_name(request.parent), caller.principal)
         return billing_service_pb2.PreviewInvoiceResponse(invoice=invoice_message(invoice))
 
@@ -402,6 +438,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> billing_service_pb2.ClosePeriodResponse:
+        """Close the tenant's oldest open period now: its invoice, generated and finalized."""
         respond = _invoice_response(billing_service_pb2.ClosePeriodResponse)
         result = await self._periods.close_period(
             parse_tenant_name(request.parent), caller, once(request, _method("ClosePeriod"), caller, respond)

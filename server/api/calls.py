@@ -40,8 +40,10 @@ Method = Callable[..., Any]
 
 
 class Guarded(Protocol):
-    """A servicer whose calls are authenticated and limited by `authenticator`, and observed
-    by `telemetry`."""
+    """A servicer whose calls are authenticated and limited, and observed.
+
+    `authenticator` authenticates and limits each call; `telemetry` observes it.
+    """
 
     authenticator: Authenticator
     telemetry: CallTelemetry

@@ -41,12 +41,14 @@ _BUCKET_ENUMS = {name: value for value, name in BUCKET_NAMES.items()}
 
 
 def timestamp_problem(ts: Timestamp) -> str | None:
+    """Why `ts` is not a valid Timestamp (nanos or years 1..9999 out of range), or None."""
     if not 0 <= ts.nanos < 1_000_000_000 or not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS:
         return "is not a valid timestamp"
     return None
 
 
 def micros(ts: Timestamp) -> int:
+    """A valid Timestamp as microseconds since the epoch (finer digits are dropped)."""
     return ts.seconds * 1_000_000 + ts.nanos // 1_000
 
 
@@ -98,6 +100,7 @@ def rate_change(request: billing_service_pb2.SetRateRequest) -> RateChange:
 
 
 def bucket_name(value: int) -> TimeBucket:
+    """The time bucket of a proto enum value; InvalidArgument (field `bucket`) for an unknown one."""
     name = BUCKET_NAMES.get(resources_pb2.TimeBucket.ValueType(value))
     if name is None:
         raise InvalidArgument.single("bucket", f"unknown time bucket {value}")
@@ -105,12 +108,18 @@ def bucket_name(value: int) -> TimeBucket:
 
 
 def to_timestamp(value: datetime) -> Timestamp:
+    """An aware datetime as a Timestamp."""
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
 
 
 def raw_event(event: resources_pb2.UsageEvent) -> RawEvent:
+    """A UsageEvent proto as an unvalidated RawEvent.
+
+    A malformed event_time is kept as `time_error`, so that validation reports it with the
+    event's other problems.
+    """
     time_micros: int | None = None
     time_error: str | None = None
     if event.HasField("event_time"):
@@ -130,6 +139,7 @@ def raw_event(event: resources_pb2.UsageEvent) -> RawEvent:
 
 
 def rate_message(rate: Rate) -> resources_pb2.Rate:
+    """A Rate as its proto: its resource name, and its price in the currency's precision."""
     return resources_pb2.Rate(
         name=rate_name(rate.service, rate.usage_type, rate.effective_from),
         service=rate.service,
@@ -206,6 +216,7 @@ def _line_message(line: LineItem, minor: int) -> resources_pb2.InvoiceLineItem:
 
 
 def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
+    """An Invoice as its proto, with its real status, kind, parties and lifecycle times."""
     minor = MINOR_UNITS.get(invoice.currency, 2)
     message = _invoice_message(invoice, minor)
     message.kind = _KINDS[invoice.kind]
@@ -227,6 +238,7 @@ def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
 
 
 def credit_note_message(note: CreditNote) -> resources_pb2.CreditNote:
+    """A CreditNote as its proto, its amount in the currency's minor units."""
     minor = MINOR_UNITS.get(note.currency, 2)
     message = resources_pb2.CreditNote(
         name=credit_note_name(note.tenant_id, note.id),
@@ -297,6 +309,7 @@ def meter_spec(meter: resources_pb2.Meter) -> MeterSpec:
 
 
 def meter_message(meter: Meter) -> resources_pb2.Meter:
+    """A Meter as its proto: its spec, state and times."""
     spec = meter.spec
     message = resources_pb2.Meter(
         name=meter.name,
@@ -317,6 +330,7 @@ def meter_message(meter: Meter) -> resources_pb2.Meter:
 
 
 def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
+    """A UsageSummary as its proto: usage aggregates, then meter values."""
     message = resources_pb2.UsageSummary(
         name=usage_summary_name(summary.tenant_id),
         tenant_id=summary.tenant_id,
@@ -356,6 +370,7 @@ _AUDIT_ACTIONS = {
 
 
 def audit_event_message(event: AuditEvent) -> resources_pb2.AuditEvent:
+    """An audit entry as its proto, with its before and after values as Structs."""
     entry = event.entry
     message = resources_pb2.AuditEvent(
         name=audit_event_name(event.id),

@@ -74,6 +74,7 @@ class RequestReader:
         return message
 
     async def read_all(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """The messages of a client stream until its end, each read as `read` does."""
         while (message := await self.read(context)) is not grpc.aio.EOF:
             yield message
 
@@ -155,8 +156,9 @@ class _BoundedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 
 class BoundedRegistration:
-    """Stands in for the server when a generated `add_XServicer_to_server` (or reflection)
-    registers a service, and registers its handlers with bounded reads.
+    """Registers a service's handlers with bounded reads, standing in for the server.
+
+    A generated `add_XServicer_to_server` (or reflection) is given this in place of the server.
 
     `tally=True` is for Tally's services: tolerant deserializers, and client streams left
     to read after the token is checked. Done once at start-up rather than in an
@@ -175,11 +177,13 @@ class BoundedRegistration:
         return _bounded(handler, self._reader, streams_read_after_token=self._tally)
 
     def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        """Register generic handlers with the server, each method they find given bounded reads."""
         self._server.add_generic_rpc_handlers(tuple(_BoundedGeneric(h, self._wrap) for h in handlers))
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
+        """Register a service's method handlers with the server, each given bounded reads."""
         self._server.add_registered_method_handlers(
             service, {name: self._wrap(h) for name, h in handlers.items()}
         )

@@ -108,6 +108,11 @@ def status_for(exc: BaseException, request_id: str) -> status_pb2.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str) -> NoReturn:
+    """End the call with the status of `exc`, its details and the request id in the trailers.
+
+    Refusals of credentials and permissions are logged at INFO; an unexpected exception is
+    logged with a reference (see `status_for`). Never returns.
+    """
     status = rpc_status.to_status(status_for(exc, request_id))
     if status.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         # The message is ours and never quotes the token (see server.auth.tokens).

@@ -21,6 +21,11 @@ _ARCHIVE_METER = _METHODS["ArchiveMeter"].full_name
 
 
 class MeterApi(meter_service_pb2_grpc.MeterServiceServicer):
+    """The MeterService servicer: create, read, list and archive meters (server.metering.meters).
+
+    The contract, scopes and errors are documented in protos/tally/v1/meter_service.proto.
+    """
+
     def __init__(self, meters: MeterCatalog, authenticator: Authenticator, telemetry: CallTelemetry) -> None:
         self._meters = meters
         self.authenticator = authenticator
@@ -33,6 +38,8 @@ class MeterApi(meter_service_pb2_grpc.MeterServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> meter_service_pb2.CreateMeterResponse:
+        """Define a meter; its id is never reused, even once archived (ALREADY_EXISTS)."""
+
         def respond(meter: Meter) -> meter_service_pb2.CreateMeterResponse:
             return meter_service_pb2.CreateMeterResponse(meter=meter_message(meter))
 
@@ -46,12 +53,14 @@ class MeterApi(meter_service_pb2_grpc.MeterServiceServicer):
     async def GetMeter(
         self, request: meter_service_pb2.GetMeterRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> meter_service_pb2.GetMeterResponse:
+        """One meter by name; NOT_FOUND if there is none."""
         return meter_service_pb2.GetMeterResponse(meter=meter_message(await self._meters.get(request.name)))
 
     @rpc(USAGE_READ)
     async def ListMeters(
         self, request: meter_service_pb2.ListMetersRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> meter_service_pb2.ListMetersResponse:
+        """The meters, active and archived, in meter_id order; one page."""
         page = await self._meters.list(request.page_size, request.page_token)
         return meter_service_pb2.ListMetersResponse(
             meters=[meter_message(m) for m in page.meters], next_page_token=page.next_page_token
@@ -64,6 +73,8 @@ class MeterApi(meter_service_pb2_grpc.MeterServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> meter_service_pb2.ArchiveMeterResponse:
+        """Stop a meter counting new events; archiving it again returns it unchanged."""
+
         def respond(meter: Meter) -> meter_service_pb2.ArchiveMeterResponse:
             return meter_service_pb2.ArchiveMeterResponse(meter=meter_message(meter))
 

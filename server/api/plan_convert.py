@@ -129,6 +129,7 @@ def charges_in(messages: Sequence[resources_pb2.Charge], field: str = "charges")
 
 
 def overrides_in(messages: Sequence[resources_pb2.PriceOverride]) -> tuple[PriceOverride, ...]:
+    """A profile's price overrides as the engine's values; InvalidArgument naming every bad field."""
     v = _Violations()
     overrides = []
     for index, message in enumerate(messages):
@@ -174,6 +175,7 @@ def _set_model(
 
 
 def plan_message(plan: Plan) -> resources_pb2.Plan:
+    """A Plan as its proto, every version with its charges, prices in the currency's precision."""
     minor = MINOR_UNITS.get(plan.currency, 2)
     message = resources_pb2.Plan(
         name=plan_name(plan.plan_id),
@@ -202,6 +204,7 @@ def plan_message(plan: Plan) -> resources_pb2.Plan:
 
 
 def profile_message(profile: BillingProfile) -> resources_pb2.BillingProfile:
+    """A BillingProfile as its proto; a plan id as its resource name ("plans/{plan}")."""
     minor = MINOR_UNITS.get(profile.currency, 2)
     message = resources_pb2.BillingProfile(
         name=billing_profile_name(profile.tenant_id),

@@ -73,16 +73,21 @@ class SourcePool:
         self._pool = pool or descriptor_pool.Default()
 
     def FindFileByName(self, name: str) -> _File:
+        """The file `name`, copied out with its comments when it is one of Tally's."""
         return _File(self._pool.FindFileByName(name), self._sources)
 
     def FindFileContainingSymbol(self, symbol: str) -> _File:
+        """The file that defines `symbol`, copied out with its comments when it is one of Tally's."""
         return _File(self._pool.FindFileContainingSymbol(symbol), self._sources)
 
     def FindMessageTypeByName(self, name: str) -> Any:
+        """The pool's message descriptor of that full name."""
         return self._pool.FindMessageTypeByName(name)
 
     def FindExtensionByNumber(self, message: Any, number: int) -> Any:
+        """The pool's extension of `message` with that field number."""
         return self._pool.FindExtensionByNumber(message, number)
 
     def FindAllExtensions(self, message: Any) -> Any:
+        """The pool's extensions of `message`."""
         return self._pool.FindAllExtensions(message)

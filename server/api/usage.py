@@ -71,6 +71,13 @@ class _Batch:
 
 
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
+    """The UsageService servicer: ingestion, summaries and cancellations.
+
+    Converts protos and hands each use case to server.metering (`metering`) or to the
+    corrections (`corrections`); the contract, scopes and errors are documented in
+    protos/tally/v1/usage_service.proto.
+    """
+
     def __init__(
         self,
         metering: Metering,
@@ -93,6 +100,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
     async def ReportUsage(
         self, request: usage_service_pb2.ReportUsageRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> usage_service_pb2.ReportUsageResponse:
+        """Record one event; the answer says whether it was recorded or a duplicate."""
         recorded = await self._metering.report(raw_event(request.event), caller.principal)
         return usage_service_pb2.ReportUsageResponse(
             tenant_id=request.event.tenant_id,
@@ -109,6 +117,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> usage_service_pb2.IngestUsageResponse:
+        """Bulk ingestion: record each batch as it arrives; one answer with the stream's counts."""
         response = usage_service_pb2.IngestUsageResponse()
         async with contextlib.aclosing(self._record_stream(caller, request_iterator)) as batches:
             async for _, outcome in batches:
@@ -130,6 +139,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageResponse]:
+        """Record each batch and acknowledge it, in order, once it is committed."""
         # Closed however the handler ends: cancelled while it sends an acknowledgement, it
         # is not inside the pipeline, and only closing it stops the pipeline's tasks.
         async with contextlib.aclosing(self._record_stream(caller, request_iterator)) as batches:
@@ -149,6 +159,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> usage_service_pb2.GetUsageSummaryResponse:
+        """One tenant's usage over a time range, and the values of the meters asked for."""
         summary = await self._metering.summary(
             parse_usage_summary_name(request.name), summary_query(request), caller.principal
         )
@@ -161,6 +172,10 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageSummariesResponse]:
+        """One summary per tenant, in tenant_id order.
+
+        For the listed tenants, or else for every tenant with usage that the token covers.
+        """
         summaries = self._metering.summaries(
             list(request.tenant_ids), summary_query(request), caller.principal
         )
@@ -171,6 +186,8 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
     async def CancelEvent(
         self, request: usage_service_pb2.CancelEventRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> usage_service_pb2.CancelEventResponse:
+        """Cancel a recorded event; cancelling it again answers the first cancellation."""
+
         def respond(event: CancelledEvent) -> usage_service_pb2.CancelEventResponse:
             return usage_service_pb2.CancelEventResponse(
                 tenant_id=event.tenant_id,

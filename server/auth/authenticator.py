@@ -20,6 +20,7 @@ class Authenticator:
         self.limiter = limiter
 
     def principal(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
+        """The principal of a call's bearer token; Unauthenticated if it has none, several or a bad one."""
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
             raise Unauthenticated(

@@ -15,6 +15,7 @@ DEV_SECRET_NAME = "dev-jwt-secret"
 
 
 def dev_secret_path(data_dir: Path) -> Path:
+    """Where the development secret of a data directory lives."""
     return data_dir / DEV_SECRET_NAME
 
 

@@ -42,18 +42,24 @@ class LimitClock(Protocol):
     refilled in real time.
     """
 
-    def __call__(self) -> float: ...
+    def __call__(self) -> float:
+        """Seconds on a monotonic scale, by which the buckets refill."""
+        ...
 
-    def wall(self) -> float: ...
+    def wall(self) -> float:
+        """Seconds since the epoch that move with the monotonic reading (for the shared buckets)."""
+        ...
 
 
 class SystemClock:
     """The real clocks: time.monotonic for the buckets, time.time for the shared rows."""
 
     def __call__(self) -> float:
+        """time.monotonic(), by which the buckets refill."""
         return time.monotonic()
 
     def wall(self) -> float:
+        """time.time(), carried by the buckets shared with other processes."""
         return time.time()
 
 
@@ -83,6 +89,7 @@ class TokenBuckets:
 
     @property
     def unlimited(self) -> bool:
+        """True if the rate is 0 or less: nothing is limited and no bucket is kept."""
         return self.rate <= 0
 
     def _bucket(self, key: str, now: float) -> _Bucket:
@@ -114,6 +121,7 @@ class TokenBuckets:
         return wait if wait >= RESOLUTION_SECONDS else 0.0
 
     def remove(self, key: str, amount: float) -> None:
+        """Take `amount` tokens from the bucket of `key`, into debt if need be (noted for settling)."""
         if not self.unlimited:
             now = self._clock()
             self._bucket(key, now).tokens -= amount
@@ -191,6 +199,10 @@ class StreamSlots:
         return dict(self._open)
 
     def acquire(self, subject: str) -> None:
+        """Count a new stream of `subject`; ResourceExhausted (STREAM_LIMIT_REACHED) if it has its limit.
+
+        The limit counts the principal's streams here and, as last settled, in other processes.
+        """
         count = self._open.get(subject, 0)
         if self.limit > 0 and count + self.elsewhere.get(subject, 0) >= self.limit:
             raise ResourceExhausted(
@@ -203,6 +215,7 @@ class StreamSlots:
         self._open[subject] = count + 1
 
     def release(self, subject: str) -> None:
+        """Count a stream of `subject` as ended; call it once per successful acquire."""
         count = self._open.get(subject, 0) - 1
         if count > 0:
             self._open[subject] = count
@@ -224,6 +237,7 @@ class Limiter:
 
     @property
     def buckets(self) -> tuple[TokenBuckets, ...]:
+        """The four kinds of bucket: requests and events, per tenant and per principal."""
         return (self.tenant_requests, self.principal_requests, self.tenant_events, self.principal_events)
 
     @property

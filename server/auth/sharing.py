@@ -43,17 +43,25 @@ log = logging.getLogger(__name__)
 
 
 class SharedLimitStore(Protocol):
-    async def settle(
-        self, spent: Sequence[tuple[str, float, float, float]], now: float
-    ) -> dict[str, float]: ...
+    """Where the shared buckets and stream counts are kept (server.storage.shared_limits)."""
 
-    async def forget_full(self, now: float) -> None: ...
+    async def settle(self, spent: Sequence[tuple[str, float, float, float]], now: float) -> dict[str, float]:
+        """Subtract each (key, rate, spent, spent_at) from its shared bucket; every key's balance at `now`."""
+        ...
+
+    async def forget_full(self, now: float) -> None:
+        """Drop the shared buckets that have refilled by `now`."""
+        ...
 
     async def streams_elsewhere(
         self, worker: str, open_here: Mapping[str, int] | None, now: float, stale_seconds: float
-    ) -> dict[str, int]: ...
+    ) -> dict[str, int]:
+        """Record this process's open streams (unless None); the other live processes' sums."""
+        ...
 
-    async def forget_streams(self, worker: str | None, now: float, stale_seconds: float) -> None: ...
+    async def forget_streams(self, worker: str | None, now: float, stale_seconds: float) -> None:
+        """Drop a stopping process's stream counts, and those of processes gone silent."""
+        ...
 
 
 class LimitSharing:

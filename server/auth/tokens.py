@@ -134,6 +134,11 @@ class TokenVerifier:
         return candidates
 
     def verify(self, token: str) -> Principal:
+        """The principal of a valid token; Unauthenticated (with the reason) for any other.
+
+        A token verified before is taken from the cache, but its time window is checked on
+        every use, within the leeway.
+        """
         cached = self._verified.get(token)
         if cached is None:
             cached = self._verify(token)

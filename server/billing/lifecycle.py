@@ -43,16 +43,24 @@ _ACTIONS = {
 
 
 def customer_party(tenant_id: str, profile: BillingProfile | None) -> dict[str, str]:
+    """The `customer` party printed on an invoice: the profile's name and e-mail, else the tenant id."""
     if profile is None:
         return {"name": tenant_id, "email": "", "tenant_id": tenant_id}
     return {"name": profile.display_name, "email": profile.email, "tenant_id": tenant_id}
 
 
 def invoice_not_found(invoice_id: str) -> NotFound:
+    """NotFound (INVOICE_NOT_FOUND); the same for a missing invoice and another tenant's."""
     return NotFound(f"invoice {invoice_id[:80]!r} not found", reason=ErrorReason.INVOICE_NOT_FOUND)
 
 
 class Lifecycle:
+    """The use cases that move an invoice along its lifecycle, and credit notes (see the module docstring).
+
+    Numbers come from `issuer`'s gap-free sequences; `now_micros` is the clock of the
+    status times.
+    """
+
     def __init__(
         self,
         invoices: InvoiceStore,
@@ -342,6 +350,7 @@ class Lifecycle:
     async def list_credit_notes(
         self, tenant_id: str, page_size: int, page_token: str, principal: Principal
     ) -> Page[CreditNote]:
+        """A tenant's credit notes, oldest first, one page; PermissionDenied for a tenant not covered."""
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("parent", problem)
         principal.require_tenant(tenant_id)

@@ -50,6 +50,7 @@ SCHEDULER = "tally-period-close"
 
 
 def profile_missing(tenant_id: str) -> NotFound:
+    """NotFound (BILLING_PROFILE_NOT_FOUND): the tenant has no profile, so no periods to bill."""
     return NotFound(
         "the tenant has no billing profile (SetBillingProfile creates one)",
         reason=ErrorReason.BILLING_PROFILE_NOT_FOUND,
@@ -57,6 +58,11 @@ def profile_missing(tenant_id: str) -> NotFound:
 
 
 class Periods:
+    """The live preview of the open period, and closing periods, by ClosePeriod or when due.
+
+    A close is due `grace` after its period ends, so late usage still reaches its invoice.
+    """
+
     def __init__(
         self,
         invoices: InvoiceStore,
@@ -357,6 +363,7 @@ class CloseScheduler:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Start the background task; it runs until stop()."""
         self._task = asyncio.create_task(self._run(), name="tally-period-close")
 
     async def _run(self) -> None:

@@ -79,6 +79,7 @@ class ProfileInput:
 
 
 def plan_not_found(plan_id: str) -> NotFound:
+    """NotFound (PLAN_NOT_FOUND) naming the plan id (cut to 80 characters)."""
     return NotFound(f"plan {plan_id[:80]!r} not found", reason=ErrorReason.PLAN_NOT_FOUND)
 
 
@@ -101,6 +102,7 @@ def _amount(text: str, field: str) -> Decimal:
 
 
 def version_state(version: PlanVersion) -> State:
+    """A plan version as recorded in an audit entry's after: its charge keys, minimum as a string."""
     return {
         "plan": plan_name(version.plan_id),
         "version": version.version,
@@ -111,6 +113,7 @@ def version_state(version: PlanVersion) -> State:
 
 
 def profile_state(profile: BillingProfile) -> State:
+    """A billing profile as recorded in an audit entry's before and after: decimals as strings."""
     return {
         "display_name": profile.display_name,
         "email": profile.email,
@@ -127,6 +130,12 @@ def profile_state(profile: BillingProfile) -> State:
 
 
 class Plans:
+    """The use cases of plans and billing profiles (see the module docstring).
+
+    `default_currency` is the rate card's, the currency of the default plan; `grace` is the
+    delay after a period's end before it closes, which sets a new profile's first close.
+    """
+
     def __init__(
         self,
         invoices: InvoiceStore,
@@ -161,6 +170,7 @@ class Plans:
         return Plan(DEFAULT_PLAN, "Default plan (the rate card)", self._default_currency, EPOCH, (version,))
 
     async def get_plan(self, plan_id: str) -> Plan:
+        """One plan with its versions; the default plan is built from the rate card."""
         if plan_id == DEFAULT_PLAN:
             return await self.default_plan()
         if check_plan_id(plan_id):
@@ -176,6 +186,7 @@ class Plans:
         return plan
 
     async def list_plans(self, page_size: int, page_token: str) -> Page[Plan]:
+        """The plans in id order, the default plan first; one page."""
         limit = check_page_size(page_size, default=50, maximum=500)
         last = self._page_tokens.decode(page_token, "plans", (NAME,))
         after = last[0] if last else ""
@@ -210,6 +221,11 @@ class Plans:
         caller: Caller,
         once: Once[Plan] | None = None,
     ) -> Plan | Replayed:
+        """Create a plan with its first version, audited; needs a token for all tenants.
+
+        AlreadyExists for an id in use; the first version takes effect at `effective_micros`
+        (a whole hour; None: the start of the current hour).
+        """
         caller.principal.require_all_tenants("creating a plan")
         violations: list[FieldViolation] = []
         if problem := check_plan_id(plan_id):
@@ -272,6 +288,12 @@ class Plans:
         caller: Caller,
         once: Once[Plan] | None = None,
     ) -> Plan | Replayed:
+        """Add a version to a plan from `effective_micros` on (None: the next hour), audited.
+
+        The time must be after the latest version's (InvalidArgument). FailedPrecondition for
+        the default plan (PLAN_READ_ONLY) and for a time inside a period an invoice has billed
+        with the plan (PERIOD_FINALIZED).
+        """
         caller.principal.require_all_tenants("changing a plan")
         if plan_id == DEFAULT_PLAN:
             raise FailedPrecondition(
@@ -321,6 +343,7 @@ class Plans:
     # --- billing profiles ----------------------------------------------------------
 
     async def get_profile(self, tenant_id: str, principal: Principal) -> BillingProfile:
+        """The tenant's billing profile; NotFound (BILLING_PROFILE_NOT_FOUND) if it has none."""
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("name", problem)
         principal.require_tenant(tenant_id)
@@ -338,6 +361,11 @@ class Plans:
     async def set_profile(
         self, given: ProfileInput, caller: Caller, once: Once[BillingProfile] | None = None
     ) -> BillingProfile | Replayed:
+        """Create or replace the tenant's billing profile, audited.
+
+        Checks every field at once (InvalidArgument names each), then, under the tenant's
+        invoice lock, the plan, its currency and the overrides against its charges.
+        """
         tenant_id = given.tenant_id
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("billing_profile.name", problem)
@@ -497,6 +525,7 @@ class Plans:
 
 
 def period_finalized_at(closed_until: datetime) -> FailedPrecondition:
+    """The refusal of a change that would take effect before `closed_until` (PERIOD_FINALIZED)."""
     return FailedPrecondition(
         f"the change would take effect inside a closed period (closed until {closed_until.isoformat()})",
         reason=ErrorReason.PERIOD_FINALIZED,

@@ -129,6 +129,11 @@ def pricing_basis(
 
 
 class InvoicePricer:
+    """Prices a tenant's period from the stored profile, plans and usage (see the module docstring).
+
+    Tenants without a profile are billed in `default_currency` from the rate card.
+    """
+
     def __init__(self, default_currency: str) -> None:
         self._default_currency = default_currency
 

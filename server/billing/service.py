@@ -34,11 +34,19 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
+    """One page of a listing: its items, and the token of the next page ("" after the last)."""
+
     items: list[T]
     next_page_token: str
 
 
 class Billing:
+    """The rate card, invoice generation and reading, and the audit trail.
+
+    Rates are stored in `rates` (and noted in `rate_card`, which ingestion reads), invoices in
+    `invoices`; `currency` is the rate card's, used for tenants without a billing profile.
+    """
+
     def __init__(
         self,
         rates: RateBook,
@@ -64,6 +72,10 @@ class Billing:
     async def list_rates(
         self, as_of_micros: int | None, show_history: bool, page_size: int, page_token: str
     ) -> Page[Rate]:
+        """The rates in effect at `as_of_micros` (None: now), or every rate ever set; one page.
+
+        A listing "as of now" keeps the instant of its first page on every later page.
+        """
         limit = check_page_size(page_size, default=100, maximum=1_000)
         if show_history:
             filter_key = "history"
@@ -223,6 +235,7 @@ class Billing:
     async def list_invoices(
         self, tenant_id: str, page_size: int, page_token: str, principal: Principal
     ) -> Page[Invoice]:
+        """A tenant's invoices, newest period first; one page. Drafts are priced as of now."""
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
         principal.require_tenant(tenant_id)

@@ -41,12 +41,15 @@ class Principal:
 
     @property
     def all_tenants(self) -> bool:
+        """True if the token covers every tenant, present and future."""
         return self.tenants == ALL_TENANTS
 
     def may_act_for(self, tenant_id: str) -> bool:
+        """True if the token covers `tenant_id`."""
         return self.all_tenants or tenant_id in self.tenants
 
     def require_scope(self, scope: str) -> None:
+        """PermissionDenied (SCOPE_MISSING, naming the scope) unless the token grants `scope`."""
         if scope not in self.scopes:
             raise PermissionDenied(
                 f"the token lacks the scope {scope}",
@@ -55,10 +58,19 @@ class Principal:
             )
 
     def require_tenant(self, tenant_id: str) -> None:
+        """PermissionDenied (TENANT_NOT_PERMITTED) unless the token covers `tenant_id`.
+
+        The message is the same whether or not the tenant exists.
+        """
         if not self.may_act_for(tenant_id):
             raise PermissionDenied(TENANT_DENIED, reason=ErrorReason.TENANT_NOT_PERMITTED)
 
     def require_all_tenants(self, what: str) -> None:
+        """PermissionDenied (ALL_TENANTS_REQUIRED) unless the token covers every tenant.
+
+        For changes that affect every tenant (rates, plans, meters); `what` names the change in
+        the message.
+        """
         if not self.all_tenants:
             raise PermissionDenied(
                 f"{what} needs a token for all tenants", reason=ErrorReason.ALL_TENANTS_REQUIRED

@@ -99,6 +99,11 @@ def spans(start: int, end: int, bucket: TimeBucket) -> list[Span]:
 
 
 class Piece(NamedTuple):
+    """One part of a range as `decompose` cuts it: a whole UTC month, day or hour from `start`.
+
+    UNIQUE_COUNT keeps its distinct values at these three grains (meter_distinct).
+    """
+
     grain: str  # "h" hour, "d" UTC day, "m" UTC month
     start: int
 
@@ -121,6 +126,12 @@ def decompose(start: int, end: int) -> list[Piece]:
 
 
 class Reading(NamedTuple):
+    """One value of a TIME_WEIGHTED series: the event's time (microseconds), its id and value.
+
+    `integrate` takes them in (time, event_id) order, so readings at the same time give the
+    same series however they arrived.
+    """
+
     time: int
     event_id: str
     value: Decimal

@@ -69,10 +69,12 @@ class AuditEvent:
 
 
 def rate_resource(rate: Rate) -> str:
+    """The audit entry's resource of a rate: rates/{service}/{usage_type}/{effective time}."""
     return f"rates/{rate.service}/{rate.usage_type}/{rate.effective_from.isoformat()}"
 
 
 def rate_state(rate: Rate) -> State:
+    """A rate as recorded in an audit entry's before and after: money as decimal strings."""
     return {
         "service": rate.service,
         "usage_type": rate.usage_type,
@@ -83,6 +85,7 @@ def rate_state(rate: Rate) -> State:
 
 
 def invoice_state(invoice: Invoice) -> State:
+    """An invoice as recorded in an audit entry's before and after: money as decimal strings."""
     minor = MINOR_UNITS.get(invoice.currency, 2)
     state: dict[str, Any] = {
         "status": invoice.status.value,

@@ -242,6 +242,7 @@ class Charge:
 
     @property
     def is_usage(self) -> bool:
+        """True if the charge prices a quantity of usage; False for a flat fee."""
         return not isinstance(self.model, FlatFee)
 
 

@@ -101,6 +101,7 @@ class InvalidArgument(TallyError):
         reason: ErrorReason = ErrorReason.FIELD_INVALID,
         metadata: Mapping[str, str] | None = None,
     ) -> InvalidArgument:
+        """InvalidArgument with one violation: `field` and what is wrong with it (`description`)."""
         return cls([FieldViolation(field, description)], reason=reason, metadata=metadata)
 
 

@@ -58,10 +58,14 @@ class IncomingBatch(Protocol):
     """A batch as it arrives on a stream: its size and flag are known before its events are decoded."""
 
     @property
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """The number of events in the batch, known before they are decoded."""
+        ...
 
     @property
-    def backfill(self) -> bool: ...
+    def backfill(self) -> bool:
+        """True if the client asked for usage older than the ingestion window to be accepted."""
+        ...
 
     def events(self) -> list[RawEvent]:
         """The batch's events, decoded (done once the batch's size has been accepted)."""
@@ -88,6 +92,8 @@ class UsageTypeCatalog(Protocol):
 
 
 class RejectionCause(Enum):
+    """Why one event of a batch was rejected (the rest of its batch is still recorded)."""
+
     INVALID = "invalid"  # the event breaks a rule; fix it before resending
     PERMISSION_DENIED = "permission_denied"  # the caller may not report usage for its tenant
 
@@ -140,11 +146,14 @@ class EventRow(NamedTuple):
 
     @property
     def key(self) -> EventKey:
+        """The event's idempotency key, (tenant_id, event_id)."""
         return (self.tenant_id, self.event_id)
 
 
 @dataclass(frozen=True, slots=True)
 class ValidatedBatch:
+    """A batch after validation: the distinct valid events to record, and what was refused."""
+
     rows: dict[EventKey, EventRow]  # distinct valid events, first occurrence of each key
     rejections: list[Rejection]
     repeated_in_batch: int  # valid events whose key appeared earlier in the same batch
@@ -153,6 +162,7 @@ class ValidatedBatch:
 
 
 def has_control(value: str) -> bool:
+    """True if `value` holds a control character (C0, DEL or C1)."""
     return _CONTROL.search(value) is not None
 
 

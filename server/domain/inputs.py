@@ -72,6 +72,7 @@ class RateChange:
     reprice_past_usage: bool = False  # the caller's consent to an effective time in the past
 
     def reprices_past_usage(self, now_micros: int) -> bool:
+        """True if the change takes effect before `now_micros`, re-pricing usage already reported."""
         return self.effective_micros is not None and self.effective_micros < now_micros
 
     def validate(self, *, currency: str, now_micros: int) -> None:

@@ -83,4 +83,5 @@ class Issuer:
     credit_note_prefix: str = "TALLY-CN-{year}-"
 
     def as_party(self) -> dict[str, str]:
+        """The issuer as printed on a document (the `issuer` party of an invoice or credit note)."""
         return {"name": self.name, "address": self.address, "tax_id": self.tax_id}

@@ -39,6 +39,12 @@ MAX_DESCRIPTION = 1_024
 
 
 class Aggregation(enum.StrEnum):
+    """How a meter combines its events' quantities (or counts them).
+
+    SUM, COUNT, MAX, MIN and LATEST are quantities or event counts; UNIQUE_COUNT counts
+    distinct values; TIME_WEIGHTED integrates a gauge over time, in unit-hours.
+    """
+
     SUM = "sum"
     COUNT = "count"
     MAX = "max"
@@ -54,6 +60,8 @@ class Aggregation(enum.StrEnum):
 
 
 class MeterState(enum.StrEnum):
+    """An active meter counts new events; an archived one no longer does, but stays readable."""
+
     ACTIVE = "active"
     ARCHIVED = "archived"
 
@@ -84,6 +92,7 @@ class Meter:
 
     @property
     def name(self) -> str:
+        """The meter's resource name, "meters/{meter}"."""
         return meter_name(self.spec.meter_id)
 
     def may_group_by(self, dimension: str) -> bool:
@@ -92,6 +101,7 @@ class Meter:
 
 
 def meter_name(meter_id: str) -> str:
+    """The resource name "meters/{meter}" of `meter_id`."""
     return f"{METERS}{meter_id}"
 
 
@@ -255,4 +265,5 @@ class MeterMap:
 
 
 def hour_of(micros: int) -> int:
+    """The start of the UTC hour that holds `micros`."""
     return micros - micros % MICROS_PER_HOUR

@@ -16,6 +16,8 @@ from server.domain.pricing import LineItem
 
 @dataclass(frozen=True, slots=True)
 class Rate:
+    """A unit price of one usage type from `effective_from` on, in `currency`, set at `created_at`."""
+
     service: str
     usage_type: str
     unit_price: Decimal
@@ -43,6 +45,11 @@ class InvoiceKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Invoice:
+    """A tenant's invoice for [period_start, period_end) and where it is in its life.
+
+    `lines` and `total` are exact; a draft's are recomputed when it is read (see `computed_at`).
+    """
+
     id: str
     tenant_id: str
     period_start: datetime
@@ -97,6 +104,8 @@ class MeterValue:
 
 @dataclass(frozen=True, slots=True)
 class UsageSummary:
+    """A tenant's usage over [start, end): aggregates, and the values of the meters asked for."""
+
     tenant_id: str
     start: datetime
     end: datetime

@@ -22,22 +22,27 @@ PLANS = "plans/"
 
 
 def tenant_name(tenant_id: str) -> str:
+    """The resource name "tenants/{tenant}"."""
     return f"{TENANTS}{tenant_id}"
 
 
 def invoice_name(tenant_id: str, invoice_id: str) -> str:
+    """The resource name "tenants/{tenant}/invoices/{invoice}"."""
     return f"{TENANTS}{tenant_id}{INVOICES}{invoice_id}"
 
 
 def credit_note_name(tenant_id: str, credit_note_id: str) -> str:
+    """The resource name "tenants/{tenant}/creditNotes/{credit_note}"."""
     return f"{TENANTS}{tenant_id}{CREDIT_NOTES}{credit_note_id}"
 
 
 def billing_profile_name(tenant_id: str) -> str:
+    """The resource name "tenants/{tenant}/billingProfile"."""
     return f"{TENANTS}{tenant_id}{BILLING_PROFILE}"
 
 
 def plan_name(plan_id: str) -> str:
+    """The resource name "plans/{plan}"."""
     return f"{PLANS}{plan_id}"
 
 
@@ -56,15 +61,18 @@ def parse_plan_name(name: str, field: str = "name") -> str:
 
 
 def usage_summary_name(tenant_id: str) -> str:
+    """The resource name "tenants/{tenant}/usageSummary"."""
     return f"{TENANTS}{tenant_id}{USAGE_SUMMARY}"
 
 
 def rate_name(service: str, usage_type: str, effective: datetime) -> str:
+    """The resource name of a rate: services/{service}/usageTypes/{usage_type}/rates/{RFC 3339 UTC}."""
     stamp = effective.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"services/{service}/usageTypes/{usage_type}/rates/{stamp}"
 
 
 def audit_event_name(position: int) -> str:
+    """The resource name "auditEvents/{position}" of the entry at that position in the trail."""
     return f"auditEvents/{position}"
 
 

@@ -42,7 +42,9 @@ def _invalid(description: str) -> InvalidArgument:
 class KeyPart(Protocol):
     """One element of a page's last key, and the values it may take."""
 
-    def accepts(self, value: object) -> bool: ...
+    def accepts(self, value: object) -> bool:
+        """True if `value` may stand at this place in a page token's key."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,7 @@ class IntPart:
     maximum: int
 
     def accepts(self, value: object) -> bool:
+        """True for an int (not a bool) within [minimum, maximum]."""
         return type(value) is int and self.minimum <= value <= self.maximum
 
 
@@ -63,6 +66,7 @@ class TextPart:
     max_length: int
 
     def accepts(self, value: object) -> bool:
+        """True for a str of at most max_length characters without control characters."""
         return (
             type(value) is str
             and len(value) <= self.max_length
@@ -105,6 +109,10 @@ class PageTokens:
         return hmac.new(self._key, _MAC_CONTEXT + body, hashlib.sha256).digest()
 
     def encode(self, filter_key: str, last_key: Sequence[Any]) -> str:
+        """A page token for the page after `last_key`, bound to `filter_key` and signed.
+
+        The filters are kept as a fingerprint, so that a token used with other filters is refused.
+        """
         body = json.dumps(
             {"f": _fingerprint(filter_key), "k": list(last_key)}, separators=(",", ":")
         ).encode()
@@ -146,6 +154,7 @@ class PageTokens:
 
 
 def check_page_size(page_size: int, *, default: int, maximum: int) -> int:
+    """The page size to use: `default` for 0, at most `maximum`; InvalidArgument if negative."""
     if page_size < 0:
         raise InvalidArgument.single("page_size", "must not be negative")
     if page_size == 0:

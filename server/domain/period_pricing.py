@@ -107,6 +107,7 @@ class Proration:
 
     @property
     def share(self) -> Fraction:
+        """The covered fraction of the period, exact."""
         return Fraction(self.covered_hours, self.period_hours)
 
 
@@ -183,6 +184,8 @@ class AdjustmentLine:
 
 @dataclass(frozen=True, slots=True)
 class TaxLine:
+    """The tax line: `percentage` of `taxable_amount` (after the minimum and adjustments), rounded."""
+
     description: str
     percentage: Decimal
     taxable_amount: Decimal
@@ -191,6 +194,11 @@ class TaxLine:
 
 @dataclass(frozen=True, slots=True)
 class Totals:
+    """A period's totals, each rounded to the currency's minor units.
+
+    `total` is `subtotal` + `minimum_top_up` + `adjustments` + `tax`.
+    """
+
     subtotal: Decimal
     minimum_top_up: Decimal
     adjustments: Decimal

@@ -73,6 +73,8 @@ class PlanVersion:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """A price plan, shared by every tenant on it, with its versions oldest first."""
+
     plan_id: str
     display_name: str
     currency: str
@@ -147,6 +149,7 @@ class BillingPeriod:
 
     @property
     def hours(self) -> int:
+        """The whole hours in [start, end)."""
         return int((self.end - self.start) / timedelta(hours=1))
 
 

@@ -70,6 +70,8 @@ class LineItem:
 
 @dataclass(frozen=True, slots=True)
 class InvoiceAmounts:
+    """Priced lines and their total, exact to the currency's minor units."""
+
     lines: tuple[LineItem, ...]
     total: Decimal
 

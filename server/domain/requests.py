@@ -48,6 +48,7 @@ class RequestKey:
     fingerprint: bytes
 
     def reused(self) -> FailedPrecondition:
+        """The refusal of a request_id used before for a different request (REQUEST_ID_REUSED)."""
         return FailedPrecondition(
             f"request_id {self.request_id!r} was already used for a different {self.method} request",
             reason=ErrorReason.REQUEST_ID_REUSED,

@@ -43,7 +43,13 @@ class UsageReader(Protocol):
 
     async def summarize(
         self, tenant_ids: Sequence[str], start: datetime, end: datetime, bucket: TimeBucket, dimension: str
-    ) -> list[UsageAggregate]: ...
+    ) -> list[UsageAggregate]:
+        """Usage aggregates of the tenants over [start, end).
+
+        Per service and usage type, and per time bucket and value of `dimension` ("" for none),
+        in tenant, type, bucket and dimension value order.
+        """
+        ...
 
     async def summarize_meters(
         self,
@@ -53,11 +59,16 @@ class UsageReader(Protocol):
         end: datetime,
         bucket: TimeBucket,
         dimension: str,
-    ) -> list[MeterValue]: ...
+    ) -> list[MeterValue]:
+        """The meters' values per tenant over [start, end), by bucket and dimension value.
 
-    async def tenants_with_usage(
-        self, start: datetime, end: datetime, after: str, limit: int
-    ) -> list[str]: ...
+        In meter name order, then tenant, bucket and dimension value.
+        """
+        ...
+
+    async def tenants_with_usage(self, start: datetime, end: datetime, after: str, limit: int) -> list[str]:
+        """Up to `limit` tenants with usage in [start, end), after `after`, in tenant_id order."""
+        ...
 
 
 class UsageLedger(EventWriter, UsageReader, Protocol):
@@ -67,11 +78,17 @@ class UsageLedger(EventWriter, UsageReader, Protocol):
 class RateBook(Protocol):
     """The rate card as stored: every rate of every usage type, with its effective time."""
 
-    async def first_effective_times(self) -> dict[tuple[str, str], datetime]: ...
+    async def first_effective_times(self) -> dict[tuple[str, str], datetime]:
+        """When each usage type's first rate took effect: the usage types on the rate card."""
+        ...
 
-    async def in_effect(self, at: datetime, after: tuple[str, str], limit: int) -> list[Rate]: ...
+    async def in_effect(self, at: datetime, after: tuple[str, str], limit: int) -> list[Rate]:
+        """The rate of each usage type in effect at `at`, after the page key (service, usage_type)."""
+        ...
 
-    async def history(self, after: tuple[str, str, datetime], limit: int) -> list[Rate]: ...
+    async def history(self, after: tuple[str, str, datetime], limit: int) -> list[Rate]:
+        """Every rate ever set, after the page key (service, usage_type, effective_from), in that order."""
+        ...
 
     async def upsert(
         self,
@@ -94,19 +111,32 @@ class RateBook(Protocol):
 class MeterBook(Protocol):
     """The meters as stored, active and archived."""
 
-    async def all(self) -> list[Meter]: ...
+    async def all(self) -> list[Meter]:
+        """Every meter, active and archived."""
+        ...
 
-    async def get(self, meter_id: str) -> Meter: ...
+    async def get(self, meter_id: str) -> Meter:
+        """One meter by id; NotFound (METER_NOT_FOUND) if there is none."""
+        ...
 
-    async def page(self, after: str, limit: int) -> list[Meter]: ...
+    async def page(self, after: str, limit: int) -> list[Meter]:
+        """Up to `limit` meters after the meter id `after`, in meter_id order."""
+        ...
 
     async def create(
         self, spec: MeterSpec, audit_entry: Callable[[Meter], AuditEntry], once: Once[Meter] | None
-    ) -> Meter | Replayed: ...
+    ) -> Meter | Replayed:
+        """Store a new meter with its audit entry (and `once`'s response) in one transaction.
+
+        AlreadyExists if the meter_id was ever used; Replayed for a retry of a request id.
+        """
+        ...
 
     async def archive(
         self, meter_id: str, audit_entry: Callable[[Meter, Meter], AuditEntry], once: Once[Meter] | None
-    ) -> Meter | Replayed: ...
+    ) -> Meter | Replayed:
+        """Archive an active meter with its audit entry; an archived one is returned unchanged."""
+        ...
 
 
 class AuditReader(Protocol):
@@ -121,4 +151,9 @@ class AuditReader(Protocol):
         end: datetime | None,
         after_id: int,
         limit: int,
-    ) -> list[AuditEvent]: ...
+    ) -> list[AuditEvent]:
+        """Up to `limit` entries after `after_id`, in trail order, within the filters.
+
+        `visible_tenants` None means every tenant (a token for all tenants).
+        """
+        ...

@@ -15,15 +15,18 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def to_datetime(micros: int) -> datetime:
+    """Microseconds since the epoch as an aware UTC datetime."""
     return EPOCH + timedelta(microseconds=micros)
 
 
 def to_micros(value: datetime) -> int:
+    """An aware datetime as microseconds since the epoch, exactly (no float on the way)."""
     delta = value - EPOCH
     return (delta.days * 86_400 + delta.seconds) * MICROS_PER_SECOND + delta.microseconds
 
 
 def is_whole_hour(micros: int) -> bool:
+    """True if `micros` falls on a UTC hour."""
     return micros % MICROS_PER_HOUR == 0
 
 

@@ -37,6 +37,8 @@ def _entry(caller: Caller, event: CancelledEvent) -> AuditEntry:
 
 
 class Corrections:
+    """Cancels recorded events (see the module docstring), with the meters that must forget them."""
+
     def __init__(self, store: CorrectionStore, meters: MeterCatalog) -> None:
         self._store = store
         self._meters = meters
@@ -44,6 +46,11 @@ class Corrections:
     async def cancel(
         self, tenant_id: str, event_id: str, caller: Caller, once: Once[CancelledEvent] | None
     ) -> CancelledEvent | Replayed:
+        """Cancel the tenant's event `event_id`; a cancelled one is answered as it was cancelled.
+
+        InvalidArgument for bad ids, PermissionDenied for a tenant the token does not cover,
+        NotFound (EVENT_NOT_FOUND) if the tenant has no such event.
+        """
         violations = [
             InvalidArgument.single(name, problem).violations[0]
             for name, value in (("tenant_id", tenant_id), ("event_id", event_id))

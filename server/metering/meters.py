@@ -34,11 +34,14 @@ _METER_ID = TextPart(63)
 
 @dataclass(frozen=True, slots=True)
 class Page:
+    """One page of ListMeters: the meters, and the token of the next page ("" after the last)."""
+
     meters: list[Meter]
     next_page_token: str
 
 
 def meter_state(meter: Meter) -> State:
+    """A meter as recorded in an audit entry's before and after."""
     spec = meter.spec
     return {
         "meter_id": spec.meter_id,
@@ -53,6 +56,12 @@ def meter_state(meter: Meter) -> State:
 
 
 class MeterCatalog:
+    """The meters: MeterService's use cases, and the map of active meters that ingestion reads.
+
+    The map is reloaded from `store` when it is `max_age_seconds` old; a meter may only read
+    a usage type on the rate card (`rate_card`).
+    """
+
     def __init__(
         self,
         store: MeterBook,
@@ -72,6 +81,7 @@ class MeterCatalog:
         self._loaded_at = float("-inf")
 
     async def reload(self) -> None:
+        """Read every meter from the store now, and rebuild the map of active meters."""
         self._install(await self._store.all())
 
     def _install(self, meters: Sequence[Meter]) -> None:
@@ -85,10 +95,12 @@ class MeterCatalog:
         self._map = MeterMap(self._meters.values())
 
     async def ensure_current(self) -> None:
+        """Reload the meters if they are `max_age_seconds` old or older."""
         if self._monotonic() - self._loaded_at >= self._max_age:
             await self.reload()
 
     def active_map(self) -> MeterMap:
+        """The map of active meters that ingestion matches batches against, as loaded now."""
         return self._map
 
     def non_additive(self, service: str, usage_type: str) -> list[Meter]:
@@ -123,6 +135,10 @@ class MeterCatalog:
         return meters
 
     async def create(self, spec: MeterSpec, caller: Caller, once: Once[Meter] | None) -> Meter | Replayed:
+        """Define a meter, audited; needs a token for all tenants and a usage type on the rate card.
+
+        The new meter counts in this process from the next batch on.
+        """
         caller.principal.require_all_tenants("defining a meter")
         check_spec(spec)
         await self._rate_card.ensure_current([(spec.service, spec.usage_type)])
@@ -150,9 +166,11 @@ class MeterCatalog:
         return result
 
     async def get(self, name: str) -> Meter:
+        """One meter by resource name "meters/{meter}"; NotFound if there is none."""
         return await self._store.get(parse_meter_name(name))
 
     async def list(self, page_size: int, page_token: str) -> Page:
+        """The meters, active and archived, in meter_id order; one page."""
         limit = check_page_size(page_size, default=100, maximum=1_000)
         last = self._page_tokens.decode(page_token, "meters", (_METER_ID,))
         meters = await self._store.page(last[0] if last else "", limit + 1)
@@ -163,6 +181,7 @@ class MeterCatalog:
         return Page(meters, next_token)
 
     async def archive(self, name: str, caller: Caller, once: Once[Meter] | None) -> Meter | Replayed:
+        """Archive a meter, audited; needs a token for all tenants. An archived one is returned as is."""
         meter_id = parse_meter_name(name)
         caller.principal.require_all_tenants("archiving a meter")
 

@@ -59,8 +59,10 @@ class EventBudget:
         return self._used
 
     async def acquire(self, events: int) -> int:
-        """Wait until `events` fit; returns what was taken (a batch larger than the whole
-        budget takes all of it, once nothing else is in flight)."""
+        """Wait until `events` fit; returns what was taken.
+
+        A batch larger than the whole budget takes all of it, once nothing else is in flight.
+        """
         events = min(events, self._max)
         if not self._waiters and self._used + events <= self._max:
             self._used += events
@@ -80,6 +82,7 @@ class EventBudget:
         return events
 
     def release(self, events: int) -> None:
+        """Give back `events` taken by `acquire` and wake the waiters that now fit; never waits."""
         self._used -= events
         self._grant()
 

@@ -67,6 +67,8 @@ _TENANTS_PER_QUERY = 100
 
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
+    """What became of one batch: events recorded, duplicates of events recorded before, rejections."""
+
     accepted: int
     duplicates: int
     rejections: list[Rejection]
@@ -81,6 +83,13 @@ def _rejection_of(event: RawEvent, error: InvalidArgument | PermissionDenied) ->
 
 
 class Metering:
+    """Recording usage exactly once and summarising it (see the module docstring).
+
+    Events are checked by `rules` against the rate card (`rate_card`), charged to `limiter`,
+    held within `budget` and written on `write_lanes` lanes to `store`, matched against
+    `meters`; `now_micros` is the server's clock (the receive time of events sent without one).
+    """
+
     def __init__(
         self,
         store: UsageLedger,
@@ -177,8 +186,10 @@ class Metering:
         return replace(batch, backfill_by=caller) if backfill else batch
 
     def _submit_batch(self, batch: ValidatedBatch, lane: Lane) -> Awaitable[BatchOutcome]:
-        """The database half: queue the batch on the lane now (the ordering point); the
-        awaitable gives its outcome once its transaction has committed."""
+        """The database half: queue the batch on the lane now (the ordering point).
+
+        The awaitable gives its outcome once its transaction has committed.
+        """
         audit = None
         if batch.backfill_by is not None:
             audit = functools.partial(backfill_entries, batch.backfill_by, batch.rows)
@@ -233,6 +244,10 @@ class Metering:
         await self._lanes.drain()
 
     async def summary(self, tenant_id: str, query: SummaryQuery, principal: Principal) -> UsageSummary:
+        """One tenant's usage over the query's range, and the values of the meters it names.
+
+        InvalidArgument for a bad query, PermissionDenied for a tenant the token does not cover.
+        """
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
         principal.require_tenant(tenant_id)

@@ -67,6 +67,8 @@ async def append_many(conn: asyncpg.Connection, entries: Sequence[AuditEntry]) -
 
 
 class AuditStore:
+    """Reads the audit trail (the AuditReader of server.domain.stores); entries are appended by `append`."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 

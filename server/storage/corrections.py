@@ -104,6 +104,8 @@ def _event_not_found() -> NotFound:
 
 
 class CorrectionStore:
+    """Cancels recorded events, each in one transaction with its audit entry (see the module docstring)."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 

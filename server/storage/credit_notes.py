@@ -39,6 +39,7 @@ async def credited(conn: asyncpg.Connection, invoice_id: str) -> Decimal:
 
 
 async def insert(conn: asyncpg.Connection, note: CreditNote) -> CreditNote:
+    """Store a credit note, inside the caller's transaction (which holds its invoice locked)."""
     row = await conn.fetchrow(
         f"""INSERT INTO credit_notes (id, tenant_id, invoice_id, number, currency, amount, reason, parties,
                                       create_time, issuer)
@@ -58,6 +59,8 @@ async def insert(conn: asyncpg.Connection, note: CreditNote) -> CreditNote:
 
 
 class CreditNoteStore:
+    """Lists credit notes; they are created by `insert` in their invoice's transaction."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 

@@ -99,6 +99,7 @@ class EmbeddedPostgres:
         return uri
 
     def stop(self) -> None:
+        """Leave the server: PostgreSQL stops if this is the last process using it."""
         if self._server is not None:
             self._server.cleanup()
             self._server = None

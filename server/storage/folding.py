@@ -121,6 +121,12 @@ ON CONFLICT (tenant_id, meter_id, group_values) DO UPDATE SET cached_until = exc
 
 @dataclass(frozen=True, slots=True)
 class FoldReport:
+    """What one pass of `Folder.fold_once` did.
+
+    `rollup_rows` and `gauge_rows` are the stripe-0 rows written into usage_rollups and
+    meter_hourly; `hours_cached` the time-weighted hours summarised.
+    """
+
     rollup_rows: int  # stripe-0 rows written by rollup folding
     gauge_rows: int
     hours_cached: int
@@ -172,6 +178,7 @@ class Folder:
         self._closed_before = closed_before
 
     async def run(self) -> None:
+        """Fold every interval until cancelled; a pass that loses the database is skipped, not fatal."""
         while True:
             try:
                 await self.fold_once()

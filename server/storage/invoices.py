@@ -132,6 +132,7 @@ def _tiers(text: str) -> tuple[TierPortion, ...]:
 
 
 def line_item(line: asyncpg.Record) -> LineItem:
+    """A stored invoice line (with its tiers) as a LineItem."""
     return LineItem(
         service=line["service"],
         usage_type=line["usage_type"],
@@ -382,6 +383,7 @@ class InvoiceTransaction:
         await audit.append_many(self._conn, entries)
 
     async def load(self, invoice_id: str) -> Invoice:
+        """The invoice `invoice_id` as stored now, with its lines; it must exist."""
         rows = await self._conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)
         return (await _load(self._conn, rows))[0]
 
@@ -503,6 +505,8 @@ def _line_record(invoice_id: str, position: int, line: LineItem) -> tuple[Any, .
 
 
 class InvoiceStore:
+    """Invoices and the priced usage they are computed from, and the transactions that change them."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
@@ -594,6 +598,8 @@ class InvoiceStore:
         return await run_with_retries(attempt)
 
     async def get(self, invoice_id: str) -> Invoice | None:
+        """The stored invoice `invoice_id` with its lines, or None."""
+
         async def attempt() -> Invoice | None:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)

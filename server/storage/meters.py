@@ -35,6 +35,7 @@ RETURNING {_COLUMNS}
 
 
 def meter_of(row: asyncpg.Record) -> Meter:
+    """A meters row as a Meter."""
     return Meter(
         id=row["id"],
         spec=MeterSpec(
@@ -54,6 +55,7 @@ def meter_of(row: asyncpg.Record) -> Meter:
 
 
 def not_found(meter_id: str) -> NotFound:
+    """NotFound (METER_NOT_FOUND) naming the meter "meters/{meter}"."""
     return NotFound(
         f"no meter named {meter_name(meter_id)!r}",
         reason=ErrorReason.METER_NOT_FOUND,
@@ -62,10 +64,14 @@ def not_found(meter_id: str) -> NotFound:
 
 
 class MeterStore:
+    """The MeterBook of server.domain.stores on PostgreSQL: the meters table."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
     async def all(self) -> list[Meter]:
+        """Every meter, active and archived."""
+
         async def attempt() -> list[Meter]:
             async with self._pool.acquire() as conn:
                 return [meter_of(row) for row in await conn.fetch(_ALL)]
@@ -73,6 +79,8 @@ class MeterStore:
         return await run_with_retries(attempt)
 
     async def get(self, meter_id: str) -> Meter:
+        """One meter by id; NotFound (METER_NOT_FOUND) if there is none."""
+
         async def attempt() -> Meter:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(_GET, meter_id)
@@ -83,6 +91,8 @@ class MeterStore:
         return await run_with_retries(attempt)
 
     async def page(self, after: str, limit: int) -> list[Meter]:
+        """Up to `limit` meters after the meter id `after`, in meter_id order."""
+
         async def attempt() -> list[Meter]:
             async with self._pool.acquire() as conn:
                 return [meter_of(row) for row in await conn.fetch(_LIST, after, limit)]

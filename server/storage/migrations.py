@@ -22,12 +22,15 @@ _NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
 @dataclass(frozen=True, slots=True)
 class Migration:
+    """One numbered SQL file of server/storage/migrations (NNNN_name.sql)."""
+
     version: int
     name: str
     sql: str
 
 
 def available_migrations() -> list[Migration]:
+    """The packaged migrations in version order; RuntimeError if two share a version."""
     found = []
     for entry in resources.files("server.storage").joinpath("migrations").iterdir():
         match = _NAME.fullmatch(entry.name)

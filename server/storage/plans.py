@@ -50,6 +50,7 @@ def _tiers_json(tiers: Sequence[Tier]) -> list[dict[str, Any]]:
 
 
 def model_json(model: ChargeModel) -> dict[str, Any]:
+    """A charge model in its stored JSON shape (exact decimals as strings)."""
     match model:
         case PerUnit(unit_price=price):
             return {"per_unit": {"unit_price": str(price)}}
@@ -76,6 +77,7 @@ def _tiers(data: list[dict[str, Any]]) -> tuple[Tier, ...]:
 
 
 def model_of(data: dict[str, Any]) -> ChargeModel:
+    """A charge model read back from its stored JSON shape."""
     ((kind, body),) = data.items()
     if kind == "per_unit":
         return PerUnit(Decimal(body["unit_price"]))
@@ -91,6 +93,7 @@ def model_of(data: dict[str, Any]) -> ChargeModel:
 
 
 def charges_json(charges: Sequence[PlanCharge]) -> str:
+    """A plan version's charges as stored JSON text."""
     return json.dumps(
         [
             {
@@ -108,6 +111,7 @@ def charges_json(charges: Sequence[PlanCharge]) -> str:
 
 
 def charges_of(text: str) -> tuple[PlanCharge, ...]:
+    """A plan version's charges read back from stored JSON text."""
     return tuple(
         PlanCharge(
             Charge(c["key"], c["description"], model_of(c["model"]), Decimal(c["included_quantity"])),
@@ -120,6 +124,7 @@ def charges_of(text: str) -> tuple[PlanCharge, ...]:
 
 
 def overrides_json(overrides: Sequence[PriceOverride]) -> str:
+    """A billing profile's price overrides as stored JSON text."""
     return json.dumps(
         [
             {
@@ -133,6 +138,7 @@ def overrides_json(overrides: Sequence[PriceOverride]) -> str:
 
 
 def overrides_of(text: str) -> tuple[PriceOverride, ...]:
+    """A billing profile's price overrides read back from stored JSON text."""
     return tuple(
         PriceOverride(o["charge_key"], model_of(o["model"]), Decimal(o["included_quantity"]))
         for o in json.loads(text)
@@ -224,6 +230,7 @@ async def insert_version(
     charges: Sequence[PlanCharge],
     minimum: Decimal,
 ) -> PlanVersion:
+    """Store a plan version, inside the caller's transaction; the version as stored."""
     row = await conn.fetchrow(
         f"INSERT INTO plan_versions (plan_id, version, effective_from, charges, minimum)"
         f" VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING {_VERSION_COLUMNS}",
@@ -397,6 +404,10 @@ async def assign_plan(
 async def mark_closed(
     conn: asyncpg.Connection, tenant_id: str, closed_until: datetime, next_close_time: datetime
 ) -> None:
+    """Record that the tenant's periods are closed up to `closed_until`, and when the next close is due.
+
+    Inside the caller's transaction: the one that generated and finalized the period's invoice.
+    """
     await conn.execute(
         "UPDATE billing_profiles SET closed_until = $2, next_close_time = $3 WHERE tenant_id = $1",
         tenant_id,

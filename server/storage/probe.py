@@ -13,6 +13,8 @@ from server.storage.database import CONNECTION_ERRORS
 
 
 class DatabaseProbe:
+    """Checks that PostgreSQL answers, on one connection of its own, within `timeout_seconds`."""
+
     def __init__(self, dsn: str, *, timeout_seconds: float = 2.0) -> None:
         self._dsn = dsn
         self._timeout = timeout_seconds
@@ -30,6 +32,7 @@ class DatabaseProbe:
             return False
 
     def close(self) -> None:
+        """Drop the probe's connection; the next check connects again."""
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None

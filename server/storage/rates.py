@@ -72,10 +72,14 @@ def _rate(row: asyncpg.Record) -> Rate:
 
 
 class RateStore:
+    """The RateBook of server.domain.stores on PostgreSQL: the rates table."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
     async def first_effective_times(self) -> dict[tuple[str, str], datetime]:
+        """When each usage type's first rate took effect: the usage types on the rate card."""
+
         async def attempt() -> dict[tuple[str, str], datetime]:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(_FIRST_EFFECTIVE)
@@ -84,6 +88,8 @@ class RateStore:
         return await run_with_retries(attempt)
 
     async def in_effect(self, at: datetime, after: tuple[str, str], limit: int) -> list[Rate]:
+        """The rate of each usage type in effect at `at`, after the page key (service, usage_type)."""
+
         async def attempt() -> list[Rate]:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(_IN_EFFECT, at, after[0], after[1], limit)
@@ -92,6 +98,8 @@ class RateStore:
         return await run_with_retries(attempt)
 
     async def history(self, after: tuple[str, str, datetime], limit: int) -> list[Rate]:
+        """Every rate ever set, after the page key (service, usage_type, effective_from), in that order."""
+
         async def attempt() -> list[Rate]:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(_HISTORY, *after, limit)

@@ -39,24 +39,31 @@ _FORGET_STALE_STREAMS = "DELETE FROM stream_slots WHERE seen <= $1"
 
 
 class SharedLimitStore:
+    """The rate-limit buckets and stream counts that every Tally process on one database shares."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
     async def settle(self, spent: Sequence[tuple[str, float, float, float]], now: float) -> dict[str, float]:
-        """Subtract each (key, rate, spent, spent_at) from its shared bucket as of spent_at;
-        return every key's balance at `now`."""
+        """Subtract each (key, rate, spent, spent_at) from its shared bucket as of spent_at.
+
+        Returns every key's balance at `now`.
+        """
         keys, rates, amounts, times = (list(column) for column in zip(*spent, strict=True))
         rows = await self._pool.fetch(_SETTLE, keys, rates, amounts, times, now)
         return {row["key"]: row["tokens"] for row in rows}
 
     async def forget_full(self, now: float) -> None:
+        """Delete the buckets that have refilled by `now`: a full bucket is the same as none."""
         await self._pool.execute(_FORGET_FULL, now)
 
     async def streams_elsewhere(
         self, worker: str, open_here: Mapping[str, int] | None, now: float, stale_seconds: float
     ) -> dict[str, int]:
-        """Record this process's open streams per principal (unless None); return the other live
-        processes' sums."""
+        """Record this process's open streams per principal (unless None).
+
+        Returns the other live processes' sums.
+        """
         if open_here is None:
             rows = await self._pool.fetch(_OTHERS_STREAMS, worker, now - stale_seconds)
             return {row["principal"]: row["open"] for row in rows}

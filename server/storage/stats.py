@@ -27,6 +27,8 @@ FROM invoices GROUP BY status, currency ORDER BY status, currency
 
 @dataclass(frozen=True, slots=True)
 class InvoiceFigures:
+    """The number and total amount of the invoices in one state and currency."""
+
     state: str
     currency: str
     count: int
@@ -35,6 +37,8 @@ class InvoiceFigures:
 
 @dataclass(frozen=True, slots=True)
 class Figures:
+    """The service-wide figures behind the metrics gauges."""
+
     events: int  # usage events ever recorded
     active_tenants: int  # tenants with usage in the last ACTIVE_DAYS days
     invoices: tuple[InvoiceFigures, ...]

@@ -276,7 +276,6 @@ class UsageStore:
 
         dimension is "" or a key.
         """
-
         sql = _SUMMARIZE[(bucket, bool(dimension))]
 
         async def attempt() -> list[UsageAggregate]:
@@ -322,6 +321,8 @@ class UsageStore:
         return await run_with_retries(attempt)
 
     async def tenants_with_usage(self, start: datetime, end: datetime, after: str, limit: int) -> list[str]:
+        """Up to `limit` tenants with usage in [start, end), after `after`, in tenant_id order."""
+
         async def attempt() -> list[str]:
             async with self._read_pool.acquire() as conn:
                 rows = await conn.fetch(_TENANTS_WITH_USAGE, start, end, after, limit)

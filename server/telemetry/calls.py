@@ -103,6 +103,7 @@ class Call:
         self._error = error
 
     def finish(self, context: grpc.aio.ServicerContext) -> None:
+        """Count the call by method and status code (timing the timed methods), end its span, log its line."""
         telemetry = self.telemetry
         seconds = time.perf_counter() - self._start
         error = self._error
@@ -138,8 +139,10 @@ class Call:
 
 
 class CallTelemetry:
-    """Starts a `Call` per RPC. `tracer` None: tracing is off and no span code runs;
-    `access_log` None: no access lines."""
+    """Starts a `Call` per RPC.
+
+    `tracer` None: tracing is off and no span code runs; `access_log` None: no access lines.
+    """
 
     def __init__(
         self, metrics: Metrics, *, tracer: Tracer | None = None, access_log: AccessLog | None = None
@@ -151,6 +154,7 @@ class CallTelemetry:
     def start(
         self, service: str, method: str, request_id: str, streaming: bool, context: grpc.aio.ServicerContext
     ) -> Call:
+        """The telemetry of a call starting now; its span is a child of the client's trace, if sent."""
         call = Call(self, method, request_id, streaming)
         if self.tracer is not None:
             call.trace(self.tracer, service, request_id, context.invocation_metadata() or ())

@@ -1,5 +1,6 @@
-"""Gauges read from the database when Prometheus scrapes: total events, active tenants,
-invoices by state, amounts invoiced by currency.
+"""Gauges read from the database when Prometheus scrapes.
+
+They are total events, active tenants, invoices by state, amounts invoiced by currency.
 
 A scrape refreshes the figures only when they are older than `max_age_seconds`, one query
 at a time and within `timeout_seconds`, so scraping often or from several places costs
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class DatabaseFigures:
+    """The database figures, read through `read` at most once per `max_age_seconds`.
+
+    See the module docstring for why and how failures are handled.
+    """
+
     def __init__(
         self,
         read: Callable[[], Awaitable[Figures]],
@@ -40,6 +46,7 @@ class DatabaseFigures:
 
     @property
     def figures(self) -> Figures | None:
+        """The last figures read, or None before the first read succeeds."""
         return self._figures
 
     async def refresh(self) -> None:
@@ -54,6 +61,7 @@ class DatabaseFigures:
                 log.warning("metrics: cannot read the database figures: %s", type(exc).__name__)
 
     def age_seconds(self) -> float | None:
+        """Seconds since the figures were last read, or None if they never were."""
         return None if self._read_at is None else self._clock() - self._read_at
 
     def register(self, meter: Meter) -> None:

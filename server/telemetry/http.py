@@ -21,6 +21,11 @@ from server.telemetry.figures import DatabaseFigures
 
 
 class HttpListener:
+    """The HTTP listener: /metrics from `registry`, /healthz, and /readyz from `ready`.
+
+    `figures`, if given, are refreshed before each scrape.
+    """
+
     def __init__(
         self,
         registry: CollectorRegistry,
@@ -51,6 +56,7 @@ class HttpListener:
         self.port = runner.addresses[0][1]
 
     async def stop(self) -> None:
+        """Stop listening and close open connections."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -65,8 +65,10 @@ class IngestTelemetry:
         rejections: Sequence[Rejection],
         error: BaseException | None = None,
     ) -> None:
-        """Count a batch's outcome (and end its span). `keys` are its valid events' keys,
-        read only for the tenant label, which is off by default."""
+        """Count a batch's outcome (and end its span).
+
+        `keys` are its valid events' keys, read only for the tenant label, which is off by default.
+        """
         if self.metrics is not None and error is None:
             tenant = ""
             if self.metrics.tenant_labels:

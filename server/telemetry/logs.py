@@ -49,6 +49,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and what is known of the call."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON line, with the call's request id and trace ids when known."""
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -67,6 +68,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def formatter(log_format: str) -> logging.Formatter:
+    """The log formatter of `log_format`, "text" or "json"; ValueError for another."""
     if log_format == "json":
         return JsonFormatter()
     if log_format == "text":
@@ -131,8 +133,11 @@ class AccessLog:
         request_id: str,
         trace_ids: tuple[str, str] | None = None,
     ) -> None:
-        """Queue one call's line. `request_id` is a validated token (server.api.calls), and
-        method and code are names, so only the principal (a token's subject) needs quoting."""
+        """Queue one call's line.
+
+        `request_id` is a validated token (server.api.calls), and method and code are names,
+        so only the principal (a token's subject) needs quoting.
+        """
         if self._json:
             ids = "" if trace_ids is None else f',"trace_id":"{trace_ids[0]}","span_id":"{trace_ids[1]}"'
             who = json.dumps(principal, ensure_ascii=False)
@@ -154,12 +159,14 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
+        """Write the queued lines to the stream at once."""
         if self._pending:
             lines, self._pending = self._pending, []
             self._stream.write("".join(lines))
             self._stream.flush()
 
     async def run(self, interval: float = 0.2) -> None:
+        """Flush the queued lines every `interval` seconds until cancelled, then once more."""
         try:
             while True:
                 await asyncio.sleep(interval)

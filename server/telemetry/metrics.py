@@ -83,7 +83,9 @@ def _observe(
 class Recorder(Protocol):
     """A histogram: OpenTelemetry's, or a worker's written to its file."""
 
-    def record(self, amount: float, attributes: Mapping[str, str] | None = None, /) -> None: ...
+    def record(self, amount: float, attributes: Mapping[str, str] | None = None, /) -> None:
+        """Add `amount` to the histogram, under the label values in `attributes`."""
+        ...
 
 
 def _counts(
@@ -192,12 +194,15 @@ class Metrics:
             )
 
     def publish_events_in_flight(self) -> None:
-        """Write the events-in-flight gauge to the worker's file (it is read, not counted: called
-        periodically by a worker, see TallyServer)."""
+        """Write the events-in-flight gauge to the worker's file.
+
+        It is read, not counted: a worker calls this periodically (see TallyServer).
+        """
         if self._in_flight_file is not None:
             self._in_flight_file[()] = self._events_in_flight()
 
     def watch_events_in_flight(self, read: Callable[[], int]) -> None:
+        """Read the events-in-flight gauge from `read` (the shared EventBudget's use)."""
         self._events_in_flight = read
 
     def count_events(

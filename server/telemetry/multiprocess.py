@@ -107,6 +107,7 @@ class WrittenHistogram:
         return cell
 
     def record(self, amount: float, attributes: Mapping[str, str] | None = None) -> None:
+        """Add `amount` to its bucket and to the sum, written through to the worker's file."""
         labels: Key = tuple(attributes[name] for name in self._labelnames) if attributes else ()
         cell = self._cells.get(labels) or self._cell(labels)
         bucket = bisect_left(self._bounds, amount)  # the first bound >= amount: Prometheus' `le`
@@ -126,11 +127,13 @@ class MetricFiles:
         ]
 
     def counter(self, metric: str, help: str, labelnames: Sequence[str]) -> WrittenCounts:
+        """A counter `metric`_total, written to the worker's counter file."""
         return WrittenCounts(self._files[0], metric, f"{metric}_total", labelnames, help)
 
     def histogram(
         self, metric: str, help: str, labelnames: Sequence[str], bounds: Sequence[float]
     ) -> WrittenHistogram:
+        """A histogram with these bucket `bounds`, written to the worker's histogram file."""
         return WrittenHistogram(self._files[1], metric, help, labelnames, bounds)
 
     def gauge(self, metric: str, help: str, labelnames: Sequence[str]) -> WrittenCounts:
@@ -138,6 +141,7 @@ class MetricFiles:
         return WrittenCounts(self._files[2], metric, metric, labelnames, help)
 
     def close(self) -> None:
+        """Close the worker's files; what they hold stays for the parent to read."""
         for file in self._files:
             file.close()
 
@@ -163,6 +167,7 @@ class MetricsDirectory:
         return cls(path)
 
     def register(self, registry: CollectorRegistry) -> None:
+        """Sum the run's files into `registry` on every scrape."""
         MultiProcessCollector(registry, path=str(self.path))
 
     def new_token(self, worker: int) -> str:
@@ -205,6 +210,7 @@ class MetricsDirectory:
             dead.unlink()
 
     def remove(self) -> None:
+        """Delete the run's directory and everything in it."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 

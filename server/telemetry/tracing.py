@@ -72,8 +72,11 @@ def tracer_provider_from_env(environ: Mapping[str, str]) -> TracerProvider | Non
 
 
 def instrument_queries(provider: TracerProvider) -> Callable[[], None]:
-    """Trace every asyncpg query with `provider`; returns the undo (a no-op if another owner
-    instrumented asyncpg first: the instrumentation is process-wide)."""
+    """Trace every asyncpg query with `provider`; returns the undo.
+
+    The undo is a no-op if another owner instrumented asyncpg first: the instrumentation is
+    process-wide.
+    """
     instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]  # a singleton
     if instrumentor.is_instrumented_by_opentelemetry:
         return lambda: None

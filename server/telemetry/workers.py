@@ -41,6 +41,10 @@ class WorkersHttp:
         self._probe_task: asyncio.Task[None] | None = None
 
     async def start(self, dsn: str, host: str, port: int) -> None:
+        """Listen on host:port for HTTP and probe the database at `dsn`.
+
+        ValueError if the port cannot be had.
+        """
         registry = CollectorRegistry()
         self.directory.register(registry)
         # The database figures through OpenTelemetry gauges, as in one process (also target_info).
@@ -76,6 +80,7 @@ class WorkersHttp:
             self._probe_task.cancel()
 
     async def stop(self) -> None:
+        """Answer 503 on /readyz, stop the probe and the listener, and close the database pool."""
         self.stopping()
         if self._probe_task is not None:
             with contextlib.suppress(asyncio.CancelledError):

@@ -79,6 +79,7 @@ class AsyncTallyClient:
         self._random = random
 
     async def close(self) -> None:
+        """Close the channel; calls still in progress are cancelled."""
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncTallyClient:
@@ -154,8 +155,10 @@ class AsyncTallyClient:
         group_by_dimension: str = "",
         meters: Sequence[str] = (),
     ) -> UsageSummary:
-        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type, and the
-        value of each meter named in `meters` (ids or "meters/{meter}", at most 20)."""
+        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type.
+
+        Also the value of each meter named in `meters` (ids or "meters/{meter}", at most 20).
+        """
         request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension, meters)
         response = await self._call(self._usage.GetUsageSummary, request)
         return convert.usage_summary(response.summary)
@@ -255,6 +258,7 @@ class AsyncTallyClient:
         return GeneratedInvoice(convert.invoice(response.invoice), response.created)
 
     async def get_invoice(self, tenant_id: str, invoice_id: str) -> Invoice:
+        """One invoice of the tenant; NotFoundError for a missing one or another tenant's."""
         request = billing_service_pb2.GetInvoiceRequest(name=invoice_name(tenant_id, invoice_id))
         return convert.invoice((await self._call(self._billing.GetInvoice, request)).invoice)
 

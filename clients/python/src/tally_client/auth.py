@@ -118,12 +118,15 @@ class StaticToken:
         self._token = token
 
     def token(self) -> str:
+        """The token given, whether or not it has expired."""
         return self._token
 
     def cached_token(self) -> str | None:
+        """The token given: it is always at hand."""
         return self._token
 
     def invalidate(self) -> None:
+        """Nothing to do: a static token cannot be replaced (an expired one keeps failing)."""
         pass
 
 
@@ -150,6 +153,7 @@ class RefreshingToken:
         self._current: tuple[str, float | None] | None = None
 
     def cached_token(self) -> str | None:
+        """The current token unless it expires within the refresh margin; never blocks."""
         current = self._current
         if current is None:
             return None
@@ -157,6 +161,7 @@ class RefreshingToken:
         return token if expiry is None or self._now() < expiry - self._margin else None
 
     def token(self) -> str:
+        """The current token, or a new one from `provider` when it is missing or about to expire."""
         token = self.cached_token()
         if token is not None:
             return token
@@ -169,6 +174,7 @@ class RefreshingToken:
             return token
 
     def invalidate(self) -> None:
+        """Forget the current token, so that the next `token()` calls `provider`."""
         with self._lock:
             self._current = None
 

@@ -83,6 +83,7 @@ class TallyClient:
         self._random = random
 
     def close(self) -> None:
+        """Close the channel; calls still in progress are cancelled."""
         self._channel.close()
 
     def __enter__(self) -> TallyClient:
@@ -150,8 +151,10 @@ class TallyClient:
         group_by_dimension: str = "",
         meters: Sequence[str] = (),
     ) -> UsageSummary:
-        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type, and the
-        value of each meter named in `meters` (ids or "meters/{meter}", at most 20)."""
+        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type.
+
+        Also the value of each meter named in `meters` (ids or "meters/{meter}", at most 20).
+        """
         request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension, meters)
         return convert.usage_summary(self._call(self._usage.GetUsageSummary, request).summary)
 
@@ -240,6 +243,7 @@ class TallyClient:
         return GeneratedInvoice(convert.invoice(response.invoice), response.created)
 
     def get_invoice(self, tenant_id: str, invoice_id: str) -> Invoice:
+        """One invoice of the tenant; NotFoundError for a missing one or another tenant's."""
         request = billing_service_pb2.GetInvoiceRequest(name=invoice_name(tenant_id, invoice_id))
         return convert.invoice(self._call(self._billing.GetInvoice, request).invoice)
 

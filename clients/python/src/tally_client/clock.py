@@ -8,6 +8,8 @@ from typing import Protocol
 
 
 class Clock(Protocol):
+    """Time as the ingester and the retries see it: the system clock, or a fake one in tests."""
+
     def now(self) -> float:
         """Seconds on a monotonic scale (only differences matter)."""
         ...
@@ -21,9 +23,11 @@ class SystemClock:
     """The real monotonic clock."""
 
     def now(self) -> float:
+        """Seconds on the system's monotonic clock."""
         return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of real time."""
         await asyncio.sleep(seconds)
 
 

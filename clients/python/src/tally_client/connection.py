@@ -68,16 +68,19 @@ class Connection:
         return cls(target, source, credentials, timeout, retry, tuple(options))
 
     def metadata(self, token: str | None, request_id: str) -> Metadata:
+        """The metadata of one attempt: the bearer token (if any) and the call's request id."""
         if token is None:
             return ((REQUEST_ID_KEY, request_id),)
         return (("authorization", f"Bearer {token}"), (REQUEST_ID_KEY, request_id))
 
     def sync_channel(self) -> grpc.Channel:
+        """A new blocking channel to `target`, with TLS when `credentials` are set."""
         if self.credentials is None:
             return grpc.insecure_channel(self.target, options=list(self.options))
         return grpc.secure_channel(self.target, self.credentials, options=list(self.options))
 
     def aio_channel(self) -> grpc.aio.Channel:
+        """A new asyncio channel to `target`, with TLS when `credentials` are set."""
         if self.credentials is None:
             return grpc.aio.insecure_channel(self.target, options=list(self.options))
         return grpc.aio.secure_channel(self.target, self.credentials, options=list(self.options))

@@ -55,16 +55,19 @@ def decimal_text(value: Quantity, what: str = "quantity") -> str:
 
 
 def timestamp(value: datetime, what: str) -> timestamp_pb2.Timestamp:
+    """A Timestamp of an aware datetime; ValueError naming the field `what` for a naive one."""
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(aware(value, what))
     return stamp
 
 
 def from_timestamp(stamp: timestamp_pb2.Timestamp) -> datetime:
+    """A Timestamp as an aware datetime in UTC."""
     return stamp.ToDatetime(tzinfo=UTC)
 
 
 def event_message(event: UsageEvent) -> resources_pb2.UsageEvent:
+    """A UsageEvent as its proto; the quantity travels as its exact decimal string."""
     message = resources_pb2.UsageEvent(
         tenant_id=event.tenant_id,
         event_id=event.event_id,
@@ -79,6 +82,7 @@ def event_message(event: UsageEvent) -> resources_pb2.UsageEvent:
 
 
 def report_result(response: usage_service_pb2.ReportUsageResponse) -> ReportResult:
+    """The outcome of ReportUsage: recorded, or a duplicate of an event recorded before."""
     outcome = (
         ReportOutcome.DUPLICATE
         if response.outcome == usage_service_pb2.REPORT_OUTCOME_DUPLICATE
@@ -88,6 +92,7 @@ def report_result(response: usage_service_pb2.ReportUsageResponse) -> ReportResu
 
 
 def rejection(message: resources_pb2.EventRejection) -> EventRejection:
+    """One rejected event of a batch; a cause this client does not know reads as INVALID."""
     return EventRejection(
         event_id=message.event_id,
         field=message.field,
@@ -97,6 +102,7 @@ def rejection(message: resources_pb2.EventRejection) -> EventRejection:
 
 
 def ingest_result(response: usage_service_pb2.IngestUsageResponse) -> IngestResult:
+    """The counts of an IngestUsage call, with its rejections."""
     return IngestResult(
         batch_count=response.batch_count,
         accepted_count=response.accepted_count,
@@ -107,6 +113,7 @@ def ingest_result(response: usage_service_pb2.IngestUsageResponse) -> IngestResu
 
 
 def usage_summary(message: resources_pb2.UsageSummary) -> UsageSummary:
+    """A UsageSummary proto as exact values: quantities and meter values as Decimals, times in UTC."""
     return UsageSummary(
         name=message.name,
         tenant_id=message.tenant_id,
@@ -145,6 +152,7 @@ def usage_summary(message: resources_pb2.UsageSummary) -> UsageSummary:
 
 
 def rate(message: resources_pb2.Rate) -> Rate:
+    """A Rate proto with its unit price as a Decimal."""
     return Rate(
         name=message.name,
         service=message.service,
@@ -157,6 +165,7 @@ def rate(message: resources_pb2.Rate) -> Rate:
 
 
 def invoice(message: resources_pb2.Invoice) -> Invoice:
+    """An Invoice proto with exact amounts; a preview, which has no name, has an empty invoice_id."""
     return Invoice(
         name=message.name,
         tenant_id=message.tenant_id,
@@ -194,6 +203,7 @@ def _struct(message: resources_pb2.AuditEvent, field: str, value: struct_pb2.Str
 
 
 def audit_event(message: resources_pb2.AuditEvent) -> AuditEvent:
+    """An AuditEvent proto, its before and after as JSON values (None where absent)."""
     return AuditEvent(
         name=message.name,
         create_time=from_timestamp(message.create_time),
@@ -215,6 +225,7 @@ def summary_request(
     group_by_dimension: str,
     meters: Sequence[str] = (),
 ) -> usage_service_pb2.GetUsageSummaryRequest:
+    """The GetUsageSummary request; meters may be given by id or by name ("meters/{meter}")."""
     return usage_service_pb2.GetUsageSummaryRequest(
         name=usage_summary_name(tenant_id),
         start_time=timestamp(start_time, "start_time"),
@@ -232,6 +243,7 @@ def summaries_request(
     bucket: TimeBucket | None,
     group_by_dimension: str,
 ) -> usage_service_pb2.StreamUsageSummariesRequest:
+    """The StreamUsageSummaries request for several tenants over one period."""
     return usage_service_pb2.StreamUsageSummariesRequest(
         tenant_ids=list(tenant_ids),
         start_time=timestamp(start_time, "start_time"),
@@ -244,6 +256,7 @@ def summaries_request(
 def list_rates_request(
     as_of_time: datetime | None, show_history: bool, page_size: int
 ) -> billing_service_pb2.ListRatesRequest:
+    """The ListRates request: the card as of `as_of_time` (None: now), or all history."""
     request = billing_service_pb2.ListRatesRequest(show_history=show_history, page_size=page_size)
     if as_of_time is not None:
         request.as_of_time.CopyFrom(timestamp(as_of_time, "as_of_time"))
@@ -259,6 +272,7 @@ def set_rate_request(
     currency_code: str,
     request_id: str,
 ) -> billing_service_pb2.SetRateRequest:
+    """The SetRate request; None `effective_time` takes the server's default (the next whole hour)."""
     request = billing_service_pb2.SetRateRequest(
         service=service,
         usage_type=usage_type,
@@ -274,6 +288,7 @@ def set_rate_request(
 def generate_invoice_request(
     tenant_id: str, period_start_time: datetime, period_end_time: datetime, request_id: str
 ) -> billing_service_pb2.GenerateInvoiceRequest:
+    """The GenerateInvoice request; every attempt of one call sends the same `request_id`."""
     return billing_service_pb2.GenerateInvoiceRequest(
         parent=tenant_name(tenant_id),
         period_start_time=timestamp(period_start_time, "period_start_time"),
@@ -285,6 +300,7 @@ def generate_invoice_request(
 def list_audit_events_request(
     tenant_id: str, start_time: datetime | None, end_time: datetime | None, page_size: int
 ) -> billing_service_pb2.ListAuditEventsRequest:
+    """The ListAuditEvents request; an empty `tenant_id` and None times do not narrow it."""
     request = billing_service_pb2.ListAuditEventsRequest(tenant_id=tenant_id, page_size=page_size)
     if start_time is not None:
         request.start_time.CopyFrom(timestamp(start_time, "start_time"))

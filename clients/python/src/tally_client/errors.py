@@ -83,10 +83,14 @@ class TallyError(Exception):
 
 
 class CallCancelledError(TallyError):
+    """The call was cancelled, by the caller or because its connection went away."""
+
     code = grpc.StatusCode.CANCELLED
 
 
 class UnknownError(TallyError):
+    """A failure without a known status; without Tally's ErrorInfo it is a lost connection, retried."""
+
     code = grpc.StatusCode.UNKNOWN
 
 
@@ -97,14 +101,20 @@ class InvalidArgumentError(TallyError):
 
 
 class DeadlineExceededError(TallyError):
+    """The call's deadline passed, or the server closed a stream that sent nothing for too long."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class NotFoundError(TallyError):
+    """The named resource does not exist, or belongs to a tenant the token does not cover."""
+
     code = grpc.StatusCode.NOT_FOUND
 
 
 class AlreadyExistsError(TallyError):
+    """A resource with the id the caller chose exists already (a meter, a plan)."""
+
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
@@ -125,18 +135,33 @@ class RateLimitedError(ResourceExhaustedError):
 
 
 class FailedPreconditionError(TallyError):
+    """The request is well formed but conflicts with the stored state (see `reason`).
+
+    For example an invoice that cannot make that move (INVOICE_STATUS_INVALID) or a change
+    that reaches into a billed period (PERIOD_FINALIZED). Resending unchanged fails again.
+    """
+
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class AbortedError(TallyError):
+    """A concurrency conflict in the server that outlasted its own retries; safe to retry."""
+
     code = grpc.StatusCode.ABORTED
 
 
 class OutOfRangeError(TallyError):
+    """A value outside the range the server can serve.
+
+    gRPC's own code: Tally's checks answer INVALID_ARGUMENT with the field at fault.
+    """
+
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
 class UnimplementedError(TallyError):
+    """The server does not have this RPC (an older server than the client)."""
+
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -153,6 +178,8 @@ class UnavailableError(TallyError):
 
 
 class DataLossError(TallyError):
+    """Unrecoverable data loss or corruption; Tally does not return it itself."""
+
     code = grpc.StatusCode.DATA_LOSS
 
 

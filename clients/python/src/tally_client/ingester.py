@@ -173,6 +173,7 @@ class AsyncIngester:
 
     @property
     def counts(self) -> IngestCounts:
+        """What the server said so far, and what is held: a snapshot, never blocks."""
         c = self._counters
         return IngestCounts(
             accepted=c.accepted,
@@ -186,6 +187,7 @@ class AsyncIngester:
         )
 
     def start(self) -> None:
+        """Start the background sender, if it has not started (adding an event starts it too)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="tally-ingester")
 
@@ -230,6 +232,7 @@ class AsyncIngester:
             await self._progress.wait()
 
     async def add_many(self, events: Iterable[UsageEvent]) -> None:
+        """Buffer events in order, waiting for room as `add` does."""
         for event in events:
             await self.add(event)
 

@@ -75,6 +75,8 @@ class ReportOutcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ReportResult:
+    """What became of one reported event, identified by its tenant and event id."""
+
     tenant_id: str
     event_id: str
     outcome: ReportOutcome
@@ -118,6 +120,12 @@ class TimeBucket(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class UsageAggregate:
+    """One usage type's quantity and event count.
+
+    Within one time bucket (`bucket_start_time`, None without buckets) and one value of the
+    grouped dimension (`dimension_value`, empty without grouping).
+    """
+
     service: str
     usage_type: str
     bucket_start_time: datetime | None
@@ -131,7 +139,8 @@ class MeterAggregate:
     """The value of one named meter (within one time bucket and one value of the grouped dimension).
 
     `value` means what `aggregation` says: a quantity (sum, max, min, latest), a number of
-    events or values (count, unique_count), or unit-hours (time_weighted)."""
+    events or values (count, unique_count), or unit-hours (time_weighted).
+    """
 
     meter: str
     aggregation: str
@@ -156,6 +165,8 @@ class UsageSummary:
 
 @dataclass(frozen=True, slots=True)
 class Rate:
+    """A unit price of one usage type from `effective_time` on, set at `create_time`."""
+
     name: str
     service: str
     usage_type: str
@@ -182,6 +193,12 @@ class InvoiceLineItem:
 
 @dataclass(frozen=True, slots=True)
 class Invoice:
+    """A tenant's invoice for [period_start_time, period_end_time), with exact amounts.
+
+    `status` is draft, finalized, paid, void or uncollectible. A preview (PreviewInvoice) is not
+    stored: its `name` and `invoice_id` are empty.
+    """
+
     name: str
     tenant_id: str
     invoice_id: str
@@ -198,6 +215,11 @@ class Invoice:
 
 @dataclass(frozen=True, slots=True)
 class GeneratedInvoice:
+    """GenerateInvoice's answer: the invoice, and whether it was created.
+
+    `created` False: an existing draft covering the period was recomputed.
+    """
+
     invoice: Invoice
     created: bool
 

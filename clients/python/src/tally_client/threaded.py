@@ -96,6 +96,7 @@ class Ingester:
 
     @property
     def counts(self) -> IngestCounts:
+        """What the server said so far, and what is held; after close, the final counts."""
         if self._final is not None:
             return self._final
 

@@ -82,6 +82,7 @@ CREDIT_NOTE_COLUMNS = ["credit note", "number", "invoice", "amount", "currency",
 
 
 def credit_notes_create(args: argparse.Namespace) -> None:
+    """`tally credit-notes create`: credit part or all of an invoice and print the credit note."""
     tenant, invoice_id = invoice_ref(args)
     request = billing_service_pb2.CreateCreditNoteRequest(
         invoice=invoice_name(tenant, invoice_id),
@@ -99,6 +100,7 @@ def credit_notes_create(args: argparse.Namespace) -> None:
 
 
 def credit_notes_list(args: argparse.Namespace) -> None:
+    """`tally credit-notes list`: a tenant's credit notes, every page of them."""
     request = billing_service_pb2.ListCreditNotesRequest(parent=tenant_name(args.tenant))
     with connect(args) as client:
         notes = list(pages(client, "ListCreditNotes", request, "credit_notes"))
@@ -139,6 +141,7 @@ def _show_profile(profile: resources_pb2.BillingProfile, output: str) -> None:
 
 
 def profiles_show(args: argparse.Namespace) -> None:
+    """`tally profiles show`: a tenant's billing profile."""
     request = billing_service_pb2.GetBillingProfileRequest(name=_profile_name(args.tenant))
     with connect(args) as client:
         profile = call(client, "GetBillingProfile", request).billing_profile
@@ -146,6 +149,10 @@ def profiles_show(args: argparse.Namespace) -> None:
 
 
 def profiles_set(args: argparse.Namespace) -> None:
+    """`tally profiles set`: create or replace a tenant's billing profile, then print it.
+
+    A plan given by id is sent as its name ("plans/{plan}").
+    """
     profile = resources_pb2.BillingProfile(
         name=_profile_name(args.tenant),
         display_name=args.display_name,
@@ -176,6 +183,7 @@ def profiles_set(args: argparse.Namespace) -> None:
 
 
 def invoices_preview(args: argparse.Namespace) -> None:
+    """`tally invoices preview`: the open period's invoice priced now (not stored)."""
     request = billing_service_pb2.PreviewInvoiceRequest(parent=tenant_name(args.tenant))
     with connect(args) as client:
         invoice = convert.invoice(call(client, "PreviewInvoice", request).invoice)
@@ -185,6 +193,7 @@ def invoices_preview(args: argparse.Namespace) -> None:
 
 
 def invoices_close_period(args: argparse.Namespace) -> None:
+    """`tally invoices close-period`: close the tenant's oldest open period and print its invoice."""
     request = billing_service_pb2.ClosePeriodRequest(
         parent=tenant_name(args.tenant), request_id=new_request_id()
     )
@@ -203,6 +212,7 @@ def _charges(args: argparse.Namespace) -> list[resources_pb2.Charge]:
 
 
 def plans_create(args: argparse.Namespace) -> None:
+    """`tally plans create`: a plan with its first version, printed as the server stored it."""
     request = billing_service_pb2.CreatePlanRequest(
         plan_id=args.plan.removeprefix(PLANS),
         display_name=args.display_name,
@@ -219,6 +229,7 @@ def plans_create(args: argparse.Namespace) -> None:
 
 
 def plans_add_version(args: argparse.Namespace) -> None:
+    """`tally plans add-version`: new charges for a plan from an effective time on."""
     name = args.plan if args.plan.startswith(PLANS) else PLANS + args.plan
     request = billing_service_pb2.CreatePlanVersionRequest(
         parent=name,

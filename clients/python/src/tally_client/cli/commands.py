@@ -47,6 +47,7 @@ def _month_start(moment: datetime, months_back: int = 0) -> datetime:
 
 
 def report(args: argparse.Namespace) -> None:
+    """`tally report`: record one usage event and print whether it was recorded or a duplicate."""
     fields = {"event_id": args.event_id} if args.event_id else {}
     event = UsageEvent(
         args.tenant,
@@ -66,6 +67,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 def ingest(args: argparse.Namespace) -> int:
+    """`tally ingest`: stream a file of events; the exit status is 1 unless every event was settled."""
     from tally_client.cli.ingest import ingest_file
 
     with connect(args) as client:
@@ -73,6 +75,10 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def summary(args: argparse.Namespace) -> None:
+    """`tally summary`: a tenant's usage (and any meters asked for) as a table or JSON.
+
+    The period defaults to the start of this UTC month up to the end of the current hour.
+    """
     now = datetime.now(UTC)
     start = args.start or _month_start(now)
     end = args.end or _hour(now) + timedelta(hours=1)
@@ -132,6 +138,7 @@ INVOICE_COLUMNS = ["invoice", "period start", "period end", "status", "total", "
 
 
 def invoices_list(args: argparse.Namespace) -> None:
+    """`tally invoices list`: a tenant's invoices, newest period first."""
     with connect(args) as client:
         invoices = list(client.list_invoices(args.tenant))
     if args.output == "json":
@@ -141,6 +148,11 @@ def invoices_list(args: argparse.Namespace) -> None:
 
 
 def show_invoice(invoice: Invoice, output: str, created: bool | None = None) -> None:
+    """Print an invoice: its header row and its line items, or the invoice as JSON.
+
+    `created` (from GenerateInvoice) says whether it was created or an existing draft was
+    recomputed; None when the invoice was only read.
+    """
     if output == "json":
         print_json(invoice if created is None else {"invoice": invoice, "created": created})
         return
@@ -175,6 +187,7 @@ def invoice_ref(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def invoices_show(args: argparse.Namespace) -> None:
+    """`tally invoices show`: one invoice with its line items."""
     tenant, invoice_id = invoice_ref(args)
     with connect(args) as client:
         invoice = client.get_invoice(tenant, invoice_id)
@@ -182,6 +195,10 @@ def invoices_show(args: argparse.Namespace) -> None:
 
 
 def invoices_generate(args: argparse.Namespace) -> None:
+    """`tally invoices generate`: create or recompute a tenant's invoice for a period.
+
+    The period defaults to last UTC month.
+    """
     now = datetime.now(UTC)
     start = args.start or _month_start(now, 1)
     end = args.end or _month_start(now)
@@ -191,6 +208,7 @@ def invoices_generate(args: argparse.Namespace) -> None:
 
 
 def rates_list(args: argparse.Namespace) -> None:
+    """`tally rates list`: the rate card as of a time, or with `--history` every price ever set."""
     with connect(args) as client:
         rates = list(client.list_rates(as_of_time=args.as_of, show_history=args.history))
     if args.output == "json":
@@ -206,6 +224,7 @@ def rates_list(args: argparse.Namespace) -> None:
 
 
 def rates_set(args: argparse.Namespace) -> None:
+    """`tally rates set`: set a unit price from an effective time on."""
     with connect(args) as client:
         rate = client.set_rate(
             args.service,
@@ -224,6 +243,7 @@ def rates_set(args: argparse.Namespace) -> None:
 
 
 def audit(args: argparse.Namespace) -> None:
+    """`tally audit`: the audit trail, oldest first, at most `--limit` entries (0: all)."""
     if args.limit < 0:
         raise UsageError("--limit must be 0 (all) or more")
     with connect(args) as client:

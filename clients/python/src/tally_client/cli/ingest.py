@@ -50,6 +50,7 @@ class IngestReport:
 
     @property
     def complete(self) -> bool:
+        """True if every event was accepted or a duplicate: none rejected, none left unacknowledged."""
         return self.rejected == 0 and self.not_acknowledged == 0
 
 
@@ -86,8 +87,10 @@ def _counts_text(counts: IngestCounts, unreadable: int) -> str:
 def _await_acknowledgements(
     ingester: Ingester, wait: float, show_progress: Callable[[IngestCounts], None]
 ) -> None:
-    """Wait for the last acknowledgements, showing them as they come, while the server makes
-    progress; after `wait` seconds without any, return (close() then counts what is left)."""
+    """Wait for the last acknowledgements, showing them as they come, while the server makes progress.
+
+    After `wait` seconds without any, return (close() then counts what is left).
+    """
     last = ingester.counts
     since = time.monotonic()
     while True:
@@ -104,6 +107,11 @@ def _await_acknowledgements(
 
 
 def ingest_file(client: TallyClient, args: argparse.Namespace) -> int:
+    """Send the events of `args.file` (or stdin) through the batching ingester and print the counts.
+
+    Returns the exit status: 0 if every event was settled, 1 if any was rejected or left
+    unacknowledged. A call that failed is raised after the counts are printed.
+    """
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     fmt = args.format or ("csv" if args.file.lower().endswith(".csv") else "jsonl")

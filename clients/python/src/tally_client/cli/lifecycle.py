@@ -1,5 +1,6 @@
-"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans
-(and, through `call` and `plain_proto`, those of tally_client.cli.billing and .meters).
+"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans.
+
+Through `call` and `plain_proto`, this module also serves tally_client.cli.billing and .meters.
 
 They use the generated stubs through the client's own call path (its deadline, retries
 and typed errors), so they behave like the other commands. An invoice action sends one
@@ -36,8 +37,11 @@ INVOICE_ACTIONS: dict[str, tuple[str, type[Message]]] = {
 
 
 def call(client: TallyClient, method: str, request: Message, service: str = "billing") -> Any:
-    """BillingService (or `service` "meters"/"usage") `method` through the client's retrying call
-    path: its deadline, retries and typed errors, for RPCs it has no typed wrapper for yet."""
+    """Call BillingService (or `service` "meters"/"usage") `method` through the client's call path.
+
+    That path brings its deadline, retries and typed errors to RPCs that have no typed
+    wrapper yet.
+    """
     if service == "billing":
         stub: Any = client._billing
     elif service == "usage":
@@ -48,6 +52,7 @@ def call(client: TallyClient, method: str, request: Message, service: str = "bil
 
 
 def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
+    """The handler of `tally invoices <action>` (finalize, void, mark-paid, mark-uncollectible)."""
     method, request_type = INVOICE_ACTIONS[action]
 
     def handler(args: argparse.Namespace) -> None:
@@ -61,6 +66,7 @@ def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
 
 
 def plain_proto(message: Message) -> dict[str, Any]:
+    """A proto message as JSON-ready values, with the proto's field names (decimal strings stay strings)."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -75,6 +81,7 @@ def _plans(client: TallyClient) -> Iterator[resources_pb2.Plan]:
 
 
 def plans_list(args: argparse.Namespace) -> None:
+    """`tally plans list`: every plan, "default" first, with its number of versions."""
     with connect(args) as client:
         plans = list(_plans(client))
     if args.output == "json":
@@ -96,6 +103,7 @@ def plans_list(args: argparse.Namespace) -> None:
 
 
 def plans_show(args: argparse.Namespace) -> None:
+    """`tally plans show`: one plan's versions and charges."""
     name = args.plan if args.plan.startswith(PLANS) else PLANS + args.plan
     with connect(args) as client:
         plan = call(client, "GetPlan", billing_service_pb2.GetPlanRequest(name=name)).plan

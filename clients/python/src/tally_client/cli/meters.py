@@ -28,6 +28,7 @@ AGGREGATIONS = [
 
 
 def meter_name(text: str) -> str:
+    """The resource name of a meter given by id or by name ("meters/{meter}")."""
     return text if text.startswith(METERS) else METERS + text
 
 
@@ -63,6 +64,7 @@ def _show_meter(meter: resources_pb2.Meter, output: str) -> None:
 
 
 def meters_create(args: argparse.Namespace) -> None:
+    """`tally meters create`: a meter over one usage type, printed as the server stored it."""
     meter = resources_pb2.Meter(
         meter_id=args.meter.removeprefix(METERS),
         description=args.description,
@@ -79,6 +81,7 @@ def meters_create(args: argparse.Namespace) -> None:
 
 
 def meters_list(args: argparse.Namespace) -> None:
+    """`tally meters list`: every meter, active and archived."""
     with connect(args) as client:
         meters = list(pages(client, "ListMeters", meter_service_pb2.ListMetersRequest(), "meters", "meters"))
     if args.output == "json":
@@ -88,18 +91,21 @@ def meters_list(args: argparse.Namespace) -> None:
 
 
 def meters_show(args: argparse.Namespace) -> None:
+    """`tally meters show`: one meter."""
     request = meter_service_pb2.GetMeterRequest(name=meter_name(args.meter))
     with connect(args) as client:
         _show_meter(call(client, "GetMeter", request, "meters").meter, args.output)
 
 
 def meters_archive(args: argparse.Namespace) -> None:
+    """`tally meters archive`: stop a meter counting new events; what it counted stays readable."""
     request = meter_service_pb2.ArchiveMeterRequest(name=meter_name(args.meter), request_id=new_request_id())
     with connect(args) as client:
         _show_meter(call(client, "ArchiveMeter", request, "meters").meter, args.output)
 
 
 def cancel(args: argparse.Namespace) -> None:
+    """`tally cancel`: cancel a recorded event; cancelling again answers the first cancellation's time."""
     request = usage_service_pb2.CancelEventRequest(
         tenant_id=args.tenant, event_id=args.event_id, request_id=new_request_id()
     )

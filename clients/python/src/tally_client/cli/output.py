@@ -28,6 +28,10 @@ WIDE = 100_000  # columns of a console that is not a terminal: tables are only a
 
 
 def console(*, stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr) that never wraps or cuts a cell.
+
+    Off a terminal it is WIDE columns wide, so a table is as wide as its widest row.
+    """
     probe = Console(stderr=stderr)
     width = None if probe.is_terminal else WIDE
     return Console(stderr=stderr, highlight=False, width=width, soft_wrap=not probe.is_terminal)
@@ -60,12 +64,14 @@ def plain(value: Any) -> Any:
 
 
 def print_json(value: Any) -> None:
+    """Print `value` as indented JSON (decimals as strings, times as RFC 3339 in UTC)."""
     print(json.dumps(plain(value), indent=2, ensure_ascii=False))
 
 
 def print_table(
     columns: Sequence[str], rows: Iterable[Sequence[object]], *, title: str | None = None
 ) -> None:
+    """Print `rows` as a table under `columns`; numeric columns are right-aligned."""
     table = Table(title=title, title_justify="left")
     for column in columns:
         numeric = column in NUMERIC_COLUMNS

@@ -25,8 +25,10 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 
 def _lazy(function: str, module: str = "commands", *arguments: str) -> Handler:
-    """The handler `function` of tally_client.cli.<module>, imported when the command runs
-    (called with `arguments` first if given: a factory of handlers)."""
+    """The handler `function` of tally_client.cli.<module>, imported when the command runs.
+
+    If `arguments` are given, `function` is a factory of handlers, called with them first.
+    """
 
     def handler(args: argparse.Namespace) -> int | None:
         found = getattr(importlib.import_module(f"tally_client.cli.{module}"), function)
@@ -68,6 +70,7 @@ def exact_number(text: str) -> Decimal:
 
 
 def dimension(text: str) -> tuple[str, str]:
+    """An argparse type: KEY=VALUE as (key, value); the value may be empty, the key may not."""
     key, separator, value = text.partition("=")
     if not separator or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not a dimension like region=eu")
@@ -573,6 +576,10 @@ def _add_extensions(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tally` argument parser: the client's commands and those of other installed distributions.
+
+    The others (the server's serve, token, retention) come through the `tally.commands` entry points.
+    """
     parser = argparse.ArgumentParser(
         prog="tally",
         description="Tally: usage metering and billing over gRPC. The client commands reach the server at "
