@@ -171,7 +171,7 @@ async def finish_backfills(backfiller: MeterBackfiller, db: asyncpg.Pool, names:
     """
     ids = [name.removeprefix("meters/") for name in names]
     for _ in range(600):
-        await backfiller.run_until_idle()
+        await backfiller.run_until_idle(ids)
         left = await db.fetchval(
             "SELECT count(*) FROM meters WHERE name = ANY($1) AND state = 'backfilling'", ids
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -52,6 +53,7 @@ DEFAULT_SETTLE_SECONDS = 32.0
 _NEXT_METER = f"""
 SELECT {METER_COLUMNS}, backfill_tenant_id, backfill_event_id FROM meters
 WHERE state = 'backfilling' AND create_time <= now() - $1::float8 * interval '1 second'
+  AND ($2::text[] IS NULL OR name = ANY($2::text[]))
 ORDER BY id
 LIMIT 1
 FOR UPDATE SKIP LOCKED
@@ -146,17 +148,20 @@ class MeterBackfiller:
                 log.warning("meter backfill paused this time: %s", type(exc).__name__)
             await asyncio.sleep(self._interval)
 
-    async def run_until_idle(self) -> int:
-        """Steps until no meter is due (or the due ones wait for old transactions); the steps taken."""
+    async def run_until_idle(self, only: Sequence[str] | None = None) -> int:
+        """Steps until no meter is due (or the due ones wait for old transactions); the steps taken.
+
+        `only` limits the work to the meters of these ids (the {meter} of "meters/{meter}").
+        """
         steps = 0
-        while (await self.step()).meter_id is not None:
+        while (await self.step(only)).meter_id is not None:
             steps += 1
         return steps
 
-    async def step(self) -> BackfillStep:
-        """One batch of one due meter, in one transaction."""
+    async def step(self, only: Sequence[str] | None = None) -> BackfillStep:
+        """One batch of one due meter (of `only`, if given), in one transaction."""
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(_NEXT_METER, self._settle)
+            row = await conn.fetchrow(_NEXT_METER, self._settle, None if only is None else list(only))
             if row is None:
                 return BackfillStep(None)
             meter = meter_of(row)
