@@ -71,6 +71,7 @@ from server.telemetry.http import HttpListener
 from server.telemetry.ingest import IngestTelemetry
 from server.telemetry.logs import AccessLog
 from server.telemetry.metrics import Metrics
+from server.telemetry.multiprocess import MetricFiles
 from server.telemetry.tracing import (
     INSTRUMENTATION_NAME,
     instrument_queries,
@@ -154,6 +155,17 @@ def memory_bound_options(config: Config) -> list[tuple[str, int]]:
     return options
 
 
+GAUGE_PUBLISH_SECONDS = 1.0
+
+
+async def _publish_gauges(metrics: Metrics) -> None:
+    """A worker's events-in-flight gauge, written to its metrics file: it is read, not counted,
+    so the parent's scrape sees it at most this old."""
+    while True:
+        metrics.publish_events_in_flight()
+        await asyncio.sleep(GAUGE_PUBLISH_SECONDS)
+
+
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop().
 
@@ -166,6 +178,8 @@ class TallyServer:
     window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
+    `metric_files`: a worker's metrics files, which its parent sums on /metrics
+    (server.telemetry.multiprocess); the worker then serves no HTTP of its own.
     """
 
     def __init__(
@@ -177,8 +191,11 @@ class TallyServer:
         worker: int | None = None,
         clock: LimitClock = SYSTEM_CLOCK,
         wall_clock: Callable[[], int] = now_micros,
+        metric_files: MetricFiles | None = None,
     ) -> None:
         self.config = config
+        self._metric_files = metric_files
+        self._gauge_task: asyncio.Task[None] | None = None
         self.worker = worker
         self._clock = clock
         self.wall_clock = wall_clock
@@ -252,7 +269,9 @@ class TallyServer:
             tracer = self._tracer_provider.get_tracer(INSTRUMENTATION_NAME)
             self._uninstrument = instrument_queries(self._tracer_provider)
         registry = CollectorRegistry()
-        self.metrics = metrics = Metrics(registry, resource(), tenant_labels=config.metrics_tenant_labels)
+        self.metrics = metrics = Metrics(
+            registry, resource(), tenant_labels=config.metrics_tenant_labels, files=self._metric_files
+        )
         access_log = None
         if config.access_log:
             access_log = AccessLog(self._log_stream or sys.stderr, config.log_format)
@@ -384,6 +403,8 @@ class TallyServer:
             )
         if access_log is not None:
             self._access_log_task = asyncio.create_task(access_log.run(), name="tally-access-log")
+        if self._metric_files is not None:
+            self._gauge_task = asyncio.create_task(_publish_gauges(metrics), name="tally-metric-gauges")
         if config.http_port is not None:
             read_pool = self._read_pool
             health = self._health
@@ -418,7 +439,13 @@ class TallyServer:
         then close, and connections still busy after `close_seconds` are terminated (their
         transactions roll back whole). Last, the embedded PostgreSQL stops.
         """
-        for task in (self._health_task, self._sharing_task, self._folding_task, self._backfill_task):
+        for task in (
+            self._health_task,
+            self._sharing_task,
+            self._folding_task,
+            self._backfill_task,
+            self._gauge_task,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
