@@ -57,6 +57,7 @@ from server.storage.database import create_pool
 from server.storage.embedded import EmbeddedPostgres
 from server.storage.folding import Folder
 from server.storage.invoices import InvoiceStore
+from server.storage.meter_backfill import MeterBackfiller
 from server.storage.meters import MeterStore
 from server.storage.migrations import migrate
 from server.storage.rates import RateStore
@@ -218,6 +219,7 @@ class TallyServer:
         self._health: DatabaseHealth | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._folding_task: asyncio.Task[None] | None = None
+        self._backfill_task: asyncio.Task[None] | None = None
         self._metering: Metering | None = None
         self._scheduler: CloseScheduler | None = None
         # The period close use cases, for ClosePeriod and for tests that drive the scheduler.
@@ -400,6 +402,9 @@ class TallyServer:
         with suppress_instrumentation():  # the probe's queries are not traces of their own
             self._health_task = asyncio.create_task(self._health.run(), name="tally-health")
             self._folding_task = asyncio.create_task(Folder(self._pool).run(), name="tally-folding")
+            self._backfill_task = asyncio.create_task(
+                MeterBackfiller(self._pool).run(), name="tally-meter-backfill"
+            )
         if access_log is not None:
             self._access_log_task = asyncio.create_task(access_log.run(), name="tally-access-log")
         if self._metric_files is not None:
@@ -438,7 +443,13 @@ class TallyServer:
         then close, and connections still busy after `close_seconds` are terminated (their
         transactions roll back whole). Last, the embedded PostgreSQL stops.
         """
-        for task in (self._health_task, self._sharing_task, self._folding_task, self._gauge_task):
+        for task in (
+            self._health_task,
+            self._sharing_task,
+            self._folding_task,
+            self._backfill_task,
+            self._gauge_task,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

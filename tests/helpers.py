@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
 from server.domain.pagination import PageTokens
+from server.storage.meter_backfill import MeterBackfiller
 from server.storage.shared_keys import PAGE_TOKEN_KEY
 from tally.v1 import resources_pb2
 
@@ -159,3 +161,21 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | Non
                 if detail.Unpack(info):
                     return info
     return None
+
+
+async def finish_backfills(backfiller: MeterBackfiller, db: asyncpg.Pool, names: list[str]) -> None:
+    """Run meter backfills until none of the named meters ("meters/...") is BACKFILLING.
+
+    Polls rather than sleeps a guessed time: a pass may find a meter held by the server's own
+    backfill task, or still waiting for a transaction older than the meter to end.
+    """
+    ids = [name.removeprefix("meters/") for name in names]
+    for _ in range(600):
+        await backfiller.run_until_idle(ids)
+        left = await db.fetchval(
+            "SELECT count(*) FROM meters WHERE name = ANY($1) AND state = 'backfilling'", ids
+        )
+        if left == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still backfilling after 600 passes: {names}")

@@ -11,6 +11,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from server.storage.meter_backfill import MeterBackfiller
 from tally.v1 import (
     billing_service_pb2,
     billing_service_pb2_grpc,
@@ -20,7 +21,7 @@ from tally.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from tests.helpers import error_info, event, field_violations, hour_start, ts
+from tests.helpers import error_info, event, field_violations, finish_backfills, hour_start, ts
 
 Code = grpc.StatusCode
 A = resources_pb2
@@ -104,7 +105,8 @@ async def test_a_meter_is_created_read_archived_and_its_id_never_reused(
             meter_service_pb2.CreateMeterRequest(meter=definition, request_id=request_id)
         )
     ).meter
-    assert (created.name, created.state) == (f"meters/{definition.meter_id}", A.METER_STATE_ACTIVE)
+    # A UNIQUE_COUNT meter is rebuilt from the events recorded before it (see test_meter_backfill).
+    assert (created.name, created.state) == (f"meters/{definition.meter_id}", A.METER_STATE_BACKFILLING)
     # A retry with the request id gets the same answer; without it, the id is taken.
     again = await meters.CreateMeter(
         meter_service_pb2.CreateMeterRequest(meter=definition, request_id=request_id)
@@ -118,6 +120,7 @@ async def test_a_meter_is_created_read_archived_and_its_id_never_reused(
 
     archived = (await meters.ArchiveMeter(meter_service_pb2.ArchiveMeterRequest(name=created.name))).meter
     assert archived.state == A.METER_STATE_ARCHIVED and archived.HasField("archive_time")
+    assert not archived.backfill.HasField("end_time")  # archived before its backfill finished
     twice = (await meters.ArchiveMeter(meter_service_pb2.ArchiveMeterRequest(name=created.name))).meter
     assert twice == archived
     actions = await db.fetch("SELECT action FROM audit_events WHERE resource = $1 ORDER BY id", created.name)
@@ -150,9 +153,10 @@ async def test_a_meter_must_read_a_priced_usage_type_and_be_well_formed(
     )
 
 
-async def test_a_new_meter_counts_the_events_after_its_creation_and_sum_covers_the_past(
+async def test_a_meter_created_after_its_events_counts_them_once_backfilled(
     meters: meter_service_pb2_grpc.MeterServiceStub,
     usage: usage_service_pb2_grpc.UsageServiceStub,
+    db: asyncpg.Pool,
     tenant: str,
     usage_type: str,
 ) -> None:
@@ -162,17 +166,28 @@ async def test_a_new_meter_counts_the_events_after_its_creation_and_sum_covers_t
         )
 
     await usage.ReportUsage(sent("before", "9"))
+    await usage.ReportUsage(sent("cancelled", "50"))
+    await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="cancelled"))
     peak = (await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=_meter(usage_type, 3)))).meter
     total = (
         await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=_meter(usage_type, 1)))
     ).meter
+    # SUM reads the hourly rollups, which hold every event: complete at once. MAX counts new
+    # events at once, and the earlier ones once its backfill has read them.
+    assert (peak.state, total.state) == (A.METER_STATE_BACKFILLING, A.METER_STATE_ACTIVE)
     await usage.ReportUsage(sent("after", "4"))
-    # MAX stores per-event values from its creation on, and is not rebuilt from raw events;
-    # SUM reads the hourly rollups, which hold every event.
     assert await _values(usage, tenant, [peak.name, total.name]) == {peak.name: "4", total.name: "13"}
+    # From the first key on, in the server's default batches (a real pass over every key).
+    await finish_backfills(MeterBackfiller(db, settle_seconds=0), db, [peak.name])
+    done = (await meters.GetMeter(meter_service_pb2.GetMeterRequest(name=peak.name))).meter
+    assert done.state == A.METER_STATE_ACTIVE and done.backfill.HasField("end_time")
+    assert done.backfill.scanned_event_count >= 3
+    # "before" and "after" (which a live batch had counted already: counted once); not "cancelled".
+    assert done.backfill.counted_event_count == 2
+    assert await _values(usage, tenant, [peak.name, total.name]) == {peak.name: "9", total.name: "13"}
     await meters.ArchiveMeter(meter_service_pb2.ArchiveMeterRequest(name=peak.name))
-    await usage.ReportUsage(sent("archived", "7"))
-    assert (await _values(usage, tenant, [peak.name]))[peak.name] == "4"
+    await usage.ReportUsage(sent("archived", "70"))
+    assert (await _values(usage, tenant, [peak.name]))[peak.name] == "9"
 
 
 async def test_a_meter_groups_only_by_its_dimensions_and_unknown_meters_are_not_found(

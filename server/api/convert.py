@@ -284,6 +284,7 @@ _AGGREGATIONS: dict[Aggregation, resources_pb2.MeterAggregation.ValueType] = {
 }
 _AGGREGATION_OF = {value: name for name, value in _AGGREGATIONS.items()}
 _METER_STATES = {
+    MeterState.BACKFILLING: resources_pb2.METER_STATE_BACKFILLING,
     MeterState.ACTIVE: resources_pb2.METER_STATE_ACTIVE,
     MeterState.ARCHIVED: resources_pb2.METER_STATE_ARCHIVED,
 }
@@ -326,6 +327,11 @@ def meter_message(meter: Meter) -> resources_pb2.Meter:
     )
     if meter.archive_time is not None:
         message.archive_time.CopyFrom(to_timestamp(meter.archive_time))
+    backfill = meter.backfill
+    message.backfill.scanned_event_count = backfill.scanned_events
+    message.backfill.counted_event_count = backfill.counted_events
+    if backfill.end_time is not None:
+        message.backfill.end_time.CopyFrom(to_timestamp(backfill.end_time))
     return message
 
 

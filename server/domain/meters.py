@@ -4,7 +4,8 @@ A meter reads the events of one (service, usage_type) whose dimensions include a
 `filter` entries, and aggregates them with one of seven aggregations. SUM and COUNT are
 computed from the hourly rollups that every event already updates (they hold every
 dimension), so they cost ingestion nothing. The other five store what they need per
-event (see `contributions`), from the meter's creation on.
+event (see `contributions`): live batches from the meter's creation on, and a backfill
+(server.storage.backfill) for the events recorded before it, while the meter is BACKFILLING.
 
 This module is pure: the validation of a new meter, and the precomputed map that turns a
 batch of event rows into the rows each non-additive meter stores.
@@ -60,10 +61,30 @@ class Aggregation(enum.StrEnum):
 
 
 class MeterState(enum.StrEnum):
-    """An active meter counts new events; an archived one no longer does, but stays readable."""
+    """A meter's state: it counts new events unless archived; a new one is rebuilt from earlier events first."""
 
+    BACKFILLING = "backfilling"  # counts new events, and is being rebuilt from the earlier ones
     ACTIVE = "active"
     ARCHIVED = "archived"
+
+    @property
+    def counting(self) -> bool:
+        """Whether batches add their events to the meter."""
+        return self is not MeterState.ARCHIVED
+
+
+def initial_state(aggregation: Aggregation) -> MeterState:
+    """SUM and COUNT read the rollups, which hold every event; the others must be rebuilt first."""
+    return MeterState.ACTIVE if aggregation.additive else MeterState.BACKFILLING
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillProgress:
+    """How far a meter's rebuild from the events recorded before its creation has come."""
+
+    scanned_events: int  # recorded events read so far, of every usage type
+    counted_events: int  # of those, the events the meter counts
+    end_time: datetime | None  # when it finished; None while backfilling, and for SUM and COUNT
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +110,7 @@ class Meter:
     state: MeterState
     create_time: datetime
     archive_time: datetime | None
+    backfill: BackfillProgress = BackfillProgress(0, 0, None)
 
     @property
     def name(self) -> str:
@@ -229,12 +251,15 @@ def contribution(meter: Meter, dimensions: Mapping[str, str], quantity: str) -> 
 
 
 class MeterMap:
-    """The active non-additive meters by (service, usage_type), for matching a batch in one pass."""
+    """The counting non-additive meters by (service, usage_type), for matching a batch in one pass.
+
+    A BACKFILLING meter is matched too: the backfill covers only what came before it.
+    """
 
     def __init__(self, meters: Iterable[Meter]) -> None:
         self._by_type: dict[tuple[str, str], list[Meter]] = {}
         for meter in meters:
-            if meter.state is MeterState.ACTIVE and not meter.spec.aggregation.additive:
+            if meter.state.counting and not meter.spec.aggregation.additive:
                 self._by_type.setdefault((meter.spec.service, meter.spec.usage_type), []).append(meter)
 
     def __bool__(self) -> bool:

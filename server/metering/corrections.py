@@ -1,7 +1,10 @@
 """Corrections: cancelling a recorded event, the use case behind UsageService.CancelEvent.
 
 A cancelled event stops counting in every summary, meter and draft invoice at once, and its
-(tenant_id, event_id) stays taken, so the event sent again is still a duplicate. Needs the
+(tenant_id, event_id) stays taken, so the event sent again is still a duplicate. A finalized
+invoice is never touched: invoices are priced from the rollups, which the cancellation
+corrects, so the next invoice re-prices the finalized period and bills the difference as an
+adjustment (server.billing.pricer, server.domain.adjustments), as for late usage. Needs the
 scope billing:admin (it changes what the tenant is billed; the API checks it) and a token
 for the tenant. Audited, with the event as it was recorded.
 """

@@ -9,28 +9,38 @@ import asyncpg
 
 from server.domain.audit import AuditEntry
 from server.domain.errors import AlreadyExists, ErrorReason, NotFound
-from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState, meter_name
+from server.domain.meters import (
+    Aggregation,
+    BackfillProgress,
+    Meter,
+    MeterSpec,
+    MeterState,
+    initial_state,
+    meter_name,
+)
 from server.domain.requests import Once, Replayed
 from server.storage import audit, request_ids
 from server.storage.database import run_with_retries
 
-_COLUMNS = (
+METER_COLUMNS = (
     "id, name, description, service, usage_type, filter::text AS filter, aggregation, value_dimension,"
-    " group_by, state, create_time, archive_time"
+    " group_by, state, create_time, archive_time, backfill_scanned_count, backfill_counted_count,"
+    " backfill_end_time"
 )
 _INSERT = f"""
-INSERT INTO meters (name, description, service, usage_type, filter, aggregation, value_dimension, group_by)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)
+INSERT INTO meters (name, description, service, usage_type, filter, aggregation, value_dimension, group_by,
+                    state)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)
 ON CONFLICT (name) DO NOTHING
-RETURNING {_COLUMNS}
+RETURNING {METER_COLUMNS}
 """
-_GET = f"SELECT {_COLUMNS} FROM meters WHERE name = $1"
-_LIST = f"SELECT {_COLUMNS} FROM meters WHERE name > $1 ORDER BY name LIMIT $2"
-_ALL = f"SELECT {_COLUMNS} FROM meters ORDER BY id"
+_GET = f"SELECT {METER_COLUMNS} FROM meters WHERE name = $1"
+_LIST = f"SELECT {METER_COLUMNS} FROM meters WHERE name > $1 ORDER BY name LIMIT $2"
+_ALL = f"SELECT {METER_COLUMNS} FROM meters ORDER BY id"
 _ARCHIVE = f"""
 UPDATE meters SET state = 'archived', archive_time = now()
-WHERE name = $1 AND state = 'active'
-RETURNING {_COLUMNS}
+WHERE name = $1 AND state <> 'archived'
+RETURNING {METER_COLUMNS}
 """
 
 
@@ -51,6 +61,9 @@ def meter_of(row: asyncpg.Record) -> Meter:
         state=MeterState(row["state"]),
         create_time=row["create_time"],
         archive_time=row["archive_time"],
+        backfill=BackfillProgress(
+            row["backfill_scanned_count"], row["backfill_counted_count"], row["backfill_end_time"]
+        ),
     )
 
 
@@ -118,6 +131,7 @@ class MeterStore:
                     spec.aggregation.value,
                     spec.value_dimension,
                     list(spec.group_by),
+                    initial_state(spec.aggregation).value,
                 )
                 if row is None:
                     raise AlreadyExists(
@@ -139,7 +153,7 @@ class MeterStore:
         audit_entry: Callable[[Meter, Meter], AuditEntry],
         once: Once[Meter] | None,
     ) -> Meter | Replayed:
-        """Archive an active meter (audited); an archived one is returned unchanged."""
+        """Archive a meter (audited; a backfill in progress stops); an archived one is returned unchanged."""
 
         async def attempt() -> Meter | Replayed:
             async with self._pool.acquire() as conn, conn.transaction():

@@ -5,9 +5,11 @@ and an old event sent again is still recognised as a duplicate. A late event for
 month whose raw partition was dropped is still recorded (the partition comes back).
 
 The raw events of the current and the previous month are never dropped: an open billing
-period may still need them (to rebuild a meter or audit a late correction) until its
-invoice is finalized. (Once invoices can be finalized, the cutoff becomes the oldest
-month of a period not yet finalized.)
+period may still need them (to audit a late correction) until its invoice is finalized.
+Nothing else reads them back: invoices read the rollups, and cancellations and meter
+backfills read the idempotency keys, which keep what they need of each event. (Once
+invoices can be finalized, the cutoff becomes the oldest month of a period not yet
+finalized.)
 """
 
 from __future__ import annotations

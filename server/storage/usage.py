@@ -65,17 +65,25 @@ new_keys AS (
 # Every table is either appended to, inserted into with ON CONFLICT DO NOTHING (a writer
 # waits only for another that is inserting the very same new key), or striped per writer.
 # Event ids compare byte-wise (COLLATE "C"), as they do in Python, to break LATEST's ties.
-METER_CTES = """, contrib AS (
+# CONTRIB_FROM: the entries as parallel arrays, from parameter ${first} on.
+CONTRIB_FROM = """contrib AS (
     SELECT c.tenant_id, c.event_id, c.meter_id, c.kind, c.value, c.group_values::jsonb AS group_values,
            'epoch'::timestamptz + c.time_micros * interval '1 microsecond' AS event_time
-    FROM unnest($8::text[], $9::text[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::bigint[])
+    FROM unnest(${0}::text[], ${1}::text[], ${2}::bigint[], ${3}::text[], ${4}::text[], ${5}::text[],
+                ${6}::bigint[])
         AS c(tenant_id, event_id, meter_id, kind, value, group_values, time_micros)
-    JOIN new_keys AS k ON k.tenant_id = c.tenant_id AND k.event_id = c.event_id
-), gauge_values AS (
+    {7}
+)"""
+# METER_WRITES follows a contrib CTE. {keep}: "" on the live path (the events are new, so
+# their rows are too); "ON CONFLICT DO NOTHING" for a meter backfill
+# (server.storage.meter_backfill), whose events a live batch may have stored already. Every
+# other write is an upsert that the same event written twice leaves as it is.
+METER_WRITES = """, gauge_values AS (
     INSERT INTO meter_values (tenant_id, meter_id, hour, group_values, event_id, event_time, value)
     SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values, event_id, event_time,
            value
     FROM contrib WHERE kind = 'v'
+    {keep}
 ), gauge_hours AS (
     INSERT INTO meter_hourly AS h (tenant_id, meter_id, hour, group_values, stripe,
                                    min_value, max_value, latest_time, latest_event_id, latest_value)
@@ -103,6 +111,7 @@ METER_CTES = """, contrib AS (
     INSERT INTO meter_unique_values (tenant_id, meter_id, group_values, value, hour, event_id)
     SELECT tenant_id, meter_id, group_values, value, date_trunc('hour', event_time, 'UTC'), event_id
     FROM contrib WHERE kind = 'u'
+    {keep}
 ), distinct_values AS (
     INSERT INTO meter_distinct (tenant_id, meter_id, grain, bucket, group_values, value)
     SELECT DISTINCT c.tenant_id, c.meter_id, g.grain, date_trunc(g.unit, c.event_time, 'UTC'),
@@ -115,6 +124,7 @@ METER_CTES = """, contrib AS (
     INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
     SELECT tenant_id, meter_id, group_values, event_time, event_id, value::numeric
     FROM contrib WHERE kind = 'r'
+    {keep}
 ), series AS (
     INSERT INTO meter_series (tenant_id, meter_id, group_values)
     SELECT DISTINCT tenant_id, meter_id, group_values FROM contrib WHERE kind = 'r'
@@ -129,6 +139,13 @@ METER_CTES = """, contrib AS (
     ORDER BY 1, 2, 3, 4
     ON CONFLICT (tenant_id, meter_id, group_values, hour) DO UPDATE SET changes = d.changes + excluded.changes
 )"""
+METER_CTES = (
+    ", "
+    + CONTRIB_FROM.format(
+        *range(8, 15), "JOIN new_keys AS k ON k.tenant_id = c.tenant_id AND k.event_id = c.event_id"
+    )
+    + METER_WRITES.format(keep="")
+)
 # The batch arrives as parallel arrays, one per column.
 _UNNEST = """
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[])

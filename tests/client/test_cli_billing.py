@@ -157,11 +157,11 @@ async def test_meters_are_created_shown_listed_and_archived(cli: Tally) -> None:
         f"meters/{meter}",
         "METER_AGGREGATION_UNIQUE_COUNT",
         {"tier": "premium"},
-        "METER_STATE_ACTIVE",
+        "METER_STATE_BACKFILLING",  # a UNIQUE_COUNT meter is rebuilt from the earlier events first
     )
     shown = await cli("meters", "show", meter)
     assert cells(shown.out, " analytics ")[:7] == [
-        meter, "analytics", "query", "unique_count(user_id)", "tier=premium", "region", "active",
+        meter, "analytics", "query", "unique_count(user_id)", "tier=premium", "region", "backfilling",
     ]  # fmt: skip
     listed = json.loads((await cli("meters", "list", "-o", "json")).out)
     assert f"meters/{meter}" in [m["name"] for m in listed]

@@ -222,9 +222,18 @@ class _MeterStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MeterState
     METER_STATE_UNSPECIFIED: _MeterState.ValueType  # 0
     """Never used."""
     METER_STATE_ACTIVE: _MeterState.ValueType  # 1
-    """Counts the events recorded from its creation on."""
+    """Counts every recorded event: the new ones as they are recorded, and the
+    ones recorded before its creation (SUM and COUNT from the start, the
+    others once their backfill has finished).
+    """
     METER_STATE_ARCHIVED: _MeterState.ValueType  # 2
     """Counts no new event; what it counted stays readable."""
+    METER_STATE_BACKFILLING: _MeterState.ValueType  # 3
+    """A new MAX, MIN, LATEST, UNIQUE_COUNT or TIME_WEIGHTED meter: it counts the
+    events recorded from its creation on, and is being rebuilt from the events
+    recorded before (see Meter.backfill); its values lack some of those until
+    it turns ACTIVE.
+    """
 
 class MeterState(_MeterState, metaclass=_MeterStateEnumTypeWrapper):
     """Whether a meter counts new events."""
@@ -232,9 +241,18 @@ class MeterState(_MeterState, metaclass=_MeterStateEnumTypeWrapper):
 METER_STATE_UNSPECIFIED: MeterState.ValueType  # 0
 """Never used."""
 METER_STATE_ACTIVE: MeterState.ValueType  # 1
-"""Counts the events recorded from its creation on."""
+"""Counts every recorded event: the new ones as they are recorded, and the
+ones recorded before its creation (SUM and COUNT from the start, the
+others once their backfill has finished).
+"""
 METER_STATE_ARCHIVED: MeterState.ValueType  # 2
 """Counts no new event; what it counted stays readable."""
+METER_STATE_BACKFILLING: MeterState.ValueType  # 3
+"""A new MAX, MIN, LATEST, UNIQUE_COUNT or TIME_WEIGHTED meter: it counts the
+events recorded from its creation on, and is being rebuilt from the events
+recorded before (see Meter.backfill); its values lack some of those until
+it turns ACTIVE.
+"""
 Global___MeterState: _TypeAlias = MeterState  # noqa: Y015
 
 class _InvoiceStatus:
@@ -780,6 +798,45 @@ class UsageSummary(_message.Message):
 Global___UsageSummary: _TypeAlias = UsageSummary  # noqa: Y015
 
 @_typing.final
+class MeterBackfill(_message.Message):
+    """How far a meter's rebuild from the events recorded before its creation has
+    come. It reads every recorded event once, in key order, in bounded batches,
+    and resumes where it stopped after a restart. It starts about half a minute
+    after the meter's creation, once every server process counts the meter's
+    new events.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCANNED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    COUNTED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    scanned_event_count: _builtins.int
+    """Recorded events read so far, of every usage type."""
+    counted_event_count: _builtins.int
+    """Of those, the events this meter counts (cancelled events are not counted)."""
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the backfill finished and the meter turned ACTIVE; unset while it
+        is BACKFILLING, and for SUM and COUNT meters, which need none.
+        """
+
+    def __init__(
+        self,
+        *,
+        scanned_event_count: _builtins.int = ...,
+        counted_event_count: _builtins.int = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_event_count", b"counted_event_count", "end_time", b"end_time", "scanned_event_count", b"scanned_event_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeterBackfill: _TypeAlias = MeterBackfill  # noqa: Y015
+
+@_typing.final
 class Meter(_message.Message):
     """A meter: which events it reads and how it aggregates them, per tenant.
     The seven usage types of the default rate card are SUM meters from the
@@ -820,6 +877,7 @@ class Meter(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ARCHIVE_TIME_FIELD_NUMBER: _builtins.int
+    BACKFILL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The meter's resource name, "meters/{meter}"."""
     meter_id: _builtins.str
@@ -841,7 +899,7 @@ class Meter(_message.Message):
     "user_id"; events without it are not counted. Empty: distinct quantities.
     """
     state: Global___MeterState.ValueType
-    """Whether it counts new events."""
+    """Whether it counts new events, and whether it covers the earlier ones yet."""
     @_builtins.property
     def filter(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Only events whose dimensions hold every one of these entries are read,
@@ -857,11 +915,17 @@ class Meter(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was created: it counts the events recorded from then on."""
+        """When it was created."""
 
     @_builtins.property
     def archive_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was archived; unset while active."""
+        """When it was archived; unset until then."""
+
+    @_builtins.property
+    def backfill(self) -> Global___MeterBackfill:
+        """The rebuild from the events recorded before its creation (all zero and
+        unset for SUM and COUNT meters, which read rollups that hold every event).
+        """
 
     def __init__(
         self,
@@ -878,10 +942,11 @@ class Meter(_message.Message):
         state: Global___MeterState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         archive_time: _timestamp_pb2.Timestamp | None = ...,
+        backfill: Global___MeterBackfill | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["archive_time", b"archive_time", "create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive_time", b"archive_time", "backfill", b"backfill", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "archive_time", b"archive_time", "create_time", b"create_time", "description", b"description", "filter", b"filter", "group_by_dimensions", b"group_by_dimensions", "meter_id", b"meter_id", "name", b"name", "service", b"service", "state", b"state", "usage_type", b"usage_type", "value_dimension", b"value_dimension"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "archive_time", b"archive_time", "backfill", b"backfill", "create_time", b"create_time", "description", b"description", "filter", b"filter", "group_by_dimensions", b"group_by_dimensions", "meter_id", b"meter_id", "name", b"name", "service", b"service", "state", b"state", "usage_type", b"usage_type", "value_dimension", b"value_dimension"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

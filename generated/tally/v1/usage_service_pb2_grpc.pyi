@@ -85,7 +85,10 @@ class UsageServiceStub:
     CancelEvent: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.CancelEventRequest, _usage_service_pb2.CancelEventResponse]
     """Cancels a recorded event (a correction): it stops counting in every
     summary, meter and invoice draft at once, and its (tenant_id, event_id)
-    stays taken, so the event sent again is still a duplicate. Cancelling a
+    stays taken, so the event sent again is still a duplicate. An event of a
+    period already on a finalized invoice leaves that invoice as it is: the
+    tenant's next invoice carries an ADJUSTMENT line per charge for that
+    period (repriced without the event, minus what was billed). Cancelling a
     cancelled event changes nothing and returns the same answer. NOT_FOUND
     (EVENT_NOT_FOUND) if the tenant has no such event. Audited
     (AUDIT_ACTION_USAGE_EVENT_CANCELLED). Scope billing:admin, since it
@@ -150,7 +153,10 @@ class UsageServiceAsyncStub(UsageServiceStub):
     CancelEvent: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.CancelEventRequest, _usage_service_pb2.CancelEventResponse]  # type: ignore[assignment]
     """Cancels a recorded event (a correction): it stops counting in every
     summary, meter and invoice draft at once, and its (tenant_id, event_id)
-    stays taken, so the event sent again is still a duplicate. Cancelling a
+    stays taken, so the event sent again is still a duplicate. An event of a
+    period already on a finalized invoice leaves that invoice as it is: the
+    tenant's next invoice carries an ADJUSTMENT line per charge for that
+    period (repriced without the event, minus what was billed). Cancelling a
     cancelled event changes nothing and returns the same answer. NOT_FOUND
     (EVENT_NOT_FOUND) if the tenant has no such event. Audited
     (AUDIT_ACTION_USAGE_EVENT_CANCELLED). Scope billing:admin, since it
@@ -248,7 +254,10 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_usage_service_pb2.CancelEventResponse, _abc.Awaitable[_usage_service_pb2.CancelEventResponse]]:
         """Cancels a recorded event (a correction): it stops counting in every
         summary, meter and invoice draft at once, and its (tenant_id, event_id)
-        stays taken, so the event sent again is still a duplicate. Cancelling a
+        stays taken, so the event sent again is still a duplicate. An event of a
+        period already on a finalized invoice leaves that invoice as it is: the
+        tenant's next invoice carries an ADJUSTMENT line per charge for that
+        period (repriced without the event, minus what was billed). Cancelling a
         cancelled event changes nothing and returns the same answer. NOT_FOUND
         (EVENT_NOT_FOUND) if the tenant has no such event. Audited
         (AUDIT_ACTION_USAGE_EVENT_CANCELLED). Scope billing:admin, since it
