@@ -61,7 +61,7 @@ class Aggregation(enum.StrEnum):
 
 
 class MeterState(enum.StrEnum):
-    """A meter's state: it counts new events unless archived; a new one is rebuilt from earlier events first."""
+    """A meter's state: counting unless archived; a new one is first rebuilt from earlier events."""
 
     BACKFILLING = "backfilling"  # counts new events, and is being rebuilt from the earlier ones
     ACTIVE = "active"

@@ -141,6 +141,7 @@ class MeterBackfiller:
         self._settle = settle_seconds
 
     async def run(self) -> None:
+        """Backfill meters until cancelled: each step one bounded, committed batch; idle waits between."""
         while True:
             try:
                 await self.run_until_idle()
@@ -196,7 +197,7 @@ async def _write(conn: asyncpg.Connection, meter: Meter, wanted: list[tuple[str,
     for key in await conn.fetch(_LOCK_EVENTS, [t for t, _ in wanted], [e for _, e in wanted]):
         if key["cancel_time"] is None:
             rows.append(
-                (
+                EventRow(
                     key["tenant_id"],
                     key["event_id"],
                     meter.spec.service,
