@@ -452,8 +452,13 @@ class TallyServer:
         ):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    # A task that had died must not stop the shutdown before the pools close.
+                    log.exception("background task %s had failed", task.get_name())
         if self._scheduler is not None:
             # Bounded: a close in progress may finish (it is one transaction), then the task ends.
             await self._scheduler.stop(self.config.grace_seconds)

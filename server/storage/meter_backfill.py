@@ -147,6 +147,10 @@ class MeterBackfiller:
                 await self.run_until_idle()
             except (*CONNECTION_ERRORS, *RETRYABLE_ERRORS) as exc:
                 log.warning("meter backfill paused this time: %s", type(exc).__name__)
+            except Exception:
+                # Anything else is a bug; a background task that died would stop every meter's
+                # backfill until a restart, so it is logged and the next pass tries again.
+                log.exception("meter backfill step failed; trying again in %g s", self._interval)
             await asyncio.sleep(self._interval)
 
     async def run_until_idle(self, only: Sequence[str] | None = None) -> int:
