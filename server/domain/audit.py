@@ -36,6 +36,8 @@ BILLING_PROFILE_SET: Final = "billing_profile_set"
 METER_CREATED: Final = "meter_created"
 METER_ARCHIVED: Final = "meter_archived"
 USAGE_EVENT_CANCELLED: Final = "usage_event_cancelled"
+WEBHOOK_SUBSCRIPTION_CREATED: Final = "webhook_subscription_created"
+WEBHOOK_SUBSCRIPTION_DELETED: Final = "webhook_subscription_deleted"
 
 State = Mapping[str, Any]
 

@@ -462,6 +462,16 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     event (service, usage_type, quantity, event_time, dimensions). Resource:
     "tenants/{tenant_id}/events/{event_id}".
     """
+    AUDIT_ACTION_WEBHOOK_SUBSCRIPTION_CREATED: _AuditAction.ValueType  # 30
+    """NotificationService.CreateWebhookSubscription created a subscription;
+    `after` holds its url, event_types and description (never its secret).
+    Resource: "webhookSubscriptions/{webhook_subscription}"; tenant_id is
+    empty.
+    """
+    AUDIT_ACTION_WEBHOOK_SUBSCRIPTION_DELETED: _AuditAction.ValueType  # 31
+    """NotificationService.DeleteWebhookSubscription deleted a subscription;
+    `before` holds it as `after` did at its creation.
+    """
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What kind of change an audit event records."""
@@ -516,6 +526,16 @@ AUDIT_ACTION_USAGE_EVENT_CANCELLED: AuditAction.ValueType  # 22
 """UsageService.CancelEvent cancelled a recorded event; `before` is the
 event (service, usage_type, quantity, event_time, dimensions). Resource:
 "tenants/{tenant_id}/events/{event_id}".
+"""
+AUDIT_ACTION_WEBHOOK_SUBSCRIPTION_CREATED: AuditAction.ValueType  # 30
+"""NotificationService.CreateWebhookSubscription created a subscription;
+`after` holds its url, event_types and description (never its secret).
+Resource: "webhookSubscriptions/{webhook_subscription}"; tenant_id is
+empty.
+"""
+AUDIT_ACTION_WEBHOOK_SUBSCRIPTION_DELETED: AuditAction.ValueType  # 31
+"""NotificationService.DeleteWebhookSubscription deleted a subscription;
+`before` holds it as `after` did at its creation.
 """
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
