@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.meters import MeterApi
+from server.api.notifications import NotificationApi
 from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
@@ -48,6 +49,9 @@ from server.health import DatabaseHealth
 from server.metering import Metering
 from server.metering.corrections import Corrections
 from server.metering.meters import MeterCatalog
+from server.notifications.delivery import DELIVER_JOB, DeliveryHandler, WebhookSender
+from server.notifications.subscriptions import Subscriptions
+from server.payments.outbox import Outbox
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -64,6 +68,7 @@ from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
 from server.storage.shared_limits import SharedLimitStore
 from server.storage.stats import read_figures
 from server.storage.usage import UsageStore
+from server.storage.webhooks import WebhookStore
 from server.telemetry.calls import CallTelemetry
 from server.telemetry.figures import DatabaseFigures
 from server.telemetry.http import HttpListener
@@ -81,6 +86,8 @@ from tally.v1 import (
     billing_service_pb2_grpc,
     meter_service_pb2,
     meter_service_pb2_grpc,
+    notification_service_pb2,
+    notification_service_pb2_grpc,
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
@@ -97,6 +104,7 @@ SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
+    notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
 )
 
 
@@ -204,6 +212,9 @@ class TallyServer:
         self.periods: Periods | None = None
         self._budget: EventBudget | None = None
         self._sharing_task: asyncio.Task[None] | None = None
+        # The outbox's worker (server.payments.outbox): webhook deliveries, for now.
+        self.outbox: Outbox | None = None
+        self._webhook_sender: WebhookSender | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
 
@@ -346,6 +357,14 @@ class TallyServer:
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
             BillingApi(billing, lifecycle, plans, self.periods, authenticator, call_telemetry), tally
         )
+        notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(
+            NotificationApi(
+                Subscriptions(WebhookStore(self._pool), page_tokens, self.wall_clock),
+                authenticator,
+                call_telemetry,
+            ),
+            tally,
+        )
         open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, open_services)
@@ -395,6 +414,11 @@ class TallyServer:
         if config.period_close_interval_seconds > 0:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
+        self._webhook_sender = WebhookSender()
+        self.outbox = Outbox(
+            self._pool, {DELIVER_JOB: DeliveryHandler(self._webhook_sender, self.wall_clock)}, self.wall_clock
+        )
+        self.outbox.start()
 
     @property
     def events_in_flight(self) -> int:
@@ -425,6 +449,11 @@ class TallyServer:
             await self._health.set_all(False)
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds)
+        if self.outbox is not None:
+            # Bounded: a step in progress (one webhook POST, itself bounded) may finish.
+            await self.outbox.stop(self.config.grace_seconds)
+        if self._webhook_sender is not None:
+            await self._webhook_sender.close()
         if self._metering is not None:
             try:
                 async with asyncio.timeout(drain_seconds):

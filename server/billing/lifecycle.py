@@ -35,6 +35,8 @@ from server.domain.pagination import ID, MICROS, PageTokens, check_page_size
 from server.domain.plans import BillingProfile
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import to_datetime, to_micros
+from server.domain.webhooks import rfc3339
+from server.notifications import events as notifications
 from server.storage import credit_notes
 from server.storage.credit_notes import CreditNote, CreditNoteStore
 from server.storage.database import run_with_retries
@@ -133,6 +135,8 @@ class Lifecycle:
                 after=invoice_state(invoice),
             )
         )
+        finalized = notifications.invoice_data(invoice, finalize_time=rfc3339(at))
+        await notifications.publish(tx.connection, notifications.INVOICE_FINALIZED, finalized, time=at)
         return invoice
 
     async def finalize(

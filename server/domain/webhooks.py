@@ -205,10 +205,10 @@ class RetrySchedule:
     def next_attempt(self, attempts: int, now: datetime, expire_time: datetime) -> datetime | None:
         """When to try again after the `attempts`-th failed attempt at `now`; None: give up.
 
-        The last attempt is made at `expire_time` (the event's time + window) even when the
+        The last attempt is made at `expire_time` (the event's time + DELIVERY_WINDOW) even when the
         backoff would pass it, so a receiver that is back within the window gets the event.
         """
         if now >= expire_time:
             return None
-        delay = min(self.first * 2 ** min(max(0, attempts - 1), 30), self.cap)
+        delay = min(self.first * (1 << min(max(0, attempts - 1), 30)), self.cap)
         return min(now + delay, expire_time)

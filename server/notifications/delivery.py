@@ -28,6 +28,7 @@ from server.storage import webhooks
 log = logging.getLogger(__name__)
 
 DELIVER_JOB = "webhook.deliver"
+DEFAULT_SCHEDULE = RetrySchedule()
 EVENT_ID_HEADER = "Tally-Event-Id"
 EVENT_TYPE_HEADER = "Tally-Event-Type"
 USER_AGENT = "Tally-Webhooks/1"
@@ -87,7 +88,7 @@ class DeliveryHandler:
         self,
         sender: WebhookSender,
         now_micros: Callable[[], int],
-        schedule: RetrySchedule = RetrySchedule(),
+        schedule: RetrySchedule = DEFAULT_SCHEDULE,
     ) -> None:
         self._sender = sender
         self._now_micros = now_micros
@@ -98,7 +99,8 @@ class DeliveryHandler:
         if target is None or target.state is not DeliveryState.PENDING:
             return Done()  # unsubscribed since, or already settled by an earlier run
         now = to_datetime(self._now_micros())
-        body = event_body(target.event_id, target.event_type, target.event_time, json.loads(target.event_data))
+        data = json.loads(target.event_data)
+        body = event_body(target.event_id, target.event_type, target.event_time, data)
         headers = {
             "Content-Type": "application/json",
             EVENT_ID_HEADER: target.event_id,

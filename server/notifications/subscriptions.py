@@ -97,7 +97,7 @@ class Subscriptions:
             )
         return Page(found, next_token)
 
-    async def delete(self, name: str, caller: Caller, once: Once[None] | None) -> None | Replayed:
+    async def delete(self, name: str, caller: Caller, once: Once[None] | None) -> Replayed | None:
         _require(caller.principal, "deleting a webhook subscription")
         subscription_id = parse_subscription_name(name)
 
@@ -122,7 +122,8 @@ class Subscriptions:
         limit = check_page_size(page_size, default=50, maximum=500)
         filter_key = f"webhook_deliveries:{subscription_name(subscription_id)}"
         last = self._page_tokens.decode(page_token, filter_key, (BIGINT_ID,))
-        found = await self._store.deliveries(subscription_id, last[0] if last else _NO_DELIVERY_YET, limit + 1)
+        before = last[0] if last else _NO_DELIVERY_YET
+        found = await self._store.deliveries(subscription_id, before, limit + 1)
         next_token = ""
         if len(found) > limit:
             found = found[:limit]

@@ -125,7 +125,8 @@ async def insert_event(
     expire_time: datetime,
 ) -> list[int]:
     """Store the event and a delivery per subscription of its type; the deliveries' ids."""
-    return [row["id"] for row in await conn.fetch(_PUBLISH, event_id, event_type, data_json, time, expire_time)]
+    rows = await conn.fetch(_PUBLISH, event_id, event_type, data_json, time, expire_time)
+    return [row["id"] for row in rows]
 
 
 async def lock_target(conn: asyncpg.Connection, delivery_id: int) -> DeliveryTarget | None:
@@ -230,10 +231,10 @@ class WebhookStore:
         subscription_id: str,
         audit_entry: Callable[[Subscription], AuditEntry],
         once: Once[None] | None,
-    ) -> None | Replayed:
+    ) -> Replayed | None:
         """Delete the subscription and its deliveries (audited); NOT_FOUND if there is none."""
 
-        async def attempt() -> None | Replayed:
+        async def attempt() -> Replayed | None:
             async with self._pool.acquire() as conn, conn.transaction():
                 if once is not None and (stored := await request_ids.claim(conn, once.key)) is not None:
                     return Replayed(stored)

@@ -44,7 +44,7 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_by_subscription ON webhook_deliveries (subscription_id, id DESC);
 CREATE INDEX webhook_deliveries_by_event ON webhook_deliveries (event_id);
 
--- Every POST of a delivery (about 20 at most: the backoff reaches 3 days in that many).
+-- Every POST of a delivery (22 at most: the backoff reaches 3 days in that many).
 CREATE TABLE webhook_delivery_attempts (
     delivery_id  bigint      NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
     attempt      integer     NOT NULL,  -- 1, 2, ...
