@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
 import asyncpg
 import grpc
+import stripe
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -48,6 +49,11 @@ from server.health import DatabaseHealth
 from server.metering import Metering
 from server.metering.corrections import Corrections
 from server.metering.meters import MeterCatalog
+from server.payments.collection import Collection
+from server.payments.health import PaymentsHealth
+from server.payments.outbox import JobHandler, Outbox
+from server.payments.stripe_client import stripe_api_key, stripe_client
+from server.payments.stripe_push import RequestPacer, StripePush, StripeSettings, requests_per_second
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -165,6 +171,8 @@ class TallyServer:
     window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
+    `environ`: where TALLY_STRIPE_API_KEY is read from; `tally serve` passes the process's
+    environment, and the default (none) keeps tests and embedded servers in simulation mode.
     """
 
     def __init__(
@@ -176,8 +184,10 @@ class TallyServer:
         worker: int | None = None,
         clock: LimitClock = SYSTEM_CLOCK,
         wall_clock: Callable[[], int] = now_micros,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self._environ = environ or {}
         self.worker = worker
         self._clock = clock
         self.wall_clock = wall_clock
@@ -206,6 +216,10 @@ class TallyServer:
         self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
+        # The transactional outbox's worker (Stripe pushes...): tests drive it with drain().
+        self.outbox: Outbox | None = None
+        self.payments_health: PaymentsHealth | None = None
+        self._stripe_http: stripe.HTTPXClient | None = None
 
     def _verification_keys(self) -> list[VerificationKey]:
         config = self.config
@@ -235,6 +249,8 @@ class TallyServer:
             limiter,
         )
         credentials = server_credentials(config)
+        stripe_key = stripe_api_key(config.stripe_api_key_file, self._environ)
+        stripe_settings = StripeSettings(config.stripe_collection_method, config.stripe_days_until_due)
         http_host = config.http_host or config.host
         if self.worker is None:
             # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
@@ -305,7 +321,13 @@ class TallyServer:
             credit_note_prefix=config.credit_note_number_prefix,
         )
         lifecycle = Lifecycle(
-            invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.wall_clock
+            invoices,
+            CreditNoteStore(self._pool),
+            pricer,
+            issuer,
+            page_tokens,
+            self.wall_clock,
+            Collection(live=stripe_key is not None),
         )
         grace = timedelta(seconds=config.period_close_grace_seconds)
         plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
@@ -365,6 +387,27 @@ class TallyServer:
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds
         )
         await self._health.set_all(await self._health.check_once())
+        self.payments_health = PaymentsHealth(health_servicer)
+        await self.payments_health.serving()
+        handlers: dict[str, JobHandler] = {}
+        if stripe_key is None:
+            log.info(
+                "Stripe: no API key (TALLY_STRIPE_API_KEY or --stripe-api-key-file): simulation mode, "
+                "finalized invoices are not sent to Stripe and their payment state is 'simulated'"
+            )
+        else:
+            client, self._stripe_http = stripe_client(stripe_key, config.stripe_api_base)
+            push = StripePush(
+                client,
+                self.wall_clock,
+                settings=stripe_settings,
+                pacer=RequestPacer(requests_per_second(stripe_key)),
+                on_auth_failure=self.payments_health.refused,
+            )
+            handlers.update(push.handlers())
+        self.outbox = Outbox(
+            self._pool, handlers, self.wall_clock, poll_seconds=config.outbox_interval_seconds or 1.0
+        )
         address = f"{config.host}:{config.port}"
         if credentials is None:
             self.port = server.add_insecure_port(address)
@@ -395,6 +438,8 @@ class TallyServer:
         if config.period_close_interval_seconds > 0:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
+        if config.outbox_interval_seconds > 0 and handlers:
+            self.outbox.start()
 
     @property
     def events_in_flight(self) -> int:
@@ -421,6 +466,11 @@ class TallyServer:
         if self._scheduler is not None:
             # Bounded: a close in progress may finish (it is one transaction), then the task ends.
             await self._scheduler.stop(self.config.grace_seconds)
+        if self.outbox is not None:
+            # Bounded: steps under way get the grace period, then roll back whole (resumed later).
+            await self.outbox.stop(self.config.grace_seconds)
+        if self.payments_health is not None:
+            await self.payments_health.stopping()
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:
@@ -436,6 +486,8 @@ class TallyServer:
         for pool in (self._pool, self._read_pool):
             if pool is not None:
                 await _close(pool, close_seconds)
+        if self._stripe_http is not None:
+            await self._stripe_http.close_async()  # type: ignore[no-untyped-call]
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         await self._stop_telemetry()
