@@ -7,6 +7,7 @@ request id, before and after) and, with a request_id, its response stored, all t
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from decimal import Decimal
@@ -37,6 +38,7 @@ from server.domain.requests import Once, Replayed
 from server.domain.timeutil import to_datetime, to_micros
 from server.domain.webhooks import rfc3339
 from server.notifications import events as notifications
+from server.payments.collection import Collection
 from server.storage import credit_notes
 from server.storage.credit_notes import CreditNote, CreditNoteStore
 from server.storage.database import run_with_retries
@@ -70,6 +72,7 @@ class Lifecycle:
         issuer: Issuer,
         page_tokens: PageTokens,
         now_micros: Callable[[], int],
+        collection: Collection | None = None,
     ) -> None:
         self._invoices = invoices
         self._notes = notes
@@ -77,6 +80,8 @@ class Lifecycle:
         self.issuer = issuer
         self._page_tokens = page_tokens
         self._now_micros = now_micros
+        # Payment records and outbox jobs written with each change (simulation mode by default).
+        self._collection = collection or Collection(live=False)
 
     async def _locked(
         self, tx: InvoiceTransaction, tenant_id: str, invoice_id: str, principal: Principal
@@ -124,6 +129,8 @@ class Lifecycle:
         prefix = expand_prefix(self.issuer.invoice_prefix, at)
         number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
         invoice = await tx.finalize(draft.id, number, parties, priced.plan_ids, at, amounts.lines)
+        payment = await self._collection.invoice_finalized(tx.connection, invoice, at)
+        invoice = dataclasses.replace(invoice, payment=payment)
         await tx.append_audit(
             AuditEntry(
                 principal=caller.principal.subject,
@@ -174,7 +181,10 @@ class Lifecycle:
                     return Replayed(stored)
                 before = await self._locked(tx, tenant_id, invoice_id, caller.principal)
                 check_transition(invoice_name(tenant_id, invoice_id), before.status, target)
-                await tx.set_status(invoice_id, target, to_datetime(self._now_micros()))
+                at = to_datetime(self._now_micros())
+                await tx.set_status(invoice_id, target, at)
+                if target is InvoiceStatus.VOID and before.status is not InvoiceStatus.DRAFT:
+                    await self._collection.invoice_voided(tx.connection, invoice_id, at)
                 invoice = await tx.load(invoice_id)
                 await tx.append_audit(
                     AuditEntry(
@@ -264,6 +274,7 @@ class Lifecycle:
                         at,
                     ),
                 )
+                await self._collection.credit_note_created(tx.connection, note.id, invoice_id, at)
                 await tx.append_audit(
                     AuditEntry(
                         principal=caller.principal.subject,
