@@ -27,7 +27,6 @@ from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.meters import MeterApi
 from server.api.notifications import NotificationApi
-from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
@@ -50,6 +49,7 @@ from server.health import DatabaseHealth
 from server.metering import Metering
 from server.metering.corrections import Corrections
 from server.metering.meters import MeterCatalog
+from server.metering.pipeline import EventBudget
 from server.notifications.delivery import DELIVER_JOB, DeliveryHandler, WebhookSender
 from server.notifications.subscriptions import Subscriptions
 from server.payments.collection import Collection
@@ -80,6 +80,7 @@ from server.telemetry.http import HttpListener
 from server.telemetry.ingest import IngestTelemetry
 from server.telemetry.logs import AccessLog
 from server.telemetry.metrics import Metrics
+from server.telemetry.multiprocess import MetricFiles
 from server.telemetry.tracing import (
     INSTRUMENTATION_NAME,
     instrument_queries,
@@ -166,6 +167,17 @@ def memory_bound_options(config: Config) -> list[tuple[str, int]]:
     return options
 
 
+GAUGE_PUBLISH_SECONDS = 1.0
+
+
+async def _publish_gauges(metrics: Metrics) -> None:
+    """A worker's events-in-flight gauge, written to its metrics file: it is read, not counted,
+    so the parent's scrape sees it at most this old."""
+    while True:
+        metrics.publish_events_in_flight()
+        await asyncio.sleep(GAUGE_PUBLISH_SECONDS)
+
+
 class TallyServer:
     """A running Tally: database, pool, services and the gRPC server. Use start() and stop().
 
@@ -180,6 +192,8 @@ class TallyServer:
     `log_stream`: where access lines go (with config.access_log), by default standard error.
     `environ`: where TALLY_STRIPE_API_KEY is read from; `tally serve` passes the process's
     environment, and the default (none) keeps tests and embedded servers in simulation mode.
+    `metric_files`: a worker's metrics files, which its parent sums on /metrics
+    (server.telemetry.multiprocess); the worker then serves no HTTP of its own.
     """
 
     def __init__(
@@ -192,9 +206,12 @@ class TallyServer:
         clock: LimitClock = SYSTEM_CLOCK,
         wall_clock: Callable[[], int] = now_micros,
         environ: Mapping[str, str] | None = None,
+        metric_files: MetricFiles | None = None,
     ) -> None:
         self.config = config
         self._environ = environ or {}
+        self._metric_files = metric_files
+        self._gauge_task: asyncio.Task[None] | None = None
         self.worker = worker
         self._clock = clock
         self.wall_clock = wall_clock
@@ -274,7 +291,9 @@ class TallyServer:
             tracer = self._tracer_provider.get_tracer(INSTRUMENTATION_NAME)
             self._uninstrument = instrument_queries(self._tracer_provider)
         registry = CollectorRegistry()
-        self.metrics = metrics = Metrics(registry, resource(), tenant_labels=config.metrics_tenant_labels)
+        self.metrics = metrics = Metrics(
+            registry, resource(), tenant_labels=config.metrics_tenant_labels, files=self._metric_files
+        )
         access_log = None
         if config.access_log:
             access_log = AccessLog(self._log_stream or sys.stderr, config.log_format)
@@ -304,12 +323,16 @@ class TallyServer:
             max_age_micros=config.max_event_age_seconds * MICROS_PER_SECOND,
             max_batch_size=config.max_batch_size,
         )
+        budget = self._budget = EventBudget(config.max_events_in_flight)
+        metrics.watch_events_in_flight(lambda: budget.in_use)
         self._metering = Metering(
             UsageStore(self._pool, self._read_pool),
             rate_card,
             rules,
             self.wall_clock,
             meters,
+            limiter=limiter,
+            budget=budget,
             # Half the write pool: lanes hold a connection only while writing, and the other
             # half serves invoice generation, rate changes and partition creation.
             write_lanes=max(1, config.pool_size // 2),
@@ -358,13 +381,10 @@ class TallyServer:
         # Every request message is read through one bounded reader (server.api.decoding).
         reader = RequestReader(config.max_incoming_requests, config.request_receive_seconds)
         tally = BoundedRegistration(server, reader, tally=True)  # also: undecodable -> INVALID_ARGUMENT
-        budget = self._budget = EventBudget(config.max_events_in_flight)
-        metrics.watch_events_in_flight(lambda: budget.in_use)
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageApi(
                 self._metering,
                 authenticator,
-                budget,
                 call_telemetry,
                 Corrections(CorrectionStore(self._pool), meters),
             ),
@@ -441,6 +461,8 @@ class TallyServer:
             self._folding_task = asyncio.create_task(Folder(self._pool).run(), name="tally-folding")
         if access_log is not None:
             self._access_log_task = asyncio.create_task(access_log.run(), name="tally-access-log")
+        if self._metric_files is not None:
+            self._gauge_task = asyncio.create_task(_publish_gauges(metrics), name="tally-metric-gauges")
         if config.http_port is not None:
             read_pool = self._read_pool
             health = self._health
@@ -462,7 +484,7 @@ class TallyServer:
 
     @property
     def events_in_flight(self) -> int:
-        """Streamed events read and not yet answered, over all streams (see api.pipeline)."""
+        """Streamed events read and not yet answered, over all streams (see metering.pipeline)."""
         return 0 if self._budget is None else self._budget.in_use
 
     async def stop(
@@ -477,7 +499,7 @@ class TallyServer:
         then close, and connections still busy after `close_seconds` are terminated (their
         transactions roll back whole). Last, the embedded PostgreSQL stops.
         """
-        for task in (self._health_task, self._sharing_task, self._folding_task):
+        for task in (self._health_task, self._sharing_task, self._folding_task, self._gauge_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

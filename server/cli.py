@@ -399,6 +399,13 @@ async def _supervise(config: Config, workers: int, log_level: str) -> None:
         flush=True,
     )
     _warn_dev_secret(config, supervisor.dev_secret_path, supervisor.port)
+    if config.http_port is not None:
+        http_host = config.http_host or config.host
+        print(
+            f"tally metrics and probes on http://{http_host}:{supervisor.http_port}/metrics "
+            f"(all {workers} workers)",
+            flush=True,
+        )
     await stop.wait()
     print("tally shutting down: workers finishing in-flight calls", flush=True)
     await supervisor.stop()

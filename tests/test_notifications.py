@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from server.domain.audit import AuditEntry
+from server.domain.audit import AuditAction, AuditEntry
 from server.domain.timeutil import to_micros
 from server.domain.webhooks import RetrySchedule, SubscriptionSpec
 from server.notifications.delivery import DELIVER_JOB, DeliveryHandler, WebhookSender
@@ -144,7 +144,9 @@ class Worker:
         subscription_id = f"ws_{uuid.uuid4().hex}"
 
         def entry(subscription: Any) -> AuditEntry:
-            return AuditEntry("test", "test", "webhook_subscription_created", "", subscription.name, None, {})
+            return AuditEntry(
+                "test", "test", AuditAction.WEBHOOK_SUBSCRIPTION_CREATED, "", subscription.name, None, {}
+            )
 
         await WebhookStore(self.pool).create(
             subscription_id, SubscriptionSpec(url, SECRET, event_types), self.clock.now, entry, None

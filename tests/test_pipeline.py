@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.api.pipeline import EventBudget, pipelined
 from server.domain.errors import DeadlineExceeded, ErrorReason, InvalidArgument, Unavailable
+from server.metering.pipeline import EventBudget, pipelined
 
 # How long a stream may take to end in these tests: generous, since nothing here waits
 # for time; a stream that does not end at all fails the test instead of hanging it.

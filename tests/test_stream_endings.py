@@ -32,7 +32,7 @@ from tests.conftest import UNLIMITED, make_token
 from tests.helpers import channel_with_token, event, field_violations
 
 BATCH = 10  # events per batch
-WINDOW = 6  # batches a stream reads ahead of its commits (server.api.pipeline)
+WINDOW = 6  # batches a stream reads ahead of its commits (server.metering.pipeline)
 BOUND = 60.0  # seconds: generous, for a loaded 2-core machine; a stuck stream fails instead of hanging
 
 

@@ -341,7 +341,7 @@ async def test_a_commit_that_merges_batches_is_the_child_of_the_first_and_links_
             return set(zip(columns.tenant_ids, columns.event_ids, strict=True))
 
     def rows(*ids: str) -> dict[EventKey, EventRow]:
-        return {("t", i): ("t", i, "s", "u", "1", 0, "{}") for i in ids}
+        return {("t", i): EventRow("t", i, "s", "u", "1", 0, "{}") for i in ids}
 
     lane = Lane(Store(), max_events=100, telemetry=IngestTelemetry(None, tracer))  # type: ignore[arg-type]
     batches = {name: tracer.start_span(name) for name in ("a", "b", "c")}

@@ -8,6 +8,7 @@ so the test kills exactly the worker that serves its stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ from server.storage.shared_limits import SharedLimitStore
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 from tests.conftest import AUDIENCE, ISSUER, TEST_SECRET, make_token, new_tenant
 from tests.helpers import bearer_interceptors, event, totals
+from tests.test_telemetry import scrape, status_of, value
 
 TALLY = str(Path(sys.executable).parent / "tally")
 GRACE_SECONDS = 2
@@ -47,6 +49,7 @@ STOP_BOUND_SECONDS = GRACE_SECONDS + 5 + 20
 class Workers:
     process: subprocess.Popen[str]
     port: int
+    http_port: int = 0  # the parent's /metrics, with --http-port
 
     @property
     def address(self) -> str:
@@ -104,11 +107,12 @@ def flags(tmp_path: Path) -> list[str]:
     ]
 
 
-@pytest.fixture
-def workers(tally: TallyServer, tmp_path: Path) -> Iterator[Workers]:
+@contextlib.contextmanager
+def serving_workers(dsn: str, tmp_path: Path, *extra: str) -> Iterator[Workers]:
+    """A real `tally serve --workers 2` on the session's database, stopped (SIGTERM) at the end."""
     process = subprocess.Popen(
-        [TALLY, "serve", "--workers", "2", "--port", "0", *flags(tmp_path)],
-        env={**os.environ, "DATABASE_URL": tally.dsn},
+        [TALLY, "serve", "--workers", "2", "--port", "0", *flags(tmp_path), *extra],
+        env={**os.environ, "DATABASE_URL": dsn},
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -116,7 +120,12 @@ def workers(tally: TallyServer, tmp_path: Path) -> Iterator[Workers]:
     line = process.stdout.readline()
     try:
         assert line.startswith("tally listening on ") and "(2 workers" in line, line
-        yield Workers(process, int(line.split()[3].rsplit(":", 1)[1]))
+        workers = Workers(process, int(line.split()[3].rsplit(":", 1)[1]))
+        if "--http-port" in extra:
+            line = process.stdout.readline()
+            assert line.startswith("tally metrics and probes on http://"), line
+            workers.http_port = int(line.split()[5].split("/")[2].rsplit(":", 1)[1])
+        yield workers
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -125,6 +134,12 @@ def workers(tally: TallyServer, tmp_path: Path) -> Iterator[Workers]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(30)
+
+
+@pytest.fixture
+def workers(tally: TallyServer, tmp_path: Path) -> Iterator[Workers]:
+    with serving_workers(tally.dsn, tmp_path) as running:
+        yield running
 
 
 def own_channel(address: str) -> grpc.aio.Channel:
@@ -231,6 +246,76 @@ async def test_killed_worker_is_restarted_and_its_stream_resent_counts_each_even
     assert await asyncio.to_thread(workers.process.wait, STOP_BOUND_SECONDS) == 0
     assert time.monotonic() - started < STOP_BOUND_SECONDS
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+async def report_on_both_workers(workers: Workers, tenant: str) -> tuple[int, set[int]]:
+    """ReportUsage on new connections until both workers have served one; (calls made, pids seen)."""
+    served: set[int] = set()
+    calls = 0
+    while len(served) < 2:
+        assert calls < 64, "the kernel never picked the second worker"  # odds of 2**-63
+        earlier = client_ports(workers.port)
+        async with own_channel(workers.address) as channel:
+            stub = usage_service_pb2_grpc.UsageServiceStub(channel)
+            await stub.ReportUsage(usage_service_pb2.ReportUsageRequest(event=event(tenant)))
+            calls += 1
+            (port,) = client_ports(workers.port) - earlier
+            pid = workers.serving(port)
+            assert pid is not None
+            served.add(pid)
+    return calls, served
+
+
+async def test_one_scrape_of_the_parent_sums_both_workers_and_keeps_a_killed_workers_counts(
+    tally: TallyServer, db: object, tmp_path: Path
+) -> None:
+    tenant = new_tenant()
+    with serving_workers(tally.dsn, tmp_path, "--http-port", "0") as workers:
+        await wait_until(lambda: len(workers.pids()) == 2, "two workers")
+        async with own_channel(workers.address) as streaming:
+            # A stream held open on one worker: the open-streams gauge, and a batch counted there.
+            stream = usage_service_pb2_grpc.UsageServiceStub(streaming).StreamUsage()
+            await stream.write(
+                usage_service_pb2.StreamUsageRequest(sequence=1, events=[event(tenant) for _ in range(5)])
+            )
+            assert (await stream.read()).sequence == 1
+            (port,) = client_ports(workers.port)
+            streamed_on = workers.serving(port)
+            calls, served = await report_on_both_workers(workers, tenant)
+            assert served == workers.pids()
+
+            samples = await scrape(workers.http_port)
+            # One series per metric (no worker or pid label), the sum of both workers.
+            assert value(samples, "tally_events_total", outcome="accepted") == calls + 5
+            assert value(samples, "tally_rpc_calls_total", method="ReportUsage", code="OK") == calls
+            assert value(samples, "tally_streams_open", method="StreamUsage") == 1
+            assert value(samples, "tally_batch_events_count") == 1  # streamed batches (not unary reports)
+            assert value(samples, "tally_batch_events_sum") == 5
+            assert value(samples, "tally_usage_events") >= calls + 5  # the parent's database figures
+            assert not [key for key in samples if any(label in ("pid", "worker") for label, _ in key[1])]
+
+            assert streamed_on is not None
+            os.kill(streamed_on, signal.SIGKILL)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stream.read()
+        await wait_until(
+            lambda: len(workers.pids()) == 2 and streamed_on not in workers.pids(), "a restarted worker"
+        )
+        # The killed worker's finished counts stay, once; its stream no longer counts as open.
+        samples = await scrape(workers.http_port)
+        assert value(samples, "tally_events_total", outcome="accepted") == calls + 5
+        assert value(samples, "tally_rpc_calls_total", method="ReportUsage", code="OK") == calls
+        assert value(samples, "tally_streams_open", method="StreamUsage") == 0
+        assert value(samples, "tally_batch_events_bucket", le="10.0") == 1
+
+        # The restarted worker adds to the same series.
+        more, _ = await report_on_both_workers(workers, tenant)
+        samples = await scrape(workers.http_port)
+        assert value(samples, "tally_events_total", outcome="accepted") == calls + more + 5
+        assert value(samples, "tally_rpc_calls_total", method="ReportUsage", code="OK") == calls + more
+        assert await status_of(workers.http_port, "/healthz") == 200
+        assert await status_of(workers.http_port, "/readyz") == 200
+    assert (await totals(db, tenant))[0] == calls + more + 5  # type: ignore[arg-type]
 
 
 async def test_another_server_on_the_port_of_workers_is_refused(workers: Workers, tmp_path: Path) -> None:

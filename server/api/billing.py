@@ -14,6 +14,7 @@ from server.api.convert import (
     credit_note_message,
     invoice_message,
     optional_micros,
+    rate_change,
     rate_message,
     tenant_in,
 )
@@ -25,7 +26,7 @@ from server.billing.lifecycle import Lifecycle
 from server.billing.periods import Periods
 from server.billing.plans import Plans, ProfileInput
 from server.domain.access import BILLING_ADMIN, BILLING_READ, Caller
-from server.domain.models import Invoice, InvoiceStatus, Rate
+from server.domain.models import CreditNote, Invoice, InvoiceStatus, Rate
 from server.domain.names import (
     parse_billing_profile_name,
     parse_invoice_name,
@@ -33,7 +34,6 @@ from server.domain.names import (
     parse_tenant_name,
 )
 from server.domain.plans import BillingProfile, Plan
-from server.storage.credit_notes import CreditNote
 from server.telemetry.calls import CallTelemetry
 from tally.v1 import billing_service_pb2, billing_service_pb2_grpc
 
@@ -96,14 +96,7 @@ class BillingApi(billing_service_pb2_grpc.BillingServiceServicer):
             return billing_service_pb2.SetRateResponse(rate=rate_message(rate))
 
         result = await self._billing.set_rate(
-            request.service,
-            request.usage_type,
-            request.unit_price,
-            request.currency_code,
-            optional_micros(request, "effective_time"),
-            caller,
-            once(request, _SET_RATE, caller, respond),
-            reprice_past_usage=request.reprice_past_usage,
+            rate_change(request), caller, once(request, _SET_RATE, caller, respond)
         )
         return response(result, respond, billing_service_pb2.SetRateResponse)
 

@@ -9,13 +9,15 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.domain import audit
-from server.domain.audit import AuditEvent
+from server.domain.aggregation import TimeBucket
+from server.domain.audit import AuditAction, AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
+from server.domain.inputs import RateChange, SummaryQuery
 from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState
 from server.domain.models import (
+    CreditNote,
     Invoice,
     InvoiceKind,
     InvoicePayment,
@@ -32,18 +34,17 @@ from server.domain.names import (
     usage_summary_name,
 )
 from server.domain.pricing import LineItem, LineKind
-from server.storage.credit_notes import CreditNote
-from tally.v1 import resources_pb2
+from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
 
 # Timestamps outside years 1..9999 (the protobuf Timestamp range) are malformed.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
 
-BUCKET_NAMES: dict[resources_pb2.TimeBucket.ValueType, str] = {
-    resources_pb2.TIME_BUCKET_UNSPECIFIED: "",
-    resources_pb2.TIME_BUCKET_HOUR: "hour",
-    resources_pb2.TIME_BUCKET_DAY: "day",
-    resources_pb2.TIME_BUCKET_MONTH: "month",
+BUCKET_NAMES: dict[resources_pb2.TimeBucket.ValueType, TimeBucket] = {
+    resources_pb2.TIME_BUCKET_UNSPECIFIED: TimeBucket.NONE,
+    resources_pb2.TIME_BUCKET_HOUR: TimeBucket.HOUR,
+    resources_pb2.TIME_BUCKET_DAY: TimeBucket.DAY,
+    resources_pb2.TIME_BUCKET_MONTH: TimeBucket.MONTH,
 }
 _BUCKET_ENUMS = {name: value for value, name in BUCKET_NAMES.items()}
 
@@ -80,7 +81,32 @@ def tenant_in(name: str, parse: Callable[[str], str]) -> str:
         return ""
 
 
-def bucket_name(value: int) -> str:
+def summary_query(
+    request: usage_service_pb2.GetUsageSummaryRequest | usage_service_pb2.StreamUsageSummariesRequest,
+) -> SummaryQuery:
+    """The query of a summary request, not yet validated (the service does, after authorization)."""
+    return SummaryQuery(
+        optional_micros(request, "start_time"),
+        optional_micros(request, "end_time"),
+        bucket_name(request.bucket),
+        request.group_by_dimension,
+        tuple(request.meters),
+    )
+
+
+def rate_change(request: billing_service_pb2.SetRateRequest) -> RateChange:
+    """The change a SetRate request asks for, not yet validated (the service does)."""
+    return RateChange(
+        request.service,
+        request.usage_type,
+        request.unit_price,
+        request.currency_code,
+        optional_micros(request, "effective_time"),
+        request.reprice_past_usage,
+    )
+
+
+def bucket_name(value: int) -> TimeBucket:
     name = BUCKET_NAMES.get(resources_pb2.TimeBucket.ValueType(value))
     if name is None:
         raise InvalidArgument.single("bucket", f"unknown time bucket {value}")
@@ -358,24 +384,9 @@ def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:
     return message
 
 
+# Each action is the contract's value of the same name (a test keeps the two lists equal).
 _AUDIT_ACTIONS = {
-    audit.RATE_SET: resources_pb2.AUDIT_ACTION_RATE_SET,
-    audit.INVOICE_CREATED: resources_pb2.AUDIT_ACTION_INVOICE_CREATED,
-    audit.INVOICE_RECOMPUTED: resources_pb2.AUDIT_ACTION_INVOICE_RECOMPUTED,
-    audit.USAGE_BACKFILLED: resources_pb2.AUDIT_ACTION_USAGE_BACKFILLED,
-    audit.INVOICE_FINALIZED: resources_pb2.AUDIT_ACTION_INVOICE_FINALIZED,
-    audit.INVOICE_PAID: resources_pb2.AUDIT_ACTION_INVOICE_PAID,
-    audit.INVOICE_VOIDED: resources_pb2.AUDIT_ACTION_INVOICE_VOIDED,
-    audit.INVOICE_UNCOLLECTIBLE: resources_pb2.AUDIT_ACTION_INVOICE_UNCOLLECTIBLE,
-    audit.CREDIT_NOTE_CREATED: resources_pb2.AUDIT_ACTION_CREDIT_NOTE_CREATED,
-    audit.PLAN_CREATED: resources_pb2.AUDIT_ACTION_PLAN_CREATED,
-    audit.PLAN_VERSION_CREATED: resources_pb2.AUDIT_ACTION_PLAN_VERSION_CREATED,
-    audit.BILLING_PROFILE_SET: resources_pb2.AUDIT_ACTION_BILLING_PROFILE_SET,
-    audit.METER_CREATED: resources_pb2.AUDIT_ACTION_METER_CREATED,
-    audit.METER_ARCHIVED: resources_pb2.AUDIT_ACTION_METER_ARCHIVED,
-    audit.USAGE_EVENT_CANCELLED: resources_pb2.AUDIT_ACTION_USAGE_EVENT_CANCELLED,
-    audit.WEBHOOK_SUBSCRIPTION_CREATED: resources_pb2.AUDIT_ACTION_WEBHOOK_SUBSCRIPTION_CREATED,
-    audit.WEBHOOK_SUBSCRIPTION_DELETED: resources_pb2.AUDIT_ACTION_WEBHOOK_SUBSCRIPTION_DELETED,
+    action: resources_pb2.AuditAction.Value(f"AUDIT_ACTION_{action.name}") for action in AuditAction
 }
 
 
@@ -386,7 +397,7 @@ def audit_event_message(event: AuditEvent) -> resources_pb2.AuditEvent:
         create_time=to_timestamp(event.time),
         principal=entry.principal,
         request_id=entry.request_id,
-        action=_AUDIT_ACTIONS.get(entry.action, resources_pb2.AUDIT_ACTION_UNSPECIFIED),
+        action=_AUDIT_ACTIONS[entry.action],
         tenant_id=entry.tenant_id,
         resource=entry.resource,
     )

@@ -3,7 +3,8 @@
 Every status carries google.rpc.ErrorInfo with domain tally.v1 and the failure's stable
 reason (AIP-193; the reasons are listed in protos/tally/v1/error_reason.proto). Domain
 errors map to their codes, with google.rpc.BadRequest details naming each bad field, and
-RetryInfo and QuotaFailure for limits; an unreachable database is UNAVAILABLE; anything
+RetryInfo and QuotaFailure for limits. An unreachable database arrives as the domain's
+Unavailable (storage translates asyncpg's exceptions; this layer never sees them). Anything
 else is a bug, logged with a reference and answered INTERNAL, so nothing reaches a client
 as UNKNOWN. Every failure carries the call's request id in its trailing metadata.
 """
@@ -36,7 +37,6 @@ from server.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
-from server.storage.database import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,6 @@ def status_for(exc: BaseException, request_id: str) -> status_pb2.Status:
         # ErrorInfo last: clients that read the first detail (BadRequest) keep working.
         details.append(_error_info(exc.reason, exc.metadata))
         message = exc.message
-    elif isinstance(exc, CONNECTION_ERRORS):
-        code = grpc.StatusCode.UNAVAILABLE
-        message = "database unavailable, retry later"
-        details = [_error_info(ErrorReason.DATABASE_UNAVAILABLE)]
     else:
         reference = uuid.uuid4().hex[:12]
         log.error("internal error %s (request %s)", reference, request_id, exc_info=exc)

@@ -21,7 +21,16 @@ from server.domain.charges import (
     Tier,
     Volume,
 )
-from server.domain.decimals import MINOR_UNITS, check_decimal, format_price, format_quantity
+from server.domain.decimals import (
+    MINOR_UNITS,
+    PRICE_FRACTION_DIGITS,
+    PRICE_INTEGER_DIGITS,
+    QUANTITY_FRACTION_DIGITS,
+    QUANTITY_INTEGER_DIGITS,
+    check_decimal,
+    format_price,
+    format_quantity,
+)
 from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.names import billing_profile_name, plan_name
 from server.domain.plans import BillingProfile, Plan, PlanCharge, PriceOverride, UsageTypeRef
@@ -45,8 +54,12 @@ class _Violations:
     def number(self, text: str, field: str, *, default: str | None = None, price: bool = True) -> Decimal:
         if not text and default is not None:
             return Decimal(default)
-        fraction = 12 if price else 9
-        if problem := check_decimal(text, max_integer_digits=18, max_fraction_digits=fraction):
+        digits = (
+            (PRICE_INTEGER_DIGITS, PRICE_FRACTION_DIGITS)
+            if price
+            else (QUANTITY_INTEGER_DIGITS, QUANTITY_FRACTION_DIGITS)
+        )
+        if problem := check_decimal(text, max_integer_digits=digits[0], max_fraction_digits=digits[1]):
             self.found.append(FieldViolation(field, problem))
             return Decimal(0)
         return Decimal(text)

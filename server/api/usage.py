@@ -1,35 +1,29 @@
-"""UsageService: protobuf in and out around server.metering, with the event rate limits."""
+"""UsageService: protobuf in and out around server.metering (which owns the use cases), errors mapped."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from server.api.calls import rpc
 from server.api.convert import (
-    bucket_name,
-    optional_micros,
     raw_event,
     summary_message,
+    summary_query,
     tenant_in,
     to_timestamp,
 )
-from server.api.pipeline import EventBudget, pipelined
 from server.api.request_ids import once, response
 from server.auth.authenticator import Authenticator
-from server.auth.limits import Charge, debt_seconds, take, try_take
 from server.domain.access import BILLING_ADMIN, USAGE_READ, USAGE_WRITE, Caller
-from server.domain.events import RawEvent, Rejection, RejectionCause, ValidatedBatch
+from server.domain.events import CancelledEvent, RawEvent, Rejection, RejectionCause
 from server.domain.names import parse_usage_summary_name
 from server.metering import BatchOutcome, Metering
 from server.metering.corrections import Corrections
-from server.storage.corrections import CancelledEvent
 from server.telemetry.calls import CallTelemetry
 from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
@@ -58,67 +52,48 @@ def _rejection(rejection: Rejection, batch_index: int) -> resources_pb2.EventRej
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """A request's batch for Metering (an IncomingBatch): its events are decoded only when asked."""
+
+    request: usage_service_pb2.IngestUsageRequest | usage_service_pb2.StreamUsageRequest
+
+    @property
+    def size(self) -> int:
+        return len(self.request.events)
+
+    @property
+    def backfill(self) -> bool:
+        return self.request.backfill
+
+    def events(self) -> list[RawEvent]:
+        return [raw_event(e) for e in self.request.events]
+
+
 class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
     def __init__(
         self,
         metering: Metering,
         authenticator: Authenticator,
-        budget: EventBudget,
         telemetry: CallTelemetry,
         corrections: Corrections,
     ) -> None:
         self._metering = metering
-        self._budget = budget
         self._corrections = corrections
         self.authenticator = authenticator
         self.telemetry = telemetry
 
-    def _event_charges(self, caller: Caller, events: Sequence[RawEvent]) -> list[Charge]:
-        # Only tenants the caller may act for are charged: a token for tenant A cannot
-        # spend tenant B's rate with events that are rejected anyway.
-        principal = caller.principal
-        per_tenant = Counter(e.tenant_id for e in events if principal.may_act_for(e.tenant_id))
-        return self.authenticator.limiter.event_charges(principal.subject, len(events), per_tenant)
-
-    async def _prepare_batch(
-        self,
-        caller: Caller,
-        messages: RepeatedCompositeFieldContainer[resources_pb2.UsageEvent],
-        backfill: bool,
-    ) -> ValidatedBatch:
-        """Decode and validate a streamed batch once the event rates allow it: waiting, not failing."""
-        self._metering.check_batch_size(len(messages))
-        events = [raw_event(e) for e in messages]
-        charges = self._event_charges(caller, events)
-        delay = take(charges)
-        while delay > 0:
-            # Not reading the next message while we wait is what slows the client down:
-            # gRPC flow control stops it once the transport window is full. The debt is read
-            # again from the limiter's clock, which decides when it is repaid (a test's fake one too).
-            await asyncio.sleep(delay)
-            delay = debt_seconds(charges)
-        return await self._metering.prepare_batch(events, caller, backfill=backfill)
-
     def _record_stream(
         self, caller: Caller, requests: AsyncIterator[R]
     ) -> AsyncGenerator[tuple[R, BatchOutcome], None]:
-        """Each request's batch recorded, in order, pipelined on one write lane (see api.pipeline)."""
-        lane = self._metering.stream_lane()
-        return pipelined(
-            requests,
-            lambda r: self._prepare_batch(caller, r.events, r.backfill),
-            lambda batch: self._metering.submit_batch(batch, lane),
-            budget=self._budget,
-            size=lambda r: len(r.events),
-        )
+        """Each request's batch recorded, in order (see Metering.record_stream)."""
+        return self._metering.record_stream(caller, requests, _Batch)
 
     @rpc(USAGE_WRITE, tenant=lambda request: request.event.tenant_id)
     async def ReportUsage(
         self, request: usage_service_pb2.ReportUsageRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> usage_service_pb2.ReportUsageResponse:
-        event = raw_event(request.event)
-        try_take(self._event_charges(caller, [event]))
-        recorded = await self._metering.report(event, caller.principal)
+        recorded = await self._metering.report(raw_event(request.event), caller.principal)
         return usage_service_pb2.ReportUsageResponse(
             tenant_id=request.event.tenant_id,
             event_id=request.event.event_id,
@@ -175,13 +150,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.GetUsageSummaryResponse:
         summary = await self._metering.summary(
-            parse_usage_summary_name(request.name),
-            optional_micros(request, "start_time"),
-            optional_micros(request, "end_time"),
-            bucket_name(request.bucket),
-            request.group_by_dimension,
-            caller.principal,
-            list(request.meters),
+            parse_usage_summary_name(request.name), summary_query(request), caller.principal
         )
         return usage_service_pb2.GetUsageSummaryResponse(summary=summary_message(summary))
 
@@ -193,13 +162,7 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> AsyncIterator[usage_service_pb2.StreamUsageSummariesResponse]:
         summaries = self._metering.summaries(
-            list(request.tenant_ids),
-            optional_micros(request, "start_time"),
-            optional_micros(request, "end_time"),
-            bucket_name(request.bucket),
-            request.group_by_dimension,
-            caller.principal,
-            list(request.meters),
+            list(request.tenant_ids), summary_query(request), caller.principal
         )
         async for summary in summaries:
             yield usage_service_pb2.StreamUsageSummariesResponse(summary=summary_message(summary))

@@ -16,21 +16,13 @@ from typing import Any
 from server.billing.pricer import InvoicePricer, PricedInvoice
 from server.billing.service import Page
 from server.domain.access import Caller, Principal
-from server.domain.audit import (
-    CREDIT_NOTE_CREATED,
-    INVOICE_FINALIZED,
-    INVOICE_PAID,
-    INVOICE_UNCOLLECTIBLE,
-    INVOICE_VOIDED,
-    AuditEntry,
-    invoice_state,
-)
+from server.domain.audit import AuditAction, AuditEntry, invoice_state
 from server.domain.currencies import currency_of
 from server.domain.decimals import EXACT, check_decimal, format_money
 from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from server.domain.events import check_id
 from server.domain.lifecycle import BILLED, Issuer, check_transition, document_number, expand_prefix
-from server.domain.models import Invoice, InvoiceStatus
+from server.domain.models import CreditNote, Invoice, InvoiceStatus
 from server.domain.names import invoice_name
 from server.domain.pagination import ID, MICROS, PageTokens, check_page_size
 from server.domain.plans import BillingProfile
@@ -40,16 +32,16 @@ from server.domain.webhooks import rfc3339
 from server.notifications import events as notifications
 from server.payments.collection import Collection
 from server.storage import credit_notes
-from server.storage.credit_notes import CreditNote, CreditNoteStore
+from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore, InvoiceTransaction
 
 MAX_REASON_CHARS = 500
 
 _ACTIONS = {
-    InvoiceStatus.PAID: INVOICE_PAID,
-    InvoiceStatus.VOID: INVOICE_VOIDED,
-    InvoiceStatus.UNCOLLECTIBLE: INVOICE_UNCOLLECTIBLE,
+    InvoiceStatus.PAID: AuditAction.INVOICE_PAID,
+    InvoiceStatus.VOID: AuditAction.INVOICE_VOIDED,
+    InvoiceStatus.UNCOLLECTIBLE: AuditAction.INVOICE_UNCOLLECTIBLE,
 }
 
 
@@ -135,7 +127,7 @@ class Lifecycle:
             AuditEntry(
                 principal=caller.principal.subject,
                 request_id=caller.request_id,
-                action=INVOICE_FINALIZED,
+                action=AuditAction.INVOICE_FINALIZED,
                 tenant_id=draft.tenant_id,
                 resource=f"invoices/{draft.id}",
                 before=invoice_state(draft),
@@ -279,7 +271,7 @@ class Lifecycle:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=CREDIT_NOTE_CREATED,
+                        action=AuditAction.CREDIT_NOTE_CREATED,
                         tenant_id=tenant_id,
                         resource=f"creditNotes/{note.id}",
                         before=None,

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from server.billing.lifecycle import Lifecycle
 from server.billing.pricer import InvoicePricer
 from server.domain.access import Caller, Principal
-from server.domain.audit import INVOICE_CREATED, AuditEntry, invoice_state
+from server.domain.audit import AuditAction, AuditEntry, invoice_state
 from server.domain.decimals import MINOR_UNITS, format_money, format_quantity
 from server.domain.errors import ErrorReason, FailedPrecondition, InvalidArgument, NotFound, TallyError
 from server.domain.events import check_id
@@ -166,7 +166,7 @@ class Periods:
                 AuditEntry(
                     principal=caller.principal.subject,
                     request_id=caller.request_id,
-                    action=INVOICE_CREATED,
+                    action=AuditAction.INVOICE_CREATED,
                     tenant_id=tenant_id,
                     resource=f"invoices/{invoice_id}",
                     before=None,

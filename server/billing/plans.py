@@ -14,10 +14,17 @@ from decimal import Decimal
 
 from server.billing.service import Page
 from server.domain.access import Caller, Principal
-from server.domain.audit import BILLING_PROFILE_SET, PLAN_CREATED, PLAN_VERSION_CREATED, AuditEntry, State
+from server.domain.audit import AuditAction, AuditEntry, State
 from server.domain.charges import Charge, PerUnit
 from server.domain.currencies import currency_of
-from server.domain.decimals import check_decimal, format_quantity
+from server.domain.decimals import (
+    PERCENT_FRACTION_DIGITS,
+    PERCENT_INTEGER_DIGITS,
+    PRICE_FRACTION_DIGITS,
+    PRICE_INTEGER_DIGITS,
+    check_decimal,
+    format_quantity,
+)
 from server.domain.errors import (
     AlreadyExists,
     ErrorReason,
@@ -86,7 +93,9 @@ def _hour(micros: int | None, field: str, default: int) -> datetime:
 def _amount(text: str, field: str) -> Decimal:
     if not text:
         return Decimal(0)
-    if problem := check_decimal(text, max_integer_digits=18, max_fraction_digits=12):
+    if problem := check_decimal(
+        text, max_integer_digits=PRICE_INTEGER_DIGITS, max_fraction_digits=PRICE_FRACTION_DIGITS
+    ):
         raise InvalidArgument.single(field, problem)
     return Decimal(text)
 
@@ -237,7 +246,7 @@ class Plans:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=PLAN_CREATED,
+                        action=AuditAction.PLAN_CREATED,
                         tenant_id="",
                         resource=plan_name(plan_id),
                         before=None,
@@ -296,7 +305,7 @@ class Plans:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=PLAN_VERSION_CREATED,
+                        action=AuditAction.PLAN_VERSION_CREATED,
                         tenant_id="",
                         resource=plan_name(plan_id),
                         before=version_state(latest),
@@ -347,7 +356,11 @@ class Plans:
             violations.append(FieldViolation(f"{field}billing_anchor_day", "must be 1 to 31 (0: 1)"))
         tax: Decimal | None = None
         if given.tax_percentage:
-            if problem := check_decimal(given.tax_percentage, max_integer_digits=3, max_fraction_digits=6):
+            if problem := check_decimal(
+                given.tax_percentage,
+                max_integer_digits=PERCENT_INTEGER_DIGITS,
+                max_fraction_digits=PERCENT_FRACTION_DIGITS,
+            ):
                 violations.append(FieldViolation(f"{field}tax_percentage", problem))
             else:
                 try:
@@ -358,7 +371,11 @@ class Plans:
                     ]
         threshold: Decimal | None = None
         if given.spend_threshold:
-            if problem := check_decimal(given.spend_threshold, max_integer_digits=18, max_fraction_digits=12):
+            if problem := check_decimal(
+                given.spend_threshold,
+                max_integer_digits=PRICE_INTEGER_DIGITS,
+                max_fraction_digits=PRICE_FRACTION_DIGITS,
+            ):
                 violations.append(FieldViolation(f"{field}spend_threshold", problem))
             elif Decimal(given.spend_threshold) <= 0:
                 violations.append(FieldViolation(f"{field}spend_threshold", "must be greater than 0"))
@@ -465,7 +482,7 @@ class Plans:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=BILLING_PROFILE_SET,
+                        action=AuditAction.BILLING_PROFILE_SET,
                         tenant_id=tenant_id,
                         resource=f"tenants/{tenant_id}/billingProfile",
                         before=None if before is None else profile_state(before),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -11,34 +10,22 @@ from typing import Generic, TypeVar
 
 from server.billing.pricer import InvoicePricer
 from server.domain.access import Caller, Principal
-from server.domain.audit import (
-    INVOICE_CREATED,
-    INVOICE_RECOMPUTED,
-    RATE_SET,
-    AuditEntry,
-    AuditEvent,
-    invoice_state,
-    rate_resource,
-    rate_state,
-)
-from server.domain.decimals import MINOR_UNITS, check_decimal
-from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from server.domain.audit import AuditAction, AuditEntry, AuditEvent, invoice_state, rate_resource, rate_state
+from server.domain.decimals import MINOR_UNITS
+from server.domain.errors import ErrorReason, FailedPrecondition, InvalidArgument, NotFound
 from server.domain.events import check_id
+from server.domain.inputs import RateChange
 from server.domain.models import Invoice, InvoiceStatus, Rate
 from server.domain.names import invoice_name
 from server.domain.pagination import BIGINT_ID, ID, MICROS, NAME, PageTokens, check_page_size
 from server.domain.ranges import check_range
 from server.domain.requests import Once, Replayed
-from server.domain.timeutil import EPOCH, is_whole_hour, next_hour, to_datetime, to_micros
+from server.domain.stores import AuditReader, RateBook
+from server.domain.timeutil import EPOCH, next_hour, to_datetime, to_micros
 from server.ratecard import RateCardCache
-from server.storage.audit import AuditStore
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore
-from server.storage.rates import RateStore
 
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-PRICE_INTEGER_DIGITS = 18
-PRICE_FRACTION_DIGITS = 12
 MAX_INVOICE_DAYS = 366
 
 
@@ -54,9 +41,9 @@ class Page(Generic[T]):
 class Billing:
     def __init__(
         self,
-        rates: RateStore,
+        rates: RateBook,
         invoices: InvoiceStore,
-        audit: AuditStore,
+        audit: AuditReader,
         rate_card: RateCardCache,
         page_tokens: PageTokens,
         now_micros: Callable[[], int],
@@ -105,60 +92,25 @@ class Billing:
         return Page(rates, next_token)
 
     async def set_rate(
-        self,
-        service: str,
-        usage_type: str,
-        unit_price: str,
-        currency: str,
-        effective_micros: int | None,
-        caller: Caller,
-        once: Once[Rate] | None = None,
-        *,
-        reprice_past_usage: bool = False,
+        self, change: RateChange, caller: Caller, once: Once[Rate] | None = None
     ) -> Rate | Replayed:
         """Set a rate; the rate card is shared by every tenant, so only an all-tenants principal may.
 
         With `once`, a retry of the same request is answered with the first call's response.
         An effective time before now re-prices usage already reported (and what draft
-        invoices show), so it is refused unless the request says reprice_past_usage;
+        invoices show), so it is refused unless the change says reprice_past_usage;
         then the audit entry records that it did.
         """
         caller.principal.require_all_tenants("changing the rate card")
-        violations: list[FieldViolation] = []
-        for name, value in (("service", service), ("usage_type", usage_type)):
-            if not _NAME.fullmatch(value):
-                violations.append(
-                    FieldViolation(name, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'")
-                )
-        if problem := check_decimal(
-            unit_price, max_integer_digits=PRICE_INTEGER_DIGITS, max_fraction_digits=PRICE_FRACTION_DIGITS
-        ):
-            violations.append(FieldViolation("unit_price", problem))
-        if currency and currency != self.currency:
-            violations.append(
-                FieldViolation("currency_code", f"must be the rate card's currency {self.currency}")
-            )
-        repricing = False
-        if effective_micros is not None and (effective_micros < 0 or not is_whole_hour(effective_micros)):
-            violations.append(FieldViolation("effective_time", "must be a whole UTC hour, not before 1970"))
-        elif effective_micros is not None and effective_micros < self._now_micros():
-            if not reprice_past_usage:
-                violations.append(
-                    FieldViolation(
-                        "effective_time",
-                        "is in the past: it would re-price usage already reported; "
-                        "set reprice_past_usage to do so, or give a time from the next hour on",
-                    )
-                )
-            repricing = True
-        if violations:
-            raise InvalidArgument(violations)
+        now = self._now_micros()
+        change.validate(currency=self.currency, now_micros=now)
+        repricing = change.reprices_past_usage(now)
 
         def audit_entry(before: Rate | None, after: Rate) -> AuditEntry:
             return AuditEntry(
                 principal=caller.principal.subject,
                 request_id=caller.request_id,
-                action=RATE_SET,
+                action=AuditAction.RATE_SET,
                 tenant_id="",
                 resource=rate_resource(after),
                 before=None if before is None else rate_state(before),
@@ -166,18 +118,18 @@ class Billing:
             )
 
         rate = await self._rates.upsert(
-            service,
-            usage_type,
-            None if effective_micros is None else to_datetime(effective_micros),
-            (EPOCH, to_datetime(next_hour(self._now_micros()))),
-            Decimal(unit_price),
+            change.service,
+            change.usage_type,
+            None if change.effective_micros is None else to_datetime(change.effective_micros),
+            (EPOCH, to_datetime(next_hour(now))),
+            Decimal(change.unit_price),
             self.currency,
             audit_entry,
             once,
         )
         if isinstance(rate, Replayed):
             return rate
-        self._rate_card.note_rate(service, usage_type, to_micros(rate.effective_from))
+        self._rate_card.note_rate(change.service, change.usage_type, to_micros(rate.effective_from))
         return rate
 
     # --- invoices ------------------------------------------------------------------
@@ -243,7 +195,9 @@ class Billing:
                     AuditEntry(
                         principal=caller.principal.subject,
                         request_id=caller.request_id,
-                        action=INVOICE_CREATED if before is None else INVOICE_RECOMPUTED,
+                        action=(
+                            AuditAction.INVOICE_CREATED if before is None else AuditAction.INVOICE_RECOMPUTED
+                        ),
                         tenant_id=tenant_id,
                         resource=f"invoices/{invoice_id}",
                         before=None if before is None else invoice_state(before),
@@ -341,7 +295,7 @@ class Billing:
         last = self._page_tokens.decode(page_token, filter_key, (BIGINT_ID,))
         events = await self._audit.list(
             tenant_id=tenant_id or None,
-            visible_tenants=None if isinstance(principal.tenants, str) else sorted(principal.tenants),
+            visible_tenants=None if principal.all_tenants else sorted(principal.tenants),
             start=None if start_micros is None else to_datetime(start_micros),
             end=None if end_micros is None else to_datetime(end_micros),
             after_id=last[0] if last else 0,

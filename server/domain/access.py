@@ -54,7 +54,7 @@ class Principal:
         return self.tenants == ALL_TENANTS
 
     def may_act_for(self, tenant_id: str) -> bool:
-        return self.tenants == ALL_TENANTS or tenant_id in self.tenants
+        return self.all_tenants or tenant_id in self.tenants
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes:
@@ -69,7 +69,7 @@ class Principal:
             raise PermissionDenied(TENANT_DENIED, reason=ErrorReason.TENANT_NOT_PERMITTED)
 
     def require_all_tenants(self, what: str) -> None:
-        if self.tenants != ALL_TENANTS:
+        if not self.all_tenants:
             raise PermissionDenied(
                 f"{what} needs a token for all tenants", reason=ErrorReason.ALL_TENANTS_REQUIRED
             )

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal
+from enum import StrEnum
 from typing import NamedTuple
 
 from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, to_datetime, to_micros
@@ -29,6 +30,15 @@ TIME_WEIGHTED_DIGITS = 12
 _EXACT = Context(prec=200, rounding=ROUND_HALF_EVEN)
 _HOUR = Decimal(MICROS_PER_HOUR)
 _QUANTUM = Decimal(1).scaleb(-TIME_WEIGHTED_DIGITS)
+
+
+class TimeBucket(StrEnum):
+    """The buckets a summary can be split into; NONE is the whole range as one total."""
+
+    NONE = ""
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
 
 
 def _month_start(micros: int) -> int:
@@ -48,21 +58,21 @@ def month_bounds(micros: int) -> tuple[int, int]:
     return start, _next_month(start)
 
 
-def bucket_start(micros: int, bucket: str) -> int:
-    """The start of the bucket holding `micros`; bucket "" is the whole range (caller's start)."""
-    if bucket == "hour":
+def bucket_start(micros: int, bucket: TimeBucket) -> int:
+    """The start of the bucket holding `micros`; TimeBucket.NONE has none (it is the caller's range)."""
+    if bucket == TimeBucket.HOUR:
         return micros - micros % MICROS_PER_HOUR
-    if bucket == "day":
+    if bucket == TimeBucket.DAY:
         return micros - micros % MICROS_PER_DAY
-    if bucket == "month":
+    if bucket == TimeBucket.MONTH:
         return _month_start(micros)
     raise ValueError(bucket)
 
 
-def _bucket_end(start: int, bucket: str) -> int:
-    if bucket == "hour":
+def _bucket_end(start: int, bucket: TimeBucket) -> int:
+    if bucket == TimeBucket.HOUR:
         return start + MICROS_PER_HOUR
-    if bucket == "day":
+    if bucket == TimeBucket.DAY:
         return start + MICROS_PER_DAY
     return _next_month(start)
 
@@ -75,9 +85,9 @@ class Span(NamedTuple):
     end: int
 
 
-def spans(start: int, end: int, bucket: str) -> list[Span]:
+def spans(start: int, end: int, bucket: TimeBucket) -> list[Span]:
     """The summary's buckets over [start, end), in order."""
-    if not bucket:
+    if bucket == TimeBucket.NONE:
         return [Span(None, start, end)]
     found = []
     label = bucket_start(start, bucket)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from enum import StrEnum
+from typing import Any
 
 from server.domain.access import Caller
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
@@ -21,23 +22,28 @@ from server.domain.events import EventKey, EventRow
 from server.domain.models import Invoice, Rate
 from server.domain.timeutil import to_datetime
 
-RATE_SET: Final = "rate_set"
-INVOICE_CREATED: Final = "invoice_created"
-INVOICE_RECOMPUTED: Final = "invoice_recomputed"
-USAGE_BACKFILLED: Final = "usage_backfilled"
-INVOICE_FINALIZED: Final = "invoice_finalized"
-INVOICE_PAID: Final = "invoice_paid"
-INVOICE_VOIDED: Final = "invoice_voided"
-INVOICE_UNCOLLECTIBLE: Final = "invoice_uncollectible"
-CREDIT_NOTE_CREATED: Final = "credit_note_created"
-PLAN_CREATED: Final = "plan_created"
-PLAN_VERSION_CREATED: Final = "plan_version_created"
-BILLING_PROFILE_SET: Final = "billing_profile_set"
-METER_CREATED: Final = "meter_created"
-METER_ARCHIVED: Final = "meter_archived"
-USAGE_EVENT_CANCELLED: Final = "usage_event_cancelled"
-WEBHOOK_SUBSCRIPTION_CREATED: Final = "webhook_subscription_created"
-WEBHOOK_SUBSCRIPTION_DELETED: Final = "webhook_subscription_deleted"
+
+class AuditAction(StrEnum):
+    """What kind of change an entry records; the value is what audit_events.action stores."""
+
+    RATE_SET = "rate_set"
+    INVOICE_CREATED = "invoice_created"
+    INVOICE_RECOMPUTED = "invoice_recomputed"
+    USAGE_BACKFILLED = "usage_backfilled"
+    INVOICE_FINALIZED = "invoice_finalized"
+    INVOICE_PAID = "invoice_paid"
+    INVOICE_VOIDED = "invoice_voided"
+    INVOICE_UNCOLLECTIBLE = "invoice_uncollectible"
+    CREDIT_NOTE_CREATED = "credit_note_created"
+    PLAN_CREATED = "plan_created"
+    PLAN_VERSION_CREATED = "plan_version_created"
+    BILLING_PROFILE_SET = "billing_profile_set"
+    METER_CREATED = "meter_created"
+    METER_ARCHIVED = "meter_archived"
+    USAGE_EVENT_CANCELLED = "usage_event_cancelled"
+    WEBHOOK_SUBSCRIPTION_CREATED = "webhook_subscription_created"
+    WEBHOOK_SUBSCRIPTION_DELETED = "webhook_subscription_deleted"
+
 
 State = Mapping[str, Any]
 
@@ -48,7 +54,7 @@ class AuditEntry:
 
     principal: str
     request_id: str
-    action: str
+    action: AuditAction
     tenant_id: str
     resource: str
     before: State | None
@@ -120,19 +126,19 @@ def backfill_entries(
     """
     by_tenant: dict[str, list[EventRow]] = {}
     for row in rows.values():
-        by_tenant.setdefault(row[0], []).append(row)
+        by_tenant.setdefault(row.tenant_id, []).append(row)
     entries = []
     for tenant_id in sorted(by_tenant):
         tenant_rows = by_tenant[tenant_id]
-        new = [row for row in tenant_rows if (row[0], row[1]) in new_keys]
+        new = [row for row in tenant_rows if row.key in new_keys]
         if not new:
             continue
-        times = [row[5] for row in new]
+        times = [row.time_micros for row in new]
         entries.append(
             AuditEntry(
                 principal=caller.principal.subject,
                 request_id=caller.request_id,
-                action=USAGE_BACKFILLED,
+                action=AuditAction.USAGE_BACKFILLED,
                 tenant_id=tenant_id,
                 resource=f"tenants/{tenant_id}/usage",
                 before=None,
@@ -141,7 +147,7 @@ def backfill_entries(
                     "duplicate_count": len(tenant_rows) - len(new),
                     "first_event_time": to_datetime(min(times)).isoformat(),
                     "last_event_time": to_datetime(max(times)).isoformat(),
-                    "usage_types": sorted({f"{row[2]}/{row[3]}" for row in new}),
+                    "usage_types": sorted({f"{row.service}/{row.usage_type}" for row in new}),
                 },
             )
         )

@@ -37,15 +37,16 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
 
-from server.domain.decimals import EXACT, check_exact
+from server.domain.decimals import (
+    EXACT,
+    PRICE_FRACTION_DIGITS,
+    PRICE_INTEGER_DIGITS,
+    QUANTITY_FRACTION_DIGITS,
+    QUANTITY_INTEGER_DIGITS,
+    check_exact,
+)
 from server.domain.errors import FieldViolation, InvalidArgument
 
-# The edge's limits (README: quantities 18 + 9 digits, prices 18 + 12), so that every
-# product and sum below stays exact in EXACT's 120 digits.
-PRICE_INTEGER_DIGITS = 18
-PRICE_FRACTION_DIGITS = 12
-QUANTITY_INTEGER_DIGITS = 18
-QUANTITY_FRACTION_DIGITS = 9
 MAX_TIERS = 100
 
 _KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")

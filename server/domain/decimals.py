@@ -18,6 +18,16 @@ _DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")  # ASCII only: \d also mat
 # ISO 4217 minor units of the currencies Tally accepts (server.domain.currencies). Money is rounded to these.
 MINOR_UNITS: dict[str, int] = {code: currency.minor_units for code, currency in CURRENCIES.items()}
 
+# The digits Tally accepts (README: quantities 18 + 9 digits, prices 18 + 12), the one home
+# of these limits: every product and sum of such values stays exact in EXACT's 120 digits.
+QUANTITY_INTEGER_DIGITS = 18
+QUANTITY_FRACTION_DIGITS = 9
+PRICE_INTEGER_DIGITS = 18
+PRICE_FRACTION_DIGITS = 12
+# A percentage (tax): up to 100, with up to 6 decimals.
+PERCENT_INTEGER_DIGITS = 3
+PERCENT_FRACTION_DIGITS = 6
+
 # The one rounding rule for money: half away from zero, applied once per invoice line.
 MONEY_ROUNDING = ROUND_HALF_UP
 

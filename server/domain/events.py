@@ -19,11 +19,13 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from server.domain.access import Caller
-from server.domain.decimals import check_decimal
+from server.domain.decimals import QUANTITY_FRACTION_DIGITS, QUANTITY_INTEGER_DIGITS, check_decimal
 from server.domain.errors import FieldViolation
 from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, MICROS_PER_SECOND, to_datetime
 
@@ -31,10 +33,11 @@ MAX_ID_LENGTH = 128
 MAX_DIMENSIONS = 16
 MAX_DIMENSION_KEY_LENGTH = 64
 MAX_DIMENSION_VALUE_LENGTH = 256
-QUANTITY_INTEGER_DIGITS = 18
-QUANTITY_FRACTION_DIGITS = 9
+# A service or usage type on the rate card (and so in every event that is accepted).
+MAX_NAME_LENGTH = 64
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LENGTH}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,20 @@ class RawEvent:
     time_micros: int | None  # None: the client left it unset, so the receive time applies
     dimensions: Mapping[str, str]
     time_error: str | None = None  # set by the edge when the timestamp itself is malformed
+
+
+class IncomingBatch(Protocol):
+    """A batch as it arrives on a stream: its size and flag are known before its events are decoded."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def backfill(self) -> bool: ...
+
+    def events(self) -> list[RawEvent]:
+        """The batch's events, decoded (done once the batch's size has been accepted)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +123,24 @@ class EventColumns:
         return len(self.event_ids)
 
 
-# A valid event as (tenant_id, event_id, service, usage_type, quantity, time µs, dimensions JSON),
-# and its idempotency key (tenant_id, event_id).
-EventRow = tuple[str, str, str, str, str, int, str]
+# An event's idempotency key: (tenant_id, event_id).
 EventKey = tuple[str, str]
+
+
+class EventRow(NamedTuple):
+    """A valid event as it is stored: one row of EventColumns (a tuple, cheap on the hot path)."""
+
+    tenant_id: str
+    event_id: str
+    service: str
+    usage_type: str
+    quantity: str  # exact decimal text, as validated
+    time_micros: int
+    dimensions_json: str
+
+    @property
+    def key(self) -> EventKey:
+        return (self.tenant_id, self.event_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +166,13 @@ def check_id(value: str) -> str | None:
         return "contains a control character"
     if value != value.strip():
         return "has leading or trailing white space"
+    return None
+
+
+def check_name(value: str) -> str | None:
+    """Why `value` is not an acceptable service or usage type for the rate card, or None."""
+    if not _NAME.fullmatch(value):
+        return f"must be 1 to {MAX_NAME_LENGTH} characters of A-Z, a-z, 0-9, '_', '.', '-'"
     return None
 
 
@@ -231,7 +269,7 @@ def _dimensions_json(dimensions: Mapping[str, str]) -> str:
 
 def event_row(event: RawEvent, now_micros: int) -> EventRow:
     """A valid event as one row of EventColumns (the receive time fills a missing time)."""
-    return (
+    return EventRow(
         event.tenant_id,
         event.event_id,
         event.service,
@@ -293,3 +331,17 @@ def validate_batch(
             continue
         rows[key] = event_row(event, now_micros)
     return ValidatedBatch(rows, rejections, repeated)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledEvent:
+    """A cancelled event as it was recorded, and when it was cancelled."""
+
+    tenant_id: str
+    event_id: str
+    service: str
+    usage_type: str
+    quantity: Decimal
+    event_time: datetime
+    dimensions: dict[str, str]
+    cancel_time: datetime

@@ -27,13 +27,13 @@ from server.domain.events import (
     MAX_DIMENSION_VALUE_LENGTH,
     MAX_DIMENSIONS,
     EventRow,
+    check_name,
 )
 from server.domain.timeutil import MICROS_PER_HOUR
 
 METERS = "meters/"
 # AIP-122 resource id: lower case letters, digits and hyphens, starting with a letter.
 _METER_ID = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
-_NAME_PART = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_GROUP_BY = 4
 MAX_DESCRIPTION = 1_024
 
@@ -123,8 +123,8 @@ def check_spec(spec: MeterSpec, field_prefix: str = "meter.") -> None:
     if not _METER_ID.fullmatch(spec.meter_id):
         bad("meter_id", "must be 1 to 63 lower-case letters, digits and hyphens, starting with a letter")
     for name, value in (("service", spec.service), ("usage_type", spec.usage_type)):
-        if not _NAME_PART.fullmatch(value):
-            bad(name, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '-'")
+        if problem := check_name(value):
+            bad(name, problem)
     if len(spec.filter) > MAX_DIMENSIONS:
         bad("filter", f"has more than {MAX_DIMENSIONS} entries")
     for key, value in spec.filter.items():

@@ -9,6 +9,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
+from server.domain.aggregation import TimeBucket
 from server.domain.meters import Meter
 from server.domain.pricing import LineItem
 
@@ -125,7 +126,22 @@ class UsageSummary:
     tenant_id: str
     start: datetime
     end: datetime
-    bucket: str  # "" (none), "hour", "day" or "month"
+    bucket: TimeBucket
     group_by_dimension: str
     aggregates: tuple[UsageAggregate, ...]
     meter_values: tuple[MeterValue, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CreditNote:
+    """A credit note as issued: an amount given back against a finalized invoice."""
+
+    id: str
+    tenant_id: str
+    invoice_id: str
+    number: str
+    currency: str
+    amount: Decimal
+    reason: str
+    parties: Mapping[str, Any]
+    create_time: datetime

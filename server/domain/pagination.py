@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from server.domain.errors import ErrorReason, InvalidArgument
+from server.domain.events import MAX_NAME_LENGTH
 from server.domain.timeutil import to_micros
 
 DEFAULT_FIELD = "page_token"
@@ -75,7 +76,7 @@ MICROS = IntPart(
     to_micros(datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)),
 )
 BIGINT_ID = IntPart(0, 2**63 - 1)  # a PostgreSQL identity column
-NAME = TextPart(64)  # a service or usage type
+NAME = TextPart(MAX_NAME_LENGTH)  # a service or usage type
 ID = TextPart(128)  # an invoice id
 
 

@@ -28,8 +28,6 @@ from fractions import Fraction
 
 from server.domain.charges import (
     MAX_DESCRIPTION_CHARS,
-    PRICE_FRACTION_DIGITS,
-    PRICE_INTEGER_DIGITS,
     ZERO,
     Charge,
     FeeTiming,
@@ -39,7 +37,16 @@ from server.domain.charges import (
     price_usage_model,
 )
 from server.domain.currencies import Currency
-from server.domain.decimals import EXACT, check_exact, round_fraction, round_money
+from server.domain.decimals import (
+    EXACT,
+    PERCENT_FRACTION_DIGITS,
+    PERCENT_INTEGER_DIGITS,
+    PRICE_FRACTION_DIGITS,
+    PRICE_INTEGER_DIGITS,
+    check_exact,
+    round_fraction,
+    round_money,
+)
 from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.ranges import TimeRange
 
@@ -116,7 +123,11 @@ class Tax:
             violations.append(
                 FieldViolation("description", f"must be at most {MAX_DESCRIPTION_CHARS} characters")
             )
-        problem = check_exact(self.percentage, max_integer_digits=3, max_fraction_digits=6)
+        problem = check_exact(
+            self.percentage,
+            max_integer_digits=PERCENT_INTEGER_DIGITS,
+            max_fraction_digits=PERCENT_FRACTION_DIGITS,
+        )
         if problem is None and self.percentage > 100:
             problem = "must be at most 100"
         if problem:

@@ -16,14 +16,15 @@ class TimeRange:
     end_micros: int
 
 
-def check_range(
+def range_violations(
     start_micros: int | None,
     end_micros: int | None,
     *,
     start_field: str,
     end_field: str,
     max_days: int,
-) -> TimeRange:
+) -> list[FieldViolation]:
+    """Every rule the range breaks (its order and length only once both ends are valid)."""
     violations: list[FieldViolation] = []
     for name, value in ((start_field, start_micros), (end_field, end_micros)):
         if value is None:
@@ -32,11 +33,27 @@ def check_range(
             violations.append(FieldViolation(name, "must not be before 1970-01-01T00:00:00Z"))
         elif not is_whole_hour(value):
             violations.append(FieldViolation(name, "must be a whole UTC hour (usage is kept per hour)"))
-    if violations:
-        raise InvalidArgument(violations)
-    assert start_micros is not None and end_micros is not None
+    if violations or start_micros is None or end_micros is None:
+        return violations
     if end_micros <= start_micros:
-        raise InvalidArgument.single(end_field, f"must be after {start_field}")
-    if end_micros - start_micros > max_days * MICROS_PER_DAY:
-        raise InvalidArgument.single(end_field, f"must be at most {max_days} days after {start_field}")
+        violations.append(FieldViolation(end_field, f"must be after {start_field}"))
+    elif end_micros - start_micros > max_days * MICROS_PER_DAY:
+        violations.append(FieldViolation(end_field, f"must be at most {max_days} days after {start_field}"))
+    return violations
+
+
+def check_range(
+    start_micros: int | None,
+    end_micros: int | None,
+    *,
+    start_field: str,
+    end_field: str,
+    max_days: int,
+) -> TimeRange:
+    """The range, or InvalidArgument naming every rule it breaks."""
+    violations = range_violations(
+        start_micros, end_micros, start_field=start_field, end_field=end_field, max_days=max_days
+    )
+    if violations or start_micros is None or end_micros is None:
+        raise InvalidArgument(violations)
     return TimeRange(start_micros, end_micros)

@@ -9,20 +9,20 @@ for the tenant. Audited, with the event as it was recorded.
 from __future__ import annotations
 
 from server.domain.access import Caller
-from server.domain.audit import USAGE_EVENT_CANCELLED, AuditEntry
+from server.domain.audit import AuditAction, AuditEntry
 from server.domain.decimals import format_quantity
 from server.domain.errors import InvalidArgument
-from server.domain.events import check_id
+from server.domain.events import CancelledEvent, check_id
 from server.domain.requests import Once, Replayed
 from server.metering.meters import MeterCatalog
-from server.storage.corrections import CancelledEvent, CorrectionStore
+from server.storage.corrections import CorrectionStore
 
 
 def _entry(caller: Caller, event: CancelledEvent) -> AuditEntry:
     return AuditEntry(
         principal=caller.principal.subject,
         request_id=caller.request_id,
-        action=USAGE_EVENT_CANCELLED,
+        action=AuditAction.USAGE_EVENT_CANCELLED,
         tenant_id=event.tenant_id,
         resource=f"tenants/{event.tenant_id}/events/{event.event_id}",
         before={

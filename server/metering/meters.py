@@ -19,13 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from server.domain.access import Caller
-from server.domain.audit import METER_ARCHIVED, METER_CREATED, AuditEntry, State
+from server.domain.audit import AuditAction, AuditEntry, State
 from server.domain.errors import InvalidArgument
 from server.domain.meters import Meter, MeterMap, MeterSpec, check_spec, meter_name, parse_meter_name
 from server.domain.pagination import PageTokens, TextPart, check_page_size
 from server.domain.requests import Once, Replayed
+from server.domain.stores import MeterBook
 from server.ratecard import RateCardCache
-from server.storage.meters import MeterStore, not_found
+from server.storage.meters import not_found
 
 MAX_SUMMARY_METERS = 20
 _METER_ID = TextPart(63)
@@ -54,7 +55,7 @@ def meter_state(meter: Meter) -> State:
 class MeterCatalog:
     def __init__(
         self,
-        store: MeterStore,
+        store: MeterBook,
         rate_card: RateCardCache,
         page_tokens: PageTokens,
         *,
@@ -136,7 +137,7 @@ class MeterCatalog:
             return AuditEntry(
                 caller.principal.subject,
                 caller.request_id,
-                METER_CREATED,
+                AuditAction.METER_CREATED,
                 "",
                 meter.name,
                 None,
@@ -169,7 +170,7 @@ class MeterCatalog:
             return AuditEntry(
                 caller.principal.subject,
                 caller.request_id,
-                METER_ARCHIVED,
+                AuditAction.METER_ARCHIVED,
                 "",
                 meter_name(meter_id),
                 meter_state(before),

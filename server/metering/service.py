@@ -10,6 +10,11 @@ a client goes away or the server shuts down in the middle of a batch, its transa
 still finishes (committed or rolled back as a whole, never half-written), and `drain()`
 waits for such writes.
 
+A stream of batches is one use case (record_stream): each batch's size is checked before
+its events are decoded, its events are charged to the caller's event rates (waiting, not
+failing, which slows the client through flow control), and the batches are pipelined
+(server.metering.pipeline) on one write lane that keeps the stream's order.
+
 A backfill (a batch flagged by the client, for usage older than the ingestion window)
 needs the scope usage:backfill. It is written in a transaction of its own together with
 one audit entry per tenant that got new events, naming the principal, the request id and
@@ -18,18 +23,23 @@ the counts, so that every re-priced past period can be traced to the call that d
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import TypeVar
 
 from opentelemetry import trace
 
+from server.auth.limits import Charge, Limiter, debt_seconds, take, try_take
 from server.domain.access import USAGE_BACKFILL, Caller, Principal
 from server.domain.audit import backfill_entries
 from server.domain.errors import ErrorReason, FieldViolation, InvalidArgument, PermissionDenied
 from server.domain.events import (
     EventRules,
+    IncomingBatch,
     RawEvent,
     Rejection,
     RejectionCause,
@@ -37,24 +47,22 @@ from server.domain.events import (
     check_event,
     check_id,
     event_row,
-    has_control,
     validate_batch,
 )
+from server.domain.inputs import SummaryQuery
 from server.domain.models import MeterValue, UsageAggregate, UsageSummary
-from server.domain.ranges import check_range
+from server.domain.stores import UsageLedger
 from server.domain.timeutil import to_datetime
 from server.lanes import Lane, WriteLanes
 from server.metering.meters import MeterCatalog
+from server.metering.pipeline import EventBudget, pipelined
 from server.ratecard import RateCardCache
-from server.storage.usage import UsageStore
 from server.telemetry.ingest import OFF, IngestTelemetry
 
-BUCKETS = ("", "hour", "day", "month")
+M = TypeVar("M")
+
 MAX_SUMMARY_TENANTS = 1_000
 _TENANTS_PER_QUERY = 100
-_MAX_DAYS_HOURLY = 366
-_MAX_DAYS = 3_660
-_MAX_DIMENSION_KEY = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +83,19 @@ def _rejection_of(event: RawEvent, error: InvalidArgument | PermissionDenied) ->
 class Metering:
     def __init__(
         self,
-        store: UsageStore,
+        store: UsageLedger,
         rate_card: RateCardCache,
         rules: EventRules,
         now_micros: Callable[[], int],
         meters: MeterCatalog,
         *,
+        limiter: Limiter,
+        budget: EventBudget,
         write_lanes: int = 4,
         telemetry: IngestTelemetry = OFF,
     ) -> None:
+        self._limiter = limiter
+        self._budget = budget
         self._store = store
         self._rate_card = rate_card
         self._rules = rules
@@ -92,7 +104,7 @@ class Metering:
         self._telemetry = telemetry
         self._lanes = WriteLanes(store, lanes=write_lanes, telemetry=telemetry, meters=meters.active_map)
 
-    def check_batch_size(self, size: int) -> None:
+    def _check_batch_size(self, size: int) -> None:
         if size > self._rules.max_batch_size:
             raise InvalidArgument.single(
                 "events",
@@ -101,14 +113,49 @@ class Metering:
                 metadata={"maxBatchSize": str(self._rules.max_batch_size)},
             )
 
-    def stream_lane(self) -> Lane:
-        """The lane for all the batches of one stream, which keeps them in the stream's order."""
-        return self._lanes.for_stream()
+    def record_stream(
+        self, caller: Caller, messages: AsyncIterator[M], batch_of: Callable[[M], IncomingBatch]
+    ) -> AsyncGenerator[tuple[M, BatchOutcome], None]:
+        """Each message's batch recorded: (message, outcome) pairs in the stream's order.
 
-    async def prepare_batch(
+        Pipelined on one write lane (see server.metering.pipeline): a bad batch, a failed
+        write or a failed read ends the stream with its error once the batches before it
+        are answered. Close the generator (contextlib.aclosing) however the caller stops,
+        so that the pipeline gives back its tasks and budget.
+        """
+        lane = self._lanes.for_stream()
+        return pipelined(
+            messages,
+            lambda message: self._prepare_streamed(caller, batch_of(message)),
+            lambda batch: self._submit_batch(batch, lane),
+            budget=self._budget,
+            size=lambda message: batch_of(message).size,
+        )
+
+    def _event_charges(self, principal: Principal, events: Sequence[RawEvent]) -> list[Charge]:
+        # Only tenants the caller may act for are charged: a token for tenant A cannot
+        # spend tenant B's rate with events that are rejected anyway.
+        per_tenant = Counter(e.tenant_id for e in events if principal.may_act_for(e.tenant_id))
+        return self._limiter.event_charges(principal.subject, len(events), per_tenant)
+
+    async def _prepare_streamed(self, caller: Caller, incoming: IncomingBatch) -> ValidatedBatch:
+        """Decode and validate a streamed batch once the event rates allow it: waiting, not failing."""
+        self._check_batch_size(incoming.size)  # before decoding: an oversized batch costs nothing
+        events = incoming.events()
+        charges = self._event_charges(caller.principal, events)
+        delay = take(charges)
+        while delay > 0:
+            # Not reading the next message while we wait is what slows the client down:
+            # gRPC flow control stops it once the transport window is full. The debt is read
+            # again from the limiter's clock, which decides when it is repaid (a test's fake one too).
+            await asyncio.sleep(delay)
+            delay = debt_seconds(charges)
+        return await self._prepare_batch(events, caller, backfill=incoming.backfill)
+
+    async def _prepare_batch(
         self, events: Sequence[RawEvent], caller: Caller, *, backfill: bool = False
     ) -> ValidatedBatch:
-        """The CPU half of recording a batch: limits, validation, de-duplication within it.
+        """The CPU half of recording a batch (its size already checked): validation, de-duplication.
 
         Events for tenants the principal may not act for are rejected one by one
         (PERMISSION_DENIED); the rest of the batch goes on. A backfill without the scope
@@ -116,7 +163,6 @@ class Metering:
         """
         if backfill:
             caller.principal.require_scope(USAGE_BACKFILL)
-        self.check_batch_size(len(events))
         with self._telemetry.preparing(len(events)):
             await self._rate_card.ensure_current({(e.service, e.usage_type) for e in events})
             await self._meters.ensure_current()
@@ -130,7 +176,7 @@ class Metering:
             )
         return replace(batch, backfill_by=caller) if backfill else batch
 
-    def submit_batch(self, batch: ValidatedBatch, lane: Lane) -> Awaitable[BatchOutcome]:
+    def _submit_batch(self, batch: ValidatedBatch, lane: Lane) -> Awaitable[BatchOutcome]:
         """The database half: queue the batch on the lane now (the ordering point); the
         awaitable gives its outcome once its transaction has committed."""
         audit = None
@@ -159,9 +205,11 @@ class Metering:
     async def report(self, event: RawEvent, principal: Principal) -> bool:
         """Record one event; True if it is new, False if it was a duplicate.
 
-        Raises InvalidArgument listing every bad field, prefixed with "event.", and
+        Raises ResourceExhausted when the event rates do not allow it now (a single event
+        never waits), InvalidArgument listing every bad field, prefixed with "event.", and
         PermissionDenied for a tenant the principal may not act for.
         """
+        try_take(self._event_charges(principal, [event]))
         try:
             if check_id(event.tenant_id) is None:
                 principal.require_tenant(event.tenant_id)
@@ -175,7 +223,7 @@ class Metering:
             self._telemetry.batch_done(None, {}, 0, 0, [_rejection_of(event, exc)])
             raise
         row = event_row(event, now)
-        key = (row[0], row[1])
+        key = row.key
         new = await self._lanes.reports.submit({key: row}) == 1
         self._telemetry.batch_done(None, (key,), int(new), int(not new), ())
         return new
@@ -184,34 +232,19 @@ class Metering:
         """Wait for every write in flight (used at shutdown, before the pool closes)."""
         await self._lanes.drain()
 
-    async def summary(
-        self,
-        tenant_id: str,
-        start_micros: int | None,
-        end_micros: int | None,
-        bucket: str,
-        dimension: str,
-        principal: Principal,
-        meter_names: Sequence[str] = (),
-    ) -> UsageSummary:
+    async def summary(self, tenant_id: str, query: SummaryQuery, principal: Principal) -> UsageSummary:
         if problem := check_id(tenant_id):
             raise InvalidArgument.single("tenant_id", problem)
         principal.require_tenant(tenant_id)
-        start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
-        meters = await self._meters.resolve(meter_names, dimension)
+        start, end = _range_of(query)
+        bucket, dimension = query.bucket, query.group_by_dimension
+        meters = await self._meters.resolve(query.meters, dimension)
         aggregates = await self._store.summarize([tenant_id], start, end, bucket, dimension)
         values = await self._store.summarize_meters(meters, [tenant_id], start, end, bucket, dimension)
         return UsageSummary(tenant_id, start, end, bucket, dimension, tuple(aggregates), tuple(values))
 
     async def summaries(
-        self,
-        tenant_ids: Sequence[str],
-        start_micros: int | None,
-        end_micros: int | None,
-        bucket: str,
-        dimension: str,
-        principal: Principal,
-        meter_names: Sequence[str] = (),
+        self, tenant_ids: Sequence[str], query: SummaryQuery, principal: Principal
     ) -> AsyncIterator[UsageSummary]:
         """One summary per listed tenant, or per tenant with usage; in tenant_id order.
 
@@ -233,13 +266,14 @@ class Metering:
             raise InvalidArgument(violations)
         for tenant in tenant_ids:
             principal.require_tenant(tenant)
-        start, end = self._check_summary_request(start_micros, end_micros, bucket, dimension)
-        meters = await self._meters.resolve(meter_names, dimension)
+        start, end = _range_of(query)
+        bucket, dimension = query.bucket, query.group_by_dimension
+        meters = await self._meters.resolve(query.meters, dimension)
         listed = sorted(set(tenant_ids))
         # A restricted principal asking for "every tenant with usage" gets its own tenants,
         # summarised and then left out when they have no usage in the range.
         only_with_usage = False
-        if not listed and isinstance(principal.tenants, frozenset):
+        if not listed and not principal.all_tenants:
             only_with_usage = True
             listed = sorted(principal.tenants)
         after = ""
@@ -271,20 +305,7 @@ class Metering:
                     )
             after = chunk[-1]
 
-    def _check_summary_request(
-        self, start_micros: int | None, end_micros: int | None, bucket: str, dimension: str
-    ) -> tuple[datetime, datetime]:
-        if bucket not in BUCKETS:
-            raise InvalidArgument.single("bucket", "is not a known time bucket")
-        if len(dimension) > _MAX_DIMENSION_KEY or dimension != dimension.strip() or has_control(dimension):
-            raise InvalidArgument.single(
-                "group_by_dimension", f"must be a dimension key of at most {_MAX_DIMENSION_KEY} characters"
-            )
-        time_range = check_range(
-            start_micros,
-            end_micros,
-            start_field="start_time",
-            end_field="end_time",
-            max_days=_MAX_DAYS_HOURLY if bucket == "hour" else _MAX_DAYS,
-        )
-        return to_datetime(time_range.start_micros), to_datetime(time_range.end_micros)
+
+def _range_of(query: SummaryQuery) -> tuple[datetime, datetime]:
+    time_range = query.validate()
+    return to_datetime(time_range.start_micros), to_datetime(time_range.end_micros)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from server.domain.access import Caller, Principal
-from server.domain.audit import WEBHOOK_SUBSCRIPTION_CREATED, WEBHOOK_SUBSCRIPTION_DELETED, AuditEntry, State
+from server.domain.audit import AuditAction, AuditEntry, State
 from server.domain.pagination import BIGINT_ID, MICROS, PageTokens, TextPart, check_page_size
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import to_datetime, to_micros
@@ -68,7 +68,7 @@ class Subscriptions:
             return AuditEntry(
                 caller.principal.subject,
                 caller.request_id,
-                WEBHOOK_SUBSCRIPTION_CREATED,
+                AuditAction.WEBHOOK_SUBSCRIPTION_CREATED,
                 "",
                 subscription.name,
                 None,
@@ -105,7 +105,7 @@ class Subscriptions:
             return AuditEntry(
                 caller.principal.subject,
                 caller.request_id,
-                WEBHOOK_SUBSCRIPTION_DELETED,
+                AuditAction.WEBHOOK_SUBSCRIPTION_DELETED,
                 "",
                 subscription.name,
                 subscription_state(subscription),

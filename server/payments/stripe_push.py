@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import asyncpg
 import stripe
 
-from server.domain.audit import INVOICE_PAID, AuditEntry
+from server.domain.audit import AuditAction, AuditEntry
 from server.domain.models import Invoice, InvoicePayment, InvoiceStatus, PaymentState
 from server.domain.timeutil import to_datetime
 from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_KINDS, STRIPE_VOID
@@ -386,7 +386,7 @@ class StripePush:
             AuditEntry(
                 principal=STRIPE_PRINCIPAL,
                 request_id=f"stripe-{stripe_id}",
-                action=INVOICE_PAID,
+                action=AuditAction.INVOICE_PAID,
                 tenant_id=invoice.tenant_id,
                 resource=f"invoices/{invoice.id}",
                 before={"status": status, "number": invoice.number},

@@ -8,7 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
-from server.domain.audit import AuditEntry, AuditEvent, State
+from server.domain.audit import AuditAction, AuditEntry, AuditEvent, State
 from server.storage.database import run_with_retries
 
 _APPEND = """
@@ -88,7 +88,7 @@ class AuditStore:
                     entry=AuditEntry(
                         principal=row["principal"],
                         request_id=row["request_id"],
-                        action=row["action"],
+                        action=AuditAction(row["action"]),
                         tenant_id=row["tenant_id"],
                         resource=row["resource"],
                         before=_state(row["before"]),

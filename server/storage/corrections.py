@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
@@ -29,6 +27,7 @@ import asyncpg
 from server.domain.aggregation import month_bounds
 from server.domain.audit import AuditEntry
 from server.domain.errors import ErrorReason, NotFound
+from server.domain.events import CancelledEvent
 from server.domain.meters import Meter, contribution
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, to_datetime, to_micros
@@ -98,20 +97,6 @@ INSERT INTO meter_tw_dirty AS d (tenant_id, meter_id, group_values, hour, change
 VALUES ($1, $2, $3::jsonb, $4, 1)
 ON CONFLICT (tenant_id, meter_id, group_values, hour) DO UPDATE SET changes = d.changes + 1
 """
-
-
-@dataclass(frozen=True, slots=True)
-class CancelledEvent:
-    """A cancelled event as it was recorded, and when it was cancelled."""
-
-    tenant_id: str
-    event_id: str
-    service: str
-    usage_type: str
-    quantity: Decimal
-    event_time: datetime
-    dimensions: dict[str, str]
-    cancel_time: datetime
 
 
 def _event_not_found() -> NotFound:

@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
+from server.domain.models import CreditNote
 from server.storage.database import run_with_retries
-
-
-@dataclass(frozen=True, slots=True)
-class CreditNote:
-    id: str
-    tenant_id: str
-    invoice_id: str
-    number: str
-    currency: str
-    amount: Decimal
-    reason: str
-    parties: Mapping[str, Any]
-    create_time: datetime
-
 
 _COLUMNS = (
     "id, tenant_id, invoice_id, number, currency, amount, reason, parties::text AS parties, create_time"

@@ -12,7 +12,8 @@ or loaded machine never trips them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import asyncpg
@@ -39,6 +40,24 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # Tally never shares a connection between tasks, which is the other way to cause it.
     asyncpg.InternalClientError,
 )
+
+
+def _unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(f"database unavailable: {type(exc).__name__}", reason=ErrorReason.DATABASE_UNAVAILABLE)
+
+
+@contextlib.contextmanager
+def unavailable_when_unreachable() -> Iterator[None]:
+    """Turn the errors of an unreachable database into the domain's Unavailable.
+
+    Storage raises domain errors only, so that the layers above never need to know asyncpg's
+    exceptions; run_with_retries does this for the operations it runs, and this covers work
+    on a connection held outside it (e.g. InvoiceStore's transactions).
+    """
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise _unavailable(exc) from exc
 
 
 class RetryTransaction(Exception):
@@ -126,9 +145,7 @@ async def run_with_retries(
                 reason=ErrorReason.DATABASE_UNAVAILABLE,
             ) from exc
         except CONNECTION_ERRORS as exc:
-            raise Unavailable(
-                f"database unavailable: {type(exc).__name__}", reason=ErrorReason.DATABASE_UNAVAILABLE
-            ) from exc
+            raise _unavailable(exc) from exc
         except asyncpg.DataError as exc:
             # Validation should have caught it; if not, it is still bad input (e.g. a NUL
             # character in a page token), which must not look like a server fault.

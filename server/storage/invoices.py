@@ -17,7 +17,7 @@ from server.domain.models import Invoice, InvoiceKind, InvoicePayment, InvoiceSt
 from server.domain.pricing import LineItem, LineKind
 from server.domain.requests import RequestKey
 from server.storage import audit, payments, request_ids
-from server.storage.database import run_with_retries
+from server.storage.database import run_with_retries, unavailable_when_unreachable
 
 # Usage of tenant $1 over each period [$3[i], $4[i]) (labelled $2[i]) per usage type
 # and unit price. Each rate holds from its effective_from until the next rate of its
@@ -382,32 +382,39 @@ class InvoiceStore:
     @asynccontextmanager
     async def read_transaction(self) -> AsyncIterator[InvoiceTransaction]:
         """A read-only, repeatable-read transaction: several queries see one snapshot."""
-        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            yield InvoiceTransaction(conn)
+        with unavailable_when_unreachable():
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                yield InvoiceTransaction(conn)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[InvoiceTransaction]:
         """A plain transaction, for changes that lock what they touch themselves."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield InvoiceTransaction(conn)
+        with unavailable_when_unreachable():
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield InvoiceTransaction(conn)
 
     @asynccontextmanager
     async def tenant_transaction(self, tenant_id: str) -> AsyncIterator[InvoiceTransaction]:
         """A transaction holding the tenant's invoice lock: generations of one tenant run one at a time."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
-            )
-            yield InvoiceTransaction(conn)
+        with unavailable_when_unreachable():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
+                )
+                yield InvoiceTransaction(conn)
 
     @asynccontextmanager
     async def try_tenant_transaction(self, tenant_id: str) -> AsyncIterator[InvoiceTransaction | None]:
         """Like tenant_transaction, but None at once if another transaction holds the tenant's lock."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            locked = await conn.fetchval(
-                "SELECT pg_try_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
-            )
-            yield InvoiceTransaction(conn) if locked else None
+        with unavailable_when_unreachable():
+            async with self._pool.acquire() as conn, conn.transaction():
+                locked = await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
+                )
+                yield InvoiceTransaction(conn) if locked else None
 
     async def with_threshold(self) -> list[str]:
         """Tenants whose billing profile has a spend threshold."""

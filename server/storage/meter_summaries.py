@@ -23,6 +23,7 @@ from server.domain.aggregation import (
     HourSummary,
     Reading,
     Span,
+    TimeBucket,
     decompose,
     hour_integral,
     integrate,
@@ -34,11 +35,12 @@ from server.domain.meters import Aggregation, Meter
 from server.domain.models import MeterValue
 from server.domain.timeutil import MICROS_PER_HOUR, MICROS_PER_SECOND, to_datetime, to_micros
 
-_BUCKET = {
-    "": "NULL::bigint",
-    "hour": "extract(epoch FROM hour)::bigint",
-    "day": "extract(epoch FROM date_trunc('day', hour, 'UTC'))::bigint",
-    "month": "extract(epoch FROM date_trunc('month', hour, 'UTC'))::bigint",
+# Each bucket's start in epoch seconds, from an hourly row's `hour` (usage_rollups' too).
+BUCKET_SECONDS = {
+    TimeBucket.NONE: "NULL::bigint",
+    TimeBucket.HOUR: "extract(epoch FROM hour)::bigint",
+    TimeBucket.DAY: "extract(epoch FROM date_trunc('day', hour, 'UTC'))::bigint",
+    TimeBucket.MONTH: "extract(epoch FROM date_trunc('month', hour, 'UTC'))::bigint",
 }
 
 # $1 tenants, [$2, $3) range, $4 group-by dimension ('' for none), $5 service,
@@ -125,7 +127,7 @@ async def summarize_meter(
     tenant_ids: Sequence[str],
     start: datetime,
     end: datetime,
-    bucket: str,
+    bucket: TimeBucket,
     dimension: str,
 ) -> list[MeterValue]:
     """The meter's values for each tenant over [start, end), ordered by tenant, bucket, dimension value."""
@@ -133,7 +135,7 @@ async def summarize_meter(
     tenants = list(tenant_ids)
     if aggregation.additive:
         rows = await conn.fetch(
-            _ADDITIVE.format(bucket=_BUCKET[bucket]),
+            _ADDITIVE.format(bucket=BUCKET_SECONDS[bucket]),
             tenants,
             start,
             end,
@@ -146,13 +148,13 @@ async def summarize_meter(
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
     if aggregation in (Aggregation.MAX, Aggregation.MIN):
         rows = await conn.fetch(
-            _EXTREMES.format(bucket=_BUCKET[bucket]), tenants, start, end, dimension, meter.id
+            _EXTREMES.format(bucket=BUCKET_SECONDS[bucket]), tenants, start, end, dimension, meter.id
         )
         column = "high" if aggregation is Aggregation.MAX else "low"
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
     if aggregation is Aggregation.LATEST:
         rows = await conn.fetch(
-            _LATEST.format(bucket=_BUCKET[bucket]), tenants, start, end, dimension, meter.id
+            _LATEST.format(bucket=BUCKET_SECONDS[bucket]), tenants, start, end, dimension, meter.id
         )
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r["latest"])) for r in rows]
     if aggregation is Aggregation.UNIQUE_COUNT:
@@ -169,7 +171,7 @@ async def _unique_count(
     tenants: list[str],
     start: datetime,
     end: datetime,
-    bucket: str,
+    bucket: TimeBucket,
     dimension: str,
 ) -> list[MeterValue]:
     labels: list[int | None] = []
@@ -190,7 +192,7 @@ async def _time_weighted(
     tenant_id: str,
     start: datetime,
     end: datetime,
-    bucket: str,
+    bucket: TimeBucket,
     dimension: str,
 ) -> list[MeterValue]:
     series = await conn.fetch(_SERIES, tenant_id, meter.id, start)

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 
-from server.domain.audit import AuditEntry
+from server.domain.aggregation import TimeBucket
 from server.domain.decimals import trim_decimal
 from server.domain.events import EventColumns, EventKey
 from server.domain.meters import Contributions, Meter
 from server.domain.models import MeterValue, UsageAggregate
+from server.domain.stores import AuditHook
 from server.domain.timeutil import to_datetime
 from server.storage.audit import append as append_audit
 from server.storage.database import RetryTransaction, run_with_retries
-from server.storage.meter_summaries import summarize_meter
-
-# The audit entries to write with a batch, given the keys of its events that were new.
-AuditHook = Callable[[Set[EventKey]], Sequence[AuditEntry]]
+from server.storage.meter_summaries import BUCKET_SECONDS, summarize_meter
 
 # One round trip records a whole batch: claim the idempotency keys that are new (with what
 # a later cancellation needs of each event), store exactly those events, and add exactly
@@ -144,12 +142,6 @@ _RECORD_BATCH_WITH_METERS = RECORD_FROM.format(source=_UNNEST, meters=METER_CTES
 # would truncate every row even for hourly buckets, which are the rollup rows themselves.
 # Buckets come back as epoch seconds and totals as numeric text: decoding 5,000 rows into
 # datetimes and Decimals only to print them again would cost more than the query.
-_BUCKET_SECONDS = {
-    "": "NULL::bigint",
-    "hour": "extract(epoch FROM hour)::bigint",
-    "day": "extract(epoch FROM date_trunc('day', hour, 'UTC'))::bigint",
-    "month": "extract(epoch FROM date_trunc('month', hour, 'UTC'))::bigint",
-}
 _DIMENSION_VALUE = {False: "''", True: "coalesce(dimensions ->> $4, '')"}
 _SUMMARIZE_SHAPE = """
 SELECT tenant_id, service, usage_type, {bucket} AS bucket_start, {dimension} AS dimension_value,
@@ -167,7 +159,7 @@ _SUMMARIZE = {
         # Keeps $4 part of every statement, so that every shape takes the same arguments.
         unused_dimension="" if grouped else "AND $4::text IS NOT NULL",
     )
-    for bucket, bucket_sql in _BUCKET_SECONDS.items()
+    for bucket, bucket_sql in BUCKET_SECONDS.items()
     for grouped in (False, True)
 }
 
@@ -277,12 +269,12 @@ class UsageStore:
         tenant_ids: Sequence[str],
         start: datetime,
         end: datetime,
-        bucket: str,
+        bucket: TimeBucket,
         dimension: str,
     ) -> list[UsageAggregate]:
         """Aggregates of the tenants over [start, end), ordered by tenant, type, bucket, dimension value.
 
-        bucket is "" (whole range), "hour", "day" or "month"; dimension is "" or a key.
+        dimension is "" or a key.
         """
 
         sql = _SUMMARIZE[(bucket, bool(dimension))]
@@ -311,7 +303,7 @@ class UsageStore:
         tenant_ids: Sequence[str],
         start: datetime,
         end: datetime,
-        bucket: str,
+        bucket: TimeBucket,
         dimension: str,
     ) -> list[MeterValue]:
         """The meters' values per tenant, in meter name order, then tenant, bucket and dimension value."""

@@ -8,6 +8,8 @@
 - `figures`: gauges read from the database at scrape time (cached, bounded).
 - `logs`: text or JSON log lines carrying the trace id and the request id.
 - `http`: one aiohttp listener for `GET /metrics`, `/healthz` and `/readyz`.
+- `multiprocess`, `workers`: with `tally serve --workers N`, each worker writes its metrics
+  to files and the parent's listener serves their sum.
 
 Nothing here runs per event: counts are added per batch or per call, and the cheapest
 counts (calls, outcomes) are plain integers read by observable instruments at scrape time.

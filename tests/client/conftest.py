@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NamedTuple
 
 import pytest
 import pytest_asyncio
 
 from server.app import TallyServer
 from tally_client import AsyncTallyClient
+from tally_client.cli import main
 from tests.conftest import make_token
 
 
@@ -21,3 +24,31 @@ def address(tally: TallyServer) -> str:
 async def client(address: str) -> AsyncIterator[AsyncTallyClient]:
     async with AsyncTallyClient(address, token=make_token()) as tally_client:
         yield tally_client
+
+
+class Run(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+Tally = Callable[..., Awaitable[Run]]
+
+
+@pytest.fixture
+def cli(address: str, capsys: pytest.CaptureFixture[str]) -> Tally:
+    """Runs `tally ARGS --addr ... --token ...` (a token for every tenant and scope unless given).
+
+    In a thread (tally_client.cli.main, as the console script calls it): its blocking gRPC
+    calls must not hold up the event loop that serves them."""
+
+    async def run(*args: str, token: str | None = None) -> Run:
+        argv = [*args, "--addr", address, "--token", token or make_token()]
+        try:
+            code = await asyncio.to_thread(main, argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run

@@ -11,46 +11,20 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import NamedTuple
 
 import asyncpg
 import pytest
 
 from server.domain.access import BILLING_READ, SCOPES, USAGE_READ
 from tally_client.cli import main
+from tests.client.conftest import Tally
 from tests.conftest import make_token
 from tests.helpers import hour_start, totals
 
 TALLY = Path(sys.executable).parent / "tally"
-
-
-class Run(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-Tally = Callable[..., Awaitable[Run]]
-
-
-@pytest.fixture
-def cli(address: str, capsys: pytest.CaptureFixture[str]) -> Tally:
-    """Runs `tally ARGS --addr ... --token ...` (a token for every tenant and scope unless given)."""
-
-    async def run(*args: str, token: str | None = None) -> Run:
-        argv = [*args, "--addr", address, "--token", token or make_token()]
-        try:
-            code = await asyncio.to_thread(main, argv)
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    return run
 
 
 def iso(hours_from_now: int, minutes: int = 0) -> str:
@@ -319,11 +293,15 @@ def test_installed_tally_lists_the_server_commands_beside_the_client_commands() 
     commands = [line.split()[0] for line in listed]
     assert commands == [
         "report",
+        "cancel",
         "ingest",
         "summary",
         "invoices",
+        "credit-notes",
         "rates",
         "plans",
+        "profiles",
+        "meters",
         "audit",
         "serve",
         "token",

@@ -152,9 +152,11 @@ class AsyncTallyClient:
         *,
         bucket: TimeBucket | None = None,
         group_by_dimension: str = "",
+        meters: Sequence[str] = (),
     ) -> UsageSummary:
-        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type."""
-        request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension)
+        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type, and the
+        value of each meter named in `meters` (ids or "meters/{meter}", at most 20)."""
+        request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension, meters)
         response = await self._call(self._usage.GetUsageSummary, request)
         return convert.usage_summary(response.summary)
 

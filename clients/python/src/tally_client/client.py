@@ -148,9 +148,11 @@ class TallyClient:
         *,
         bucket: TimeBucket | None = None,
         group_by_dimension: str = "",
+        meters: Sequence[str] = (),
     ) -> UsageSummary:
-        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type."""
-        request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension)
+        """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type, and the
+        value of each meter named in `meters` (ids or "meters/{meter}", at most 20)."""
+        request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension, meters)
         return convert.usage_summary(self._call(self._usage.GetUsageSummary, request).summary)
 
     def stream_usage_summaries(

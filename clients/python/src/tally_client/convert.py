@@ -21,6 +21,7 @@ from tally_client.models import (
     IngestResult,
     Invoice,
     InvoiceLineItem,
+    MeterAggregate,
     Quantity,
     Rate,
     RejectionCause,
@@ -126,6 +127,20 @@ def usage_summary(message: resources_pb2.UsageSummary) -> UsageSummary:
             )
             for a in message.aggregates
         ),
+        meter_aggregates=tuple(
+            MeterAggregate(
+                meter=m.meter,
+                aggregation=resources_pb2.MeterAggregation.Name(m.aggregation)
+                .removeprefix("METER_AGGREGATION_")
+                .lower(),
+                bucket_start_time=(
+                    from_timestamp(m.bucket_start_time) if m.HasField("bucket_start_time") else None
+                ),
+                dimension_value=m.dimension_value,
+                value=Decimal(m.value),
+            )
+            for m in message.meter_aggregates
+        ),
     )
 
 
@@ -145,7 +160,8 @@ def invoice(message: resources_pb2.Invoice) -> Invoice:
     return Invoice(
         name=message.name,
         tenant_id=message.tenant_id,
-        invoice_id=parse_invoice_name(message.name)[1],
+        # A preview (PreviewInvoice) is not stored: it has no name.
+        invoice_id=parse_invoice_name(message.name)[1] if message.name else "",
         period_start_time=from_timestamp(message.period_start_time),
         period_end_time=from_timestamp(message.period_end_time),
         currency_code=message.currency_code,
@@ -154,9 +170,12 @@ def invoice(message: resources_pb2.Invoice) -> Invoice:
                 service=line.service,
                 usage_type=line.usage_type,
                 quantity=Decimal(line.quantity),
-                unit_price=Decimal(line.unit_price),
+                unit_price=Decimal(line.unit_price) if line.unit_price else None,
                 amount=Decimal(line.amount),
                 event_count=line.event_count,
+                kind=resources_pb2.InvoiceLineKind.Name(line.kind).removeprefix("INVOICE_LINE_KIND_").lower(),
+                description=line.description,
+                charge_key=line.charge_key,
             )
             for line in message.line_items
         ),
@@ -164,6 +183,7 @@ def invoice(message: resources_pb2.Invoice) -> Invoice:
         status=resources_pb2.InvoiceStatus.Name(message.status).removeprefix("INVOICE_STATUS_").lower(),
         create_time=from_timestamp(message.create_time),
         update_time=from_timestamp(message.update_time),
+        number=message.number,
     )
 
 
@@ -193,6 +213,7 @@ def summary_request(
     end_time: datetime,
     bucket: TimeBucket | None,
     group_by_dimension: str,
+    meters: Sequence[str] = (),
 ) -> usage_service_pb2.GetUsageSummaryRequest:
     return usage_service_pb2.GetUsageSummaryRequest(
         name=usage_summary_name(tenant_id),
@@ -200,6 +221,7 @@ def summary_request(
         end_time=timestamp(end_time, "end_time"),
         bucket=_BUCKETS[bucket],
         group_by_dimension=group_by_dimension,
+        meters=[meter if meter.startswith("meters/") else f"meters/{meter}" for meter in meters],
     )
 
 

@@ -127,6 +127,20 @@ class UsageAggregate:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterAggregate:
+    """The value of one named meter (within one time bucket and one value of the grouped dimension).
+
+    `value` means what `aggregation` says: a quantity (sum, max, min, latest), a number of
+    events or values (count, unique_count), or unit-hours (time_weighted)."""
+
+    meter: str
+    aggregation: str
+    bucket_start_time: datetime | None
+    dimension_value: str
+    value: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class UsageSummary:
     """A tenant's usage over [start_time, end_time)."""
 
@@ -137,6 +151,7 @@ class UsageSummary:
     bucket: TimeBucket | None
     group_by_dimension: str
     aggregates: tuple[UsageAggregate, ...]
+    meter_aggregates: tuple[MeterAggregate, ...] = ()  # the meters asked for, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +167,17 @@ class Rate:
 
 @dataclass(frozen=True, slots=True)
 class InvoiceLineItem:
+    """One priced line. `unit_price` is None where no single price applies (graduated tiers)."""
+
     service: str
     usage_type: str
     quantity: Decimal
-    unit_price: Decimal
+    unit_price: Decimal | None
     amount: Decimal
     event_count: int
+    kind: str = "usage"  # usage, flat_fee, minimum, adjustment, tax
+    description: str = ""  # the line as printed; empty on rate card lines
+    charge_key: str = ""  # the plan charge it prices
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +193,7 @@ class Invoice:
     status: str
     create_time: datetime
     update_time: datetime
+    number: str = ""  # the document number, once finalized
 
 
 @dataclass(frozen=True, slots=True)

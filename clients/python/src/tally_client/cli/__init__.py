@@ -1,5 +1,6 @@
-"""The `tally` command: client commands (report, ingest, summary, invoices, rates, audit) and,
-when the server is installed, its serve, token and retention.
+"""The `tally` command: client commands (report, cancel, ingest, summary, invoices, credit-notes,
+rates, plans, profiles, meters, audit) and, when the server is installed, its serve, token and
+retention.
 
 Exit status: 0 on success, 1 when a call failed (the error's code, reason, message and
 field violations go to stderr) or an ingestion left events rejected or unacknowledged,

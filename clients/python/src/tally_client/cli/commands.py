@@ -79,7 +79,7 @@ def summary(args: argparse.Namespace) -> None:
     bucket = TimeBucket(args.bucket) if args.bucket else None
     with connect(args) as client:
         result = client.get_usage_summary(
-            args.tenant, start, end, bucket=bucket, group_by_dimension=args.group_by
+            args.tenant, start, end, bucket=bucket, group_by_dimension=args.group_by, meters=args.meter
         )
     if args.output == "json":
         print_json(result)
@@ -104,6 +104,21 @@ def summary(args: argparse.Namespace) -> None:
         rows.append(row)
     title = f"usage of {result.tenant_id}, {text(result.start_time)} to {text(result.end_time)}"
     print_table(columns, rows, title=title)
+    if args.meter:
+        meter_columns = ["meter", "aggregation", "value"]
+        if args.group_by:
+            meter_columns.insert(1, args.group_by)
+        if bucket is not None:
+            meter_columns.insert(0, bucket.value)
+        meter_rows = []
+        for meter in result.meter_aggregates:
+            meter_row: list[object] = [meter.meter.removeprefix("meters/"), meter.aggregation, meter.value]
+            if args.group_by:
+                meter_row.insert(1, meter.dimension_value)
+            if bucket is not None:
+                meter_row.insert(0, meter.bucket_start_time)
+            meter_rows.append(meter_row)
+        print_table(meter_columns, meter_rows, title="meters")
 
 
 def _invoice_rows(invoices: list[Invoice]) -> list[list[object]]:
@@ -134,14 +149,17 @@ def show_invoice(invoice: Invoice, output: str, created: bool | None = None) -> 
     print_table(
         INVOICE_COLUMNS, _invoice_rows([invoice]), title=None if created is not None else invoice.name
     )
-    print_table(
-        ["service", "usage type", "quantity", "unit price", "amount", "events"],
-        [
-            [line.service, line.usage_type, line.quantity, line.unit_price, line.amount, line.event_count]
-            for line in invoice.line_items
-        ],
-        title="line items",
-    )
+    columns = ["service", "usage type", "quantity", "unit price", "amount", "events"]
+    rows: list[list[object]] = [
+        [line.service, line.usage_type, line.quantity, line.unit_price, line.amount, line.event_count]
+        for line in invoice.line_items
+    ]
+    # Plan invoices have lines that are not one usage type's (fees, minimums, tax, adjustments).
+    if any(line.description or line.kind != "usage" for line in invoice.line_items):
+        columns.insert(0, "line")
+        for row, line in zip(rows, invoice.line_items, strict=True):
+            row.insert(0, line.description or line.charge_key or line.kind)
+    print_table(columns, rows, title="line items")
 
 
 def invoice_ref(args: argparse.Namespace) -> tuple[str, str]:

@@ -1,4 +1,5 @@
-"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans.
+"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans
+(and, through `call` and `plain_proto`, those of tally_client.cli.billing and .meters).
 
 They use the generated stubs through the client's own call path (its deadline, retries
 and typed errors), so they behave like the other commands. An invoice action sends one
@@ -15,7 +16,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from tally.v1 import billing_service_pb2, resources_pb2
+from tally.v1 import billing_service_pb2, meter_service_pb2_grpc, resources_pb2
 from tally_client import convert
 from tally_client.cli.commands import connect, invoice_ref, show_invoice
 from tally_client.cli.output import print_json, print_table
@@ -34,9 +35,16 @@ INVOICE_ACTIONS: dict[str, tuple[str, type[Message]]] = {
 }
 
 
-def _call(client: TallyClient, method: str, request: Message) -> Any:
-    # The client's retrying call path, with a stub method it has no typed wrapper for yet.
-    return client._call(getattr(client._billing, method), request)
+def call(client: TallyClient, method: str, request: Message, service: str = "billing") -> Any:
+    """BillingService (or `service` "meters"/"usage") `method` through the client's retrying call
+    path: its deadline, retries and typed errors, for RPCs it has no typed wrapper for yet."""
+    if service == "billing":
+        stub: Any = client._billing
+    elif service == "usage":
+        stub = client._usage
+    else:
+        stub = meter_service_pb2_grpc.MeterServiceStub(client._channel)
+    return client._call(getattr(stub, method), request)
 
 
 def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
@@ -46,20 +54,20 @@ def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
         tenant, invoice_id = invoice_ref(args)
         request = request_type(name=invoice_name(tenant, invoice_id), request_id=new_request_id())
         with connect(args) as client:
-            response = _call(client, method, request)
+            response = call(client, method, request)
         show_invoice(convert.invoice(response.invoice), args.output)
 
     return handler
 
 
-def _plain(message: Message) -> dict[str, Any]:
+def plain_proto(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 def _plans(client: TallyClient) -> Iterator[resources_pb2.Plan]:
     request = billing_service_pb2.ListPlansRequest()
     while True:
-        response = _call(client, "ListPlans", request)
+        response = call(client, "ListPlans", request)
         yield from response.plans
         if not response.next_page_token:
             return
@@ -70,7 +78,7 @@ def plans_list(args: argparse.Namespace) -> None:
     with connect(args) as client:
         plans = list(_plans(client))
     if args.output == "json":
-        print_json([_plain(plan) for plan in plans])
+        print_json([plain_proto(plan) for plan in plans])
         return
     print_table(
         ["plan", "display name", "currency", "versions", "latest from"],
@@ -90,9 +98,14 @@ def plans_list(args: argparse.Namespace) -> None:
 def plans_show(args: argparse.Namespace) -> None:
     name = args.plan if args.plan.startswith(PLANS) else PLANS + args.plan
     with connect(args) as client:
-        plan = _call(client, "GetPlan", billing_service_pb2.GetPlanRequest(name=name)).plan
-    if args.output == "json":
-        print_json(_plain(plan))
+        plan = call(client, "GetPlan", billing_service_pb2.GetPlanRequest(name=name)).plan
+    plans_show_plan(plan, args.output)
+
+
+def plans_show_plan(plan: resources_pb2.Plan, output: str) -> None:
+    """A plan's versions and charges (or the plan as JSON)."""
+    if output == "json":
+        print_json(plain_proto(plan))
         return
     title = f"{plan.name}: {plan.display_name} ({plan.currency_code})"
     rows = []

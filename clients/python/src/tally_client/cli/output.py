@@ -75,7 +75,7 @@ def print_table(
     console().print(table)
 
 
-NUMERIC_COLUMNS = frozenset({"quantity", "events", "unit price", "amount", "total"})
+NUMERIC_COLUMNS = frozenset({"quantity", "events", "unit price", "amount", "total", "value"})
 
 
 def print_error(error: TallyError) -> None:

@@ -232,6 +232,13 @@ def _add_summary(
     summary.add_argument(
         "--group-by", metavar="DIMENSION", default="", help="one row per value of a dimension"
     )
+    summary.add_argument(
+        "--meter",
+        action="append",
+        default=[],
+        metavar="METER",
+        help="also the value of this meter, in a table of its own (repeatable, at most 20)",
+    )
     summary.set_defaults(handler=_lazy("summary"))
 
 
@@ -239,7 +246,9 @@ def _add_invoices(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
     invoices = commands.add_parser(
-        "invoices", help="list, show and generate invoices; finalize, void, mark paid or uncollectible"
+        "invoices",
+        help="list, show, generate and preview invoices; finalize, void, mark paid or uncollectible; "
+        "close a period",
     )
     actions = invoices.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help="a tenant's invoices, newest period first")
@@ -276,6 +285,25 @@ def _add_invoices(
     _tenant(generate, "whose invoice")
     _period(generate, "the start of last UTC month", "the start of this UTC month")
     generate.set_defaults(handler=_lazy("invoices_generate"))
+    preview = actions.add_parser(
+        "preview",
+        parents=[common],
+        help="what a tenant owes so far in its open period (not stored)",
+        description="The open period's invoice as it stands now, priced live and not stored "
+        "(PreviewInvoice).",
+    )
+    _tenant(preview, "whose open period")
+    preview.set_defaults(handler=_lazy("invoices_preview", "billing"))
+    close = actions.add_parser(
+        "close-period",
+        parents=[common],
+        help="close a tenant's oldest open period now: its invoice, finalized",
+        description="Close the tenant's oldest open period now, even before it ends: its invoice is "
+        "generated and finalized (ClosePeriod); later usage for it goes on the next invoice. Needs a "
+        "billing profile.",
+    )
+    _tenant(close, "whose period")
+    close.set_defaults(handler=_lazy("invoices_close_period", "billing"))
 
 
 def _add_rates(
@@ -307,13 +335,217 @@ def _add_rates(
 def _add_plans(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    plans = commands.add_parser("plans", help="list and show price plans")
+    plans = commands.add_parser("plans", help="list, show and create price plans and their versions")
     actions = plans.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help='the plans, "default" first (ListPlans)')
     listing.set_defaults(handler=_lazy("plans_list", "lifecycle"))
     show = actions.add_parser("show", parents=[common], help="one plan's versions and charges (GetPlan)")
     show.add_argument("plan", metavar="PLAN", help="plan id, or name plans/P")
     show.set_defaults(handler=_lazy("plans_show", "lifecycle"))
+    charges_help = (
+        "JSON list of charges, as Charge in the protos' JSON form, e.g. "
+        '[{"key": "api/requests", "usage_type": {"service": "api", "usage_type": "requests"}, '
+        '"per_unit": {"unit_price": "0.01"}}] (the shape `plans show -o json` prints)'
+    )
+    create = actions.add_parser(
+        "create",
+        parents=[common],
+        help="a plan with its first version (CreatePlan)",
+        description="Create a plan with its first version (CreatePlan); plans are shared by all tenants.",
+    )
+    create.add_argument("plan", metavar="PLAN", help="its id: a-z, 0-9 and -, starting with a letter")
+    create.add_argument("--display-name", required=True, help="name for people")
+    create.add_argument("--currency", required=True, help="ISO 4217 code of every price")
+    version = actions.add_parser(
+        "add-version",
+        parents=[common],
+        help="new charges for a plan from a time on (CreatePlanVersion)",
+        description="Add a version to a plan from an effective time on (CreatePlanVersion).",
+    )
+    version.add_argument("plan", metavar="PLAN", help="plan id, or name plans/P")
+    for parser, effective in ((create, "this hour"), (version, "the next hour")):
+        parser.add_argument("--charges", metavar="FILE", help=charges_help)
+        parser.add_argument(
+            "--minimum", type=exact_number, metavar="AMOUNT", help="minimum commitment per period (default 0)"
+        )
+        parser.add_argument(
+            "--effective",
+            type=utc_time,
+            metavar="TIME",
+            help=f"from when, a whole UTC hour (default {effective})",
+        )
+    create.set_defaults(handler=_lazy("plans_create", "billing"))
+    version.set_defaults(handler=_lazy("plans_add_version", "billing"))
+
+
+def _invoice_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("invoice", metavar="INVOICE", help="invoice id, or name tenants/T/invoices/I")
+    parser.add_argument(
+        "--tenant",
+        default=os.environ.get(TENANT_ENV) or None,
+        metavar="TENANT_ID",
+        help=f"whose invoice, unless INVOICE is a full name (env {TENANT_ENV})",
+    )
+
+
+def _add_credit_notes(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    notes = commands.add_parser("credit-notes", help="credit an invoice; list a tenant's credit notes")
+    actions = notes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        parents=[common],
+        help="credit part or all of a finalized invoice",
+        description="Credit part or all of a finalized, paid or uncollectible invoice (CreateCreditNote). "
+        "The credit notes of an invoice never exceed its total.",
+    )
+    _invoice_argument(create)
+    create.add_argument(
+        "--amount",
+        required=True,
+        type=exact_number,
+        help="amount to credit in the invoice's currency, an exact decimal",
+    )
+    create.add_argument("--reason", required=True, help="why, printed on the credit note")
+    create.set_defaults(handler=_lazy("credit_notes_create", "billing"))
+    listing = actions.add_parser(
+        "list", parents=[common], help="a tenant's credit notes, oldest first (ListCreditNotes)"
+    )
+    _tenant(listing, "whose credit notes")
+    listing.set_defaults(handler=_lazy("credit_notes_list", "billing"))
+
+
+def _add_profiles(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    profiles = commands.add_parser("profiles", help="show and set tenants' billing profiles")
+    actions = profiles.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", parents=[common], help="a tenant's billing profile (GetBillingProfile)")
+    _tenant(show, "whose profile")
+    show.set_defaults(handler=_lazy("profiles_show", "billing"))
+    setting = actions.add_parser(
+        "set",
+        parents=[common],
+        help="create or replace a tenant's billing profile",
+        description="Create or replace a tenant's billing profile (SetBillingProfile). The profile is "
+        "replaced whole: a setting not given takes its default (no e-mail, the plan's currency, the "
+        "default plan, no tax, no threshold, no price overrides). The anchor day and the billing start "
+        "are fixed when the profile is created.",
+    )
+    _tenant(setting, "whose profile")
+    setting.add_argument("--display-name", required=True, help="the customer's name on invoices")
+    setting.add_argument("--email", default="", help="the customer's billing e-mail address")
+    setting.add_argument("--currency", default="", help="ISO 4217 code (default: the plan's)")
+    setting.add_argument("--plan", default="", help="plan id or plans/P (default: the default plan)")
+    setting.add_argument(
+        "--plan-effective",
+        type=utc_time,
+        metavar="TIME",
+        help="when a change of plan takes effect, a whole UTC hour (default: the next hour)",
+    )
+    setting.add_argument(
+        "--anchor-day",
+        type=int,
+        default=0,
+        metavar="DAY",
+        help="day of month on which periods start (default 1: calendar months)",
+    )
+    setting.add_argument(
+        "--billing-start",
+        type=utc_time,
+        metavar="TIME",
+        help="from when the tenant is billed under the profile, a whole UTC hour (default: this hour)",
+    )
+    setting.add_argument(
+        "--tax-percentage", type=exact_number, metavar="PERCENT", help="tax rate in percent, e.g. 20"
+    )
+    setting.add_argument(
+        "--spend-threshold",
+        type=exact_number,
+        metavar="AMOUNT",
+        help="an interim invoice is finalized when the open period's amount reaches it",
+    )
+    setting.add_argument(
+        "--price-overrides",
+        metavar="FILE",
+        help="JSON list of the tenant's own prices, as PriceOverride in the protos' JSON form, e.g. "
+        '[{"charge_key": "api/requests", "per_unit": {"unit_price": "0.008"}}]',
+    )
+    setting.set_defaults(handler=_lazy("profiles_set", "billing"))
+
+
+def _add_meters(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    # The choices of MeterAggregation (tally_client.cli.meters.AGGREGATIONS, kept equal by a test).
+    aggregations = ("sum", "count", "max", "min", "latest", "unique_count", "time_weighted")
+    meters = commands.add_parser("meters", help="create, list, show and archive meters")
+    actions = meters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        parents=[common],
+        help="a meter over one usage type",
+        description="Create a meter (CreateMeter): it counts the events of one usage type recorded from now "
+        "on, aggregated one way. Everything but the description is fixed once created.",
+    )
+    create.add_argument("meter", metavar="METER", help="its id: lower-case letters, digits and hyphens")
+    create.add_argument("--service", required=True, help="the service of the events read")
+    create.add_argument("--usage-type", required=True, help="the usage type of the events read")
+    create.add_argument("--aggregation", required=True, choices=aggregations, help="how events are combined")
+    create.add_argument("--description", default="", help="what it measures, for people")
+    create.add_argument(
+        "--filter",
+        type=dimension,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="read only events with this dimension value (repeatable)",
+    )
+    create.add_argument(
+        "--value-dimension",
+        default="",
+        metavar="DIMENSION",
+        help="unique_count: the dimension whose distinct values are counted (default: distinct quantities)",
+    )
+    create.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        metavar="DIMENSION",
+        help="a dimension summaries may group it by (repeatable, at most 4)",
+    )
+    create.set_defaults(handler=_lazy("meters_create", "meters"))
+    listing = actions.add_parser(
+        "list", parents=[common], help="every meter, active and archived (ListMeters)"
+    )
+    listing.set_defaults(handler=_lazy("meters_list", "meters"))
+    for action, what, handler in (
+        ("show", "one meter (GetMeter)", "meters_show"),
+        (
+            "archive",
+            "stop a meter counting new events; what it counted stays readable (ArchiveMeter)",
+            "meters_archive",
+        ),
+    ):
+        acting = actions.add_parser(action, parents=[common], help=what)
+        acting.add_argument("meter", metavar="METER", help="meter id, or name meters/M")
+        acting.set_defaults(handler=_lazy(handler, "meters"))
+
+
+def _add_cancel(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[common],
+        help="cancel a recorded usage event",
+        description="Cancel a recorded event (CancelEvent): it no longer counts in summaries and invoices "
+        "not yet finalized. Cancelling again is safe and answers the first cancellation's time.",
+    )
+    cancel.add_argument("event_id", metavar="EVENT_ID", help="the event's event_id")
+    _tenant(cancel, "the event's tenant")
+    cancel.set_defaults(handler=_lazy("cancel", "meters"))
 
 
 def _add_audit(
@@ -349,11 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
     _add_report(commands, common)
+    _add_cancel(commands, common)
     _add_ingest(commands, common)
     _add_summary(commands, common)
     _add_invoices(commands, common)
+    _add_credit_notes(commands, common)
     _add_rates(commands, common)
     _add_plans(commands, common)
+    _add_profiles(commands, common)
+    _add_meters(commands, common)
     _add_audit(commands, common)
     _add_extensions(commands)
     return parser

@@ -1,0 +1,165 @@
+"""In-memory stores for unit tests of the services (the Protocols of server.domain.stores)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from server.domain.aggregation import TimeBucket
+from server.domain.audit import AuditEntry, AuditEvent
+from server.domain.events import EventColumns, EventKey
+from server.domain.meters import Contributions, Meter, MeterSpec
+from server.domain.models import MeterValue, Rate, UsageAggregate
+from server.domain.requests import Once, Replayed
+from server.domain.stores import AuditHook
+from server.domain.timeutil import to_micros
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class FakeLedger:
+    """A UsageLedger: each (tenant_id, event_id) kept once, with its quantity and time."""
+
+    def __init__(self) -> None:
+        self.events: dict[EventKey, tuple[str, str, Decimal, int]] = {}
+        self.audited: list[AuditEntry] = []
+
+    async def record_new_keys(
+        self,
+        columns: EventColumns,
+        audit: AuditHook | None = None,
+        contributions: Contributions | None = None,
+    ) -> set[EventKey]:
+        new: set[EventKey] = set()
+        for i, key in enumerate(zip(columns.tenant_ids, columns.event_ids, strict=True)):
+            if key not in self.events:
+                self.events[key] = (
+                    columns.services[i],
+                    columns.usage_types[i],
+                    Decimal(columns.quantities[i]),
+                    columns.times_micros[i],
+                )
+                new.add(key)
+        if audit is not None:
+            self.audited += audit(new)
+        return new
+
+    async def summarize(
+        self, tenant_ids: Sequence[str], start: datetime, end: datetime, bucket: TimeBucket, dimension: str
+    ) -> list[UsageAggregate]:
+        assert bucket == TimeBucket.NONE and not dimension, "the fake sums whole ranges only"
+        totals: dict[tuple[str, str, str], tuple[Decimal, int]] = {}
+        for (tenant, _), (service, usage_type, quantity, micros) in self.events.items():
+            if tenant in tenant_ids and to_micros(start) <= micros < to_micros(end):
+                total, count = totals.get((tenant, service, usage_type), (Decimal(0), 0))
+                totals[(tenant, service, usage_type)] = (total + quantity, count + 1)
+        return [
+            UsageAggregate(tenant, service, usage_type, None, "", str(total), count)
+            for (tenant, service, usage_type), (total, count) in sorted(totals.items())
+        ]
+
+    async def summarize_meters(
+        self,
+        meters: Sequence[Meter],
+        tenant_ids: Sequence[str],
+        start: datetime,
+        end: datetime,
+        bucket: TimeBucket,
+        dimension: str,
+    ) -> list[MeterValue]:
+        assert not meters, "the fake has no meters"
+        return []
+
+    async def tenants_with_usage(self, start: datetime, end: datetime, after: str, limit: int) -> list[str]:
+        return sorted({tenant for tenant, _ in self.events if tenant > after})[:limit]
+
+
+class FakeRateBook:
+    """A RateBook holding the rates it is given; upsert replaces a rate of the same type and time."""
+
+    def __init__(self, *rates: Rate) -> None:
+        self.rates = list(rates)
+        self.audited: list[AuditEntry] = []
+
+    async def first_effective_times(self) -> dict[tuple[str, str], datetime]:
+        first: dict[tuple[str, str], datetime] = {}
+        for rate in self.rates:
+            key = (rate.service, rate.usage_type)
+            first[key] = min(first.get(key, rate.effective_from), rate.effective_from)
+        return first
+
+    async def in_effect(self, at: datetime, after: tuple[str, str], limit: int) -> list[Rate]:
+        latest: dict[tuple[str, str], Rate] = {}
+        for rate in sorted(self.rates, key=lambda r: r.effective_from):
+            if rate.effective_from <= at and (rate.service, rate.usage_type) > after:
+                latest[(rate.service, rate.usage_type)] = rate
+        return [latest[key] for key in sorted(latest)][:limit]
+
+    async def history(self, after: tuple[str, str, datetime], limit: int) -> list[Rate]:
+        ordered = sorted(self.rates, key=lambda r: (r.service, r.usage_type, r.effective_from))
+        return [r for r in ordered if (r.service, r.usage_type, r.effective_from) > after][:limit]
+
+    async def upsert(
+        self,
+        service: str,
+        usage_type: str,
+        effective_from: datetime | None,
+        default_effective_from: tuple[datetime, datetime],
+        unit_price: Decimal,
+        currency: str,
+        audit_entry: Callable[[Rate | None, Rate], AuditEntry],
+        once: Once[Rate] | None = None,
+    ) -> Rate | Replayed:
+        known = any((r.service, r.usage_type) == (service, usage_type) for r in self.rates)
+        effective = effective_from or default_effective_from[1 if known else 0]
+        before = [r for r in self.rates if (r.service, r.usage_type) == (service, usage_type)]
+        rate = Rate(service, usage_type, unit_price, currency, effective, effective)
+        self.rates = [
+            r
+            for r in self.rates
+            if (r.service, r.usage_type, r.effective_from) != (service, usage_type, effective)
+        ]
+        self.rates.append(rate)
+        self.audited.append(audit_entry(before[-1] if before else None, rate))
+        return rate
+
+
+class FakeMeterBook:
+    """A MeterBook without meters (the services' meter paths have their own tests)."""
+
+    async def all(self) -> list[Meter]:
+        return []
+
+    async def get(self, meter_id: str) -> Meter:
+        raise AssertionError("no meters here")
+
+    async def page(self, after: str, limit: int) -> list[Meter]:
+        return []
+
+    async def create(
+        self, spec: MeterSpec, audit_entry: Callable[[Meter], AuditEntry], once: Once[Meter] | None
+    ) -> Meter | Replayed:
+        raise AssertionError("no meters here")
+
+    async def archive(
+        self, meter_id: str, audit_entry: Callable[[Meter, Meter], AuditEntry], once: Once[Meter] | None
+    ) -> Meter | Replayed:
+        raise AssertionError("no meters here")
+
+
+class FakeAuditReader:
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    async def list(
+        self,
+        *,
+        tenant_id: str | None,
+        visible_tenants: Sequence[str] | None,
+        start: datetime | None,
+        end: datetime | None,
+        after_id: int,
+        limit: int,
+    ) -> list[AuditEvent]:
+        return [e for e in self.events if e.id > after_id][:limit]

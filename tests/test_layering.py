@@ -1,0 +1,82 @@
+"""The import direction is one way: api -> services (metering, billing...) -> domain <- storage.
+
+Read from the source (every import statement, those inside functions and TYPE_CHECKING
+blocks too), so that a layer reaching past another fails here rather than in review.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SERVER = Path(__file__).resolve().parent.parent / "server"
+
+
+def imports_of(package: str) -> dict[str, set[str]]:
+    """Each module of server/<package> and the modules it imports (absolute names)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((SERVER / package).rglob("*.py")):
+        parts = ("server", *path.relative_to(SERVER).with_suffix("").parts)
+        module = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: resolve against the importing module's package
+                    parts = module.split(".")
+                    if path.name != "__init__.py":
+                        parts = parts[:-1]
+                    base = ".".join(parts[: len(parts) - node.level + 1])
+                    names.add(f"{base}.{node.module}" if node.module else base)
+                else:
+                    assert node.module is not None
+                    names.add(node.module)
+        found[module] = names
+    return found
+
+
+def breaches(package: str, allowed: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(
+        f"{module} imports {name}"
+        for module, names in imports_of(package).items()
+        for name in names
+        if name.startswith(forbidden) and not name.startswith(allowed)
+    )
+
+
+def test_the_api_layer_never_imports_storage() -> None:
+    """The edge converts protos and maps domain errors; storage's types and exceptions stay below it."""
+    assert breaches("api", (), ("server.storage", "asyncpg")) == []
+
+
+@pytest.mark.parametrize("package", ["metering", "billing"])
+def test_the_services_never_import_the_api_layer_or_grpc(package: str) -> None:
+    """A use case is whole below the edge (a stream's pipelining included); the edge only converts."""
+    assert breaches(package, (), ("server.api", "grpc", "tally.")) == []
+
+
+def test_the_domain_imports_nothing_of_the_server_but_itself() -> None:
+    """Pure logic on plain values: no storage, no services, no gRPC, no database driver."""
+    assert breaches("domain", ("server.domain",), ("server", "asyncpg", "grpc", "tally")) == []
+
+
+def test_storage_never_imports_the_layers_above_it() -> None:
+    above = ("server.api", "server.metering", "server.billing", "server.app", "grpc", "tally")
+    assert breaches("storage", (), above) == []
+
+
+@pytest.mark.parametrize(
+    ("package", "module", "imported"),
+    [
+        ("api", "server.api.errors", "server.domain.errors"),
+        ("domain", "server.domain.models", "server.domain.pricing"),
+        ("storage", "server.storage.invoices", "server.storage.database"),
+    ],
+)
+def test_the_walk_sees_the_imports_it_judges(package: str, module: str, imported: str) -> None:
+    """A walk that found nothing would pass the tests above without checking anything."""
+    modules = imports_of(package)
+    assert len(modules) > 5 and imported in modules[module]
