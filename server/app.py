@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
 import asyncpg
 import grpc
+import stripe
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.meters import MeterApi
+from server.api.notifications import NotificationApi
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
@@ -48,6 +50,13 @@ from server.metering import Metering
 from server.metering.corrections import Corrections
 from server.metering.meters import MeterCatalog
 from server.metering.pipeline import EventBudget
+from server.notifications.delivery import DELIVER_JOB, DeliveryHandler, WebhookSender
+from server.notifications.subscriptions import Subscriptions
+from server.payments.collection import Collection
+from server.payments.health import PaymentsHealth
+from server.payments.outbox import JobHandler, Outbox
+from server.payments.stripe_client import stripe_api_key, stripe_client
+from server.payments.stripe_push import RequestPacer, StripePush, StripeSettings, requests_per_second
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -65,6 +74,7 @@ from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
 from server.storage.shared_limits import SharedLimitStore
 from server.storage.stats import read_figures
 from server.storage.usage import UsageStore
+from server.storage.webhooks import WebhookStore
 from server.telemetry.calls import CallTelemetry
 from server.telemetry.figures import DatabaseFigures
 from server.telemetry.http import HttpListener
@@ -83,6 +93,8 @@ from tally.v1 import (
     billing_service_pb2_grpc,
     meter_service_pb2,
     meter_service_pb2_grpc,
+    notification_service_pb2,
+    notification_service_pb2_grpc,
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
@@ -99,6 +111,7 @@ SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
+    notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
 )
 
 
@@ -181,6 +194,8 @@ class TallyServer:
     window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
+    `environ`: where TALLY_STRIPE_API_KEY is read from; `tally serve` passes the process's
+    environment, and the default (none) keeps tests and embedded servers in simulation mode.
     `metric_files`: a worker's metrics files, which its parent sums on /metrics
     (server.telemetry.multiprocess); the worker then serves no HTTP of its own.
     """
@@ -194,9 +209,11 @@ class TallyServer:
         worker: int | None = None,
         clock: LimitClock = SYSTEM_CLOCK,
         wall_clock: Callable[[], int] = now_micros,
+        environ: Mapping[str, str] | None = None,
         metric_files: MetricFiles | None = None,
     ) -> None:
         self.config = config
+        self._environ = environ or {}
         self._metric_files = metric_files
         self._gauge_task: asyncio.Task[None] | None = None
         self.worker = worker
@@ -228,6 +245,11 @@ class TallyServer:
         self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
+        # The transactional outbox's worker (Stripe pushes...): tests drive it with drain().
+        self.outbox: Outbox | None = None
+        self.payments_health: PaymentsHealth | None = None
+        self._stripe_http: stripe.HTTPXClient | None = None
+        self._webhook_sender: WebhookSender | None = None  # outbound webhooks' HTTP client
 
     def _verification_keys(self) -> list[VerificationKey]:
         config = self.config
@@ -257,6 +279,8 @@ class TallyServer:
             limiter,
         )
         credentials = server_credentials(config)
+        stripe_key = stripe_api_key(config.stripe_api_key_file, self._environ)
+        stripe_settings = StripeSettings(config.stripe_collection_method, config.stripe_days_until_due)
         http_host = config.http_host or config.host
         if self.worker is None:
             # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
@@ -333,7 +357,13 @@ class TallyServer:
             credit_note_prefix=config.credit_note_number_prefix,
         )
         lifecycle = Lifecycle(
-            invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.wall_clock
+            invoices,
+            CreditNoteStore(self._pool),
+            pricer,
+            issuer,
+            page_tokens,
+            self.wall_clock,
+            Collection(live=stripe_key is not None),
         )
         grace = timedelta(seconds=config.period_close_grace_seconds)
         plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
@@ -371,6 +401,14 @@ class TallyServer:
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
             BillingApi(billing, lifecycle, plans, self.periods, authenticator, call_telemetry), tally
         )
+        notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(
+            NotificationApi(
+                Subscriptions(WebhookStore(self._pool), page_tokens, self.wall_clock),
+                authenticator,
+                call_telemetry,
+            ),
+            tally,
+        )
         open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, open_services)
@@ -390,6 +428,30 @@ class TallyServer:
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds
         )
         await self._health.set_all(await self._health.check_once())
+        self.payments_health = PaymentsHealth(health_servicer)
+        await self.payments_health.serving()
+        self._webhook_sender = WebhookSender()
+        handlers: dict[str, JobHandler] = {
+            DELIVER_JOB: DeliveryHandler(self._webhook_sender, self.wall_clock)
+        }
+        if stripe_key is None:
+            log.info(
+                "Stripe: no API key (TALLY_STRIPE_API_KEY or --stripe-api-key-file): simulation mode, "
+                "finalized invoices are not sent to Stripe and their payment state is 'simulated'"
+            )
+        else:
+            client, self._stripe_http = stripe_client(stripe_key, config.stripe_api_base)
+            push = StripePush(
+                client,
+                self.wall_clock,
+                settings=stripe_settings,
+                pacer=RequestPacer(requests_per_second(stripe_key)),
+                on_auth_failure=self.payments_health.refused,
+            )
+            handlers.update(push.handlers())
+        self.outbox = Outbox(
+            self._pool, handlers, self.wall_clock, poll_seconds=config.outbox_interval_seconds or 1.0
+        )
         address = f"{config.host}:{config.port}"
         if credentials is None:
             self.port = server.add_insecure_port(address)
@@ -425,6 +487,8 @@ class TallyServer:
         if config.period_close_interval_seconds > 0:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
+        if config.outbox_interval_seconds > 0 and handlers:
+            self.outbox.start()
 
     @property
     def events_in_flight(self) -> int:
@@ -462,10 +526,17 @@ class TallyServer:
         if self._scheduler is not None:
             # Bounded: a close in progress may finish (it is one transaction), then the task ends.
             await self._scheduler.stop(self.config.grace_seconds)
+        if self.outbox is not None:
+            # Bounded: steps under way get the grace period, then roll back whole (resumed later).
+            await self.outbox.stop(self.config.grace_seconds)
+        if self.payments_health is not None:
+            await self.payments_health.stopping()
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds)
+        if self._webhook_sender is not None:  # after the outbox: no POST is under way
+            await self._webhook_sender.close()
         if self._metering is not None:
             try:
                 async with asyncio.timeout(drain_seconds):
@@ -477,6 +548,8 @@ class TallyServer:
         for pool in (self._pool, self._read_pool):
             if pool is not None:
                 await _close(pool, close_seconds)
+        if self._stripe_http is not None:
+            await self._stripe_http.close_async()  # type: ignore[no-untyped-call]
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         await self._stop_telemetry()

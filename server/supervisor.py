@@ -353,7 +353,7 @@ async def _serve_worker(
         # The parent died (killed, crashed): stop rather than serve without a supervisor.
         loop.add_reader(parent.sentinel, stop.set)
     files = None if metric_files is None else MetricFiles(*metric_files)
-    server = TallyServer(config, worker=index, metric_files=files)
+    server = TallyServer(config, worker=index, environ=os.environ, metric_files=files)
     try:
         await server.start()
     except (ValueError, OSError) as exc:

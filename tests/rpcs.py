@@ -10,13 +10,34 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from server.domain.access import BILLING_ADMIN, BILLING_READ, METERS_ADMIN, USAGE_READ, USAGE_WRITE
-from tally.v1 import billing_service_pb2, meter_service_pb2, resources_pb2, usage_service_pb2
+from server.domain.access import (
+    BILLING_ADMIN,
+    BILLING_READ,
+    METERS_ADMIN,
+    NOTIFICATIONS_ADMIN,
+    USAGE_READ,
+    USAGE_WRITE,
+)
+from tally.v1 import (
+    billing_service_pb2,
+    meter_service_pb2,
+    notification_service_pb2,
+    resources_pb2,
+    usage_service_pb2,
+)
 from tests.helpers import event, hour_start, ts
 
 USAGE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
 BILLING = billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"]
 METER = meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"]
+NOTIFICATION = notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"]
+# A subscription that the RPC examples may create: nothing listens there (the discard port refuses
+# at once), and few tests cross a spend threshold.
+EXAMPLE_WEBHOOK = notification_service_pb2.WebhookSubscription(
+    url="http://127.0.0.1:9/tally-example",
+    secret="example-secret-0123456789",
+    event_types=["threshold.crossed"],
+)
 
 
 @dataclass(frozen=True)
@@ -156,6 +177,34 @@ EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
         BILLING_ADMIN,
         lambda t, i: billing_service_pb2.ClosePeriodRequest(parent=f"tenants/{t}"),
     ),
+    "CreateWebhookSubscription": (
+        NOTIFICATIONS_ADMIN,
+        lambda t, i: notification_service_pb2.CreateWebhookSubscriptionRequest(
+            webhook_subscription=EXAMPLE_WEBHOOK
+        ),
+    ),
+    "GetWebhookSubscription": (
+        NOTIFICATIONS_ADMIN,
+        lambda t, i: notification_service_pb2.GetWebhookSubscriptionRequest(
+            name=f"webhookSubscriptions/ws_{uuid.uuid4().hex}"
+        ),
+    ),
+    "ListWebhookSubscriptions": (
+        NOTIFICATIONS_ADMIN,
+        lambda t, i: notification_service_pb2.ListWebhookSubscriptionsRequest(),
+    ),
+    "DeleteWebhookSubscription": (
+        NOTIFICATIONS_ADMIN,
+        lambda t, i: notification_service_pb2.DeleteWebhookSubscriptionRequest(
+            name=f"webhookSubscriptions/ws_{uuid.uuid4().hex}"
+        ),
+    ),
+    "ListWebhookDeliveries": (
+        NOTIFICATIONS_ADMIN,
+        lambda t, i: notification_service_pb2.ListWebhookDeliveriesRequest(
+            parent=f"webhookSubscriptions/ws_{uuid.uuid4().hex}"
+        ),
+    ),
 }
 
 
@@ -164,7 +213,7 @@ def _rpcs() -> list[Rpc]:
 
     db = symbol_database.Default()
     found = []
-    for service in (USAGE, BILLING, METER):
+    for service in (USAGE, BILLING, METER, NOTIFICATION):
         for method in service.methods:
             scope, example = EXAMPLES[method.name]
             found.append(

@@ -155,6 +155,12 @@ OTHER_TENANT = {
     "GetBillingProfile": Code.PERMISSION_DENIED,
     "PreviewInvoice": Code.PERMISSION_DENIED,
     "ClosePeriod": Code.PERMISSION_DENIED,
+    # Subscriptions receive every tenant's events: only an all-tenants token may see or change them.
+    "CreateWebhookSubscription": Code.PERMISSION_DENIED,
+    "GetWebhookSubscription": Code.PERMISSION_DENIED,
+    "ListWebhookSubscriptions": Code.PERMISSION_DENIED,
+    "DeleteWebhookSubscription": Code.PERMISSION_DENIED,
+    "ListWebhookDeliveries": Code.PERMISSION_DENIED,
 }
 
 

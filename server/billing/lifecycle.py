@@ -28,6 +28,9 @@ from server.domain.pagination import ID, MICROS, PageTokens, check_page_size
 from server.domain.plans import BillingProfile
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import to_datetime, to_micros
+from server.domain.webhooks import rfc3339
+from server.notifications import events as notifications
+from server.payments.collection import Collection
 from server.storage import credit_notes
 from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import run_with_retries
@@ -69,6 +72,7 @@ class Lifecycle:
         issuer: Issuer,
         page_tokens: PageTokens,
         now_micros: Callable[[], int],
+        collection: Collection | None = None,
     ) -> None:
         self._invoices = invoices
         self._notes = notes
@@ -76,6 +80,8 @@ class Lifecycle:
         self.issuer = issuer
         self._page_tokens = page_tokens
         self._now_micros = now_micros
+        # Payment records and outbox jobs written with each change (simulation mode by default).
+        self._collection = collection or Collection(live=False)
 
     async def _locked(
         self, tx: InvoiceTransaction, tenant_id: str, invoice_id: str, principal: Principal
@@ -123,6 +129,8 @@ class Lifecycle:
         prefix = expand_prefix(self.issuer.invoice_prefix, at)
         number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
         invoice = await tx.finalize(draft.id, number, parties, priced.plan_ids, at, amounts.lines)
+        payment = await self._collection.invoice_finalized(tx.connection, invoice, at)
+        invoice = dataclasses.replace(invoice, payment=payment)
         await tx.append_audit(
             AuditEntry(
                 principal=caller.principal.subject,
@@ -134,6 +142,8 @@ class Lifecycle:
                 after=invoice_state(invoice),
             )
         )
+        finalized = notifications.invoice_data(invoice, finalize_time=rfc3339(at))
+        await notifications.publish(tx.connection, notifications.INVOICE_FINALIZED, finalized, time=at)
         return invoice
 
     async def finalize_block_in(
@@ -197,6 +207,10 @@ class Lifecycle:
                 )
             ]
         )
+        payment = await self._collection.invoices_finalized(tx.connection, invoices, at)
+        invoices = [dataclasses.replace(invoice, payment=payment) for invoice in invoices]
+        finalized = [notifications.invoice_data(invoice, finalize_time=rfc3339(at)) for invoice in invoices]
+        await notifications.publish_many(tx.connection, notifications.INVOICE_FINALIZED, finalized, time=at)
         return invoices
 
     async def finalize(
@@ -234,7 +248,10 @@ class Lifecycle:
                     return Replayed(stored)
                 before = await self._locked(tx, tenant_id, invoice_id, caller.principal)
                 check_transition(invoice_name(tenant_id, invoice_id), before.status, target)
-                await tx.set_status(invoice_id, target, to_datetime(self._now_micros()))
+                at = to_datetime(self._now_micros())
+                await tx.set_status(invoice_id, target, at)
+                if target is InvoiceStatus.VOID and before.status is not InvoiceStatus.DRAFT:
+                    await self._collection.invoice_voided(tx.connection, invoice_id, at)
                 invoice = await tx.load(invoice_id)
                 await tx.append_audit(
                     AuditEntry(
@@ -324,6 +341,7 @@ class Lifecycle:
                         at,
                     ),
                 )
+                await self._collection.credit_note_created(tx.connection, note.id, invoice_id, at)
                 await tx.append_audit(
                     AuditEntry(
                         principal=caller.principal.subject,

@@ -25,6 +25,7 @@ from server.billing.lifecycle import Lifecycle
 from server.billing.pricer import InvoicePricer
 from server.domain.access import Caller, Principal
 from server.domain.audit import AuditAction, AuditEntry, invoice_state
+from server.domain.decimals import MINOR_UNITS, format_money, format_quantity
 from server.domain.errors import (
     ErrorReason,
     FailedPrecondition,
@@ -39,6 +40,8 @@ from server.domain.names import invoice_name
 from server.domain.plans import anchor_period, billing_period
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import MICROS_PER_HOUR, to_datetime
+from server.domain.webhooks import rfc3339
+from server.notifications.events import THRESHOLD_CROSSED, publish
 from server.storage import plans as plan_store
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore, InvoiceTransaction
@@ -325,6 +328,17 @@ class Periods:
                 computed_at=now,
                 kind=InvoiceKind.INTERIM,
             )
+            # Before the invoice's own invoice.finalized: the crossing is what made it.
+            crossed = {
+                "tenant_id": tenant_id,
+                "spend_threshold": format_quantity(threshold),
+                "amount": format_money(amounts.total, MINOR_UNITS.get(priced.currency, 2)),
+                "currency_code": priced.currency,
+                "period_start_time": rfc3339(period.start),
+                "period_end_time": rfc3339(period.end),
+                "invoice": invoice_name(tenant_id, invoice_id),
+            }
+            await publish(tx.connection, THRESHOLD_CROSSED, crossed, time=now)
             await self._lifecycle.finalize_in(tx, draft, caller, priced)
             return 1
 

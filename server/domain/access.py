@@ -21,7 +21,17 @@ BILLING_ADMIN: Final = "billing:admin"
 USAGE_BACKFILL: Final = "usage:backfill"
 # Defining and archiving meters (shared by every tenant, like the rate card).
 METERS_ADMIN: Final = "meters:admin"
-SCOPES: Final = (USAGE_WRITE, USAGE_READ, BILLING_READ, BILLING_ADMIN, USAGE_BACKFILL, METERS_ADMIN)
+# Managing outbound webhook subscriptions and reading their deliveries (every tenant's events).
+NOTIFICATIONS_ADMIN: Final = "notifications:admin"
+SCOPES: Final = (
+    USAGE_WRITE,
+    USAGE_READ,
+    BILLING_READ,
+    BILLING_ADMIN,
+    USAGE_BACKFILL,
+    METERS_ADMIN,
+    NOTIFICATIONS_ADMIN,
+)
 
 ALL_TENANTS: Final = "all"
 AllTenants = Literal["all"]

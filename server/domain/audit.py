@@ -41,6 +41,8 @@ class AuditAction(StrEnum):
     METER_CREATED = "meter_created"
     METER_ARCHIVED = "meter_archived"
     USAGE_EVENT_CANCELLED = "usage_event_cancelled"
+    WEBHOOK_SUBSCRIPTION_CREATED = "webhook_subscription_created"
+    WEBHOOK_SUBSCRIPTION_DELETED = "webhook_subscription_deleted"
 
 
 State = Mapping[str, Any]

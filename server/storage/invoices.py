@@ -13,10 +13,10 @@ import asyncpg
 
 from server.domain.audit import AuditEntry
 from server.domain.charges import TierPortion
-from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
+from server.domain.models import Invoice, InvoiceKind, InvoicePayment, InvoiceStatus
 from server.domain.pricing import LineItem, LineKind
 from server.domain.requests import RequestKey
-from server.storage import audit, request_ids
+from server.storage import audit, payments, request_ids
 from server.storage.database import run_with_retries, unavailable_when_unreachable
 
 # Usage of tenant $1[i] over the period [$3[i], $4[i]) (labelled $2[i]) per usage type
@@ -152,6 +152,7 @@ def line_item(line: asyncpg.Record) -> LineItem:
 async def _load(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> list[Invoice]:
     """Attach the line items to invoice rows (one query for all of them)."""
     lines: dict[str, list[LineItem]] = {row["id"]: [] for row in rows}
+    found: dict[str, InvoicePayment] = {}
     if rows:
         for line in await conn.fetch(
             f"SELECT {_LINE_COLUMNS} FROM invoice_line_items l WHERE l.invoice_id = ANY($1::text[])"
@@ -159,10 +160,14 @@ async def _load(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> lis
             list(lines),
         ):
             lines[line["invoice_id"]].append(line_item(line))
-    return [_invoice(row, tuple(lines[row["id"]])) for row in rows]
+        if any(row["status"] != "draft" for row in rows):
+            found = await payments.of_invoices(conn, list(lines))
+    return [_invoice(row, tuple(lines[row["id"]]), found.get(row["id"])) for row in rows]
 
 
-def _invoice(row: asyncpg.Record, lines: tuple[LineItem, ...]) -> Invoice:
+def _invoice(
+    row: asyncpg.Record, lines: tuple[LineItem, ...], payment: InvoicePayment | None = None
+) -> Invoice:
     return Invoice(
         id=row["id"],
         tenant_id=row["tenant_id"],
@@ -183,6 +188,7 @@ def _invoice(row: asyncpg.Record, lines: tuple[LineItem, ...]) -> Invoice:
         uncollectible_time=row["uncollectible_time"],
         parties=None if row["parties"] is None else json.loads(row["parties"]),
         plan_ids=tuple(row["plan_ids"]),
+        payment=payment,
     )
 
 
@@ -381,6 +387,12 @@ class InvoiceTransaction:
     async def append_audit_many(self, entries: Sequence[AuditEntry]) -> None:
         """Record many changes in the audit trail, in order, committed (or not) with them."""
         await audit.append_many(self._conn, entries)
+
+    async def find(self, invoice_id: str) -> Invoice | None:
+        """The invoice (not locked), or None."""
+        rows = await self._conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)
+        invoices = await _load(self._conn, rows)
+        return invoices[0] if invoices else None
 
     async def load(self, invoice_id: str) -> Invoice:
         """The invoice `invoice_id` as stored now, with its lines; it must exist."""

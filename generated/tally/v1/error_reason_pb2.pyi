@@ -70,6 +70,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """[NOT_FOUND] The tenant has no recorded event with this event_id, or it is
     a tenant the token does not cover (the two are not told apart).
     """
+    WEBHOOK_SUBSCRIPTION_NOT_FOUND: _ErrorReason.ValueType  # 17
+    """[NOT_FOUND] No webhook subscription has this name (metadata:
+    webhookSubscription).
+    """
     INVOICE_PERIOD_OVERLAP: _ErrorReason.ValueType  # 20
     """[FAILED_PRECONDITION] The invoice period overlaps another invoice of the
     tenant (metadata: invoice, that invoice's name).
@@ -104,6 +108,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     PLAN_EXISTS: _ErrorReason.ValueType  # 27
     """[ALREADY_EXISTS] A plan with this id exists already (metadata: plan)."""
+    WEBHOOK_SUBSCRIPTION_LIMIT: _ErrorReason.ValueType  # 28
+    """[FAILED_PRECONDITION] There are as many webhook subscriptions as the
+    server allows (metadata: limit); delete one first. Every subscription
+    adds a delivery to each event of its types.
+    """
     METER_EXISTS: _ErrorReason.ValueType  # 29
     """[ALREADY_EXISTS] A meter with this meter_id exists already, active or
     archived (metadata: meter). Meter ids are never reused.
@@ -200,6 +209,10 @@ EVENT_NOT_FOUND: ErrorReason.ValueType  # 16
 """[NOT_FOUND] The tenant has no recorded event with this event_id, or it is
 a tenant the token does not cover (the two are not told apart).
 """
+WEBHOOK_SUBSCRIPTION_NOT_FOUND: ErrorReason.ValueType  # 17
+"""[NOT_FOUND] No webhook subscription has this name (metadata:
+webhookSubscription).
+"""
 INVOICE_PERIOD_OVERLAP: ErrorReason.ValueType  # 20
 """[FAILED_PRECONDITION] The invoice period overlaps another invoice of the
 tenant (metadata: invoice, that invoice's name).
@@ -234,6 +247,11 @@ SetRate, not with CreatePlanVersion.
 """
 PLAN_EXISTS: ErrorReason.ValueType  # 27
 """[ALREADY_EXISTS] A plan with this id exists already (metadata: plan)."""
+WEBHOOK_SUBSCRIPTION_LIMIT: ErrorReason.ValueType  # 28
+"""[FAILED_PRECONDITION] There are as many webhook subscriptions as the
+server allows (metadata: limit); delete one first. Every subscription
+adds a delivery to each event of its types.
+"""
 METER_EXISTS: ErrorReason.ValueType  # 29
 """[ALREADY_EXISTS] A meter with this meter_id exists already, active or
 archived (metadata: meter). Meter ids are never reused.

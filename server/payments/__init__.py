@@ -1,0 +1,1 @@
+"""Collecting invoices: the transactional outbox and the Stripe push (issue 12, docs/stripe.md)."""
