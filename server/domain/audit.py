@@ -36,6 +36,12 @@ BILLING_PROFILE_SET: Final = "billing_profile_set"
 METER_CREATED: Final = "meter_created"
 METER_ARCHIVED: Final = "meter_archived"
 USAGE_EVENT_CANCELLED: Final = "usage_event_cancelled"
+# Payments through Stripe (server.payments): failures and retries, refunds, disputes, and
+# the tenant's collection status that follows from them.
+PAYMENT_FAILED: Final = "payment_failed"
+PAYMENT_REFUNDED: Final = "payment_refunded"
+PAYMENT_DISPUTED: Final = "payment_disputed"
+COLLECTION_STATUS_CHANGED: Final = "collection_status_changed"
 
 State = Mapping[str, Any]
 

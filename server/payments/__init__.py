@@ -1,0 +1,1 @@
+"""Payments through Stripe: the push of finalized invoices, webhooks and dunning (issue 12)."""
