@@ -54,11 +54,36 @@ class RetryJobs(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptOutcome:
+    """What Stripe answered a payment retry: paid, voided (it cannot be paid), or a failure."""
+
+    paid: bool = False
+    voided: bool = False
+    action_required: bool = False
+    failure: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Received:
     """What a delivery did: applied, unchanged, unmatched, ignored or duplicate."""
 
     outcome: str
     invoice_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionStatus:
+    """A tenant's standing, with the invoices behind it (ids, oldest period first)."""
+
+    tenant_id: str
+    state: CollectionState
+    past_due_invoices: tuple[str, ...]
+    uncollectible_invoices: tuple[str, ...]
+    update_time: datetime | None
+
+
+# Invoices listed in a collection status, per kind: a tenant with more has bigger problems.
+LISTED_INVOICES = 100
 
 
 class PaymentLedger:
@@ -78,6 +103,27 @@ class PaymentLedger:
 
     def now(self) -> datetime:
         return to_datetime(self._now_micros())
+
+    async def collection_status(self, tenant_id: str, principal: Principal) -> CollectionStatus:
+        """GetCollectionStatus: the tenant's standing, recomputed from its payments as read."""
+        principal.require_tenant(tenant_id)
+
+        async def attempt() -> CollectionStatus:
+            async with self._invoices.read_transaction() as tx:
+                conn = tx.connection
+                recorded = await store.collection(conn, tenant_id)
+                invoices = await store.past_due_invoices(conn, tenant_id, 2 * LISTED_INVOICES)
+            uncollectible = [i for i, state in invoices if state == PaymentState.UNCOLLECTIBLE.value]
+            past_due = [i for i, state in invoices if state != PaymentState.UNCOLLECTIBLE.value]
+            return CollectionStatus(
+                tenant_id,
+                states.collection_state(len(uncollectible), len(past_due)),
+                tuple(past_due[:LISTED_INVOICES]),
+                tuple(uncollectible[:LISTED_INVOICES]),
+                recorded[1] if recorded else None,
+            )
+
+        return await run_with_retries(attempt)
 
     async def receive(self, event: StripeEvent, payload: str) -> Received:
         """Store a verified event once and apply it; a redelivery is answered `duplicate`."""
@@ -106,6 +152,41 @@ class PaymentLedger:
                 return Received(outcome, invoice_id)
 
         return await run_with_retries(attempt)
+
+    async def record_attempt(
+        self, conn: asyncpg.Connection, invoice_id: str, attempt: int, outcome: AttemptOutcome
+    ) -> Payment | None:
+        """A dunning retry's outcome, applied like the webhook that reports it; the payment after it.
+
+        Runs in the caller's transaction (the retry job's, so the job's next due time and
+        this change commit together).
+        """
+        tx = InvoiceTransaction(conn)
+        tenant_id = await conn.fetchval("SELECT tenant_id FROM invoices WHERE id = $1", invoice_id)
+        if tenant_id is None:
+            return None
+        await tx.lock_tenant(tenant_id)
+        invoice = await tx.lock(invoice_id)
+        payment = await store.lock_payment(conn, invoice_id)
+        if invoice is None or payment is None:
+            return None
+        if outcome.paid:
+            change = states.paid(payment)
+        elif outcome.voided:
+            change = states.voided(payment)
+        else:
+            change = states.failed(
+                payment,
+                attempt,
+                self.now(),
+                outcome.failure,
+                self.schedule,
+                action_required=outcome.action_required,
+            )
+        await self.apply_change(
+            tx, invoice, payment, change, Caller(DUNNING, f"{invoice_id}:attempt-{attempt}")
+        )
+        return await store.read_payment(conn, invoice_id)
 
     async def _apply_event(self, tx: InvoiceTransaction, invoice_id: str, event: StripeEvent) -> str:
         conn = tx.connection

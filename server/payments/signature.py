@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import stripe
@@ -58,3 +59,23 @@ def verify(
     ):
         raise BadDelivery("the body is not a Stripe event")
     return values
+
+
+SECRET_VARIABLE = "TALLY_STRIPE_WEBHOOK_SECRET"
+
+
+def load_webhook_secret(path: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The endpoint's signing secret: from the file if one is given, else the variable; None: neither.
+
+    ValueError for a file that cannot be read or holds no secret, so that `tally serve` stops
+    with a message instead of refusing every delivery.
+    """
+    if path is not None:
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the Stripe webhook secret file {path}: {exc}") from None
+        if not secret:
+            raise ValueError(f"the Stripe webhook secret file {path} is empty")
+        return secret
+    return environ.get(SECRET_VARIABLE, "").strip() or None

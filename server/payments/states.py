@@ -116,10 +116,15 @@ def failed(
     # first_failure_time): that attempt is news here, it starts the schedule.
     scheduled = payment.first_failure_time is not None
     if attempt < payment.attempt_count or (attempt == payment.attempt_count and scheduled):
-        if attempt == payment.attempt_count and payment.state is not target and action_required:
-            # The same attempt, now known to need the customer: say so, the schedule stays.
-            return Change(dataclasses.replace(payment, state=target))
-        return None  # older news
+        # Older news, except for what it adds: an earlier first failure (the schedule counts
+        # from it), or the same attempt now known to need the customer.
+        after = payment
+        if payment.first_failure_time is not None and at < payment.first_failure_time:
+            next_time = schedule.next_attempt(at, payment.attempt_count) or payment.next_attempt_time
+            after = dataclasses.replace(after, first_failure_time=at, next_attempt_time=next_time)
+        if attempt == payment.attempt_count and action_required:
+            after = dataclasses.replace(after, state=target)
+        return None if after == payment else Change(after)
     first = min(at, payment.first_failure_time) if payment.first_failure_time else at
     next_time = schedule.next_attempt(first, attempt)
     after = dataclasses.replace(
