@@ -11,12 +11,19 @@ import grpc
 from google.protobuf.message import Message
 
 from server.domain.access import BILLING_ADMIN, BILLING_READ, METERS_ADMIN, USAGE_READ, USAGE_WRITE
-from tally.v1 import billing_service_pb2, meter_service_pb2, resources_pb2, usage_service_pb2
+from tally.v1 import (
+    billing_service_pb2,
+    meter_service_pb2,
+    payment_service_pb2,
+    resources_pb2,
+    usage_service_pb2,
+)
 from tests.helpers import event, hour_start, ts
 
 USAGE = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"]
 BILLING = billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"]
 METER = meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"]
+PAYMENT = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,10 @@ EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
         BILLING_ADMIN,
         lambda t, i: billing_service_pb2.ClosePeriodRequest(parent=f"tenants/{t}"),
     ),
+    "GetCollectionStatus": (
+        BILLING_READ,
+        lambda t, i: payment_service_pb2.GetCollectionStatusRequest(name=f"tenants/{t}/collectionStatus"),
+    ),
 }
 
 
@@ -164,7 +175,7 @@ def _rpcs() -> list[Rpc]:
 
     db = symbol_database.Default()
     found = []
-    for service in (USAGE, BILLING, METER):
+    for service in (USAGE, BILLING, METER, PAYMENT):
         for method in service.methods:
             scope, example = EXAMPLES[method.name]
             found.append(

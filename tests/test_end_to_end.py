@@ -142,6 +142,7 @@ def test_reflection_lists_every_service(served: Served) -> None:
         "grpc.reflection.v1alpha.ServerReflection",
         "tally.v1.BillingService",
         "tally.v1.MeterService",
+        "tally.v1.PaymentService",
         "tally.v1.UsageService",
     ]
     described = served.grpcurl("describe").stdout
