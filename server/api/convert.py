@@ -15,7 +15,15 @@ from server.domain.decimals import MINOR_UNITS, format_money, format_price, form
 from server.domain.errors import InvalidArgument
 from server.domain.events import RawEvent
 from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState
-from server.domain.models import Invoice, InvoiceKind, InvoiceStatus, Rate, UsageSummary
+from server.domain.models import (
+    Invoice,
+    InvoiceKind,
+    InvoicePayment,
+    InvoiceStatus,
+    PaymentState,
+    Rate,
+    UsageSummary,
+)
 from server.domain.names import (
     audit_event_name,
     credit_note_name,
@@ -198,6 +206,32 @@ def invoice_message(invoice: Invoice) -> resources_pb2.Invoice:
     ):
         if value is not None:
             getattr(message, field).CopyFrom(to_timestamp(value))
+    if invoice.payment is not None:
+        message.payment.CopyFrom(payment_message(invoice.payment))
+    return message
+
+
+_PAYMENT_STATES: dict[PaymentState, resources_pb2.PaymentState.ValueType] = {
+    PaymentState.SIMULATED: resources_pb2.PAYMENT_STATE_SIMULATED,
+    PaymentState.PENDING: resources_pb2.PAYMENT_STATE_PENDING,
+    PaymentState.OPEN: resources_pb2.PAYMENT_STATE_OPEN,
+    PaymentState.PAID: resources_pb2.PAYMENT_STATE_PAID,
+    PaymentState.FAILED: resources_pb2.PAYMENT_STATE_FAILED,
+    PaymentState.ACTION_REQUIRED: resources_pb2.PAYMENT_STATE_ACTION_REQUIRED,
+    PaymentState.UNCOLLECTIBLE: resources_pb2.PAYMENT_STATE_UNCOLLECTIBLE,
+    PaymentState.VOID: resources_pb2.PAYMENT_STATE_VOID,
+}
+
+
+def payment_message(payment: InvoicePayment) -> resources_pb2.InvoicePayment:
+    message = resources_pb2.InvoicePayment(
+        state=_PAYMENT_STATES[payment.state],
+        attempt_count=payment.attempt_count,
+        stripe_invoice_id=payment.stripe_invoice_id or "",
+        last_failure=payment.last_failure or "",
+    )
+    if payment.next_attempt_time is not None:
+        message.next_attempt_time.CopyFrom(to_timestamp(payment.next_attempt_time))
     return message
 
 

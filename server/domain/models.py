@@ -40,6 +40,31 @@ class InvoiceKind(Enum):
     INTERIM = "interim"
 
 
+class PaymentState(Enum):
+    """Where collecting a finalized invoice stands (docs/stripe.md; table invoice_payments)."""
+
+    SIMULATED = "simulated"  # no Stripe key configured: nothing was sent
+    PENDING = "pending"  # queued for Stripe, not yet open there
+    OPEN = "open"
+    PAID = "paid"
+    FAILED = "failed"
+    ACTION_REQUIRED = "action_required"
+    UNCOLLECTIBLE = "uncollectible"
+    VOID = "void"
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePayment:
+    """A finalized invoice's payment state, mirrored from Stripe."""
+
+    state: PaymentState
+    stripe_invoice_id: str | None = None
+    attempt_count: int = 0
+    next_attempt_time: datetime | None = None
+    last_failure: str | None = None
+    updated_time: datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Invoice:
     id: str
@@ -64,6 +89,7 @@ class Invoice:
     # The issuer and the customer as printed, frozen when finalized (None on a draft).
     parties: Mapping[str, Any] | None = None
     plan_ids: tuple[str, ...] = ()
+    payment: InvoicePayment | None = None  # None on a draft (and before payments existed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,1 +1,2 @@
-"""Payments through Stripe: the push of finalized invoices, webhooks and dunning (issue 12)."""
+"""Collecting invoices through Stripe (issue 12, docs/stripe.md): the transactional outbox and the push,
+webhooks (what Stripe reports back) and dunning (retrying failed payments)."""

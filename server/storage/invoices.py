@@ -13,10 +13,10 @@ import asyncpg
 
 from server.domain.audit import AuditEntry
 from server.domain.charges import TierPortion
-from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
+from server.domain.models import Invoice, InvoiceKind, InvoicePayment, InvoiceStatus
 from server.domain.pricing import LineItem, LineKind
 from server.domain.requests import RequestKey
-from server.storage import audit, request_ids
+from server.storage import audit, payments, request_ids
 from server.storage.database import run_with_retries
 
 # Usage of tenant $1 over each period [$3[i], $4[i]) (labelled $2[i]) per usage type
@@ -142,6 +142,7 @@ def line_item(line: asyncpg.Record) -> LineItem:
 async def _load(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> list[Invoice]:
     """Attach the line items to invoice rows (one query for all of them)."""
     lines: dict[str, list[LineItem]] = {row["id"]: [] for row in rows}
+    found: dict[str, InvoicePayment] = {}
     if rows:
         for line in await conn.fetch(
             f"SELECT {_LINE_COLUMNS} FROM invoice_line_items l WHERE l.invoice_id = ANY($1::text[])"
@@ -149,10 +150,14 @@ async def _load(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> lis
             list(lines),
         ):
             lines[line["invoice_id"]].append(line_item(line))
-    return [_invoice(row, tuple(lines[row["id"]])) for row in rows]
+        if any(row["status"] != "draft" for row in rows):
+            found = await payments.of_invoices(conn, list(lines))
+    return [_invoice(row, tuple(lines[row["id"]]), found.get(row["id"])) for row in rows]
 
 
-def _invoice(row: asyncpg.Record, lines: tuple[LineItem, ...]) -> Invoice:
+def _invoice(
+    row: asyncpg.Record, lines: tuple[LineItem, ...], payment: InvoicePayment | None = None
+) -> Invoice:
     return Invoice(
         id=row["id"],
         tenant_id=row["tenant_id"],
@@ -173,6 +178,7 @@ def _invoice(row: asyncpg.Record, lines: tuple[LineItem, ...]) -> Invoice:
         uncollectible_time=row["uncollectible_time"],
         parties=None if row["parties"] is None else json.loads(row["parties"]),
         plan_ids=tuple(row["plan_ids"]),
+        payment=payment,
     )
 
 

@@ -381,6 +381,66 @@ rate ("0.2" for 20%), amount their product rounded once.
 """
 Global___InvoiceLineKind: _TypeAlias = InvoiceLineKind  # noqa: Y015
 
+class _PaymentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PaymentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PaymentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYMENT_STATE_UNSPECIFIED: _PaymentState.ValueType  # 0
+    """Never used."""
+    PAYMENT_STATE_SIMULATED: _PaymentState.ValueType  # 1
+    """No Stripe key is configured: nothing was sent anywhere, and the invoice is
+    collected outside Tally (MarkInvoicePaid records the payment).
+    """
+    PAYMENT_STATE_PENDING: _PaymentState.ValueType  # 2
+    """Finalized in Tally and queued for Stripe; not yet open there."""
+    PAYMENT_STATE_OPEN: _PaymentState.ValueType  # 3
+    """Open at Stripe: sent to the customer or awaiting an automatic charge."""
+    PAYMENT_STATE_PAID: _PaymentState.ValueType  # 4
+    """Paid. Final (a refund shows as a credit note)."""
+    PAYMENT_STATE_FAILED: _PaymentState.ValueType  # 5
+    """The last payment attempt failed (e.g. a card decline); see last_failure
+    and next_attempt_time for the retry.
+    """
+    PAYMENT_STATE_ACTION_REQUIRED: _PaymentState.ValueType  # 6
+    """The customer has to act (e.g. 3-D Secure authentication) before the
+    payment can complete.
+    """
+    PAYMENT_STATE_UNCOLLECTIBLE: _PaymentState.ValueType  # 7
+    """Every payment attempt failed; written off. Final unless a payment arrives."""
+    PAYMENT_STATE_VOID: _PaymentState.ValueType  # 8
+    """The invoice was voided, in Tally and at Stripe. Final."""
+
+class PaymentState(_PaymentState, metaclass=_PaymentStateEnumTypeWrapper):
+    """Where collecting an invoice through Stripe stands."""
+
+PAYMENT_STATE_UNSPECIFIED: PaymentState.ValueType  # 0
+"""Never used."""
+PAYMENT_STATE_SIMULATED: PaymentState.ValueType  # 1
+"""No Stripe key is configured: nothing was sent anywhere, and the invoice is
+collected outside Tally (MarkInvoicePaid records the payment).
+"""
+PAYMENT_STATE_PENDING: PaymentState.ValueType  # 2
+"""Finalized in Tally and queued for Stripe; not yet open there."""
+PAYMENT_STATE_OPEN: PaymentState.ValueType  # 3
+"""Open at Stripe: sent to the customer or awaiting an automatic charge."""
+PAYMENT_STATE_PAID: PaymentState.ValueType  # 4
+"""Paid. Final (a refund shows as a credit note)."""
+PAYMENT_STATE_FAILED: PaymentState.ValueType  # 5
+"""The last payment attempt failed (e.g. a card decline); see last_failure
+and next_attempt_time for the retry.
+"""
+PAYMENT_STATE_ACTION_REQUIRED: PaymentState.ValueType  # 6
+"""The customer has to act (e.g. 3-D Secure authentication) before the
+payment can complete.
+"""
+PAYMENT_STATE_UNCOLLECTIBLE: PaymentState.ValueType  # 7
+"""Every payment attempt failed; written off. Final unless a payment arrives."""
+PAYMENT_STATE_VOID: PaymentState.ValueType  # 8
+"""The invoice was voided, in Tally and at Stripe. Final."""
+Global___PaymentState: _TypeAlias = PaymentState  # noqa: Y015
+
 class _FeeTiming:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1239,6 +1299,7 @@ class Invoice(_message.Message):
     PAID_TIME_FIELD_NUMBER: _builtins.int
     VOID_TIME_FIELD_NUMBER: _builtins.int
     UNCOLLECTIBLE_TIME_FIELD_NUMBER: _builtins.int
+    PAYMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The invoice's resource name, "tenants/{tenant}/invoices/{invoice}", e.g.
     "tenants/acme/invoices/inv_01JD...".
@@ -1319,6 +1380,12 @@ class Invoice(_message.Message):
     def uncollectible_time(self) -> _timestamp_pb2.Timestamp:
         """When it was marked uncollectible."""
 
+    @_builtins.property
+    def payment(self) -> Global___InvoicePayment:
+        """How collecting it through Stripe stands (docs/stripe.md); unset on a
+        draft and on invoices finalized before payments existed.
+        """
+
     def __init__(
         self,
         *,
@@ -1341,14 +1408,62 @@ class Invoice(_message.Message):
         paid_time: _timestamp_pb2.Timestamp | None = ...,
         void_time: _timestamp_pb2.Timestamp | None = ...,
         uncollectible_time: _timestamp_pb2.Timestamp | None = ...,
+        payment: Global___InvoicePayment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "customer", b"customer", "finalize_time", b"finalize_time", "issuer", b"issuer", "paid_time", b"paid_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "uncollectible_time", b"uncollectible_time", "update_time", b"update_time", "void_time", b"void_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "customer", b"customer", "finalize_time", b"finalize_time", "issuer", b"issuer", "paid_time", b"paid_time", "payment", b"payment", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "uncollectible_time", b"uncollectible_time", "update_time", b"update_time", "void_time", b"void_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "currency_code", b"currency_code", "customer", b"customer", "finalize_time", b"finalize_time", "issuer", b"issuer", "kind", b"kind", "line_items", b"line_items", "name", b"name", "number", b"number", "paid_time", b"paid_time", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "uncollectible_time", b"uncollectible_time", "update_time", b"update_time", "void_time", b"void_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "create_time", b"create_time", "currency_code", b"currency_code", "customer", b"customer", "finalize_time", b"finalize_time", "issuer", b"issuer", "kind", b"kind", "line_items", b"line_items", "name", b"name", "number", b"number", "paid_time", b"paid_time", "payment", b"payment", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "status", b"status", "tenant_id", b"tenant_id", "total", b"total", "uncollectible_time", b"uncollectible_time", "update_time", b"update_time", "void_time", b"void_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Invoice: _TypeAlias = Invoice  # noqa: Y015
+
+@_typing.final
+class InvoicePayment(_message.Message):
+    """Where collecting a finalized invoice stands. Tally computes the invoice and
+    pushes it to Stripe, which collects it; Stripe's answers and webhooks move
+    this state along. See docs/stripe.md.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_COUNT_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    STRIPE_INVOICE_ID_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_FIELD_NUMBER: _builtins.int
+    state: Global___PaymentState.ValueType
+    """The collection state."""
+    attempt_count: _builtins.int
+    """Payment attempts made so far (Stripe's attempt_count); 0 before the first."""
+    stripe_invoice_id: _builtins.str
+    """Stripe's id of the invoice ("in_..."), once Stripe has created it; empty
+    before that and in simulation mode.
+    """
+    last_failure: _builtins.str
+    """Why the last payment attempt failed, as Stripe said it (e.g. "Your card
+    was declined."); empty if none failed.
+    """
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next payment attempt is scheduled; unset when none is."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___PaymentState.ValueType = ...,
+        attempt_count: _builtins.int = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        stripe_invoice_id: _builtins.str = ...,
+        last_failure: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "last_failure", b"last_failure", "next_attempt_time", b"next_attempt_time", "state", b"state", "stripe_invoice_id", b"stripe_invoice_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoicePayment: _TypeAlias = InvoicePayment  # noqa: Y015
 
 @_typing.final
 class CreditNote(_message.Message):
