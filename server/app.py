@@ -15,6 +15,7 @@ from typing import TextIO
 
 import asyncpg
 import grpc
+import stripe
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.meters import MeterApi
+from server.api.payments import PaymentApi
 from server.api.pipeline import EventBudget
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
@@ -48,6 +50,12 @@ from server.health import DatabaseHealth
 from server.metering import Metering
 from server.metering.corrections import Corrections
 from server.metering.meters import MeterCatalog
+from server.payments.dunning import DunningSchedule
+from server.payments.endpoint import StripeWebhookEndpoint
+from server.payments.ledger import PaymentLedger
+from server.payments.outbox import Outbox
+from server.payments.retries import RETRY_KIND, OutboxRetryJobs, StripeInvoicePayer, retry_handler
+from server.payments.signature import load_webhook_secret
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -81,6 +89,8 @@ from tally.v1 import (
     billing_service_pb2_grpc,
     meter_service_pb2,
     meter_service_pb2_grpc,
+    payment_service_pb2,
+    payment_service_pb2_grpc,
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
@@ -97,6 +107,7 @@ SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
+    payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name,
 )
 
 
@@ -165,6 +176,9 @@ class TallyServer:
     window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
+    `stripe_client`: the Stripe API that dunning retries pay through; None: simulation mode,
+    nothing calls out. `run_outbox`: False leaves the outbox's jobs to `self.outbox.drain()`
+    (tests stepping `wall_clock`).
     """
 
     def __init__(
@@ -176,11 +190,18 @@ class TallyServer:
         worker: int | None = None,
         clock: LimitClock = SYSTEM_CLOCK,
         wall_clock: Callable[[], int] = now_micros,
+        stripe_client: stripe.StripeClient | None = None,
+        run_outbox: bool = True,
     ) -> None:
         self.config = config
         self.worker = worker
         self._clock = clock
         self.wall_clock = wall_clock
+        self._stripe_client = stripe_client
+        self._run_outbox = run_outbox
+        # The outbox's worker (server.payments.outbox) and the payments' use cases.
+        self.outbox: Outbox | None = None
+        self.payments: PaymentLedger | None = None
         self.port = 0
         self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
         self._tracer_provider = tracer_provider
@@ -235,6 +256,9 @@ class TallyServer:
             limiter,
         )
         credentials = server_credentials(config)
+        # Before anything starts, like the key files: a bad schedule or secret file stops the start.
+        dunning = DunningSchedule.of_seconds(config.dunning_schedule_seconds)
+        webhook_secret = load_webhook_secret(config.stripe_webhook_secret_file, os.environ)
         http_host = config.http_host or config.host
         if self.worker is None:
             # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
@@ -310,6 +334,11 @@ class TallyServer:
         grace = timedelta(seconds=config.period_close_grace_seconds)
         plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
         self.periods = Periods(invoices, pricer, lifecycle, self.wall_clock, grace)
+        self.payments = payments = PaymentLedger(
+            invoices, lifecycle, dunning, OutboxRetryJobs(), self.wall_clock
+        )
+        payer = None if self._stripe_client is None else StripeInvoicePayer(self._stripe_client)
+        self.outbox = Outbox(self._pool, {RETRY_KIND: retry_handler(payments, payer)}, self.wall_clock)
 
         server = grpc.aio.server(
             options=[
@@ -345,6 +374,9 @@ class TallyServer:
         )
         billing_service_pb2_grpc.add_BillingServiceServicer_to_server(
             BillingApi(billing, lifecycle, plans, self.periods, authenticator, call_telemetry), tally
+        )
+        payment_service_pb2_grpc.add_PaymentServiceServicer_to_server(
+            PaymentApi(payments, authenticator, call_telemetry), tally
         )
         open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
@@ -385,6 +417,13 @@ class TallyServer:
             figures = DatabaseFigures(lambda: read_figures(read_pool, timeout_seconds=2.0))
             figures.register(metrics.meter)
             self._http = HttpListener(registry, lambda: health.serving, figures)
+            if webhook_secret is not None:
+                wall_clock = self.wall_clock
+                StripeWebhookEndpoint(webhook_secret, payments, lambda: wall_clock() / 1e6).mount(
+                    self._http.app
+                )
+            else:
+                log.info("no Stripe webhook secret configured: POST /webhooks/stripe is not served")
             await self._http.start(http_host, config.http_port)
             self.http_port = self._http.port
         # A process without limits has nothing to settle, and no business judging (on its own
@@ -395,6 +434,10 @@ class TallyServer:
         if config.period_close_interval_seconds > 0:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
+        if webhook_secret is not None and config.http_port is None:
+            log.warning("a Stripe webhook secret is configured but no --http-port: no webhook is received")
+        if self._run_outbox:
+            self.outbox.start()
 
     @property
     def events_in_flight(self) -> int:
@@ -421,6 +464,8 @@ class TallyServer:
         if self._scheduler is not None:
             # Bounded: a close in progress may finish (it is one transaction), then the task ends.
             await self._scheduler.stop(self.config.grace_seconds)
+        if self.outbox is not None:  # bounded the same way: a step in progress rolls back whole
+            await self.outbox.stop(self.config.grace_seconds)
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:

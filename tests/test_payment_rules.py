@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from server.domain.models import InvoiceStatus
+from server.domain.models import InvoiceStatus, PaymentState
 from server.payments import states
 from server.payments.dunning import DEFAULT_SCHEDULE, DunningSchedule
 from server.payments.events import EventType, read_event
 from server.payments.signature import BadDelivery, verify
-from server.payments.states import CollectionState, Payment, PaymentState
+from server.payments.states import CollectionState, Payment
 
 SECRET = "whsec_test_rules_0123456789"
 NOW = 1_790_000_000

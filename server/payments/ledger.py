@@ -29,12 +29,12 @@ from server.domain.audit import (
 )
 from server.domain.decimals import MINOR_UNITS, format_money
 from server.domain.lifecycle import TRANSITIONS
-from server.domain.models import Invoice, InvoiceStatus
+from server.domain.models import Invoice, InvoiceStatus, PaymentState
 from server.domain.timeutil import to_datetime
 from server.payments import states
 from server.payments.dunning import DunningSchedule
 from server.payments.events import EventType, StripeEvent
-from server.payments.states import Change, CollectionState, Payment, PaymentState
+from server.payments.states import Change, CollectionState, Payment
 from server.storage import payment_events as store
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore, InvoiceTransaction

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import asyncpg
@@ -21,6 +21,8 @@ import stripe
 
 from server.payments import states
 from server.payments.ledger import AttemptOutcome, PaymentLedger
+from server.payments.outbox import Done, Job, JobHandler, Outcome, Retry, enqueue
+from server.storage import outbox as outbox_store
 from server.storage import payment_events
 
 log = logging.getLogger(__name__)
@@ -104,3 +106,29 @@ async def run_retry(
     if after is not None and after.state in states.DUE and after.next_attempt_time is not None:
         return RetryDecision(after.next_attempt_time, f"attempt {attempt} failed: {after.last_failure}")
     return RetryDecision(None, f"attempt {attempt}: {state}")
+
+
+class OutboxRetryJobs:
+    """RetryJobs on the outbox: one `stripe.retry_payment` job per invoice."""
+
+    async def schedule(self, conn: asyncpg.Connection, invoice_id: str, due: datetime) -> None:
+        job = await outbox_store.get(conn, RETRY_KIND, invoice_id)
+        if job is not None and job.state == "pending":
+            # It reads the payment when it runs and waits for the next attempt's time itself.
+            # Not touched: it may be running now, its row locked by a worker that will want
+            # this transaction's tenant lock.
+            return
+        await enqueue(conn, RETRY_KIND, invoice_id, due=due, reopen=True)
+
+
+def retry_handler(ledger: PaymentLedger, payer: InvoicePayer | None) -> JobHandler:
+    """The outbox handler of `stripe.retry_payment` jobs (the job's subject is the invoice id)."""
+
+    async def handle(conn: asyncpg.Connection, job: Job) -> Outcome:
+        decision = await run_retry(conn, ledger, payer, job.subject)
+        if decision.wait_until is None:
+            return Done()
+        # Not a failure of the job: it sleeps until the payment's next attempt is due.
+        return Retry(decision.note, after=max(decision.wait_until - ledger.now(), timedelta(0)))
+
+    return handle

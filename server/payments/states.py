@@ -20,22 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
-from server.domain.models import InvoiceStatus
+from server.domain.models import InvoiceStatus, PaymentState
 from server.payments.dunning import DunningSchedule
-
-
-class PaymentState(Enum):
-    """An invoice's payment state, as stored in invoice_payments.state."""
-
-    SIMULATED = "simulated"  # no Stripe key: nothing was sent
-    PENDING = "pending"  # the push has not reached Stripe's finalize yet
-    OPEN = "open"  # finalized at Stripe, payment not attempted or in flight
-    PAID = "paid"
-    FAILED = "failed"  # a charge failed; the next retry is due at next_attempt_time
-    ACTION_REQUIRED = "action_required"  # the customer must authenticate the payment
-    UNCOLLECTIBLE = "uncollectible"
-    VOID = "void"
-
 
 FINAL = frozenset({PaymentState.PAID, PaymentState.VOID})
 # Nothing retries or fails any more: the invoice is settled one way or another.

@@ -12,8 +12,9 @@ from datetime import datetime
 
 import asyncpg
 
+from server.domain.models import PaymentState
 from server.payments.events import StripeEvent
-from server.payments.states import CollectionState, Payment, PaymentState
+from server.payments.states import CollectionState, Payment
 
 _PAYMENT_COLUMNS = (
     "invoice_id, state, stripe_invoice_id, attempt_count, next_attempt_time, last_failure, first_failure_time"
