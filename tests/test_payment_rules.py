@@ -13,6 +13,7 @@ import hmac
 import itertools
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from server.domain.models import InvoiceStatus, PaymentState
 from server.payments import states
 from server.payments.dunning import DEFAULT_SCHEDULE, DunningSchedule
 from server.payments.events import EventType, read_event
-from server.payments.signature import BadDelivery, verify
+from server.payments.signature import BadDelivery, load_webhook_secret, verify
 from server.payments.states import CollectionState, Payment
 
 SECRET = "whsec_test_rules_0123456789"
@@ -239,3 +240,17 @@ def test_action_required_for_the_same_attempt_keeps_its_schedule() -> None:
 )
 def test_collection_state_follows_the_worst_invoice(uncollectible: int, past_due: int, state: Any) -> None:
     assert states.collection_state(uncollectible, past_due) is state
+
+
+def test_webhook_secret_comes_from_its_file_else_the_variable_else_nowhere(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("whsec_from_file\n")
+    variable = {"TALLY_STRIPE_WEBHOOK_SECRET": "whsec_from_env"}
+    assert load_webhook_secret(secret_file, variable) == "whsec_from_file"
+    assert load_webhook_secret(None, variable) == "whsec_from_env"
+    assert load_webhook_secret(None, {}) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_webhook_secret(tmp_path / "empty", variable)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_webhook_secret(tmp_path / "missing", variable)

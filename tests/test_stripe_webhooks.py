@@ -349,6 +349,19 @@ async def test_voided_invoice_is_void_and_a_late_paid_changes_nothing(
     )
 
 
+async def test_invoice_marked_paid_by_hand_is_settled_for_a_late_payment_failure_too(
+    payments: Payments, db: asyncpg.Pool, stripe_api: FakeStripe, tenant: str
+) -> None:
+    bill = await billed(payments, db, stripe_api, tenant)
+    await payments.billing.MarkInvoicePaid(billing_service_pb2.MarkInvoicePaidRequest(name=bill.name))
+    failed = stripe_api.event("invoice.payment_failed", bill.stripe_invoice["id"], attempt_count=1)
+    assert (await deliver(payments, stripe_api, failed))[1]["outcome"] == "unchanged"
+    payment = (await invoice_of(payments, bill.name)).payment
+    assert (payment.state, payment.attempt_count) == (resources_pb2.PAYMENT_STATE_OPEN, 0)
+    assert await retry_job(db, bill.invoice_id) is None
+    assert (await collection(payments, tenant)).state == CollectionState.STATE_GOOD_STANDING
+
+
 async def test_action_required_is_past_due_with_its_attempt(
     payments: Payments, db: asyncpg.Pool, stripe_api: FakeStripe, tenant: str
 ) -> None:
