@@ -155,6 +155,7 @@ OTHER_TENANT = {
     "GetBillingProfile": Code.PERMISSION_DENIED,
     "PreviewInvoice": Code.PERMISSION_DENIED,
     "ClosePeriod": Code.PERMISSION_DENIED,
+    "GetCollectionStatus": Code.PERMISSION_DENIED,
 }
 
 
