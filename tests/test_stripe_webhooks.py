@@ -362,6 +362,18 @@ async def test_invoice_marked_paid_by_hand_is_settled_for_a_late_payment_failure
     assert (await collection(payments, tenant)).state == CollectionState.STATE_GOOD_STANDING
 
 
+async def test_written_off_invoice_paid_by_hand_ends_the_delinquency(
+    payments: Payments, db: asyncpg.Pool, stripe_api: FakeStripe, tenant: str
+) -> None:
+    bill = await billed(payments, db, stripe_api, tenant)
+    gone = stripe_api.event("invoice.marked_uncollectible", bill.stripe_invoice["id"])
+    await deliver(payments, stripe_api, gone)
+    assert (await collection(payments, tenant)).state == CollectionState.STATE_DELINQUENT
+    await payments.billing.MarkInvoicePaid(billing_service_pb2.MarkInvoicePaidRequest(name=bill.name))
+    status = await collection(payments, tenant)
+    assert (status.state, list(status.uncollectible_invoices)) == (CollectionState.STATE_GOOD_STANDING, [])
+
+
 async def test_action_required_is_past_due_with_its_attempt(
     payments: Payments, db: asyncpg.Pool, stripe_api: FakeStripe, tenant: str
 ) -> None:

@@ -167,9 +167,9 @@ class PaymentLedger:
             return None
         await tx.lock_tenant(tenant_id)
         invoice = await tx.lock(invoice_id)
-        payment = await store.lock_payment(conn, invoice_id)
-        if invoice is None or payment is None:
+        if invoice is None:
             return None
+        payment = await store.lock_payment(conn, invoice_id) or Payment(invoice_id, PaymentState.OPEN)
         if outcome.paid:
             change = states.paid(payment)
         elif outcome.voided:

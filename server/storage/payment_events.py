@@ -134,13 +134,20 @@ async def save_payment(conn: asyncpg.Connection, payment: Payment, at: datetime)
     )
 
 
+# Payments still owed: failed or written off, on an invoice not since paid or voided by hand
+# (BillingService's MarkInvoicePaid / VoidInvoice settle it whatever Stripe last said).
+_OUTSTANDING = (
+    "p.state IN ('uncollectible', 'failed', 'action_required') AND i.status NOT IN ('paid', 'void')"
+)
+
+
 async def collection_counts(conn: asyncpg.Connection, tenant_id: str) -> tuple[int, int]:
     """(uncollectible, past due) counts of the tenant's invoice payments."""
     row = await conn.fetchrow(
         "SELECT count(*) FILTER (WHERE p.state = 'uncollectible') AS uncollectible,"
         " count(*) FILTER (WHERE p.state IN ('failed', 'action_required')) AS past_due"
         " FROM invoices i JOIN invoice_payments p ON p.invoice_id = i.id"
-        " WHERE i.tenant_id = $1 AND p.state IN ('uncollectible', 'failed', 'action_required')",
+        f" WHERE i.tenant_id = $1 AND {_OUTSTANDING}",
         tenant_id,
     )
     return row["uncollectible"], row["past_due"]
@@ -170,8 +177,7 @@ async def past_due_invoices(conn: asyncpg.Connection, tenant_id: str, limit: int
     """(invoice id, payment state) of the tenant's invoices that are past due or uncollectible."""
     rows = await conn.fetch(
         "SELECT i.id, p.state FROM invoices i JOIN invoice_payments p ON p.invoice_id = i.id"
-        " WHERE i.tenant_id = $1 AND p.state IN ('uncollectible', 'failed', 'action_required')"
-        " ORDER BY i.period_start, i.id LIMIT $2",
+        f" WHERE i.tenant_id = $1 AND {_OUTSTANDING} ORDER BY i.period_start, i.id LIMIT $2",
         tenant_id,
         limit,
     )
