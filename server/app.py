@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
@@ -50,12 +50,16 @@ from server.health import DatabaseHealth
 from server.metering import Metering
 from server.metering.corrections import Corrections
 from server.metering.meters import MeterCatalog
+from server.payments.collection import Collection
 from server.payments.dunning import DunningSchedule
 from server.payments.endpoint import StripeWebhookEndpoint
+from server.payments.health import PaymentsHealth
 from server.payments.ledger import PaymentLedger
-from server.payments.outbox import Outbox
+from server.payments.outbox import JobHandler, Outbox
 from server.payments.retries import RETRY_KIND, OutboxRetryJobs, StripeInvoicePayer, retry_handler
 from server.payments.signature import load_webhook_secret
+from server.payments.stripe_client import stripe_api_key, stripe_client
+from server.payments.stripe_push import RequestPacer, StripePush, StripeSettings, requests_per_second
 from server.ports import check_port_free
 from server.ratecard import RateCardCache
 from server.storage.audit import AuditStore
@@ -176,9 +180,9 @@ class TallyServer:
     window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
-    `stripe_client`: the Stripe API that dunning retries pay through; None: simulation mode,
-    nothing calls out. `run_outbox`: False leaves the outbox's jobs to `self.outbox.drain()`
-    (tests stepping `wall_clock`).
+    `environ`: where TALLY_STRIPE_API_KEY and TALLY_STRIPE_WEBHOOK_SECRET are read from; `tally
+    serve` passes the process's environment, and the default (none) keeps tests and embedded
+    servers in simulation mode.
     """
 
     def __init__(
@@ -190,17 +194,14 @@ class TallyServer:
         worker: int | None = None,
         clock: LimitClock = SYSTEM_CLOCK,
         wall_clock: Callable[[], int] = now_micros,
-        stripe_client: stripe.StripeClient | None = None,
-        run_outbox: bool = True,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self._environ = environ or {}
         self.worker = worker
         self._clock = clock
         self.wall_clock = wall_clock
-        self._stripe_client = stripe_client
-        self._run_outbox = run_outbox
-        # The outbox's worker (server.payments.outbox) and the payments' use cases.
-        self.outbox: Outbox | None = None
+        # Webhooks and dunning (server.payments.ledger): tests reach the ledger here.
         self.payments: PaymentLedger | None = None
         self.port = 0
         self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
@@ -227,6 +228,10 @@ class TallyServer:
         self._sharing_task: asyncio.Task[None] | None = None
         # Set when no key is configured and the development secret is in use.
         self.dev_secret_path: Path | None = None
+        # The transactional outbox's worker (Stripe pushes...): tests drive it with drain().
+        self.outbox: Outbox | None = None
+        self.payments_health: PaymentsHealth | None = None
+        self._stripe_http: stripe.HTTPXClient | None = None
 
     def _verification_keys(self) -> list[VerificationKey]:
         config = self.config
@@ -256,9 +261,11 @@ class TallyServer:
             limiter,
         )
         credentials = server_credentials(config)
+        stripe_key = stripe_api_key(config.stripe_api_key_file, self._environ)
+        stripe_settings = StripeSettings(config.stripe_collection_method, config.stripe_days_until_due)
         # Before anything starts, like the key files: a bad schedule or secret file stops the start.
         dunning = DunningSchedule.of_seconds(config.dunning_schedule_seconds)
-        webhook_secret = load_webhook_secret(config.stripe_webhook_secret_file, os.environ)
+        webhook_secret = load_webhook_secret(config.stripe_webhook_secret_file, self._environ)
         http_host = config.http_host or config.host
         if self.worker is None:
             # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
@@ -329,7 +336,13 @@ class TallyServer:
             credit_note_prefix=config.credit_note_number_prefix,
         )
         lifecycle = Lifecycle(
-            invoices, CreditNoteStore(self._pool), pricer, issuer, page_tokens, self.wall_clock
+            invoices,
+            CreditNoteStore(self._pool),
+            pricer,
+            issuer,
+            page_tokens,
+            self.wall_clock,
+            Collection(live=stripe_key is not None),
         )
         grace = timedelta(seconds=config.period_close_grace_seconds)
         plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
@@ -337,8 +350,6 @@ class TallyServer:
         self.payments = payments = PaymentLedger(
             invoices, lifecycle, dunning, OutboxRetryJobs(), self.wall_clock
         )
-        payer = None if self._stripe_client is None else StripeInvoicePayer(self._stripe_client)
-        self.outbox = Outbox(self._pool, {RETRY_KIND: retry_handler(payments, payer)}, self.wall_clock)
 
         server = grpc.aio.server(
             options=[
@@ -397,6 +408,30 @@ class TallyServer:
             health_servicer, self.dsn, SERVICE_NAMES, interval_seconds=config.health_interval_seconds
         )
         await self._health.set_all(await self._health.check_once())
+        self.payments_health = PaymentsHealth(health_servicer)
+        await self.payments_health.serving()
+        handlers: dict[str, JobHandler] = {}
+        payer: StripeInvoicePayer | None = None  # simulation mode: dunning retries call nothing
+        if stripe_key is None:
+            log.info(
+                "Stripe: no API key (TALLY_STRIPE_API_KEY or --stripe-api-key-file): simulation mode, "
+                "finalized invoices are not sent to Stripe and their payment state is 'simulated'"
+            )
+        else:
+            client, self._stripe_http = stripe_client(stripe_key, config.stripe_api_base)
+            push = StripePush(
+                client,
+                self.wall_clock,
+                settings=stripe_settings,
+                pacer=RequestPacer(requests_per_second(stripe_key)),
+                on_auth_failure=self.payments_health.refused,
+            )
+            handlers.update(push.handlers())
+            payer = StripeInvoicePayer(client)
+        handlers[RETRY_KIND] = retry_handler(payments, payer)
+        self.outbox = Outbox(
+            self._pool, handlers, self.wall_clock, poll_seconds=config.outbox_interval_seconds or 1.0
+        )
         address = f"{config.host}:{config.port}"
         if credentials is None:
             self.port = server.add_insecure_port(address)
@@ -436,7 +471,7 @@ class TallyServer:
             self._scheduler.start()
         if webhook_secret is not None and config.http_port is None:
             log.warning("a Stripe webhook secret is configured but no --http-port: no webhook is received")
-        if self._run_outbox:
+        if config.outbox_interval_seconds > 0 and handlers:
             self.outbox.start()
 
     @property
@@ -464,8 +499,11 @@ class TallyServer:
         if self._scheduler is not None:
             # Bounded: a close in progress may finish (it is one transaction), then the task ends.
             await self._scheduler.stop(self.config.grace_seconds)
-        if self.outbox is not None:  # bounded the same way: a step in progress rolls back whole
+        if self.outbox is not None:
+            # Bounded: steps under way get the grace period, then roll back whole (resumed later).
             await self.outbox.stop(self.config.grace_seconds)
+        if self.payments_health is not None:
+            await self.payments_health.stopping()
         if self._health is not None:
             await self._health.set_all(False)
         if self._server is not None:
@@ -481,6 +519,8 @@ class TallyServer:
         for pool in (self._pool, self._read_pool):
             if pool is not None:
                 await _close(pool, close_seconds)
+        if self._stripe_http is not None:
+            await self._stripe_http.close_async()  # type: ignore[no-untyped-call]
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         await self._stop_telemetry()

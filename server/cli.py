@@ -344,7 +344,7 @@ def _first_event_command(grpcurl: str, address: str) -> str:
 async def _serve(config: Config) -> None:
     from server.app import DRAIN_SECONDS, TallyServer  # keeps `tally --help` fast
 
-    server = TallyServer(config)
+    server = TallyServer(config, environ=os.environ)
     try:
         await server.start()
     except ValueError as exc:  # a key or TLS file that cannot be used, a port in use

@@ -428,6 +428,42 @@ class Config:
         default=60.0,
         help="seconds between looks for periods due to close and spend thresholds passed; 0: off",
     )
+    # Collecting invoices through Stripe (server.payments, docs/stripe.md). The secret key comes from
+    # this file or from the TALLY_STRIPE_API_KEY variable, never from a flag (a flag's value shows in
+    # the process list); with neither, simulation mode: nothing is sent anywhere.
+    stripe_api_key_file: Path | None = setting(
+        "--stripe-api-key-file",
+        OPTIONAL_PATH,
+        default=None,
+        help="file holding the Stripe secret key (or set TALLY_STRIPE_API_KEY); neither: simulation "
+        "mode, finalized invoices are not sent to Stripe and their payment state is 'simulated'",
+    )
+    stripe_api_base: str | None = setting(
+        "--stripe-api-base",
+        OPTIONAL_TEXT,
+        default=None,
+        help="base URL of the Stripe API; unset: Stripe's own (https://api.stripe.com)",
+    )
+    stripe_collection_method: str = setting(
+        "--stripe-collection-method",
+        choice("charge_automatically", "send_invoice"),
+        default="charge_automatically",
+        help="how Stripe collects a pushed invoice: charge the customer's default payment method, or "
+        "email the invoice to be paid within --stripe-days-until-due",
+    )
+    stripe_days_until_due: int = setting(
+        "--stripe-days-until-due",
+        INT,
+        default=30,
+        help="days a sent invoice has until it is due (with --stripe-collection-method send_invoice)",
+    )
+    outbox_interval_seconds: float = setting(
+        "--outbox-interval",
+        FLOAT,
+        default=1.0,
+        help="seconds between looks for due outbox jobs (Stripe pushes, webhook deliveries); 0: this "
+        "process runs none",
+    )
     # Telemetry (server.telemetry). Traces are configured by the standard OTEL_* variables.
     http_port: int | None = setting(
         "--http-port",

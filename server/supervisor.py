@@ -299,7 +299,7 @@ async def _serve_worker(config: Config, index: int, ready: Connection) -> None:
     if parent is not None:
         # The parent died (killed, crashed): stop rather than serve without a supervisor.
         loop.add_reader(parent.sentinel, stop.set)
-    server = TallyServer(config, worker=index)
+    server = TallyServer(config, worker=index, environ=os.environ)
     try:
         await server.start()
     except (ValueError, OSError) as exc:

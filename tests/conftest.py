@@ -119,6 +119,8 @@ def server_config(database_url: str, secret_file: Path) -> Config:
         limits=UNLIMITED,
         # Tests close periods themselves (ClosePeriod, or Periods.close_due with a fake clock).
         period_close_interval_seconds=0,
+        # Tests run outbox jobs themselves (TallyServer.outbox.drain(), with a fake clock).
+        outbox_interval_seconds=0,
         access_log=False,  # on by default, as in `tally serve`; test output stays readable
     )
 

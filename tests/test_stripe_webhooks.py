@@ -92,8 +92,10 @@ async def payments(
     Stripe API for dunning retries, and the outbox run by the tests (`server.outbox.drain()`)."""
     secret_file = tmp_path_factory.mktemp("stripe") / "webhook-secret"
     secret_file.write_text(SECRET + "\n")
-    config = dataclasses.replace(server_config, http_port=0, stripe_webhook_secret_file=secret_file)
-    server = TallyServer(config, wall_clock=_CLOCK, stripe_client=stripe_api.client(), run_outbox=False)
+    config = dataclasses.replace(
+        server_config, http_port=0, stripe_webhook_secret_file=secret_file, stripe_api_base=stripe_api.url
+    )
+    server = TallyServer(config, wall_clock=_CLOCK, environ={"TALLY_STRIPE_API_KEY": stripe_api.api_key})
     await server.start()
     async with channel_with_token(f"127.0.0.1:{server.port}", make_token()) as channel:
         yield Payments(
@@ -149,7 +151,10 @@ async def billed(
         params={"customer": customer.id, "invoice": stripe_invoice.id, "amount": 50, "description": "usage"}
     )
     client.v1.invoices.finalize_invoice(stripe_invoice.id)
-    # What the push stores once Stripe's invoice is open.
+    # What the push stores once Stripe's invoice is open, its job then done.
+    await db.execute(
+        "UPDATE outbox_jobs SET state = 'done' WHERE kind = 'stripe.invoice' AND subject = $1", invoice_id
+    )
     await db.execute(
         "INSERT INTO invoice_payments (invoice_id, state, stripe_invoice_id) VALUES ($1, 'open', $2)"
         " ON CONFLICT (invoice_id) DO UPDATE SET state = 'open', stripe_invoice_id = $2",

@@ -7,6 +7,7 @@ request id, before and after) and, with a request_id, its response stored, all t
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from decimal import Decimal
@@ -35,6 +36,7 @@ from server.domain.pagination import ID, MICROS, PageTokens, check_page_size
 from server.domain.plans import BillingProfile
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import to_datetime, to_micros
+from server.payments.collection import Collection
 from server.storage import credit_notes
 from server.storage.credit_notes import CreditNote, CreditNoteStore
 from server.storage.database import run_with_retries
@@ -68,6 +70,7 @@ class Lifecycle:
         issuer: Issuer,
         page_tokens: PageTokens,
         now_micros: Callable[[], int],
+        collection: Collection | None = None,
     ) -> None:
         self._invoices = invoices
         self._notes = notes
@@ -75,6 +78,8 @@ class Lifecycle:
         self.issuer = issuer
         self._page_tokens = page_tokens
         self._now_micros = now_micros
+        # Payment records and outbox jobs written with each change (simulation mode by default).
+        self._collection = collection or Collection(live=False)
 
     async def _locked(
         self, tx: InvoiceTransaction, tenant_id: str, invoice_id: str, principal: Principal
@@ -122,6 +127,8 @@ class Lifecycle:
         prefix = expand_prefix(self.issuer.invoice_prefix, at)
         number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
         invoice = await tx.finalize(draft.id, number, parties, priced.plan_ids, at, amounts.lines)
+        payment = await self._collection.invoice_finalized(tx.connection, invoice, at)
+        invoice = dataclasses.replace(invoice, payment=payment)
         await tx.append_audit(
             AuditEntry(
                 principal=caller.principal.subject,
@@ -177,14 +184,24 @@ class Lifecycle:
         return await run_with_retries(attempt)
 
     async def move_in(
-        self, tx: InvoiceTransaction, before: Invoice, target: InvoiceStatus, caller: Caller
+        self,
+        tx: InvoiceTransaction,
+        before: Invoice,
+        target: InvoiceStatus,
+        caller: Caller,
+        *,
+        mirror: bool = True,
     ) -> Invoice:
         """One status move of an invoice locked in the caller's transaction, audited with it.
 
-        Payments (server.payments) move invoices this way when Stripe reports a payment.
+        Payments (server.payments) move invoices this way when Stripe reports a payment, with
+        `mirror` False: what Stripe reported needs no mirroring back to Stripe (a void).
         """
         check_transition(invoice_name(before.tenant_id, before.id), before.status, target)
-        await tx.set_status(before.id, target, to_datetime(self._now_micros()))
+        at = to_datetime(self._now_micros())
+        await tx.set_status(before.id, target, at)
+        if mirror and target is InvoiceStatus.VOID and before.status is not InvoiceStatus.DRAFT:
+            await self._collection.invoice_voided(tx.connection, before.id, at)
         invoice = await tx.load(before.id)
         await tx.append_audit(
             AuditEntry(
@@ -270,6 +287,7 @@ class Lifecycle:
                         at,
                     ),
                 )
+                await self._collection.credit_note_created(tx.connection, note.id, invoice_id, at)
                 await tx.append_audit(
                     AuditEntry(
                         principal=caller.principal.subject,

@@ -231,7 +231,7 @@ class PaymentLedger:
         await store.save_payment(conn, after, at)
         target = change.invoice_status
         if target is not None and target in TRANSITIONS[invoice.status]:
-            await self._lifecycle.move_in(tx, invoice, target, caller)
+            await self._lifecycle.move_in(tx, invoice, target, caller, mirror=False)
         # A failed attempt (the last one included), or the same attempt now needing the customer.
         if after.attempt_count > before.attempt_count or (
             after.state is not before.state and after.state in states.DUE

@@ -46,6 +46,11 @@ def _note(row: asyncpg.Record) -> CreditNote:
     )
 
 
+async def get(conn: asyncpg.Connection, note_id: str) -> CreditNote | None:
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM credit_notes WHERE id = $1", note_id)
+    return None if row is None else _note(row)
+
+
 async def credited(conn: asyncpg.Connection, invoice_id: str) -> Decimal:
     """The sum of the invoice's credit notes so far."""
     total: Decimal = await conn.fetchval(

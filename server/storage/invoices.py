@@ -317,6 +317,12 @@ class InvoiceTransaction:
         """Record the change in the audit trail, committed (or not) with it."""
         await audit.append(self._conn, entry)
 
+    async def find(self, invoice_id: str) -> Invoice | None:
+        """The invoice (not locked), or None."""
+        rows = await self._conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)
+        invoices = await _load(self._conn, rows)
+        return invoices[0] if invoices else None
+
     async def load(self, invoice_id: str) -> Invoice:
         rows = await self._conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)
         return (await _load(self._conn, rows))[0]

@@ -82,6 +82,16 @@ async def set_state(
     )
 
 
+async def note_failure(conn: asyncpg.Connection, invoice_id: str, failure: str, at: datetime) -> None:
+    """Why collecting it went wrong, shown with the payment state (which stays as it was)."""
+    await conn.execute(
+        "UPDATE invoice_payments SET last_failure = $2, updated_time = $3 WHERE invoice_id = $1",
+        invoice_id,
+        failure,
+        at,
+    )
+
+
 async def stripe_customer(conn: asyncpg.Connection, tenant_id: str) -> str | None:
     """The tenant's Stripe customer id, stored on its billing profile (None: not created yet)."""
     value: str | None = await conn.fetchval(

@@ -50,6 +50,7 @@ class _Fault:
     error: StripeApiError | None = None
     hold_seconds: float = 0.0
     released: threading.Event = field(default_factory=threading.Event)
+    skip: int = 0  # matching requests let through untouched before the fault applies
 
     def matches(self, method: str, path: str) -> bool:
         return (
@@ -179,11 +180,13 @@ class FakeStripe:
         method: str | None = None,
         after: bool = False,
         seconds: float = 60.0,
+        skip: int = 0,
     ) -> None:
         """Hold the next `times` matching requests until `release()` (or `seconds`, a backstop), before
         they run or, with `after=True`, after they ran and were stored. Give the client a short timeout:
-        it times out because the hold outlasts it, never because of how fast the machine is."""
-        self._add_fault(_Fault("delay", pattern, method, times, after=after, hold_seconds=seconds))
+        it times out because the hold outlasts it, never because of how fast the machine is. `skip`: let
+        that many matching requests through first (e.g. hold the third invoice item)."""
+        self._add_fault(_Fault("delay", pattern, method, times, after=after, hold_seconds=seconds, skip=skip))
 
     def disconnect_next(
         self, pattern: str, *, times: int = 1, method: str | None = None, after: bool = True
@@ -208,6 +211,9 @@ class FakeStripe:
         with self.state.lock:
             for fault in self._faults:
                 if fault.matches(method, path):
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        continue
                     fault.remaining -= 1
                     return fault
         return None

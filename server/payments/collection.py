@@ -1,0 +1,51 @@
+"""What finalizing, voiding and crediting an invoice owe to its collection, written in their transaction.
+
+Lifecycle (server.billing.lifecycle) calls these inside the transaction that changes the invoice,
+so the payment record and the outbox job exist exactly when the change committed. With Stripe
+configured, a finalized invoice gets payment state `pending` and a `stripe.invoice` job; a void or a
+credit note of a pushed invoice gets a `stripe.void` / `stripe.credit_note` job. In simulation mode
+(no Stripe key), a finalized invoice's payment state is `simulated` and nothing is queued: nothing
+will ever call out for it, even if a key is configured later.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from server.domain.models import Invoice, InvoicePayment, PaymentState
+from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_VOID
+from server.payments.outbox import enqueue
+from server.storage import payments
+
+
+class Collection:
+    """The in-transaction side of collecting invoices; `live`: a Stripe key is configured."""
+
+    def __init__(self, *, live: bool) -> None:
+        self.live = live
+
+    async def invoice_finalized(
+        self, conn: asyncpg.Connection, invoice: Invoice, at: datetime
+    ) -> InvoicePayment:
+        """Record the new invoice's payment and, live, queue its push; the payment as recorded."""
+        state = PaymentState.PENDING if self.live else PaymentState.SIMULATED
+        await payments.create(conn, invoice.id, state, at)
+        if self.live:
+            await enqueue(conn, STRIPE_INVOICE, invoice.id, due=at)
+        return InvoicePayment(state=state, updated_time=at)
+
+    async def invoice_voided(self, conn: asyncpg.Connection, invoice_id: str, at: datetime) -> None:
+        """A billed invoice was voided: mirror it at Stripe if it was pushed there."""
+        payment = await payments.get(conn, invoice_id)
+        if payment is not None and payment.state is not PaymentState.SIMULATED:
+            await enqueue(conn, STRIPE_VOID, invoice_id, due=at)
+
+    async def credit_note_created(
+        self, conn: asyncpg.Connection, note_id: str, invoice_id: str, at: datetime
+    ) -> None:
+        """A credit note was issued: mirror it at Stripe if its invoice was pushed there."""
+        payment = await payments.get(conn, invoice_id)
+        if payment is not None and payment.state is not PaymentState.SIMULATED:
+            await enqueue(conn, STRIPE_CREDIT_NOTE, note_id, {"invoice_id": invoice_id}, due=at)
