@@ -27,6 +27,7 @@ from server.api.billing import BillingApi
 from server.api.decoding import BoundedRegistration, RequestReader
 from server.api.meters import MeterApi
 from server.api.notifications import NotificationApi
+from server.api.payments import PaymentApi
 from server.api.reflection import SourcePool, load_sources
 from server.api.usage import UsageApi
 from server.auth.authenticator import Authenticator
@@ -53,8 +54,13 @@ from server.metering.pipeline import EventBudget
 from server.notifications.delivery import DELIVER_JOB, DeliveryHandler, WebhookSender
 from server.notifications.subscriptions import Subscriptions
 from server.payments.collection import Collection
+from server.payments.dunning import DunningSchedule
+from server.payments.endpoint import StripeWebhookEndpoint
 from server.payments.health import PaymentsHealth
+from server.payments.ledger import PaymentLedger
 from server.payments.outbox import JobHandler, Outbox
+from server.payments.retries import RETRY_KIND, OutboxRetryJobs, StripeInvoicePayer, retry_handler
+from server.payments.signature import load_webhook_secret
 from server.payments.stripe_client import stripe_api_key, stripe_client
 from server.payments.stripe_push import RequestPacer, StripePush, StripeSettings, requests_per_second
 from server.ports import check_port_free
@@ -95,6 +101,8 @@ from tally.v1 import (
     meter_service_pb2_grpc,
     notification_service_pb2,
     notification_service_pb2_grpc,
+    payment_service_pb2,
+    payment_service_pb2_grpc,
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
@@ -112,6 +120,7 @@ SERVICE_NAMES = (
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name,
     meter_service_pb2.DESCRIPTOR.services_by_name["MeterService"].full_name,
     notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
+    payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name,
 )
 
 
@@ -194,8 +203,9 @@ class TallyServer:
     window, billing and period close: tests pass a fake one to close periods by themselves.
     `tracer_provider`: where spans go; None reads the OTEL_* variables (server.telemetry.tracing).
     `log_stream`: where access lines go (with config.access_log), by default standard error.
-    `environ`: where TALLY_STRIPE_API_KEY is read from; `tally serve` passes the process's
-    environment, and the default (none) keeps tests and embedded servers in simulation mode.
+    `environ`: where TALLY_STRIPE_API_KEY and TALLY_STRIPE_WEBHOOK_SECRET are read from; `tally
+    serve` passes the process's environment, and the default (none) keeps tests and embedded
+    servers in simulation mode.
     `metric_files`: a worker's metrics files, which its parent sums on /metrics
     (server.telemetry.multiprocess); the worker then serves no HTTP of its own.
     """
@@ -219,6 +229,8 @@ class TallyServer:
         self.worker = worker
         self._clock = clock
         self.wall_clock = wall_clock
+        # Webhooks and dunning (server.payments.ledger): tests reach the ledger here.
+        self.payments: PaymentLedger | None = None
         self.port = 0
         self.http_port = 0  # the HTTP listener's port once started (with config.http_port set)
         self._tracer_provider = tracer_provider
@@ -281,6 +293,9 @@ class TallyServer:
         credentials = server_credentials(config)
         stripe_key = stripe_api_key(config.stripe_api_key_file, self._environ)
         stripe_settings = StripeSettings(config.stripe_collection_method, config.stripe_days_until_due)
+        # Before anything starts, like the key files: a bad schedule or secret file stops the start.
+        dunning = DunningSchedule.of_seconds(config.dunning_schedule_seconds)
+        webhook_secret = load_webhook_secret(config.stripe_webhook_secret_file, self._environ)
         http_host = config.http_host or config.host
         if self.worker is None:
             # Before PostgreSQL starts, so that a busy port fails fast and leaves nothing behind.
@@ -368,6 +383,9 @@ class TallyServer:
         grace = timedelta(seconds=config.period_close_grace_seconds)
         plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
         self.periods = Periods(invoices, pricer, lifecycle, self.wall_clock, grace)
+        self.payments = payments = PaymentLedger(
+            invoices, lifecycle, dunning, OutboxRetryJobs(), self.wall_clock
+        )
 
         server = grpc.aio.server(
             options=[
@@ -409,6 +427,9 @@ class TallyServer:
             ),
             tally,
         )
+        payment_service_pb2_grpc.add_PaymentServiceServicer_to_server(
+            PaymentApi(payments, authenticator, call_telemetry), tally
+        )
         open_services = BoundedRegistration(server, reader, tally=False)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, open_services)
@@ -434,6 +455,7 @@ class TallyServer:
         handlers: dict[str, JobHandler] = {
             DELIVER_JOB: DeliveryHandler(self._webhook_sender, self.wall_clock)
         }
+        payer: StripeInvoicePayer | None = None  # simulation mode: dunning retries call nothing
         if stripe_key is None:
             log.info(
                 "Stripe: no API key (TALLY_STRIPE_API_KEY or --stripe-api-key-file): simulation mode, "
@@ -449,6 +471,8 @@ class TallyServer:
                 on_auth_failure=self.payments_health.refused,
             )
             handlers.update(push.handlers())
+            payer = StripeInvoicePayer(client)
+        handlers[RETRY_KIND] = retry_handler(payments, payer)
         self.outbox = Outbox(
             self._pool, handlers, self.wall_clock, poll_seconds=config.outbox_interval_seconds or 1.0
         )
@@ -477,6 +501,13 @@ class TallyServer:
             figures = DatabaseFigures(lambda: read_figures(read_pool, timeout_seconds=2.0))
             figures.register(metrics.meter)
             self._http = HttpListener(registry, lambda: health.serving, figures)
+            if webhook_secret is not None:
+                wall_clock = self.wall_clock
+                StripeWebhookEndpoint(webhook_secret, payments, lambda: wall_clock() / 1e6).mount(
+                    self._http.app
+                )
+            else:
+                log.info("no Stripe webhook secret configured: POST /webhooks/stripe is not served")
             await self._http.start(http_host, config.http_port)
             self.http_port = self._http.port
         # A process without limits has nothing to settle, and no business judging (on its own
@@ -487,6 +518,8 @@ class TallyServer:
         if config.period_close_interval_seconds > 0:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
+        if webhook_secret is not None and config.http_port is None:
+            log.warning("a Stripe webhook secret is configured but no --http-port: no webhook is received")
         if config.outbox_interval_seconds > 0 and handlers:
             self.outbox.start()
 

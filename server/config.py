@@ -47,6 +47,21 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
+def parse_durations(text: str) -> tuple[int, ...]:
+    """Whole seconds of each comma-separated duration: `3d,5d,7d` -> (259200, 432000, 604800)."""
+    return tuple(parse_duration(part) for part in text.split(","))
+
+
+def _show_durations(seconds: tuple[int, ...]) -> str:
+    def one(value: int) -> str:
+        for unit in ("d", "h", "m"):
+            if value % _UNIT_SECONDS[unit] == 0:
+                return f"{value // _UNIT_SECONDS[unit]}{unit}"
+        return f"{value}s"
+
+    return ",".join(one(value) for value in seconds)
+
+
 def _optional_text(text: str) -> str | None:
     return text or None  # empty: unset, e.g. TALLY_JWT_AUDIENCE= turns the `aud` check off
 
@@ -94,6 +109,9 @@ OPTIONAL_PATH: Kind[Path | None] = Kind(_optional_path, "a path")
 DURATION: Kind[int] = Kind(parse_duration, _DURATION_WHAT)
 OPTIONAL_INT: Kind[int | None] = Kind(_optional_int, "an integer")
 ON_OFF: Kind[bool] = Kind(_on_off, "on or off", ("on", "off"), show=lambda on: "on" if on else "off")
+DURATIONS: Kind[tuple[int, ...]] = Kind(
+    parse_durations, "durations separated by commas, like 3d,5d,7d", show=_show_durations
+)
 SWITCH: Kind[bool] = Kind(_yes_no, "true or false (1/0, on/off, yes/no)", switch=True)
 
 
@@ -466,6 +484,23 @@ class Config:
         SWITCH,
         default=False,
         help="label the event counters with the tenant id: one series per tenant, so only with few tenants",
+    )
+    # Stripe webhooks and dunning (server.payments). The webhook secret itself is never a flag
+    # (the process list would show it): TALLY_STRIPE_WEBHOOK_SECRET, or this file.
+    stripe_webhook_secret_file: Path | None = setting(
+        "--stripe-webhook-secret-file",
+        OPTIONAL_PATH,
+        default=None,
+        help="file holding the signing secret (whsec_...) of the Stripe webhook endpoint POST "
+        "/webhooks/stripe on the HTTP listener; or set TALLY_STRIPE_WEBHOOK_SECRET. Neither: the "
+        "endpoint is not served",
+    )
+    dunning_schedule_seconds: tuple[int, ...] = setting(
+        "--dunning-schedule",
+        DURATIONS,
+        default=(3 * 86_400, 5 * 86_400, 7 * 86_400),
+        help="when a failed invoice payment is retried, counted from the first failure; after the "
+        "last retry fails the invoice is uncollectible and its tenant delinquent",
     )
     # Not a flag: how often health probes PostgreSQL; tests shorten it.
     health_interval_seconds: float = 2.0

@@ -22,6 +22,7 @@ from tally.v1 import (
     billing_service_pb2,
     meter_service_pb2,
     notification_service_pb2,
+    payment_service_pb2,
     resources_pb2,
     usage_service_pb2,
 )
@@ -38,6 +39,7 @@ EXAMPLE_WEBHOOK = notification_service_pb2.WebhookSubscription(
     secret="example-secret-0123456789",
     event_types=["threshold.crossed"],
 )
+PAYMENT = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"]
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,10 @@ EXAMPLES: dict[str, tuple[str, Callable[[str, str], Message]]] = {
             parent=f"webhookSubscriptions/ws_{uuid.uuid4().hex}"
         ),
     ),
+    "GetCollectionStatus": (
+        BILLING_READ,
+        lambda t, i: payment_service_pb2.GetCollectionStatusRequest(name=f"tenants/{t}/collectionStatus"),
+    ),
 }
 
 
@@ -213,7 +219,7 @@ def _rpcs() -> list[Rpc]:
 
     db = symbol_database.Default()
     found = []
-    for service in (USAGE, BILLING, METER, NOTIFICATION):
+    for service in (USAGE, BILLING, METER, NOTIFICATION, PAYMENT):
         for method in service.methods:
             scope, example = EXAMPLES[method.name]
             found.append(

@@ -161,6 +161,7 @@ OTHER_TENANT = {
     "ListWebhookSubscriptions": Code.PERMISSION_DENIED,
     "DeleteWebhookSubscription": Code.PERMISSION_DENIED,
     "ListWebhookDeliveries": Code.PERMISSION_DENIED,
+    "GetCollectionStatus": Code.PERMISSION_DENIED,
 }
 
 

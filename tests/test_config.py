@@ -19,6 +19,7 @@ import pytest
 from server.cli import RETENTION_SETTINGS, SETTINGS, TOKEN_SETTINGS, config_from_args, main, parse_args
 from server.config import (
     DURATION,
+    DURATIONS,
     FLOAT,
     INT,
     OPTIONAL_INT,
@@ -30,6 +31,7 @@ from server.config import (
     Kind,
     LimitSettings,
     parse_duration,
+    parse_durations,
 )
 from server.domain.access import SCOPES
 
@@ -44,6 +46,7 @@ SAMPLES: dict[Kind[Any], str] = {
     PATH: "/srv/tally-example",
     OPTIONAL_PATH: "/srv/tally-example/file.pem",
     DURATION: "90s",
+    DURATIONS: "1d,36h",
 }
 TOKEN_ARGS = ["token", "--all-tenants", "--scope", SCOPES[0]]
 RETENTION_ARGS = ["retention", "--keep-months", "3"]
@@ -224,6 +227,13 @@ def test_readme_configuration_table_lists_every_flag_and_variable() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("3600", 3600), ("90s", 90), ("30m", 1800), ("7d", 604_800)])
 def test_durations_take_a_unit(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_a_list_of_durations_reads_each_and_shows_them_back() -> None:
+    assert parse_durations("3d,5d,7d") == (259_200, 432_000, 604_800)
+    assert DURATIONS.show((90, 7200, 86_400 + 1)) == "90s,2h,86401s"
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_durations("3d,,7d")
 
 
 @pytest.mark.parametrize("text", ["0", "-5", "5w", "1.5h", ""])

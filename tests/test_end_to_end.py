@@ -143,6 +143,7 @@ def test_reflection_lists_every_service(served: Served) -> None:
         "tally.v1.BillingService",
         "tally.v1.MeterService",
         "tally.v1.NotificationService",
+        "tally.v1.PaymentService",
         "tally.v1.UsageService",
     ]
     described = served.grpcurl("describe").stdout

@@ -247,28 +247,45 @@ class Lifecycle:
                 if once is not None and (stored := await tx.claim(once.key)) is not None:
                     return Replayed(stored)
                 before = await self._locked(tx, tenant_id, invoice_id, caller.principal)
-                check_transition(invoice_name(tenant_id, invoice_id), before.status, target)
-                at = to_datetime(self._now_micros())
-                await tx.set_status(invoice_id, target, at)
-                if target is InvoiceStatus.VOID and before.status is not InvoiceStatus.DRAFT:
-                    await self._collection.invoice_voided(tx.connection, invoice_id, at)
-                invoice = await tx.load(invoice_id)
-                await tx.append_audit(
-                    AuditEntry(
-                        principal=caller.principal.subject,
-                        request_id=caller.request_id,
-                        action=_ACTIONS[target],
-                        tenant_id=tenant_id,
-                        resource=f"invoices/{invoice_id}",
-                        before={"status": before.status.value, "number": before.number},
-                        after={"status": invoice.status.value, "number": invoice.number},
-                    )
-                )
+                invoice = await self.move_in(tx, before, target, caller)
                 if once is not None:
                     await tx.complete(once.key, once.encode(invoice))
                 return invoice
 
         return await run_with_retries(attempt)
+
+    async def move_in(
+        self,
+        tx: InvoiceTransaction,
+        before: Invoice,
+        target: InvoiceStatus,
+        caller: Caller,
+        *,
+        mirror: bool = True,
+    ) -> Invoice:
+        """One status move of an invoice locked in the caller's transaction, audited with it.
+
+        Payments (server.payments) move invoices this way when Stripe reports a payment, with
+        `mirror` False: what Stripe reported needs no mirroring back to Stripe (a void).
+        """
+        check_transition(invoice_name(before.tenant_id, before.id), before.status, target)
+        at = to_datetime(self._now_micros())
+        await tx.set_status(before.id, target, at)
+        if mirror and target is InvoiceStatus.VOID and before.status is not InvoiceStatus.DRAFT:
+            await self._collection.invoice_voided(tx.connection, before.id, at)
+        invoice = await tx.load(before.id)
+        await tx.append_audit(
+            AuditEntry(
+                principal=caller.principal.subject,
+                request_id=caller.request_id,
+                action=_ACTIONS[target],
+                tenant_id=before.tenant_id,
+                resource=f"invoices/{before.id}",
+                before={"status": before.status.value, "number": before.number},
+                after={"status": invoice.status.value, "number": invoice.number},
+            )
+        )
+        return invoice
 
     async def create_credit_note(
         self,

@@ -43,6 +43,12 @@ class AuditAction(StrEnum):
     USAGE_EVENT_CANCELLED = "usage_event_cancelled"
     WEBHOOK_SUBSCRIPTION_CREATED = "webhook_subscription_created"
     WEBHOOK_SUBSCRIPTION_DELETED = "webhook_subscription_deleted"
+    # Payments through Stripe (server.payments): failures and retries, refunds, disputes, and
+    # the tenant's collection status that follows from them.
+    PAYMENT_FAILED = "payment_failed"
+    PAYMENT_REFUNDED = "payment_refunded"
+    PAYMENT_DISPUTED = "payment_disputed"
+    COLLECTION_STATUS_CHANGED = "collection_status_changed"
 
 
 State = Mapping[str, Any]

@@ -19,6 +19,7 @@ USAGE_SUMMARY = "/usageSummary"
 CREDIT_NOTES = "/creditNotes/"
 BILLING_PROFILE = "/billingProfile"
 PLANS = "plans/"
+COLLECTION_STATUS = "/collectionStatus"
 
 
 def tenant_name(tenant_id: str) -> str:
@@ -99,6 +100,17 @@ def parse_invoice_name(name: str, field: str = "name") -> tuple[str, str]:
     if problem := check_id(invoice_id):
         raise InvalidArgument.single(field, f"invoice id {problem}")
     return tenant_id, invoice_id
+
+
+def collection_status_name(tenant_id: str) -> str:
+    return f"{TENANTS}{tenant_id}{COLLECTION_STATUS}"
+
+
+def parse_collection_status_name(name: str, field: str = "name") -> str:
+    """The tenant id of "tenants/{tenant}/collectionStatus"."""
+    if not name.endswith(COLLECTION_STATUS):
+        raise _bad(field, "tenants/{tenant}/collectionStatus")
+    return parse_tenant_name(name[: -len(COLLECTION_STATUS)], field)
 
 
 def parse_usage_summary_name(name: str, field: str = "name") -> str:

@@ -1,1 +1,3 @@
-"""Collecting invoices: the transactional outbox and the Stripe push (issue 12, docs/stripe.md)."""
+"""Collecting invoices through Stripe (issue 12, docs/stripe.md): the transactional outbox and the push,
+webhooks (what Stripe reports back) and dunning (retrying failed payments).
+"""

@@ -18,8 +18,8 @@ import asyncpg
 from server.domain.models import Invoice, InvoicePayment, PaymentState
 from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_VOID
 from server.payments.outbox import enqueue
-from server.storage.outbox import enqueue_many
 from server.storage import payments
+from server.storage.outbox import enqueue_many
 
 
 class Collection:

@@ -203,6 +203,12 @@ class InvoiceTransaction:
         """The transaction's connection, for the other stores' queries in the same transaction."""
         return self._conn
 
+    async def lock_tenant(self, tenant_id: str) -> None:
+        """Hold the tenant's invoice lock until the transaction ends (see InvoiceStore.tenant_transaction)."""
+        await self._conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
+        )
+
     async def overlapping(
         self, tenant_id: str, start: datetime, end: datetime
     ) -> list[tuple[str, datetime, datetime, InvoiceStatus]]:
@@ -544,10 +550,9 @@ class InvoiceStore:
         """A transaction holding the tenant's invoice lock: generations of one tenant run one at a time."""
         with unavailable_when_unreachable():
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended('invoices:' || $1, 0))", tenant_id
-                )
-                yield InvoiceTransaction(conn)
+                tx = InvoiceTransaction(conn)
+                await tx.lock_tenant(tenant_id)
+                yield tx
 
     @asynccontextmanager
     async def try_tenant_transaction(self, tenant_id: str) -> AsyncIterator[InvoiceTransaction | None]:

@@ -550,6 +550,30 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """NotificationService.DeleteWebhookSubscription deleted a subscription;
     `before` holds it as `after` did at its creation.
     """
+    AUDIT_ACTION_PAYMENT_FAILED: _AuditAction.ValueType  # 40
+    """A payment attempt of an invoice failed, through Stripe's webhook
+    (principal "stripe-webhook", request_id the Stripe event id) or a dunning
+    retry (principal "tally-dunning"); also when an attempt turns out to need
+    the customer's authentication. `before` and `after` hold the payment's
+    state, attempt_count, next_attempt_time and last_failure; after the last
+    attempt its state is "uncollectible" (the invoice's own move is an
+    AUDIT_ACTION_INVOICE_UNCOLLECTIBLE entry). Resource: "invoices/{invoice}".
+    """
+    AUDIT_ACTION_PAYMENT_REFUNDED: _AuditAction.ValueType  # 41
+    """Stripe reported a refund of an invoice's charge: `after` holds
+    amount_refunded (the charge's refunded total so far), currency_code,
+    stripe_object (the charge) and invoice_status. A paid invoice stays paid.
+    """
+    AUDIT_ACTION_PAYMENT_DISPUTED: _AuditAction.ValueType  # 42
+    """Stripe reported a dispute of an invoice's charge: `after` holds
+    amount_disputed, currency_code, stripe_object (the dispute) and
+    invoice_status.
+    """
+    AUDIT_ACTION_COLLECTION_STATUS_CHANGED: _AuditAction.ValueType  # 43
+    """A tenant's collection status changed (PaymentService): `before` and
+    `after` hold its state ("good_standing", "past_due", "delinquent").
+    Resource: "tenants/{tenant_id}/collectionStatus".
+    """
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What kind of change an audit event records."""
@@ -614,6 +638,30 @@ empty.
 AUDIT_ACTION_WEBHOOK_SUBSCRIPTION_DELETED: AuditAction.ValueType  # 31
 """NotificationService.DeleteWebhookSubscription deleted a subscription;
 `before` holds it as `after` did at its creation.
+"""
+AUDIT_ACTION_PAYMENT_FAILED: AuditAction.ValueType  # 40
+"""A payment attempt of an invoice failed, through Stripe's webhook
+(principal "stripe-webhook", request_id the Stripe event id) or a dunning
+retry (principal "tally-dunning"); also when an attempt turns out to need
+the customer's authentication. `before` and `after` hold the payment's
+state, attempt_count, next_attempt_time and last_failure; after the last
+attempt its state is "uncollectible" (the invoice's own move is an
+AUDIT_ACTION_INVOICE_UNCOLLECTIBLE entry). Resource: "invoices/{invoice}".
+"""
+AUDIT_ACTION_PAYMENT_REFUNDED: AuditAction.ValueType  # 41
+"""Stripe reported a refund of an invoice's charge: `after` holds
+amount_refunded (the charge's refunded total so far), currency_code,
+stripe_object (the charge) and invoice_status. A paid invoice stays paid.
+"""
+AUDIT_ACTION_PAYMENT_DISPUTED: AuditAction.ValueType  # 42
+"""Stripe reported a dispute of an invoice's charge: `after` holds
+amount_disputed, currency_code, stripe_object (the dispute) and
+invoice_status.
+"""
+AUDIT_ACTION_COLLECTION_STATUS_CHANGED: AuditAction.ValueType  # 43
+"""A tenant's collection status changed (PaymentService): `before` and
+`after` hold its state ("good_standing", "past_due", "delinquent").
+Resource: "tenants/{tenant_id}/collectionStatus".
 """
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
