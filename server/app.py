@@ -469,10 +469,11 @@ class TallyServer:
                 settings=stripe_settings,
                 pacer=RequestPacer(requests_per_second(stripe_key)),
                 on_auth_failure=self.payments_health.refused,
+                attempts=payments,
             )
             handlers.update(push.handlers())
             payer = StripeInvoicePayer(client)
-        handlers[RETRY_KIND] = retry_handler(payments, payer)
+        handlers[RETRY_KIND] = retry_handler(payments, payer, self.payments_health.refused)
         self.outbox = Outbox(
             self._pool, handlers, self.wall_clock, poll_seconds=config.outbox_interval_seconds or 1.0
         )
@@ -518,7 +519,9 @@ class TallyServer:
         if config.period_close_interval_seconds > 0:
             self._scheduler = CloseScheduler(self.periods, config.period_close_interval_seconds)
             self._scheduler.start()
-        if webhook_secret is not None and config.http_port is None:
+        if (
+            webhook_secret is not None and config.http_port is None and self.worker is None
+        ):  # a parent warns for its workers
             log.warning("a Stripe webhook secret is configured but no --http-port: no webhook is received")
         if config.outbox_interval_seconds > 0 and handlers:
             self.outbox.start()

@@ -45,7 +45,7 @@ from server.config import Config
 from server.ports import PortReservation, check_port_free, reserve_port
 
 if TYPE_CHECKING:
-    from server.telemetry.workers import WorkersHttp
+    from server.telemetry.workers import Routes, WorkersHttp
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Supervisor:
         self.http_port = 0  # the parent's HTTP listener, once started (with config.http_port set)
         self.dsn = ""
         self.dev_secret_path: Path | None = None
+        self._webhook_secret: str | None = None
         self._log_level = log_level
         self._backoff = backoff
         self._reservation: PortReservation | None = None
@@ -142,9 +143,21 @@ class Supervisor:
         if config.jwt_secret_file is None and config.jwt_public_keys_file is None:
             # Created once here: the workers then find it and all verify with the same secret.
             self.dev_secret_path, _ = ensure_dev_secret(config.data_dir)
+        from server.payments.signature import load_webhook_secret
+
+        self._webhook_secret = load_webhook_secret(config.stripe_webhook_secret_file, os.environ)
+        if self._webhook_secret is not None and config.http_port is None:
+            log.warning("a Stripe webhook secret is configured but no --http-port: no webhook is received")
         for path in (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file):
             if path is not None and not os.access(path, os.R_OK):
                 raise ValueError(f"cannot read {path}")
+
+    def _webhook_routes(self) -> list[Routes]:
+        """Stripe's deliveries come to the parent's listener: the endpoint, if a secret is set."""
+        from server.payments.receiving import ParentWebhooks
+
+        secret = self._webhook_secret
+        return [] if secret is None else [ParentWebhooks(self.config, secret)]
 
     async def start(self) -> None:
         """Check and hold the port, start PostgreSQL, migrate, start every worker and wait until they serve.
@@ -191,7 +204,7 @@ class Supervisor:
             if failures:
                 raise failures[0]
             if self._http is not None and config.http_port is not None:
-                await self._http.start(self.dsn, http_host, config.http_port)
+                await self._http.start(self.dsn, http_host, config.http_port, self._webhook_routes())
                 self.http_port = self._http.port
         except BaseException:
             await self.stop()

@@ -610,3 +610,53 @@ async def test_crossed_spend_threshold_is_published_with_its_interim_invoice(
         interim.name,
     )
     assert interim.total == "0.70"
+
+
+async def test_invoice_written_off_then_paid_by_hand_is_published_each_time(
+    tally: Any,
+    notifications: Any,
+    usage: Any,
+    billing: Any,
+    tenant: str,
+    receiver: Receiver,
+    cleanup: list[str],
+) -> None:
+    created = (
+        await notifications.CreateWebhookSubscription(
+            pb.CreateWebhookSubscriptionRequest(
+                webhook_subscription=new_subscription(
+                    f"{receiver.url}/tally", INVOICE_PAID, INVOICE_UNCOLLECTIBLE
+                )
+            )
+        )
+    ).webhook_subscription
+    cleanup.append(created.name)
+    await usage.ReportUsage(
+        usage_service_pb2.ReportUsageRequest(event=event(tenant, quantity="7", time=hour_start(-2)))
+    )
+    draft = (
+        await billing.GenerateInvoice(
+            billing_service_pb2.GenerateInvoiceRequest(
+                parent=f"tenants/{tenant}",
+                period_start_time=ts(hour_start(-3)),
+                period_end_time=ts(hour_start(-1)),
+            )
+        )
+    ).invoice
+    await billing.FinalizeInvoice(billing_service_pb2.FinalizeInvoiceRequest(name=draft.name))
+    await billing.MarkInvoiceUncollectible(
+        billing_service_pb2.MarkInvoiceUncollectibleRequest(name=draft.name)
+    )
+    await billing.MarkInvoicePaid(billing_service_pb2.MarkInvoicePaidRequest(name=draft.name))
+
+    assert tally.outbox is not None
+    await tally.outbox.drain()
+
+    mine = [r.event for r in receiver.requests if r.event["data"]["invoice"] == draft.name]
+    assert [
+        (e["type"], e["data"]["status"]) for e in sorted(mine, key=lambda e: e["data"]["status_time"])
+    ] == [
+        (INVOICE_UNCOLLECTIBLE, "uncollectible"),
+        (INVOICE_PAID, "paid"),
+    ]
+    assert {e["data"]["total"] for e in mine} == {"0.70"}  # 7 uploads at 0.10

@@ -10,6 +10,7 @@ with no gap in the numbers.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from server.domain.access import Caller
 from server.domain.audit import AuditAction
 from server.domain.lifecycle import Issuer, expand_prefix
 from server.domain.pagination import PageTokens
+from server.payments.collection import Collection
 from server.storage.credit_notes import CreditNoteStore
 from server.storage.invoices import InvoiceStore, InvoiceTransaction
 from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
@@ -343,3 +345,56 @@ async def test_block_that_runs_out_of_time_is_closed_in_smaller_blocks(
     assert sorted((r["tenant_id"], r["status"], r["total"]) for r in rows) == [
         (t, "finalized", Decimal("0.30")) for t in tenants
     ]
+
+
+async def test_block_close_records_payments_queues_stripe_pushes_and_publishes_finalized(
+    server_config: Config, usage: Any, billing: Any, db: asyncpg.Pool
+) -> None:
+    tenants = sorted(new_tenant() for _ in range(4))
+    for i, tenant in enumerate(tenants):
+        await set_profile(
+            billing, tenant, billing_anchor_day=next_anchor_day(), billing_start_time=ts(hour_start(-30))
+        )
+        await uploads(usage, tenant, str(i + 1), hour_start(-2))
+    due = max([await next_close(db, t) for t in tenants]) + timedelta(minutes=1)
+    _, clock = fake_clock(due)
+    issuer = Issuer(name=server_config.issuer_name, invoice_prefix=server_config.invoice_number_prefix)
+    store = InvoiceStore(db)
+    pricer = InvoicePricer("USD")
+    live = Collection(live=True)  # as with a Stripe key
+    lifecycle = Lifecycle(store, CreditNoteStore(db), pricer, issuer, PageTokens(b"k" * 32), clock, live)
+    periods = Periods(store, pricer, lifecycle, clock, timedelta(hours=1))
+    subscription = f"ws_{uuid.uuid4().hex}"
+    await db.execute(
+        "INSERT INTO webhook_subscriptions (id, url, secret, event_types, create_time)"
+        " VALUES ($1, 'http://127.0.0.1:9/none', 'secret-0123456789abcdef', $2, now())",
+        subscription,
+        ["invoice.finalized"],
+    )
+    try:
+        await periods.close_due(batch=8, blocks=1)
+    finally:
+        await db.execute("DELETE FROM webhook_subscriptions WHERE id = $1", subscription)
+    invoices = await db.fetch(
+        "SELECT i.id, i.tenant_id, i.number, p.state FROM invoices i"
+        " JOIN invoice_payments p ON p.invoice_id = i.id WHERE i.tenant_id = ANY($1) ORDER BY i.tenant_id",
+        tenants,
+    )
+    ids = [r["id"] for r in invoices]
+    # The session server runs no Stripe handler; no other test may see these jobs as theirs.
+    jobs = await db.fetch(
+        "UPDATE outbox_jobs SET state = 'stopped' WHERE kind = 'stripe.invoice' AND subject = ANY($1)"
+        " RETURNING subject",
+        ids,
+    )
+    assert [r["tenant_id"] for r in invoices] == tenants  # each closed, each with a payment record
+    assert {r["state"] for r in invoices} == {"pending"}
+    assert sorted(r["subject"] for r in jobs) == sorted(ids)  # one push job per invoice
+    published = await db.fetch(
+        "SELECT data->>'invoice' AS invoice, data->>'number' AS number FROM webhook_events"
+        " WHERE type = 'invoice.finalized' AND data->>'tenant_id' = ANY($1)",
+        tenants,
+    )
+    assert sorted((p["invoice"], p["number"]) for p in published) == sorted(
+        (f"tenants/{r['tenant_id']}/invoices/{r['id']}", r["number"]) for r in invoices
+    )

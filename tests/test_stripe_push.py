@@ -26,16 +26,24 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import TallyServer
+from server.billing.lifecycle import Lifecycle
+from server.billing.pricer import InvoicePricer
 from server.config import Config
+from server.domain.lifecycle import Issuer
 from server.domain.models import Invoice, PaymentState
+from server.domain.pagination import PageTokens
 from server.domain.pricing import LineItem
 from server.payments.collection import Collection
+from server.payments.dunning import DunningSchedule
 from server.payments.health import PAYMENTS_SERVICE
-from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_KINDS
+from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_KINDS, STRIPE_RETRY_PAYMENT
+from server.payments.ledger import PaymentLedger
 from server.payments.outbox import Outbox
+from server.payments.retries import OutboxRetryJobs
 from server.payments.stripe_push import RequestPacer, StripePush, StripeSettings
 from server.storage import outbox as jobs
 from server.storage import payments
+from server.storage.credit_notes import CreditNoteStore
 from server.storage.invoices import InvoiceStore
 from tally.v1 import (
     billing_service_pb2,
@@ -122,14 +130,31 @@ def push_outbox(
     timeout: float = 30.0,
     settings: StripeSettings | None = None,
     on_auth_failure: Any = None,
+    attempts: PaymentLedger | None = None,
 ) -> Outbox:
     push = StripePush(
         fake.client(max_network_retries=retries, timeout=timeout),
         clock,
         settings=settings or StripeSettings(),
         on_auth_failure=on_auth_failure,
+        attempts=attempts,
     )
     return Outbox(db, push.handlers(), clock)
+
+
+def payment_ledger(db: asyncpg.Pool, clock: Clock) -> PaymentLedger:
+    """The ledger the server gives the push: declines go to dunning (retries 3, 5, 7 days on)."""
+    invoices = InvoiceStore(db)
+    lifecycle = Lifecycle(
+        invoices,
+        CreditNoteStore(db),
+        InvoicePricer("USD"),
+        Issuer(name="Tally"),
+        PageTokens(b"k" * 32),
+        clock,
+    )
+    schedule = DunningSchedule.of_seconds([3 * 86_400, 5 * 86_400, 7 * 86_400])
+    return PaymentLedger(invoices, lifecycle, schedule, OutboxRetryJobs(), clock)
 
 
 async def push_job(db: asyncpg.Pool, invoice_id: str) -> jobs.Job:
@@ -267,6 +292,52 @@ async def test_a_card_decline_marks_the_payment_failed_once_without_looping(
         "Your card has insufficient funds.",
     )
     assert await db.fetchval("SELECT status FROM invoices WHERE id = $1", invoice.id) == "finalized"
+    assert (await push_job(db, invoice.id)).state == "done"
+
+
+async def test_a_declined_first_charge_starts_dunning_without_waiting_for_a_webhook(
+    db: asyncpg.Pool, billing: Any, fake_stripe: FakeStripe, tenant: str
+) -> None:
+    await set_profile(billing, tenant)
+    customer = fake_stripe.client().v1.customers.create(params={"name": tenant})
+    fake_stripe.set_default_payment_method(customer.id, "pm_card_chargeDeclinedInsufficientFunds")
+    await db.execute(
+        "UPDATE billing_profiles SET stripe_customer_id = $2 WHERE tenant_id = $1", tenant, customer.id
+    )
+    invoice = await finalized(db, tenant, ["12.00"])
+    clock = Clock()
+    await push_outbox(db, fake_stripe, clock, attempts=payment_ledger(db, clock)).drain()
+
+    row = await db.fetchrow(
+        "SELECT state, attempt_count, first_failure_time, next_attempt_time, last_failure"
+        " FROM invoice_payments WHERE invoice_id = $1",
+        invoice.id,
+    )
+    assert (row["state"], row["attempt_count"], row["last_failure"]) == (
+        "failed",
+        1,
+        "Your card has insufficient funds.",
+    )
+    assert row["first_failure_time"] == clock.at
+    assert row["next_attempt_time"] == clock.at + timedelta(days=3)  # the schedule's first retry
+    retry = await jobs.get(db, STRIPE_RETRY_PAYMENT, invoice.id)
+    assert retry is not None and (retry.state, retry.next_attempt_time) == (
+        "pending",
+        clock.at + timedelta(days=3),
+    )
+    assert (
+        await db.fetchval("SELECT state FROM tenant_collections WHERE tenant_id = $1", tenant) == "past_due"
+    )
+    audited = await db.fetch(
+        "SELECT action, principal FROM audit_events WHERE tenant_id = $1 AND action LIKE ANY($2) ORDER BY id",
+        tenant,
+        ["payment_%", "collection_%"],
+    )
+    assert [(a["action"], a["principal"]) for a in audited] == [
+        ("payment_failed", "tally-stripe"),
+        ("collection_status_changed", "tally-stripe"),
+    ]
+    assert len(fake_stripe.requests("POST", "/v1/invoices/*/pay")) == 1
     assert (await push_job(db, invoice.id)).state == "done"
 
 

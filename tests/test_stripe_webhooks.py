@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -310,6 +311,40 @@ async def test_failures_arriving_out_of_order_keep_the_latest_attempt_and_the_fi
     # Attempt 3 is due 5 days after the first failure, whichever event came first.
     assert payment.next_attempt_time.ToSeconds() == first + 5 * 86_400
     assert (await collection(payments, tenant)).state == CollectionState.STATE_PAST_DUE
+
+
+async def test_each_new_failed_attempt_is_published_to_subscribers_once(
+    payments: Payments, db: asyncpg.Pool, stripe_api: FakeStripe, tenant: str
+) -> None:
+    subscription = f"ws_{uuid.uuid4().hex}"
+    await db.execute(
+        "INSERT INTO webhook_subscriptions (id, url, secret, event_types, description, create_time)"
+        " VALUES ($1, 'http://127.0.0.1:9/none', 'secret-0123456789abcdef', $2, '', now())",
+        subscription,
+        ["invoice.payment_failed"],
+    )
+    try:
+        bill = await billed(payments, db, stripe_api, tenant)
+        stripe_id = bill.stripe_invoice["id"]
+        one = stripe_api.event("invoice.payment_failed", stripe_id, attempt_count=1)
+        await deliver(payments, stripe_api, one)
+        await deliver(payments, stripe_api, one)  # a redelivery: not news
+        await deliver(
+            payments, stripe_api, stripe_api.event("invoice.payment_failed", stripe_id, attempt_count=2)
+        )
+        published = await db.fetch(
+            "SELECT data FROM webhook_events WHERE type = 'invoice.payment_failed'"
+            " AND data->>'invoice' = $1 ORDER BY create_time, data->>'attempt_count'",
+            bill.name,
+        )
+    finally:
+        await db.execute("DELETE FROM webhook_subscriptions WHERE id = $1", subscription)
+    data = [json.loads(row["data"]) for row in published]
+    assert [(d["attempt_count"], d["payment_state"], d["tenant_id"]) for d in data] == [
+        ("1", "failed", tenant),
+        ("2", "failed", tenant),
+    ]
+    assert all(d["next_attempt_time"] for d in data)
 
 
 async def test_marked_uncollectible_then_paid_ends_paid_and_in_good_standing(

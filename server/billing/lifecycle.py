@@ -43,6 +43,11 @@ _ACTIONS = {
     InvoiceStatus.VOID: AuditAction.INVOICE_VOIDED,
     InvoiceStatus.UNCOLLECTIBLE: AuditAction.INVOICE_UNCOLLECTIBLE,
 }
+# The moves that subscribers hear of, by hand or through Stripe (a void is not an event).
+_EVENTS = {
+    InvoiceStatus.PAID: notifications.INVOICE_PAID,
+    InvoiceStatus.UNCOLLECTIBLE: notifications.INVOICE_UNCOLLECTIBLE,
+}
 
 
 def customer_party(tenant_id: str, profile: BillingProfile | None) -> dict[str, str]:
@@ -285,6 +290,10 @@ class Lifecycle:
                 after={"status": invoice.status.value, "number": invoice.number},
             )
         )
+        event_type = _EVENTS.get(target)
+        if event_type is not None:
+            data = notifications.invoice_data(invoice, status_time=rfc3339(at))
+            await notifications.publish(tx.connection, event_type, data, time=at)
         return invoice
 
     async def create_credit_note(

@@ -25,6 +25,8 @@ from server.domain.decimals import MINOR_UNITS, format_money
 from server.domain.lifecycle import TRANSITIONS
 from server.domain.models import Invoice, InvoiceStatus, PaymentState
 from server.domain.timeutil import to_datetime
+from server.domain.webhooks import rfc3339
+from server.notifications import events as notifications
 from server.payments import states
 from server.payments.dunning import DunningSchedule
 from server.payments.events import EventType, StripeEvent
@@ -148,12 +150,18 @@ class PaymentLedger:
         return await run_with_retries(attempt)
 
     async def record_attempt(
-        self, conn: asyncpg.Connection, invoice_id: str, attempt: int, outcome: AttemptOutcome
+        self,
+        conn: asyncpg.Connection,
+        invoice_id: str,
+        attempt: int,
+        outcome: AttemptOutcome,
+        principal: Principal = DUNNING,
     ) -> Payment | None:
-        """A dunning retry's outcome, applied like the webhook that reports it; the payment after it.
+        """A payment attempt's outcome, applied like the webhook that reports it; the payment after it.
 
-        Runs in the caller's transaction (the retry job's, so the job's next due time and
-        this change commit together).
+        Runs in the caller's transaction (the retry job's, or the push's for the first
+        attempt, so the job's next step and this change commit together). A decline starts
+        (or goes on with) the dunning schedule whether or not Stripe's webhooks are set up.
         """
         tx = InvoiceTransaction(conn)
         tenant_id = await conn.fetchval("SELECT tenant_id FROM invoices WHERE id = $1", invoice_id)
@@ -178,7 +186,7 @@ class PaymentLedger:
                 action_required=outcome.action_required,
             )
         await self.apply_change(
-            tx, invoice, payment, change, Caller(DUNNING, f"{invoice_id}:attempt-{attempt}")
+            tx, invoice, payment, change, Caller(principal, f"{invoice_id}:attempt-{attempt}")
         )
         return await store.read_payment(conn, invoice_id)
 
@@ -241,6 +249,14 @@ class PaymentLedger:
                     after=_payment_state(after),
                 )
             )
+            failed = notifications.invoice_data(
+                await tx.load(invoice.id),
+                attempt_count=str(after.attempt_count),
+                failure=after.last_failure or "",
+                payment_state=after.state.value,
+                next_attempt_time=rfc3339(after.next_attempt_time) if after.next_attempt_time else "",
+            )
+            await notifications.publish(conn, notifications.INVOICE_PAYMENT_FAILED, failed, time=at)
         if change.retry_due is not None:
             await self._retries.schedule(conn, invoice.id, change.retry_due)
         await self._update_collection(tx, invoice.tenant_id, caller, at)

@@ -12,6 +12,7 @@ With no Stripe key (simulation mode) nothing calls out: the job ends.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -20,14 +21,15 @@ import asyncpg
 import stripe
 
 from server.payments import states
+from server.payments.kinds import STRIPE_KINDS, STRIPE_RETRY_PAYMENT
 from server.payments.ledger import AttemptOutcome, PaymentLedger
-from server.payments.outbox import Done, Job, JobHandler, Outcome, Retry, enqueue
+from server.payments.outbox import Done, Halt, Job, JobHandler, Outcome, Retry, enqueue
 from server.storage import outbox as outbox_store
 from server.storage import payment_events
 
 log = logging.getLogger(__name__)
 
-RETRY_KIND = "stripe.retry_payment"
+RETRY_KIND = STRIPE_RETRY_PAYMENT
 
 
 def idempotency_key(invoice_id: str, attempt: int) -> str:
@@ -121,11 +123,25 @@ class OutboxRetryJobs:
         await enqueue(conn, RETRY_KIND, invoice_id, due=due, reopen=True)
 
 
-def retry_handler(ledger: PaymentLedger, payer: InvoicePayer | None) -> JobHandler:
-    """The outbox handler of `stripe.retry_payment` jobs (the job's subject is the invoice id)."""
+def retry_handler(
+    ledger: PaymentLedger,
+    payer: InvoicePayer | None,
+    on_auth_failure: Callable[[str], Awaitable[None]] | None = None,
+) -> JobHandler:
+    """The outbox handler of `stripe.retry_payment` jobs (the job's subject is the invoice id).
+
+    A refused API key halts every Stripe kind in this process, as the push does, and is
+    reported to `on_auth_failure` (the Payments health service).
+    """
 
     async def handle(conn: asyncpg.Connection, job: Job) -> Outcome:
-        decision = await run_retry(conn, ledger, payer, job.subject)
+        try:
+            decision = await run_retry(conn, ledger, payer, job.subject)
+        except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+            reason = f"Stripe refused the API key ({exc.http_status}): {exc.user_message or exc}"
+            if on_auth_failure is not None:
+                await on_auth_failure(reason)
+            return Halt(reason, STRIPE_KINDS)
         if decision.wait_until is None:
             return Done()
         # Not a failure of the job: it sleeps until the payment's next attempt is due.

@@ -36,16 +36,21 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import stripe
 
+from server.domain.access import ALL_TENANTS, Principal
 from server.domain.audit import AuditAction, AuditEntry
 from server.domain.models import Invoice, InvoicePayment, InvoiceStatus, PaymentState
 from server.domain.timeutil import to_datetime
+from server.domain.webhooks import rfc3339
+from server.notifications import events as notifications
 from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_KINDS, STRIPE_VOID
+from server.payments.ledger import AttemptOutcome
 from server.payments.outbox import Advance, Backoff, Done, Halt, JobHandler, Outcome, Retry, Stop
+from server.payments.states import Payment
 from server.payments.stripe_items import minor_units, stripe_items
 from server.storage import credit_notes, payments
 from server.storage import outbox as jobs
@@ -57,6 +62,21 @@ T = TypeVar("T")
 
 # The principal named in the audit trail for what Stripe's answers change in Tally.
 STRIPE_PRINCIPAL = "tally-stripe"
+
+
+class AttemptRecorder(Protocol):
+    """Where a declined first charge goes (server.payments.ledger.PaymentLedger): it starts dunning."""
+
+    async def record_attempt(
+        self,
+        conn: asyncpg.Connection,
+        invoice_id: str,
+        attempt: int,
+        outcome: AttemptOutcome,
+        principal: Principal = ...,
+    ) -> Payment | None:
+        """Apply attempt number `attempt`'s outcome in the caller's transaction."""
+
 
 CUSTOMER, INVOICE, ITEMS, FINALIZE, COLLECT = "", "invoice", "items", "finalize", "collect"
 ITEMS_PER_STEP = 50  # items created per outbox call: bounds one call's time (at 25 requests/s, 2 s)
@@ -139,8 +159,10 @@ class StripePush:
         settings: StripeSettings = StripeSettings(),
         pacer: RequestPacer | None = None,
         on_auth_failure: Callable[[str], Awaitable[None]] | None = None,
+        attempts: AttemptRecorder | None = None,
     ) -> None:
         self._client = client
+        self._attempts = attempts
         self._now_micros = now_micros
         self._settings = settings
         self._pacer = pacer
@@ -341,9 +363,16 @@ class StripePush:
         except stripe.CardError as exc:
             # Declined: recorded once, never retried here (dunning retries on its own schedule).
             remote = await self._call(lambda: self._client.v1.invoices.retrieve_async(stripe_id))
-            state = (
-                PaymentState.ACTION_REQUIRED if exc.code == "authentication_required" else PaymentState.FAILED
-            )
+            action_required = exc.code == "authentication_required"
+            if self._attempts is not None:
+                # The first failure starts dunning here, even where no webhook will report it.
+                outcome = AttemptOutcome(action_required=action_required, failure=_stripe_message(exc))
+                principal = Principal(subject=STRIPE_PRINCIPAL, tenants=ALL_TENANTS, scopes=frozenset())
+                await self._attempts.record_attempt(
+                    conn, invoice.id, remote.attempt_count or 1, outcome, principal
+                )
+                return Done()
+            state = PaymentState.ACTION_REQUIRED if action_required else PaymentState.FAILED
             await payments.set_state(
                 conn,
                 invoice.id,
@@ -393,6 +422,8 @@ class StripePush:
                 after={"status": InvoiceStatus.PAID.value, "number": invoice.number},
             )
         )
+        paid = notifications.invoice_data(await tx.load(invoice.id), status_time=rfc3339(at))
+        await notifications.publish(conn, notifications.INVOICE_PAID, paid, time=at)
 
     async def _withdraw(self, conn: asyncpg.Connection, invoice: Invoice, payment: InvoicePayment) -> Outcome:
         """The Tally invoice was voided while its push was under way: a Stripe draft is deleted.

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from typing import Protocol
 
 import asyncpg
+from aiohttp import web
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
@@ -25,6 +28,16 @@ from server.telemetry.figures import DatabaseFigures
 from server.telemetry.http import HttpListener
 from server.telemetry.multiprocess import MetricsDirectory
 from server.telemetry.tracing import resource
+
+
+class Routes(Protocol):
+    """More endpoints on the listener (e.g. server.payments.receiving's Stripe webhooks)."""
+
+    async def mount(self, app: web.Application, dsn: str) -> None:
+        """Add the routes to `app`, before it starts."""
+
+    async def close(self) -> None:
+        """Give back what mount() took, once the listener has stopped."""
 
 
 class WorkersHttp:
@@ -39,12 +52,14 @@ class WorkersHttp:
         self._provider: MeterProvider | None = None
         self._listener: HttpListener | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._routes: list[Routes] = []
 
-    async def start(self, dsn: str, host: str, port: int) -> None:
-        """Listen on host:port for HTTP and probe the database at `dsn`.
+    async def start(self, dsn: str, host: str, port: int, routes: Sequence[Routes] = ()) -> None:
+        """Listen on host:port for HTTP and probe the database at `dsn`; `routes` mount more endpoints.
 
         ValueError if the port cannot be had.
         """
+        self._routes = list(routes)
         registry = CollectorRegistry()
         self.directory.register(registry)
         # The database figures through OpenTelemetry gauges, as in one process (also target_info).
@@ -59,6 +74,8 @@ class WorkersHttp:
         self._ready = await probe.check()
         self._probe_task = asyncio.create_task(self._probe(probe), name="tally-parent-probe")
         self._listener = HttpListener(registry, lambda: self._ready, figures)
+        for extra in self._routes:
+            await extra.mount(self._listener.app, dsn)
         try:
             await self._listener.start(host, port)
         except OSError as exc:  # taken since the check at start: told like a port in use
@@ -89,6 +106,9 @@ class WorkersHttp:
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
+        for extra in self._routes:
+            await extra.close()
+        self._routes = []
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

@@ -1,0 +1,81 @@
+"""POST /webhooks/stripe where no TallyServer runs: the parent of `tally serve --workers N`.
+
+With workers the parent owns the one HTTP listener (server.telemetry.workers), so Stripe's
+deliveries arrive there. The parent builds what applying them needs (the payment ledger, the
+invoice lifecycle's status moves, the dunning schedule) from the configuration and a small
+pool of its own; the retries it schedules are outbox jobs, which the workers run. Nothing
+here imports gRPC (server.supervisor keeps the parent free of it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+from aiohttp import web
+
+from server.billing.lifecycle import Lifecycle
+from server.billing.pricer import InvoicePricer
+from server.config import Config
+from server.domain.lifecycle import Issuer
+from server.domain.pagination import PageTokens
+from server.payments.dunning import DunningSchedule
+from server.payments.endpoint import StripeWebhookEndpoint
+from server.payments.ledger import PaymentLedger
+from server.payments.retries import OutboxRetryJobs
+from server.storage.credit_notes import CreditNoteStore
+from server.storage.database import create_pool
+from server.storage.invoices import InvoiceStore
+from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
+
+# Deliveries are few (one per payment event) and each is one short transaction.
+POOL_SIZE = 4
+
+
+def _wall_micros() -> int:
+    return time.time_ns() // 1_000
+
+
+class ParentWebhooks:
+    """The Stripe webhook endpoint mounted on the parent's listener; close() after the listener stops."""
+
+    def __init__(self, config: Config, secret: str) -> None:
+        self._config = config
+        self._secret = secret
+        self._pool: asyncpg.Pool | None = None
+
+    async def mount(self, app: web.Application, dsn: str) -> None:
+        """Open the pool, build the ledger and add the route to `app` (before the listener starts)."""
+        config = self._config
+        self._pool = pool = await create_pool(dsn, min_size=1, max_size=POOL_SIZE)
+        invoices = InvoiceStore(pool)
+        issuer = Issuer(
+            name=config.issuer_name,
+            address=config.issuer_address,
+            tax_id=config.issuer_tax_id,
+            invoice_prefix=config.invoice_number_prefix,
+            credit_note_prefix=config.credit_note_number_prefix,
+        )
+        # The ledger only moves statuses (Lifecycle.move_in); pricing never runs here.
+        lifecycle = Lifecycle(
+            invoices,
+            CreditNoteStore(pool),
+            InvoicePricer("USD"),
+            issuer,
+            PageTokens(await shared_key(pool, PAGE_TOKEN_KEY)),
+            _wall_micros,
+        )
+        ledger = PaymentLedger(
+            invoices,
+            lifecycle,
+            DunningSchedule.of_seconds(config.dunning_schedule_seconds),
+            OutboxRetryJobs(),
+            _wall_micros,
+        )
+        StripeWebhookEndpoint(self._secret, ledger, time.time).mount(app)
+
+    async def close(self) -> None:
+        """Close the pool (in-flight deliveries have ended with the listener)."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
