@@ -20,7 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 import psutil  # type: ignore[import-untyped]
@@ -33,9 +35,10 @@ from server.auth.sharing import LimitSharing
 from server.domain.errors import ResourceExhausted
 from server.ports import PortUnavailable, check_port_free, reserve_port
 from server.storage.shared_limits import SharedLimitStore
-from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
+from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 from tests.conftest import AUDIENCE, ISSUER, TEST_SECRET, make_token, new_tenant
-from tests.helpers import bearer_interceptors, event, totals
+from tests.fake_stripe import FakeStripe
+from tests.helpers import bearer_interceptors, event, hour_start, totals, ts
 from tests.test_telemetry import scrape, status_of, value
 
 TALLY = str(Path(sys.executable).parent / "tally")
@@ -319,6 +322,66 @@ async def test_one_scrape_of_the_parent_sums_both_workers_and_keeps_a_killed_wor
         assert await status_of(workers.http_port, "/healthz") == 200
         assert await status_of(workers.http_port, "/readyz") == 200
     assert (await totals(db, tenant))[0] == calls + more + 5  # type: ignore[arg-type]
+
+
+async def test_the_parent_of_workers_receives_stripe_webhooks_and_applies_them(
+    tally: TallyServer, db: asyncpg.Pool, usage: Any, billing: Any, tmp_path: Path
+) -> None:
+    tenant = new_tenant()
+    await usage.ReportUsage(
+        usage_service_pb2.ReportUsageRequest(event=event(tenant, quantity="5", time=hour_start(-2)))
+    )
+    draft = (
+        await billing.GenerateInvoice(
+            billing_service_pb2.GenerateInvoiceRequest(
+                parent=f"tenants/{tenant}",
+                period_start_time=ts(hour_start(-3)),
+                period_end_time=ts(hour_start(0)),
+            )
+        )
+    ).invoice
+    await billing.FinalizeInvoice(billing_service_pb2.FinalizeInvoiceRequest(name=draft.name))
+    invoice_id = draft.name.rsplit("/", 1)[1]
+    secret = "whsec_workers_0123456789abcdef"
+    (tmp_path / "webhook-secret").write_text(secret + "\n")
+    with FakeStripe() as fake:
+        client = fake.client()
+        customer = client.v1.customers.create(params={"name": tenant})
+        remote = client.v1.invoices.create(
+            params={
+                "customer": customer.id,
+                "auto_advance": False,
+                "metadata": {"tally_invoice_id": invoice_id},
+            }
+        )
+        # What the push stores once Stripe's invoice is open (the session server is in simulation mode).
+        await db.execute(
+            "UPDATE invoice_payments SET state = 'open', stripe_invoice_id = $2 WHERE invoice_id = $1",
+            invoice_id,
+            remote.id,
+        )
+        paid = fake.event("invoice.paid", remote.id, status="paid")
+        body, header = fake.sign(paid, secret, timestamp=int(time.time()))
+    flag = ("--http-port", "0", "--stripe-webhook-secret-file", str(tmp_path / "webhook-secret"))
+    with serving_workers(tally.dsn, tmp_path, *flag) as workers:
+        url = f"http://127.0.0.1:{workers.http_port}/webhooks/stripe"
+        async with aiohttp.ClientSession() as session:
+            for expected in ("applied", "duplicate"):  # Stripe redelivers: applied once
+                async with session.post(url, data=body, headers={"Stripe-Signature": header}) as answer:
+                    assert (answer.status, (await answer.json())["outcome"]) == (200, expected)
+            async with session.post(url, data=body, headers={"Stripe-Signature": "t=1,v1=00"}) as answer:
+                assert answer.status == 400  # a forged delivery is refused
+    row = await db.fetchrow(
+        "SELECT i.status, p.state FROM invoices i JOIN invoice_payments p ON p.invoice_id = i.id"
+        " WHERE i.id = $1",
+        invoice_id,
+    )
+    assert (row["status"], row["state"]) == ("paid", "paid")
+    audited = await db.fetch(
+        "SELECT principal FROM audit_events WHERE resource = $1 AND action = 'invoice_paid'",
+        f"invoices/{invoice_id}",
+    )
+    assert [a["principal"] for a in audited] == ["stripe-webhook"]
 
 
 async def test_another_server_on_the_port_of_workers_is_refused(workers: Workers, tmp_path: Path) -> None:
