@@ -475,7 +475,11 @@ class TallyServer:
             payer = StripeInvoicePayer(client)
         handlers[RETRY_KIND] = retry_handler(payments, payer, self.payments_health.refused)
         self.outbox = Outbox(
-            self._pool, handlers, self.wall_clock, poll_seconds=config.outbox_interval_seconds or 1.0
+            self._pool,
+            handlers,
+            self.wall_clock,
+            poll_seconds=config.outbox_interval_seconds or 1.0,
+            observe=metrics.count_outbox_step,
         )
         address = f"{config.host}:{config.port}"
         if credentials is None:
@@ -504,9 +508,9 @@ class TallyServer:
             self._http = HttpListener(registry, lambda: health.serving, figures)
             if webhook_secret is not None:
                 wall_clock = self.wall_clock
-                StripeWebhookEndpoint(webhook_secret, payments, lambda: wall_clock() / 1e6).mount(
-                    self._http.app
-                )
+                StripeWebhookEndpoint(
+                    webhook_secret, payments, lambda: wall_clock() / 1e6, count=metrics.count_stripe_webhook
+                ).mount(self._http.app)
             else:
                 log.info("no Stripe webhook secret configured: POST /webhooks/stripe is not served")
             await self._http.start(http_host, config.http_port)

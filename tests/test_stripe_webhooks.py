@@ -38,6 +38,7 @@ from tally.v1 import (
 from tests.conftest import make_token
 from tests.fake_stripe import FakeStripe
 from tests.helpers import channel_with_token, error_info, event, hour_start, ts
+from tests.test_telemetry import scrape, value
 
 SECRET = "whsec_tally_webhook_tests_0123456789"
 DAY = timedelta(days=1)
@@ -223,6 +224,34 @@ async def test_signed_invoice_paid_marks_the_invoice_paid_audited_as_stripe(
     assert await audit_actions(db, tenant) == [("invoice_paid", "stripe-webhook", paid["id"])]
     stored = await stored_event(db, paid["id"])
     assert stored is not None and (stored["outcome"], stored["invoice_id"]) == ("applied", bill.invoice_id)
+
+
+async def test_each_answer_is_counted_on_metrics_and_so_are_the_outbox_steps(
+    payments: Payments, db: asyncpg.Pool, stripe_api: FakeStripe, tenant: str
+) -> None:
+    port = payments.server.http_port
+
+    async def counts() -> tuple[float, ...]:
+        samples = await scrape(port)
+        return (
+            value(samples, "tally_stripe_webhooks_total", outcome="applied"),
+            value(samples, "tally_stripe_webhooks_total", outcome="duplicate"),
+            value(samples, "tally_stripe_webhooks_total", outcome="refused"),
+            value(samples, "tally_outbox_steps_total", kind="stripe.retry_payment", outcome="done"),
+        )
+
+    before = await counts()
+    bill = await billed(payments, db, stripe_api, tenant)
+    failed = stripe_api.event("invoice.payment_failed", bill.stripe_invoice["id"], attempt_count=1)
+    await deliver(payments, stripe_api, failed)
+    await deliver(payments, stripe_api, failed)
+    await deliver(payments, stripe_api, failed, secret="whsec_another_secret_0123456789")
+    outbox = payments.server.outbox
+    assert outbox is not None
+    payments.clock.offset = 3 * DAY + timedelta(hours=1)
+    await outbox.drain()  # the retry is due: it pays (the card works now), the job is done
+    after = await counts()
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1, 1]
 
 
 async def test_delivery_signed_with_another_secret_is_refused_and_nothing_stored(

@@ -371,6 +371,9 @@ async def test_the_parent_of_workers_receives_stripe_webhooks_and_applies_them(
                     assert (answer.status, (await answer.json())["outcome"]) == (200, expected)
             async with session.post(url, data=body, headers={"Stripe-Signature": "t=1,v1=00"}) as answer:
                 assert answer.status == 400  # a forged delivery is refused
+        samples = await scrape(workers.http_port)  # counted by the parent, on the one /metrics
+        for outcome in ("applied", "duplicate", "refused"):
+            assert value(samples, "tally_stripe_webhooks_total", outcome=outcome) == 1, outcome
     row = await db.fetchrow(
         "SELECT i.status, p.state FROM invoices i JOIN invoice_payments p ON p.invoice_id = i.id"
         " WHERE i.id = $1",

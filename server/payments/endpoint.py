@@ -37,36 +37,44 @@ class StripeWebhookEndpoint:
         ledger: PaymentLedger,
         now_seconds: Callable[[], float],
         answer_seconds: float = ANSWER_SECONDS,
+        count: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self._secret = secret
         self._ledger = ledger
         self._now_seconds = now_seconds
         self._answer_seconds = answer_seconds
+        self._count = count
 
     def mount(self, app: web.Application) -> None:
         app.router.add_post(PATH, self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
+        """Answer one delivery; its outcome (or refused / unavailable) is counted."""
+        response, outcome = await self._handle(request)
+        self._count(outcome)
+        return response
+
+    async def _handle(self, request: web.Request) -> tuple[web.Response, str]:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return _answer(413, "the body is larger than a Stripe event")
+            return _answer(413, "the body is larger than a Stripe event"), "refused"
         body = await request.read()
         try:
             values = verify(body, request.headers.get("Stripe-Signature"), self._secret, self._now_seconds)
             event = read_event(values)
         except (BadDelivery, ValueError) as exc:
             log.warning("Stripe webhook refused: %s", exc)
-            return _answer(400, str(exc))
+            return _answer(400, str(exc)), "refused"
         try:
             async with asyncio.timeout(self._answer_seconds):
                 received = await self._ledger.receive(event, body.decode())
         except InvalidArgument as exc:  # signed, yet a value PostgreSQL refuses (e.g. a NUL character)
             log.warning("Stripe event %s refused: %s", event.id, exc)
-            return _answer(400, "the event holds a value that cannot be stored")
+            return _answer(400, "the event holds a value that cannot be stored"), "refused"
         except (Unavailable, Aborted, TimeoutError) as exc:
             log.warning("Stripe event %s not stored, Stripe will deliver it again: %s", event.id, exc)
-            return _answer(503, "try again later")
+            return _answer(503, "try again later"), "unavailable"
         log.info("Stripe event %s (%s): %s", event.id, event.type, received.outcome)
-        return web.json_response({"received": True, "outcome": received.outcome})
+        return web.json_response({"received": True, "outcome": received.outcome}), received.outcome
 
 
 def _answer(status: int, error: str) -> web.Response:

@@ -98,6 +98,14 @@ class Halt:
 
 
 Outcome = Done | Advance | Retry | Stop | Halt
+# The `outcome` label of the outbox metric, by what a step returned.
+OUTCOME_NAMES: Mapping[type, str] = {
+    Done: "done",
+    Advance: "advanced",
+    Retry: "retried",
+    Stop: "stopped",
+    Halt: "halted",
+}
 JobHandler = Callable[[asyncpg.Connection, Job], Awaitable[Outcome]]
 
 
@@ -128,6 +136,7 @@ class Outbox:
         poll_seconds: float = 1.0,
         handler_timeout_seconds: float = 120.0,
         backoff: Backoff = Backoff(),
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -138,6 +147,8 @@ class Outbox:
         self._poll_seconds = poll_seconds
         self._handler_timeout = handler_timeout_seconds
         self._backoff = backoff
+        # Told (kind, outcome) once each step's transaction has committed (server.telemetry).
+        self._observe = observe
         self._halted: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -164,6 +175,8 @@ class Outbox:
             outcome = await self._call(conn, job)
             # The outcome's time: after the handler, which may have taken a while (real clock).
             await self._apply(conn, job, outcome, to_datetime(self._now_micros()))
+        if self._observe is not None:
+            self._observe(job.kind, OUTCOME_NAMES[type(outcome)])
         return True
 
     async def drain(self, *, max_steps: int = 10_000) -> int:

@@ -27,6 +27,8 @@ from server.storage.credit_notes import CreditNoteStore
 from server.storage.database import create_pool
 from server.storage.invoices import InvoiceStore
 from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
+from server.telemetry.metrics import STRIPE_WEBHOOKS
+from server.telemetry.multiprocess import MetricFiles, MetricsDirectory
 
 # Deliveries are few (one per payment event) and each is one short transaction.
 POOL_SIZE = 4
@@ -43,10 +45,17 @@ class ParentWebhooks:
         self._config = config
         self._secret = secret
         self._pool: asyncpg.Pool | None = None
+        self._files: MetricFiles | None = None
 
-    async def mount(self, app: web.Application, dsn: str) -> None:
-        """Open the pool, build the ledger and add the route to `app` (before the listener starts)."""
+    async def mount(self, app: web.Application, dsn: str, metrics: MetricsDirectory) -> None:
+        """Open the pool, build the ledger and add the route to `app` (before the listener starts).
+
+        Each answer is counted in the parent's own metrics file, summed on /metrics with the
+        workers' (one `tally_stripe_webhooks_total` series per outcome).
+        """
         config = self._config
+        self._files = MetricFiles(metrics.path, "parent")
+        counts = self._files.counter("tally_stripe_webhooks", STRIPE_WEBHOOKS, ("outcome",))
         self._pool = pool = await create_pool(dsn, min_size=1, max_size=POOL_SIZE)
         invoices = InvoiceStore(pool)
         issuer = Issuer(
@@ -72,10 +81,17 @@ class ParentWebhooks:
             OutboxRetryJobs(),
             _wall_micros,
         )
-        StripeWebhookEndpoint(self._secret, ledger, time.time).mount(app)
+
+        def count(outcome: str) -> None:
+            counts[(outcome,)] += 1
+
+        StripeWebhookEndpoint(self._secret, ledger, time.time, count=count).mount(app)
 
     async def close(self) -> None:
         """Close the pool (in-flight deliveries have ended with the listener)."""
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        if self._files is not None:
+            self._files.close()
+            self._files = None

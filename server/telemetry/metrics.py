@@ -68,6 +68,14 @@ EVENTS_IN_FLIGHT = "Streamed events read and not yet committed (bounded by --max
 BATCH_EVENTS = "Events per ingested batch (one IngestUsage/StreamUsage message)"
 COMMIT_DURATION = "Duration of one write-lane transaction (one or more batches)"
 RPC_DURATION = "Duration of summary and invoice calls, by method and status code"
+OUTBOX_STEPS = (
+    "Steps of outbox jobs run (Stripe pushes and retries, webhook deliveries), by job kind and "
+    "outcome: done, advanced, retried, stopped or halted"
+)
+STRIPE_WEBHOOKS = (
+    "Stripe webhook deliveries answered, by outcome: applied, unchanged, duplicate, unmatched, "
+    "ignored, refused (400/413) or unavailable (503)"
+)
 
 
 def _observe(
@@ -126,6 +134,8 @@ class Metrics:
         self.calls = _counts(files, "tally_rpc_calls", CALLS, ("method", "code"))
         self.refusals = _counts(files, "tally_rate_limit_refusals", REFUSALS, ("limit",))
         self.streams_open = _counts(files, "tally_streams_open", STREAMS_OPEN, ("method",), gauge=True)
+        self.outbox_steps = _counts(files, "tally_outbox_steps", OUTBOX_STEPS, ("kind", "outcome"))
+        self.stripe_webhooks = _counts(files, "tally_stripe_webhooks", STRIPE_WEBHOOKS, ("outcome",))
         # Read when scraped in one process; a worker writes it to its file now and then.
         self._in_flight_file = (
             None if files is None else files.gauge("tally_events_in_flight", EVENTS_IN_FLIGHT, ())
@@ -149,6 +159,18 @@ class Metrics:
             [_observe(self.refusals, ("limit",))],
             unit="{call}",
             description=REFUSALS,
+        )
+        meter.create_observable_counter(
+            "tally.outbox.steps",
+            [_observe(self.outbox_steps, ("kind", "outcome"))],
+            unit="{step}",
+            description=OUTBOX_STEPS,
+        )
+        meter.create_observable_counter(
+            "tally.stripe.webhooks",
+            [_observe(self.stripe_webhooks, ("outcome",))],
+            unit="{delivery}",
+            description=STRIPE_WEBHOOKS,
         )
         meter.create_observable_up_down_counter(
             "tally.streams.open",
@@ -219,6 +241,14 @@ class Metrics:
             events[("rejected", *suffix)] += len(rejections)
             for rejection in rejections:
                 self.rejections[(_reason(rejection), rejection.cause.value, *suffix)] += 1
+
+    def count_outbox_step(self, kind: str, outcome: str) -> None:
+        """Count one committed outbox step (server.payments.outbox's `observe`)."""
+        self.outbox_steps[(kind, outcome)] += 1
+
+    def count_stripe_webhook(self, outcome: str) -> None:
+        """Count one answered Stripe delivery (server.payments.endpoint's `count`)."""
+        self.stripe_webhooks[(outcome,)] += 1
 
     def shutdown(self) -> None:
         """Stop the provider and take its collector off the registry."""

@@ -33,8 +33,8 @@ from server.telemetry.tracing import resource
 class Routes(Protocol):
     """More endpoints on the listener (e.g. server.payments.receiving's Stripe webhooks)."""
 
-    async def mount(self, app: web.Application, dsn: str) -> None:
-        """Add the routes to `app`, before it starts."""
+    async def mount(self, app: web.Application, dsn: str, metrics: MetricsDirectory) -> None:
+        """Add the routes to `app`, before it starts; counts go to files of their own in `metrics`."""
 
     async def close(self) -> None:
         """Give back what mount() took, once the listener has stopped."""
@@ -75,7 +75,7 @@ class WorkersHttp:
         self._probe_task = asyncio.create_task(self._probe(probe), name="tally-parent-probe")
         self._listener = HttpListener(registry, lambda: self._ready, figures)
         for extra in self._routes:
-            await extra.mount(self._listener.app, dsn)
+            await extra.mount(self._listener.app, dsn, self.directory)
         try:
             await self._listener.start(host, port)
         except OSError as exc:  # taken since the check at start: told like a port in use
