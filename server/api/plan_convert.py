@@ -32,8 +32,17 @@ from server.domain.decimals import (
     format_quantity,
 )
 from server.domain.errors import FieldViolation, InvalidArgument
+from server.domain.meters import meter_name, parse_meter_name
 from server.domain.names import billing_profile_name, plan_name
-from server.domain.plans import BillingProfile, Plan, PlanCharge, PriceOverride, UsageTypeRef
+from server.domain.plans import (
+    BillingProfile,
+    Measures,
+    MeterRef,
+    Plan,
+    PlanCharge,
+    PriceOverride,
+    UsageTypeRef,
+)
 from tally.v1 import resources_pb2
 
 _TIMINGS = {
@@ -112,11 +121,17 @@ def charges_in(messages: Sequence[resources_pb2.Charge], field: str = "charges")
         path = f"{field}[{index}]"
         model = _model(message, path, v)
         included = v.number(message.included_quantity, f"{path}.included_quantity", default="0", price=False)
-        measures = None
+        measures: Measures | None = None
         if message.HasField("usage_type"):
             measures = UsageTypeRef(message.usage_type.service, message.usage_type.usage_type)
             if not measures.service or not measures.usage_type:
                 v.found.append(FieldViolation(f"{path}.usage_type", "needs service and usage_type"))
+        elif message.HasField("meter"):
+            try:
+                measures = MeterRef(parse_meter_name(message.meter, f"{path}.meter"))
+            except InvalidArgument as exc:
+                v.found += exc.violations
+                continue
         if model is None:
             continue
         try:
@@ -196,9 +211,12 @@ def plan_message(plan: Plan) -> resources_pb2.Plan:
                 description=plan_charge.charge.description,
                 included_quantity=format_quantity(plan_charge.charge.included_quantity),
             )
-            if plan_charge.measures is not None:
-                charge.usage_type.service = plan_charge.measures.service
-                charge.usage_type.usage_type = plan_charge.measures.usage_type
+            match plan_charge.measures:
+                case UsageTypeRef(service=service, usage_type=usage_type):
+                    charge.usage_type.service = service
+                    charge.usage_type.usage_type = usage_type
+                case MeterRef(meter_id=meter_id):
+                    charge.meter = meter_name(meter_id)
             _set_model(charge, plan_charge.charge.model, minor)
     return message
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from server.billing.lifecycle import Lifecycle
-from server.billing.pricer import InvoicePricer, PricedInvoice, plan_ids_of, pricing_basis
+from server.billing.pricer import InvoicePricer, PricedInvoice, meter_values_of, plan_ids_of, pricing_basis
 from server.domain.access import Caller
 from server.domain.audit import AuditAction, AuditEntry, invoice_state
 from server.domain.errors import TallyError
@@ -70,6 +70,7 @@ async def close_block(
     usage = await tx.usage_rows_of(
         [(t, label, start, end) for t in ours for label, start, end in bases[t].labels()]
     )
+    meters = await meter_values_of(tx, {t: bases[t] for t in ours})
 
     left = [t for t in tenants if t not in ours]
     drafts: list[tuple[Invoice, PricedInvoice]] = []
@@ -77,7 +78,7 @@ async def close_block(
         basis = bases[tenant]
         try:
             priced = pricer.price_basis(
-                basis, {label: usage[(tenant, label)] for label, _, _ in basis.labels()}
+                basis, {label: usage[(tenant, label)] for label, _, _ in basis.labels()}, meters[tenant]
             )
         except TallyError:
             left.append(tenant)  # the single close reports it

@@ -48,11 +48,14 @@ from server.domain.plans import (
     PriceOverride,
     UsageTypeRef,
     billing_period,
+    check_meter_refs,
     check_overrides,
     check_plan_id,
+    meter_ids_of,
 )
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import EPOCH, MICROS_PER_HOUR, is_whole_hour, next_hour, to_datetime
+from server.storage import meters as meter_store
 from server.storage import plans as plan_store
 from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore
@@ -249,6 +252,7 @@ class Plans:
                 if once is not None and (stored := await tx.claim(once.key)) is not None:
                     return Replayed(stored)
                 conn = tx.connection
+                check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
                 if not await plan_store.insert_plan(conn, plan_id, display_name, currency):
                     raise AlreadyExists(
                         f"plan {plan_id!r} exists already",
@@ -310,6 +314,7 @@ class Plans:
                 if plan is None:
                     raise plan_not_found(plan_id)
                 minimum_value = self._terms(plan.currency, charges, minimum)
+                check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
                 latest = plan.versions[-1]
                 if effective <= latest.effective_from:
                     raise InvalidArgument.single(

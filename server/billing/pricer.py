@@ -3,7 +3,8 @@
 It gathers the inputs of server.domain.invoice_pricing: the tenant's profile (plan history,
 overrides, tax, currency), the versions of its plans, its usage over every segment of the
 period and, for late usage, of every earlier period it was billed for, with what those
-periods were billed. One query reads the usage of all of them. The pricing itself
+periods were billed. One query reads the usage of all of them, and the aggregate of each
+meter that a charge prices is read per segment window (PricingBasis.meter_windows). The pricing itself
 (`pricing_basis`, `InvoicePricer.price_basis`) does no I/O, so a period close prices a
 block of tenants from a few set-based reads exactly as `price` prices one.
 """
@@ -34,12 +35,14 @@ from server.domain.plans import (
     PlanVersion,
     Segment,
     anchor_period,
+    meter_ids_of,
     segments,
     with_overrides,
 )
 from server.domain.pricing import InvoiceAmounts, LineItem, LineKind, PricedUsage
 from server.storage import plans as plan_store
 from server.storage.invoices import InvoiceTransaction, UsageRow
+from server.storage.meter_summaries import meter_totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,39 @@ class PricingBasis:
             for p, segs in enumerate(self.pieces)
             for i, seg in enumerate(segs)
         ]
+
+    def meter_windows(self) -> list[tuple[str, str, datetime, datetime]]:
+        """(label, meter id, start, end) of every meter that a segment's charges price.
+
+        Each segment's window on its own: a meter's aggregate over a period split by a plan
+        change is read per part, never derived from the parts' values.
+        """
+        return [
+            (f"{p}.{i}", meter_id, seg.start, seg.end)
+            for p, segs in enumerate(self.pieces)
+            for i, seg in enumerate(segs)
+            if seg.version is not None
+            for meter_id in meter_ids_of(seg.version.charges)
+        ]
+
+
+# Per label, each meter's aggregate by meter id (see PricingBasis.meter_windows).
+MeterValues = dict[str, dict[str, Decimal]]
+
+
+async def meter_values_of(
+    tx: InvoiceTransaction, bases: Mapping[str, PricingBasis]
+) -> dict[str, MeterValues]:
+    """The meter aggregates that the tenants' invoices price, per tenant, read in one pass."""
+    windows = [
+        (tenant, label, meter_id, start, end)
+        for tenant, basis in bases.items()
+        for label, meter_id, start, end in basis.meter_windows()
+    ]
+    found: dict[str, MeterValues] = {tenant: {} for tenant in bases}
+    for (tenant, label, meter_id), value in (await meter_totals(tx.connection, windows)).items():
+        found[tenant].setdefault(label, {})[meter_id] = value
+    return found
 
 
 def plan_ids_of(history: Sequence[PlanAssignment]) -> list[str]:
@@ -154,10 +190,16 @@ class InvoicePricer:
             found = await plan_store.profile(conn, tenant_id)
         versions = await plan_store.versions(conn, plan_ids_of(found[1] if found is not None else []))
         basis = pricing_basis(start, end, found, versions, await tx.billed_lines(tenant_id, start, end))
-        return self.price_basis(basis, await tx.usage_rows(tenant_id, basis.labels()))
+        meters = (await meter_values_of(tx, {tenant_id: basis}))[tenant_id]
+        return self.price_basis(basis, await tx.usage_rows(tenant_id, basis.labels()), meters)
 
-    def price_basis(self, basis: PricingBasis, usage: Mapping[str, Sequence[UsageRow]]) -> PricedInvoice:
-        """The invoice priced from its basis and the usage of each of its labels (pure)."""
+    def price_basis(
+        self,
+        basis: PricingBasis,
+        usage: Mapping[str, Sequence[UsageRow]],
+        meters: MeterValues,
+    ) -> PricedInvoice:
+        """The invoice priced from its basis, the usage and the meter values of its labels (pure)."""
         profile = basis.profile
         start, end = basis.start, basis.end
         currency = currency_of(profile.currency if profile else self._default_currency)
@@ -184,7 +226,8 @@ class InvoicePricer:
                         PricedUsage(service, usage_type, Decimal(0), quantity, count)
                         for service, usage_type, _, quantity, count in rows
                     )
-                    parts.append(SegmentUsage(seg, with_overrides(seg.version, overrides), summed))
+                    charges = with_overrides(seg.version, overrides)
+                    parts.append(SegmentUsage(seg, charges, summed, meters.get(f"{p}.{i}", {})))
                 if p == 0:
                     used_plans.add(seg.plan_id)
             period = BillingPeriod(s, e, full_hours(profile, s, e))

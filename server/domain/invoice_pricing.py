@@ -2,8 +2,9 @@
 
 The charge engine (charges, period_pricing, adjustments) prices one plan over one period.
 An invoice may span several: a plan change or a new plan version mid-period splits it
-into segments, each priced on its own (usage charges on the segment's usage, flat fees
-and the minimum prorated by the segment's hours against the full period), and the rate
+into segments, each priced on its own (usage charges on the segment's usage, meter
+charges on the meter's aggregate over exactly the segment, flat fees and the minimum
+prorated by the segment's hours against the full period), and the rate
 card (the default plan) prices its segments line per unit price as it always has. Then:
 
     adjustments = for each earlier billed period: re-priced now minus billed, per charge
@@ -14,7 +15,7 @@ card (the default plan) prices its segments line per unit price as it always has
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -32,7 +33,7 @@ from server.domain.period_pricing import (
     Totals,
     price_period,
 )
-from server.domain.plans import BillingPeriod, PlanCharge, Segment
+from server.domain.plans import BillingPeriod, MeterRef, PlanCharge, Segment, UsageTypeRef
 from server.domain.pricing import InvoiceAmounts, LineItem, LineKind, PricedUsage, price_usage
 from server.domain.ranges import TimeRange
 from server.domain.timeutil import to_micros
@@ -46,11 +47,14 @@ class SegmentUsage:
 
     For rate card segments `usage` carries the rate card's unit price per hour group; for
     plan segments the unit price is ignored and the quantities are summed per usage type.
+    `meters` is the aggregate of each meter the segment's charges price, by meter id,
+    over exactly [segment.start, segment.end) (a meter without a value there is 0).
     """
 
     segment: Segment
     charges: tuple[PlanCharge, ...] | None
     usage: tuple[PricedUsage, ...]
+    meters: Mapping[str, Decimal] = field(default_factory=dict)
 
 
 def _hours(start: datetime, end: datetime) -> int:
@@ -83,15 +87,19 @@ def price_segments(
             )
         quantities: dict[str, Decimal] = {}
         for plan_charge in piece.charges:
-            if (measured := plan_charge.measures) is not None:
-                key = (measured.service, measured.usage_type)
-                quantities[plan_charge.charge.key] = totals.get(key, (ZERO, 0))[0]
+            match plan_charge.measures:
+                case UsageTypeRef(service=service, usage_type=usage_type):
+                    quantities[plan_charge.charge.key] = totals.get((service, usage_type), (ZERO, 0))[0]
+                case MeterRef(meter_id=meter_id):
+                    quantities[plan_charge.charge.key] = piece.meters.get(meter_id, ZERO)
         hours = _hours(segment.start, segment.end)
         proration = None if hours == period.full_hours else Proration(hours, period.full_hours)
         terms = PlanTerms(currency, tuple(c.charge for c in piece.charges), segment.version.minimum)
         priced = price_period(terms, quantities, proration=proration)
         for plan_charge, charge_line in zip(piece.charges, priced.lines, strict=True):
-            ref = plan_charge.measures
+            # A meter's line names its charge only: its quantity is the meter's aggregate,
+            # not a usage type's sum, and it has no event count of its own.
+            ref = plan_charge.measures if isinstance(plan_charge.measures, UsageTypeRef) else None
             lines.append(
                 LineItem(
                     service=ref.service if ref else "",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 
+from server.domain.aggregation import TIME_WEIGHTED_DIGITS
 from server.domain.charges import (
     MAX_DESCRIPTION_CHARS,
     ZERO,
@@ -52,9 +53,11 @@ from server.domain.ranges import TimeRange
 
 MAX_CHARGES = 1_000
 # Aggregated quantities are sums of events of at most 18 + 9 digits each; 36 integer
-# digits leave room for 10^18 such events and keep products exact in EXACT.
+# digits leave room for 10^18 such events and keep products exact in EXACT. A
+# TIME_WEIGHTED meter's unit-hours have 12 decimal places (TIME_WEIGHTED_DIGITS), hence
+# 12: 48-digit quantities times 30-digit prices stay well inside EXACT's 120 digits.
 AGGREGATE_INTEGER_DIGITS = 36
-AGGREGATE_FRACTION_DIGITS = 9
+AGGREGATE_FRACTION_DIGITS = TIME_WEIGHTED_DIGITS
 
 
 def _raise_if(violations: list[FieldViolation]) -> None:

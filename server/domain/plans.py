@@ -1,9 +1,9 @@
 """Plans, billing profiles and billing periods: plain values and the pure rules between them.
 
-A plan is a named, versioned set of charges in one currency. Each charge prices one
-(service, usage_type) today (`UsageTypeRef`); a later meter reference will sit beside it
-as another kind of `measures`. The default plan, "default", is the rate card itself: one
-per-unit charge per usage type, edited with SetRate.
+A plan is a named, versioned set of charges in one currency. Each usage charge prices
+either the summed quantity of one (service, usage_type) (`UsageTypeRef`) or one meter's
+aggregate over the period (`MeterRef`, any aggregation). The default plan, "default", is
+the rate card itself: one per-unit charge per usage type, edited with SetRate.
 
 A tenant's billing profile puts it on a plan from a time on (the plan history), with a
 billing anchor: periods run from the anchor day of one month to the anchor day of the
@@ -24,6 +24,7 @@ from decimal import Decimal
 
 from server.domain.charges import Charge, ChargeModel, FlatFee
 from server.domain.errors import FieldViolation, InvalidArgument
+from server.domain.meters import MeterState, meter_name
 
 DEFAULT_PLAN = "default"
 _PLAN_ID = re.compile(r"[a-z][a-z0-9-]{0,62}")
@@ -46,17 +47,66 @@ class UsageTypeRef:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterRef:
+    """What a meter charge measures: the meter's aggregate over each priced window.
+
+    The aggregate is over all of the meter's groups (a meter's group_by_dimensions split
+    its summaries, not its price), computed over the whole window by the meter's own
+    aggregation: never a sum of hourly or daily values, which would be wrong for
+    UNIQUE_COUNT, MAX, MIN, LATEST and TIME_WEIGHTED.
+    """
+
+    meter_id: str  # the {meter} of "meters/{meter}"
+
+
+Measures = UsageTypeRef | MeterRef
+
+
+@dataclass(frozen=True, slots=True)
 class PlanCharge:
     """A charge of a plan and what it measures (None for a flat fee, which measures nothing)."""
 
     charge: Charge
-    measures: UsageTypeRef | None
+    measures: Measures | None
 
     def __post_init__(self) -> None:
-        if isinstance(self.charge.model, FlatFee) != (self.measures is None):
+        if isinstance(self.charge.model, FlatFee) and self.measures is not None:
+            field = "meter" if isinstance(self.measures, MeterRef) else "usage_type"
+            raise InvalidArgument.single(field, "must be unset on a flat fee, which measures nothing")
+        if not isinstance(self.charge.model, FlatFee) and self.measures is None:
             raise InvalidArgument.single(
-                "usage_type", "is required on a usage charge and must be unset on a flat fee"
+                "usage_type", "is required on a usage charge, unless it prices a meter (meter)"
             )
+
+
+def meter_ids_of(charges: Sequence[PlanCharge]) -> list[str]:
+    """The meters the charges price, each once, sorted."""
+    return sorted({c.measures.meter_id for c in charges if isinstance(c.measures, MeterRef)})
+
+
+def check_meter_refs(
+    charges: Sequence[PlanCharge], states: Mapping[str, MeterState], field: str = "charges"
+) -> None:
+    """Each meter charge names a meter that exists (`states` has it) and still counts (not archived).
+
+    A plan version may not be built on a meter that counts nothing new: it would price
+    a value frozen at its archiving. (A meter archived after the version was created
+    keeps being priced with what it counted.)
+    """
+    violations: list[FieldViolation] = []
+    for index, plan_charge in enumerate(charges):
+        if not isinstance(plan_charge.measures, MeterRef):
+            continue
+        name = meter_name(plan_charge.measures.meter_id)
+        state = states.get(plan_charge.measures.meter_id)
+        if state is None:
+            violations.append(FieldViolation(f"{field}[{index}].meter", f"names no meter ({name})"))
+        elif not state.counting:
+            violations.append(
+                FieldViolation(f"{field}[{index}].meter", f"{name} is archived: it counts no new events")
+            )
+    if violations:
+        raise InvalidArgument(violations)
 
 
 @dataclass(frozen=True, slots=True)

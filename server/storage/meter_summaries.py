@@ -7,7 +7,8 @@
 - TIME_WEIGHTED: per series, the cached summaries of closed hours plus the readings of
   the hours not cached (recent or dirty), composed hour by hour in Python.
 
-Buckets come back as epoch seconds and values as canonical decimal text.
+Buckets come back as epoch seconds and values as canonical decimal text. Invoices read
+the same values, one per meter charge and priced window (`meter_totals`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from server.domain.decimals import format_quantity, trim_decimal
 from server.domain.meters import Aggregation, Meter
 from server.domain.models import MeterValue
 from server.domain.timeutil import MICROS_PER_HOUR, MICROS_PER_SECOND, to_datetime, to_micros
+from server.storage import meters as meter_store
 
 # Each bucket's start in epoch seconds, from an hourly row's `hour` (usage_rollups' too).
 BUCKET_SECONDS = {
@@ -115,6 +117,42 @@ SELECT event_time, event_id, value::text AS value FROM meter_readings
 WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND event_time >= $4 AND event_time < $5
 ORDER BY event_time, event_id
 """
+
+
+# (tenant, label, meter id, start, end): one meter's aggregate wanted over [start, end).
+MeterWindow = tuple[str, str, str, datetime, datetime]
+
+
+async def meter_totals(
+    conn: asyncpg.Connection, windows: Sequence[MeterWindow]
+) -> dict[tuple[str, str, str], Decimal]:
+    """Each window's meter aggregate, by (tenant, label, meter id), in the caller's transaction.
+
+    The value a summary without buckets or grouping reports (summarize_meter with
+    TimeBucket.NONE): the meter's aggregation over the whole window and over all of its
+    groups, from the aggregates the meter keeps, never a scan of raw events. A window
+    without a value is left out (its value is 0 to a price). Windows of the same meter
+    and bounds are read together, so a period close's block costs one read per meter
+    and window, not per tenant (but TIME_WEIGHTED, which summarize_meter reads per tenant).
+    """
+    found: dict[tuple[str, str, str], Decimal] = {}
+    if not windows:
+        return found
+    meters = await meter_store.by_ids(conn, sorted({meter_id for _, _, meter_id, _, _ in windows}))
+    wanted: dict[tuple[str, datetime, datetime], list[tuple[str, str]]] = {}
+    for tenant_id, label, meter_id, start, end in windows:
+        wanted.setdefault((meter_id, start, end), []).append((tenant_id, label))
+    for (meter_id, start, end), labels in sorted(wanted.items()):
+        meter = meters.get(meter_id)
+        if meter is None:  # meters are never deleted: a plan only names meters that existed
+            continue
+        tenants = sorted({tenant_id for tenant_id, _ in labels})
+        values = await summarize_meter(conn, meter, tenants, start, end, TimeBucket.NONE, "")
+        by_tenant = {value.tenant_id: Decimal(value.value) for value in values}
+        for tenant_id, label in labels:
+            if tenant_id in by_tenant:
+                found[(tenant_id, label, meter_id)] = by_tenant[tenant_id]
+    return found
 
 
 def _seconds(micros: int | None) -> int | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -42,6 +42,31 @@ UPDATE meters SET state = 'archived', archive_time = now()
 WHERE name = $1 AND state <> 'archived'
 RETURNING {METER_COLUMNS}
 """
+
+
+async def states(conn: asyncpg.Connection, meter_ids: Sequence[str]) -> dict[str, MeterState]:
+    """The state of each of the meters that exists, by meter id, in the caller's transaction.
+
+    The rows are share-locked until the transaction ends, so that a plan version checked
+    against a counting meter cannot commit beside that meter's archiving.
+    """
+    if not meter_ids:
+        return {}
+    rows = await conn.fetch(
+        "SELECT name, state FROM meters WHERE name = ANY($1::text[]) ORDER BY name FOR SHARE",
+        list(meter_ids),
+    )
+    return {row["name"]: MeterState(row["state"]) for row in rows}
+
+
+async def by_ids(conn: asyncpg.Connection, meter_ids: Sequence[str]) -> dict[str, Meter]:
+    """The meters that exist of `meter_ids`, by meter id, read in the caller's transaction."""
+    if not meter_ids:
+        return {}
+    rows = await conn.fetch(
+        f"SELECT {METER_COLUMNS} FROM meters WHERE name = ANY($1::text[])", list(meter_ids)
+    )
+    return {row["name"]: meter_of(row) for row in rows}
 
 
 def meter_of(row: asyncpg.Record) -> Meter:

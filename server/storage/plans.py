@@ -29,6 +29,8 @@ from server.domain.names import invoice_name
 from server.domain.plans import (
     DEFAULT_PLAN,
     BillingProfile,
+    Measures,
+    MeterRef,
     Plan,
     PlanAssignment,
     PlanCharge,
@@ -92,6 +94,24 @@ def model_of(data: dict[str, Any]) -> ChargeModel:
     raise AssertionError(f"unknown model {kind!r}")
 
 
+def _measures_json(measures: Measures | None) -> dict[str, str] | None:
+    match measures:
+        case None:
+            return None
+        case MeterRef(meter_id=meter_id):
+            return {"meter": meter_id}
+        case UsageTypeRef(service=service, usage_type=usage_type):
+            return {"service": service, "usage_type": usage_type}
+
+
+def _measures_of(data: dict[str, str] | None) -> Measures | None:
+    if data is None:
+        return None
+    if "meter" in data:
+        return MeterRef(data["meter"])
+    return UsageTypeRef(data["service"], data["usage_type"])
+
+
 def charges_json(charges: Sequence[PlanCharge]) -> str:
     """A plan version's charges as stored JSON text."""
     return json.dumps(
@@ -101,9 +121,7 @@ def charges_json(charges: Sequence[PlanCharge]) -> str:
                 "description": c.charge.description,
                 "model": model_json(c.charge.model),
                 "included_quantity": str(c.charge.included_quantity),
-                "measures": None
-                if c.measures is None
-                else {"service": c.measures.service, "usage_type": c.measures.usage_type},
+                "measures": _measures_json(c.measures),
             }
             for c in charges
         ]
@@ -115,9 +133,7 @@ def charges_of(text: str) -> tuple[PlanCharge, ...]:
     return tuple(
         PlanCharge(
             Charge(c["key"], c["description"], model_of(c["model"]), Decimal(c["included_quantity"])),
-            None
-            if c["measures"] is None
-            else UsageTypeRef(c["measures"]["service"], c["measures"]["usage_type"]),
+            _measures_of(c["measures"]),
         )
         for c in json.loads(text)
     )

@@ -144,6 +144,24 @@ async def test_plans_take_charges_and_versions_from_json_files(cli: Tally, tmp_p
     assert len(shown["versions"]) == 2
 
 
+async def test_a_plan_charge_can_price_a_meter(cli: Tally, tmp_path: Path) -> None:
+    meter, plan = f"m-{uuid.uuid4().hex[:12]}", f"plan-{uuid.uuid4().hex[:12]}"
+    created = await cli(
+        "meters", "create", meter, "--service", "marketplace", "--usage-type", "wpk_upload",
+        "--aggregation", "count",
+    )  # fmt: skip
+    assert created.code == 0, created.err
+    uploads = [{"key": "uploads", "meter": f"meters/{meter}", "per_unit": {"unit_price": "2"}}]
+    made = await cli(
+        "plans", "create", plan, "--display-name", "P", "--currency", "USD",
+        "--charges", write_json(tmp_path / "uploads.json", uploads), "--effective", iso(-24), "-o", "json",
+    )  # fmt: skip
+    assert made.code == 0, made.err
+    assert json.loads(made.out)["versions"][0]["charges"][0]["meter"] == f"meters/{meter}"
+    shown = await cli("plans", "show", plan)
+    assert cells(shown.out, "per_unit")[2:4] == ["uploads", f"meters/{meter}"]
+
+
 async def test_meters_are_created_shown_listed_and_archived(cli: Tally) -> None:
     meter = f"m-{uuid.uuid4().hex[:12]}"
     created = await cli(

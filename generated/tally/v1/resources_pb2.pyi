@@ -825,9 +825,11 @@ class UsageAggregate(_message.Message):
     QUANTITY_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     service: _builtins.str
-    """The service, e.g. "marketplace"."""
+    """The service, e.g. "marketplace"; empty on lines that price no usage
+    type (flat fees, minimum, tax, and meter charges: charge_key names them).
+    """
     usage_type: _builtins.str
-    """The usage type, e.g. "wpk_upload"."""
+    """The usage type, e.g. "wpk_upload"; empty where service is."""
     dimension_value: _builtins.str
     """The value of the grouped dimension; empty for events without that
     dimension, and when the summary is not grouped by a dimension.
@@ -1254,9 +1256,11 @@ class InvoiceLineItem(_message.Message):
     PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
-    """The service, e.g. "marketplace"."""
+    """The service, e.g. "marketplace"; empty on lines that price no usage
+    type (flat fees, minimum, tax, and meter charges: charge_key names them).
+    """
     usage_type: _builtins.str
-    """The usage type, e.g. "wpk_upload"."""
+    """The usage type, e.g. "wpk_upload"; empty where service is."""
     quantity: _builtins.str
     """Total quantity billed on this line, exact decimal string."""
     unit_price: _builtins.str
@@ -1267,7 +1271,9 @@ class InvoiceLineItem(_message.Message):
     currency's number of minor digits, e.g. "0.50".
     """
     event_count: _builtins.int
-    """Number of usage events on this line."""
+    """Number of usage events on this line (0 on lines of meter charges, whose
+    quantity is the meter's aggregate).
+    """
     kind: Global___InvoiceLineKind.ValueType
     """What the line is. Rate card usage lines are USAGE."""
     description: _builtins.str
@@ -1791,6 +1797,7 @@ class Charge(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     USAGE_TYPE_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     PER_UNIT_FIELD_NUMBER: _builtins.int
     GRADUATED_FIELD_NUMBER: _builtins.int
     VOLUME_FIELD_NUMBER: _builtins.int
@@ -1804,6 +1811,21 @@ class Charge(_message.Message):
     description: _builtins.str
     """Printed on the invoice line; defaults to the key. At most 200
     characters.
+    """
+    meter: _builtins.str
+    """A meter, "meters/{meter}": the charge prices the meter's aggregate over
+    the period (over each part of it when a plan change splits the period),
+    computed over the whole window, never as a sum of smaller buckets: a
+    UNIQUE_COUNT is the distinct values of the whole period, a MAX its
+    largest value, a LATEST its last reading (ties broken by event_id), a
+    TIME_WEIGHTED the integral over the period in unit-hours (the last
+    reading before the period carries into it). A meter with
+    group_by_dimensions is priced over all its groups together (the value a
+    summary without group_by_dimension reports). Cancelled events never
+    count. The meter must exist and not be archived when the plan version
+    is created, or the request fails with INVALID_ARGUMENT naming this
+    field; archiving it later freezes what it counts, and the charge keeps
+    pricing that.
     """
     included_quantity: _builtins.str
     """Free quantity per period, taken off before the model applies. Default
@@ -1839,6 +1861,7 @@ class Charge(_message.Message):
         key: _builtins.str = ...,
         description: _builtins.str = ...,
         usage_type: Global___UsageTypeRef | None = ...,
+        meter: _builtins.str = ...,
         per_unit: Global___PerUnitPrice | None = ...,
         graduated: Global___TieredPrice | None = ...,
         volume: Global___TieredPrice | None = ...,
@@ -1846,11 +1869,11 @@ class Charge(_message.Message):
         flat_fee: Global___FlatFeePrice | None = ...,
         included_quantity: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["flat_fee", b"flat_fee", "graduated", b"graduated", "measures", b"measures", "model", b"model", "package", b"package", "per_unit", b"per_unit", "usage_type", b"usage_type", "volume", b"volume"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flat_fee", b"flat_fee", "graduated", b"graduated", "measures", b"measures", "meter", b"meter", "model", b"model", "package", b"package", "per_unit", b"per_unit", "usage_type", b"usage_type", "volume", b"volume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "flat_fee", b"flat_fee", "graduated", b"graduated", "included_quantity", b"included_quantity", "key", b"key", "measures", b"measures", "model", b"model", "package", b"package", "per_unit", b"per_unit", "usage_type", b"usage_type", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "flat_fee", b"flat_fee", "graduated", b"graduated", "included_quantity", b"included_quantity", "key", b"key", "measures", b"measures", "meter", b"meter", "model", b"model", "package", b"package", "per_unit", b"per_unit", "usage_type", b"usage_type", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_measures: _TypeAlias = _typing.Literal["usage_type"]  # noqa: Y015
+    _WhichOneofReturnType_measures: _TypeAlias = _typing.Literal["usage_type", "meter"]  # noqa: Y015
     _WhichOneofArgType_measures: _TypeAlias = _typing.Literal["measures", b"measures"]  # noqa: Y015
     _WhichOneofReturnType_model: _TypeAlias = _typing.Literal["per_unit", "graduated", "volume", "package", "flat_fee"]  # noqa: Y015
     _WhichOneofArgType_model: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015

@@ -121,11 +121,11 @@ def plans_show_plan(plan: resources_pb2.Plan, output: str) -> None:
         effective = convert.from_timestamp(version.effective_time)
         for charge in version.charges:
             price = charge.WhichOneof("model") or ""
-            target = (
-                f"{charge.usage_type.service}/{charge.usage_type.usage_type}"
-                if charge.HasField("usage_type")
-                else ""
-            )
+            measures = charge.WhichOneof("measures")
+            if measures == "usage_type":
+                target = f"{charge.usage_type.service}/{charge.usage_type.usage_type}"
+            else:  # a meter's name, or nothing (a flat fee)
+                target = charge.meter
             rows.append([version.version, effective, charge.key, target, price, charge.included_quantity])
-    print_table(["version", "effective from", "charge", "usage type", "price", "included"], rows, title=title)
+    print_table(["version", "effective from", "charge", "measures", "price", "included"], rows, title=title)
     print("prices in full: --output json")

@@ -348,7 +348,8 @@ def _add_plans(
     charges_help = (
         "JSON list of charges, as Charge in the protos' JSON form, e.g. "
         '[{"key": "api/requests", "usage_type": {"service": "api", "usage_type": "requests"}, '
-        '"per_unit": {"unit_price": "0.01"}}] (the shape `plans show -o json` prints)'
+        '"per_unit": {"unit_price": "0.01"}}] (the shape `plans show -o json` prints); a charge on a meter '
+        'names it instead of a usage type: "meter": "meters/active-users"'
     )
     create = actions.add_parser(
         "create",
