@@ -261,6 +261,7 @@ _PAYMENT_STATES: dict[PaymentState, resources_pb2.PaymentState.ValueType] = {
 
 
 def payment_message(payment: InvoicePayment) -> resources_pb2.InvoicePayment:
+    """The proto of an invoice's payment: state, attempts, next attempt, Stripe's id."""
     message = resources_pb2.InvoicePayment(
         state=_PAYMENT_STATES[payment.state],
         attempt_count=payment.attempt_count,

@@ -31,6 +31,7 @@ _STATES = {
 
 
 def subscription_spec(message: pb.WebhookSubscription) -> SubscriptionSpec:
+    """The subscription a CreateWebhookSubscription request asks for (validated by Subscriptions)."""
     return SubscriptionSpec(
         url=message.url,
         secret=message.secret,
@@ -40,6 +41,7 @@ def subscription_spec(message: pb.WebhookSubscription) -> SubscriptionSpec:
 
 
 def subscription_message(subscription: Subscription) -> pb.WebhookSubscription:
+    """The proto of a subscription, without its secret (never returned)."""
     return pb.WebhookSubscription(
         name=subscription.name,
         url=subscription.url,
@@ -50,6 +52,7 @@ def subscription_message(subscription: Subscription) -> pb.WebhookSubscription:
 
 
 def delivery_message(delivery: Delivery) -> pb.WebhookDelivery:
+    """The proto of a delivery with its attempts."""
     message = pb.WebhookDelivery(
         name=delivery.name,
         event_id=delivery.event_id,
@@ -73,6 +76,8 @@ def delivery_message(delivery: Delivery) -> pb.WebhookDelivery:
 
 
 class NotificationApi(notification_service_pb2_grpc.NotificationServiceServicer):
+    """NotificationService: converts and maps errors; the use cases are server.notifications.subscriptions."""
+
     def __init__(
         self, subscriptions: Subscriptions, authenticator: Authenticator, telemetry: CallTelemetry
     ) -> None:
@@ -87,6 +92,8 @@ class NotificationApi(notification_service_pb2_grpc.NotificationServiceServicer)
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> pb.CreateWebhookSubscriptionResponse:
+        """Create a subscription (an all-tenants principal); a retried request_id answers the first result."""
+
         def respond(subscription: Subscription) -> pb.CreateWebhookSubscriptionResponse:
             message = subscription_message(subscription)
             return pb.CreateWebhookSubscriptionResponse(webhook_subscription=message)
@@ -102,6 +109,7 @@ class NotificationApi(notification_service_pb2_grpc.NotificationServiceServicer)
     async def GetWebhookSubscription(
         self, request: pb.GetWebhookSubscriptionRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> pb.GetWebhookSubscriptionResponse:
+        """One subscription by name."""
         subscription = await self._subscriptions.get(request.name, caller.principal)
         return pb.GetWebhookSubscriptionResponse(webhook_subscription=subscription_message(subscription))
 
@@ -109,6 +117,7 @@ class NotificationApi(notification_service_pb2_grpc.NotificationServiceServicer)
     async def ListWebhookSubscriptions(
         self, request: pb.ListWebhookSubscriptionsRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> pb.ListWebhookSubscriptionsResponse:
+        """Subscriptions, oldest first, a page at a time."""
         page = await self._subscriptions.list(request.page_size, request.page_token, caller.principal)
         return pb.ListWebhookSubscriptionsResponse(
             webhook_subscriptions=[subscription_message(s) for s in page.items],
@@ -122,6 +131,8 @@ class NotificationApi(notification_service_pb2_grpc.NotificationServiceServicer)
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> pb.DeleteWebhookSubscriptionResponse:
+        """Delete a subscription: its pending deliveries are attempted no more."""
+
         def respond(_: None) -> pb.DeleteWebhookSubscriptionResponse:
             return pb.DeleteWebhookSubscriptionResponse()
 
@@ -133,6 +144,7 @@ class NotificationApi(notification_service_pb2_grpc.NotificationServiceServicer)
     async def ListWebhookDeliveries(
         self, request: pb.ListWebhookDeliveriesRequest, context: grpc.aio.ServicerContext, caller: Caller
     ) -> pb.ListWebhookDeliveriesResponse:
+        """A subscription's deliveries, newest first, with their attempts."""
         page = await self._subscriptions.deliveries(
             request.parent, request.page_size, request.page_token, caller.principal
         )

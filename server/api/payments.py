@@ -23,6 +23,7 @@ _STATES = {
 
 
 def collection_status_message(status: CollectionStatus) -> payment_service_pb2.CollectionStatus:
+    """The proto of a tenant's collection status."""
     message = _Status(
         name=collection_status_name(status.tenant_id),
         state=_STATES[status.state],
@@ -35,6 +36,8 @@ def collection_status_message(status: CollectionStatus) -> payment_service_pb2.C
 
 
 class PaymentApi(payment_service_pb2_grpc.PaymentServiceServicer):
+    """PaymentService: converts and maps errors; the use cases are server.payments.ledger."""
+
     def __init__(self, ledger: PaymentLedger, authenticator: Authenticator, telemetry: CallTelemetry) -> None:
         self._ledger = ledger
         self.authenticator = authenticator
@@ -47,6 +50,7 @@ class PaymentApi(payment_service_pb2_grpc.PaymentServiceServicer):
         context: grpc.aio.ServicerContext,
         caller: Caller,
     ) -> payment_service_pb2.GetCollectionStatusResponse:
+        """A tenant's standing (good standing, past due, delinquent) and the invoices behind it."""
         status = await self._ledger.collection_status(
             parse_collection_status_name(request.name), caller.principal
         )

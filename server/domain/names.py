@@ -103,6 +103,7 @@ def parse_invoice_name(name: str, field: str = "name") -> tuple[str, str]:
 
 
 def collection_status_name(tenant_id: str) -> str:
+    """The resource name of a tenant's collection status, `tenants/{tenant}/collectionStatus`."""
     return f"{TENANTS}{tenant_id}{COLLECTION_STATUS}"
 
 

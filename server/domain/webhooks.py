@@ -47,6 +47,8 @@ DELIVERY_WINDOW = timedelta(days=3)
 
 
 class DeliveryState(enum.StrEnum):
+    """Where a delivery stands: pending (to be attempted), delivered, or failed for good."""
+
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
@@ -74,11 +76,14 @@ class Subscription:
 
     @property
     def name(self) -> str:
+        """The resource name, `webhookSubscriptions/{id}`."""
         return subscription_name(self.id)
 
 
 @dataclass(frozen=True, slots=True)
 class DeliveryAttempt:
+    """One POST of a delivery and what came of it."""
+
     attempt_time: datetime
     status_code: int  # 0: no HTTP answer
     error: str
@@ -86,6 +91,8 @@ class DeliveryAttempt:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
+    """One event for one subscription: attempted until delivered or its window ends."""
+
     id: int
     subscription_id: str
     event_id: str
@@ -100,14 +107,17 @@ class Delivery:
 
     @property
     def name(self) -> str:
+        """The resource name, `webhookSubscriptions/{id}/deliveries/{delivery}`."""
         return f"{subscription_name(self.subscription_id)}{DELIVERIES}{self.id}"
 
 
 def subscription_name(subscription_id: str) -> str:
+    """The resource name of the subscription `subscription_id`."""
     return f"{SUBSCRIPTIONS}{subscription_id}"
 
 
 def subscription_not_found(name: str) -> NotFound:
+    """The NOT_FOUND of a subscription (or its deliveries) that does not exist."""
     return NotFound(
         f"no webhook subscription named {name[:120]!r}",
         reason=ErrorReason.WEBHOOK_SUBSCRIPTION_NOT_FOUND,

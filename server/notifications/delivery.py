@@ -45,6 +45,7 @@ class PostResult:
 
     @property
     def delivered(self) -> bool:
+        """Whether the receiver took it (any 2xx)."""
         return 200 <= self.status_code < 300
 
 
@@ -61,6 +62,7 @@ class WebhookSender:
         self._session: aiohttp.ClientSession | None = None
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> PostResult:
+        """POST `body` to `url`; the answer's status, or 0 and the error when there was none."""
         if self._session is None:  # made in the running loop, on first use
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"User-Agent": USER_AGENT})
         try:
@@ -76,6 +78,7 @@ class WebhookSender:
             return PostResult(0, f"{type(exc).__name__}: {exc}"[:500])
 
     async def close(self) -> None:
+        """Close the HTTP session (at shutdown)."""
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -95,6 +98,7 @@ class DeliveryHandler:
         self._schedule = schedule
 
     async def __call__(self, conn: asyncpg.Connection, job: Job) -> Outcome:
+        """One attempt of the delivery `job.subject`, recorded with the job's outcome."""
         target = await webhooks.lock_target(conn, int(job.subject))
         if target is None or target.state is not DeliveryState.PENDING:
             return Done()  # unsubscribed since, or already settled by an earlier run

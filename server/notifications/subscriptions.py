@@ -35,6 +35,8 @@ _NO_DELIVERY_YET = 2**63 - 1  # above every delivery id: the first page starts f
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
+    """One page of a list and the token of the next (empty at the end)."""
+
     items: list[T]
     next_page_token: str
 
@@ -53,6 +55,8 @@ def _require(principal: Principal, what: str) -> None:
 
 
 class Subscriptions:
+    """NotificationService's use cases: subscriptions and their deliveries, for all-tenants principals."""
+
     def __init__(self, store: WebhookStore, page_tokens: PageTokens, now_micros: Callable[[], int]) -> None:
         self._store = store
         self._page_tokens = page_tokens
@@ -61,6 +65,7 @@ class Subscriptions:
     async def create(
         self, spec: SubscriptionSpec, caller: Caller, once: Once[Subscription] | None
     ) -> Subscription | Replayed:
+        """Store a new subscription, audited; a replayed request_id answers the first result."""
         _require(caller.principal, "subscribing to webhooks")
         check_spec(spec)
 
@@ -80,10 +85,12 @@ class Subscriptions:
         )
 
     async def get(self, name: str, principal: Principal) -> Subscription:
+        """The subscription named `name`; NotFound if there is none."""
         _require(principal, "reading webhook subscriptions")
         return await self._store.get(parse_subscription_name(name))
 
     async def list(self, page_size: int, page_token: str, principal: Principal) -> Page[Subscription]:
+        """A page of subscriptions, oldest first."""
         _require(principal, "reading webhook subscriptions")
         limit = check_page_size(page_size, default=50, maximum=500)
         last = self._page_tokens.decode(page_token, "webhook_subscriptions", (MICROS, _SUBSCRIPTION_ID))
@@ -98,6 +105,7 @@ class Subscriptions:
         return Page(found, next_token)
 
     async def delete(self, name: str, caller: Caller, once: Once[None] | None) -> Replayed | None:
+        """Delete the subscription named `name`, audited; its pending deliveries end."""
         _require(caller.principal, "deleting a webhook subscription")
         subscription_id = parse_subscription_name(name)
 
@@ -117,6 +125,7 @@ class Subscriptions:
     async def deliveries(
         self, parent: str, page_size: int, page_token: str, principal: Principal
     ) -> Page[Delivery]:
+        """A page of the deliveries of the subscription `parent`, newest first."""
         _require(principal, "reading webhook deliveries")
         subscription_id = parse_subscription_name(parent, "parent")
         limit = check_page_size(page_size, default=50, maximum=500)

@@ -1,3 +1,5 @@
-"""Collecting invoices through Stripe (issue 12, docs/stripe.md): the transactional outbox and the push,
-webhooks (what Stripe reports back) and dunning (retrying failed payments).
+"""Collecting invoices through Stripe (issue 12, docs/stripe.md).
+
+The transactional outbox and the push, webhooks (what Stripe reports back) and dunning
+(retrying failed payments).
 """

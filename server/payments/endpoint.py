@@ -31,6 +31,8 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 class StripeWebhookEndpoint:
+    """POST /webhooks/stripe: verify, store once and apply each delivery; answer within a bound."""
+
     def __init__(
         self,
         secret: str,
@@ -46,6 +48,7 @@ class StripeWebhookEndpoint:
         self._count = count
 
     def mount(self, app: web.Application) -> None:
+        """Add the route to `app` (before the listener starts)."""
         app.router.add_post(PATH, self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:

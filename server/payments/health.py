@@ -19,11 +19,14 @@ PAYMENTS_SERVICE = "tally.v1.Payments"
 
 
 class PaymentsHealth:
+    """Health service `tally.v1.Payments`: NOT_SERVING once Stripe refused the key (never the overall one)."""
+
     def __init__(self, servicer: health_aio.HealthServicer) -> None:
         self._servicer = servicer
         self.refusal: str | None = None  # why Stripe refused this process's key, once it has
 
     async def serving(self) -> None:
+        """SERVING (at start, with a key Stripe has not refused)."""
         self.refusal = None
         await self._servicer.set(PAYMENTS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
@@ -35,4 +38,5 @@ class PaymentsHealth:
         await self._servicer.set(PAYMENTS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stopping(self) -> None:
+        """NOT_SERVING while the server stops."""
         await self._servicer.set(PAYMENTS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)

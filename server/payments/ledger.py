@@ -83,6 +83,8 @@ LISTED_INVOICES = 100
 
 
 class PaymentLedger:
+    """Invoices' payments: Stripe's events and dunning's attempts applied, collection status kept."""
+
     def __init__(
         self,
         invoices: InvoiceStore,
@@ -98,6 +100,7 @@ class PaymentLedger:
         self._now_micros = now_micros
 
     def now(self) -> datetime:
+        """The ledger's clock, as a datetime."""
         return to_datetime(self._now_micros())
 
     async def collection_status(self, tenant_id: str, principal: Principal) -> CollectionStatus:

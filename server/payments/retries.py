@@ -38,6 +38,8 @@ def idempotency_key(invoice_id: str, attempt: int) -> str:
 
 
 class InvoicePayer(Protocol):
+    """What charges an invoice at Stripe for a dunning retry."""
+
     async def pay(self, stripe_invoice_id: str, idempotency_key: str) -> AttemptOutcome:
         """Charge the invoice now. Errors that a later try may resolve (network, 5xx, 429) raise."""
 
@@ -49,6 +51,7 @@ class StripeInvoicePayer:
         self._client = client
 
     async def pay(self, stripe_invoice_id: str, idempotency_key: str) -> AttemptOutcome:
+        """Charge the invoice; a decline is an outcome, errors worth retrying raise."""
         invoices = self._client.v1.invoices
         try:
             invoice = await invoices.pay_async(
@@ -114,6 +117,7 @@ class OutboxRetryJobs:
     """RetryJobs on the outbox: one `stripe.retry_payment` job per invoice."""
 
     async def schedule(self, conn: asyncpg.Connection, invoice_id: str, due: datetime) -> None:
+        """Make sure the invoice's retry job runs at `due` (or is already pending)."""
         job = await outbox_store.get(conn, RETRY_KIND, invoice_id)
         if job is not None and job.state == "pending":
             # It reads the payment when it runs and waits for the next attempt's time itself.

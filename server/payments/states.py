@@ -59,6 +59,7 @@ class Change:
 
 
 def paid(payment: Payment) -> Change | None:
+    """Stripe reports the invoice paid: final, whatever came before (unless void)."""
     if payment.state in FINAL:
         return None
     after = dataclasses.replace(payment, state=PaymentState.PAID, next_attempt_time=None)
@@ -66,6 +67,7 @@ def paid(payment: Payment) -> Change | None:
 
 
 def voided(payment: Payment) -> Change | None:
+    """The invoice was voided: final, unless already paid."""
     if payment.state in FINAL:
         return None
     after = dataclasses.replace(payment, state=PaymentState.VOID, next_attempt_time=None)
@@ -73,6 +75,7 @@ def voided(payment: Payment) -> Change | None:
 
 
 def uncollectible(payment: Payment) -> Change | None:
+    """Written off: no more retries; a later payment still counts."""
     if payment.state in SETTLED:
         return None
     after = dataclasses.replace(payment, state=PaymentState.UNCOLLECTIBLE, next_attempt_time=None)
@@ -136,6 +139,7 @@ class CollectionState(Enum):
 
 
 def collection_state(uncollectible_count: int, past_due_count: int) -> CollectionState:
+    """A tenant's standing from its unpaid invoices: delinquent, past due, or good standing."""
     if uncollectible_count:
         return CollectionState.DELINQUENT
     if past_due_count:

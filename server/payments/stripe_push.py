@@ -128,6 +128,7 @@ class RequestPacer:
         self._lock = asyncio.Lock()
 
     async def wait(self) -> None:
+        """Wait for the next request's turn under the rate."""
         async with self._lock:  # one waiter at a time: turns are taken in order
             now = self._monotonic()
             self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
@@ -169,6 +170,7 @@ class StripePush:
         self._on_auth_failure = on_auth_failure
 
     def handlers(self) -> dict[str, JobHandler]:
+        """The outbox handlers of the push's job kinds."""
         return {
             STRIPE_INVOICE: self.push_invoice,
             STRIPE_VOID: self.push_void,
@@ -204,6 +206,7 @@ class StripePush:
     # -- stripe.invoice --
 
     async def push_invoice(self, conn: asyncpg.Connection, job: Job) -> Outcome:
+        """One step of a `stripe.invoice` job (see the module docstring)."""
         invoice = await InvoiceTransaction(conn).find(job.subject)
         if invoice is None:
             return Stop(f"invoice {job.subject} does not exist")

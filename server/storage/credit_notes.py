@@ -31,6 +31,7 @@ def _note(row: asyncpg.Record) -> CreditNote:
 
 
 async def get(conn: asyncpg.Connection, note_id: str) -> CreditNote | None:
+    """The credit note `note_id`, or None."""
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM credit_notes WHERE id = $1", note_id)
     return None if row is None else _note(row)
 

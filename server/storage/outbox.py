@@ -112,6 +112,7 @@ async def enqueue_many(
 
 
 async def get(conn: asyncpg.Connection | asyncpg.Pool, kind: str, subject: str) -> Job | None:
+    """The job of `kind` on `subject`, or None."""
     row = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM outbox_jobs WHERE kind = $1 AND subject = $2", kind, subject
     )

@@ -41,6 +41,7 @@ async def record_event(conn: asyncpg.Connection, event: StripeEvent, payload: st
 
 
 async def set_outcome(conn: asyncpg.Connection, event_id: str, outcome: str, invoice_id: str | None) -> None:
+    """Record what a stored event did (applied, unchanged, unmatched...) and its invoice."""
     await conn.execute(
         "UPDATE stripe_events SET outcome = $2, invoice_id = $3 WHERE id = $1", event_id, outcome, invoice_id
     )
@@ -76,6 +77,7 @@ async def find_invoice(conn: asyncpg.Connection, event: StripeEvent) -> tuple[st
 
 
 async def remember_refs(conn: asyncpg.Connection, invoice_id: str, refs: Sequence[str]) -> None:
+    """Remember the Stripe objects (charges, payment intents) that name the invoice, for later events."""
     if refs:
         await conn.execute(
             "INSERT INTO stripe_payment_refs (ref, invoice_id) SELECT unnest($1::text[]), $2"
@@ -106,6 +108,7 @@ async def lock_payment(conn: asyncpg.Connection, invoice_id: str) -> Payment | N
 
 
 async def read_payment(conn: asyncpg.Connection, invoice_id: str) -> Payment | None:
+    """The invoice's payment row as the rules see it, or None."""
     row = await conn.fetchrow(
         f"SELECT {_PAYMENT_COLUMNS} FROM invoice_payments WHERE invoice_id = $1", invoice_id
     )
@@ -164,6 +167,7 @@ async def collection(conn: asyncpg.Connection, tenant_id: str) -> tuple[Collecti
 async def set_collection(
     conn: asyncpg.Connection, tenant_id: str, state: CollectionState, at: datetime
 ) -> None:
+    """Record a tenant's new collection state."""
     await conn.execute(
         "INSERT INTO tenant_collections (tenant_id, state, update_time) VALUES ($1, $2, $3)"
         " ON CONFLICT (tenant_id) DO UPDATE SET state = excluded.state, update_time = excluded.update_time",

@@ -34,6 +34,7 @@ async def of_invoices(conn: asyncpg.Connection, invoice_ids: Sequence[str]) -> d
 
 
 async def get(conn: asyncpg.Connection | asyncpg.Pool, invoice_id: str) -> InvoicePayment | None:
+    """The invoice's payment record, or None if it was never finalized."""
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM invoice_payments WHERE invoice_id = $1", invoice_id)
     return None if row is None else _payment(row)
 
@@ -66,6 +67,7 @@ async def create_many(
 async def set_stripe_invoice(
     conn: asyncpg.Connection, invoice_id: str, stripe_invoice_id: str, at: datetime
 ) -> None:
+    """Store the id of the Stripe invoice made for the Tally invoice."""
     await conn.execute(
         "UPDATE invoice_payments SET stripe_invoice_id = $2, updated_time = $3 WHERE invoice_id = $1",
         invoice_id,

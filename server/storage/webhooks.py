@@ -218,6 +218,8 @@ class WebhookStore:
         return await run_with_retries(attempt)
 
     async def get(self, subscription_id: str) -> Subscription:
+        """The subscription `subscription_id`; NotFound if there is none."""
+
         async def attempt() -> Subscription:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(_GET_SUBSCRIPTION, subscription_id)
@@ -228,6 +230,8 @@ class WebhookStore:
         return await run_with_retries(attempt)
 
     async def page(self, after: tuple[datetime, str] | None, limit: int) -> list[Subscription]:
+        """Subscriptions after `after` (create time, id), oldest first, at most `limit`."""
+
         async def attempt() -> list[Subscription]:
             time, last_id = after if after is not None else (None, "")
             async with self._pool.acquire() as conn:
