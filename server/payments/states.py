@@ -59,7 +59,7 @@ class Change:
 
 
 def paid(payment: Payment) -> Change | None:
-    """Stripe reports the invoice paid: final, whatever came before (unless void)."""
+    """Stripe reports the invoice paid: final from any state but paid or void (no change then)."""
     if payment.state in FINAL:
         return None
     after = dataclasses.replace(payment, state=PaymentState.PAID, next_attempt_time=None)
@@ -67,7 +67,7 @@ def paid(payment: Payment) -> Change | None:
 
 
 def voided(payment: Payment) -> Change | None:
-    """The invoice was voided: final, unless already paid."""
+    """The invoice was voided: final from any state but paid or void (no change then)."""
     if payment.state in FINAL:
         return None
     after = dataclasses.replace(payment, state=PaymentState.VOID, next_attempt_time=None)
@@ -75,7 +75,7 @@ def voided(payment: Payment) -> Change | None:
 
 
 def uncollectible(payment: Payment) -> Change | None:
-    """Written off: no more retries; a later payment still counts."""
+    """Written off: no more retries (no change once settled); a later payment still counts."""
     if payment.state in SETTLED:
         return None
     after = dataclasses.replace(payment, state=PaymentState.UNCOLLECTIBLE, next_attempt_time=None)
