@@ -242,3 +242,16 @@ async def test_a_read_only_token_cannot_change_billing(address: str, tenant: str
         with pytest.raises(PermissionDeniedError) as caught:
             await reader.set_billing_profile(tenant, "Nobody")
     assert caught.value.reason == "SCOPE_MISSING"
+
+
+async def test_a_price_set_in_the_past_needs_reprice_past_usage(client: AsyncTallyClient) -> None:
+    usage_type = f"t_{uuid.uuid4().hex[:12]}"  # a usage type of its own: the rate card is shared
+    await client.set_rate("compute", usage_type, Decimal("0.1"))
+    with pytest.raises(InvalidArgumentError) as caught:
+        await client.set_rate("compute", usage_type, Decimal("0.2"), effective_time=hour_start(-2))
+    assert caught.value.reason == "FIELD_INVALID"
+    assert [v.field for v in caught.value.field_violations] == ["effective_time"]
+    repriced = await client.set_rate(
+        "compute", usage_type, Decimal("0.2"), effective_time=hour_start(-2), reprice_past_usage=True
+    )
+    assert (repriced.unit_price, repriced.effective_time) == (Decimal("0.2"), hour_start(-2))
