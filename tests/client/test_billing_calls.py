@@ -124,7 +124,7 @@ async def test_every_price_model_comes_back_exactly_and_a_new_version_follows_th
         GRADUATED,
         Charge(
             "cpu",
-            Volume((PriceTier("0.5", up_to="10", flat_fee="1"), PriceTier("0.4"))),
+            Volume((PriceTier(Decimal("0.5"), Decimal(10), Decimal(1)), PriceTier(Decimal("0.4")))),
             service="compute",
             usage_type="cpu_hour",
             included_quantity=Decimal("2.5"),
@@ -176,7 +176,9 @@ async def test_plan_mistakes_fail_with_their_reasons_and_a_resent_create_answers
         await client.create_plan_version("default", charges=[GRADUATED])
     assert read_only.value.reason == "PLAN_READ_ONLY"
     with pytest.raises(InvalidArgumentError) as invalid:
-        await client.create_plan_version(plan_id, charges=[Charge("neg", PerUnit(-1), "analytics", "query")])
+        await client.create_plan_version(
+            plan_id, charges=[Charge("neg", PerUnit(Decimal(-1)), "analytics", "query")]
+        )
     assert [v.field for v in invalid.value.field_violations] == ["charges[0].per_unit.unit_price"]
 
 
@@ -192,7 +194,7 @@ async def test_a_tenants_profile_plan_preview_and_period_close(client: AsyncTall
         billing_anchor_day=anchor_day,
         billing_start_time=hour_start(-5),
         tax_percentage=Decimal(20),
-        price_overrides=[PriceOverride("uploads", PerUnit("0.09"), included_quantity=10)],
+        price_overrides=[PriceOverride("uploads", PerUnit(Decimal("0.09")), included_quantity=Decimal(10))],
     )
     assert (profile.name, profile.tenant_id, profile.plan_id, profile.currency_code) == (
         f"tenants/{tenant}/billingProfile",
