@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -18,10 +18,12 @@ import grpc
 from tally.v1 import (
     billing_service_pb2,
     billing_service_pb2_grpc,
+    meter_service_pb2,
+    meter_service_pb2_grpc,
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from tally_client import convert
+from tally_client import convert, convert_pricing
 from tally_client.auth import TokenSource
 from tally_client.clock import SYSTEM_CLOCK, Clock
 from tally_client.connection import DEFAULT_TIMEOUT_SECONDS, Connection, Metadata, new_request_id
@@ -29,9 +31,12 @@ from tally_client.errors import UnauthenticatedError, from_rpc_error
 from tally_client.ingester import STREAM_RETRY, AsyncIngester
 from tally_client.models import (
     AuditEvent,
+    CancelledEvent,
+    CreditNote,
     GeneratedInvoice,
     IngestResult,
     Invoice,
+    Meter,
     Quantity,
     Rate,
     ReportResult,
@@ -39,10 +44,12 @@ from tally_client.models import (
     UsageEvent,
     UsageSummary,
 )
-from tally_client.names import invoice_name, tenant_name
+from tally_client.names import billing_profile_name, invoice_name, meter_name, plan_name, tenant_name
+from tally_client.pricing import BillingProfile, Charge, Plan, PriceOverride
 from tally_client.retry import DEFAULT_RETRY, RetryPolicy, is_transient
 
 Response = TypeVar("Response")
+Item = TypeVar("Item")
 
 
 class AsyncTallyClient:
@@ -75,6 +82,7 @@ class AsyncTallyClient:
         self._channel = self.connection.aio_channel()
         self._usage = usage_service_pb2_grpc.UsageServiceStub(self._channel)
         self._billing = billing_service_pb2_grpc.BillingServiceStub(self._channel)
+        self._meters = meter_service_pb2_grpc.MeterServiceStub(self._channel)
         self._sleep = sleep
         self._random = random
 
@@ -114,6 +122,18 @@ class AsyncTallyClient:
             if isinstance(error, UnauthenticatedError) and self.connection.token is not None:
                 self.connection.token.invalidate()
             await self._sleep(policy.delay(attempt - 1, error, self._random))
+
+    async def _pages(
+        self, method: Callable[..., Awaitable[Any]], request: Any, items: Callable[[Any], Iterable[Item]]
+    ) -> AsyncIterator[Item]:
+        """Every item of a List call, fetching the next page (each call retried on its own) as needed."""
+        while True:
+            response = await self._call(method, request)
+            for item in items(response):
+                yield item
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
 
     async def _stream(self, call: Any) -> AsyncIterator[Any]:
         """The responses of a server stream, its failure as a TallyError (not retried: output may repeat)."""
@@ -171,12 +191,31 @@ class AsyncTallyClient:
         tenant_ids: Sequence[str] = (),
         bucket: TimeBucket | None = None,
         group_by_dimension: str = "",
+        meters: Sequence[str] = (),
     ) -> AsyncIterator[UsageSummary]:
-        """One summary per tenant (the listed ones, or every tenant with usage), in tenant_id order."""
-        request = convert.summaries_request(tenant_ids, start_time, end_time, bucket, group_by_dimension)
+        """One summary per tenant (the listed ones, or every tenant with usage), in tenant_id order.
+
+        Each also has the value of each meter named in `meters` (ids or "meters/{meter}", at most 20).
+        """
+        request = convert.summaries_request(
+            tenant_ids, start_time, end_time, bucket, group_by_dimension, meters
+        )
         call = self._usage.StreamUsageSummaries(request, metadata=await self._metadata(new_request_id()))
         async for response in self._stream(call):
             yield convert.usage_summary(response.summary)
+
+    async def cancel_event(
+        self, tenant_id: str, event_id: str, *, request_id: str | None = None
+    ) -> CancelledEvent:
+        """Cancel a recorded event: it stops counting in summaries, meters and drafts.
+
+        Cancelling it again answers the first cancellation's time; NotFoundError (EVENT_NOT_FOUND)
+        if the tenant has no such event. Retries reuse one request_id.
+        """
+        request = usage_service_pb2.CancelEventRequest(
+            tenant_id=tenant_id, event_id=event_id, request_id=request_id or new_request_id()
+        )
+        return convert.cancelled_event(await self._call(self._usage.CancelEvent, request))
 
     def ingester(
         self,
@@ -208,18 +247,12 @@ class AsyncTallyClient:
 
     # -- BillingService -----------------------------------------------------------------
 
-    async def list_rates(
+    def list_rates(
         self, *, as_of_time: datetime | None = None, show_history: bool = False, page_size: int = 0
     ) -> AsyncIterator[Rate]:
         """The rate card in effect (now or at as_of_time), or every rate ever set; fetches pages as needed."""
         request = convert.list_rates_request(as_of_time, show_history, page_size)
-        while True:
-            response = await self._call(self._billing.ListRates, request)
-            for rate in response.rates:
-                yield convert.rate(rate)
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        return self._pages(self._billing.ListRates, request, lambda r: map(convert.rate, r.rates))
 
     async def set_rate(
         self,
@@ -229,9 +262,13 @@ class AsyncTallyClient:
         *,
         effective_time: datetime | None = None,
         currency_code: str = "",
+        reprice_past_usage: bool = False,
         request_id: str | None = None,
     ) -> Rate:
-        """Set a price from effective_time on (default: the next whole hour). Retries reuse one request_id."""
+        """Set a price from effective_time on (default: the next whole hour). Retries reuse one request_id.
+
+        An effective_time in the past needs `reprice_past_usage` (InvalidArgumentError otherwise).
+        """
         request = convert.set_rate_request(
             service,
             usage_type,
@@ -239,6 +276,7 @@ class AsyncTallyClient:
             effective_time=effective_time,
             currency_code=currency_code,
             request_id=request_id or new_request_id(),
+            reprice_past_usage=reprice_past_usage,
         )
         return convert.rate((await self._call(self._billing.SetRate, request)).rate)
 
@@ -262,18 +300,12 @@ class AsyncTallyClient:
         request = billing_service_pb2.GetInvoiceRequest(name=invoice_name(tenant_id, invoice_id))
         return convert.invoice((await self._call(self._billing.GetInvoice, request)).invoice)
 
-    async def list_invoices(self, tenant_id: str, *, page_size: int = 0) -> AsyncIterator[Invoice]:
+    def list_invoices(self, tenant_id: str, *, page_size: int = 0) -> AsyncIterator[Invoice]:
         """The tenant's invoices, newest period first."""
         request = billing_service_pb2.ListInvoicesRequest(parent=tenant_name(tenant_id), page_size=page_size)
-        while True:
-            response = await self._call(self._billing.ListInvoices, request)
-            for invoice in response.invoices:
-                yield convert.invoice(invoice)
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        return self._pages(self._billing.ListInvoices, request, lambda r: map(convert.invoice, r.invoices))
 
-    async def list_audit_events(
+    def list_audit_events(
         self,
         *,
         tenant_id: str = "",
@@ -283,10 +315,243 @@ class AsyncTallyClient:
     ) -> AsyncIterator[AuditEvent]:
         """The audit trail, oldest first."""
         request = convert.list_audit_events_request(tenant_id, start_time, end_time, page_size)
-        while True:
-            response = await self._call(self._billing.ListAuditEvents, request)
-            for entry in response.audit_events:
-                yield convert.audit_event(entry)
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        return self._pages(
+            self._billing.ListAuditEvents, request, lambda r: map(convert.audit_event, r.audit_events)
+        )
+
+    # The invoice's life after GenerateInvoice. Each change sends one request_id on every attempt.
+
+    async def finalize_invoice(
+        self, tenant_id: str, invoice_id: str, *, request_id: str | None = None
+    ) -> Invoice:
+        """Freeze a draft and number it; other statuses: FailedPreconditionError (INVOICE_STATUS_INVALID)."""
+        request = billing_service_pb2.FinalizeInvoiceRequest(
+            name=invoice_name(tenant_id, invoice_id), request_id=request_id or new_request_id()
+        )
+        return convert.invoice((await self._call(self._billing.FinalizeInvoice, request)).invoice)
+
+    async def void_invoice(
+        self, tenant_id: str, invoice_id: str, *, request_id: str | None = None
+    ) -> Invoice:
+        """Void a draft, finalized or uncollectible invoice: it bills nothing and frees its period."""
+        request = billing_service_pb2.VoidInvoiceRequest(
+            name=invoice_name(tenant_id, invoice_id), request_id=request_id or new_request_id()
+        )
+        return convert.invoice((await self._call(self._billing.VoidInvoice, request)).invoice)
+
+    async def mark_invoice_paid(
+        self, tenant_id: str, invoice_id: str, *, request_id: str | None = None
+    ) -> Invoice:
+        """Mark a finalized or uncollectible invoice paid."""
+        request = billing_service_pb2.MarkInvoicePaidRequest(
+            name=invoice_name(tenant_id, invoice_id), request_id=request_id or new_request_id()
+        )
+        return convert.invoice((await self._call(self._billing.MarkInvoicePaid, request)).invoice)
+
+    async def mark_invoice_uncollectible(
+        self, tenant_id: str, invoice_id: str, *, request_id: str | None = None
+    ) -> Invoice:
+        """Mark a finalized invoice uncollectible (a bad debt; it may still be paid or voided)."""
+        request = billing_service_pb2.MarkInvoiceUncollectibleRequest(
+            name=invoice_name(tenant_id, invoice_id), request_id=request_id or new_request_id()
+        )
+        return convert.invoice((await self._call(self._billing.MarkInvoiceUncollectible, request)).invoice)
+
+    async def create_credit_note(
+        self,
+        tenant_id: str,
+        invoice_id: str,
+        amount: Quantity,
+        reason: str,
+        *,
+        request_id: str | None = None,
+    ) -> CreditNote:
+        """Credit part or all of a finalized, paid or uncollectible invoice. Retries reuse one request_id.
+
+        FailedPreconditionError (CREDIT_EXCEEDS_INVOICE) past the invoice's total.
+        """
+        request = billing_service_pb2.CreateCreditNoteRequest(
+            invoice=invoice_name(tenant_id, invoice_id),
+            amount=convert.decimal_text(amount, "amount"),
+            reason=reason,
+            request_id=request_id or new_request_id(),
+        )
+        return convert.credit_note((await self._call(self._billing.CreateCreditNote, request)).credit_note)
+
+    def list_credit_notes(self, tenant_id: str, *, page_size: int = 0) -> AsyncIterator[CreditNote]:
+        """The tenant's credit notes, oldest first."""
+        request = billing_service_pb2.ListCreditNotesRequest(
+            parent=tenant_name(tenant_id), page_size=page_size
+        )
+        return self._pages(
+            self._billing.ListCreditNotes, request, lambda r: map(convert.credit_note, r.credit_notes)
+        )
+
+    async def preview_invoice(self, tenant_id: str) -> Invoice:
+        """The tenant's open period priced now, not stored: a draft without name, id or number."""
+        request = billing_service_pb2.PreviewInvoiceRequest(parent=tenant_name(tenant_id))
+        return convert.invoice((await self._call(self._billing.PreviewInvoice, request)).invoice)
+
+    async def close_period(self, tenant_id: str, *, request_id: str | None = None) -> Invoice:
+        """Close the tenant's oldest open period now; its invoice, finalized. Retries reuse one request_id.
+
+        NotFoundError (BILLING_PROFILE_NOT_FOUND) for a tenant without a billing profile.
+        """
+        request = billing_service_pb2.ClosePeriodRequest(
+            parent=tenant_name(tenant_id), request_id=request_id or new_request_id()
+        )
+        return convert.invoice((await self._call(self._billing.ClosePeriod, request)).invoice)
+
+    # Plans and billing profiles.
+
+    async def create_plan(
+        self,
+        plan_id: str,
+        display_name: str,
+        currency_code: str,
+        *,
+        charges: Sequence[Charge] = (),
+        minimum_amount: Quantity | None = None,
+        effective_time: datetime | None = None,
+        request_id: str | None = None,
+    ) -> Plan:
+        """A plan with its first version (from effective_time, default the current hour).
+
+        AlreadyExistsError for a plan_id in use. Retries reuse one request_id.
+        """
+        request = convert_pricing.create_plan_request(
+            plan_id,
+            display_name,
+            currency_code,
+            charges=charges,
+            minimum_amount=minimum_amount,
+            effective_time=effective_time,
+            request_id=request_id or new_request_id(),
+        )
+        return convert_pricing.plan((await self._call(self._billing.CreatePlan, request)).plan)
+
+    async def get_plan(self, plan: str) -> Plan:
+        """One plan (by id or "plans/{plan}") with its versions; NotFoundError if there is none."""
+        request = billing_service_pb2.GetPlanRequest(name=plan_name(plan))
+        return convert_pricing.plan((await self._call(self._billing.GetPlan, request)).plan)
+
+    def list_plans(self, *, page_size: int = 0) -> AsyncIterator[Plan]:
+        """The plans in id order ("default", the rate card, first)."""
+        request = billing_service_pb2.ListPlansRequest(page_size=page_size)
+        return self._pages(self._billing.ListPlans, request, lambda r: map(convert_pricing.plan, r.plans))
+
+    async def create_plan_version(
+        self,
+        plan: str,
+        *,
+        charges: Sequence[Charge] = (),
+        minimum_amount: Quantity | None = None,
+        effective_time: datetime | None = None,
+        request_id: str | None = None,
+    ) -> Plan:
+        """New charges for a plan from effective_time (default the next hour) on; the plan with them.
+
+        Retries reuse one request_id.
+        """
+        request = convert_pricing.create_plan_version_request(
+            plan,
+            charges=charges,
+            minimum_amount=minimum_amount,
+            effective_time=effective_time,
+            request_id=request_id or new_request_id(),
+        )
+        return convert_pricing.plan((await self._call(self._billing.CreatePlanVersion, request)).plan)
+
+    async def set_billing_profile(
+        self,
+        tenant_id: str,
+        display_name: str,
+        *,
+        email: str = "",
+        currency_code: str = "",
+        plan: str = "",
+        plan_effective_time: datetime | None = None,
+        billing_anchor_day: int = 0,
+        billing_start_time: datetime | None = None,
+        tax_percentage: Quantity | None = None,
+        spend_threshold: Quantity | None = None,
+        price_overrides: Sequence[PriceOverride] = (),
+        request_id: str | None = None,
+    ) -> BillingProfile:
+        """Create or replace the tenant's billing profile, whole; the profile as stored.
+
+        A setting left out takes its default (the plan's currency, the default plan, no tax,
+        no threshold); the anchor day and billing start are fixed at creation. Retries reuse
+        one request_id.
+        """
+        request = convert_pricing.set_billing_profile_request(
+            tenant_id,
+            display_name,
+            email=email,
+            currency_code=currency_code,
+            plan=plan,
+            plan_effective_time=plan_effective_time,
+            billing_anchor_day=billing_anchor_day,
+            billing_start_time=billing_start_time,
+            tax_percentage=tax_percentage,
+            spend_threshold=spend_threshold,
+            price_overrides=price_overrides,
+            request_id=request_id or new_request_id(),
+        )
+        response = await self._call(self._billing.SetBillingProfile, request)
+        return convert_pricing.billing_profile(response.billing_profile)
+
+    async def get_billing_profile(self, tenant_id: str) -> BillingProfile:
+        """The tenant's billing profile; NotFoundError (BILLING_PROFILE_NOT_FOUND) if it has none."""
+        request = billing_service_pb2.GetBillingProfileRequest(name=billing_profile_name(tenant_id))
+        response = await self._call(self._billing.GetBillingProfile, request)
+        return convert_pricing.billing_profile(response.billing_profile)
+
+    # -- MeterService -------------------------------------------------------------------
+
+    async def create_meter(
+        self,
+        meter_id: str,
+        service: str,
+        usage_type: str,
+        aggregation: str,
+        *,
+        description: str = "",
+        filter: Mapping[str, str] | None = None,
+        value_dimension: str = "",
+        group_by_dimensions: Sequence[str] = (),
+        request_id: str | None = None,
+    ) -> Meter:
+        """A meter over one usage type, aggregated one way (sum, count, max, min, latest...).
+
+        AlreadyExistsError (METER_EXISTS) for a meter_id in use. Retries reuse one request_id.
+        """
+        request = convert.create_meter_request(
+            meter_id,
+            service,
+            usage_type,
+            aggregation,
+            description=description,
+            filter=filter or {},
+            value_dimension=value_dimension,
+            group_by_dimensions=group_by_dimensions,
+            request_id=request_id or new_request_id(),
+        )
+        return convert.meter((await self._call(self._meters.CreateMeter, request)).meter)
+
+    async def get_meter(self, meter: str) -> Meter:
+        """One meter (by id or "meters/{meter}"); NotFoundError (METER_NOT_FOUND) if there is none."""
+        request = meter_service_pb2.GetMeterRequest(name=meter_name(meter))
+        return convert.meter((await self._call(self._meters.GetMeter, request)).meter)
+
+    def list_meters(self, *, page_size: int = 0) -> AsyncIterator[Meter]:
+        """Every meter, active and archived, in meter_id order."""
+        request = meter_service_pb2.ListMetersRequest(page_size=page_size)
+        return self._pages(self._meters.ListMeters, request, lambda r: map(convert.meter, r.meters))
+
+    async def archive_meter(self, meter: str, *, request_id: str | None = None) -> Meter:
+        """Stop a meter counting new events (what it counted stays readable); archiving again is a no-op."""
+        request = meter_service_pb2.ArchiveMeterRequest(
+            name=meter_name(meter), request_id=request_id or new_request_id()
+        )
+        return convert.meter((await self._call(self._meters.ArchiveMeter, request)).meter)

@@ -7,21 +7,25 @@ instant and come back as aware UTC datetimes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
+from tally.v1 import billing_service_pb2, meter_service_pb2, resources_pb2, usage_service_pb2
 from tally_client.models import (
     AuditEvent,
+    CancelledEvent,
+    CreditNote,
     EventRejection,
     IngestResult,
     Invoice,
     InvoiceLineItem,
+    Meter,
     MeterAggregate,
+    MeterBackfill,
     Quantity,
     Rate,
     RejectionCause,
@@ -34,7 +38,13 @@ from tally_client.models import (
     aware,
     exact,
 )
-from tally_client.names import parse_invoice_name, tenant_name, usage_summary_name
+from tally_client.names import (
+    meter_name,
+    parse_credit_note_name,
+    parse_invoice_name,
+    tenant_name,
+    usage_summary_name,
+)
 
 _BUCKETS = {
     None: resources_pb2.TIME_BUCKET_UNSPECIFIED,
@@ -43,6 +53,7 @@ _BUCKETS = {
     TimeBucket.MONTH: resources_pb2.TIME_BUCKET_MONTH,
 }
 _BUCKETS_BACK = {value: key for key, value in _BUCKETS.items()}
+_AGGREGATION = "METER_AGGREGATION_"
 _CAUSES = {
     resources_pb2.REJECTION_CAUSE_INVALID: RejectionCause.INVALID,
     resources_pb2.REJECTION_CAUSE_PERMISSION_DENIED: RejectionCause.PERMISSION_DENIED,
@@ -137,9 +148,7 @@ def usage_summary(message: resources_pb2.UsageSummary) -> UsageSummary:
         meter_aggregates=tuple(
             MeterAggregate(
                 meter=m.meter,
-                aggregation=resources_pb2.MeterAggregation.Name(m.aggregation)
-                .removeprefix("METER_AGGREGATION_")
-                .lower(),
+                aggregation=_aggregation_text(m.aggregation),
                 bucket_start_time=(
                     from_timestamp(m.bucket_start_time) if m.HasField("bucket_start_time") else None
                 ),
@@ -148,6 +157,88 @@ def usage_summary(message: resources_pb2.UsageSummary) -> UsageSummary:
             )
             for m in message.meter_aggregates
         ),
+    )
+
+
+def _aggregation_text(value: resources_pb2.MeterAggregation.ValueType) -> str:
+    return resources_pb2.MeterAggregation.Name(value).removeprefix(_AGGREGATION).lower()
+
+
+def _optional_time(message: Any, field: str) -> datetime | None:
+    return from_timestamp(getattr(message, field)) if message.HasField(field) else None
+
+
+def cancelled_event(response: usage_service_pb2.CancelEventResponse) -> CancelledEvent:
+    """CancelEvent's answer: the event and the time of its (first) cancellation."""
+    return CancelledEvent(response.tenant_id, response.event_id, from_timestamp(response.cancel_time))
+
+
+def meter(message: resources_pb2.Meter) -> Meter:
+    """A Meter proto; its aggregation and state in lower case without their enum prefixes."""
+    return Meter(
+        name=message.name,
+        meter_id=message.meter_id,
+        description=message.description,
+        service=message.service,
+        usage_type=message.usage_type,
+        filter=dict(message.filter),
+        aggregation=_aggregation_text(message.aggregation),
+        value_dimension=message.value_dimension,
+        group_by_dimensions=tuple(message.group_by_dimensions),
+        state=resources_pb2.MeterState.Name(message.state).removeprefix("METER_STATE_").lower(),
+        create_time=from_timestamp(message.create_time),
+        archive_time=_optional_time(message, "archive_time"),
+        backfill=MeterBackfill(
+            scanned_event_count=message.backfill.scanned_event_count,
+            counted_event_count=message.backfill.counted_event_count,
+            end_time=_optional_time(message.backfill, "end_time"),
+        ),
+    )
+
+
+def create_meter_request(
+    meter_id: str,
+    service: str,
+    usage_type: str,
+    aggregation: str,
+    *,
+    description: str,
+    filter: Mapping[str, str],
+    value_dimension: str,
+    group_by_dimensions: Sequence[str],
+    request_id: str,
+) -> meter_service_pb2.CreateMeterRequest:
+    """The CreateMeter request; ValueError for an aggregation that is not one of MeterAggregation's."""
+    known = [name.removeprefix(_AGGREGATION).lower() for name in resources_pb2.MeterAggregation.keys()]
+    if aggregation not in known or aggregation == "unspecified":
+        raise ValueError(f"aggregation must be one of {', '.join(known[1:])}, not {aggregation!r}")
+    return meter_service_pb2.CreateMeterRequest(
+        meter=resources_pb2.Meter(
+            meter_id=meter_id.removeprefix("meters/"),
+            description=description,
+            service=service,
+            usage_type=usage_type,
+            filter=dict(filter),
+            aggregation=resources_pb2.MeterAggregation.Value(_AGGREGATION + aggregation.upper()),
+            value_dimension=value_dimension,
+            group_by_dimensions=list(group_by_dimensions),
+        ),
+        request_id=request_id,
+    )
+
+
+def credit_note(message: resources_pb2.CreditNote) -> CreditNote:
+    """A CreditNote proto with its amount as a Decimal and its tenant's, its own and its invoice's ids."""
+    return CreditNote(
+        name=message.name,
+        tenant_id=message.tenant_id,
+        credit_note_id=parse_credit_note_name(message.name)[1],
+        invoice_id=parse_invoice_name(message.invoice)[1],
+        number=message.number,
+        currency_code=message.currency_code,
+        amount=Decimal(message.amount),
+        reason=message.reason,
+        create_time=from_timestamp(message.create_time),
     )
 
 
@@ -232,7 +323,7 @@ def summary_request(
         end_time=timestamp(end_time, "end_time"),
         bucket=_BUCKETS[bucket],
         group_by_dimension=group_by_dimension,
-        meters=[meter if meter.startswith("meters/") else f"meters/{meter}" for meter in meters],
+        meters=[meter_name(meter) for meter in meters],
     )
 
 
@@ -242,14 +333,16 @@ def summaries_request(
     end_time: datetime,
     bucket: TimeBucket | None,
     group_by_dimension: str,
+    meters: Sequence[str] = (),
 ) -> usage_service_pb2.StreamUsageSummariesRequest:
-    """The StreamUsageSummaries request for several tenants over one period."""
+    """The StreamUsageSummaries request for several tenants over one period; meters as in summary_request."""
     return usage_service_pb2.StreamUsageSummariesRequest(
         tenant_ids=list(tenant_ids),
         start_time=timestamp(start_time, "start_time"),
         end_time=timestamp(end_time, "end_time"),
         bucket=_BUCKETS[bucket],
         group_by_dimension=group_by_dimension,
+        meters=[meter_name(meter) for meter in meters],
     )
 
 
@@ -271,6 +364,7 @@ def set_rate_request(
     effective_time: datetime | None,
     currency_code: str,
     request_id: str,
+    reprice_past_usage: bool = False,
 ) -> billing_service_pb2.SetRateRequest:
     """The SetRate request; None `effective_time` takes the server's default (the next whole hour)."""
     request = billing_service_pb2.SetRateRequest(
@@ -279,6 +373,7 @@ def set_rate_request(
         unit_price=decimal_text(unit_price, "unit_price"),
         currency_code=currency_code,
         request_id=request_id,
+        reprice_past_usage=reprice_past_usage,
     )
     if effective_time is not None:
         request.effective_time.CopyFrom(timestamp(effective_time, "effective_time"))

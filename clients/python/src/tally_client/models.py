@@ -237,3 +237,62 @@ class AuditEvent:
     resource: str
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledEvent:
+    """CancelEvent's answer: the event, and when it was cancelled (the first time, if cancelled again)."""
+
+    tenant_id: str
+    event_id: str
+    cancel_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MeterBackfill:
+    """How far a meter's rebuild from the events recorded before its creation has come.
+
+    `end_time` is None while the meter is backfilling, and for sum and count meters, which need none.
+    """
+
+    scanned_event_count: int
+    counted_event_count: int
+    end_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """A meter: which events it reads (one usage type, narrowed by `filter`) and how it aggregates them.
+
+    `aggregation` is sum, count, max, min, latest, unique_count or time_weighted; `state`
+    active, archived or backfilling. Meters are shared by every tenant.
+    """
+
+    name: str
+    meter_id: str
+    description: str
+    service: str
+    usage_type: str
+    filter: Mapping[str, str]
+    aggregation: str
+    value_dimension: str
+    group_by_dimensions: tuple[str, ...]
+    state: str
+    create_time: datetime
+    archive_time: datetime | None
+    backfill: MeterBackfill
+
+
+@dataclass(frozen=True, slots=True)
+class CreditNote:
+    """A credit of `amount` (in the invoice's currency) against one of the tenant's invoices."""
+
+    name: str
+    tenant_id: str
+    credit_note_id: str
+    invoice_id: str
+    number: str
+    currency_code: str
+    amount: Decimal
+    reason: str
+    create_time: datetime

@@ -9,6 +9,10 @@ from __future__ import annotations
 TENANTS = "tenants/"
 INVOICES = "/invoices/"
 USAGE_SUMMARY = "/usageSummary"
+BILLING_PROFILE = "/billingProfile"
+CREDIT_NOTES = "/creditNotes/"
+METERS = "meters/"
+PLANS = "plans/"
 
 
 def tenant_name(tenant_id: str) -> str:
@@ -26,6 +30,21 @@ def invoice_name(tenant_id: str, invoice_id: str) -> str:
     return f"{TENANTS}{tenant_id}{INVOICES}{invoice_id}"
 
 
+def billing_profile_name(tenant_id: str) -> str:
+    """The name "tenants/{tenant}/billingProfile"."""
+    return f"{TENANTS}{tenant_id}{BILLING_PROFILE}"
+
+
+def meter_name(meter: str) -> str:
+    """The name "meters/{meter}" of a meter given by id or already by name."""
+    return meter if meter.startswith(METERS) else f"{METERS}{meter}"
+
+
+def plan_name(plan: str) -> str:
+    """The name "plans/{plan}" of a plan given by id or already by name."""
+    return plan if plan.startswith(PLANS) else f"{PLANS}{plan}"
+
+
 def parse_tenant_name(name: str) -> str:
     """The tenant id of "tenants/{tenant}"."""
     if not name.startswith(TENANTS) or len(name) == len(TENANTS):
@@ -39,3 +58,11 @@ def parse_invoice_name(name: str) -> tuple[str, str]:
     if not separator or not invoice_id or "/" in invoice_id:
         raise ValueError(f"not an invoice name (tenants/{{tenant}}/invoices/{{invoice}}): {name!r}")
     return parse_tenant_name(tenant_part), invoice_id
+
+
+def parse_credit_note_name(name: str) -> tuple[str, str]:
+    """(tenant id, credit note id) of "tenants/{tenant}/creditNotes/{credit_note}"."""
+    tenant_part, separator, note_id = name.rpartition(CREDIT_NOTES)
+    if not separator or not note_id or "/" in note_id:
+        raise ValueError(f"not a credit note name (tenants/{{tenant}}/creditNotes/{{credit_note}}): {name!r}")
+    return parse_tenant_name(tenant_part), note_id

@@ -1,10 +1,11 @@
 """Commands for credit notes, billing profiles, invoice preview, period close and plan changes.
 
-Like tally_client.cli.lifecycle, they call the generated stubs through the client's call
-path (deadline, retries, typed errors) and send one request_id on every attempt of a
-change, so a retry never applies it twice. Prices and amounts stay the exact decimal
-strings of the protos; charges and price overrides are read from JSON files in the
-protos' JSON form (the same shape that `--output json` prints).
+Preview and period close are the typed client's calls. The others print the protos
+themselves, so like tally_client.cli.lifecycle they call the generated stubs through the
+client's call path (deadline, retries, typed errors). Every change sends one request_id on
+every attempt, so a retry never applies it twice. Prices and amounts stay the exact
+decimal strings of the protos; charges and price overrides are read from JSON files in
+the protos' JSON form (the same shape that `--output json` prints).
 """
 
 from __future__ import annotations
@@ -184,9 +185,8 @@ def profiles_set(args: argparse.Namespace) -> None:
 
 def invoices_preview(args: argparse.Namespace) -> None:
     """`tally invoices preview`: the open period's invoice priced now (not stored)."""
-    request = billing_service_pb2.PreviewInvoiceRequest(parent=tenant_name(args.tenant))
     with connect(args) as client:
-        invoice = convert.invoice(call(client, "PreviewInvoice", request).invoice)
+        invoice = client.preview_invoice(args.tenant)
     if args.output != "json":
         print(f"open period of {args.tenant} so far (a preview: not stored)")
     show_invoice(invoice, args.output)
@@ -194,11 +194,8 @@ def invoices_preview(args: argparse.Namespace) -> None:
 
 def invoices_close_period(args: argparse.Namespace) -> None:
     """`tally invoices close-period`: close the tenant's oldest open period and print its invoice."""
-    request = billing_service_pb2.ClosePeriodRequest(
-        parent=tenant_name(args.tenant), request_id=new_request_id()
-    )
     with connect(args) as client:
-        invoice = convert.invoice(call(client, "ClosePeriod", request).invoice)
+        invoice = client.close_period(args.tenant)
     show_invoice(invoice, args.output)
 
 

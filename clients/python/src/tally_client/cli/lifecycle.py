@@ -1,11 +1,12 @@
-"""Commands over the RPCs that the typed client does not wrap yet: the invoice lifecycle and plans.
+"""Commands for the invoice lifecycle actions and for plans.
 
 Through `call` and `plain_proto`, this module also serves tally_client.cli.billing and .meters.
 
-They use the generated stubs through the client's own call path (its deadline, retries
-and typed errors), so they behave like the other commands. An invoice action sends one
-request_id on every attempt, so a retry never applies it twice. Plans are printed from
-their protos: exact decimal strings stay strings.
+The invoice actions are the typed client's (finalize_invoice, void_invoice...): one
+request_id on every attempt, so a retry never applies an action twice. Plans are printed
+from their protos, so that `plans show -o json` is the proto's JSON form that `--charges`
+files take back and exact decimal strings stay strings: those commands call the generated
+stubs through the client's own call path (its deadline, retries and typed errors).
 """
 
 from __future__ import annotations
@@ -17,50 +18,43 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from tally.v1 import billing_service_pb2, meter_service_pb2_grpc, resources_pb2
+from tally.v1 import billing_service_pb2, resources_pb2
 from tally_client import convert
 from tally_client.cli.commands import connect, invoice_ref, show_invoice
 from tally_client.cli.output import print_json, print_table
 from tally_client.client import TallyClient
-from tally_client.connection import new_request_id
-from tally_client.names import invoice_name
+from tally_client.models import Invoice
 
 PLANS = "plans/"
 
-# The INVOICE ACTION commands: each RPC takes the invoice's name and a request_id, and returns it.
-INVOICE_ACTIONS: dict[str, tuple[str, type[Message]]] = {
-    "finalize": ("FinalizeInvoice", billing_service_pb2.FinalizeInvoiceRequest),
-    "void": ("VoidInvoice", billing_service_pb2.VoidInvoiceRequest),
-    "mark-paid": ("MarkInvoicePaid", billing_service_pb2.MarkInvoicePaidRequest),
-    "mark-uncollectible": ("MarkInvoiceUncollectible", billing_service_pb2.MarkInvoiceUncollectibleRequest),
+# The INVOICE ACTION commands: the client's method for each, taking the tenant and invoice ids.
+INVOICE_ACTIONS: dict[str, Callable[[TallyClient, str, str], Invoice]] = {
+    "finalize": TallyClient.finalize_invoice,
+    "void": TallyClient.void_invoice,
+    "mark-paid": TallyClient.mark_invoice_paid,
+    "mark-uncollectible": TallyClient.mark_invoice_uncollectible,
 }
 
 
 def call(client: TallyClient, method: str, request: Message, service: str = "billing") -> Any:
     """Call BillingService (or `service` "meters"/"usage") `method` through the client's call path.
 
-    That path brings its deadline, retries and typed errors to RPCs that have no typed
-    wrapper yet.
+    That path brings its deadline, retries and typed errors to the commands that print the
+    protos themselves (plans, profiles, credit notes, meters).
     """
-    if service == "billing":
-        stub: Any = client._billing
-    elif service == "usage":
-        stub = client._usage
-    else:
-        stub = meter_service_pb2_grpc.MeterServiceStub(client._channel)
-    return client._call(getattr(stub, method), request)
+    stubs: dict[str, Any] = {"billing": client._billing, "usage": client._usage, "meters": client._meters}
+    return client._call(getattr(stubs[service], method), request)
 
 
 def invoice_action(action: str) -> Callable[[argparse.Namespace], None]:
     """The handler of `tally invoices <action>` (finalize, void, mark-paid, mark-uncollectible)."""
-    method, request_type = INVOICE_ACTIONS[action]
+    act = INVOICE_ACTIONS[action]
 
     def handler(args: argparse.Namespace) -> None:
         tenant, invoice_id = invoice_ref(args)
-        request = request_type(name=invoice_name(tenant, invoice_id), request_id=new_request_id())
         with connect(args) as client:
-            response = call(client, method, request)
-        show_invoice(convert.invoice(response.invoice), args.output)
+            invoice = act(client, tenant, invoice_id)
+        show_invoice(invoice, args.output)
 
     return handler
 

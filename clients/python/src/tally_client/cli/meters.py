@@ -1,7 +1,9 @@
 """Commands for meters (MeterService) and for cancelling an event (UsageService.CancelEvent).
 
-Over the generated stubs through the client's call path, as tally_client.cli.lifecycle;
-a change sends one request_id on every attempt, so a retry never applies it twice.
+`cancel` is the typed client's cancel_event. The meter commands print the protos
+themselves (their JSON form), so they call the generated stubs through the client's call
+path, as tally_client.cli.lifecycle does; a change sends one request_id on every attempt,
+so a retry never applies it twice.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tally.v1 import meter_service_pb2, resources_pb2, usage_service_pb2
+from tally.v1 import meter_service_pb2, resources_pb2
 from tally_client import convert
 from tally_client.cli.billing import pages
 from tally_client.cli.commands import connect
@@ -106,15 +108,12 @@ def meters_archive(args: argparse.Namespace) -> None:
 
 def cancel(args: argparse.Namespace) -> None:
     """`tally cancel`: cancel a recorded event; cancelling again answers the first cancellation's time."""
-    request = usage_service_pb2.CancelEventRequest(
-        tenant_id=args.tenant, event_id=args.event_id, request_id=new_request_id()
-    )
     with connect(args) as client:
-        response = call(client, "CancelEvent", request, "usage")
-    cancel_time = convert.from_timestamp(response.cancel_time)
+        cancelled = client.cancel_event(args.tenant, args.event_id)
     if args.output == "json":
-        print_json(
-            {"tenant_id": response.tenant_id, "event_id": response.event_id, "cancel_time": cancel_time}
-        )
+        print_json(cancelled)
     else:
-        print(f"cancelled: tenant {response.tenant_id}, event {response.event_id}, at {text(cancel_time)}")
+        print(
+            f"cancelled: tenant {cancelled.tenant_id}, event {cancelled.event_id}, "
+            f"at {text(cancelled.cancel_time)}"
+        )
