@@ -3,10 +3,11 @@
 Closing one tenant at a time costs about fifteen round trips and a commit per invoice
 (42 invoices/s measured, four minutes for 10,000 tenants). A block instead reads the
 profiles, plan histories, plan versions, billed lines, overlapping invoices and usage of
-all its tenants in six set-based statements, prices each invoice in Python with the same
-pure code as a single close (InvoicePricer.price_basis), and writes the drafts and their
-lines (COPY), the cursors, the audit entries and the finalization in a few more, with one
-commit. The guarantees are those of a single close:
+all its tenants in six set-based statements (plus one per meter and window for charges
+that price a meter), prices each invoice in Python with the same pure code as a single
+close (InvoicePricer.price_basis), and writes the drafts and their lines (COPY), the
+cursors, the audit entries, the finalization, the payment records, the Stripe push jobs
+and the invoice.finalized events in a few more, with one commit. The guarantees are those of a single close:
 
 - exactly once: the block holds each tenant's invoice lock and profile row from the moment
   it takes the tenant (InvoiceStore.due_block_transaction) to its commit;
