@@ -10,9 +10,10 @@ from pathlib import Path
 import asyncpg
 import pytest_asyncio
 
+from server.app import TallyServer
 from server.domain.access import SCOPES
 from tally_client.cli.parser import WEBHOOK_EVENT_TYPES
-from tests.client.conftest import Tally
+from tests.client.conftest import Receiver, Tally
 from tests.client.test_cli import iso
 from tests.client.test_cli_billing import cells
 from tests.conftest import make_token
@@ -149,6 +150,45 @@ async def test_webhooks_create_refuses_a_bad_subscription_an_unreadable_secret_a
     assert denied.code == 1
     assert denied.err.startswith("tally: PERMISSION_DENIED (SCOPE_MISSING)")
     assert await db.fetchval("SELECT count(*) FROM webhook_subscriptions") == before
+
+
+async def test_webhooks_deliveries_prints_each_delivery_with_its_state_and_last_status(
+    cli: Tally, tally: TallyServer, tenant: str, secret_path: Path, receiver: Receiver, urls: list[str]
+) -> None:
+    urls.append(receiver.url)
+    created = await cli(
+        "webhooks", "create", "--url", receiver.url, "--secret-file", str(secret_path),
+        "--event", "invoice.finalized", "-o", "json",
+    )  # fmt: skip
+    name = json.loads(created.out)["name"]
+    await cli(
+        "report", "--tenant", tenant, "--event-id", "w-1", *("--service", "compute"),
+        *("--usage-type", "cpu_hour", "--quantity", "1", "--time", iso(-2, 1)),
+    )  # fmt: skip
+    generated = await cli("invoices", "generate", "--tenant", tenant, "--start", iso(-2), "--end", iso(-1))
+    invoice = generated.out.splitlines()[0].removeprefix("created ")
+    assert (await cli("invoices", "finalize", invoice)).code == 0
+    assert tally.outbox is not None
+    await tally.outbox.drain()  # the session server's worker does not poll: tests drive it
+
+    [delivery] = json.loads((await cli("webhooks", "deliveries", name, "-o", "json")).out)
+    assert (delivery["event_type"], delivery["state"], delivery["attempt_count"]) == (
+        "invoice.finalized",
+        "delivered",
+        1,
+    )
+    assert [a["status_code"] for a in delivery["attempts"]] == [200]
+    table = await cli("webhooks", "deliveries", name.removeprefix("webhookSubscriptions/"))
+    row = cells(table.out, delivery["event_id"])
+    assert row[:6] == [
+        delivery["name"].rsplit("/", 1)[1],
+        "invoice.finalized",
+        delivery["event_id"],
+        "delivered",
+        "1",
+        "200",
+    ]
+    assert [invoice.encode() in body for body in receiver.bodies] == [True]
 
 
 def test_the_event_types_offered_are_those_the_proto_documents() -> None:

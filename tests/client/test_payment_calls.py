@@ -5,7 +5,6 @@ secret that is sent once and never comes back."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +13,6 @@ from decimal import Decimal
 import asyncpg
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from server.app import TallyServer
 from server.domain.access import BILLING_READ, SCOPES
@@ -31,6 +29,7 @@ from tally_client import (
     UsageEvent,
     WebhookSubscription,
 )
+from tests.client.conftest import Receiver
 from tests.conftest import make_token
 from tests.helpers import hour_start
 
@@ -130,31 +129,6 @@ async def test_collection_status_refuses_a_tenant_the_token_does_not_cover_and_a
     with pytest.raises(InvalidArgumentError) as malformed:
         await client.get_collection_status("")
     assert [v.field for v in malformed.value.field_violations] == ["name"]
-
-
-@dataclasses.dataclass
-class Receiver:
-    url: str
-    bodies: list[bytes] = dataclasses.field(default_factory=list)
-
-
-@pytest_asyncio.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    """An HTTP endpoint that accepts every POST (2xx), keeping the bodies."""
-    found = Receiver(url="")
-
-    async def handle(request: web.Request) -> web.Response:
-        found.bodies.append(await request.read())
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    found.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks"
-    yield found
-    await runner.cleanup()
 
 
 @pytest_asyncio.fixture
