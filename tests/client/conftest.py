@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from server.app import TallyServer
 from tally_client import AsyncTallyClient
@@ -52,3 +54,28 @@ def cli(address: str, capsys: pytest.CaptureFixture[str]) -> Tally:
         return Run(code, captured.out, captured.err)
 
     return run
+
+
+@dataclasses.dataclass
+class Receiver:
+    url: str
+    bodies: list[bytes] = dataclasses.field(default_factory=list)
+
+
+@pytest_asyncio.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """An HTTP endpoint that accepts every POST (2xx), keeping the bodies."""
+    found = Receiver(url="")
+
+    async def handle(request: web.Request) -> web.Response:
+        found.bodies.append(await request.read())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    found.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks"
+    yield found
+    await runner.cleanup()

@@ -302,6 +302,8 @@ def test_installed_tally_lists_the_server_commands_beside_the_client_commands() 
         "plans",
         "profiles",
         "meters",
+        "collection-status",
+        "webhooks",
         "audit",
         "serve",
         "token",

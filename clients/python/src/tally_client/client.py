@@ -21,10 +21,14 @@ from tally.v1 import (
     billing_service_pb2_grpc,
     meter_service_pb2,
     meter_service_pb2_grpc,
+    notification_service_pb2,
+    notification_service_pb2_grpc,
+    payment_service_pb2,
+    payment_service_pb2_grpc,
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from tally_client import convert, convert_pricing
+from tally_client import convert, convert_payments, convert_pricing
 from tally_client.auth import TokenSource
 from tally_client.connection import DEFAULT_TIMEOUT_SECONDS, Connection, Metadata, new_request_id
 from tally_client.errors import UnauthenticatedError, from_rpc_error
@@ -32,6 +36,7 @@ from tally_client.ingester import STREAM_RETRY
 from tally_client.models import (
     AuditEvent,
     CancelledEvent,
+    CollectionStatus,
     CreditNote,
     GeneratedInvoice,
     IngestResult,
@@ -43,8 +48,18 @@ from tally_client.models import (
     TimeBucket,
     UsageEvent,
     UsageSummary,
+    WebhookDelivery,
+    WebhookSubscription,
 )
-from tally_client.names import billing_profile_name, invoice_name, meter_name, plan_name, tenant_name
+from tally_client.names import (
+    billing_profile_name,
+    collection_status_name,
+    invoice_name,
+    meter_name,
+    plan_name,
+    tenant_name,
+    webhook_subscription_name,
+)
 from tally_client.pricing import BillingProfile, Charge, Plan, PriceOverride
 from tally_client.retry import DEFAULT_RETRY, RetryPolicy, is_transient
 from tally_client.threaded import Ingester
@@ -87,6 +102,8 @@ class TallyClient:
         self._usage = usage_service_pb2_grpc.UsageServiceStub(self._channel)
         self._billing = billing_service_pb2_grpc.BillingServiceStub(self._channel)
         self._meters = meter_service_pb2_grpc.MeterServiceStub(self._channel)
+        self._payments = payment_service_pb2_grpc.PaymentServiceStub(self._channel)
+        self._notifications = notification_service_pb2_grpc.NotificationServiceStub(self._channel)
         self._sleep = sleep
         self._random = random
 
@@ -532,3 +549,79 @@ class TallyClient:
             name=meter_name(meter), request_id=request_id or new_request_id()
         )
         return convert.meter(self._call(self._meters.ArchiveMeter, request).meter)
+
+    # -- PaymentService -----------------------------------------------------------------
+
+    def get_collection_status(self, tenant_id: str) -> CollectionStatus:
+        """How the tenant stands in collections: good_standing, past_due or delinquent.
+
+        A tenant whose payments never failed is in good standing, billed or not.
+        PermissionDeniedError (TENANT_NOT_PERMITTED) for a tenant the token does not cover.
+        """
+        request = payment_service_pb2.GetCollectionStatusRequest(name=collection_status_name(tenant_id))
+        response = self._call(self._payments.GetCollectionStatus, request)
+        return convert_payments.collection_status(response.collection_status)
+
+    # -- NotificationService ------------------------------------------------------------
+    # Every call needs a token for all tenants with the scope notifications:admin.
+
+    def create_webhook_subscription(
+        self,
+        url: str,
+        secret: str,
+        event_types: Sequence[str],
+        *,
+        description: str = "",
+        request_id: str | None = None,
+    ) -> WebhookSubscription:
+        """Subscribe `url` to `event_types`; deliveries are signed with `secret`, which is never returned.
+
+        Each call creates a new subscription; retries reuse one request_id, so they create one.
+        InvalidArgumentError names each bad field (url, secret, event_types[i]).
+        """
+        request = convert_payments.create_webhook_subscription_request(
+            url, secret, event_types, description, request_id or new_request_id()
+        )
+        response = self._call(self._notifications.CreateWebhookSubscription, request)
+        return convert_payments.webhook_subscription(response.webhook_subscription)
+
+    def get_webhook_subscription(self, subscription: str) -> WebhookSubscription:
+        """One subscription, by id or "webhookSubscriptions/{id}".
+
+        NotFoundError (WEBHOOK_SUBSCRIPTION_NOT_FOUND) if there is none.
+        """
+        request = notification_service_pb2.GetWebhookSubscriptionRequest(
+            name=webhook_subscription_name(subscription)
+        )
+        response = self._call(self._notifications.GetWebhookSubscription, request)
+        return convert_payments.webhook_subscription(response.webhook_subscription)
+
+    def list_webhook_subscriptions(self, *, page_size: int = 0) -> Iterator[WebhookSubscription]:
+        """Every subscription, oldest first."""
+        request = notification_service_pb2.ListWebhookSubscriptionsRequest(page_size=page_size)
+        return self._pages(
+            self._notifications.ListWebhookSubscriptions,
+            request,
+            lambda r: map(convert_payments.webhook_subscription, r.webhook_subscriptions),
+        )
+
+    def delete_webhook_subscription(self, subscription: str, *, request_id: str | None = None) -> None:
+        """Delete a subscription and its deliveries not yet made. Retries reuse one request_id.
+
+        NotFoundError (WEBHOOK_SUBSCRIPTION_NOT_FOUND) if there is none.
+        """
+        request = notification_service_pb2.DeleteWebhookSubscriptionRequest(
+            name=webhook_subscription_name(subscription), request_id=request_id or new_request_id()
+        )
+        self._call(self._notifications.DeleteWebhookSubscription, request)
+
+    def list_webhook_deliveries(self, subscription: str, *, page_size: int = 0) -> Iterator[WebhookDelivery]:
+        """A subscription's deliveries, newest first, each with its attempts."""
+        request = notification_service_pb2.ListWebhookDeliveriesRequest(
+            parent=webhook_subscription_name(subscription), page_size=page_size
+        )
+        return self._pages(
+            self._notifications.ListWebhookDeliveries,
+            request,
+            lambda r: map(convert_payments.webhook_delivery, r.deliveries),
+        )

@@ -23,6 +23,8 @@ from tally_client.models import (
     IngestResult,
     Invoice,
     InvoiceLineItem,
+    InvoiceParty,
+    InvoicePayment,
     Meter,
     MeterAggregate,
     MeterBackfill,
@@ -164,7 +166,8 @@ def _aggregation_text(value: resources_pb2.MeterAggregation.ValueType) -> str:
     return resources_pb2.MeterAggregation.Name(value).removeprefix(_AGGREGATION).lower()
 
 
-def _optional_time(message: Any, field: str) -> datetime | None:
+def optional_time(message: Any, field: str) -> datetime | None:
+    """The Timestamp `field` of `message` as a UTC datetime; None where it is unset."""
     return from_timestamp(getattr(message, field)) if message.HasField(field) else None
 
 
@@ -187,11 +190,11 @@ def meter(message: resources_pb2.Meter) -> Meter:
         group_by_dimensions=tuple(message.group_by_dimensions),
         state=resources_pb2.MeterState.Name(message.state).removeprefix("METER_STATE_").lower(),
         create_time=from_timestamp(message.create_time),
-        archive_time=_optional_time(message, "archive_time"),
+        archive_time=optional_time(message, "archive_time"),
         backfill=MeterBackfill(
             scanned_event_count=message.backfill.scanned_event_count,
             counted_event_count=message.backfill.counted_event_count,
-            end_time=_optional_time(message.backfill, "end_time"),
+            end_time=optional_time(message.backfill, "end_time"),
         ),
     )
 
@@ -284,6 +287,45 @@ def invoice(message: resources_pb2.Invoice) -> Invoice:
         create_time=from_timestamp(message.create_time),
         update_time=from_timestamp(message.update_time),
         number=message.number,
+        kind=enum_text(resources_pb2.InvoiceKind, message.kind, "INVOICE_KIND_") or "final",
+        issuer=_party(message.issuer) if message.HasField("issuer") else None,
+        customer=_party(message.customer) if message.HasField("customer") else None,
+        finalize_time=optional_time(message, "finalize_time"),
+        paid_time=optional_time(message, "paid_time"),
+        void_time=optional_time(message, "void_time"),
+        uncollectible_time=optional_time(message, "uncollectible_time"),
+        payment=invoice_payment(message.payment) if message.HasField("payment") else None,
+    )
+
+
+def enum_text(enum: Any, value: int, prefix: str) -> str:
+    """An enum value in lower case without its prefix; "" for UNSPECIFIED or a value unknown here."""
+    try:
+        name = str(enum.Name(value))
+    except ValueError:
+        return ""
+    text = name.removeprefix(prefix).lower()
+    return "" if text == "unspecified" else text
+
+
+def _party(message: resources_pb2.InvoiceParty) -> InvoiceParty:
+    return InvoiceParty(
+        name=message.name,
+        address=message.address,
+        tax_id=message.tax_id,
+        email=message.email,
+        tenant_id=message.tenant_id,
+    )
+
+
+def invoice_payment(message: resources_pb2.InvoicePayment) -> InvoicePayment:
+    """An InvoicePayment proto; its state in lower case without the PAYMENT_STATE_ prefix."""
+    return InvoicePayment(
+        state=enum_text(resources_pb2.PaymentState, message.state, "PAYMENT_STATE_"),
+        attempt_count=message.attempt_count,
+        next_attempt_time=optional_time(message, "next_attempt_time"),
+        stripe_invoice_id=message.stripe_invoice_id,
+        last_failure=message.last_failure,
     )
 
 

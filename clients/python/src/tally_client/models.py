@@ -192,6 +192,37 @@ class InvoiceLineItem:
 
 
 @dataclass(frozen=True, slots=True)
+class InvoicePayment:
+    """How collecting a finalized invoice through Stripe stands.
+
+    `state` is simulated (no Stripe key: collected outside Tally), pending, open, paid,
+    failed, action_required, uncollectible or void. `stripe_invoice_id` is empty in
+    simulation mode and before Stripe created the invoice; `last_failure` empty if no
+    attempt failed.
+    """
+
+    state: str
+    attempt_count: int
+    next_attempt_time: datetime | None
+    stripe_invoice_id: str
+    last_failure: str
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceParty:
+    """The issuer or the customer of a finalized invoice, frozen when it was finalized.
+
+    The issuer has a name, address and tax id; the customer a name, email and tenant id.
+    """
+
+    name: str
+    address: str = ""
+    tax_id: str = ""
+    email: str = ""
+    tenant_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Invoice:
     """A tenant's invoice for [period_start_time, period_end_time), with exact amounts.
 
@@ -211,6 +242,15 @@ class Invoice:
     create_time: datetime
     update_time: datetime
     number: str = ""  # the document number, once finalized
+    kind: str = "final"  # final, or interim (billed early: the spend threshold was passed)
+    issuer: InvoiceParty | None = None  # None on a draft
+    customer: InvoiceParty | None = None  # None on a draft
+    finalize_time: datetime | None = None
+    paid_time: datetime | None = None
+    void_time: datetime | None = None
+    uncollectible_time: datetime | None = None
+    # Collecting it through Stripe; None on a draft and on invoices finalized before payments existed.
+    payment: InvoicePayment | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,3 +336,66 @@ class CreditNote:
     amount: Decimal
     reason: str
     create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionStatus:
+    """How a tenant stands in collections, from its invoices' payments.
+
+    `state` is good_standing, past_due (a failed payment is being retried, or waits for the
+    customer) or delinquent (an invoice was written off). The invoices are given by their
+    ids (for get_invoice with the tenant id), oldest period first, at most 100 each.
+    `update_time` is when the state last changed; None if it never did.
+    """
+
+    name: str
+    tenant_id: str
+    state: str
+    past_due_invoices: tuple[str, ...]
+    uncollectible_invoices: tuple[str, ...]
+    update_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSubscription:
+    """Where Tally POSTs the events of `event_types`, signed with a secret that is never returned.
+
+    Event types: invoice.finalized, invoice.paid, invoice.payment_failed,
+    invoice.uncollectible, threshold.crossed. Subscriptions receive every tenant's events.
+    """
+
+    name: str
+    subscription_id: str
+    url: str
+    event_types: tuple[str, ...]
+    description: str
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeliveryAttempt:
+    """One POST of a delivery: the receiver's HTTP status (0 if none came back) and why it failed."""
+
+    attempt_time: datetime
+    status_code: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """The delivery of one event to one subscription; `state` is pending, delivered or failed.
+
+    `next_attempt_time` is set only while pending, `deliver_time` only once delivered;
+    attempts stop at `expire_time`.
+    """
+
+    name: str
+    event_id: str
+    event_type: str
+    state: str
+    attempt_count: int
+    attempts: tuple[WebhookDeliveryAttempt, ...]
+    next_attempt_time: datetime | None
+    create_time: datetime
+    deliver_time: datetime | None
+    expire_time: datetime | None

@@ -13,6 +13,8 @@ BILLING_PROFILE = "/billingProfile"
 CREDIT_NOTES = "/creditNotes/"
 METERS = "meters/"
 PLANS = "plans/"
+COLLECTION_STATUS = "/collectionStatus"
+WEBHOOK_SUBSCRIPTIONS = "webhookSubscriptions/"
 
 
 def tenant_name(tenant_id: str) -> str:
@@ -33,6 +35,20 @@ def invoice_name(tenant_id: str, invoice_id: str) -> str:
 def billing_profile_name(tenant_id: str) -> str:
     """The name "tenants/{tenant}/billingProfile"."""
     return f"{TENANTS}{tenant_id}{BILLING_PROFILE}"
+
+
+def collection_status_name(tenant_id: str) -> str:
+    """The name "tenants/{tenant}/collectionStatus"."""
+    return f"{TENANTS}{tenant_id}{COLLECTION_STATUS}"
+
+
+def webhook_subscription_name(subscription: str) -> str:
+    """The name "webhookSubscriptions/{webhook_subscription}" of a subscription given by id or by name."""
+    return (
+        subscription
+        if subscription.startswith(WEBHOOK_SUBSCRIPTIONS)
+        else WEBHOOK_SUBSCRIPTIONS + subscription
+    )
 
 
 def meter_name(meter: str) -> str:

@@ -1,7 +1,7 @@
 """The `tally` command: the client's commands and, when the server is installed, the server's.
 
 The client's are report, cancel, ingest, summary, invoices, credit-notes, rates, plans,
-profiles, meters and audit; the server adds serve, token and retention.
+profiles, meters, collection-status, webhooks and audit; the server adds serve, token and retention.
 
 Exit status: 0 on success, 1 when a call failed (the error's code, reason, message and
 field violations go to stderr) or an ingestion left events rejected or unacknowledged,

@@ -172,6 +172,21 @@ def show_invoice(invoice: Invoice, output: str, created: bool | None = None) -> 
         for row, line in zip(rows, invoice.line_items, strict=True):
             row.insert(0, line.description or line.charge_key or line.kind)
     print_table(columns, rows, title="line items")
+    payment = invoice.payment
+    if payment is not None:  # a draft, or an invoice finalized before payments existed, has none
+        print_table(
+            ["state", "attempts", "next attempt", "stripe invoice", "last failure"],
+            [
+                [
+                    payment.state,
+                    payment.attempt_count,
+                    payment.next_attempt_time,
+                    payment.stripe_invoice_id,
+                    payment.last_failure,
+                ]
+            ],
+            title="payment",
+        )
 
 
 def invoice_ref(args: argparse.Namespace) -> tuple[str, str]:

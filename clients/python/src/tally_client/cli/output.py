@@ -81,7 +81,7 @@ def print_table(
     console().print(table)
 
 
-NUMERIC_COLUMNS = frozenset({"quantity", "events", "unit price", "amount", "total", "value"})
+NUMERIC_COLUMNS = frozenset({"quantity", "events", "unit price", "amount", "total", "value", "attempts"})
 
 
 def print_error(error: TallyError) -> None:

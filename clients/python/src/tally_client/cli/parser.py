@@ -266,6 +266,7 @@ def _add_invoices(
         help=f"whose invoice, unless INVOICE is a full name (env {TENANT_ENV})",
     )
     show.set_defaults(handler=_lazy("invoices_show"))
+    show.description = "GetInvoice: the invoice, its line items and, once finalized, its payment state."
     for action, what in INVOICE_ACTIONS.items():
         acting = actions.add_parser(
             action, parents=[common], help=what, description=what[0].upper() + what[1:] + "."
@@ -565,6 +566,87 @@ def _add_audit(
     audit.set_defaults(handler=_lazy("audit"))
 
 
+def _add_collection_status(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    status = commands.add_parser(
+        "collection-status",
+        parents=[common],
+        help="how a tenant stands in collections: good standing, past due or delinquent",
+        description="GetCollectionStatus: the tenant's standing from its invoices' payments, with the "
+        "invoices whose payment is being retried (past due) or was given up (uncollectible).",
+    )
+    status.add_argument("tenant", metavar="TENANT", help="the tenant id")
+    status.set_defaults(handler=_lazy("collection_status", "payments"))
+
+
+# The event types a webhook subscription may ask for (tally.v1.WebhookSubscription.event_types).
+WEBHOOK_EVENT_TYPES = (
+    "invoice.finalized",
+    "invoice.paid",
+    "invoice.payment_failed",
+    "invoice.uncollectible",
+    "threshold.crossed",
+)
+
+
+def _add_webhooks(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    webhooks = commands.add_parser(
+        "webhooks",
+        help="create, list and delete webhook subscriptions; list their deliveries",
+        description="Outbound webhooks (NotificationService). Every command needs a token for all "
+        "tenants with the scope notifications:admin.",
+    )
+    actions = webhooks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        parents=[common],
+        help="subscribe a URL to event types (CreateWebhookSubscription)",
+        description="Subscribe a URL: every event of the listed types, of every tenant, is POSTed to it "
+        "signed with the secret (HMAC-SHA256, header Tally-Signature). The secret is never shown again.",
+    )
+    create.add_argument("--url", required=True, help="where events are POSTed: an http:// or https:// URL")
+    create.add_argument(
+        "--secret-file",
+        required=True,
+        metavar="FILE",
+        help="file holding the signing secret (16 to 256 printable ASCII characters; a final newline is "
+        "ignored)",
+    )
+    create.add_argument(
+        "--event",
+        required=True,
+        action="append",
+        metavar="TYPE",
+        help=f"an event type to deliver (repeatable): {', '.join(WEBHOOK_EVENT_TYPES)}",
+    )
+    create.add_argument("--description", default="", help="what the subscription is for, for people")
+    create.set_defaults(handler=_lazy("webhooks_create", "payments"))
+    listing = actions.add_parser(
+        "list", parents=[common], help="every subscription, oldest first (ListWebhookSubscriptions)"
+    )
+    listing.set_defaults(handler=_lazy("webhooks_list", "payments"))
+    for action, what, handler in (
+        (
+            "delete",
+            "delete a subscription and its pending deliveries (DeleteWebhookSubscription)",
+            "webhooks_delete",
+        ),
+        (
+            "deliveries",
+            "a subscription's deliveries, newest first (ListWebhookDeliveries)",
+            "webhooks_deliveries",
+        ),
+    ):
+        acting = actions.add_parser(action, parents=[common], help=what)
+        acting.add_argument(
+            "subscription", metavar="NAME", help="subscription id, or name webhookSubscriptions/ID"
+        )
+        acting.set_defaults(handler=_lazy(handler, "payments"))
+
+
 def _add_extensions(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The commands other installed distributions register (the server's serve, token, retention)."""
     for point in entry_points(group=COMMANDS_GROUP):
@@ -598,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plans(commands, common)
     _add_profiles(commands, common)
     _add_meters(commands, common)
+    _add_collection_status(commands, common)
+    _add_webhooks(commands, common)
     _add_audit(commands, common)
     _add_extensions(commands)
     return parser
