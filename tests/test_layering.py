@@ -68,6 +68,30 @@ def test_storage_never_imports_the_layers_above_it() -> None:
     assert breaches("storage", (), above) == []
 
 
+@pytest.mark.parametrize("package", ["billing", "notifications", "metering"])
+def test_the_use_cases_leave_transactions_and_retries_to_storage(package: str) -> None:
+    """A use case hands its body to a store (e.g. InvoiceStore.run_in_tenant_transaction), which
+    opens the transaction and applies the retry policy: no use case calls run_with_retries."""
+    assert breaches(package, (), ("server.storage.database",)) == []
+
+
+# Payments modules that import server.storage.database, and why; none of them for retries.
+PAYMENTS_DATABASE_IMPORTS = {
+    # The webhook receiver is a process of its own: like server.app, it opens its own pool.
+    "server.payments.receiving",
+    # The outbox worker tells a lost connection (the job stays due) from a handler's bug.
+    "server.payments.outbox",
+}
+
+
+def test_payments_leave_transactions_and_retries_to_storage() -> None:
+    importing = {m for m, names in imports_of("payments").items() if "server.storage.database" in names}
+    assert importing <= PAYMENTS_DATABASE_IMPORTS
+    for module in importing:
+        path = SERVER.parent / (module.replace(".", "/") + ".py")
+        assert "run_with_retries" not in path.read_text(), module
+
+
 @pytest.mark.parametrize(
     ("package", "module", "imported"),
     [

@@ -33,7 +33,6 @@ from server.notifications import events as notifications
 from server.payments.collection import Collection
 from server.storage import credit_notes
 from server.storage.credit_notes import CreditNoteStore
-from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore, InvoiceTransaction
 
 MAX_REASON_CHARS = 500
@@ -224,17 +223,16 @@ class Lifecycle:
         """FinalizeInvoice: a draft becomes a numbered, frozen invoice."""
         _check_ids(tenant_id, invoice_id)
 
-        async def attempt() -> Invoice | Replayed:
-            async with self._invoices.tenant_transaction(tenant_id) as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                draft = await self._locked(tx, tenant_id, invoice_id, caller.principal)
-                invoice = await self.finalize_in(tx, draft, caller)
-                if once is not None:
-                    await tx.complete(once.key, once.encode(invoice))
-                return invoice
+        async def work(tx: InvoiceTransaction) -> Invoice | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            draft = await self._locked(tx, tenant_id, invoice_id, caller.principal)
+            invoice = await self.finalize_in(tx, draft, caller)
+            if once is not None:
+                await tx.complete(once.key, once.encode(invoice))
+            return invoice
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_tenant_transaction(tenant_id, work)
 
     async def move(
         self,
@@ -247,17 +245,16 @@ class Lifecycle:
         """VoidInvoice, MarkInvoicePaid, MarkInvoiceUncollectible: one status move, audited."""
         _check_ids(tenant_id, invoice_id)
 
-        async def attempt() -> Invoice | Replayed:
-            async with self._invoices.tenant_transaction(tenant_id) as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                before = await self._locked(tx, tenant_id, invoice_id, caller.principal)
-                invoice = await self.move_in(tx, before, target, caller)
-                if once is not None:
-                    await tx.complete(once.key, once.encode(invoice))
-                return invoice
+        async def work(tx: InvoiceTransaction) -> Invoice | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            before = await self._locked(tx, tenant_id, invoice_id, caller.principal)
+            invoice = await self.move_in(tx, before, target, caller)
+            if once is not None:
+                await tx.complete(once.key, once.encode(invoice))
+            return invoice
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_tenant_transaction(tenant_id, work)
 
     async def move_in(
         self,
@@ -317,79 +314,76 @@ class Lifecycle:
         if violations:
             raise InvalidArgument([FieldViolation(f, d) for f, d in violations])
 
-        async def attempt() -> CreditNote | Replayed:
-            async with self._invoices.tenant_transaction(tenant_id) as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                invoice = await self._locked(tx, tenant_id, invoice_id, caller.principal)
-                name = invoice_name(tenant_id, invoice_id)
-                if invoice.status not in BILLED:
-                    raise FailedPrecondition(
-                        f"only a finalized, paid or uncollectible invoice can be credited; it is "
-                        f"{invoice.status.value}",
-                        reason=ErrorReason.INVOICE_STATUS_INVALID,
-                        metadata={"invoice": name, "status": invoice.status.value},
-                    )
-                currency = currency_of(invoice.currency)
-                value = Decimal(amount)
-                if value.as_tuple().exponent < -currency.minor_units:  # type: ignore[operator]
-                    raise InvalidArgument.single(
-                        "amount", f"must have at most {currency.minor_units} digits after the point"
-                    )
-                creditable = EXACT.subtract(
-                    invoice.total, await credit_notes.credited(tx.connection, invoice_id)
+        async def work(tx: InvoiceTransaction) -> CreditNote | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            invoice = await self._locked(tx, tenant_id, invoice_id, caller.principal)
+            name = invoice_name(tenant_id, invoice_id)
+            if invoice.status not in BILLED:
+                raise FailedPrecondition(
+                    f"only a finalized, paid or uncollectible invoice can be credited; it is "
+                    f"{invoice.status.value}",
+                    reason=ErrorReason.INVOICE_STATUS_INVALID,
+                    metadata={"invoice": name, "status": invoice.status.value},
                 )
-                if value > creditable:
-                    shown = format_money(max(creditable, Decimal(0)), currency.minor_units)
-                    raise FailedPrecondition(
-                        f"the invoice's credit notes would exceed its total: at most {shown} may be credited",
-                        reason=ErrorReason.CREDIT_EXCEEDS_INVOICE,
-                        metadata={"invoice": name, "creditable": shown},
-                    )
-                at = to_datetime(self._now_micros())
-                prefix = expand_prefix(self.issuer.credit_note_prefix, at)
-                number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
-                parties: Mapping[str, Any] = {
-                    "issuer": self.issuer.as_party(),
-                    "customer": (invoice.parties or {}).get("customer", customer_party(tenant_id, None)),
-                }
-                note = await credit_notes.insert(
-                    tx.connection,
-                    CreditNote(
-                        f"cn_{uuid.uuid4().hex}",
-                        tenant_id,
-                        invoice_id,
-                        number,
-                        invoice.currency,
-                        value,
-                        reason,
-                        parties,
-                        at,
-                    ),
+            currency = currency_of(invoice.currency)
+            value = Decimal(amount)
+            if value.as_tuple().exponent < -currency.minor_units:  # type: ignore[operator]
+                raise InvalidArgument.single(
+                    "amount", f"must have at most {currency.minor_units} digits after the point"
                 )
-                await self._collection.credit_note_created(tx.connection, note.id, invoice_id, at)
-                await tx.append_audit(
-                    AuditEntry(
-                        principal=caller.principal.subject,
-                        request_id=caller.request_id,
-                        action=AuditAction.CREDIT_NOTE_CREATED,
-                        tenant_id=tenant_id,
-                        resource=f"creditNotes/{note.id}",
-                        before=None,
-                        after={
-                            "invoice": name,
-                            "number": number,
-                            "amount": format_money(value, currency.minor_units),
-                            "currency_code": invoice.currency,
-                            "reason": reason,
-                        },
-                    )
+            creditable = EXACT.subtract(invoice.total, await credit_notes.credited(tx.connection, invoice_id))
+            if value > creditable:
+                shown = format_money(max(creditable, Decimal(0)), currency.minor_units)
+                raise FailedPrecondition(
+                    f"the invoice's credit notes would exceed its total: at most {shown} may be credited",
+                    reason=ErrorReason.CREDIT_EXCEEDS_INVOICE,
+                    metadata={"invoice": name, "creditable": shown},
                 )
-                if once is not None:
-                    await tx.complete(once.key, once.encode(note))
-                return note
+            at = to_datetime(self._now_micros())
+            prefix = expand_prefix(self.issuer.credit_note_prefix, at)
+            number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
+            parties: Mapping[str, Any] = {
+                "issuer": self.issuer.as_party(),
+                "customer": (invoice.parties or {}).get("customer", customer_party(tenant_id, None)),
+            }
+            note = await credit_notes.insert(
+                tx.connection,
+                CreditNote(
+                    f"cn_{uuid.uuid4().hex}",
+                    tenant_id,
+                    invoice_id,
+                    number,
+                    invoice.currency,
+                    value,
+                    reason,
+                    parties,
+                    at,
+                ),
+            )
+            await self._collection.credit_note_created(tx.connection, note.id, invoice_id, at)
+            await tx.append_audit(
+                AuditEntry(
+                    principal=caller.principal.subject,
+                    request_id=caller.request_id,
+                    action=AuditAction.CREDIT_NOTE_CREATED,
+                    tenant_id=tenant_id,
+                    resource=f"creditNotes/{note.id}",
+                    before=None,
+                    after={
+                        "invoice": name,
+                        "number": number,
+                        "amount": format_money(value, currency.minor_units),
+                        "currency_code": invoice.currency,
+                        "reason": reason,
+                    },
+                )
+            )
+            if once is not None:
+                await tx.complete(once.key, once.encode(note))
+            return note
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_tenant_transaction(tenant_id, work)
 
     async def list_credit_notes(
         self, tenant_id: str, page_size: int, page_token: str, principal: Principal

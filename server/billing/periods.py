@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from server.billing.closing import BlockClose, close_block
 from server.billing.lifecycle import Lifecycle
-from server.billing.pricer import InvoicePricer
+from server.billing.pricer import InvoicePricer, PricedInvoice
 from server.domain.access import Caller, Principal
 from server.domain.audit import AuditAction, AuditEntry, invoice_state
 from server.domain.decimals import MINOR_UNITS, format_money, format_quantity
@@ -43,7 +43,6 @@ from server.domain.timeutil import MICROS_PER_HOUR, to_datetime
 from server.domain.webhooks import rfc3339
 from server.notifications.events import THRESHOLD_CROSSED, publish
 from server.storage import plans as plan_store
-from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore, InvoiceTransaction
 
 log = logging.getLogger(__name__)
@@ -87,34 +86,33 @@ class Periods:
         principal.require_tenant(tenant_id)
         now = to_datetime(self._now_micros())
 
-        async def attempt() -> Invoice:
-            async with self._invoices.read_transaction() as tx:
-                found = await plan_store.profile(tx.connection, tenant_id)
-                if found is None:
-                    start, end = anchor_period(1, now)
-                else:
-                    profile = found[0]
-                    period = billing_period(
-                        profile.anchor_day, profile.billing_start, max(now, profile.closed_until)
-                    )
-                    start, end = period.start, period.end
-                priced = await self._pricer.price(tx, tenant_id, start, end)
-            return Invoice(
-                id="",
-                tenant_id=tenant_id,
-                period_start=start,
-                period_end=end,
-                currency=priced.currency,
-                lines=priced.amounts.lines,
-                total=priced.amounts.total,
-                status=InvoiceStatus.DRAFT,
-                created_at=now,
-                updated_at=now,
-                computed_at=now,
-                plan_ids=priced.plan_ids,
-            )
+        async def work(tx: InvoiceTransaction) -> tuple[datetime, datetime, PricedInvoice]:
+            found = await plan_store.profile(tx.connection, tenant_id)
+            if found is None:
+                start, end = anchor_period(1, now)
+            else:
+                profile = found[0]
+                period = billing_period(
+                    profile.anchor_day, profile.billing_start, max(now, profile.closed_until)
+                )
+                start, end = period.start, period.end
+            return start, end, await self._pricer.price(tx, tenant_id, start, end)
 
-        return await run_with_retries(attempt)
+        start, end, priced = await self._invoices.run_read(work)
+        return Invoice(
+            id="",
+            tenant_id=tenant_id,
+            period_start=start,
+            period_end=end,
+            currency=priced.currency,
+            lines=priced.amounts.lines,
+            total=priced.amounts.total,
+            status=InvoiceStatus.DRAFT,
+            created_at=now,
+            updated_at=now,
+            computed_at=now,
+            plan_ids=priced.plan_ids,
+        )
 
     async def close_in(
         self, tx: InvoiceTransaction, tenant_id: str, caller: Caller, due_by: datetime | None
@@ -199,17 +197,16 @@ class Periods:
             raise InvalidArgument.single("parent", problem)
         caller.principal.require_tenant(tenant_id)
 
-        async def attempt() -> Invoice | Replayed:
-            async with self._invoices.tenant_transaction(tenant_id) as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                invoice = await self.close_in(tx, tenant_id, caller, None)
-                assert invoice is not None
-                if once is not None:
-                    await tx.complete(once.key, once.encode(invoice))
-                return invoice
+        async def work(tx: InvoiceTransaction) -> Invoice | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            invoice = await self.close_in(tx, tenant_id, caller, None)
+            assert invoice is not None
+            if once is not None:
+                await tx.complete(once.key, once.encode(invoice))
+            return invoice
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_tenant_transaction(tenant_id, work)
 
     async def close_due(self, *, batch: int = 500, blocks: int = 2, workers: int = 4) -> int:
         """Close every period whose close is due now (period end + grace); the number closed.
@@ -235,8 +232,8 @@ class Periods:
             while True:
                 claimed: list[str] = []
                 try:
-                    block = await run_with_retries(
-                        functools.partial(self._close_block, now, caller, size, claimed)
+                    block = await self._invoices.run_in_due_block(
+                        now, size, functools.partial(self._close_block, now, caller, claimed)
                     )
                 except Unavailable as exc:
                     if size == 1 or not isinstance(exc.__cause__, TimeoutError):
@@ -261,13 +258,14 @@ class Periods:
 
         return sum(await asyncio.gather(*(close_blocks() for _ in range(blocks))))
 
-    async def _close_block(self, now: datetime, caller: Caller, batch: int, claimed: list[str]) -> BlockClose:
-        async with self._invoices.due_block_transaction(now, batch) as (tx, tenants):
-            claimed[:] = tenants
-            if not tenants:
-                return BlockClose([], [])
-            at = to_datetime(self._now_micros())
-            return await close_block(tx, tenants, self._pricer, self._lifecycle, caller, at, self.grace)
+    async def _close_block(
+        self, now: datetime, caller: Caller, claimed: list[str], tx: InvoiceTransaction, tenants: list[str]
+    ) -> BlockClose:
+        claimed[:] = tenants
+        if not tenants:
+            return BlockClose([], [])
+        at = to_datetime(self._now_micros())
+        return await close_block(tx, tenants, self._pricer, self._lifecycle, caller, at, self.grace)
 
     async def bill_thresholds(self) -> int:
         """Spend thresholds: an interim invoice for each tenant whose open period has passed its threshold.
@@ -283,74 +281,74 @@ class Periods:
         billed = 0
         for tenant_id in await self._invoices.with_threshold():
             try:
-                billed += await run_with_retries(
-                    functools.partial(self._bill_threshold, tenant_id, caller, now)
+                billed += await self._invoices.run_if_tenant_free(
+                    tenant_id, functools.partial(self._bill_threshold, tenant_id, caller, now)
                 )
             except TallyError as exc:
                 log.warning("interim invoice of tenant %r failed: %s", tenant_id, exc.message)
         return billed
 
-    async def _bill_threshold(self, tenant_id: str, caller: Caller, now: datetime) -> int:
-        async with self._invoices.try_tenant_transaction(tenant_id) as tx:
-            if tx is None:
-                return 0
-            found = await plan_store.profile(tx.connection, tenant_id)
-            if found is None or (threshold := found[0].spend_threshold) is None:
-                return 0
-            profile = found[0]
-            period = billing_period(profile.anchor_day, profile.billing_start, max(now, profile.closed_until))
-            priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
-            if priced.unpriced or priced.amounts.total < threshold:
-                return 0
-            invoice_id = f"inv_{uuid.uuid4().hex}"
-            amounts = priced.amounts
-            await tx.save(
-                invoice_id,
-                tenant_id,
-                period.start,
-                period.end,
-                priced.currency,
-                amounts.total,
-                amounts.lines,
-                InvoiceKind.INTERIM,
-            )
-            draft = Invoice(
-                id=invoice_id,
-                tenant_id=tenant_id,
-                period_start=period.start,
-                period_end=period.end,
-                currency=priced.currency,
-                lines=amounts.lines,
-                total=amounts.total,
-                status=InvoiceStatus.DRAFT,
-                created_at=now,
-                updated_at=now,
-                computed_at=now,
-                kind=InvoiceKind.INTERIM,
-            )
-            # Before the invoice's own invoice.finalized: the crossing is what made it.
-            crossed = {
-                "tenant_id": tenant_id,
-                "spend_threshold": format_quantity(threshold),
-                "amount": format_money(amounts.total, MINOR_UNITS.get(priced.currency, 2)),
-                "currency_code": priced.currency,
-                "period_start_time": rfc3339(period.start),
-                "period_end_time": rfc3339(period.end),
-                "invoice": invoice_name(tenant_id, invoice_id),
-            }
-            await publish(tx.connection, THRESHOLD_CROSSED, crossed, time=now)
-            await self._lifecycle.finalize_in(tx, draft, caller, priced)
-            return 1
+    async def _bill_threshold(
+        self, tenant_id: str, caller: Caller, now: datetime, tx: InvoiceTransaction | None
+    ) -> int:
+        if tx is None:
+            return 0
+        found = await plan_store.profile(tx.connection, tenant_id)
+        if found is None or (threshold := found[0].spend_threshold) is None:
+            return 0
+        profile = found[0]
+        period = billing_period(profile.anchor_day, profile.billing_start, max(now, profile.closed_until))
+        priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
+        if priced.unpriced or priced.amounts.total < threshold:
+            return 0
+        invoice_id = f"inv_{uuid.uuid4().hex}"
+        amounts = priced.amounts
+        await tx.save(
+            invoice_id,
+            tenant_id,
+            period.start,
+            period.end,
+            priced.currency,
+            amounts.total,
+            amounts.lines,
+            InvoiceKind.INTERIM,
+        )
+        draft = Invoice(
+            id=invoice_id,
+            tenant_id=tenant_id,
+            period_start=period.start,
+            period_end=period.end,
+            currency=priced.currency,
+            lines=amounts.lines,
+            total=amounts.total,
+            status=InvoiceStatus.DRAFT,
+            created_at=now,
+            updated_at=now,
+            computed_at=now,
+            kind=InvoiceKind.INTERIM,
+        )
+        # Before the invoice's own invoice.finalized: the crossing is what made it.
+        crossed = {
+            "tenant_id": tenant_id,
+            "spend_threshold": format_quantity(threshold),
+            "amount": format_money(amounts.total, MINOR_UNITS.get(priced.currency, 2)),
+            "currency_code": priced.currency,
+            "period_start_time": rfc3339(period.start),
+            "period_end_time": rfc3339(period.end),
+            "invoice": invoice_name(tenant_id, invoice_id),
+        }
+        await publish(tx.connection, THRESHOLD_CROSSED, crossed, time=now)
+        await self._lifecycle.finalize_in(tx, draft, caller, priced)
+        return 1
 
     async def _close_one(self, tenant_id: str, caller: Caller, now: datetime) -> int:
-        async def attempt() -> int:
-            async with self._invoices.try_tenant_transaction(tenant_id) as tx:
-                if tx is None:
-                    return 0  # another process is closing it; it will be done there
-                return 0 if await self.close_in(tx, tenant_id, caller, now) is None else 1
+        async def work(tx: InvoiceTransaction | None) -> int:
+            if tx is None:
+                return 0  # another process is closing it; it will be done there
+            return 0 if await self.close_in(tx, tenant_id, caller, now) is None else 1
 
         try:
-            return await run_with_retries(attempt)
+            return await self._invoices.run_if_tenant_free(tenant_id, work)
         except TallyError as exc:
             log.warning("period close of tenant %r failed, retried in an hour: %s", tenant_id, exc.message)
             async with self._invoices.transaction() as tx:

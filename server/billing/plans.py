@@ -57,8 +57,7 @@ from server.domain.requests import Once, Replayed
 from server.domain.timeutil import EPOCH, MICROS_PER_HOUR, is_whole_hour, next_hour, to_datetime
 from server.storage import meters as meter_store
 from server.storage import plans as plan_store
-from server.storage.database import run_with_retries
-from server.storage.invoices import InvoiceStore
+from server.storage.invoices import InvoiceStore, InvoiceTransaction
 from server.storage.rates import RateStore
 
 MAX_EMAIL_CHARS = 254
@@ -179,11 +178,10 @@ class Plans:
         if check_plan_id(plan_id):
             raise plan_not_found(plan_id)
 
-        async def attempt() -> Plan | None:
-            async with self._invoices.read_transaction() as tx:
-                return await plan_store.get_plan(tx.connection, plan_id)
+        async def work(tx: InvoiceTransaction) -> Plan | None:
+            return await plan_store.get_plan(tx.connection, plan_id)
 
-        plan = await run_with_retries(attempt)
+        plan = await self._invoices.run_read(work)
         if plan is None:
             raise plan_not_found(plan_id)
         return plan
@@ -197,11 +195,10 @@ class Plans:
         if not last:
             items.append(await self.default_plan())
 
-        async def attempt() -> list[Plan]:
-            async with self._invoices.read_transaction() as tx:
-                return await plan_store.plans(tx.connection, after, limit + 1 - len(items))
+        async def work(tx: InvoiceTransaction) -> list[Plan]:
+            return await plan_store.plans(tx.connection, after, limit + 1 - len(items))
 
-        items += await run_with_retries(attempt)
+        items += await self._invoices.run_read(work)
         next_token = ""
         if len(items) > limit:
             items = items[:limit]
@@ -247,41 +244,40 @@ class Plans:
             effective_micros, "effective_time", self._now_micros() // MICROS_PER_HOUR * MICROS_PER_HOUR
         )
 
-        async def attempt() -> Plan | Replayed:
-            async with self._invoices.transaction() as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                conn = tx.connection
-                check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
-                if not await plan_store.insert_plan(conn, plan_id, display_name, currency):
-                    raise AlreadyExists(
-                        f"plan {plan_id!r} exists already",
-                        reason=ErrorReason.PLAN_EXISTS,
-                        metadata={"plan": plan_name(plan_id)},
-                    )
-                version = await plan_store.insert_version(conn, plan_id, 1, effective, charges, minimum_value)
-                plan = await plan_store.lock_plan(conn, plan_id)
-                assert plan is not None
-                await tx.append_audit(
-                    AuditEntry(
-                        principal=caller.principal.subject,
-                        request_id=caller.request_id,
-                        action=AuditAction.PLAN_CREATED,
-                        tenant_id="",
-                        resource=plan_name(plan_id),
-                        before=None,
-                        after={
-                            "display_name": display_name,
-                            "currency_code": currency,
-                            **version_state(version),
-                        },
-                    )
+        async def work(tx: InvoiceTransaction) -> Plan | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            conn = tx.connection
+            check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
+            if not await plan_store.insert_plan(conn, plan_id, display_name, currency):
+                raise AlreadyExists(
+                    f"plan {plan_id!r} exists already",
+                    reason=ErrorReason.PLAN_EXISTS,
+                    metadata={"plan": plan_name(plan_id)},
                 )
-                if once is not None:
-                    await tx.complete(once.key, once.encode(plan))
-                return plan
+            version = await plan_store.insert_version(conn, plan_id, 1, effective, charges, minimum_value)
+            plan = await plan_store.lock_plan(conn, plan_id)
+            assert plan is not None
+            await tx.append_audit(
+                AuditEntry(
+                    principal=caller.principal.subject,
+                    request_id=caller.request_id,
+                    action=AuditAction.PLAN_CREATED,
+                    tenant_id="",
+                    resource=plan_name(plan_id),
+                    before=None,
+                    after={
+                        "display_name": display_name,
+                        "currency_code": currency,
+                        **version_state(version),
+                    },
+                )
+            )
+            if once is not None:
+                await tx.complete(once.key, once.encode(plan))
+            return plan
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_transaction(work)
 
     async def create_version(
         self,
@@ -305,45 +301,44 @@ class Plans:
             )
         effective = _hour(effective_micros, "effective_time", next_hour(self._now_micros()))
 
-        async def attempt() -> Plan | Replayed:
-            async with self._invoices.transaction() as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                conn = tx.connection
-                plan = await plan_store.lock_plan(conn, plan_id) if not check_plan_id(plan_id) else None
-                if plan is None:
-                    raise plan_not_found(plan_id)
-                minimum_value = self._terms(plan.currency, charges, minimum)
-                check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
-                latest = plan.versions[-1]
-                if effective <= latest.effective_from:
-                    raise InvalidArgument.single(
-                        "effective_time",
-                        f"must be after the latest version's ({latest.effective_from.isoformat()})",
-                    )
-                if billed := await plan_store.billed_after(conn, plan_id, effective):
-                    raise period_finalized(billed)
-                version = await plan_store.insert_version(
-                    conn, plan_id, latest.version + 1, effective, charges, minimum_value
+        async def work(tx: InvoiceTransaction) -> Plan | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            conn = tx.connection
+            plan = await plan_store.lock_plan(conn, plan_id) if not check_plan_id(plan_id) else None
+            if plan is None:
+                raise plan_not_found(plan_id)
+            minimum_value = self._terms(plan.currency, charges, minimum)
+            check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
+            latest = plan.versions[-1]
+            if effective <= latest.effective_from:
+                raise InvalidArgument.single(
+                    "effective_time",
+                    f"must be after the latest version's ({latest.effective_from.isoformat()})",
                 )
-                updated = await plan_store.lock_plan(conn, plan_id)
-                assert updated is not None
-                await tx.append_audit(
-                    AuditEntry(
-                        principal=caller.principal.subject,
-                        request_id=caller.request_id,
-                        action=AuditAction.PLAN_VERSION_CREATED,
-                        tenant_id="",
-                        resource=plan_name(plan_id),
-                        before=version_state(latest),
-                        after=version_state(version),
-                    )
+            if billed := await plan_store.billed_after(conn, plan_id, effective):
+                raise period_finalized(billed)
+            version = await plan_store.insert_version(
+                conn, plan_id, latest.version + 1, effective, charges, minimum_value
+            )
+            updated = await plan_store.lock_plan(conn, plan_id)
+            assert updated is not None
+            await tx.append_audit(
+                AuditEntry(
+                    principal=caller.principal.subject,
+                    request_id=caller.request_id,
+                    action=AuditAction.PLAN_VERSION_CREATED,
+                    tenant_id="",
+                    resource=plan_name(plan_id),
+                    before=version_state(latest),
+                    after=version_state(version),
                 )
-                if once is not None:
-                    await tx.complete(once.key, once.encode(updated))
-                return updated
+            )
+            if once is not None:
+                await tx.complete(once.key, once.encode(updated))
+            return updated
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_transaction(work)
 
     # --- billing profiles ----------------------------------------------------------
 
@@ -353,12 +348,11 @@ class Plans:
             raise InvalidArgument.single("name", problem)
         principal.require_tenant(tenant_id)
 
-        async def attempt() -> BillingProfile | None:
-            async with self._invoices.read_transaction() as tx:
-                found = await plan_store.profile(tx.connection, tenant_id)
+        async def work(tx: InvoiceTransaction) -> BillingProfile | None:
+            found = await plan_store.profile(tx.connection, tenant_id)
             return None if found is None else found[0]
 
-        profile = await run_with_retries(attempt)
+        profile = await self._invoices.run_read(work)
         if profile is None:
             raise NotFound("the tenant has no billing profile", reason=ErrorReason.BILLING_PROFILE_NOT_FOUND)
         return profile
@@ -425,108 +419,103 @@ class Plans:
             given.billing_start_micros, f"{field}billing_start_time", now // MICROS_PER_HOUR * MICROS_PER_HOUR
         )
 
-        async def attempt() -> BillingProfile | Replayed:
-            async with self._invoices.tenant_transaction(tenant_id) as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                conn = tx.connection
-                charges: tuple[PlanCharge, ...] = ()
-                if plan_id == DEFAULT_PLAN:
-                    plan_currency = self._default_currency
-                else:
-                    plan = await plan_store.lock_plan(conn, plan_id)
-                    if plan is None:
-                        raise plan_not_found(plan_id)
-                    plan_currency, charges = plan.currency, plan.versions[-1].charges
-                currency = given.currency or plan_currency
-                if currency != plan_currency:
+        async def work(tx: InvoiceTransaction) -> BillingProfile | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            conn = tx.connection
+            charges: tuple[PlanCharge, ...] = ()
+            if plan_id == DEFAULT_PLAN:
+                plan_currency = self._default_currency
+            else:
+                plan = await plan_store.lock_plan(conn, plan_id)
+                if plan is None:
+                    raise plan_not_found(plan_id)
+                plan_currency, charges = plan.currency, plan.versions[-1].charges
+            currency = given.currency or plan_currency
+            if currency != plan_currency:
+                raise InvalidArgument.single(
+                    f"{field}currency_code", f"must be the plan's currency {plan_currency}"
+                )
+            if plan_id == DEFAULT_PLAN and given.overrides:
+                raise InvalidArgument.single(f"{field}price_overrides", "the default plan takes no overrides")
+            try:
+                check_overrides(given.overrides, charges)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    [FieldViolation(field + v.field, v.description) for v in exc.violations]
+                ) from None
+            found = await plan_store.profile(conn, tenant_id, lock=True)
+            before = None if found is None else found[0]
+            if before is None:
+                billing_start = start
+                effective = _hour(
+                    given.plan_effective_micros,
+                    f"{field}plan_effective_time",
+                    int(billing_start.timestamp()) * 1_000_000,
+                )
+                if effective < billing_start:
                     raise InvalidArgument.single(
-                        f"{field}currency_code", f"must be the plan's currency {plan_currency}"
+                        f"{field}plan_effective_time", "must not be before billing_start_time"
                     )
-                if plan_id == DEFAULT_PLAN and given.overrides:
+                if billed := await plan_store.tenant_billed_after(conn, tenant_id, billing_start):
+                    raise period_finalized(billed)
+                closed_until = billing_start
+            else:
+                billing_start, closed_until = before.billing_start, before.closed_until
+                if given.billing_start_micros is not None and start != billing_start:
                     raise InvalidArgument.single(
-                        f"{field}price_overrides", "the default plan takes no overrides"
+                        f"{field}billing_start_time", "is fixed when the profile is created"
                     )
-                try:
-                    check_overrides(given.overrides, charges)
-                except InvalidArgument as exc:
-                    raise InvalidArgument(
-                        [FieldViolation(field + v.field, v.description) for v in exc.violations]
-                    ) from None
-                found = await plan_store.profile(conn, tenant_id, lock=True)
-                before = None if found is None else found[0]
-                if before is None:
-                    billing_start = start
-                    effective = _hour(
-                        given.plan_effective_micros,
-                        f"{field}plan_effective_time",
-                        int(billing_start.timestamp()) * 1_000_000,
+                if given.anchor_day and anchor != before.anchor_day:
+                    raise InvalidArgument.single(
+                        f"{field}billing_anchor_day", "is fixed when the profile is created"
                     )
-                    if effective < billing_start:
-                        raise InvalidArgument.single(
-                            f"{field}plan_effective_time", "must not be before billing_start_time"
-                        )
-                    if billed := await plan_store.tenant_billed_after(conn, tenant_id, billing_start):
-                        raise period_finalized(billed)
-                    closed_until = billing_start
-                else:
-                    billing_start, closed_until = before.billing_start, before.closed_until
-                    if given.billing_start_micros is not None and start != billing_start:
-                        raise InvalidArgument.single(
-                            f"{field}billing_start_time", "is fixed when the profile is created"
-                        )
-                    if given.anchor_day and anchor != before.anchor_day:
-                        raise InvalidArgument.single(
-                            f"{field}billing_anchor_day", "is fixed when the profile is created"
-                        )
-                    anchor_day = before.anchor_day
-                    effective = _hour(
-                        given.plan_effective_micros, f"{field}plan_effective_time", next_hour(now)
-                    )
-                profile = BillingProfile(
+                anchor_day = before.anchor_day
+                effective = _hour(given.plan_effective_micros, f"{field}plan_effective_time", next_hour(now))
+            profile = BillingProfile(
+                tenant_id=tenant_id,
+                display_name=given.display_name,
+                email=given.email,
+                currency=currency,
+                plan_id=plan_id,
+                anchor_day=anchor if before is None else anchor_day,
+                billing_start=billing_start,
+                tax_percentage=tax,
+                spend_threshold=threshold,
+                overrides=given.overrides,
+                closed_until=closed_until,
+                create_time=to_datetime(now),
+                update_time=to_datetime(now),
+            )
+            first = billing_period(profile.anchor_day, billing_start, closed_until)
+            await plan_store.save_profile(conn, profile, first.end + self._grace)
+            if before is None or before.plan_id != plan_id:
+                if effective < closed_until:
+                    raise period_finalized_at(closed_until)
+                if billed := await plan_store.tenant_billed_after(conn, tenant_id, effective):
+                    raise period_finalized(billed)
+                if before is not None and before.currency != currency:
+                    raise InvalidArgument.single(f"{field}currency_code", "cannot change once set")
+                await plan_store.assign_plan(conn, tenant_id, effective, plan_id)
+            saved = await plan_store.profile(conn, tenant_id)
+            assert saved is not None
+            result = saved[0]
+            await tx.append_audit(
+                AuditEntry(
+                    principal=caller.principal.subject,
+                    request_id=caller.request_id,
+                    action=AuditAction.BILLING_PROFILE_SET,
                     tenant_id=tenant_id,
-                    display_name=given.display_name,
-                    email=given.email,
-                    currency=currency,
-                    plan_id=plan_id,
-                    anchor_day=anchor if before is None else anchor_day,
-                    billing_start=billing_start,
-                    tax_percentage=tax,
-                    spend_threshold=threshold,
-                    overrides=given.overrides,
-                    closed_until=closed_until,
-                    create_time=to_datetime(now),
-                    update_time=to_datetime(now),
+                    resource=f"tenants/{tenant_id}/billingProfile",
+                    before=None if before is None else profile_state(before),
+                    after={**profile_state(result), "plan_effective_time": effective.isoformat()},
                 )
-                first = billing_period(profile.anchor_day, billing_start, closed_until)
-                await plan_store.save_profile(conn, profile, first.end + self._grace)
-                if before is None or before.plan_id != plan_id:
-                    if effective < closed_until:
-                        raise period_finalized_at(closed_until)
-                    if billed := await plan_store.tenant_billed_after(conn, tenant_id, effective):
-                        raise period_finalized(billed)
-                    if before is not None and before.currency != currency:
-                        raise InvalidArgument.single(f"{field}currency_code", "cannot change once set")
-                    await plan_store.assign_plan(conn, tenant_id, effective, plan_id)
-                saved = await plan_store.profile(conn, tenant_id)
-                assert saved is not None
-                result = saved[0]
-                await tx.append_audit(
-                    AuditEntry(
-                        principal=caller.principal.subject,
-                        request_id=caller.request_id,
-                        action=AuditAction.BILLING_PROFILE_SET,
-                        tenant_id=tenant_id,
-                        resource=f"tenants/{tenant_id}/billingProfile",
-                        before=None if before is None else profile_state(before),
-                        after={**profile_state(result), "plan_effective_time": effective.isoformat()},
-                    )
-                )
-                if once is not None:
-                    await tx.complete(once.key, once.encode(result))
-                return result
+            )
+            if once is not None:
+                await tx.complete(once.key, once.encode(result))
+            return result
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_tenant_transaction(tenant_id, work)
 
 
 def period_finalized_at(closed_until: datetime) -> FailedPrecondition:

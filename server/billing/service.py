@@ -23,8 +23,7 @@ from server.domain.requests import Once, Replayed
 from server.domain.stores import AuditReader, RateBook
 from server.domain.timeutil import EPOCH, next_hour, to_datetime, to_micros
 from server.ratecard import RateCardCache
-from server.storage.database import run_with_retries
-from server.storage.invoices import InvoiceStore
+from server.storage.invoices import InvoiceStore, InvoiceTransaction
 
 MAX_INVOICE_DAYS = 366
 
@@ -172,56 +171,53 @@ class Billing:
         )
         start, end = to_datetime(period.start_micros), to_datetime(period.end_micros)
 
-        async def attempt() -> tuple[Invoice, bool] | Replayed:
-            async with self._invoices.tenant_transaction(tenant_id) as tx:
-                if once is not None and (stored := await tx.claim(once.key)) is not None:
-                    return Replayed(stored)
-                existing_id: str | None = None
-                for other_id, other_start, other_end, status in await tx.overlapping(tenant_id, start, end):
-                    if (other_start, other_end) != (start, end):
-                        raise FailedPrecondition(
-                            f"the period overlaps invoice {other_id} "
-                            f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant",
-                            reason=ErrorReason.INVOICE_PERIOD_OVERLAP,
-                            metadata={"invoice": invoice_name(tenant_id, other_id)},
-                        )
-                    if status is not InvoiceStatus.DRAFT:
-                        final = await tx.load(other_id), False
-                        if once is not None:
-                            await tx.complete(once.key, once.encode(final))
-                        return final
-                    existing_id = other_id
-                priced = await self._pricer.price(tx, tenant_id, start, end)
-                if priced.unpriced:
+        async def work(tx: InvoiceTransaction) -> tuple[Invoice, bool] | Replayed:
+            if once is not None and (stored := await tx.claim(once.key)) is not None:
+                return Replayed(stored)
+            existing_id: str | None = None
+            for other_id, other_start, other_end, status in await tx.overlapping(tenant_id, start, end):
+                if (other_start, other_end) != (start, end):
                     raise FailedPrecondition(
-                        "some usage in the period has no rate in effect", reason=ErrorReason.USAGE_NOT_PRICED
+                        f"the period overlaps invoice {other_id} "
+                        f"[{other_start.isoformat()}, {other_end.isoformat()}) of this tenant",
+                        reason=ErrorReason.INVOICE_PERIOD_OVERLAP,
+                        metadata={"invoice": invoice_name(tenant_id, other_id)},
                     )
-                amounts = priced.amounts
-                invoice_id = existing_id or f"inv_{uuid.uuid4().hex}"
-                before = None if existing_id is None else await tx.load(existing_id)
-                await tx.save(
-                    invoice_id, tenant_id, start, end, priced.currency, amounts.total, amounts.lines
+                if status is not InvoiceStatus.DRAFT:
+                    final = await tx.load(other_id), False
+                    if once is not None:
+                        await tx.complete(once.key, once.encode(final))
+                    return final
+                existing_id = other_id
+            priced = await self._pricer.price(tx, tenant_id, start, end)
+            if priced.unpriced:
+                raise FailedPrecondition(
+                    "some usage in the period has no rate in effect", reason=ErrorReason.USAGE_NOT_PRICED
                 )
-                invoice = await tx.load(invoice_id)
-                await tx.append_audit(
-                    AuditEntry(
-                        principal=caller.principal.subject,
-                        request_id=caller.request_id,
-                        action=(
-                            AuditAction.INVOICE_CREATED if before is None else AuditAction.INVOICE_RECOMPUTED
-                        ),
-                        tenant_id=tenant_id,
-                        resource=f"invoices/{invoice_id}",
-                        before=None if before is None else invoice_state(before),
-                        after=invoice_state(invoice),
-                    )
+            amounts = priced.amounts
+            invoice_id = existing_id or f"inv_{uuid.uuid4().hex}"
+            before = None if existing_id is None else await tx.load(existing_id)
+            await tx.save(invoice_id, tenant_id, start, end, priced.currency, amounts.total, amounts.lines)
+            invoice = await tx.load(invoice_id)
+            await tx.append_audit(
+                AuditEntry(
+                    principal=caller.principal.subject,
+                    request_id=caller.request_id,
+                    action=(
+                        AuditAction.INVOICE_CREATED if before is None else AuditAction.INVOICE_RECOMPUTED
+                    ),
+                    tenant_id=tenant_id,
+                    resource=f"invoices/{invoice_id}",
+                    before=None if before is None else invoice_state(before),
+                    after=invoice_state(invoice),
                 )
-                result = invoice, before is None
-                if once is not None:
-                    await tx.complete(once.key, once.encode(result))
-                return result
+            )
+            result = invoice, before is None
+            if once is not None:
+                await tx.complete(once.key, once.encode(result))
+            return result
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_tenant_transaction(tenant_id, work)
 
     async def get_invoice(self, tenant_id: str, invoice_id: str, principal: Principal) -> Invoice:
         """The tenant's invoice; another tenant's invoice is NOT_FOUND, exactly like a missing one."""

@@ -32,7 +32,6 @@ from server.payments.dunning import DunningSchedule
 from server.payments.events import EventType, StripeEvent
 from server.payments.states import Change, CollectionState, Payment
 from server.storage import payment_events as store
-from server.storage.database import run_with_retries
 from server.storage.invoices import InvoiceStore, InvoiceTransaction
 
 log = logging.getLogger(__name__)
@@ -107,50 +106,49 @@ class PaymentLedger:
         """GetCollectionStatus: the tenant's standing, recomputed from its payments as read."""
         principal.require_tenant(tenant_id)
 
-        async def attempt() -> CollectionStatus:
-            async with self._invoices.read_transaction() as tx:
-                conn = tx.connection
-                recorded = await store.collection(conn, tenant_id)
-                invoices = await store.past_due_invoices(conn, tenant_id, 2 * LISTED_INVOICES)
-            uncollectible = [i for i, state in invoices if state == PaymentState.UNCOLLECTIBLE.value]
-            past_due = [i for i, state in invoices if state != PaymentState.UNCOLLECTIBLE.value]
-            return CollectionStatus(
-                tenant_id,
-                states.collection_state(len(uncollectible), len(past_due)),
-                tuple(past_due[:LISTED_INVOICES]),
-                tuple(uncollectible[:LISTED_INVOICES]),
-                recorded[1] if recorded else None,
-            )
+        async def work(
+            tx: InvoiceTransaction,
+        ) -> tuple[tuple[CollectionState, datetime] | None, list[tuple[str, str]]]:
+            recorded = await store.collection(tx.connection, tenant_id)
+            return recorded, await store.past_due_invoices(tx.connection, tenant_id, 2 * LISTED_INVOICES)
 
-        return await run_with_retries(attempt)
+        recorded, invoices = await self._invoices.run_read(work)
+        uncollectible = [i for i, state in invoices if state == PaymentState.UNCOLLECTIBLE.value]
+        past_due = [i for i, state in invoices if state != PaymentState.UNCOLLECTIBLE.value]
+        return CollectionStatus(
+            tenant_id,
+            states.collection_state(len(uncollectible), len(past_due)),
+            tuple(past_due[:LISTED_INVOICES]),
+            tuple(uncollectible[:LISTED_INVOICES]),
+            recorded[1] if recorded else None,
+        )
 
     async def receive(self, event: StripeEvent, payload: str) -> Received:
         """Store a verified event once and apply it; a redelivery is answered `duplicate`."""
 
-        async def attempt() -> Received:
-            async with self._invoices.transaction() as tx:
-                conn = tx.connection
-                if not await store.record_event(conn, event, payload, self.now()):
-                    return Received("duplicate")
-                if event.kind is None:
-                    return Received("ignored")
-                found = await store.find_invoice(conn, event)
-                if found is None:
-                    log.warning(
-                        "Stripe event %s (%s of %s) matches no Tally invoice",
-                        event.id,
-                        event.type,
-                        event.object_id,
-                    )
-                    await store.set_outcome(conn, event.id, "unmatched", None)
-                    return Received("unmatched")
-                invoice_id, tenant_id = found
-                await tx.lock_tenant(tenant_id)
-                outcome = await self._apply_event(tx, invoice_id, event)
-                await store.set_outcome(conn, event.id, outcome, invoice_id)
-                return Received(outcome, invoice_id)
+        async def work(tx: InvoiceTransaction) -> Received:
+            conn = tx.connection
+            if not await store.record_event(conn, event, payload, self.now()):
+                return Received("duplicate")
+            if event.kind is None:
+                return Received("ignored")
+            found = await store.find_invoice(conn, event)
+            if found is None:
+                log.warning(
+                    "Stripe event %s (%s of %s) matches no Tally invoice",
+                    event.id,
+                    event.type,
+                    event.object_id,
+                )
+                await store.set_outcome(conn, event.id, "unmatched", None)
+                return Received("unmatched")
+            invoice_id, tenant_id = found
+            await tx.lock_tenant(tenant_id)
+            outcome = await self._apply_event(tx, invoice_id, event)
+            await store.set_outcome(conn, event.id, outcome, invoice_id)
+            return Received(outcome, invoice_id)
 
-        return await run_with_retries(attempt)
+        return await self._invoices.run_in_transaction(work)
 
     async def record_attempt(
         self,

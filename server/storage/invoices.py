@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -61,6 +61,8 @@ UsageRow = tuple[
 
 
 TenantPeriod = tuple[str, str, datetime, datetime]  # (tenant, label, start, end)
+
+T = TypeVar("T")
 
 # One period per tenant, as p(tenant_id, period_start, period_end), from three arrays.
 _TENANT_PERIODS = (
@@ -585,6 +587,67 @@ class InvoiceStore:
                 limit,
             )
             yield InvoiceTransaction(conn), sorted(r["tenant_id"] for r in rows)
+
+    # A unit of work in one transaction, with the retry policy (run_with_retries): a
+    # deadlock or serialization failure runs `work` again in a fresh transaction, so
+    # `work` must do nothing outside it that a second run would repeat. The caller sees
+    # its result or a domain error (Unavailable, Aborted TRANSACTION_CONFLICT), never a
+    # connection or a driver error.
+
+    async def run_read(self, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+        """`work` in a read-only, repeatable-read transaction (read_transaction), with retries."""
+
+        async def attempt() -> T:
+            async with self.read_transaction() as tx:
+                return await work(tx)
+
+        return await run_with_retries(attempt)
+
+    async def run_in_transaction(self, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+        """`work` in a plain transaction (transaction), with retries."""
+
+        async def attempt() -> T:
+            async with self.transaction() as tx:
+                return await work(tx)
+
+        return await run_with_retries(attempt)
+
+    async def run_in_tenant_transaction(
+        self, tenant_id: str, work: Callable[[InvoiceTransaction], Awaitable[T]]
+    ) -> T:
+        """`work` in a transaction holding the tenant's invoice lock (tenant_transaction), with retries."""
+
+        async def attempt() -> T:
+            async with self.tenant_transaction(tenant_id) as tx:
+                return await work(tx)
+
+        return await run_with_retries(attempt)
+
+    async def run_if_tenant_free(
+        self, tenant_id: str, work: Callable[[InvoiceTransaction | None], Awaitable[T]]
+    ) -> T:
+        """`work` in try_tenant_transaction (None if another holds the tenant's lock), with retries."""
+
+        async def attempt() -> T:
+            async with self.try_tenant_transaction(tenant_id) as tx:
+                return await work(tx)
+
+        return await run_with_retries(attempt)
+
+    async def run_in_due_block(
+        self, now: datetime, limit: int, work: Callable[[InvoiceTransaction, list[str]], Awaitable[T]]
+    ) -> T:
+        """`work` in due_block_transaction, with the tenants it locked, with retries.
+
+        A block that runs out of its time raises Unavailable caused by TimeoutError,
+        rolled back whole, as run_with_retries does.
+        """
+
+        async def attempt() -> T:
+            async with self.due_block_transaction(now, limit) as (tx, tenants):
+                return await work(tx, tenants)
+
+        return await run_with_retries(attempt)
 
     async def with_threshold(self) -> list[str]:
         """Tenants whose billing profile has a spend threshold."""
