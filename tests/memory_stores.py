@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import TypeVar, cast
 
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditEntry, AuditEvent
 from server.domain.events import EventColumns, EventKey
 from server.domain.meters import Contributions, Meter, MeterSpec
-from server.domain.models import MeterValue, Rate, UsageAggregate
-from server.domain.requests import Once, Replayed
+from server.domain.models import Invoice, InvoiceStatus, MeterValue, Rate, UsageAggregate
+from server.domain.requests import Once, Replayed, RequestKey
 from server.domain.stores import AuditHook
 from server.domain.timeutil import to_micros
+from server.storage.invoices import InvoiceTransaction
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+T = TypeVar("T")
 
 
 class FakeLedger:
@@ -163,3 +168,77 @@ class FakeAuditReader:
         limit: int,
     ) -> list[AuditEvent]:
         return [e for e in self.events if e.id > after_id][:limit]
+
+
+class FakeInvoiceTransaction:
+    """The part of storage's InvoiceTransaction that a status move uses, on FakeInvoices' state."""
+
+    def __init__(self, state: FakeInvoices) -> None:
+        self._state = state
+
+    async def claim(self, key: RequestKey) -> bytes | None:
+        stored = self._state.requests.get(_request(key))
+        if stored is None:
+            self._state.requests[_request(key)] = (key.fingerprint, b"")
+            return None
+        if stored[0] != key.fingerprint:
+            raise key.reused()
+        return stored[1]
+
+    async def complete(self, key: RequestKey, response: bytes) -> None:
+        self._state.requests[_request(key)] = (key.fingerprint, response)
+
+    async def lock(self, invoice_id: str) -> Invoice | None:
+        return self._state.invoices.get(invoice_id)
+
+    async def load(self, invoice_id: str) -> Invoice:
+        return self._state.invoices[invoice_id]
+
+    async def set_status(self, invoice_id: str, status: InvoiceStatus, at: datetime) -> None:
+        column = {
+            InvoiceStatus.PAID: "paid_time",
+            InvoiceStatus.VOID: "void_time",
+            InvoiceStatus.UNCOLLECTIBLE: "uncollectible_time",
+        }[status]
+        invoice = self._state.invoices[invoice_id]
+        self._state.invoices[invoice_id] = dataclasses.replace(invoice, status=status, **{column: at})
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        self._state.audited.append(entry)
+
+
+def _request(key: RequestKey) -> tuple[str, str, str]:
+    return key.principal, key.method, key.request_id
+
+
+class FakeInvoices:
+    """Transactions[InvoiceTransaction] in memory: `work` runs once; what it changed is undone if it raises.
+
+    Counts the units of work per kind, so that a test sees which transaction a use case asked for.
+    """
+
+    def __init__(self, *invoices: Invoice) -> None:
+        self.invoices = {invoice.id: invoice for invoice in invoices}
+        self.audited: list[AuditEntry] = []
+        self.requests: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
+        self.units: list[str] = []
+
+    async def _run(self, kind: str, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+        self.units.append(kind)
+        saved = copy.copy(self.invoices), list(self.audited), dict(self.requests)
+        try:
+            return await work(cast(InvoiceTransaction, FakeInvoiceTransaction(self)))
+        except BaseException:
+            self.invoices, self.audited, self.requests = saved  # rolled back whole
+            raise
+
+    async def run_read(self, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+        return await self._run("read", work)
+
+    async def run_in_transaction(self, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+        return await self._run("transaction", work)
+
+    async def run_in_tenant_transaction(
+        self, tenant_id: str, work: Callable[[InvoiceTransaction], Awaitable[T]]
+    ) -> T:
+        return await self._run(f"tenant {tenant_id}", work)

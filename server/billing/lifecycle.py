@@ -27,13 +27,14 @@ from server.domain.names import invoice_name
 from server.domain.pagination import ID, MICROS, PageTokens, check_page_size
 from server.domain.plans import BillingProfile
 from server.domain.requests import Once, Replayed
+from server.domain.stores import Transactions
 from server.domain.timeutil import to_datetime, to_micros
 from server.domain.webhooks import rfc3339
 from server.notifications import events as notifications
 from server.payments.collection import Collection
 from server.storage import credit_notes
 from server.storage.credit_notes import CreditNoteStore
-from server.storage.invoices import InvoiceStore, InvoiceTransaction
+from server.storage.invoices import InvoiceTransaction
 
 MAX_REASON_CHARS = 500
 
@@ -70,7 +71,7 @@ class Lifecycle:
 
     def __init__(
         self,
-        invoices: InvoiceStore,
+        invoices: Transactions[InvoiceTransaction],
         notes: CreditNoteStore,
         pricer: InvoicePricer,
         issuer: Issuer,

@@ -4,15 +4,16 @@ Metering and Billing depend on these rather than on server.storage's classes, so
 their unit tests run against in-memory fakes (tests/metering, tests/billing) beside the
 end-to-end tests against PostgreSQL. Each store keeps its transactions and its retry
 policy to itself (server.storage.database.run_with_retries): a caller sees a result or
-a domain error, never a connection.
+a domain error, never a connection. A use case whose change spans several queries hands
+its body to the store as a unit of work (Transactions), rather than retrying it itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Awaitable, Callable, Sequence, Set
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditEntry, AuditEvent
@@ -23,6 +24,32 @@ from server.domain.requests import Once, Replayed
 
 # Audit entries for the new keys of a batch, written in the batch's transaction (backfills).
 AuditHook = Callable[[Set[EventKey]], Sequence[AuditEntry]]
+
+T = TypeVar("T")
+Tx = TypeVar("Tx", covariant=True)  # the store's transaction, e.g. storage's InvoiceTransaction
+
+
+class Transactions(Protocol[Tx]):
+    """Units of work, each run in one transaction of the store with its retry policy.
+
+    A deadlock or serialization failure rolls the transaction back and runs `work` again in
+    a fresh one (so `work` does nothing outside its transaction that a second run would
+    repeat); after the last attempt, Aborted (TRANSACTION_CONFLICT). A database that does
+    not answer in time, or cannot be reached, is Unavailable. Request-id claims made in
+    `work` (Once) commit or roll back with its change.
+    """
+
+    async def run_read(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """`work` in a read-only transaction that sees one snapshot."""
+        ...
+
+    async def run_in_transaction(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """`work` in a plain transaction, for changes that lock what they touch themselves."""
+        ...
+
+    async def run_in_tenant_transaction(self, tenant_id: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """`work` in a transaction holding the tenant's invoice lock: one change of a tenant at a time."""
+        ...
 
 
 class EventWriter(Protocol):
