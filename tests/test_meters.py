@@ -303,3 +303,65 @@ async def test_streamed_summaries_report_the_named_meters_per_tenant(
         r.summary.tenant_id: [(a.meter, a.value) for a in r.summary.meter_aggregates] async for r in streamed
     }
     assert got == {tenants[0]: [(name, "6")], tenants[1]: [(name, "7")]}
+
+
+async def test_unique_count_without_group_by_is_exact_per_hour_day_and_window(
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    tenant: str,
+    usage_type: str,
+) -> None:
+    """Whole-hour and whole-day buckets are counted as rows (one piece each, no group-by); a
+    window over several pieces counts distinct values across them. Both must be exact."""
+    users = (
+        await meters.CreateMeter(
+            meter_service_pb2.CreateMeterRequest(
+                meter=_meter(usage_type, A.METER_AGGREGATION_UNIQUE_COUNT, value_dimension="user_id")
+            )
+        )
+    ).meter
+    day = hour_start(0).replace(hour=0) - timedelta(days=3)  # three whole days, all in the past
+    # (hour after `day`, user): ann every day, bob twice on day 0, cy on day 1 and 2 (cancelled on 2).
+    seen = [(1, "ann"), (2, "bob"), (2, "bob"), (5, "bob"), (25, "ann"), (26, "cy"), (49, "ann"), (50, "cy")]
+    for index, (hour, user) in enumerate(seen):
+        await usage.ReportUsage(
+            usage_service_pb2.ReportUsageRequest(
+                event=event(
+                    tenant,
+                    f"e{index}",
+                    service="metered",
+                    usage_type=usage_type,
+                    quantity="1",
+                    time=day + timedelta(hours=hour, minutes=10),
+                    dimensions={"user_id": user},
+                )
+            )
+        )
+    await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="e7"))
+
+    async def counts(bucket: int, start: timedelta, end: timedelta) -> dict[int | None, str]:
+        summary = (
+            await usage.GetUsageSummary(
+                usage_service_pb2.GetUsageSummaryRequest(
+                    name=f"tenants/{tenant}/usageSummary",
+                    start_time=ts(day + start),
+                    end_time=ts(day + end),
+                    bucket=bucket,  # type: ignore[arg-type]
+                    meters=[users.name],
+                )
+            )
+        ).summary
+        return {
+            (a.bucket_start_time.seconds - int(day.timestamp())) // 3600
+            if a.HasField("bucket_start_time")
+            else None: (a.value)
+            for a in summary.meter_aggregates
+        }
+
+    days = timedelta(days=3)
+    assert await counts(A.TIME_BUCKET_DAY, timedelta(0), days) == {0: "2", 24: "2", 48: "1"}
+    assert await counts(A.TIME_BUCKET_HOUR, timedelta(0), timedelta(hours=6)) == {1: "1", 2: "1", 5: "1"}
+    # One window over three days (three day pieces): ann, bob and cy once each.
+    assert await counts(A.TIME_BUCKET_UNSPECIFIED, timedelta(0), days) == {None: "3"}
+    # A window that starts mid-day (hour pieces and day pieces): bob's two hours count once.
+    assert await counts(A.TIME_BUCKET_UNSPECIFIED, timedelta(hours=2), days) == {None: "3"}

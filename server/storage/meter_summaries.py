@@ -86,6 +86,20 @@ JOIN meter_distinct AS d
 GROUP BY 1, 2, 3
 ORDER BY 1, 2, 3
 """
+# The same when every label is one piece and the meter has no group-by: each (piece, value)
+# is then one row (the primary key), so a count of rows is the count of distinct values, read
+# from the index in order instead of sorting every value (1.5 s for 30 days of 38,000 users).
+_UNIQUE_ROWS = """
+WITH pieces AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS p(label, grain, bucket)
+)
+SELECT d.tenant_id, p.label, '' AS dimension_value, count(*) AS distinct_values
+FROM pieces AS p
+JOIN meter_distinct AS d
+  ON d.tenant_id = ANY($1::text[]) AND d.meter_id = $5 AND d.grain = p.grain::"char" AND d.bucket = p.bucket
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
 # Time-weighted: each series with its watermark and the last reading before $3.
 _SERIES = """
 SELECT s.group_values::text AS group_values, w.cached_until, c.value::text AS carried
@@ -220,7 +234,10 @@ async def _unique_count(
             labels.append(_seconds(part.label))
             grains.append(piece.grain)
             buckets.append(to_datetime(piece.start))
-    rows = await conn.fetch(_UNIQUE, tenants, labels, grains, buckets, dimension, meter.id)
+    if not meter.spec.group_by and len(set(labels)) == len(labels):
+        rows = await conn.fetch(_UNIQUE_ROWS, tenants, labels, grains, buckets, meter.id)
+    else:  # a value may be in several pieces of a label, or in several groups: distinct
+        rows = await conn.fetch(_UNIQUE, tenants, labels, grains, buckets, dimension, meter.id)
     return [MeterValue(r[0], meter, r[1], r[2], str(r[3])) for r in rows]
 
 
