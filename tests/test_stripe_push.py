@@ -130,14 +130,13 @@ def push_outbox(
     timeout: float = 30.0,
     settings: StripeSettings | None = None,
     on_auth_failure: Any = None,
-    attempts: PaymentLedger | None = None,
 ) -> Outbox:
     push = StripePush(
         fake.client(max_network_retries=retries, timeout=timeout),
         clock,
         settings=settings or StripeSettings(),
         on_auth_failure=on_auth_failure,
-        attempts=attempts,
+        attempts=payment_ledger(db, clock),
     )
     return Outbox(db, push.handlers(), clock)
 
@@ -306,7 +305,7 @@ async def test_a_declined_first_charge_starts_dunning_without_waiting_for_a_webh
     )
     invoice = await finalized(db, tenant, ["12.00"])
     clock = Clock()
-    await push_outbox(db, fake_stripe, clock, attempts=payment_ledger(db, clock)).drain()
+    await push_outbox(db, fake_stripe, clock).drain()
 
     row = await db.fetchrow(
         "SELECT state, attempt_count, first_failure_time, next_attempt_time, last_failure"
@@ -595,7 +594,7 @@ async def test_credit_notes_and_voids_are_mirrored_to_stripe(
             billing_service_pb2.CreateCreditNoteRequest(invoice=draft.name, amount="1.20", reason="goodwill")
         )
         # A worker that takes the credit note first finds the invoice not yet at Stripe: it waits.
-        notes_first = StripePush(fake_stripe.client(), live_clock)
+        notes_first = StripePush(fake_stripe.client(), live_clock, attempts=payment_ledger(db, live_clock))
         assert await Outbox(db, {STRIPE_CREDIT_NOTE: notes_first.push_credit_note}, live_clock).drain() == 1
         await live.outbox.drain()
         (remote,) = fake_stripe.objects("invoice")

@@ -42,11 +42,8 @@ import asyncpg
 import stripe
 
 from server.domain.access import ALL_TENANTS, Principal
-from server.domain.audit import AuditAction, AuditEntry
 from server.domain.models import Invoice, InvoicePayment, InvoiceStatus, PaymentState
 from server.domain.timeutil import to_datetime
-from server.domain.webhooks import rfc3339
-from server.notifications import events as notifications
 from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_KINDS, STRIPE_VOID
 from server.payments.ledger import AttemptOutcome
 from server.payments.outbox import Advance, Backoff, Done, Halt, JobHandler, Outcome, Retry, Stop
@@ -62,6 +59,7 @@ T = TypeVar("T")
 
 # The principal named in the audit trail for what Stripe's answers change in Tally.
 STRIPE_PRINCIPAL = "tally-stripe"
+_STRIPE = Principal(subject=STRIPE_PRINCIPAL, tenants=ALL_TENANTS, scopes=frozenset())
 
 
 class AttemptRecorder(Protocol):
@@ -160,7 +158,7 @@ class StripePush:
         settings: StripeSettings = StripeSettings(),
         pacer: RequestPacer | None = None,
         on_auth_failure: Callable[[str], Awaitable[None]] | None = None,
-        attempts: AttemptRecorder | None = None,
+        attempts: AttemptRecorder,
     ) -> None:
         self._client = client
         self._attempts = attempts
@@ -366,37 +364,19 @@ class StripePush:
         except stripe.CardError as exc:
             # Declined: recorded once, never retried here (dunning retries on its own schedule).
             remote = await self._call(lambda: self._client.v1.invoices.retrieve_async(stripe_id))
-            action_required = exc.code == "authentication_required"
-            if self._attempts is not None:
-                # The first failure starts dunning here, even where no webhook will report it.
-                outcome = AttemptOutcome(action_required=action_required, failure=_stripe_message(exc))
-                principal = Principal(subject=STRIPE_PRINCIPAL, tenants=ALL_TENANTS, scopes=frozenset())
-                await self._attempts.record_attempt(
-                    conn, invoice.id, remote.attempt_count or 1, outcome, principal
-                )
-                return Done()
-            state = PaymentState.ACTION_REQUIRED if action_required else PaymentState.FAILED
-            await payments.set_state(
-                conn,
-                invoice.id,
-                state,
-                self._now(),
-                last_failure=_stripe_message(exc),
-                attempt_count=remote.attempt_count,
+            # The first failure starts dunning here, even where no webhook will report it.
+            outcome = AttemptOutcome(
+                action_required=exc.code == "authentication_required", failure=_stripe_message(exc)
             )
+            await self._attempts.record_attempt(conn, invoice.id, remote.attempt_count or 1, outcome, _STRIPE)
             return Done()
         except stripe.InvalidRequestError as exc:
             if exc.code == "invoice_already_paid":
                 await self._paid(conn, invoice, stripe_id)
                 return Done()
             if exc.code == "invoice_payment_intent_requires_action":
-                await payments.set_state(
-                    conn,
-                    invoice.id,
-                    PaymentState.ACTION_REQUIRED,
-                    self._now(),
-                    last_failure=_stripe_message(exc),
-                )
+                outcome = AttemptOutcome(action_required=True, failure=_stripe_message(exc))
+                await self._attempts.record_attempt(conn, invoice.id, 0, outcome, _STRIPE)  # 0: one more
                 return Done()
             raise
         if paid.status == "paid":
@@ -406,27 +386,13 @@ class StripePush:
     async def _paid(
         self, conn: asyncpg.Connection, invoice: Invoice, stripe_id: str, *, attempt_count: int | None = None
     ) -> None:
-        """Stripe says it is paid: the payment, and the Tally invoice (audited), unless already paid."""
-        at = self._now()
-        await payments.set_state(conn, invoice.id, PaymentState.PAID, at, attempt_count=attempt_count)
-        status = await conn.fetchval("SELECT status FROM invoices WHERE id = $1 FOR UPDATE", invoice.id)
-        if status not in (InvoiceStatus.FINALIZED.value, InvoiceStatus.UNCOLLECTIBLE.value):
-            return  # paid already (a webhook was first), or voided meanwhile (the void job reports it)
-        tx = InvoiceTransaction(conn)
-        await tx.set_status(invoice.id, InvoiceStatus.PAID, at)
-        await tx.append_audit(
-            AuditEntry(
-                principal=STRIPE_PRINCIPAL,
-                request_id=f"stripe-{stripe_id}",
-                action=AuditAction.INVOICE_PAID,
-                tenant_id=invoice.tenant_id,
-                resource=f"invoices/{invoice.id}",
-                before={"status": status, "number": invoice.number},
-                after={"status": InvoiceStatus.PAID.value, "number": invoice.number},
-            )
-        )
-        paid = notifications.invoice_data(await tx.load(invoice.id), status_time=rfc3339(at))
-        await notifications.publish(conn, notifications.INVOICE_PAID, paid, time=at)
+        """Stripe says it is paid: applied as a paid webhook is (the invoice moved, audited, published).
+
+        Through the ledger, like every other payment outcome; Stripe's attempt count is kept.
+        """
+        await self._attempts.record_attempt(conn, invoice.id, 0, AttemptOutcome(paid=True), _STRIPE)
+        if attempt_count is not None:
+            await payments.note_paid_attempts(conn, invoice.id, attempt_count)
 
     async def _withdraw(self, conn: asyncpg.Connection, invoice: Invoice, payment: InvoicePayment) -> Outcome:
         """The Tally invoice was voided while its push was under way: a Stripe draft is deleted.

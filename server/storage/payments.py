@@ -64,6 +64,16 @@ async def create_many(
     )
 
 
+async def note_paid_attempts(conn: asyncpg.Connection, invoice_id: str, attempt_count: int) -> None:
+    """Keep Stripe's count of attempts on a paid invoice's payment (never lowering it)."""
+    await conn.execute(
+        "UPDATE invoice_payments SET attempt_count = $2"
+        " WHERE invoice_id = $1 AND state = 'paid' AND attempt_count < $2",
+        invoice_id,
+        attempt_count,
+    )
+
+
 async def set_stripe_invoice(
     conn: asyncpg.Connection, invoice_id: str, stripe_invoice_id: str, at: datetime
 ) -> None:
