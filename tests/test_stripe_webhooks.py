@@ -26,6 +26,11 @@ import stripe
 
 from server.app import TallyServer
 from server.config import Config
+from server.payments.kinds import STRIPE_KINDS
+from server.payments.ledger import AttemptOutcome
+from server.payments.outbox import Halt
+from server.payments.retries import RETRY_KIND, retry_handler
+from server.storage import outbox as outbox_store
 from tally.v1 import (
     billing_service_pb2,
     billing_service_pb2_grpc,
@@ -596,6 +601,37 @@ async def test_declined_payment_is_retried_3_5_and_7_days_after_the_first_failur
         if late["data"]["object"]["id"] == stripe_id and late["id"] != first["id"]:
             assert (await deliver(payments, stripe_api, late))[1]["outcome"] == "unchanged"
     assert (await collection(payments, tenant)).state == CollectionState.STATE_DELINQUENT
+
+
+async def test_retry_refused_for_the_api_key_halts_every_stripe_kind_and_reports_it(
+    payments: Payments, db: asyncpg.Pool, stripe_api: FakeStripe, tenant: str
+) -> None:
+    bill = await billed(payments, db, stripe_api, tenant, card="pm_card_chargeDeclined")
+    failed = stripe_api.event("invoice.payment_failed", bill.stripe_invoice["id"], attempt_count=1)
+    assert (await deliver(payments, stripe_api, failed))[1]["outcome"] == "applied"
+
+    class RefusedKey:
+        async def pay(self, stripe_invoice_id: str, idempotency_key: str) -> AttemptOutcome:
+            raise stripe.AuthenticationError("Invalid API Key provided", http_status=401)
+
+    refusals: list[str] = []
+
+    async def refused(reason: str) -> None:
+        refusals.append(reason)
+
+    handler = retry_handler(payments.server.payments, RefusedKey(), refused)
+    payments.clock.offset = 3 * DAY + timedelta(hours=1)  # the retry is due
+    async with db.acquire() as conn, conn.transaction():
+        job = await outbox_store.get(conn, RETRY_KIND, bill.invoice_id)
+        assert job is not None
+        outcome = await handler(conn, job)
+    assert isinstance(outcome, Halt) and outcome.kinds == STRIPE_KINDS
+    assert outcome.reason.startswith("Stripe refused the API key (401)") and refusals == [outcome.reason]
+    payment = (await invoice_of(payments, bill.name)).payment
+    assert (payment.state, payment.attempt_count) == (
+        resources_pb2.PAYMENT_STATE_FAILED,
+        1,
+    )  # nothing counted
 
 
 async def test_retry_job_of_a_payment_paid_meanwhile_ends_without_calling_stripe(
