@@ -41,9 +41,8 @@ from server.billing.lifecycle import Lifecycle
 from server.billing.periods import CloseScheduler, Periods
 from server.billing.plans import Plans
 from server.billing.pricer import InvoicePricer
-from server.config import Config
+from server.config import Config, issuer_of
 from server.domain.events import EventRules
-from server.domain.lifecycle import Issuer
 from server.domain.pagination import PageTokens
 from server.domain.timeutil import MICROS_PER_SECOND
 from server.health import DatabaseHealth
@@ -364,13 +363,7 @@ class TallyServer:
             rate_store, invoices, AuditStore(self._pool), rate_card, page_tokens, self.wall_clock
         )
         pricer = InvoicePricer(billing.currency)
-        issuer = Issuer(
-            name=config.issuer_name,
-            address=config.issuer_address,
-            tax_id=config.issuer_tax_id,
-            invoice_prefix=config.invoice_number_prefix,
-            credit_note_prefix=config.credit_note_number_prefix,
-        )
+        issuer = issuer_of(config)
         lifecycle = Lifecycle(
             invoices,
             CreditNoteStore(self._pool),

@@ -15,7 +15,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+if TYPE_CHECKING:
+    from server.domain.lifecycle import Issuer
 
 T = TypeVar("T")
 
@@ -504,6 +507,19 @@ class Config:
     )
     # Not a flag: how often health probes PostgreSQL; tests shorten it.
     health_interval_seconds: float = 2.0
+
+
+def issuer_of(config: Config) -> Issuer:
+    """The operator printed on invoices and credit notes, as the issuer settings describe it."""
+    from server.domain.lifecycle import Issuer  # here: `tally --help` need not import it
+
+    return Issuer(
+        name=config.issuer_name,
+        address=config.issuer_address,
+        tax_id=config.issuer_tax_id,
+        invoice_prefix=config.invoice_number_prefix,
+        credit_note_prefix=config.credit_note_number_prefix,
+    )
 
 
 def settings(cls: type[Any] = Config, prefix: str = "") -> dict[str, Setting]:

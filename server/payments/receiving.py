@@ -16,8 +16,7 @@ from aiohttp import web
 
 from server.billing.lifecycle import Lifecycle
 from server.billing.pricer import InvoicePricer
-from server.config import Config
-from server.domain.lifecycle import Issuer
+from server.config import Config, issuer_of
 from server.domain.pagination import PageTokens
 from server.payments.dunning import DunningSchedule
 from server.payments.endpoint import StripeWebhookEndpoint
@@ -58,13 +57,7 @@ class ParentWebhooks:
         counts = self._files.counter("tally_stripe_webhooks", STRIPE_WEBHOOKS, ("outcome",))
         self._pool = pool = await create_pool(dsn, min_size=1, max_size=POOL_SIZE)
         invoices = InvoiceStore(pool)
-        issuer = Issuer(
-            name=config.issuer_name,
-            address=config.issuer_address,
-            tax_id=config.issuer_tax_id,
-            invoice_prefix=config.invoice_number_prefix,
-            credit_note_prefix=config.credit_note_number_prefix,
-        )
+        issuer = issuer_of(config)
         # The ledger only moves statuses (Lifecycle.move_in); pricing never runs here.
         lifecycle = Lifecycle(
             invoices,
