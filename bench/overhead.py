@@ -4,9 +4,9 @@
         --server-args '--http-port 19464 --log-level INFO' --rounds 3
 
 The baseline is another build's `tally` (e.g. a checkout of main with its own venv, or a
-script that runs it) with --baseline-args; the candidate is this checkout's `tally` with
---server-args. Each round runs both, alternating which goes first; the medians and their
-ratio are printed (issue 13: telemetry on within 5% of off).
+script that runs it) with --baseline-args; the candidate is this checkout's `tally` (or
+--candidate-tally) with --server-args. Each round runs both, alternating which goes
+first; the medians and their ratio are printed (issue 13: telemetry on within 5% of off).
 
 Beside each rate, the server's CPU time per event (ingestion) or per call (unary), in µs:
 the cost itself, which moves less than a rate when other jobs share the machine's cores
@@ -28,13 +28,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--baseline-tally", required=True, help="the `tally` command of the baseline build")
+    parser.add_argument(
+        "--candidate-tally", default=harness.TALLY, help="the candidate's `tally` (default: this one)"
+    )
     parser.add_argument("--server-args", default="", help="extra `tally serve` flags of the candidate")
     parser.add_argument("--baseline-args", default="", help="extra `tally serve` flags of the baseline")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events", type=int, default=400_000)
     parser.add_argument("--unary-seconds", type=float, default=10.0)
     args = parser.parse_args()
-    candidate = harness.TALLY
+    candidate = args.candidate_tally
     builds = {
         "baseline": (args.baseline_tally, args.baseline_args.split()),
         "candidate": (candidate, args.server_args.split()),
