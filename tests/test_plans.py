@@ -14,6 +14,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server.domain.decimals import format_quantity
 from tally.v1 import billing_service_pb2, resources_pb2, usage_service_pb2
 from tests.billing_helpers import (
     anchor_bounds,
@@ -171,7 +172,8 @@ async def test_preview_prices_graduated_tiers_fee_and_tax_by_hand(
     assert lines == [
         (R.INVOICE_LINE_KIND_USAGE, "uploads", "120.5", "11.03"),
         (R.INVOICE_LINE_KIND_FLAT_FEE, "platform", "1", str(fee)),
-        (R.INVOICE_LINE_KIND_TAX, "", str(taxable), str(tax)),
+        # A line's quantity is canonical decimal text: a taxable 28.20 is "28.2".
+        (R.INVOICE_LINE_KIND_TAX, "", format_quantity(taxable), str(tax)),
     ]
     assert [(t.tier, t.quantity, t.amount) for t in invoice.line_items[0].tiers] == [
         (1, "100", "10"),
