@@ -113,6 +113,13 @@ FROM (SELECT n, $3::timestamptz + (n * ($4::bigint / $5::bigint)) * interval '1 
 CROSS JOIN (VALUES ('h'::"char", 'hour'), ('d', 'day'), ('m', 'month')) AS g(grain, unit)
 ON CONFLICT DO NOTHING
 """
+# The bucket counts kept beside them (migration 0053), as the write path keeps them.
+_LOAD_DISTINCT_COUNTS = """
+INSERT INTO meter_distinct_counts (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
+SELECT tenant_id, meter_id, grain, bucket, group_values, 0, count(*)
+FROM meter_distinct WHERE tenant_id = $1 AND meter_id = $2
+GROUP BY 1, 2, 3, 4, 5
+"""
 _LOAD_READINGS = """
 INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
 SELECT $1::text, $2::bigint,
@@ -134,6 +141,7 @@ async def _load_meters(dsn: str, tenant: str, events: int, start: datetime, ids:
     try:
         await conn.execute(_LOAD_HOURLY, tenant, ids["peak-cpu"], start)
         await conn.execute(_LOAD_DISTINCT, tenant, ids["distinct-users"], start, span, events // 7)
+        await conn.execute(_LOAD_DISTINCT_COUNTS, tenant, ids["distinct-users"])
         await conn.execute(_LOAD_READINGS, tenant, ids["storage-gb-hours"], start, span, events // 7)
         await conn.execute(_LOAD_SERIES, tenant, ids["storage-gb-hours"])
         await conn.execute("VACUUM ANALYZE")

@@ -8,7 +8,8 @@ event sent again is still a duplicate.
 - MAX, MIN, LATEST: the event's value is deleted and its hour recomputed from the values
   that survive (meter_values). meter_hourly is locked against the background fold meanwhile.
 - UNIQUE_COUNT: the event's value is deleted; for its hour, day and month, the distinct
-  row goes if no surviving event carries the value there. meter_distinct is locked in
+  row goes if no surviving event carries the value there, and its bucket's count loses
+  one (meter_distinct_counts, in the canceller's stripe). meter_distinct is locked in
   SHARE ROW EXCLUSIVE mode first: it waits for the batches writing it to commit and holds
   new ones back for the few milliseconds of the check, so that a batch adding the same
   value concurrently cannot be missed.
@@ -86,6 +87,15 @@ _DELETE_DISTINCT = """
 DELETE FROM meter_distinct
 WHERE tenant_id = $1 AND meter_id = $2 AND grain = $3::text::"char" AND bucket = $4
   AND group_values = $5::jsonb AND value = $6
+RETURNING 1
+"""
+# The bucket's count loses the row deleted, in the canceller's own stripe (migration 0053).
+_UNCOUNT_DISTINCT = """
+INSERT INTO meter_distinct_counts AS n
+    (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
+VALUES ($1, $2, $3::text::"char", $4, $5::jsonb, pg_backend_pid(), -1)
+ON CONFLICT (tenant_id, meter_id, grain, bucket, group_values, stripe) DO UPDATE
+    SET distinct_values = n.distinct_values - 1
 """
 _DELETE_READING = """
 DELETE FROM meter_readings
@@ -93,9 +103,9 @@ WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND event_ti
 RETURNING 1
 """
 _MARK_DIRTY = """
-INSERT INTO meter_tw_dirty AS d (tenant_id, meter_id, group_values, hour, changes)
-VALUES ($1, $2, $3::jsonb, $4, 1)
-ON CONFLICT (tenant_id, meter_id, group_values, hour) DO UPDATE SET changes = d.changes + 1
+INSERT INTO meter_tw_dirty AS d (tenant_id, meter_id, group_values, hour, stripe, changes)
+VALUES ($1, $2, $3::jsonb, $4, pg_backend_pid(), 1)
+ON CONFLICT (tenant_id, meter_id, group_values, hour, stripe) DO UPDATE SET changes = d.changes + 1
 """
 
 
@@ -207,15 +217,9 @@ async def _forget(
                     to_datetime(high),
                 )
                 if not carried:
-                    await conn.execute(
-                        _DELETE_DISTINCT,
-                        tenant_id,
-                        meter.id,
-                        grain,
-                        to_datetime(low),
-                        entry.group_values,
-                        entry.value,
-                    )
+                    key = (tenant_id, meter.id, grain, to_datetime(low), entry.group_values)
+                    if await conn.fetchval(_DELETE_DISTINCT, *key, entry.value):
+                        await conn.execute(_UNCOUNT_DISTINCT, *key)
         elif await conn.fetchval(
             _DELETE_READING, tenant_id, meter.id, entry.group_values, event.event_time, event_id
         ):

@@ -2,7 +2,8 @@
 
 Writers add to rollup rows of their own stripe (see server.storage.usage), so the rows of
 an hour multiply with the number of connections that wrote to it. Folding moves the
-stripes of hours that are over (before the previous hour) into stripe 0, each batch of
+stripes of hours that are over (before the previous hour) into stripe 0 (and so for
+meter_hourly, and for meter_distinct_counts of hours, days and months that are over), each batch of
 rows exactly once: one statement deletes them (returning what they held) and adds that to
 stripe 0. Rows that a writer holds locked right now (a late event) are skipped, and folded
 on a later pass; a writer waits for the fold only when it adds a late event to a row the
@@ -82,6 +83,29 @@ ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE SET
         THEN excluded.latest_value ELSE h.latest_value END
 RETURNING 1
 """
+# UNIQUE_COUNT's bucket counts (migration 0053): the stripes of buckets that are over (an
+# hour before $1, a UTC day or month before the one $1 falls in) into stripe 0.
+_FOLD_DISTINCT_COUNTS = """
+WITH moved AS (
+    DELETE FROM meter_distinct_counts
+    WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM meter_distinct_counts
+        WHERE stripe <> 0
+          AND bucket < CASE grain WHEN 'h' THEN $1::timestamptz
+                                  WHEN 'd' THEN date_trunc('day', $1::timestamptz, 'UTC')
+                                  ELSE date_trunc('month', $1::timestamptz, 'UTC') END
+        LIMIT $2 FOR UPDATE SKIP LOCKED))
+    RETURNING tenant_id, meter_id, grain, bucket, group_values, distinct_values
+)
+INSERT INTO meter_distinct_counts AS n
+    (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
+SELECT tenant_id, meter_id, grain, bucket, group_values, 0, sum(distinct_values)
+FROM moved
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT (tenant_id, meter_id, grain, bucket, group_values, stripe) DO UPDATE
+    SET distinct_values = n.distinct_values + excluded.distinct_values
+RETURNING 1
+"""
 _CLOSED_BEFORE = "SELECT date_trunc('hour', now(), 'UTC') - interval '1 hour'"
 _TAKE_DIRTY = """
 DELETE FROM meter_tw_dirty
@@ -123,13 +147,15 @@ ON CONFLICT (tenant_id, meter_id, group_values) DO UPDATE SET cached_until = exc
 class FoldReport:
     """What one pass of `Folder.fold_once` did.
 
-    `rollup_rows` and `gauge_rows` are the stripe-0 rows written into usage_rollups and
-    meter_hourly; `hours_cached` the time-weighted hours summarised.
+    `rollup_rows`, `gauge_rows` and `count_rows` are the stripe-0 rows written into
+    usage_rollups, meter_hourly and meter_distinct_counts; `hours_cached` the
+    time-weighted hours summarised.
     """
 
     rollup_rows: int  # stripe-0 rows written by rollup folding
     gauge_rows: int
     hours_cached: int
+    count_rows: int = 0
 
 
 async def _summarize(
@@ -188,26 +214,26 @@ class Folder:
 
     async def fold_once(self) -> FoldReport:
         """One pass: fold what is due (in batches), then bring the time-weighted cache up to date."""
-        rollups = gauges = cached = 0
+        cached = 0
+        written = {_FOLD_ROLLUPS: 0, _FOLD_GAUGES: 0, _FOLD_DISTINCT_COUNTS: 0}
         async with self._pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
                 return FoldReport(0, 0, 0)
             try:
                 closed = self._closed_before() if self._closed_before else await conn.fetchval(_CLOSED_BEFORE)
-                for statement in (_FOLD_ROLLUPS, _FOLD_GAUGES):
+                for statement in written:
                     while True:
                         async with conn.transaction():
-                            written = len(await conn.fetch(statement, closed, self._batch))
-                        if statement is _FOLD_ROLLUPS:
-                            rollups += written
-                        else:
-                            gauges += written
-                        if written == 0:
+                            rows = len(await conn.fetch(statement, closed, self._batch))
+                        written[statement] += rows
+                        if rows == 0:
                             break
                 cached = await self._cache_time_weighted(conn, closed)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
-        return FoldReport(rollups, gauges, cached)
+        return FoldReport(
+            written[_FOLD_ROLLUPS], written[_FOLD_GAUGES], cached, written[_FOLD_DISTINCT_COUNTS]
+        )
 
     async def _cache_time_weighted(self, conn: asyncpg.Connection, closed: datetime) -> int:
         cached = 0
@@ -215,11 +241,14 @@ class Folder:
         async with conn.transaction():
             # Deleting a mark waits for a writer that holds it (ON CONFLICT DO UPDATE); the
             # readings are then read by later statements, which see that writer's reading.
-            for row in await conn.fetch(_TAKE_DIRTY, closed, self._batch):
-                hour = to_micros(row["hour"])
-                cached += await _summarize(
-                    conn, row["tenant_id"], row["meter_id"], row["group_values"], hour, hour + MICROS_PER_HOUR
-                )
+            # Every stripe of a key is deleted, and comes back: each hour is summarised once.
+            taken = {
+                (row["tenant_id"], row["meter_id"], row["group_values"], to_micros(row["hour"]))
+                for row in await conn.fetch(_TAKE_DIRTY, closed, self._batch)
+            }
+            for tenant_id, meter_id, group_values, hour in sorted(taken):
+                end = hour + MICROS_PER_HOUR
+                cached += await _summarize(conn, tenant_id, meter_id, group_values, hour, end)
         for row in await conn.fetch(_BEHIND, closed, self._batch):
             async with conn.transaction():
                 low = row["cached_until"]

@@ -3,7 +3,8 @@
 - SUM and COUNT: the hourly rollups (every stripe), filtered by the meter's dimensions.
 - MAX, MIN, LATEST: meter_hourly (every stripe).
 - UNIQUE_COUNT: meter_distinct, the range of each bucket decomposed into whole months,
-  whole days and edge hours (server.domain.aggregation.decompose), counted as one union.
+  whole days and edge hours (server.domain.aggregation.decompose), counted as one union;
+  a bucket that is one piece, of one group, reads its count (meter_distinct_counts).
 - TIME_WEIGHTED: per series, the cached summaries of closed hours plus the readings of
   the hours not cached (recent or dirty), composed hour by hour in Python.
 
@@ -86,19 +87,24 @@ JOIN meter_distinct AS d
 GROUP BY 1, 2, 3
 ORDER BY 1, 2, 3
 """
-# The same when every label is one piece and the meter has no group-by: each (piece, value)
-# is then one row (the primary key), so a count of rows is the count of distinct values, read
-# from the index in order instead of sorting every value (1.5 s for 30 days of 38,000 users).
-_UNIQUE_ROWS = """
+# The same from the bucket counts (meter_distinct_counts, summed over stripes) when every
+# label is one piece and each group is one dimension value: a few numbers per bucket
+# instead of every distinct value (a daily summary of a month with 100,000 users read a
+# million index entries and took 0.6 s). Each group comes back on its own: two groups
+# with the same label (no `region`, and `region` ""), whose values may overlap, send the
+# caller back to counting values.
+_UNIQUE_COUNTS = """
 WITH pieces AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS p(label, grain, bucket)
 )
-SELECT d.tenant_id, p.label, '' AS dimension_value, count(*) AS distinct_values
+SELECT n.tenant_id, p.label, coalesce(n.group_values ->> nullif($5, ''), '') AS dimension_value,
+       sum(n.distinct_values)::bigint AS distinct_values
 FROM pieces AS p
-JOIN meter_distinct AS d
-  ON d.tenant_id = ANY($1::text[]) AND d.meter_id = $5 AND d.grain = p.grain::"char" AND d.bucket = p.bucket
-GROUP BY 1, 2
-ORDER BY 1, 2
+JOIN meter_distinct_counts AS n
+  ON n.tenant_id = ANY($1::text[]) AND n.meter_id = $6 AND n.grain = p.grain::"char" AND n.bucket = p.bucket
+GROUP BY n.tenant_id, p.label, n.group_values
+HAVING sum(n.distinct_values) <> 0
+ORDER BY 1, 2, 3
 """
 # Time-weighted: each series with its watermark and the last reading before $3.
 _SERIES = """
@@ -234,10 +240,14 @@ async def _unique_count(
             labels.append(_seconds(part.label))
             grains.append(piece.grain)
             buckets.append(to_datetime(piece.start))
-    if not meter.spec.group_by and len(set(labels)) == len(labels):
-        rows = await conn.fetch(_UNIQUE_ROWS, tenants, labels, grains, buckets, meter.id)
-    else:  # a value may be in several pieces of a label, or in several groups: distinct
-        rows = await conn.fetch(_UNIQUE, tenants, labels, grains, buckets, dimension, meter.id)
+    one_group_per_value = not meter.spec.group_by or tuple(meter.spec.group_by) == (dimension,)
+    if one_group_per_value and len(set(labels)) == len(labels):
+        rows = await conn.fetch(_UNIQUE_COUNTS, tenants, labels, grains, buckets, dimension, meter.id)
+        keys = [(r[0], r[1], r[2]) for r in rows]
+        if len(set(keys)) == len(keys):
+            return [MeterValue(r[0], meter, r[1], r[2], str(r[3])) for r in rows]
+    # A value may be in several pieces of a label, or in several groups: count distinct values.
+    rows = await conn.fetch(_UNIQUE, tenants, labels, grains, buckets, dimension, meter.id)
     return [MeterValue(r[0], meter, r[1], r[2], str(r[3])) for r in rows]
 
 

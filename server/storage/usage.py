@@ -120,6 +120,17 @@ METER_WRITES = """, gauge_values AS (
     CROSS JOIN (VALUES ('h'::"char", 'hour'), ('d', 'day'), ('m', 'month')) AS g(grain, unit)
     WHERE c.kind = 'u'
     ON CONFLICT DO NOTHING
+    RETURNING tenant_id, meter_id, grain, bucket, group_values
+), distinct_counts AS (
+    -- Exactly the rows this statement inserted (a row a concurrent batch inserted first
+    -- does not come back), counted into the writer's own stripe.
+    INSERT INTO meter_distinct_counts AS n
+        (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
+    SELECT tenant_id, meter_id, grain, bucket, group_values, pg_backend_pid(), count(*)
+    FROM distinct_values
+    GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (tenant_id, meter_id, grain, bucket, group_values, stripe) DO UPDATE
+        SET distinct_values = n.distinct_values + excluded.distinct_values
 ), readings AS (
     INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
     SELECT tenant_id, meter_id, group_values, event_time, event_id, value::numeric
@@ -131,13 +142,16 @@ METER_WRITES = """, gauge_values AS (
     ON CONFLICT DO NOTHING
 ), late_readings AS (
     -- A reading for an hour that the time-weighted cache may already hold (any hour before
-    -- the current one) marks that hour dirty; live readings write nothing here.
-    INSERT INTO meter_tw_dirty AS d (tenant_id, meter_id, group_values, hour, changes)
-    SELECT tenant_id, meter_id, group_values, date_trunc('hour', event_time, 'UTC'), count(*)
+    -- the current one) marks that hour dirty, in the writer's own stripe (migration 0053);
+    -- live readings write nothing here.
+    INSERT INTO meter_tw_dirty AS d (tenant_id, meter_id, group_values, hour, stripe, changes)
+    SELECT tenant_id, meter_id, group_values, date_trunc('hour', event_time, 'UTC'), pg_backend_pid(),
+           count(*)
     FROM contrib WHERE kind = 'r' AND event_time < date_trunc('hour', now(), 'UTC')
     GROUP BY 1, 2, 3, 4
     ORDER BY 1, 2, 3, 4
-    ON CONFLICT (tenant_id, meter_id, group_values, hour) DO UPDATE SET changes = d.changes + excluded.changes
+    ON CONFLICT (tenant_id, meter_id, group_values, hour, stripe) DO UPDATE
+        SET changes = d.changes + excluded.changes
 )"""
 METER_CTES = (
     ", "
