@@ -212,12 +212,20 @@ _BUCKETS = {"summary-total": 0, "summary-hour": 1, "summary-day": 2, "summary-mo
 
 
 async def query(
-    address: str, kind: str, tenant: str, start: int, end: int, count: int, meters: list[str] | None = None
+    address: str,
+    kind: str,
+    tenant: str,
+    start: int,
+    end: int,
+    count: int,
+    meters: list[str] | None = None,
+    fields: list[str] | None = None,
 ) -> dict[str, object]:
     """`count` sequential reads of `tenant`'s usage over [start, end) (seconds since the epoch).
 
     `kind` is a summary bucket ("summary-hour"...), "invoice" (GenerateInvoice) or "preview"
-    (PreviewInvoice of the open period). Returns the p50 and p99 latency and the response size.
+    (PreviewInvoice of the open period); a summary's `fields` are its read_mask. Returns
+    the p50 and p99 latency and the response size.
     """
     from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -257,6 +265,8 @@ async def query(
                 bucket=_BUCKETS[kind],  # type: ignore[arg-type]
                 meters=meters or [],
             )
+            if fields:
+                request.read_mask.paths.extend(fields)
         await call(request, metadata=METADATA)  # warm up
         _wait_for_go()
         latencies = []
@@ -307,6 +317,7 @@ def main() -> None:
     p.add_argument("--end", type=int, required=True)
     p.add_argument("--count", type=int, default=50)
     p.add_argument("--meters", default="", help="comma-separated meter names to report")
+    p.add_argument("--fields", default="", help="comma-separated read_mask paths of a summary (default: all)")
     args = parser.parse_args()
     global METADATA
     METADATA = (("authorization", f"Bearer {args.token}"),)
@@ -320,8 +331,9 @@ def main() -> None:
         result = asyncio.run(unary_rate(args.address, args.rate, args.duration))
     else:
         meters = [m for m in args.meters.split(",") if m]
+        fields = [f for f in args.fields.split(",") if f]
         result = asyncio.run(
-            query(args.address, args.kind, args.tenant, args.start, args.end, args.count, meters)
+            query(args.address, args.kind, args.tenant, args.start, args.end, args.count, meters, fields)
         )
     print(json.dumps(result), flush=True)
 

@@ -29,6 +29,7 @@ class FakeLedger:
     def __init__(self) -> None:
         self.events: dict[EventKey, tuple[str, str, Decimal, int]] = {}
         self.audited: list[AuditEntry] = []
+        self.reads = {"summarize": 0, "summarize_meters": 0}  # calls of each read
 
     async def record_new_keys(
         self,
@@ -54,6 +55,7 @@ class FakeLedger:
         self, tenant_ids: Sequence[str], start: datetime, end: datetime, bucket: TimeBucket, dimension: str
     ) -> list[UsageAggregate]:
         assert bucket == TimeBucket.NONE and not dimension, "the fake sums whole ranges only"
+        self.reads["summarize"] += 1
         totals: dict[tuple[str, str, str], tuple[Decimal, int]] = {}
         for (tenant, _), (service, usage_type, quantity, micros) in self.events.items():
             if tenant in tenant_ids and to_micros(start) <= micros < to_micros(end):
@@ -74,6 +76,7 @@ class FakeLedger:
         dimension: str,
     ) -> list[MeterValue]:
         assert not meters, "the fake has no meters"
+        self.reads["summarize_meters"] += 1
         return []
 
     async def tenants_with_usage(self, start: datetime, end: datetime, after: str, limit: int) -> list[str]:

@@ -163,6 +163,19 @@ def test_the_printed_next_steps_record_a_first_event(served: Served) -> None:
     )["summary"]
     rows = [(a["service"], a["usage_type"], a["quantity"]) for a in summary["aggregates"]]  # type: ignore[index]
     assert rows == [("analytics", "query", "1")]
+    # A partial response (AIP-157). grpcurl reads a FieldMask as an object of paths.
+    meters_only = served.call(
+        "tally.v1.UsageService/GetUsageSummary",
+        {
+            "name": "tenants/acme/usageSummary",
+            "start_time": start,
+            "end_time": hour(1),
+            "meters": ["meters/analytics-query"],
+            "read_mask": {"paths": ["meter_aggregates"]},
+        },
+    )["summary"]
+    sums = [{"meter": "meters/analytics-query", "aggregation": "METER_AGGREGATION_SUM", "value": "1"}]
+    assert meters_only == {"meter_aggregates": sums}  # nothing else: not even the name
 
 
 def test_describe_shows_the_proto_comments_and_annotations(served: Served) -> None:

@@ -7,12 +7,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditAction, AuditEvent
 from server.domain.decimals import MINOR_UNITS, format_money, format_price, format_quantity
-from server.domain.errors import InvalidArgument
+from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.events import RawEvent
 from server.domain.inputs import RateChange, SummaryQuery
 from server.domain.meters import Aggregation, Meter, MeterSpec, MeterState
@@ -86,14 +87,40 @@ def tenant_in(name: str, parse: Callable[[str], str]) -> str:
 def summary_query(
     request: usage_service_pb2.GetUsageSummaryRequest | usage_service_pb2.StreamUsageSummariesRequest,
 ) -> SummaryQuery:
-    """The query of a summary request, not yet validated (the service does, after authorization)."""
+    """The query of a summary request, not yet validated (the service does, after authorization).
+
+    Its read_mask is checked here (InvalidArgument): it names fields of the proto.
+    """
+    mask = summary_fields(request.read_mask)
+    fields = None if mask is None else {path.split(".")[0] for path in mask.paths}
     return SummaryQuery(
         optional_micros(request, "start_time"),
         optional_micros(request, "end_time"),
         bucket_name(request.bucket),
         request.group_by_dimension,
         tuple(request.meters),
+        with_aggregates=fields is None or "aggregates" in fields,
+        with_meter_values=fields is None or "meter_aggregates" in fields,
     )
+
+
+def summary_fields(mask: FieldMask) -> FieldMask | None:
+    """The summary fields a read_mask asks for (AIP-157), or None for every field.
+
+    Unset, empty and "*" mean every field; each other path must be a field of
+    UsageSummary (or a field inside one of its singular message fields).
+    """
+    paths = list(mask.paths)
+    if not paths or paths == ["*"]:
+        return None
+    violations = [
+        FieldViolation(f"read_mask.paths[{index}]", f"{path!r} is not a field of UsageSummary")
+        for index, path in enumerate(paths)
+        if not FieldMask(paths=[path]).IsValidForDescriptor(resources_pb2.UsageSummary.DESCRIPTOR)
+    ]
+    if violations:
+        raise InvalidArgument(violations)
+    return FieldMask(paths=paths)
 
 
 def rate_change(request: billing_service_pb2.SetRateRequest) -> RateChange:
@@ -369,6 +396,17 @@ def meter_message(meter: Meter) -> resources_pb2.Meter:
     if backfill.end_time is not None:
         message.backfill.end_time.CopyFrom(to_timestamp(backfill.end_time))
     return message
+
+
+def masked_summary_message(summary: UsageSummary, mask: FieldMask) -> resources_pb2.UsageSummary:
+    """A UsageSummary as its proto, only the fields of a read_mask (see summary_fields)."""
+    fields = summary_fields(mask)
+    message = summary_message(summary)
+    if fields is None:
+        return message
+    masked = resources_pb2.UsageSummary()
+    fields.MergeMessage(message, masked)
+    return masked
 
 
 def summary_message(summary: UsageSummary) -> resources_pb2.UsageSummary:

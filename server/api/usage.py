@@ -11,8 +11,8 @@ import grpc
 
 from server.api.calls import rpc
 from server.api.convert import (
+    masked_summary_message,
     raw_event,
-    summary_message,
     summary_query,
     tenant_in,
     to_timestamp,
@@ -163,7 +163,9 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         summary = await self._metering.summary(
             parse_usage_summary_name(request.name), summary_query(request), caller.principal
         )
-        return usage_service_pb2.GetUsageSummaryResponse(summary=summary_message(summary))
+        return usage_service_pb2.GetUsageSummaryResponse(
+            summary=masked_summary_message(summary, request.read_mask)
+        )
 
     @rpc(USAGE_READ)
     async def StreamUsageSummaries(
@@ -180,7 +182,9 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
             list(request.tenant_ids), summary_query(request), caller.principal
         )
         async for summary in summaries:
-            yield usage_service_pb2.StreamUsageSummariesResponse(summary=summary_message(summary))
+            yield usage_service_pb2.StreamUsageSummariesResponse(
+                summary=masked_summary_message(summary, request.read_mask)
+            )
 
     @rpc(BILLING_ADMIN, tenant=lambda request: request.tenant_id)
     async def CancelEvent(

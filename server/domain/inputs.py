@@ -32,6 +32,10 @@ class SummaryQuery:
     bucket: TimeBucket = TimeBucket.NONE
     group_by_dimension: str = ""  # "" for no grouping
     meters: tuple[str, ...] = ()  # resource names of the meters to summarise besides the usage types
+    # What to compute (a partial response, AIP-157): the usage types' aggregates, and the
+    # values of `meters` (which are checked either way).
+    with_aggregates: bool = True
+    with_meter_values: bool = True
 
     def validate(self) -> TimeRange:
         """The range the summary covers, or InvalidArgument naming every bad field."""

@@ -254,8 +254,12 @@ class Metering:
         start, end = _range_of(query)
         bucket, dimension = query.bucket, query.group_by_dimension
         meters = await self._meters.resolve(query.meters, dimension)
-        aggregates = await self._store.summarize([tenant_id], start, end, bucket, dimension)
-        values = await self._store.summarize_meters(meters, [tenant_id], start, end, bucket, dimension)
+        aggregates: Sequence[UsageAggregate] = ()
+        values: Sequence[MeterValue] = ()
+        if query.with_aggregates:
+            aggregates = await self._store.summarize([tenant_id], start, end, bucket, dimension)
+        if query.with_meter_values:
+            values = await self._store.summarize_meters(meters, [tenant_id], start, end, bucket, dimension)
         return UsageSummary(tenant_id, start, end, bucket, dimension, tuple(aggregates), tuple(values))
 
     async def summaries(
@@ -299,8 +303,12 @@ class Metering:
                 chunk = await self._store.tenants_with_usage(start, end, after, _TENANTS_PER_QUERY)
             if not chunk:
                 return
-            aggregates = await self._store.summarize(chunk, start, end, bucket, dimension)
-            values = await self._store.summarize_meters(meters, chunk, start, end, bucket, dimension)
+            aggregates: Sequence[UsageAggregate] = ()
+            values: Sequence[MeterValue] = ()
+            if query.with_aggregates:
+                aggregates = await self._store.summarize(chunk, start, end, bucket, dimension)
+            if query.with_meter_values:
+                values = await self._store.summarize_meters(meters, chunk, start, end, bucket, dimension)
             by_tenant: dict[str, list[UsageAggregate]] = {tenant: [] for tenant in chunk}
             for aggregate in aggregates:
                 by_tenant[aggregate.tenant_id].append(aggregate)

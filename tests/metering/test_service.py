@@ -139,6 +139,22 @@ async def test_a_summary_checks_the_caller_before_the_query() -> None:
         await service.summary("t1", bad_range, caller(frozenset({"t1"})).principal)
 
 
+async def test_a_summary_reads_only_the_parts_its_query_asks_for() -> None:
+    ledger = FakeLedger()
+    service = await metering(ledger)
+    await stream(service, caller(), Batch([event("t1", "a", "2.5")]))
+    await service.drain()
+    principal = caller().principal
+    whole = await service.summary("t1", SummaryQuery(NOW - MICROS_PER_HOUR, NOW), principal)
+    assert [a.quantity for a in whole.aggregates] == ["2.5"]
+    assert ledger.reads == {"summarize": 1, "summarize_meters": 1}
+    meters_only = SummaryQuery(NOW - MICROS_PER_HOUR, NOW, with_aggregates=False)
+    assert (await service.summary("t1", meters_only, principal)).aggregates == ()
+    usage_only = SummaryQuery(NOW - MICROS_PER_HOUR, NOW, with_meter_values=False)
+    assert [s.tenant_id async for s in service.summaries(["t1"], usage_only, principal)] == ["t1"]
+    assert ledger.reads == {"summarize": 2, "summarize_meters": 2}
+
+
 async def test_a_restricted_caller_listing_no_tenant_gets_its_own_tenants_with_usage() -> None:
     ledger = FakeLedger()
     service = await metering(ledger)

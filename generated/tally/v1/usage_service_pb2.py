@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tally.v1 import resources_pb2 as tally_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctally/v1/usage_service.proto\x12\x08tally.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"_\n\x12\x43\x61ncelEventRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"}\n\x13\x43\x61ncelEventResponse\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63\x61ncel_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"?\n\x12ReportUsageRequest\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tally.v1.UsageEventB\x04\xe2\x41\x01\x02\"v\n\x13ReportUsageResponse\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x07outcome\x18\x03 \x01(\x0e\x32\x17.tally.v1.ReportOutcomeB\x04\xe2\x41\x01\x03\"X\n\x12IngestUsageRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.tally.v1.UsageEventB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x62\x61\x63kfill\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\xe3\x01\n\x13IngestUsageResponse\x12\x19\n\x0b\x62\x61tch_count\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0erejected_count\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x32\n\nrejections\x18\x05 \x03(\x0b\x32\x18.tally.v1.EventRejectionB\x04\xe2\x41\x01\x03\x12\"\n\x14rejections_truncated\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03\"p\n\x12StreamUsageRequest\x12\x16\n\x08sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12*\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.tally.v1.UsageEventB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x62\x61\x63kfill\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\xbc\x01\n\x13StreamUsageResponse\x12\x16\n\x08sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0erejected_count\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x32\n\nrejections\x18\x05 \x03(\x0b\x32\x18.tally.v1.EventRejectionB\x04\xe2\x41\x01\x03\"\xa1\x02\n\x16GetUsageSummaryRequest\x12)\n\x04name\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\n\x12tally/UsageSummary\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12*\n\x06\x62ucket\x18\x04 \x01(\x0e\x32\x14.tally.v1.TimeBucketB\x04\xe2\x41\x01\x01\x12 \n\x12group_by_dimension\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12$\n\x06meters\x18\x06 \x03(\tB\x14\xe2\x41\x01\x01\xfa\x41\r\n\x0btally/Meter\"H\n\x17GetUsageSummaryResponse\x12-\n\x07summary\x18\x01 \x01(\x0b\x32\x16.tally.v1.UsageSummaryB\x04\xe2\x41\x01\x03\"\x95\x02\n\x1bStreamUsageSummariesRequest\x12\x18\n\ntenant_ids\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12*\n\x06\x62ucket\x18\x04 \x01(\x0e\x32\x14.tally.v1.TimeBucketB\x04\xe2\x41\x01\x01\x12 \n\x12group_by_dimension\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12$\n\x06meters\x18\x06 \x03(\tB\x14\xe2\x41\x01\x01\xfa\x41\r\n\x0btally/Meter\"M\n\x1cStreamUsageSummariesResponse\x12-\n\x07summary\x18\x01 \x01(\x0b\x32\x16.tally.v1.UsageSummaryB\x04\xe2\x41\x01\x03*j\n\rReportOutcome\x12\x1e\n\x1aREPORT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPORT_OUTCOME_RECORDED\x10\x01\x12\x1c\n\x18REPORT_OUTCOME_DUPLICATE\x10\x02\x32\x85\x04\n\x0cUsageService\x12J\n\x0bReportUsage\x12\x1c.tally.v1.ReportUsageRequest\x1a\x1d.tally.v1.ReportUsageResponse\x12L\n\x0bIngestUsage\x12\x1c.tally.v1.IngestUsageRequest\x1a\x1d.tally.v1.IngestUsageResponse(\x01\x12N\n\x0bStreamUsage\x12\x1c.tally.v1.StreamUsageRequest\x1a\x1d.tally.v1.StreamUsageResponse(\x01\x30\x01\x12V\n\x0fGetUsageSummary\x12 .tally.v1.GetUsageSummaryRequest\x1a!.tally.v1.GetUsageSummaryResponse\x12g\n\x14StreamUsageSummaries\x12%.tally.v1.StreamUsageSummariesRequest\x1a&.tally.v1.StreamUsageSummariesResponse0\x01\x12J\n\x0b\x43\x61ncelEvent\x12\x1c.tally.v1.CancelEventRequest\x1a\x1d.tally.v1.CancelEventResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctally/v1/usage_service.proto\x12\x08tally.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tally/v1/resources.proto\"_\n\x12\x43\x61ncelEventRequest\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"}\n\x13\x43\x61ncelEventResponse\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63\x61ncel_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"?\n\x12ReportUsageRequest\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tally.v1.UsageEventB\x04\xe2\x41\x01\x02\"v\n\x13ReportUsageResponse\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12.\n\x07outcome\x18\x03 \x01(\x0e\x32\x17.tally.v1.ReportOutcomeB\x04\xe2\x41\x01\x03\"X\n\x12IngestUsageRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.tally.v1.UsageEventB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x62\x61\x63kfill\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\xe3\x01\n\x13IngestUsageResponse\x12\x19\n\x0b\x62\x61tch_count\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0erejected_count\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x32\n\nrejections\x18\x05 \x03(\x0b\x32\x18.tally.v1.EventRejectionB\x04\xe2\x41\x01\x03\x12\"\n\x14rejections_truncated\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03\"p\n\x12StreamUsageRequest\x12\x16\n\x08sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12*\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.tally.v1.UsageEventB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x62\x61\x63kfill\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\xbc\x01\n\x13StreamUsageResponse\x12\x16\n\x08sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0erejected_count\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x32\n\nrejections\x18\x05 \x03(\x0b\x32\x18.tally.v1.EventRejectionB\x04\xe2\x41\x01\x03\"\xd6\x02\n\x16GetUsageSummaryRequest\x12)\n\x04name\x18\x01 \x01(\tB\x1b\xe2\x41\x01\x02\xfa\x41\x14\n\x12tally/UsageSummary\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12*\n\x06\x62ucket\x18\x04 \x01(\x0e\x32\x14.tally.v1.TimeBucketB\x04\xe2\x41\x01\x01\x12 \n\x12group_by_dimension\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12$\n\x06meters\x18\x06 \x03(\tB\x14\xe2\x41\x01\x01\xfa\x41\r\n\x0btally/Meter\x12\x33\n\tread_mask\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01\"H\n\x17GetUsageSummaryResponse\x12-\n\x07summary\x18\x01 \x01(\x0b\x32\x16.tally.v1.UsageSummaryB\x04\xe2\x41\x01\x03\"\xca\x02\n\x1bStreamUsageSummariesRequest\x12\x18\n\ntenant_ids\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12*\n\x06\x62ucket\x18\x04 \x01(\x0e\x32\x14.tally.v1.TimeBucketB\x04\xe2\x41\x01\x01\x12 \n\x12group_by_dimension\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12$\n\x06meters\x18\x06 \x03(\tB\x14\xe2\x41\x01\x01\xfa\x41\r\n\x0btally/Meter\x12\x33\n\tread_mask\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01\"M\n\x1cStreamUsageSummariesResponse\x12-\n\x07summary\x18\x01 \x01(\x0b\x32\x16.tally.v1.UsageSummaryB\x04\xe2\x41\x01\x03*j\n\rReportOutcome\x12\x1e\n\x1aREPORT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPORT_OUTCOME_RECORDED\x10\x01\x12\x1c\n\x18REPORT_OUTCOME_DUPLICATE\x10\x02\x32\x85\x04\n\x0cUsageService\x12J\n\x0bReportUsage\x12\x1c.tally.v1.ReportUsageRequest\x1a\x1d.tally.v1.ReportUsageResponse\x12L\n\x0bIngestUsage\x12\x1c.tally.v1.IngestUsageRequest\x1a\x1d.tally.v1.IngestUsageResponse(\x01\x12N\n\x0bStreamUsage\x12\x1c.tally.v1.StreamUsageRequest\x1a\x1d.tally.v1.StreamUsageResponse(\x01\x30\x01\x12V\n\x0fGetUsageSummary\x12 .tally.v1.GetUsageSummaryRequest\x1a!.tally.v1.GetUsageSummaryResponse\x12g\n\x14StreamUsageSummaries\x12%.tally.v1.StreamUsageSummariesRequest\x1a&.tally.v1.StreamUsageSummariesResponse0\x01\x12J\n\x0b\x43\x61ncelEvent\x12\x1c.tally.v1.CancelEventRequest\x1a\x1d.tally.v1.CancelEventResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -99,6 +100,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['group_by_dimension']._serialized_options = b'\342A\001\001'
   _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['meters']._loaded_options = None
   _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['meters']._serialized_options = b'\342A\001\001\372A\r\n\013tally/Meter'
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['read_mask']._loaded_options = None
+  _globals['_GETUSAGESUMMARYREQUEST'].fields_by_name['read_mask']._serialized_options = b'\342A\001\001'
   _globals['_GETUSAGESUMMARYRESPONSE'].fields_by_name['summary']._loaded_options = None
   _globals['_GETUSAGESUMMARYRESPONSE'].fields_by_name['summary']._serialized_options = b'\342A\001\003'
   _globals['_STREAMUSAGESUMMARIESREQUEST'].fields_by_name['tenant_ids']._loaded_options = None
@@ -113,34 +116,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMUSAGESUMMARIESREQUEST'].fields_by_name['group_by_dimension']._serialized_options = b'\342A\001\001'
   _globals['_STREAMUSAGESUMMARIESREQUEST'].fields_by_name['meters']._loaded_options = None
   _globals['_STREAMUSAGESUMMARIESREQUEST'].fields_by_name['meters']._serialized_options = b'\342A\001\001\372A\r\n\013tally/Meter'
+  _globals['_STREAMUSAGESUMMARIESREQUEST'].fields_by_name['read_mask']._loaded_options = None
+  _globals['_STREAMUSAGESUMMARIESREQUEST'].fields_by_name['read_mask']._serialized_options = b'\342A\001\001'
   _globals['_STREAMUSAGESUMMARIESRESPONSE'].fields_by_name['summary']._loaded_options = None
   _globals['_STREAMUSAGESUMMARIESRESPONSE'].fields_by_name['summary']._serialized_options = b'\342A\001\003'
-  _globals['_REPORTOUTCOME']._serialized_start=1920
-  _globals['_REPORTOUTCOME']._serialized_end=2026
-  _globals['_CANCELEVENTREQUEST']._serialized_start=161
-  _globals['_CANCELEVENTREQUEST']._serialized_end=256
-  _globals['_CANCELEVENTRESPONSE']._serialized_start=258
-  _globals['_CANCELEVENTRESPONSE']._serialized_end=383
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=385
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=448
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=450
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=568
-  _globals['_INGESTUSAGEREQUEST']._serialized_start=570
-  _globals['_INGESTUSAGEREQUEST']._serialized_end=658
-  _globals['_INGESTUSAGERESPONSE']._serialized_start=661
-  _globals['_INGESTUSAGERESPONSE']._serialized_end=888
-  _globals['_STREAMUSAGEREQUEST']._serialized_start=890
-  _globals['_STREAMUSAGEREQUEST']._serialized_end=1002
-  _globals['_STREAMUSAGERESPONSE']._serialized_start=1005
-  _globals['_STREAMUSAGERESPONSE']._serialized_end=1193
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=1196
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=1485
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=1487
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=1559
-  _globals['_STREAMUSAGESUMMARIESREQUEST']._serialized_start=1562
-  _globals['_STREAMUSAGESUMMARIESREQUEST']._serialized_end=1839
-  _globals['_STREAMUSAGESUMMARIESRESPONSE']._serialized_start=1841
-  _globals['_STREAMUSAGESUMMARIESRESPONSE']._serialized_end=1918
-  _globals['_USAGESERVICE']._serialized_start=2029
-  _globals['_USAGESERVICE']._serialized_end=2546
+  _globals['_REPORTOUTCOME']._serialized_start=2060
+  _globals['_REPORTOUTCOME']._serialized_end=2166
+  _globals['_CANCELEVENTREQUEST']._serialized_start=195
+  _globals['_CANCELEVENTREQUEST']._serialized_end=290
+  _globals['_CANCELEVENTRESPONSE']._serialized_start=292
+  _globals['_CANCELEVENTRESPONSE']._serialized_end=417
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=419
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=482
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=484
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=602
+  _globals['_INGESTUSAGEREQUEST']._serialized_start=604
+  _globals['_INGESTUSAGEREQUEST']._serialized_end=692
+  _globals['_INGESTUSAGERESPONSE']._serialized_start=695
+  _globals['_INGESTUSAGERESPONSE']._serialized_end=922
+  _globals['_STREAMUSAGEREQUEST']._serialized_start=924
+  _globals['_STREAMUSAGEREQUEST']._serialized_end=1036
+  _globals['_STREAMUSAGERESPONSE']._serialized_start=1039
+  _globals['_STREAMUSAGERESPONSE']._serialized_end=1227
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=1230
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=1572
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=1574
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=1646
+  _globals['_STREAMUSAGESUMMARIESREQUEST']._serialized_start=1649
+  _globals['_STREAMUSAGESUMMARIESREQUEST']._serialized_end=1979
+  _globals['_STREAMUSAGESUMMARIESRESPONSE']._serialized_start=1981
+  _globals['_STREAMUSAGESUMMARIESRESPONSE']._serialized_end=2058
+  _globals['_USAGESERVICE']._serialized_start=2169
+  _globals['_USAGESERVICE']._serialized_end=2686
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -337,6 +338,7 @@ class GetUsageSummaryRequest(_message.Message):
     BUCKET_FIELD_NUMBER: _builtins.int
     GROUP_BY_DIMENSION_FIELD_NUMBER: _builtins.int
     METERS_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The summary to compute: "tenants/{tenant}/usageSummary"."""
     bucket: _resources_pb2.TimeBucket.ValueType
@@ -363,6 +365,15 @@ class GetUsageSummaryRequest(_message.Message):
         otherwise); an unknown meter is NOT_FOUND (METER_NOT_FOUND).
         """
 
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields of the UsageSummary to return (AIP-157), e.g. "meter_aggregates"
+        for the meters' values alone; unset or "*" returns every field. Only what the
+        mask names is computed: without "aggregates", the usage types' rollups are not
+        read; without "meter_aggregates", the meters named are checked but not read.
+        A path that is not a field of UsageSummary is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -372,10 +383,11 @@ class GetUsageSummaryRequest(_message.Message):
         bucket: _resources_pb2.TimeBucket.ValueType = ...,
         group_by_dimension: _builtins.str = ...,
         meters: _abc.Iterable[_builtins.str] | None = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "read_mask", b"read_mask", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "meters", b"meters", "name", b"name", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "meters", b"meters", "name", b"name", "read_mask", b"read_mask", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,6 +429,7 @@ class StreamUsageSummariesRequest(_message.Message):
     BUCKET_FIELD_NUMBER: _builtins.int
     GROUP_BY_DIMENSION_FIELD_NUMBER: _builtins.int
     METERS_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     bucket: _resources_pb2.TimeBucket.ValueType
     """Time grouping; unspecified means one aggregate per usage type."""
     group_by_dimension: _builtins.str
@@ -441,6 +454,12 @@ class StreamUsageSummariesRequest(_message.Message):
         GetUsageSummaryRequest.meters.
         """
 
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields of each UsageSummary to return, as in
+        GetUsageSummaryRequest.read_mask.
+        """
+
     def __init__(
         self,
         *,
@@ -450,10 +469,11 @@ class StreamUsageSummariesRequest(_message.Message):
         bucket: _resources_pb2.TimeBucket.ValueType = ...,
         group_by_dimension: _builtins.str = ...,
         meters: _abc.Iterable[_builtins.str] | None = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "read_mask", b"read_mask", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "meters", b"meters", "start_time", b"start_time", "tenant_ids", b"tenant_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "end_time", b"end_time", "group_by_dimension", b"group_by_dimension", "meters", b"meters", "read_mask", b"read_mask", "start_time", b"start_time", "tenant_ids", b"tenant_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -191,12 +191,17 @@ class AsyncTallyClient:
         bucket: TimeBucket | None = None,
         group_by_dimension: str = "",
         meters: Sequence[str] = (),
+        fields: Sequence[str] | None = None,
     ) -> UsageSummary:
         """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type.
 
         Also the value of each meter named in `meters` (ids or "meters/{meter}", at most 20).
+        `fields` (None: all) names the parts to compute and return, e.g. ["meter_aggregates"]
+        for the meters' values alone (the usage types' aggregates are then not read).
         """
-        request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension, meters)
+        request = convert.summary_request(
+            tenant_id, start_time, end_time, bucket, group_by_dimension, meters, fields
+        )
         response = await self._call(self._usage.GetUsageSummary, request)
         return convert.usage_summary(response.summary)
 
@@ -209,13 +214,15 @@ class AsyncTallyClient:
         bucket: TimeBucket | None = None,
         group_by_dimension: str = "",
         meters: Sequence[str] = (),
+        fields: Sequence[str] | None = None,
     ) -> AsyncIterator[UsageSummary]:
         """One summary per tenant (the listed ones, or every tenant with usage), in tenant_id order.
 
-        Each also has the value of each meter named in `meters` (ids or "meters/{meter}", at most 20).
+        Each also has the value of each meter named in `meters` (ids or "meters/{meter}", at most 20);
+        `fields` as in get_usage_summary.
         """
         request = convert.summaries_request(
-            tenant_ids, start_time, end_time, bucket, group_by_dimension, meters
+            tenant_ids, start_time, end_time, bucket, group_by_dimension, meters, fields
         )
         call = self._usage.StreamUsageSummaries(request, metadata=await self._metadata(new_request_id()))
         async for response in self._stream(call):

@@ -186,12 +186,17 @@ class TallyClient:
         bucket: TimeBucket | None = None,
         group_by_dimension: str = "",
         meters: Sequence[str] = (),
+        fields: Sequence[str] | None = None,
     ) -> UsageSummary:
         """A tenant's usage over [start_time, end_time) (whole UTC hours), per usage type.
 
         Also the value of each meter named in `meters` (ids or "meters/{meter}", at most 20).
+        `fields` (None: all) names the parts to compute and return, e.g. ["meter_aggregates"]
+        for the meters' values alone (the usage types' aggregates are then not read).
         """
-        request = convert.summary_request(tenant_id, start_time, end_time, bucket, group_by_dimension, meters)
+        request = convert.summary_request(
+            tenant_id, start_time, end_time, bucket, group_by_dimension, meters, fields
+        )
         return convert.usage_summary(self._call(self._usage.GetUsageSummary, request).summary)
 
     def stream_usage_summaries(
@@ -203,13 +208,15 @@ class TallyClient:
         bucket: TimeBucket | None = None,
         group_by_dimension: str = "",
         meters: Sequence[str] = (),
+        fields: Sequence[str] | None = None,
     ) -> Iterator[UsageSummary]:
         """One summary per tenant (the listed ones, or every tenant with usage), in tenant_id order.
 
-        Each also has the value of each meter named in `meters` (ids or "meters/{meter}", at most 20).
+        Each also has the value of each meter named in `meters` (ids or "meters/{meter}", at most 20);
+        `fields` as in get_usage_summary.
         """
         request = convert.summaries_request(
-            tenant_ids, start_time, end_time, bucket, group_by_dimension, meters
+            tenant_ids, start_time, end_time, bucket, group_by_dimension, meters, fields
         )
         call = self._usage.StreamUsageSummaries(request, metadata=self._metadata(new_request_id()))
         for response in self._stream(call):

@@ -357,9 +357,13 @@ def summary_request(
     bucket: TimeBucket | None,
     group_by_dimension: str,
     meters: Sequence[str] = (),
+    fields: Sequence[str] | None = None,
 ) -> usage_service_pb2.GetUsageSummaryRequest:
-    """The GetUsageSummary request; meters may be given by id or by name ("meters/{meter}")."""
-    return usage_service_pb2.GetUsageSummaryRequest(
+    """The GetUsageSummary request; meters may be given by id or by name ("meters/{meter}").
+
+    `fields` (None: all) become its read_mask: e.g. ["meter_aggregates"] for meter values alone.
+    """
+    request = usage_service_pb2.GetUsageSummaryRequest(
         name=usage_summary_name(tenant_id),
         start_time=timestamp(start_time, "start_time"),
         end_time=timestamp(end_time, "end_time"),
@@ -367,6 +371,9 @@ def summary_request(
         group_by_dimension=group_by_dimension,
         meters=[meter_name(meter) for meter in meters],
     )
+    if fields is not None:
+        request.read_mask.paths.extend(fields)
+    return request
 
 
 def summaries_request(
@@ -376,9 +383,10 @@ def summaries_request(
     bucket: TimeBucket | None,
     group_by_dimension: str,
     meters: Sequence[str] = (),
+    fields: Sequence[str] | None = None,
 ) -> usage_service_pb2.StreamUsageSummariesRequest:
-    """The StreamUsageSummaries request for several tenants over one period; meters as in summary_request."""
-    return usage_service_pb2.StreamUsageSummariesRequest(
+    """The StreamUsageSummaries request for several tenants over one period; as in summary_request."""
+    request = usage_service_pb2.StreamUsageSummariesRequest(
         tenant_ids=list(tenant_ids),
         start_time=timestamp(start_time, "start_time"),
         end_time=timestamp(end_time, "end_time"),
@@ -386,6 +394,9 @@ def summaries_request(
         group_by_dimension=group_by_dimension,
         meters=[meter_name(meter) for meter in meters],
     )
+    if fields is not None:
+        request.read_mask.paths.extend(fields)
+    return request
 
 
 def list_rates_request(
