@@ -11,6 +11,8 @@ first; the medians and their ratio are printed (issue 13: telemetry on within 5%
 Beside each rate, the server's CPU time per event (ingestion) or per call (unary), in µs:
 the cost itself, which moves less than a rate when other jobs share the machine's cores
 (a rate falls with any contention; CPU time per unit only with cache and frequency effects).
+And the median of the rounds' own ratios: the two runs of a round are next to each other
+in time, so their ratio is free of the machine's drift from one round to the next.
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ def main() -> None:
         print(
             f"{scenario} server cpu per unit: baseline {base_cost:.1f} µs, candidate {cost:.1f} µs, "
             f"ratio {cost / base_cost:.3f}"
+        )
+        # Paired: each round's two runs are next to each other in time, so their ratio is
+        # free of the machine's drift between rounds (its speed moves by 30% within minutes).
+        paired = [
+            c / b for c, b in zip(results["candidate"][scenario], results["baseline"][scenario], strict=True)
+        ]
+        print(
+            f"{scenario} per-round ratios {', '.join(f'{r:.3f}' for r in paired)}; "
+            f"median {statistics.median(paired):.3f}"
         )
 
 
