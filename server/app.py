@@ -74,6 +74,7 @@ from server.storage.invoices import InvoiceStore
 from server.storage.meter_backfill import MeterBackfiller
 from server.storage.meters import MeterStore
 from server.storage.migrations import migrate
+from server.storage.plan_book import PlanStore
 from server.storage.rates import RateStore
 from server.storage.shared_keys import PAGE_TOKEN_KEY, shared_key
 from server.storage.shared_limits import SharedLimitStore
@@ -374,7 +375,7 @@ class TallyServer:
             Collection(live=stripe_key is not None),
         )
         grace = timedelta(seconds=config.period_close_grace_seconds)
-        plans = Plans(invoices, rate_store, page_tokens, self.wall_clock, billing.currency, grace)
+        plans = Plans(PlanStore(invoices), rate_store, page_tokens, self.wall_clock, billing.currency, grace)
         self.periods = Periods(invoices, pricer, lifecycle, self.wall_clock, grace)
         self.payments = payments = PaymentLedger(
             invoices, lifecycle, dunning, OutboxRetryJobs(), self.wall_clock

@@ -12,8 +12,9 @@ from typing import TypeVar, cast
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditEntry, AuditEvent
 from server.domain.events import EventColumns, EventKey
-from server.domain.meters import Contributions, Meter, MeterSpec
+from server.domain.meters import Contributions, Meter, MeterSpec, MeterState
 from server.domain.models import Invoice, InvoiceStatus, MeterValue, Rate, UsageAggregate
+from server.domain.plans import BillingProfile, Plan, PlanAssignment, PlanCharge, PlanVersion
 from server.domain.requests import Once, Replayed, RequestKey
 from server.domain.stores import AuditHook
 from server.domain.timeutil import to_micros
@@ -243,5 +244,139 @@ class FakeInvoices:
 
     async def run_in_tenant_transaction(
         self, tenant_id: str, work: Callable[[InvoiceTransaction], Awaitable[T]]
+    ) -> T:
+        return await self._run(f"tenant {tenant_id}", work)
+
+
+@dataclasses.dataclass
+class PlanState:
+    """FakePlans' tables: plans and their versions, profiles, plan assignments, billed invoices."""
+
+    plans: dict[str, Plan] = dataclasses.field(default_factory=dict)
+    profiles: dict[str, BillingProfile] = dataclasses.field(default_factory=dict)
+    assignments: dict[str, list[PlanAssignment]] = dataclasses.field(default_factory=dict)
+    # A finalized invoice: (its name, tenant, plan ids it billed, period end).
+    billed: list[tuple[str, str, tuple[str, ...], datetime]] = dataclasses.field(default_factory=list)
+    meters: dict[str, MeterState] = dataclasses.field(default_factory=dict)
+    audited: list[AuditEntry] = dataclasses.field(default_factory=list)
+    requests: dict[tuple[str, str, str], tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
+
+
+class FakePlanTransaction:
+    """A PlanTransaction on FakePlans' state, with storage's semantics (profiles carry the latest plan)."""
+
+    def __init__(self, state: PlanState, now: datetime) -> None:
+        self._state = state
+        self._now = now
+
+    async def claim(self, key: RequestKey) -> bytes | None:
+        stored = self._state.requests.get(_request(key))
+        if stored is None:
+            self._state.requests[_request(key)] = (key.fingerprint, b"")
+            return None
+        if stored[0] != key.fingerprint:
+            raise key.reused()
+        return stored[1]
+
+    async def complete(self, key: RequestKey, response: bytes) -> None:
+        self._state.requests[_request(key)] = (key.fingerprint, response)
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        self._state.audited.append(entry)
+
+    async def get_plan(self, plan_id: str) -> Plan | None:
+        return self._state.plans.get(plan_id)
+
+    async def lock_plan(self, plan_id: str) -> Plan | None:
+        return self._state.plans.get(plan_id)
+
+    async def plans(self, after: str, limit: int) -> list[Plan]:
+        return [self._state.plans[key] for key in sorted(self._state.plans) if key > after][:limit]
+
+    async def insert_plan(self, plan_id: str, display_name: str, currency: str) -> bool:
+        if plan_id in self._state.plans:
+            return False
+        self._state.plans[plan_id] = Plan(plan_id, display_name, currency, self._now, ())
+        return True
+
+    async def insert_version(
+        self, plan_id: str, version: int, effective: datetime, charges: Sequence[PlanCharge], minimum: Decimal
+    ) -> PlanVersion:
+        stored = PlanVersion(plan_id, version, effective, tuple(charges), minimum, self._now)
+        plan = self._state.plans[plan_id]
+        self._state.plans[plan_id] = dataclasses.replace(plan, versions=(*plan.versions, stored))
+        return stored
+
+    async def billed_after(self, plan_id: str, at: datetime) -> str | None:
+        return next(
+            (name for name, _, plans, end in self._state.billed if plan_id in plans and end > at), None
+        )
+
+    async def tenant_billed_after(self, tenant_id: str, at: datetime) -> str | None:
+        return next(
+            (name for name, tenant, _, end in self._state.billed if tenant == tenant_id and end > at), None
+        )
+
+    async def profile(
+        self, tenant_id: str, *, lock: bool = False
+    ) -> tuple[BillingProfile, list[PlanAssignment]] | None:
+        found = self._state.profiles.get(tenant_id)
+        if found is None:
+            return None
+        history = sorted(self._state.assignments.get(tenant_id, []), key=lambda a: a.effective_from)
+        return dataclasses.replace(found, plan_id=history[-1].plan_id), history
+
+    async def save_profile(self, profile: BillingProfile, next_close_time: datetime) -> None:
+        before = self._state.profiles.get(profile.tenant_id)
+        if before is None:  # billing_start, anchor and closed_until are fixed at creation
+            saved = dataclasses.replace(
+                profile, closed_until=profile.billing_start, next_close_time=next_close_time
+            )
+        else:
+            saved = dataclasses.replace(
+                before,
+                display_name=profile.display_name,
+                email=profile.email,
+                currency=profile.currency,
+                tax_percentage=profile.tax_percentage,
+                spend_threshold=profile.spend_threshold,
+                overrides=profile.overrides,
+                update_time=self._now,
+            )
+        self._state.profiles[profile.tenant_id] = saved
+
+    async def assign_plan(self, tenant_id: str, effective_from: datetime, plan_id: str) -> None:
+        kept = [a for a in self._state.assignments.get(tenant_id, []) if a.effective_from < effective_from]
+        self._state.assignments[tenant_id] = [*kept, PlanAssignment(effective_from, plan_id)]
+
+    async def meter_states(self, meter_ids: Sequence[str]) -> dict[str, MeterState]:
+        return {m: self._state.meters[m] for m in meter_ids if m in self._state.meters}
+
+
+class FakePlans:
+    """Transactions[PlanTransaction] in memory: `work` runs once; what it changed is undone if it raises."""
+
+    def __init__(self, now: datetime) -> None:
+        self.state = PlanState()
+        self.units: list[str] = []
+        self._now = now
+
+    async def _run(self, kind: str, work: Callable[[FakePlanTransaction], Awaitable[T]]) -> T:
+        self.units.append(kind)
+        saved = copy.deepcopy(self.state)
+        try:
+            return await work(FakePlanTransaction(self.state, self._now))
+        except BaseException:
+            self.state = saved  # rolled back whole
+            raise
+
+    async def run_read(self, work: Callable[[FakePlanTransaction], Awaitable[T]]) -> T:
+        return await self._run("read", work)
+
+    async def run_in_transaction(self, work: Callable[[FakePlanTransaction], Awaitable[T]]) -> T:
+        return await self._run("transaction", work)
+
+    async def run_in_tenant_transaction(
+        self, tenant_id: str, work: Callable[[FakePlanTransaction], Awaitable[T]]
     ) -> T:
         return await self._run(f"tenant {tenant_id}", work)

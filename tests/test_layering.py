@@ -104,3 +104,15 @@ def test_the_walk_sees_the_imports_it_judges(package: str, module: str, imported
     """A walk that found nothing would pass the tests above without checking anything."""
     modules = imports_of(package)
     assert len(modules) > 5 and imported in modules[module]
+
+
+# Use cases that see storage only through the Protocols of server.domain.stores, so that
+# their unit tests run against in-memory fakes (tests/memory_stores.py).
+BEHIND_PROTOCOLS = ["server.billing.plans", "server.metering.service"]
+
+
+@pytest.mark.parametrize("module", BEHIND_PROTOCOLS)
+def test_use_cases_behind_protocols_import_no_storage(module: str) -> None:
+    package = module.split(".")[1]
+    names = imports_of(package)[module]
+    assert sorted(name for name in names if name.startswith(("server.storage", "asyncpg"))) == []

@@ -54,11 +54,8 @@ from server.domain.plans import (
     meter_ids_of,
 )
 from server.domain.requests import Once, Replayed
+from server.domain.stores import PlanTransaction, RateBook, Transactions
 from server.domain.timeutil import EPOCH, MICROS_PER_HOUR, is_whole_hour, next_hour, to_datetime
-from server.storage import meters as meter_store
-from server.storage import plans as plan_store
-from server.storage.invoices import InvoiceStore, InvoiceTransaction
-from server.storage.rates import RateStore
 
 MAX_EMAIL_CHARS = 254
 
@@ -140,14 +137,14 @@ class Plans:
 
     def __init__(
         self,
-        invoices: InvoiceStore,
-        rates: RateStore,
+        plans: Transactions[PlanTransaction],
+        rates: RateBook,
         page_tokens: PageTokens,
         now_micros: Callable[[], int],
         default_currency: str,
         grace: timedelta,
     ) -> None:
-        self._invoices = invoices
+        self._plans = plans
         self._rates = rates
         self._page_tokens = page_tokens
         self._now_micros = now_micros
@@ -178,10 +175,10 @@ class Plans:
         if check_plan_id(plan_id):
             raise plan_not_found(plan_id)
 
-        async def work(tx: InvoiceTransaction) -> Plan | None:
-            return await plan_store.get_plan(tx.connection, plan_id)
+        async def work(tx: PlanTransaction) -> Plan | None:
+            return await tx.get_plan(plan_id)
 
-        plan = await self._invoices.run_read(work)
+        plan = await self._plans.run_read(work)
         if plan is None:
             raise plan_not_found(plan_id)
         return plan
@@ -195,10 +192,10 @@ class Plans:
         if not last:
             items.append(await self.default_plan())
 
-        async def work(tx: InvoiceTransaction) -> list[Plan]:
-            return await plan_store.plans(tx.connection, after, limit + 1 - len(items))
+        async def work(tx: PlanTransaction) -> list[Plan]:
+            return await tx.plans(after, limit + 1 - len(items))
 
-        items += await self._invoices.run_read(work)
+        items += await self._plans.run_read(work)
         next_token = ""
         if len(items) > limit:
             items = items[:limit]
@@ -244,19 +241,18 @@ class Plans:
             effective_micros, "effective_time", self._now_micros() // MICROS_PER_HOUR * MICROS_PER_HOUR
         )
 
-        async def work(tx: InvoiceTransaction) -> Plan | Replayed:
+        async def work(tx: PlanTransaction) -> Plan | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
-            conn = tx.connection
-            check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
-            if not await plan_store.insert_plan(conn, plan_id, display_name, currency):
+            check_meter_refs(charges, await tx.meter_states(meter_ids_of(charges)))
+            if not await tx.insert_plan(plan_id, display_name, currency):
                 raise AlreadyExists(
                     f"plan {plan_id!r} exists already",
                     reason=ErrorReason.PLAN_EXISTS,
                     metadata={"plan": plan_name(plan_id)},
                 )
-            version = await plan_store.insert_version(conn, plan_id, 1, effective, charges, minimum_value)
-            plan = await plan_store.lock_plan(conn, plan_id)
+            version = await tx.insert_version(plan_id, 1, effective, charges, minimum_value)
+            plan = await tx.lock_plan(plan_id)
             assert plan is not None
             await tx.append_audit(
                 AuditEntry(
@@ -277,7 +273,7 @@ class Plans:
                 await tx.complete(once.key, once.encode(plan))
             return plan
 
-        return await self._invoices.run_in_transaction(work)
+        return await self._plans.run_in_transaction(work)
 
     async def create_version(
         self,
@@ -301,27 +297,24 @@ class Plans:
             )
         effective = _hour(effective_micros, "effective_time", next_hour(self._now_micros()))
 
-        async def work(tx: InvoiceTransaction) -> Plan | Replayed:
+        async def work(tx: PlanTransaction) -> Plan | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
-            conn = tx.connection
-            plan = await plan_store.lock_plan(conn, plan_id) if not check_plan_id(plan_id) else None
+            plan = await tx.lock_plan(plan_id) if not check_plan_id(plan_id) else None
             if plan is None:
                 raise plan_not_found(plan_id)
             minimum_value = self._terms(plan.currency, charges, minimum)
-            check_meter_refs(charges, await meter_store.states(conn, meter_ids_of(charges)))
+            check_meter_refs(charges, await tx.meter_states(meter_ids_of(charges)))
             latest = plan.versions[-1]
             if effective <= latest.effective_from:
                 raise InvalidArgument.single(
                     "effective_time",
                     f"must be after the latest version's ({latest.effective_from.isoformat()})",
                 )
-            if billed := await plan_store.billed_after(conn, plan_id, effective):
+            if billed := await tx.billed_after(plan_id, effective):
                 raise period_finalized(billed)
-            version = await plan_store.insert_version(
-                conn, plan_id, latest.version + 1, effective, charges, minimum_value
-            )
-            updated = await plan_store.lock_plan(conn, plan_id)
+            version = await tx.insert_version(plan_id, latest.version + 1, effective, charges, minimum_value)
+            updated = await tx.lock_plan(plan_id)
             assert updated is not None
             await tx.append_audit(
                 AuditEntry(
@@ -338,7 +331,7 @@ class Plans:
                 await tx.complete(once.key, once.encode(updated))
             return updated
 
-        return await self._invoices.run_in_transaction(work)
+        return await self._plans.run_in_transaction(work)
 
     # --- billing profiles ----------------------------------------------------------
 
@@ -348,11 +341,11 @@ class Plans:
             raise InvalidArgument.single("name", problem)
         principal.require_tenant(tenant_id)
 
-        async def work(tx: InvoiceTransaction) -> BillingProfile | None:
-            found = await plan_store.profile(tx.connection, tenant_id)
+        async def work(tx: PlanTransaction) -> BillingProfile | None:
+            found = await tx.profile(tenant_id)
             return None if found is None else found[0]
 
-        profile = await self._invoices.run_read(work)
+        profile = await self._plans.run_read(work)
         if profile is None:
             raise NotFound("the tenant has no billing profile", reason=ErrorReason.BILLING_PROFILE_NOT_FOUND)
         return profile
@@ -419,15 +412,14 @@ class Plans:
             given.billing_start_micros, f"{field}billing_start_time", now // MICROS_PER_HOUR * MICROS_PER_HOUR
         )
 
-        async def work(tx: InvoiceTransaction) -> BillingProfile | Replayed:
+        async def work(tx: PlanTransaction) -> BillingProfile | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
-            conn = tx.connection
             charges: tuple[PlanCharge, ...] = ()
             if plan_id == DEFAULT_PLAN:
                 plan_currency = self._default_currency
             else:
-                plan = await plan_store.lock_plan(conn, plan_id)
+                plan = await tx.lock_plan(plan_id)
                 if plan is None:
                     raise plan_not_found(plan_id)
                 plan_currency, charges = plan.currency, plan.versions[-1].charges
@@ -444,7 +436,7 @@ class Plans:
                 raise InvalidArgument(
                     [FieldViolation(field + v.field, v.description) for v in exc.violations]
                 ) from None
-            found = await plan_store.profile(conn, tenant_id, lock=True)
+            found = await tx.profile(tenant_id, lock=True)
             before = None if found is None else found[0]
             if before is None:
                 billing_start = start
@@ -457,7 +449,7 @@ class Plans:
                     raise InvalidArgument.single(
                         f"{field}plan_effective_time", "must not be before billing_start_time"
                     )
-                if billed := await plan_store.tenant_billed_after(conn, tenant_id, billing_start):
+                if billed := await tx.tenant_billed_after(tenant_id, billing_start):
                     raise period_finalized(billed)
                 closed_until = billing_start
             else:
@@ -488,16 +480,16 @@ class Plans:
                 update_time=to_datetime(now),
             )
             first = billing_period(profile.anchor_day, billing_start, closed_until)
-            await plan_store.save_profile(conn, profile, first.end + self._grace)
+            await tx.save_profile(profile, first.end + self._grace)
             if before is None or before.plan_id != plan_id:
                 if effective < closed_until:
                     raise period_finalized_at(closed_until)
-                if billed := await plan_store.tenant_billed_after(conn, tenant_id, effective):
+                if billed := await tx.tenant_billed_after(tenant_id, effective):
                     raise period_finalized(billed)
                 if before is not None and before.currency != currency:
                     raise InvalidArgument.single(f"{field}currency_code", "cannot change once set")
-                await plan_store.assign_plan(conn, tenant_id, effective, plan_id)
-            saved = await plan_store.profile(conn, tenant_id)
+                await tx.assign_plan(tenant_id, effective, plan_id)
+            saved = await tx.profile(tenant_id)
             assert saved is not None
             result = saved[0]
             await tx.append_audit(
@@ -515,7 +507,7 @@ class Plans:
                 await tx.complete(once.key, once.encode(result))
             return result
 
-        return await self._invoices.run_in_tenant_transaction(tenant_id, work)
+        return await self._plans.run_in_tenant_transaction(tenant_id, work)
 
 
 def period_finalized_at(closed_until: datetime) -> FailedPrecondition:

@@ -18,9 +18,10 @@ from typing import Protocol, TypeVar
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditEntry, AuditEvent
 from server.domain.events import EventColumns, EventKey
-from server.domain.meters import Contributions, Meter, MeterSpec
+from server.domain.meters import Contributions, Meter, MeterSpec, MeterState
 from server.domain.models import MeterValue, Rate, UsageAggregate
-from server.domain.requests import Once, Replayed
+from server.domain.plans import BillingProfile, Plan, PlanAssignment, PlanCharge, PlanVersion
+from server.domain.requests import Once, Replayed, RequestKey
 
 # Audit entries for the new keys of a batch, written in the batch's transaction (backfills).
 AuditHook = Callable[[Set[EventKey]], Sequence[AuditEntry]]
@@ -163,6 +164,73 @@ class MeterBook(Protocol):
         self, meter_id: str, audit_entry: Callable[[Meter, Meter], AuditEntry], once: Once[Meter] | None
     ) -> Meter | Replayed:
         """Archive an active meter with its audit entry; an archived one is returned unchanged."""
+        ...
+
+
+class PlanTransaction(Protocol):
+    """What the plan and billing-profile use cases read and write in one transaction.
+
+    Changes commit or roll back together with the request-id claim and the audit entry.
+    """
+
+    async def claim(self, key: RequestKey) -> bytes | None:
+        """Claim a request's key for this change; the first call's response if it ran before."""
+        ...
+
+    async def complete(self, key: RequestKey, response: bytes) -> None:
+        """Store the response of the change that claimed `key`."""
+        ...
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        """Record the change in the audit trail."""
+        ...
+
+    async def get_plan(self, plan_id: str) -> Plan | None:
+        """The plan with its versions, or None."""
+        ...
+
+    async def lock_plan(self, plan_id: str) -> Plan | None:
+        """The plan, locked until the transaction ends (one version added at a time), or None."""
+        ...
+
+    async def plans(self, after: str, limit: int) -> list[Plan]:
+        """Up to `limit` plans with ids after `after`, in id order."""
+        ...
+
+    async def insert_plan(self, plan_id: str, display_name: str, currency: str) -> bool:
+        """Create the plan without versions; False if the id is taken."""
+        ...
+
+    async def insert_version(
+        self, plan_id: str, version: int, effective: datetime, charges: Sequence[PlanCharge], minimum: Decimal
+    ) -> PlanVersion:
+        """Add a version to the plan; the version as stored."""
+        ...
+
+    async def billed_after(self, plan_id: str, at: datetime) -> str | None:
+        """The name of an invoice billed with this plan whose period ends after `at`, if any."""
+        ...
+
+    async def tenant_billed_after(self, tenant_id: str, at: datetime) -> str | None:
+        """The name of a billed invoice of the tenant whose period ends after `at`, if any."""
+        ...
+
+    async def profile(
+        self, tenant_id: str, *, lock: bool = False
+    ) -> tuple[BillingProfile, list[PlanAssignment]] | None:
+        """The tenant's profile and its plan history (locked with `lock`), or None."""
+        ...
+
+    async def save_profile(self, profile: BillingProfile, next_close_time: datetime) -> None:
+        """Insert or update the profile; its first (or next) close is due at `next_close_time`."""
+        ...
+
+    async def assign_plan(self, tenant_id: str, effective_from: datetime, plan_id: str) -> None:
+        """Put the tenant on the plan from `effective_from`; later assignments are superseded."""
+        ...
+
+    async def meter_states(self, meter_ids: Sequence[str]) -> dict[str, MeterState]:
+        """The state of each existing meter of `meter_ids`, kept as read until the transaction ends."""
         ...
 
 
