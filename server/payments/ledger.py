@@ -24,6 +24,7 @@ from server.domain.audit import AuditAction, AuditEntry
 from server.domain.decimals import MINOR_UNITS, format_money
 from server.domain.lifecycle import TRANSITIONS
 from server.domain.models import Invoice, InvoiceStatus, PaymentState
+from server.domain.stores import Transactions
 from server.domain.timeutil import to_datetime
 from server.domain.webhooks import rfc3339
 from server.notifications import events as notifications
@@ -32,7 +33,7 @@ from server.payments.dunning import DunningSchedule
 from server.payments.events import EventType, StripeEvent
 from server.payments.states import Change, CollectionState, Payment
 from server.storage import payment_events as store
-from server.storage.invoices import InvoiceStore, InvoiceTransaction
+from server.storage.invoices import InvoiceTransaction
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class PaymentLedger:
 
     def __init__(
         self,
-        invoices: InvoiceStore,
+        invoices: Transactions[InvoiceTransaction],
         lifecycle: Lifecycle,
         schedule: DunningSchedule,
         retries: RetryJobs,
