@@ -179,3 +179,23 @@ async def finish_backfills(backfiller: MeterBackfiller, db: asyncpg.Pool, names:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"still backfilling after 600 passes: {names}")
+
+
+_COUNTS_BY_KEY = """
+SELECT meter_id, grain, bucket, group_values::text, sum(distinct_values)::bigint FROM meter_distinct_counts
+WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4 HAVING sum(distinct_values) <> 0 ORDER BY 1, 2, 3, 4
+"""
+_DISTINCT_BY_KEY = """
+SELECT meter_id, grain, bucket, group_values::text, count(*) FROM meter_distinct
+WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+"""
+
+
+async def distinct_counts(db: asyncpg.Pool, tenant: str) -> list[tuple[object, ...]]:
+    """UNIQUE_COUNT's bucket counts of the tenant, summed over stripes, per bucket and group."""
+    return [tuple(r) for r in await db.fetch(_COUNTS_BY_KEY, tenant)]
+
+
+async def distinct_rows(db: asyncpg.Pool, tenant: str) -> list[tuple[object, ...]]:
+    """The tenant's distinct-value rows counted per bucket and group: what the counts must say."""
+    return [tuple(r) for r in await db.fetch(_DISTINCT_BY_KEY, tenant)]

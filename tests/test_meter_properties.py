@@ -32,7 +32,7 @@ from tally.v1 import (
     usage_service_pb2_grpc,
 )
 from tests.conftest import new_tenant
-from tests.helpers import event, hour_start, ts
+from tests.helpers import distinct_counts, distinct_rows, event, hour_start, ts
 
 SERVICE = "metertest"
 A = resources_pb2
@@ -222,14 +222,6 @@ def _to_message(tenant: str, e: Ev) -> resources_pb2.UsageEvent:
     )
 
 
-_COUNTS_BY_KEY = """
-SELECT meter_id, grain, bucket, group_values::text, sum(distinct_values)::bigint FROM meter_distinct_counts
-WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4 HAVING sum(distinct_values) <> 0 ORDER BY 1, 2, 3, 4
-"""
-_DISTINCT_BY_KEY = """
-SELECT meter_id, grain, bucket, group_values::text, count(*) FROM meter_distinct
-WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-"""
 _USAGE_TYPE: list[str] = [""]  # set by the test from the module fixture (hypothesis cannot take it)
 
 
@@ -334,9 +326,7 @@ async def test_every_aggregation_matches_the_raw_events(
         assert got == expected, key
     # UNIQUE_COUNT's bucket counts stay in step with the distinct rows they count, through
     # resends, folds and cancellations (summed over writers' stripes).
-    counted = await db.fetch(_COUNTS_BY_KEY, tenant)
-    rows = await db.fetch(_DISTINCT_BY_KEY, tenant)
-    assert [tuple(r) for r in counted] == [tuple(r) for r in rows]
+    assert await distinct_counts(db, tenant) == await distinct_rows(db, tenant)
 
 
 async def test_unique_count_by_region_counts_a_user_once_with_and_without_an_empty_region(

@@ -121,9 +121,12 @@ LEFT JOIN LATERAL (
 ) AS c ON true
 WHERE s.tenant_id = $1 AND s.meter_id = $2
 """
+# Times as epoch microseconds and values as numeric (decoded by asyncpg): a month is 720
+# rows per series, and converting each row's datetimes and decimal text in Python cost
+# about a third of the summary.
 _CACHED_HOURS = """
-SELECT group_values::text AS group_values, hour, first_time, inner_total::text AS inner_total,
-       last_value::text AS last_value
+SELECT group_values::text AS group_values, (extract(epoch FROM hour) * 1000000)::bigint AS hour,
+       (extract(epoch FROM first_time) * 1000000)::bigint AS first_time, inner_total, last_value
 FROM meter_tw_hours
 WHERE tenant_id = $1 AND meter_id = $2 AND hour >= $3 AND hour < $4
 """
@@ -267,10 +270,8 @@ async def _time_weighted(
     parts = spans(start_micros, end_micros, bucket)
     cached: dict[tuple[str, int], HourSummary] = {}
     for row in await conn.fetch(_CACHED_HOURS, tenant_id, meter.id, start, end):
-        hour = to_micros(row["hour"])
-        cached[(row["group_values"], hour)] = HourSummary(
-            hour, to_micros(row["first_time"]), Decimal(row["inner_total"]), Decimal(row["last_value"])
-        )
+        series_key, hour, first_time, inner_total, last_value = row
+        cached[(series_key, hour)] = HourSummary(hour, first_time, inner_total, last_value)
     dirty = {
         (row["group_values"], to_micros(row["hour"]))
         for row in await conn.fetch(_DIRTY_HOURS, tenant_id, meter.id, start, end)
