@@ -193,6 +193,10 @@ def scenario_query(
             seconds = asyncio.run(queries.load(stack.dsn, tenant, events, start))
             seconds += asyncio.run(_load_meters(stack.dsn, tenant, events, start, ids))
             print(f"  loaded {events} events and their meters for {tenant} in {seconds:.0f} s", flush=True)
+        print(
+            "  read_mask: paths [meter_aggregates] for each meter; none (every field) for usage_types",
+            flush=True,
+        )
         for events in sizes:
             tenant = f"bench-{events}"
             row: dict[str, Any] = {"events": events}

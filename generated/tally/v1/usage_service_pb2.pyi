@@ -371,6 +371,8 @@ class GetUsageSummaryRequest(_message.Message):
         for the meters' values alone; unset or "*" returns every field. Only what the
         mask names is computed: without "aggregates", the usage types' rollups are not
         read; without "meter_aggregates", the meters named are checked but not read.
+        The mask applies to the identity fields too (name, tenant_id, start_time,
+        end_time, bucket, group_by_dimension): a field it leaves out is left unset.
         A path that is not a field of UsageSummary is INVALID_ARGUMENT.
         """
 
