@@ -74,7 +74,15 @@ def build(
     """The workload as serialized IngestUsageRequest or StreamUsageRequest messages."""
     kind = "stream" if stream else "ingest"
     CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"{kind}-{count}-{batch_size}-{seed}.pickle"
+    # The events are live (their times within the 10 minutes before the workload is built):
+    # a workload cached on another day would send only late events, which cost more than
+    # live ones where a meter marks the hours they reach back into (time-weighted readings).
+    # So a cached workload serves within the UTC hour it was built in.
+    hour = int(time.time()) // 3600
+    path = CACHE / f"{kind}-{count}-{batch_size}-{seed}-h{hour}.pickle"
+    for stale in CACHE.glob(f"{kind}-{count}-{batch_size}-{seed}*.pickle"):
+        if stale != path:
+            stale.unlink()
     if path.exists():
         cached: Workload = pickle.loads(path.read_bytes())
         return cached

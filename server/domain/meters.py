@@ -234,20 +234,36 @@ def contribution(meter: Meter, dimensions: Mapping[str, str], quantity: str) -> 
     The caller has matched service and usage type; this checks the filter and, for a
     UNIQUE_COUNT of a dimension, that the event carries that dimension.
     """
+    shape = _shape(meter, dimensions)
+    return None if shape is None else _entry(meter, shape, quantity)
+
+
+# What a meter takes from an event's dimensions alone: its group JSON, and the value of
+# its value dimension (UNIQUE_COUNT of a dimension; None otherwise). None: not read.
+_Shape = tuple[str, str | None]
+
+
+def _shape(meter: Meter, dimensions: Mapping[str, str]) -> _Shape | None:
     spec = meter.spec
     for key, wanted in spec.filter.items():
         if dimensions.get(key) != wanted:
             return None
+    value: str | None = None
     if spec.aggregation is Aggregation.UNIQUE_COUNT and spec.value_dimension:
         value = dimensions.get(spec.value_dimension)
         if value is None:
             return None
-    elif spec.aggregation is Aggregation.UNIQUE_COUNT:
-        value = format_quantity(Decimal(quantity))  # "1.50" and "1.5" are one value
-    else:
-        value = quantity
-    groups = {key: dimensions[key] for key in spec.group_by if key in dimensions}
-    return Contribution(meter.id, _KINDS[spec.aggregation], value, _json(groups))
+    return _json({key: dimensions[key] for key in spec.group_by if key in dimensions}), value
+
+
+def _entry(meter: Meter, shape: _Shape, quantity: str) -> Contribution:
+    group_values, value = shape
+    if value is None:
+        if meter.spec.aggregation is Aggregation.UNIQUE_COUNT:
+            value = format_quantity(Decimal(quantity))  # "1.50" and "1.5" are one value
+        else:
+            value = quantity
+    return Contribution(meter.id, _KINDS[meter.spec.aggregation], value, group_values)
 
 
 class MeterMap:
@@ -270,15 +286,23 @@ class MeterMap:
         found = Contributions()
         if not self._by_type:
             return found
+        # A batch repeats a few dimension sets (regions, plans...): what a meter takes from
+        # one is worked out once per batch, not parsed and serialised again for every event.
+        shapes: dict[tuple[int, str], _Shape | None] = {}
         for tenant_id, event_id, service, usage_type, quantity, time_micros, dimensions_json in rows:
             meters = self._by_type.get((service, usage_type))
             if not meters:
                 continue
-            dimensions: dict[str, str] = json.loads(dimensions_json) if dimensions_json != "{}" else {}
             for meter in meters:
-                entry = contribution(meter, dimensions, quantity)
-                if entry is None:
+                key = (meter.id, dimensions_json)
+                if key in shapes:
+                    shape = shapes[key]
+                else:
+                    dimensions = json.loads(dimensions_json) if dimensions_json != "{}" else {}
+                    shape = shapes[key] = _shape(meter, dimensions)
+                if shape is None:
                     continue
+                entry = _entry(meter, shape, quantity)
                 found.tenant_ids.append(tenant_id)
                 found.event_ids.append(event_id)
                 found.meter_ids.append(entry.meter_id)
