@@ -181,13 +181,7 @@ class FakeInvoiceTransaction:
         self._state = state
 
     async def claim(self, key: RequestKey) -> bytes | None:
-        stored = self._state.requests.get(_request(key))
-        if stored is None:
-            self._state.requests[_request(key)] = (key.fingerprint, b"")
-            return None
-        if stored[0] != key.fingerprint:
-            raise key.reused()
-        return stored[1]
+        return claim_request(self._state.requests, key)
 
     async def complete(self, key: RequestKey, response: bytes) -> None:
         self._state.requests[_request(key)] = (key.fingerprint, response)
@@ -213,6 +207,17 @@ class FakeInvoiceTransaction:
 
 def _request(key: RequestKey) -> tuple[str, str, str]:
     return key.principal, key.method, key.request_id
+
+
+def claim_request(requests: dict[tuple[str, str, str], tuple[bytes, bytes]], key: RequestKey) -> bytes | None:
+    """request_ids.claim in memory: None the first time, the stored response after, reuse refused."""
+    stored = requests.get(_request(key))
+    if stored is None:
+        requests[_request(key)] = (key.fingerprint, b"")
+        return None
+    if stored[0] != key.fingerprint:
+        raise key.reused()
+    return stored[1]
 
 
 class FakeInvoices:
@@ -270,13 +275,7 @@ class FakePlanTransaction:
         self._now = now
 
     async def claim(self, key: RequestKey) -> bytes | None:
-        stored = self._state.requests.get(_request(key))
-        if stored is None:
-            self._state.requests[_request(key)] = (key.fingerprint, b"")
-            return None
-        if stored[0] != key.fingerprint:
-            raise key.reused()
-        return stored[1]
+        return claim_request(self._state.requests, key)
 
     async def complete(self, key: RequestKey, response: bytes) -> None:
         self._state.requests[_request(key)] = (key.fingerprint, response)
