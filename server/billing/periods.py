@@ -37,7 +37,7 @@ from server.domain.errors import (
 from server.domain.events import check_id
 from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
 from server.domain.names import invoice_name
-from server.domain.plans import anchor_period, billing_period
+from server.domain.plans import BillingPeriod, anchor_period, billing_period
 from server.domain.requests import Once, Replayed
 from server.domain.timeutil import MICROS_PER_HOUR, to_datetime
 from server.domain.webhooks import rfc3339
@@ -149,39 +149,15 @@ class Periods:
                 invoice = await self._lifecycle.finalize_in(tx, invoice, caller)
         if invoice is None:
             priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
-            invoice_id = f"inv_{uuid.uuid4().hex}"
-            amounts = priced.amounts
-            await tx.save(
-                invoice_id,
-                tenant_id,
-                period.start,
-                period.end,
-                priced.currency,
-                amounts.total,
-                amounts.lines,
-                InvoiceKind.FINAL,
-            )
             at = to_datetime(self._now_micros())
-            draft = Invoice(
-                id=invoice_id,
-                tenant_id=tenant_id,
-                period_start=period.start,
-                period_end=period.end,
-                currency=priced.currency,
-                lines=amounts.lines,
-                total=amounts.total,
-                status=InvoiceStatus.DRAFT,
-                created_at=at,
-                updated_at=at,
-                computed_at=at,
-            )
+            draft = await _save_draft(tx, tenant_id, period, priced, InvoiceKind.FINAL, at)
             await tx.append_audit(
                 AuditEntry(
                     principal=caller.principal.subject,
                     request_id=caller.request_id,
                     action=AuditAction.INVOICE_CREATED,
                     tenant_id=tenant_id,
-                    resource=f"invoices/{invoice_id}",
+                    resource=f"invoices/{draft.id}",
                     before=None,
                     after=invoice_state(draft),
                 )
@@ -301,32 +277,8 @@ class Periods:
         priced = await self._pricer.price(tx, tenant_id, period.start, period.end, found)
         if priced.unpriced or priced.amounts.total < threshold:
             return 0
-        invoice_id = f"inv_{uuid.uuid4().hex}"
-        amounts = priced.amounts
-        await tx.save(
-            invoice_id,
-            tenant_id,
-            period.start,
-            period.end,
-            priced.currency,
-            amounts.total,
-            amounts.lines,
-            InvoiceKind.INTERIM,
-        )
-        draft = Invoice(
-            id=invoice_id,
-            tenant_id=tenant_id,
-            period_start=period.start,
-            period_end=period.end,
-            currency=priced.currency,
-            lines=amounts.lines,
-            total=amounts.total,
-            status=InvoiceStatus.DRAFT,
-            created_at=now,
-            updated_at=now,
-            computed_at=now,
-            kind=InvoiceKind.INTERIM,
-        )
+        draft = await _save_draft(tx, tenant_id, period, priced, InvoiceKind.INTERIM, now)
+        invoice_id, amounts = draft.id, priced.amounts
         # Before the invoice's own invoice.finalized: the crossing is what made it.
         crossed = {
             "tenant_id": tenant_id,
@@ -358,6 +310,37 @@ class Periods:
                     now + timedelta(microseconds=MICROS_PER_HOUR),
                 )
             return 0
+
+
+async def _save_draft(
+    tx: InvoiceTransaction,
+    tenant_id: str,
+    period: BillingPeriod,
+    priced: PricedInvoice,
+    kind: InvoiceKind,
+    at: datetime,
+) -> Invoice:
+    """Store the priced period as a new draft invoice of `kind`; the draft, as finalize_in takes it."""
+    invoice_id = f"inv_{uuid.uuid4().hex}"
+    amounts = priced.amounts
+    await tx.save(
+        invoice_id, tenant_id, period.start, period.end, priced.currency, amounts.total, amounts.lines, kind
+    )
+    return Invoice(
+        id=invoice_id,
+        tenant_id=tenant_id,
+        period_start=period.start,
+        period_end=period.end,
+        currency=priced.currency,
+        lines=amounts.lines,
+        total=amounts.total,
+        status=InvoiceStatus.DRAFT,
+        created_at=at,
+        updated_at=at,
+        computed_at=at,
+        kind=kind,
+        plan_ids=priced.plan_ids,
+    )
 
 
 def scheduler_principal() -> Principal:
