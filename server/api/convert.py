@@ -86,12 +86,12 @@ def tenant_in(name: str, parse: Callable[[str], str]) -> str:
 
 def summary_query(
     request: usage_service_pb2.GetUsageSummaryRequest | usage_service_pb2.StreamUsageSummariesRequest,
+    mask: FieldMask | None,
 ) -> SummaryQuery:
     """The query of a summary request, not yet validated (the service does, after authorization).
 
-    Its read_mask is checked here (InvalidArgument): it names fields of the proto.
+    `mask` is the request's read_mask as summary_fields checked it: what to compute.
     """
-    mask = summary_fields(request.read_mask)
     fields = None if mask is None else {path.split(".")[0] for path in mask.paths}
     return SummaryQuery(
         optional_micros(request, "start_time"),
@@ -398,14 +398,13 @@ def meter_message(meter: Meter) -> resources_pb2.Meter:
     return message
 
 
-def masked_summary_message(summary: UsageSummary, mask: FieldMask) -> resources_pb2.UsageSummary:
-    """A UsageSummary as its proto, only the fields of a read_mask (see summary_fields)."""
-    fields = summary_fields(mask)
+def masked_summary_message(summary: UsageSummary, mask: FieldMask | None) -> resources_pb2.UsageSummary:
+    """A UsageSummary as its proto, only the fields of `mask` (summary_fields; None: all)."""
     message = summary_message(summary)
-    if fields is None:
+    if mask is None:
         return message
     masked = resources_pb2.UsageSummary()
-    fields.MergeMessage(message, masked)
+    mask.MergeMessage(message, masked)
     return masked
 
 

@@ -13,6 +13,7 @@ from server.api.calls import rpc
 from server.api.convert import (
     masked_summary_message,
     raw_event,
+    summary_fields,
     summary_query,
     tenant_in,
     to_timestamp,
@@ -160,12 +161,11 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
         caller: Caller,
     ) -> usage_service_pb2.GetUsageSummaryResponse:
         """One tenant's usage over a time range, and the values of the meters asked for."""
+        mask = summary_fields(request.read_mask)
         summary = await self._metering.summary(
-            parse_usage_summary_name(request.name), summary_query(request), caller.principal
+            parse_usage_summary_name(request.name), summary_query(request, mask), caller.principal
         )
-        return usage_service_pb2.GetUsageSummaryResponse(
-            summary=masked_summary_message(summary, request.read_mask)
-        )
+        return usage_service_pb2.GetUsageSummaryResponse(summary=masked_summary_message(summary, mask))
 
     @rpc(USAGE_READ)
     async def StreamUsageSummaries(
@@ -178,12 +178,13 @@ class UsageApi(usage_service_pb2_grpc.UsageServiceServicer):
 
         For the listed tenants, or else for every tenant with usage that the token covers.
         """
+        mask = summary_fields(request.read_mask)
         summaries = self._metering.summaries(
-            list(request.tenant_ids), summary_query(request), caller.principal
+            list(request.tenant_ids), summary_query(request, mask), caller.principal
         )
         async for summary in summaries:
             yield usage_service_pb2.StreamUsageSummariesResponse(
-                summary=masked_summary_message(summary, request.read_mask)
+                summary=masked_summary_message(summary, mask)
             )
 
     @rpc(BILLING_ADMIN, tenant=lambda request: request.tenant_id)
