@@ -4,21 +4,41 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TypeVar, cast
+from typing import Any, TypeVar
 
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditEntry, AuditEvent
 from server.domain.events import EventColumns, EventKey
 from server.domain.meters import Contributions, Meter, MeterSpec, MeterState
-from server.domain.models import Invoice, InvoiceStatus, MeterValue, Rate, UsageAggregate
+from server.domain.models import (
+    CreditNote,
+    Invoice,
+    InvoiceKind,
+    InvoicePayment,
+    InvoiceStatus,
+    MeterValue,
+    PaymentState,
+    Rate,
+    UsageAggregate,
+)
 from server.domain.plans import BillingProfile, Plan, PlanAssignment, PlanCharge, PlanVersion
+from server.domain.pricing import LineItem
 from server.domain.requests import Once, Replayed, RequestKey
-from server.domain.stores import AuditHook
+from server.domain.stores import (
+    AuditHook,
+    BilledLine,
+    MeterWindow,
+    Period,
+    ProfileAndPlans,
+    TenantPeriod,
+    UsageRow,
+)
 from server.domain.timeutil import to_micros
-from server.storage.invoices import InvoiceTransaction
+from server.payments.events import StripeEvent
+from server.payments.states import CollectionState, Payment
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 T = TypeVar("T")
@@ -174,8 +194,9 @@ class FakeAuditReader:
         return [e for e in self.events if e.id > after_id][:limit]
 
 
-class FakeInvoiceTransaction:
-    """The part of storage's InvoiceTransaction that a status move uses, on FakeInvoices' state."""
+class FakeBillingTransaction:
+    """BillingTransaction (server.domain.stores) and PaymentTransaction (server.payments.stores)
+    on FakeInvoices' state: one transaction's view of it, as storage's InvoiceTransaction is both."""
 
     def __init__(self, state: FakeInvoices) -> None:
         self._state = state
@@ -186,11 +207,127 @@ class FakeInvoiceTransaction:
     async def complete(self, key: RequestKey, response: bytes) -> None:
         self._state.requests[_request(key)] = (key.fingerprint, response)
 
+    async def append_audit(self, entry: AuditEntry) -> None:
+        self._state.audited.append(entry)
+
+    async def append_audit_many(self, entries: Sequence[AuditEntry]) -> None:
+        self._state.audited.extend(entries)
+
+    async def lock_tenant(self, tenant_id: str) -> None:
+        pass  # one unit of work at a time in memory
+
+    async def overlapping(
+        self, tenant_id: str, start: datetime, end: datetime
+    ) -> list[tuple[str, datetime, datetime, InvoiceStatus]]:
+        return sorted(
+            (i.id, i.period_start, i.period_end, i.status)
+            for i in self._state.invoices.values()
+            if i.tenant_id == tenant_id
+            and i.period_start < end
+            and i.period_end > start
+            and i.status is not InvoiceStatus.VOID
+            and i.kind is InvoiceKind.FINAL
+        )
+
+    async def with_final_invoice_over(self, periods: Sequence[tuple[str, datetime, datetime]]) -> set[str]:
+        return {t for t, start, end in periods if await self.overlapping(t, start, end)}
+
+    async def usage_rows(self, tenant_id: str, periods: Sequence[Period]) -> dict[str, list[UsageRow]]:
+        # The fake's usage has no time: every period of the tenant holds all of it.
+        return {label: list(self._state.usage.get(tenant_id, [])) for label, _, _ in periods}
+
+    async def usage_rows_of(self, periods: Sequence[TenantPeriod]) -> dict[tuple[str, str], list[UsageRow]]:
+        return {(t, label): list(self._state.usage.get(t, [])) for t, label, _, _ in periods}
+
+    async def billed_lines(self, tenant_id: str, start: datetime, end: datetime) -> list[BilledLine]:
+        return (await self.billed_lines_of([(tenant_id, start, end)]))[tenant_id]
+
+    async def billed_lines_of(
+        self, periods: Sequence[tuple[str, datetime, datetime]]
+    ) -> dict[str, list[BilledLine]]:
+        billed = (InvoiceStatus.FINALIZED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE)
+        return {
+            t: [
+                (i.period_start, i.period_end, line)
+                for i in sorted(self._state.invoices.values(), key=lambda i: i.period_start)
+                if i.tenant_id == t and i.status in billed and i.period_end <= start
+                for line in i.lines
+            ]
+            for t, start, _ in periods
+        }
+
+    async def meter_totals(self, windows: Sequence[MeterWindow]) -> dict[tuple[str, str, str], Decimal]:
+        return {}  # no meters in the fake
+
     async def lock(self, invoice_id: str) -> Invoice | None:
+        return self._state.invoices.get(invoice_id)
+
+    async def find(self, invoice_id: str) -> Invoice | None:
         return self._state.invoices.get(invoice_id)
 
     async def load(self, invoice_id: str) -> Invoice:
         return self._state.invoices[invoice_id]
+
+    async def save(
+        self,
+        invoice_id: str,
+        tenant_id: str,
+        start: datetime,
+        end: datetime,
+        currency: str,
+        total: Decimal,
+        lines: Sequence[LineItem],
+        kind: InvoiceKind = InvoiceKind.FINAL,
+    ) -> None:
+        before = self._state.invoices.get(invoice_id)
+        created = EPOCH if before is None else before.created_at
+        self._state.invoices[invoice_id] = Invoice(
+            invoice_id, tenant_id, start, end, currency, tuple(lines), total, InvoiceStatus.DRAFT,
+            created, EPOCH, EPOCH, kind,
+        )  # fmt: skip
+
+    async def save_drafts(self, drafts: Sequence[Invoice]) -> None:
+        for draft in drafts:
+            assert draft.id not in self._state.invoices
+            self._state.invoices[draft.id] = draft
+
+    async def next_number(self, issuer: str, prefix: str) -> int:
+        return await self.take_numbers(issuer, prefix, 1)
+
+    async def take_numbers(self, issuer: str, prefix: str, count: int) -> int:
+        last = self._state.numbers.get((issuer, prefix), 0) + count
+        self._state.numbers[(issuer, prefix)] = last
+        return last - count + 1
+
+    async def finalize(
+        self,
+        invoice_id: str,
+        number: str,
+        parties: Mapping[str, Any],
+        plan_ids: Sequence[str],
+        at: datetime,
+        lines: Sequence[LineItem],
+    ) -> Invoice:
+        draft = self._state.invoices[invoice_id]
+        assert draft.status is InvoiceStatus.DRAFT
+        invoice = dataclasses.replace(
+            draft,
+            status=InvoiceStatus.FINALIZED,
+            number=number,
+            parties=dict(parties),
+            plan_ids=tuple(plan_ids),
+            finalize_time=at,
+            lines=tuple(lines),
+        )
+        self._state.invoices[invoice_id] = invoice
+        return invoice
+
+    async def finalize_many(
+        self, numbered: Sequence[tuple[str, str, Mapping[str, Any]]], at: datetime, issuer: str
+    ) -> None:
+        for invoice_id, number, parties in numbered:
+            draft = self._state.invoices[invoice_id]
+            await self.finalize(invoice_id, number, parties, draft.plan_ids, at, draft.lines)
 
     async def set_status(self, invoice_id: str, status: InvoiceStatus, at: datetime) -> None:
         column = {
@@ -201,8 +338,157 @@ class FakeInvoiceTransaction:
         invoice = self._state.invoices[invoice_id]
         self._state.invoices[invoice_id] = dataclasses.replace(invoice, status=status, **{column: at})
 
-    async def append_audit(self, entry: AuditEntry) -> None:
-        self._state.audited.append(entry)
+    async def profile(self, tenant_id: str, *, lock: bool = False) -> ProfileAndPlans | None:
+        return self._state.profiles.get(tenant_id)
+
+    async def profiles(self, tenant_ids: Sequence[str]) -> dict[str, ProfileAndPlans]:
+        return {t: self._state.profiles[t] for t in tenant_ids if t in self._state.profiles}
+
+    async def plan_versions(self, plan_ids: Sequence[str]) -> dict[str, list[PlanVersion]]:
+        return {plan_id: list(self._state.plan_versions.get(plan_id, [])) for plan_id in plan_ids}
+
+    async def mark_closed(self, tenant_id: str, closed_until: datetime, next_close_time: datetime) -> None:
+        profile, history = self._state.profiles[tenant_id]
+        self._state.profiles[tenant_id] = (
+            dataclasses.replace(profile, closed_until=closed_until, next_close_time=next_close_time),
+            history,
+        )
+
+    async def mark_closed_many(self, closes: Sequence[tuple[str, datetime, datetime]]) -> None:
+        for tenant_id, closed_until, next_close_time in closes:
+            await self.mark_closed(tenant_id, closed_until, next_close_time)
+
+    async def postpone_close(self, tenant_id: str, next_close_time: datetime) -> None:
+        profile, history = self._state.profiles[tenant_id]
+        self._state.profiles[tenant_id] = (
+            dataclasses.replace(profile, next_close_time=next_close_time),
+            history,
+        )
+
+    async def credited(self, invoice_id: str) -> Decimal:
+        return sum((n.amount for n in self._state.notes if n.invoice_id == invoice_id), Decimal(0))
+
+    async def insert_credit_note(self, note: CreditNote) -> CreditNote:
+        self._state.notes.append(note)
+        return note
+
+    async def publish(
+        self, event_type: str, data: Mapping[str, Any], *, time: datetime | None = None
+    ) -> str | None:
+        self._state.published.append((event_type, dict(data)))
+        return f"evt_{len(self._state.published)}"
+
+    async def publish_many(
+        self, event_type: str, datas: Sequence[Mapping[str, Any]], *, time: datetime
+    ) -> None:
+        for data in datas:
+            await self.publish(event_type, data, time=time)
+
+    async def create_payments(self, invoice_ids: Sequence[str], state: PaymentState, at: datetime) -> None:
+        for invoice_id in invoice_ids:
+            self._state.payments.setdefault(invoice_id, (Payment(invoice_id, state), at))
+
+    async def payment(self, invoice_id: str) -> InvoicePayment | None:
+        if (found := self._state.payments.get(invoice_id)) is None:
+            return None
+        row, at = found
+        return InvoicePayment(
+            row.state,
+            row.stripe_invoice_id,
+            row.attempt_count,
+            row.next_attempt_time,
+            row.last_failure or None,
+            at,
+        )
+
+    async def enqueue(
+        self,
+        kind: str,
+        subjects: Sequence[str],
+        payload: Mapping[str, Any] | None = None,
+        *,
+        due: datetime,
+        reopen: bool = False,
+    ) -> None:
+        for subject in subjects:
+            job = self._state.jobs.get((kind, subject))
+            if job is None or (reopen and job["state"] != "pending"):
+                self._state.jobs[(kind, subject)] = {"state": "pending", "due": due, **(payload or {})}
+
+    # --- server.payments.stores.PaymentTransaction ---
+
+    async def tenant_of(self, invoice_id: str) -> str | None:
+        invoice = self._state.invoices.get(invoice_id)
+        return None if invoice is None else invoice.tenant_id
+
+    async def record_event(self, event: StripeEvent, payload: str, at: datetime) -> bool:
+        if event.id in self._state.stripe_events:
+            return False
+        self._state.stripe_events[event.id] = ("", None)
+        return True
+
+    async def set_event_outcome(self, event_id: str, outcome: str, invoice_id: str | None) -> None:
+        self._state.stripe_events[event_id] = (outcome, invoice_id)
+
+    async def find_invoice(self, event: StripeEvent) -> tuple[str, str] | None:
+        invoice_id = event.tally_invoice_id or next(
+            (self._state.refs[ref] for ref in (event.object_id, *event.refs) if ref in self._state.refs), None
+        )
+        invoice = None if invoice_id is None else self._state.invoices.get(invoice_id)
+        return None if invoice is None else (invoice.id, invoice.tenant_id)
+
+    async def remember_refs(self, invoice_id: str, refs: Sequence[str]) -> None:
+        self._state.refs.update((ref, invoice_id) for ref in refs)
+
+    async def lock_payment(self, invoice_id: str) -> Payment | None:
+        return await self.read_payment(invoice_id)
+
+    async def read_payment(self, invoice_id: str) -> Payment | None:
+        found = self._state.payments.get(invoice_id)
+        return None if found is None else found[0]
+
+    async def save_payment(self, payment: Payment, at: datetime) -> None:
+        before = await self.read_payment(payment.invoice_id)
+        stripe_id = (
+            payment.stripe_invoice_id
+            if before is None
+            else before.stripe_invoice_id or payment.stripe_invoice_id
+        )
+        self._state.payments[payment.invoice_id] = (
+            dataclasses.replace(payment, stripe_invoice_id=stripe_id),
+            at,
+        )
+
+    def _outstanding(self, tenant_id: str) -> list[tuple[Invoice, Payment]]:
+        owed = (PaymentState.UNCOLLECTIBLE, PaymentState.FAILED, PaymentState.ACTION_REQUIRED)
+        return sorted(
+            (
+                (invoice, row)
+                for invoice_id, (row, _) in self._state.payments.items()
+                if (invoice := self._state.invoices[invoice_id]).tenant_id == tenant_id
+                and row.state in owed
+                and invoice.status not in (InvoiceStatus.PAID, InvoiceStatus.VOID)
+            ),
+            key=lambda pair: (pair[0].period_start, pair[0].id),
+        )
+
+    async def collection_counts(self, tenant_id: str) -> tuple[int, int]:
+        states = [row.state for _, row in self._outstanding(tenant_id)]
+        uncollectible = states.count(PaymentState.UNCOLLECTIBLE)
+        return uncollectible, len(states) - uncollectible
+
+    async def collection(self, tenant_id: str) -> tuple[CollectionState, datetime] | None:
+        return self._state.collections.get(tenant_id)
+
+    async def set_collection(self, tenant_id: str, state: CollectionState, at: datetime) -> None:
+        self._state.collections[tenant_id] = (state, at)
+
+    async def past_due_invoices(self, tenant_id: str, limit: int) -> list[tuple[str, str]]:
+        return [(invoice.id, row.state.value) for invoice, row in self._outstanding(tenant_id)][:limit]
+
+    async def job_state(self, kind: str, subject: str) -> str | None:
+        job = self._state.jobs.get((kind, subject))
+        return None if job is None else str(job["state"])
 
 
 def _request(key: RequestKey) -> tuple[str, str, str]:
@@ -221,9 +507,10 @@ def claim_request(requests: dict[tuple[str, str, str], tuple[bytes, bytes]], key
 
 
 class FakeInvoices:
-    """Transactions[InvoiceTransaction] in memory: `work` runs once; what it changed is undone if it raises.
+    """An InvoiceBook in memory: `work` runs once; what it changed is undone if it raises.
 
     Counts the units of work per kind, so that a test sees which transaction a use case asked for.
+    `usage` is each tenant's priced usage, the same for every period.
     """
 
     def __init__(self, *invoices: Invoice) -> None:
@@ -231,26 +518,90 @@ class FakeInvoices:
         self.audited: list[AuditEntry] = []
         self.requests: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
         self.units: list[str] = []
+        self.usage: dict[str, list[UsageRow]] = {}
+        self.numbers: dict[tuple[str, str], int] = {}
+        self.notes: list[CreditNote] = []
+        self.payments: dict[str, tuple[Payment, datetime]] = {}  # invoice_payments rows and their update time
+        self.jobs: dict[tuple[str, str], dict[str, Any]] = {}  # outbox jobs: state, due and payload
+        self.stripe_events: dict[str, tuple[str, str | None]] = {}  # event id: (outcome, invoice id)
+        self.refs: dict[str, str] = {}  # Stripe object id: invoice id
+        self.collections: dict[str, tuple[CollectionState, datetime]] = {}
+        self.published: list[tuple[str, dict[str, Any]]] = []
+        self.profiles: dict[str, ProfileAndPlans] = {}
+        self.plan_versions: dict[str, list[PlanVersion]] = {}
+        self.busy: set[str] = set()  # tenants whose lock another process holds
 
-    async def _run(self, kind: str, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+    _STATE = (
+        "invoices",
+        "audited",
+        "requests",
+        "numbers",
+        "notes",
+        "payments",
+        "jobs",
+        "published",
+        "profiles",
+        "stripe_events",
+        "refs",
+        "collections",
+    )
+
+    async def _run(self, kind: str, work: Callable[[FakeBillingTransaction], Awaitable[T]]) -> T:
         self.units.append(kind)
-        saved = copy.copy(self.invoices), list(self.audited), dict(self.requests)
+        saved = {name: copy.copy(getattr(self, name)) for name in self._STATE}
         try:
-            return await work(cast(InvoiceTransaction, FakeInvoiceTransaction(self)))
+            return await work(FakeBillingTransaction(self))
         except BaseException:
-            self.invoices, self.audited, self.requests = saved  # rolled back whole
+            for name, value in saved.items():  # rolled back whole
+                setattr(self, name, value)
             raise
 
-    async def run_read(self, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+    async def run_read(self, work: Callable[[FakeBillingTransaction], Awaitable[T]]) -> T:
         return await self._run("read", work)
 
-    async def run_in_transaction(self, work: Callable[[InvoiceTransaction], Awaitable[T]]) -> T:
+    async def run_in_transaction(self, work: Callable[[FakeBillingTransaction], Awaitable[T]]) -> T:
         return await self._run("transaction", work)
 
     async def run_in_tenant_transaction(
-        self, tenant_id: str, work: Callable[[InvoiceTransaction], Awaitable[T]]
+        self, tenant_id: str, work: Callable[[FakeBillingTransaction], Awaitable[T]]
     ) -> T:
         return await self._run(f"tenant {tenant_id}", work)
+
+    async def run_if_tenant_free(
+        self, tenant_id: str, work: Callable[[FakeBillingTransaction | None], Awaitable[T]]
+    ) -> T:
+        if tenant_id in self.busy:
+            return await work(None)
+        return await self._run(f"tenant {tenant_id} if free", work)
+
+    async def run_in_due_block(
+        self, now: datetime, limit: int, work: Callable[[FakeBillingTransaction, list[str]], Awaitable[T]]
+    ) -> T:
+        due = sorted(
+            t
+            for t, (profile, _) in self.profiles.items()
+            if t not in self.busy and profile.next_close_time is not None and profile.next_close_time <= now
+        )[:limit]
+        return await self._run("due block", lambda tx: work(tx, due))
+
+    async def with_threshold(self) -> list[str]:
+        return sorted(t for t, (profile, _) in self.profiles.items() if profile.spend_threshold is not None)
+
+    async def get(self, invoice_id: str) -> Invoice | None:
+        invoice = self.invoices.get(invoice_id)
+        return (
+            None if invoice is None else dataclasses.replace(invoice, payment=self.payments.get(invoice_id))
+        )
+
+    async def list_for_tenant(
+        self, tenant_id: str, before: tuple[datetime, str] | None, limit: int
+    ) -> list[Invoice]:
+        mine = sorted(
+            (i for i in self.invoices.values() if i.tenant_id == tenant_id),
+            key=lambda i: (i.period_start, i.id),
+            reverse=True,
+        )
+        return [i for i in mine if before is None or (i.period_start, i.id) < before][:limit]
 
 
 @dataclasses.dataclass

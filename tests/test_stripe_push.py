@@ -117,7 +117,7 @@ async def finalized(
             "customer": {"name": f"Customer {tenant}", "email": email, "tenant_id": tenant},
         }
         invoice = await tx.finalize(invoice_id, f"T-{uuid.uuid4().hex[:12]}", parties, [], at, lines)
-        await Collection(live=True).invoice_finalized(tx.connection, invoice, at)
+        await Collection(live=True).invoice_finalized(tx, invoice, at)
     return invoice
 
 

@@ -10,7 +10,7 @@ cursors, the audit entries, the finalization, the payment records, the Stripe pu
 and the invoice.finalized events in a few more, with one commit. The guarantees are those of a single close:
 
 - exactly once: the block holds each tenant's invoice lock and profile row from the moment
-  it takes the tenant (InvoiceStore.due_block_transaction) to its commit;
+  it takes the tenant (InvoiceBook.run_in_due_block) to its commit;
 - gap-free numbering: the block's numbers are taken together, last (Lifecycle.finalize_block_in);
 - a crash (or any failure) midway rolls the whole block back, numbers included: committed
   blocks are complete, and the next round closes the rest, each tenant once.
@@ -34,8 +34,7 @@ from server.domain.audit import AuditAction, AuditEntry, invoice_state
 from server.domain.errors import TallyError
 from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
 from server.domain.plans import billing_period
-from server.storage import plans as plan_store
-from server.storage.invoices import InvoiceTransaction
+from server.domain.stores import BillingTransaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +46,7 @@ class BlockClose:
 
 
 async def close_block(
-    tx: InvoiceTransaction,
+    tx: BillingTransaction,
     tenants: list[str],
     pricer: InvoicePricer,
     lifecycle: Lifecycle,
@@ -56,8 +55,7 @@ async def close_block(
     grace: timedelta,
 ) -> BlockClose:
     """Close the oldest open period of each of `tenants` in `tx`, which holds their locks."""
-    conn = tx.connection
-    found = await plan_store.profiles(conn, tenants)
+    found = await tx.profiles(tenants)
     periods = {
         tenant: billing_period(profile.anchor_day, profile.billing_start, profile.closed_until)
         for tenant, (profile, _) in found.items()
@@ -65,7 +63,7 @@ async def close_block(
     overlapped = await tx.with_final_invoice_over([(t, p.start, p.end) for t, p in periods.items()])
     ours = [t for t in tenants if t in periods and t not in overlapped]
     plan_ids = sorted({plan for t in ours for plan in plan_ids_of(found[t][1])})
-    versions = await plan_store.versions(conn, plan_ids)
+    versions = await tx.plan_versions(plan_ids)
     billed = await tx.billed_lines_of([(t, periods[t].start, periods[t].end) for t in ours])
     bases = {t: pricing_basis(periods[t].start, periods[t].end, found[t], versions, billed[t]) for t in ours}
     usage = await tx.usage_rows_of(
@@ -117,7 +115,7 @@ async def close_block(
         profile = found[draft.tenant_id][0]
         following = billing_period(profile.anchor_day, profile.billing_start, draft.period_end)
         closes.append((draft.tenant_id, draft.period_end, following.end + grace))
-    await plan_store.mark_closed_many(conn, closes)
+    await tx.mark_closed_many(closes)
     states = [invoice_state(draft) for draft, _ in drafts]
     await tx.append_audit_many(
         [

@@ -27,14 +27,16 @@ from server.domain.names import invoice_name
 from server.domain.pagination import ID, MICROS, PageTokens, check_page_size
 from server.domain.plans import BillingProfile
 from server.domain.requests import Once, Replayed
-from server.domain.stores import Transactions
+from server.domain.stores import BillingTransaction, CreditNoteBook, Transactions
 from server.domain.timeutil import to_datetime, to_micros
-from server.domain.webhooks import rfc3339
-from server.notifications import events as notifications
+from server.domain.webhooks import (
+    INVOICE_FINALIZED,
+    INVOICE_PAID,
+    INVOICE_UNCOLLECTIBLE,
+    invoice_data,
+    rfc3339,
+)
 from server.payments.collection import Collection
-from server.storage import credit_notes
-from server.storage.credit_notes import CreditNoteStore
-from server.storage.invoices import InvoiceTransaction
 
 MAX_REASON_CHARS = 500
 
@@ -45,8 +47,8 @@ _ACTIONS = {
 }
 # The moves that subscribers hear of, by hand or through Stripe (a void is not an event).
 _EVENTS = {
-    InvoiceStatus.PAID: notifications.INVOICE_PAID,
-    InvoiceStatus.UNCOLLECTIBLE: notifications.INVOICE_UNCOLLECTIBLE,
+    InvoiceStatus.PAID: INVOICE_PAID,
+    InvoiceStatus.UNCOLLECTIBLE: INVOICE_UNCOLLECTIBLE,
 }
 
 
@@ -71,8 +73,8 @@ class Lifecycle:
 
     def __init__(
         self,
-        invoices: Transactions[InvoiceTransaction],
-        notes: CreditNoteStore,
+        invoices: Transactions[BillingTransaction],
+        notes: CreditNoteBook,
         pricer: InvoicePricer,
         issuer: Issuer,
         page_tokens: PageTokens,
@@ -89,7 +91,7 @@ class Lifecycle:
         self._collection = collection or Collection(live=False)
 
     async def _locked(
-        self, tx: InvoiceTransaction, tenant_id: str, invoice_id: str, principal: Principal
+        self, tx: BillingTransaction, tenant_id: str, invoice_id: str, principal: Principal
     ) -> Invoice:
         """The tenant's invoice, row locked; NOT_FOUND for a missing one or another tenant's."""
         invoice = await tx.lock(invoice_id)
@@ -98,7 +100,7 @@ class Lifecycle:
         return invoice
 
     async def finalize_in(
-        self, tx: InvoiceTransaction, draft: Invoice, caller: Caller, priced: PricedInvoice | None = None
+        self, tx: BillingTransaction, draft: Invoice, caller: Caller, priced: PricedInvoice | None = None
     ) -> Invoice:
         """Freeze the draft in the caller's transaction: price it now, number it, audit it.
 
@@ -134,7 +136,7 @@ class Lifecycle:
         prefix = expand_prefix(self.issuer.invoice_prefix, at)
         number = document_number(prefix, await tx.next_number(self.issuer.name, prefix))
         invoice = await tx.finalize(draft.id, number, parties, priced.plan_ids, at, amounts.lines)
-        payment = await self._collection.invoice_finalized(tx.connection, invoice, at)
+        payment = await self._collection.invoice_finalized(tx, invoice, at)
         invoice = dataclasses.replace(invoice, payment=payment)
         await tx.append_audit(
             AuditEntry(
@@ -147,13 +149,13 @@ class Lifecycle:
                 after=invoice_state(invoice),
             )
         )
-        finalized = notifications.invoice_data(invoice, finalize_time=rfc3339(at))
-        await notifications.publish(tx.connection, notifications.INVOICE_FINALIZED, finalized, time=at)
+        finalized = invoice_data(invoice, finalize_time=rfc3339(at))
+        await tx.publish(INVOICE_FINALIZED, finalized, time=at)
         return invoice
 
     async def finalize_block_in(
         self,
-        tx: InvoiceTransaction,
+        tx: BillingTransaction,
         drafts: Sequence[tuple[Invoice, PricedInvoice]],
         caller: Caller,
         states: Sequence[State] | None = None,
@@ -212,10 +214,10 @@ class Lifecycle:
                 )
             ]
         )
-        payment = await self._collection.invoices_finalized(tx.connection, invoices, at)
+        payment = await self._collection.invoices_finalized(tx, invoices, at)
         invoices = [dataclasses.replace(invoice, payment=payment) for invoice in invoices]
-        finalized = [notifications.invoice_data(invoice, finalize_time=rfc3339(at)) for invoice in invoices]
-        await notifications.publish_many(tx.connection, notifications.INVOICE_FINALIZED, finalized, time=at)
+        finalized = [invoice_data(invoice, finalize_time=rfc3339(at)) for invoice in invoices]
+        await tx.publish_many(INVOICE_FINALIZED, finalized, time=at)
         return invoices
 
     async def finalize(
@@ -224,7 +226,7 @@ class Lifecycle:
         """FinalizeInvoice: a draft becomes a numbered, frozen invoice."""
         _check_ids(tenant_id, invoice_id)
 
-        async def work(tx: InvoiceTransaction) -> Invoice | Replayed:
+        async def work(tx: BillingTransaction) -> Invoice | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
             draft = await self._locked(tx, tenant_id, invoice_id, caller.principal)
@@ -246,7 +248,7 @@ class Lifecycle:
         """VoidInvoice, MarkInvoicePaid, MarkInvoiceUncollectible: one status move, audited."""
         _check_ids(tenant_id, invoice_id)
 
-        async def work(tx: InvoiceTransaction) -> Invoice | Replayed:
+        async def work(tx: BillingTransaction) -> Invoice | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
             before = await self._locked(tx, tenant_id, invoice_id, caller.principal)
@@ -259,7 +261,7 @@ class Lifecycle:
 
     async def move_in(
         self,
-        tx: InvoiceTransaction,
+        tx: BillingTransaction,
         before: Invoice,
         target: InvoiceStatus,
         caller: Caller,
@@ -275,7 +277,7 @@ class Lifecycle:
         at = to_datetime(self._now_micros())
         await tx.set_status(before.id, target, at)
         if mirror and target is InvoiceStatus.VOID and before.status is not InvoiceStatus.DRAFT:
-            await self._collection.invoice_voided(tx.connection, before.id, at)
+            await self._collection.invoice_voided(tx, before.id, at)
         invoice = await tx.load(before.id)
         await tx.append_audit(
             AuditEntry(
@@ -290,8 +292,8 @@ class Lifecycle:
         )
         event_type = _EVENTS.get(target)
         if event_type is not None:
-            data = notifications.invoice_data(invoice, status_time=rfc3339(at))
-            await notifications.publish(tx.connection, event_type, data, time=at)
+            data = invoice_data(invoice, status_time=rfc3339(at))
+            await tx.publish(event_type, data, time=at)
         return invoice
 
     async def create_credit_note(
@@ -315,7 +317,7 @@ class Lifecycle:
         if violations:
             raise InvalidArgument([FieldViolation(f, d) for f, d in violations])
 
-        async def work(tx: InvoiceTransaction) -> CreditNote | Replayed:
+        async def work(tx: BillingTransaction) -> CreditNote | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
             invoice = await self._locked(tx, tenant_id, invoice_id, caller.principal)
@@ -333,7 +335,7 @@ class Lifecycle:
                 raise InvalidArgument.single(
                     "amount", f"must have at most {currency.minor_units} digits after the point"
                 )
-            creditable = EXACT.subtract(invoice.total, await credit_notes.credited(tx.connection, invoice_id))
+            creditable = EXACT.subtract(invoice.total, await tx.credited(invoice_id))
             if value > creditable:
                 shown = format_money(max(creditable, Decimal(0)), currency.minor_units)
                 raise FailedPrecondition(
@@ -348,8 +350,7 @@ class Lifecycle:
                 "issuer": self.issuer.as_party(),
                 "customer": (invoice.parties or {}).get("customer", customer_party(tenant_id, None)),
             }
-            note = await credit_notes.insert(
-                tx.connection,
+            note = await tx.insert_credit_note(
                 CreditNote(
                     f"cn_{uuid.uuid4().hex}",
                     tenant_id,
@@ -362,7 +363,7 @@ class Lifecycle:
                     at,
                 ),
             )
-            await self._collection.credit_note_created(tx.connection, note.id, invoice_id, at)
+            await self._collection.credit_note_created(tx, note.id, invoice_id, at)
             await tx.append_audit(
                 AuditEntry(
                     principal=caller.principal.subject,

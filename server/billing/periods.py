@@ -39,11 +39,9 @@ from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
 from server.domain.names import invoice_name
 from server.domain.plans import BillingPeriod, anchor_period, billing_period
 from server.domain.requests import Once, Replayed
+from server.domain.stores import BillingTransaction, InvoiceBook
 from server.domain.timeutil import MICROS_PER_HOUR, to_datetime
-from server.domain.webhooks import rfc3339
-from server.notifications.events import THRESHOLD_CROSSED, publish
-from server.storage import plans as plan_store
-from server.storage.invoices import InvoiceStore, InvoiceTransaction
+from server.domain.webhooks import THRESHOLD_CROSSED, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,7 @@ class Periods:
 
     def __init__(
         self,
-        invoices: InvoiceStore,
+        invoices: InvoiceBook,
         pricer: InvoicePricer,
         lifecycle: Lifecycle,
         now_micros: Callable[[], int],
@@ -86,8 +84,8 @@ class Periods:
         principal.require_tenant(tenant_id)
         now = to_datetime(self._now_micros())
 
-        async def work(tx: InvoiceTransaction) -> tuple[datetime, datetime, PricedInvoice]:
-            found = await plan_store.profile(tx.connection, tenant_id)
+        async def work(tx: BillingTransaction) -> tuple[datetime, datetime, PricedInvoice]:
+            found = await tx.profile(tenant_id)
             if found is None:
                 start, end = anchor_period(1, now)
             else:
@@ -115,14 +113,13 @@ class Periods:
         )
 
     async def close_in(
-        self, tx: InvoiceTransaction, tenant_id: str, caller: Caller, due_by: datetime | None
+        self, tx: BillingTransaction, tenant_id: str, caller: Caller, due_by: datetime | None
     ) -> Invoice | None:
         """Close the tenant's oldest open period in `tx` (holding the tenant's lock).
 
         With `due_by`, only if its close is due by then (the scheduler); None if not due.
         """
-        conn = tx.connection
-        found = await plan_store.profile(conn, tenant_id, lock=True)
+        found = await tx.profile(tenant_id, lock=True)
         if found is None:
             raise profile_missing(tenant_id)
         profile = found[0]
@@ -131,7 +128,7 @@ class Periods:
         period = billing_period(profile.anchor_day, profile.billing_start, profile.closed_until)
         # The cursor first: finalizing (last) holds the numbering sequence until the commit.
         following = billing_period(profile.anchor_day, profile.billing_start, period.end)
-        await plan_store.mark_closed(conn, tenant_id, period.end, following.end + self.grace)
+        await tx.mark_closed(tenant_id, period.end, following.end + self.grace)
         invoice: Invoice | None = None
         for other_id, other_start, other_end, status in await tx.overlapping(
             tenant_id, period.start, period.end
@@ -173,7 +170,7 @@ class Periods:
             raise InvalidArgument.single("parent", problem)
         caller.principal.require_tenant(tenant_id)
 
-        async def work(tx: InvoiceTransaction) -> Invoice | Replayed:
+        async def work(tx: BillingTransaction) -> Invoice | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
             invoice = await self.close_in(tx, tenant_id, caller, None)
@@ -235,7 +232,7 @@ class Periods:
         return sum(await asyncio.gather(*(close_blocks() for _ in range(blocks))))
 
     async def _close_block(
-        self, now: datetime, caller: Caller, claimed: list[str], tx: InvoiceTransaction, tenants: list[str]
+        self, now: datetime, caller: Caller, claimed: list[str], tx: BillingTransaction, tenants: list[str]
     ) -> BlockClose:
         claimed[:] = tenants
         if not tenants:
@@ -265,11 +262,11 @@ class Periods:
         return billed
 
     async def _bill_threshold(
-        self, tenant_id: str, caller: Caller, now: datetime, tx: InvoiceTransaction | None
+        self, tenant_id: str, caller: Caller, now: datetime, tx: BillingTransaction | None
     ) -> int:
         if tx is None:
             return 0
-        found = await plan_store.profile(tx.connection, tenant_id)
+        found = await tx.profile(tenant_id)
         if found is None or (threshold := found[0].spend_threshold) is None:
             return 0
         profile = found[0]
@@ -289,12 +286,12 @@ class Periods:
             "period_end_time": rfc3339(period.end),
             "invoice": invoice_name(tenant_id, invoice_id),
         }
-        await publish(tx.connection, THRESHOLD_CROSSED, crossed, time=now)
+        await tx.publish(THRESHOLD_CROSSED, crossed, time=now)
         await self._lifecycle.finalize_in(tx, draft, caller, priced)
         return 1
 
     async def _close_one(self, tenant_id: str, caller: Caller, now: datetime) -> int:
-        async def work(tx: InvoiceTransaction | None) -> int:
+        async def work(tx: BillingTransaction | None) -> int:
             if tx is None:
                 return 0  # another process is closing it; it will be done there
             return 0 if await self.close_in(tx, tenant_id, caller, now) is None else 1
@@ -303,17 +300,17 @@ class Periods:
             return await self._invoices.run_if_tenant_free(tenant_id, work)
         except TallyError as exc:
             log.warning("period close of tenant %r failed, retried in an hour: %s", tenant_id, exc.message)
-            async with self._invoices.transaction() as tx:
-                await tx.connection.execute(
-                    "UPDATE billing_profiles SET next_close_time = $2 WHERE tenant_id = $1",
-                    tenant_id,
-                    now + timedelta(microseconds=MICROS_PER_HOUR),
-                )
+            retry_at = now + timedelta(microseconds=MICROS_PER_HOUR)
+
+            async def postpone(tx: BillingTransaction) -> None:
+                await tx.postpone_close(tenant_id, retry_at)
+
+            await self._invoices.run_in_transaction(postpone)
             return 0
 
 
 async def _save_draft(
-    tx: InvoiceTransaction,
+    tx: BillingTransaction,
     tenant_id: str,
     period: BillingPeriod,
     priced: PricedInvoice,

@@ -40,9 +40,7 @@ from server.domain.plans import (
     with_overrides,
 )
 from server.domain.pricing import InvoiceAmounts, LineItem, LineKind, PricedUsage
-from server.storage import plans as plan_store
-from server.storage.invoices import InvoiceTransaction, UsageRow
-from server.storage.meter_summaries import meter_totals
+from server.domain.stores import BillingTransaction, UsageRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +113,7 @@ MeterValues = dict[str, dict[str, Decimal]]
 
 
 async def meter_values_of(
-    tx: InvoiceTransaction, bases: Mapping[str, PricingBasis]
+    tx: BillingTransaction, bases: Mapping[str, PricingBasis]
 ) -> dict[str, MeterValues]:
     """The meter aggregates that the tenants' invoices price, per tenant, read in one pass."""
     windows = [
@@ -124,7 +122,7 @@ async def meter_values_of(
         for label, meter_id, start, end in basis.meter_windows()
     ]
     found: dict[str, MeterValues] = {tenant: {} for tenant in bases}
-    for (tenant, label, meter_id), value in (await meter_totals(tx.connection, windows)).items():
+    for (tenant, label, meter_id), value in (await tx.meter_totals(windows)).items():
         found[tenant].setdefault(label, {})[meter_id] = value
     return found
 
@@ -141,7 +139,7 @@ def pricing_basis(
     versions: Mapping[str, list[PlanVersion]],
     billed_lines: Sequence[tuple[datetime, datetime, LineItem]],
 ) -> PricingBasis:
-    """Sort what was billed (see InvoiceTransaction.billed_lines) into the periods to price."""
+    """Sort what was billed (see BillingTransaction.billed_lines) into the periods to price."""
     profile, history = found if found is not None else (None, list[PlanAssignment]())
     own_versions = {plan_id: list(versions[plan_id]) for plan_id in plan_ids_of(history)}
     billed: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
@@ -175,7 +173,7 @@ class InvoicePricer:
 
     async def price(
         self,
-        tx: InvoiceTransaction,
+        tx: BillingTransaction,
         tenant_id: str,
         start: datetime,
         end: datetime,
@@ -185,10 +183,9 @@ class InvoicePricer:
 
         `found` is the tenant's profile and plan history if the caller has read them already.
         """
-        conn = tx.connection
         if found == "unread":
-            found = await plan_store.profile(conn, tenant_id)
-        versions = await plan_store.versions(conn, plan_ids_of(found[1] if found is not None else []))
+            found = await tx.profile(tenant_id)
+        versions = await tx.plan_versions(plan_ids_of(found[1] if found is not None else []))
         basis = pricing_basis(start, end, found, versions, await tx.billed_lines(tenant_id, start, end))
         meters = (await meter_values_of(tx, {tenant_id: basis}))[tenant_id]
         return self.price_basis(basis, await tx.usage_rows(tenant_id, basis.labels()), meters)

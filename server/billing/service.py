@@ -20,10 +20,9 @@ from server.domain.names import invoice_name
 from server.domain.pagination import BIGINT_ID, ID, MICROS, NAME, PageTokens, check_page_size
 from server.domain.ranges import check_range
 from server.domain.requests import Once, Replayed
-from server.domain.stores import AuditReader, RateBook
+from server.domain.stores import AuditReader, BillingTransaction, InvoiceBook, RateBook
 from server.domain.timeutil import EPOCH, next_hour, to_datetime, to_micros
 from server.ratecard import RateCardCache
-from server.storage.invoices import InvoiceStore, InvoiceTransaction
 
 MAX_INVOICE_DAYS = 366
 
@@ -49,7 +48,7 @@ class Billing:
     def __init__(
         self,
         rates: RateBook,
-        invoices: InvoiceStore,
+        invoices: InvoiceBook,
         audit: AuditReader,
         rate_card: RateCardCache,
         page_tokens: PageTokens,
@@ -171,7 +170,7 @@ class Billing:
         )
         start, end = to_datetime(period.start_micros), to_datetime(period.end_micros)
 
-        async def work(tx: InvoiceTransaction) -> tuple[Invoice, bool] | Replayed:
+        async def work(tx: BillingTransaction) -> tuple[Invoice, bool] | Replayed:
             if once is not None and (stored := await tx.claim(once.key)) is not None:
                 return Replayed(stored)
             existing_id: str | None = None
@@ -261,8 +260,9 @@ class Billing:
             return invoices
         # Taken before the queries, so that all usage committed before it is counted.
         computed_at = to_datetime(self._now_micros())
-        current: dict[str, Invoice] = {}
-        async with self._invoices.read_transaction() as tx:
+
+        async def work(tx: BillingTransaction) -> dict[str, Invoice]:
+            current: dict[str, Invoice] = {}
             for draft in drafts:
                 priced = await self._pricer.price(tx, tenant_id, draft.period_start, draft.period_end)
                 if priced.unpriced:
@@ -274,6 +274,9 @@ class Billing:
                     total=priced.amounts.total,
                     computed_at=computed_at,
                 )
+            return current
+
+        current = await self._invoices.run_read(work)
         return [current.get(i.id, i) for i in invoices]
 
     # --- audit trail ---------------------------------------------------------------

@@ -10,21 +10,42 @@ its body to the store as a unit of work (Transactions), rather than retrying it 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence, Set
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditEntry, AuditEvent
 from server.domain.events import EventColumns, EventKey
 from server.domain.meters import Contributions, Meter, MeterSpec, MeterState
-from server.domain.models import MeterValue, Rate, UsageAggregate
+from server.domain.models import (
+    CreditNote,
+    Invoice,
+    InvoiceKind,
+    InvoicePayment,
+    InvoiceStatus,
+    MeterValue,
+    PaymentState,
+    Rate,
+    UsageAggregate,
+)
 from server.domain.plans import BillingProfile, Plan, PlanAssignment, PlanCharge, PlanVersion
+from server.domain.pricing import LineItem
 from server.domain.requests import Once, Replayed, RequestKey
 
 # Audit entries for the new keys of a batch, written in the batch's transaction (backfills).
 AuditHook = Callable[[Set[EventKey]], Sequence[AuditEntry]]
+
+# The shapes of what a billing transaction reads to price periods.
+Period = tuple[str, datetime, datetime]  # (label, start, end)
+TenantPeriod = tuple[str, str, datetime, datetime]  # (tenant, label, start, end)
+UsageRow = tuple[
+    str, str, Decimal | None, Decimal, int
+]  # (service, usage_type, unit price, quantity, events)
+MeterWindow = tuple[str, str, str, datetime, datetime]  # (tenant, label, meter id, start, end)
+BilledLine = tuple[datetime, datetime, LineItem]  # (period_start, period_end, line) of a billed invoice
+ProfileAndPlans = tuple[BillingProfile, list[PlanAssignment]]  # a profile and its plan history
 
 T = TypeVar("T")
 Tx = TypeVar("Tx", covariant=True)  # the store's transaction, e.g. storage's InvoiceTransaction
@@ -251,4 +272,237 @@ class AuditReader(Protocol):
 
         `visible_tenants` None means every tenant (a token for all tenants).
         """
+        ...
+
+
+class BillingTransaction(Protocol):
+    """What the invoice use cases (server.billing) read and write in one transaction.
+
+    Every change commits or rolls back together: the invoice and its lines, the numbering
+    sequence, the profile's close cursor, the request-id claim, the audit entry, the events
+    published to webhook subscribers, the payment record and the outbox jobs. Storage's
+    InvoiceTransaction implements it on one connection; tests/memory_stores.py in memory.
+    """
+
+    async def claim(self, key: RequestKey) -> bytes | None:
+        """Claim a request's key for this change; the first call's response if it ran before."""
+        ...
+
+    async def complete(self, key: RequestKey, response: bytes) -> None:
+        """Store the response of the change that claimed `key`."""
+        ...
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        """Record the change in the audit trail."""
+        ...
+
+    async def append_audit_many(self, entries: Sequence[AuditEntry]) -> None:
+        """Record many changes in the audit trail, in order."""
+        ...
+
+    async def lock_tenant(self, tenant_id: str) -> None:
+        """Hold the tenant's invoice lock until the transaction ends."""
+        ...
+
+    async def overlapping(
+        self, tenant_id: str, start: datetime, end: datetime
+    ) -> list[tuple[str, datetime, datetime, InvoiceStatus]]:
+        """(id, period_start, period_end, status) of the tenant's final invoices overlapping [start, end).
+
+        Void invoices no longer hold their period; interim invoices never overlap.
+        """
+        ...
+
+    async def with_final_invoice_over(self, periods: Sequence[tuple[str, datetime, datetime]]) -> set[str]:
+        """The tenants of (tenant, start, end) that have a final invoice overlapping their period."""
+        ...
+
+    async def usage_rows(self, tenant_id: str, periods: Sequence[Period]) -> dict[str, list[UsageRow]]:
+        """The tenant's usage per labelled period, per type and rate card price (None: no rate)."""
+        ...
+
+    async def usage_rows_of(self, periods: Sequence[TenantPeriod]) -> dict[tuple[str, str], list[UsageRow]]:
+        """usage_rows for many tenants at once, per (tenant, label)."""
+        ...
+
+    async def billed_lines(self, tenant_id: str, start: datetime, end: datetime) -> list[BilledLine]:
+        """The billed lines that bear on pricing [start, end): earlier periods, interims, adjustments."""
+        ...
+
+    async def billed_lines_of(
+        self, periods: Sequence[tuple[str, datetime, datetime]]
+    ) -> dict[str, list[BilledLine]]:
+        """billed_lines for many (tenant, start, end) at once, per tenant."""
+        ...
+
+    async def meter_totals(self, windows: Sequence[MeterWindow]) -> dict[tuple[str, str, str], Decimal]:
+        """Each window's meter aggregate over all its groups, by (tenant, label, meter id); 0 left out."""
+        ...
+
+    async def lock(self, invoice_id: str) -> Invoice | None:
+        """The invoice, locked until the transaction ends, or None."""
+        ...
+
+    async def find(self, invoice_id: str) -> Invoice | None:
+        """The invoice (not locked), or None."""
+        ...
+
+    async def load(self, invoice_id: str) -> Invoice:
+        """The invoice as stored now, with its lines; it must exist."""
+        ...
+
+    async def save(
+        self,
+        invoice_id: str,
+        tenant_id: str,
+        start: datetime,
+        end: datetime,
+        currency: str,
+        total: Decimal,
+        lines: Sequence[LineItem],
+        kind: InvoiceKind = InvoiceKind.FINAL,
+    ) -> None:
+        """Insert or overwrite the draft invoice and replace its lines."""
+        ...
+
+    async def save_drafts(self, drafts: Sequence[Invoice]) -> None:
+        """Insert new draft invoices (ids not used before) with their lines and plans."""
+        ...
+
+    async def next_number(self, issuer: str, prefix: str) -> int:
+        """The next number of the (issuer, prefix) sequence: no gap, no repeat (held until commit)."""
+        ...
+
+    async def take_numbers(self, issuer: str, prefix: str, count: int) -> int:
+        """The first of the next `count` numbers of the sequence, taken together."""
+        ...
+
+    async def finalize(
+        self,
+        invoice_id: str,
+        number: str,
+        parties: Mapping[str, Any],
+        plan_ids: Sequence[str],
+        at: datetime,
+        lines: Sequence[LineItem],
+    ) -> Invoice:
+        """Freeze a draft whose `lines` were just saved: number it, mark it finalized, return it."""
+        ...
+
+    async def finalize_many(
+        self, numbered: Sequence[tuple[str, str, Mapping[str, Any]]], at: datetime, issuer: str
+    ) -> None:
+        """Freeze drafts just saved by save_drafts, each (id, number, parties)."""
+        ...
+
+    async def set_status(self, invoice_id: str, status: InvoiceStatus, at: datetime) -> None:
+        """Move a finalized invoice along its lifecycle, stamping the time of the new status."""
+        ...
+
+    async def profile(self, tenant_id: str, *, lock: bool = False) -> ProfileAndPlans | None:
+        """The tenant's billing profile and plan history (the row locked with `lock`), or None."""
+        ...
+
+    async def profiles(self, tenant_ids: Sequence[str]) -> dict[str, ProfileAndPlans]:
+        """`profile` for many tenants; tenants without a profile are left out."""
+        ...
+
+    async def plan_versions(self, plan_ids: Sequence[str]) -> dict[str, list[PlanVersion]]:
+        """Every version of these plans, oldest first, per plan."""
+        ...
+
+    async def mark_closed(self, tenant_id: str, closed_until: datetime, next_close_time: datetime) -> None:
+        """Record that the periods are closed up to `closed_until`, and when the next close is due."""
+        ...
+
+    async def mark_closed_many(self, closes: Sequence[tuple[str, datetime, datetime]]) -> None:
+        """mark_closed for many (tenant, closed_until, next_close_time)."""
+        ...
+
+    async def postpone_close(self, tenant_id: str, next_close_time: datetime) -> None:
+        """Try the tenant's due close again at `next_close_time` (after a failure)."""
+        ...
+
+    async def credited(self, invoice_id: str) -> Decimal:
+        """The sum of the invoice's credit notes so far."""
+        ...
+
+    async def insert_credit_note(self, note: CreditNote) -> CreditNote:
+        """Store a credit note (its invoice is locked by this transaction); the note as stored."""
+        ...
+
+    async def publish(
+        self, event_type: str, data: Mapping[str, Any], *, time: datetime | None = None
+    ) -> str | None:
+        """Publish a webhook event with the change; its id, or None if nobody subscribes to its type."""
+        ...
+
+    async def publish_many(
+        self, event_type: str, datas: Sequence[Mapping[str, Any]], *, time: datetime
+    ) -> None:
+        """`publish` of many events of one type."""
+        ...
+
+    async def create_payments(self, invoice_ids: Sequence[str], state: PaymentState, at: datetime) -> None:
+        """Record the payment of each new invoice, in `state`."""
+        ...
+
+    async def payment(self, invoice_id: str) -> InvoicePayment | None:
+        """The invoice's payment record, or None."""
+        ...
+
+    async def enqueue(
+        self,
+        kind: str,
+        subjects: Sequence[str],
+        payload: Mapping[str, Any] | None = None,
+        *,
+        due: datetime,
+        reopen: bool = False,
+    ) -> None:
+        """Add an outbox job of `kind` per subject, due at `due`; existing jobs are left as they are.
+
+        `reopen` starts a finished (done or stopped) job again from its first step (a retry
+        that recurs); a pending one is never reset.
+        """
+        ...
+
+
+class InvoiceBook(Transactions[BillingTransaction], Protocol):
+    """The invoices as stored, and the transactions that change them (storage's InvoiceStore)."""
+
+    async def run_if_tenant_free(
+        self, tenant_id: str, work: Callable[[BillingTransaction | None], Awaitable[T]]
+    ) -> T:
+        """`work` holding the tenant's invoice lock if it is free; with None if another holds it."""
+        ...
+
+    async def run_in_due_block(
+        self, now: datetime, limit: int, work: Callable[[BillingTransaction, list[str]], Awaitable[T]]
+    ) -> T:
+        """`work` with up to `limit` tenants whose close is due by `now`, each locked (skipping held ones)."""
+        ...
+
+    async def with_threshold(self) -> list[str]:
+        """The tenants whose profile has a spend threshold."""
+        ...
+
+    async def get(self, invoice_id: str) -> Invoice | None:
+        """The invoice with its lines and payment, or None."""
+        ...
+
+    async def list_for_tenant(
+        self, tenant_id: str, before: tuple[datetime, str] | None, limit: int
+    ) -> list[Invoice]:
+        """Up to `limit` of the tenant's invoices, newest first, before the page key."""
+        ...
+
+
+class CreditNoteBook(Protocol):
+    """The credit notes as stored."""
+
+    async def list_for_tenant(
+        self, tenant_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[CreditNote]:
+        """Up to `limit` of the tenant's credit notes after the page key."""
         ...

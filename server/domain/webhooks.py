@@ -16,7 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from server.domain.decimals import MINOR_UNITS, format_money
 from server.domain.errors import ErrorReason, FieldViolation, InvalidArgument, NotFound
+from server.domain.models import Invoice
+from server.domain.names import invoice_name
 
 INVOICE_FINALIZED: Final = "invoice.finalized"
 INVOICE_PAID: Final = "invoice.paid"
@@ -44,6 +47,8 @@ MAX_SUBSCRIPTIONS = 100
 
 # Retried for up to this long after the event; the last attempt is made at its end.
 DELIVERY_WINDOW = timedelta(days=3)
+# The outbox job kind that delivers one event to one subscription (server.notifications.delivery).
+DELIVER_JOB = "webhook.deliver"
 
 
 class DeliveryState(enum.StrEnum):
@@ -222,3 +227,21 @@ class RetrySchedule:
             return None
         delay = min(self.first * (1 << min(max(0, attempts - 1), 30)), self.cap)
         return min(now + delay, expire_time)
+
+
+def invoice_data(invoice: Invoice, **extra: str) -> dict[str, str]:
+    """The fields every invoice event carries (plus `extra`, e.g. a failure's reason)."""
+    minor = MINOR_UNITS.get(invoice.currency, 2)
+    data = {
+        "invoice": invoice_name(invoice.tenant_id, invoice.id),
+        "tenant_id": invoice.tenant_id,
+        "number": invoice.number,
+        "kind": invoice.kind.value,
+        "status": invoice.status.value,
+        "currency_code": invoice.currency,
+        "total": format_money(invoice.total, minor),
+        "period_start_time": rfc3339(invoice.period_start),
+        "period_end_time": rfc3339(invoice.period_end),
+    }
+    data.update(extra)
+    return data

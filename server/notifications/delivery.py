@@ -20,6 +20,7 @@ import aiohttp
 import asyncpg
 
 from server.domain.timeutil import to_datetime
+from server.domain.webhooks import DELIVER_JOB as DELIVER_JOB  # the job kind, re-exported
 from server.domain.webhooks import DeliveryAttempt, DeliveryState, RetrySchedule, event_body
 from server.notifications.signing import SIGNATURE_HEADER, signature_header
 from server.payments.outbox import Done, Job, Outcome, Retry, Stop
@@ -27,7 +28,6 @@ from server.storage import webhooks
 
 log = logging.getLogger(__name__)
 
-DELIVER_JOB = "webhook.deliver"
 DEFAULT_SCHEDULE = RetrySchedule()
 EVENT_ID_HEADER = "Tally-Event-Id"
 EVENT_TYPE_HEADER = "Tally-Event-Type"

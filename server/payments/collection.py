@@ -13,13 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-import asyncpg
-
 from server.domain.models import Invoice, InvoicePayment, PaymentState
+from server.domain.stores import BillingTransaction
 from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_VOID
-from server.payments.outbox import enqueue
-from server.storage import payments
-from server.storage.outbox import enqueue_many
 
 
 class Collection:
@@ -29,36 +25,32 @@ class Collection:
         self.live = live
 
     async def invoice_finalized(
-        self, conn: asyncpg.Connection, invoice: Invoice, at: datetime
+        self, tx: BillingTransaction, invoice: Invoice, at: datetime
     ) -> InvoicePayment:
         """Record the new invoice's payment and, live, queue its push; the payment as recorded."""
-        state = PaymentState.PENDING if self.live else PaymentState.SIMULATED
-        await payments.create(conn, invoice.id, state, at)
-        if self.live:
-            await enqueue(conn, STRIPE_INVOICE, invoice.id, due=at)
-        return InvoicePayment(state=state, updated_time=at)
+        return await self.invoices_finalized(tx, [invoice], at)
 
     async def invoices_finalized(
-        self, conn: asyncpg.Connection, invoices: Sequence[Invoice], at: datetime
+        self, tx: BillingTransaction, invoices: Sequence[Invoice], at: datetime
     ) -> InvoicePayment:
         """`invoice_finalized` for a block of invoices finalized together; their (common) payment."""
         state = PaymentState.PENDING if self.live else PaymentState.SIMULATED
         ids = [invoice.id for invoice in invoices]
-        await payments.create_many(conn, ids, state, at)
+        await tx.create_payments(ids, state, at)
         if self.live:
-            await enqueue_many(conn, STRIPE_INVOICE, ids, due=at)
+            await tx.enqueue(STRIPE_INVOICE, ids, due=at)
         return InvoicePayment(state=state, updated_time=at)
 
-    async def invoice_voided(self, conn: asyncpg.Connection, invoice_id: str, at: datetime) -> None:
+    async def invoice_voided(self, tx: BillingTransaction, invoice_id: str, at: datetime) -> None:
         """A billed invoice was voided: mirror it at Stripe if it was pushed there."""
-        payment = await payments.get(conn, invoice_id)
+        payment = await tx.payment(invoice_id)
         if payment is not None and payment.state is not PaymentState.SIMULATED:
-            await enqueue(conn, STRIPE_VOID, invoice_id, due=at)
+            await tx.enqueue(STRIPE_VOID, [invoice_id], due=at)
 
     async def credit_note_created(
-        self, conn: asyncpg.Connection, note_id: str, invoice_id: str, at: datetime
+        self, tx: BillingTransaction, note_id: str, invoice_id: str, at: datetime
     ) -> None:
         """A credit note was issued: mirror it at Stripe if its invoice was pushed there."""
-        payment = await payments.get(conn, invoice_id)
+        payment = await tx.payment(invoice_id)
         if payment is not None and payment.state is not PaymentState.SIMULATED:
-            await enqueue(conn, STRIPE_CREDIT_NOTE, note_id, {"invoice_id": invoice_id}, due=at)
+            await tx.enqueue(STRIPE_CREDIT_NOTE, [note_id], {"invoice_id": invoice_id}, due=at)

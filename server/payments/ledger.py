@@ -16,8 +16,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-import asyncpg
-
 from server.billing.lifecycle import Lifecycle
 from server.domain.access import ALL_TENANTS, Caller, Principal
 from server.domain.audit import AuditAction, AuditEntry
@@ -26,14 +24,12 @@ from server.domain.lifecycle import TRANSITIONS
 from server.domain.models import Invoice, InvoiceStatus, PaymentState
 from server.domain.stores import Transactions
 from server.domain.timeutil import to_datetime
-from server.domain.webhooks import rfc3339
-from server.notifications import events as notifications
+from server.domain.webhooks import INVOICE_PAYMENT_FAILED, invoice_data, rfc3339
 from server.payments import states
 from server.payments.dunning import DunningSchedule
 from server.payments.events import EventType, StripeEvent
 from server.payments.states import Change, CollectionState, Payment
-from server.storage import payment_events as store
-from server.storage.invoices import InvoiceTransaction
+from server.payments.stores import PaymentTransaction
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +41,7 @@ DUNNING = Principal(subject="tally-dunning", tenants=ALL_TENANTS, scopes=frozens
 class RetryJobs(Protocol):
     """Where dunning retries are kept (the outbox): one job per invoice."""
 
-    async def schedule(self, conn: asyncpg.Connection, invoice_id: str, due: datetime) -> None:
+    async def schedule(self, tx: PaymentTransaction, invoice_id: str, due: datetime) -> None:
         """Have the invoice's retry job run at `due`, in the caller's transaction."""
 
 
@@ -87,7 +83,7 @@ class PaymentLedger:
 
     def __init__(
         self,
-        invoices: Transactions[InvoiceTransaction],
+        invoices: Transactions[PaymentTransaction],
         lifecycle: Lifecycle,
         schedule: DunningSchedule,
         retries: RetryJobs,
@@ -108,10 +104,10 @@ class PaymentLedger:
         principal.require_tenant(tenant_id)
 
         async def work(
-            tx: InvoiceTransaction,
+            tx: PaymentTransaction,
         ) -> tuple[tuple[CollectionState, datetime] | None, list[tuple[str, str]]]:
-            recorded = await store.collection(tx.connection, tenant_id)
-            return recorded, await store.past_due_invoices(tx.connection, tenant_id, 2 * LISTED_INVOICES)
+            recorded = await tx.collection(tenant_id)
+            return recorded, await tx.past_due_invoices(tenant_id, 2 * LISTED_INVOICES)
 
         recorded, invoices = await self._invoices.run_read(work)
         uncollectible = [i for i, state in invoices if state == PaymentState.UNCOLLECTIBLE.value]
@@ -127,13 +123,12 @@ class PaymentLedger:
     async def receive(self, event: StripeEvent, payload: str) -> Received:
         """Store a verified event once and apply it; a redelivery is answered `duplicate`."""
 
-        async def work(tx: InvoiceTransaction) -> Received:
-            conn = tx.connection
-            if not await store.record_event(conn, event, payload, self.now()):
+        async def work(tx: PaymentTransaction) -> Received:
+            if not await tx.record_event(event, payload, self.now()):
                 return Received("duplicate")
             if event.kind is None:
                 return Received("ignored")
-            found = await store.find_invoice(conn, event)
+            found = await tx.find_invoice(event)
             if found is None:
                 log.warning(
                     "Stripe event %s (%s of %s) matches no Tally invoice",
@@ -141,19 +136,19 @@ class PaymentLedger:
                     event.type,
                     event.object_id,
                 )
-                await store.set_outcome(conn, event.id, "unmatched", None)
+                await tx.set_event_outcome(event.id, "unmatched", None)
                 return Received("unmatched")
             invoice_id, tenant_id = found
             await tx.lock_tenant(tenant_id)
             outcome = await self._apply_event(tx, invoice_id, event)
-            await store.set_outcome(conn, event.id, outcome, invoice_id)
+            await tx.set_event_outcome(event.id, outcome, invoice_id)
             return Received(outcome, invoice_id)
 
         return await self._invoices.run_in_transaction(work)
 
     async def record_attempt(
         self,
-        conn: asyncpg.Connection,
+        tx: PaymentTransaction,
         invoice_id: str,
         attempt: int,
         outcome: AttemptOutcome,
@@ -165,15 +160,14 @@ class PaymentLedger:
         attempt, so the job's next step and this change commit together). A decline starts
         (or goes on with) the dunning schedule whether or not Stripe's webhooks are set up.
         """
-        tx = InvoiceTransaction(conn)
-        tenant_id = await conn.fetchval("SELECT tenant_id FROM invoices WHERE id = $1", invoice_id)
+        tenant_id = await tx.tenant_of(invoice_id)
         if tenant_id is None:
             return None
         await tx.lock_tenant(tenant_id)
         invoice = await tx.lock(invoice_id)
         if invoice is None:
             return None
-        payment = await store.lock_payment(conn, invoice_id) or Payment(invoice_id, PaymentState.OPEN)
+        payment = await tx.lock_payment(invoice_id) or Payment(invoice_id, PaymentState.OPEN)
         if outcome.paid:
             change = states.paid(payment)
         elif outcome.voided:
@@ -190,16 +184,15 @@ class PaymentLedger:
         await self.apply_change(
             tx, invoice, payment, change, Caller(principal, f"{invoice_id}:attempt-{attempt}")
         )
-        return await store.read_payment(conn, invoice_id)
+        return await tx.read_payment(invoice_id)
 
-    async def _apply_event(self, tx: InvoiceTransaction, invoice_id: str, event: StripeEvent) -> str:
-        conn = tx.connection
+    async def _apply_event(self, tx: PaymentTransaction, invoice_id: str, event: StripeEvent) -> str:
         invoice = await tx.lock(invoice_id)
         assert invoice is not None  # found by id under the tenant's lock; invoices are never deleted
-        payment = await store.lock_payment(conn, invoice_id) or Payment(
+        payment = await tx.lock_payment(invoice_id) or Payment(
             invoice_id, PaymentState.OPEN, event.stripe_invoice_id
         )
-        await store.remember_refs(conn, invoice_id, event.refs)
+        await tx.remember_refs(invoice_id, event.refs)
         caller = Caller(STRIPE, event.id)
         kind = event.kind
         if kind in (EventType.CHARGE_REFUNDED, EventType.DISPUTE_CREATED):
@@ -224,15 +217,14 @@ class PaymentLedger:
         return await self.apply_change(tx, invoice, payment, change, caller)
 
     async def apply_change(
-        self, tx: InvoiceTransaction, invoice: Invoice, before: Payment, change: Change | None, caller: Caller
+        self, tx: PaymentTransaction, invoice: Invoice, before: Payment, change: Change | None, caller: Caller
     ) -> str:
         """Write a change of the payment of an invoice locked in `tx` ("unchanged" if there is none)."""
         if change is None or not _fits(invoice.status, change.payment.state):
             return "unchanged"
-        conn = tx.connection
         at = self.now()
         after = change.payment
-        await store.save_payment(conn, after, at)
+        await tx.save_payment(after, at)
         target = change.invoice_status
         if target is not None and target in TRANSITIONS[invoice.status]:
             await self._lifecycle.move_in(tx, invoice, target, caller, mirror=False)
@@ -251,21 +243,21 @@ class PaymentLedger:
                     after=_payment_state(after),
                 )
             )
-            failed = notifications.invoice_data(
+            failed = invoice_data(
                 await tx.load(invoice.id),
                 attempt_count=str(after.attempt_count),
                 failure=after.last_failure or "",
                 payment_state=after.state.value,
                 next_attempt_time=rfc3339(after.next_attempt_time) if after.next_attempt_time else "",
             )
-            await notifications.publish(conn, notifications.INVOICE_PAYMENT_FAILED, failed, time=at)
+            await tx.publish(INVOICE_PAYMENT_FAILED, failed, time=at)
         if change.retry_due is not None:
-            await self._retries.schedule(conn, invoice.id, change.retry_due)
+            await self._retries.schedule(tx, invoice.id, change.retry_due)
         await self._update_collection(tx, invoice.tenant_id, caller, at)
         return "applied"
 
     async def _record_incident(
-        self, tx: InvoiceTransaction, invoice: Invoice, event: StripeEvent, caller: Caller
+        self, tx: PaymentTransaction, invoice: Invoice, event: StripeEvent, caller: Caller
     ) -> None:
         """A refund or a dispute: recorded beside the payment; a paid invoice stays paid."""
         currency = event.currency or invoice.currency
@@ -290,15 +282,14 @@ class PaymentLedger:
         )
 
     async def _update_collection(
-        self, tx: InvoiceTransaction, tenant_id: str, caller: Caller, at: datetime
+        self, tx: PaymentTransaction, tenant_id: str, caller: Caller, at: datetime
     ) -> None:
-        conn = tx.connection
-        state = states.collection_state(*await store.collection_counts(conn, tenant_id))
-        recorded = await store.collection(conn, tenant_id)
+        state = states.collection_state(*await tx.collection_counts(tenant_id))
+        recorded = await tx.collection(tenant_id)
         before = recorded[0] if recorded else CollectionState.GOOD_STANDING
         if state is before:
             return
-        await store.set_collection(conn, tenant_id, state, at)
+        await tx.set_collection(tenant_id, state, at)
         await tx.append_audit(
             AuditEntry(
                 principal=caller.principal.subject,

@@ -23,9 +23,10 @@ import stripe
 from server.payments import states
 from server.payments.kinds import STRIPE_KINDS, STRIPE_RETRY_PAYMENT
 from server.payments.ledger import AttemptOutcome, PaymentLedger
-from server.payments.outbox import Done, Halt, Job, JobHandler, Outcome, Retry, enqueue
-from server.storage import outbox as outbox_store
+from server.payments.outbox import Done, Halt, Job, JobHandler, Outcome, Retry
+from server.payments.stores import PaymentTransaction
 from server.storage import payment_events
+from server.storage.invoices import InvoiceTransaction
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ async def run_retry(
         return RetryDecision(None, "simulation mode: nothing calls out")
     attempt = payment.attempt_count + 1
     outcome = await payer.pay(payment.stripe_invoice_id, idempotency_key(invoice_id, attempt))
-    after = await ledger.record_attempt(conn, invoice_id, attempt, outcome)
+    after = await ledger.record_attempt(InvoiceTransaction(conn), invoice_id, attempt, outcome)
     state = after.state.value if after else "no payment"
     log.info("payment retry %d of invoice %s: %s", attempt, invoice_id, state)
     if after is not None and after.state in states.DUE and after.next_attempt_time is not None:
@@ -116,15 +117,14 @@ async def run_retry(
 class OutboxRetryJobs:
     """RetryJobs on the outbox: one `stripe.retry_payment` job per invoice."""
 
-    async def schedule(self, conn: asyncpg.Connection, invoice_id: str, due: datetime) -> None:
+    async def schedule(self, tx: PaymentTransaction, invoice_id: str, due: datetime) -> None:
         """Make sure the invoice's retry job runs at `due` (or is already pending)."""
-        job = await outbox_store.get(conn, RETRY_KIND, invoice_id)
-        if job is not None and job.state == "pending":
+        if await tx.job_state(RETRY_KIND, invoice_id) == "pending":
             # It reads the payment when it runs and waits for the next attempt's time itself.
             # Not touched: it may be running now, its row locked by a worker that will want
             # this transaction's tenant lock.
             return
-        await enqueue(conn, RETRY_KIND, invoice_id, due=due, reopen=True)
+        await tx.enqueue(RETRY_KIND, [invoice_id], due=due, reopen=True)
 
 
 def retry_handler(

@@ -48,6 +48,7 @@ from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_KIN
 from server.payments.ledger import AttemptOutcome
 from server.payments.outbox import Advance, Backoff, Done, Halt, JobHandler, Outcome, Retry, Stop
 from server.payments.states import Payment
+from server.payments.stores import PaymentTransaction
 from server.payments.stripe_items import minor_units, stripe_items
 from server.storage import credit_notes, payments
 from server.storage import outbox as jobs
@@ -67,7 +68,7 @@ class AttemptRecorder(Protocol):
 
     async def record_attempt(
         self,
-        conn: asyncpg.Connection,
+        tx: PaymentTransaction,
         invoice_id: str,
         attempt: int,
         outcome: AttemptOutcome,
@@ -368,7 +369,9 @@ class StripePush:
             outcome = AttemptOutcome(
                 action_required=exc.code == "authentication_required", failure=_stripe_message(exc)
             )
-            await self._attempts.record_attempt(conn, invoice.id, remote.attempt_count or 1, outcome, _STRIPE)
+            await self._attempts.record_attempt(
+                InvoiceTransaction(conn), invoice.id, remote.attempt_count or 1, outcome, _STRIPE
+            )
             return Done()
         except stripe.InvalidRequestError as exc:
             if exc.code == "invoice_already_paid":
@@ -376,7 +379,9 @@ class StripePush:
                 return Done()
             if exc.code == "invoice_payment_intent_requires_action":
                 outcome = AttemptOutcome(action_required=True, failure=_stripe_message(exc))
-                await self._attempts.record_attempt(conn, invoice.id, 0, outcome, _STRIPE)  # 0: one more
+                await self._attempts.record_attempt(
+                    InvoiceTransaction(conn), invoice.id, 0, outcome, _STRIPE
+                )  # 0: one more
                 return Done()
             raise
         if paid.status == "paid":
@@ -390,7 +395,9 @@ class StripePush:
 
         Through the ledger, like every other payment outcome; Stripe's attempt count is kept.
         """
-        await self._attempts.record_attempt(conn, invoice.id, 0, AttemptOutcome(paid=True), _STRIPE)
+        await self._attempts.record_attempt(
+            InvoiceTransaction(conn), invoice.id, 0, AttemptOutcome(paid=True), _STRIPE
+        )
         if attempt_count is not None:
             await payments.note_paid_attempts(conn, invoice.id, attempt_count)
 

@@ -13,11 +13,16 @@ import asyncpg
 
 from server.domain.audit import AuditEntry
 from server.domain.charges import TierPortion
-from server.domain.models import Invoice, InvoiceKind, InvoicePayment, InvoiceStatus
+from server.domain.models import CreditNote, Invoice, InvoiceKind, InvoicePayment, InvoiceStatus, PaymentState
+from server.domain.plans import PlanVersion
 from server.domain.pricing import LineItem, LineKind
 from server.domain.requests import RequestKey
-from server.storage import audit, payments, request_ids
+from server.domain.stores import BilledLine, MeterWindow, Period, ProfileAndPlans, TenantPeriod, UsageRow
+from server.payments.events import StripeEvent
+from server.payments.states import CollectionState, Payment
+from server.storage import audit, credit_notes, outbox, payment_events, payments, plans, request_ids, webhooks
 from server.storage.database import run_with_retries, unavailable_when_unreachable
+from server.storage.meter_summaries import meter_totals
 
 # Usage of tenant $1[i] over the period [$3[i], $4[i]) (labelled $2[i]) per usage type
 # and unit price. Each rate holds from its effective_from until the next rate of its
@@ -51,16 +56,6 @@ CROSS JOIN LATERAL (
     GROUP BY 1, 2, 3
 ) u
 """
-
-Period = tuple[str, datetime, datetime]  # (label, start, end)
-
-
-UsageRow = tuple[
-    str, str, Decimal | None, Decimal, int
-]  # (service, usage_type, unit price, quantity, events)
-
-
-TenantPeriod = tuple[str, str, datetime, datetime]  # (tenant, label, start, end)
 
 T = TypeVar("T")
 
@@ -195,7 +190,12 @@ def _invoice(
 
 
 class InvoiceTransaction:
-    """The reads and writes of one invoice generation, inside one transaction."""
+    """The reads and writes of one invoice change, inside one transaction.
+
+    server.domain.stores.BillingTransaction and server.payments.stores.PaymentTransaction:
+    the invoice and payment use cases see this class only through those Protocols.
+    `connection` is for the Stripe push's own queries.
+    """
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
@@ -256,9 +256,7 @@ class InvoiceTransaction:
         """usage_rows for many tenants at once, per (tenant, label)."""
         return await _usage_rows(self._conn, periods)
 
-    async def billed_lines(
-        self, tenant_id: str, start: datetime, end: datetime
-    ) -> list[tuple[datetime, datetime, LineItem]]:
+    async def billed_lines(self, tenant_id: str, start: datetime, end: datetime) -> list[BilledLine]:
         """(period_start, period_end, line) of the billed lines that bear on pricing [start, end).
 
         Billed: finalized, paid or uncollectible (a void invoice was withdrawn). They are the
@@ -270,9 +268,9 @@ class InvoiceTransaction:
 
     async def billed_lines_of(
         self, periods: Sequence[tuple[str, datetime, datetime]]
-    ) -> dict[str, list[tuple[datetime, datetime, LineItem]]]:
+    ) -> dict[str, list[BilledLine]]:
         """billed_lines for many (tenant, start, end) at once (one period per tenant), per tenant."""
-        found: dict[str, list[tuple[datetime, datetime, LineItem]]] = {t: [] for t, _, _ in periods}
+        found: dict[str, list[BilledLine]] = {t: [] for t, _, _ in periods}
         rows = await self._conn.fetch(
             f"SELECT p.tenant_id AS for_tenant, i.period_start AS invoice_start, i.period_end AS invoice_end,"
             f" {_LINE_COLUMNS}"
@@ -292,6 +290,143 @@ class InvoiceTransaction:
         for r in rows:
             found[r["for_tenant"]].append((r["invoice_start"], r["invoice_end"], line_item(r)))
         return found
+
+    async def meter_totals(self, windows: Sequence[MeterWindow]) -> dict[tuple[str, str, str], Decimal]:
+        """Each window's meter aggregate, by (tenant, label, meter id) (meter_summaries.meter_totals)."""
+        return await meter_totals(self._conn, windows)
+
+    async def profile(self, tenant_id: str, *, lock: bool = False) -> ProfileAndPlans | None:
+        """The tenant's billing profile and plan history (the row locked with `lock`), or None."""
+        return await plans.profile(self._conn, tenant_id, lock=lock)
+
+    async def profiles(self, tenant_ids: Sequence[str]) -> dict[str, ProfileAndPlans]:
+        """`profile` for many tenants (two statements); tenants without a profile are left out."""
+        return await plans.profiles(self._conn, tenant_ids)
+
+    async def plan_versions(self, plan_ids: Sequence[str]) -> dict[str, list[PlanVersion]]:
+        """Every version of these plans, oldest first, per plan."""
+        return await plans.versions(self._conn, plan_ids)
+
+    async def mark_closed(self, tenant_id: str, closed_until: datetime, next_close_time: datetime) -> None:
+        """Record that the periods are closed up to `closed_until`, and when the next close is due."""
+        await plans.mark_closed(self._conn, tenant_id, closed_until, next_close_time)
+
+    async def mark_closed_many(self, closes: Sequence[tuple[str, datetime, datetime]]) -> None:
+        """mark_closed for many (tenant, closed_until, next_close_time) in one statement."""
+        await plans.mark_closed_many(self._conn, closes)
+
+    async def postpone_close(self, tenant_id: str, next_close_time: datetime) -> None:
+        """Try the tenant's due close again at `next_close_time` (after a failure)."""
+        await self._conn.execute(
+            "UPDATE billing_profiles SET next_close_time = $2 WHERE tenant_id = $1",
+            tenant_id,
+            next_close_time,
+        )
+
+    async def credited(self, invoice_id: str) -> Decimal:
+        """The sum of the invoice's credit notes so far."""
+        return await credit_notes.credited(self._conn, invoice_id)
+
+    async def insert_credit_note(self, note: CreditNote) -> CreditNote:
+        """Store a credit note (its invoice is locked by this transaction); the note as stored."""
+        return await credit_notes.insert(self._conn, note)
+
+    async def publish(
+        self, event_type: str, data: Mapping[str, Any], *, time: datetime | None = None
+    ) -> str | None:
+        """Publish a webhook event with the change (webhooks.publish); its id, or None."""
+        return await webhooks.publish(self._conn, event_type, data, time=time)
+
+    async def publish_many(
+        self, event_type: str, datas: Sequence[Mapping[str, Any]], *, time: datetime
+    ) -> None:
+        """`publish` of many events of one type; one query when nobody subscribes."""
+        await webhooks.publish_many(self._conn, event_type, datas, time=time)
+
+    async def create_payments(self, invoice_ids: Sequence[str], state: PaymentState, at: datetime) -> None:
+        """Record the payment of each new invoice, in `state` (one statement for many)."""
+        if len(invoice_ids) == 1:
+            await payments.create(self._conn, invoice_ids[0], state, at)
+        else:
+            await payments.create_many(self._conn, invoice_ids, state, at)
+
+    async def payment(self, invoice_id: str) -> InvoicePayment | None:
+        """The invoice's payment record, or None."""
+        return await payments.get(self._conn, invoice_id)
+
+    async def enqueue(
+        self,
+        kind: str,
+        subjects: Sequence[str],
+        payload: Mapping[str, Any] | None = None,
+        *,
+        due: datetime,
+        reopen: bool = False,
+    ) -> None:
+        """Add an outbox job of `kind` per subject, due at `due` (outbox.enqueue, with `reopen`)."""
+        if len(subjects) == 1:
+            await outbox.enqueue(self._conn, kind, subjects[0], payload, due=due, reopen=reopen)
+        else:
+            assert payload is None and not reopen, "a block of jobs is new and carries no payload"
+            await outbox.enqueue_many(self._conn, kind, subjects, due=due)
+
+    # --- the payments' rows (server.payments.stores.PaymentTransaction) ---
+
+    async def tenant_of(self, invoice_id: str) -> str | None:
+        """The tenant of the invoice, or None if there is no such invoice."""
+        tenant: str | None = await self._conn.fetchval(
+            "SELECT tenant_id FROM invoices WHERE id = $1", invoice_id
+        )
+        return tenant
+
+    async def record_event(self, event: StripeEvent, payload: str, at: datetime) -> bool:
+        """Store a delivered event once; False if its id was stored before (a redelivery)."""
+        return await payment_events.record_event(self._conn, event, payload, at)
+
+    async def set_event_outcome(self, event_id: str, outcome: str, invoice_id: str | None) -> None:
+        """Record what a stored event did (applied, unchanged, unmatched...) and its invoice."""
+        await payment_events.set_outcome(self._conn, event_id, outcome, invoice_id)
+
+    async def find_invoice(self, event: StripeEvent) -> tuple[str, str] | None:
+        """(invoice id, tenant id) of the Tally invoice an event is about, or None."""
+        return await payment_events.find_invoice(self._conn, event)
+
+    async def remember_refs(self, invoice_id: str, refs: Sequence[str]) -> None:
+        """Remember the Stripe objects (charges, payment intents) that name the invoice."""
+        await payment_events.remember_refs(self._conn, invoice_id, refs)
+
+    async def lock_payment(self, invoice_id: str) -> Payment | None:
+        """The invoice's payment row, locked until the transaction ends; None if it has none yet."""
+        return await payment_events.lock_payment(self._conn, invoice_id)
+
+    async def read_payment(self, invoice_id: str) -> Payment | None:
+        """The invoice's payment row as the rules see it, or None."""
+        return await payment_events.read_payment(self._conn, invoice_id)
+
+    async def save_payment(self, payment: Payment, at: datetime) -> None:
+        """Write the columns webhooks and dunning own; the push's other columns stay as they are."""
+        await payment_events.save_payment(self._conn, payment, at)
+
+    async def collection_counts(self, tenant_id: str) -> tuple[int, int]:
+        """(uncollectible, past due) counts of the tenant's outstanding invoice payments."""
+        return await payment_events.collection_counts(self._conn, tenant_id)
+
+    async def collection(self, tenant_id: str) -> tuple[CollectionState, datetime] | None:
+        """The tenant's recorded collection status and when it was set; None: never recorded."""
+        return await payment_events.collection(self._conn, tenant_id)
+
+    async def set_collection(self, tenant_id: str, state: CollectionState, at: datetime) -> None:
+        """Record the tenant's collection status."""
+        await payment_events.set_collection(self._conn, tenant_id, state, at)
+
+    async def past_due_invoices(self, tenant_id: str, limit: int) -> list[tuple[str, str]]:
+        """(invoice id, payment state) of the tenant's outstanding payments."""
+        return await payment_events.past_due_invoices(self._conn, tenant_id, limit)
+
+    async def job_state(self, kind: str, subject: str) -> str | None:
+        """The state of the outbox job (kind, subject), or None if there is none."""
+        job = await outbox.get(self._conn, kind, subject)
+        return None if job is None else job.state
 
     async def lock(self, invoice_id: str) -> Invoice | None:
         """The invoice, its row locked until the transaction ends."""

@@ -35,6 +35,7 @@ from server.domain.aggregation import (
 from server.domain.decimals import format_quantity, trim_decimal
 from server.domain.meters import Aggregation, Meter
 from server.domain.models import MeterValue
+from server.domain.stores import MeterWindow
 from server.domain.timeutil import MICROS_PER_HOUR, MICROS_PER_SECOND, to_datetime, to_micros
 from server.storage import meters as meter_store
 
@@ -143,7 +144,6 @@ ORDER BY event_time, event_id
 
 
 # (tenant, label, meter id, start, end): one meter's aggregate wanted over [start, end).
-MeterWindow = tuple[str, str, str, datetime, datetime]
 
 
 async def meter_totals(

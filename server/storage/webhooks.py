@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -12,6 +15,9 @@ from server.domain.audit import AuditEntry
 from server.domain.errors import ErrorReason, FailedPrecondition
 from server.domain.requests import Once, Replayed
 from server.domain.webhooks import (
+    DELIVER_JOB,
+    DELIVERY_WINDOW,
+    EVENT_TYPES,
     MAX_SUBSCRIPTIONS,
     Delivery,
     DeliveryAttempt,
@@ -23,6 +29,7 @@ from server.domain.webhooks import (
 )
 from server.storage import audit, request_ids
 from server.storage.database import run_with_retries
+from server.storage.outbox import enqueue
 
 # One transaction at a time counts and adds subscriptions, so the limit holds under concurrency.
 _CREATE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('webhook_subscriptions', 0))"
@@ -136,6 +143,42 @@ async def has_subscribers(conn: asyncpg.Connection, event_type: str) -> bool:
             "SELECT EXISTS (SELECT 1 FROM webhook_subscriptions WHERE $1 = ANY(event_types))", event_type
         )
     )
+
+
+async def publish(
+    conn: asyncpg.Connection,
+    event_type: str,
+    data: Mapping[str, Any],
+    *,
+    time: datetime | None = None,
+) -> str | None:
+    """Publish an event in the caller's transaction; its id, or None if nobody subscribes to its type.
+
+    `time` is the event's time, from which its deliveries are due and retried for 3 days: pass
+    the time of the change from the caller's clock (tests step fake ones); without it, the
+    transaction's start time from the database.
+    """
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {event_type!r}")
+    if time is None:
+        time = await conn.fetchval("SELECT now()")
+    assert time is not None
+    event_id = f"evt_{uuid.uuid4().hex}"
+    body = json.dumps(dict(data), sort_keys=True)
+    deliveries = await insert_event(conn, event_id, event_type, body, time, time + DELIVERY_WINDOW)
+    for delivery_id in deliveries:
+        await enqueue(conn, DELIVER_JOB, str(delivery_id), due=time)
+    return event_id if deliveries else None
+
+
+async def publish_many(
+    conn: asyncpg.Connection, event_type: str, datas: Sequence[Mapping[str, Any]], *, time: datetime
+) -> None:
+    """`publish` of many events of one type (a period close's block); one query when nobody subscribes."""
+    if not datas or not await has_subscribers(conn, event_type):
+        return
+    for data in datas:
+        await publish(conn, event_type, data, time=time)
 
 
 async def lock_target(conn: asyncpg.Connection, delivery_id: int) -> DeliveryTarget | None:
