@@ -12,7 +12,8 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
   close    the server closes a month for 10,000 tenants (all seven usage types); every invoice checked
   preview  PreviewInvoice of one tenant's open period with 1M and 10M events
   meters-ingest  ingestion with the 7 default SUM meters vs. with MAX, UNIQUE_COUNT and TIME_WEIGHTED
-           meters too, interleaved (--repeats), lock wait per batch sampled (bench.meters)
+           meters too (the UNIQUE_COUNT of new values, and of seen values), interleaved
+           (--repeats), lock wait per batch sampled (bench.meters)
   meters-query   GetUsageSummary per aggregation (SUM, MAX, UNIQUE_COUNT, TIME_WEIGHTED), daily and
            monthly, for one tenant with 1M and 10M events (not in the default set: run it by name)
 """
