@@ -40,7 +40,7 @@ from server.domain.plans import (
     with_overrides,
 )
 from server.domain.pricing import InvoiceAmounts, LineItem, LineKind, PricedUsage
-from server.domain.stores import BillingTransaction, UsageRow
+from server.domain.stores import PricingReads, UsageRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +112,7 @@ class PricingBasis:
 MeterValues = dict[str, dict[str, Decimal]]
 
 
-async def meter_values_of(
-    tx: BillingTransaction, bases: Mapping[str, PricingBasis]
-) -> dict[str, MeterValues]:
+async def meter_values_of(tx: PricingReads, bases: Mapping[str, PricingBasis]) -> dict[str, MeterValues]:
     """The meter aggregates that the tenants' invoices price, per tenant, read in one pass."""
     windows = [
         (tenant, label, meter_id, start, end)
@@ -139,7 +137,7 @@ def pricing_basis(
     versions: Mapping[str, list[PlanVersion]],
     billed_lines: Sequence[tuple[datetime, datetime, LineItem]],
 ) -> PricingBasis:
-    """Sort what was billed (see BillingTransaction.billed_lines) into the periods to price."""
+    """Sort what was billed (see PricingReads.billed_lines) into the periods to price."""
     profile, history = found if found is not None else (None, list[PlanAssignment]())
     own_versions = {plan_id: list(versions[plan_id]) for plan_id in plan_ids_of(history)}
     billed: dict[tuple[datetime, datetime], list[LineItem]] = defaultdict(list)
@@ -173,7 +171,7 @@ class InvoicePricer:
 
     async def price(
         self,
-        tx: BillingTransaction,
+        tx: PricingReads,
         tenant_id: str,
         start: datetime,
         end: datetime,

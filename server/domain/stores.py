@@ -188,11 +188,8 @@ class MeterBook(Protocol):
         ...
 
 
-class PlanTransaction(Protocol):
-    """What the plan and billing-profile use cases read and write in one transaction.
-
-    Changes commit or roll back together with the request-id claim and the audit entry.
-    """
+class ChangeRecords(Protocol):
+    """What every audited change writes with itself: its request-id claim and its audit entry."""
 
     async def claim(self, key: RequestKey) -> bytes | None:
         """Claim a request's key for this change; the first call's response if it ran before."""
@@ -205,6 +202,13 @@ class PlanTransaction(Protocol):
     async def append_audit(self, entry: AuditEntry) -> None:
         """Record the change in the audit trail."""
         ...
+
+
+class PlanTransaction(ChangeRecords, Protocol):
+    """What the plan and billing-profile use cases read and write in one transaction.
+
+    Changes commit or roll back together with the request-id claim and the audit entry.
+    """
 
     async def get_plan(self, plan_id: str) -> Plan | None:
         """The plan with its versions, or None."""
@@ -275,30 +279,8 @@ class AuditReader(Protocol):
         ...
 
 
-class BillingTransaction(Protocol):
-    """What the invoice use cases (server.billing) read and write in one transaction.
-
-    Every change commits or rolls back together: the invoice and its lines, the numbering
-    sequence, the profile's close cursor, the request-id claim, the audit entry, the events
-    published to webhook subscribers, the payment record and the outbox jobs. Storage's
-    InvoiceTransaction implements it on one connection; tests/memory_stores.py in memory.
-    """
-
-    async def claim(self, key: RequestKey) -> bytes | None:
-        """Claim a request's key for this change; the first call's response if it ran before."""
-        ...
-
-    async def complete(self, key: RequestKey, response: bytes) -> None:
-        """Store the response of the change that claimed `key`."""
-        ...
-
-    async def append_audit(self, entry: AuditEntry) -> None:
-        """Record the change in the audit trail."""
-        ...
-
-    async def append_audit_many(self, entries: Sequence[AuditEntry]) -> None:
-        """Record many changes in the audit trail, in order."""
-        ...
+class InvoiceRecords(Protocol):
+    """Invoices, their lines and numbers, under the tenant's invoice lock."""
 
     async def lock_tenant(self, tenant_id: str) -> None:
         """Hold the tenant's invoice lock until the transaction ends."""
@@ -315,28 +297,6 @@ class BillingTransaction(Protocol):
 
     async def with_final_invoice_over(self, periods: Sequence[tuple[str, datetime, datetime]]) -> set[str]:
         """The tenants of (tenant, start, end) that have a final invoice overlapping their period."""
-        ...
-
-    async def usage_rows(self, tenant_id: str, periods: Sequence[Period]) -> dict[str, list[UsageRow]]:
-        """The tenant's usage per labelled period, per type and rate card price (None: no rate)."""
-        ...
-
-    async def usage_rows_of(self, periods: Sequence[TenantPeriod]) -> dict[tuple[str, str], list[UsageRow]]:
-        """usage_rows for many tenants at once, per (tenant, label)."""
-        ...
-
-    async def billed_lines(self, tenant_id: str, start: datetime, end: datetime) -> list[BilledLine]:
-        """The billed lines that bear on pricing [start, end): earlier periods, interims, adjustments."""
-        ...
-
-    async def billed_lines_of(
-        self, periods: Sequence[tuple[str, datetime, datetime]]
-    ) -> dict[str, list[BilledLine]]:
-        """billed_lines for many (tenant, start, end) at once, per tenant."""
-        ...
-
-    async def meter_totals(self, windows: Sequence[MeterWindow]) -> dict[tuple[str, str, str], Decimal]:
-        """Each window's meter aggregate over all its groups, by (tenant, label, meter id); 0 left out."""
         ...
 
     async def lock(self, invoice_id: str) -> Invoice | None:
@@ -399,6 +359,14 @@ class BillingTransaction(Protocol):
         """Move a finalized invoice along its lifecycle, stamping the time of the new status."""
         ...
 
+    async def append_audit_many(self, entries: Sequence[AuditEntry]) -> None:
+        """Record many changes in the audit trail, in order."""
+        ...
+
+
+class PricingReads(Protocol):
+    """What pricing a period reads: the profile and plans, usage, meters and what was billed."""
+
     async def profile(self, tenant_id: str, *, lock: bool = False) -> ProfileAndPlans | None:
         """The tenant's billing profile and plan history (the row locked with `lock`), or None."""
         ...
@@ -410,6 +378,32 @@ class BillingTransaction(Protocol):
     async def plan_versions(self, plan_ids: Sequence[str]) -> dict[str, list[PlanVersion]]:
         """Every version of these plans, oldest first, per plan."""
         ...
+
+    async def usage_rows(self, tenant_id: str, periods: Sequence[Period]) -> dict[str, list[UsageRow]]:
+        """The tenant's usage per labelled period, per type and rate card price (None: no rate)."""
+        ...
+
+    async def usage_rows_of(self, periods: Sequence[TenantPeriod]) -> dict[tuple[str, str], list[UsageRow]]:
+        """usage_rows for many tenants at once, per (tenant, label)."""
+        ...
+
+    async def billed_lines(self, tenant_id: str, start: datetime, end: datetime) -> list[BilledLine]:
+        """The billed lines that bear on pricing [start, end): earlier periods, interims, adjustments."""
+        ...
+
+    async def billed_lines_of(
+        self, periods: Sequence[tuple[str, datetime, datetime]]
+    ) -> dict[str, list[BilledLine]]:
+        """billed_lines for many (tenant, start, end) at once, per tenant."""
+        ...
+
+    async def meter_totals(self, windows: Sequence[MeterWindow]) -> dict[tuple[str, str, str], Decimal]:
+        """Each window's meter aggregate over all its groups, by (tenant, label, meter id); 0 left out."""
+        ...
+
+
+class CloseCursor(Protocol):
+    """How far a tenant's periods are closed, and when the next close is due."""
 
     async def mark_closed(self, tenant_id: str, closed_until: datetime, next_close_time: datetime) -> None:
         """Record that the periods are closed up to `closed_until`, and when the next close is due."""
@@ -423,6 +417,10 @@ class BillingTransaction(Protocol):
         """Try the tenant's due close again at `next_close_time` (after a failure)."""
         ...
 
+
+class CreditNoteRecords(Protocol):
+    """The credit notes of an invoice."""
+
     async def credited(self, invoice_id: str) -> Decimal:
         """The sum of the invoice's credit notes so far."""
         ...
@@ -430,6 +428,10 @@ class BillingTransaction(Protocol):
     async def insert_credit_note(self, note: CreditNote) -> CreditNote:
         """Store a credit note (its invoice is locked by this transaction); the note as stored."""
         ...
+
+
+class EventPublisher(Protocol):
+    """Webhook events, published with the change that they report."""
 
     async def publish(
         self, event_type: str, data: Mapping[str, Any], *, time: datetime | None = None
@@ -442,6 +444,10 @@ class BillingTransaction(Protocol):
     ) -> None:
         """`publish` of many events of one type."""
         ...
+
+
+class CollectionRecords(Protocol):
+    """What finalizing, voiding and crediting owe to collection: payment records and outbox jobs."""
 
     async def create_payments(self, invoice_ids: Sequence[str], state: PaymentState, at: datetime) -> None:
         """Record the payment of each new invoice, in `state`."""
@@ -466,6 +472,27 @@ class BillingTransaction(Protocol):
         that recurs); a pending one is never reset.
         """
         ...
+
+
+class BillingTransaction(
+    ChangeRecords,
+    InvoiceRecords,
+    PricingReads,
+    CloseCursor,
+    CreditNoteRecords,
+    EventPublisher,
+    CollectionRecords,
+    Protocol,
+):
+    """What the invoice use cases (server.billing) read and write in one transaction.
+
+    Every change commits or rolls back together: the invoice and its lines, the numbering
+    sequence, the profile's close cursor, the request-id claim, the audit entry, the events
+    published to webhook subscribers, the payment record and the outbox jobs. The parts are
+    small Protocols of their own, so that a step takes only what it uses (the pricer
+    PricingReads, Collection CollectionRecords). Storage's InvoiceTransaction implements
+    it on one connection; tests/memory_stores.py in memory.
+    """
 
 
 class InvoiceBook(Transactions[BillingTransaction], Protocol):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from server.domain.models import Invoice, InvoicePayment, PaymentState
-from server.domain.stores import BillingTransaction
+from server.domain.stores import CollectionRecords
 from server.payments.kinds import STRIPE_CREDIT_NOTE, STRIPE_INVOICE, STRIPE_VOID
 
 
@@ -25,13 +25,13 @@ class Collection:
         self.live = live
 
     async def invoice_finalized(
-        self, tx: BillingTransaction, invoice: Invoice, at: datetime
+        self, tx: CollectionRecords, invoice: Invoice, at: datetime
     ) -> InvoicePayment:
         """Record the new invoice's payment and, live, queue its push; the payment as recorded."""
         return await self.invoices_finalized(tx, [invoice], at)
 
     async def invoices_finalized(
-        self, tx: BillingTransaction, invoices: Sequence[Invoice], at: datetime
+        self, tx: CollectionRecords, invoices: Sequence[Invoice], at: datetime
     ) -> InvoicePayment:
         """`invoice_finalized` for a block of invoices finalized together; their (common) payment."""
         state = PaymentState.PENDING if self.live else PaymentState.SIMULATED
@@ -41,14 +41,14 @@ class Collection:
             await tx.enqueue(STRIPE_INVOICE, ids, due=at)
         return InvoicePayment(state=state, updated_time=at)
 
-    async def invoice_voided(self, tx: BillingTransaction, invoice_id: str, at: datetime) -> None:
+    async def invoice_voided(self, tx: CollectionRecords, invoice_id: str, at: datetime) -> None:
         """A billed invoice was voided: mirror it at Stripe if it was pushed there."""
         payment = await tx.payment(invoice_id)
         if payment is not None and payment.state is not PaymentState.SIMULATED:
             await tx.enqueue(STRIPE_VOID, [invoice_id], due=at)
 
     async def credit_note_created(
-        self, tx: BillingTransaction, note_id: str, invoice_id: str, at: datetime
+        self, tx: CollectionRecords, note_id: str, invoice_id: str, at: datetime
     ) -> None:
         """A credit note was issued: mirror it at Stripe if its invoice was pushed there."""
         payment = await tx.payment(invoice_id)
