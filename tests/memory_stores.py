@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from server.domain.aggregation import TimeBucket
 from server.domain.audit import AuditEntry, AuditEvent
@@ -194,12 +194,13 @@ class FakeAuditReader:
         return [e for e in self.events if e.id > after_id][:limit]
 
 
-class FakeBillingTransaction:
-    """BillingTransaction (server.domain.stores) and PaymentTransaction (server.payments.stores)
-    on FakeInvoices' state: one transaction's view of it, as storage's InvoiceTransaction is both."""
+Tx = TypeVar("Tx")
 
-    def __init__(self, state: FakeInvoices) -> None:
-        self._state = state
+
+class FakeChangeRecords:
+    """ChangeRecords (server.domain.stores) on a fake's state: its `requests` and `audited`."""
+
+    _state: Any
 
     async def claim(self, key: RequestKey) -> bytes | None:
         return claim_request(self._state.requests, key)
@@ -209,6 +210,52 @@ class FakeBillingTransaction:
 
     async def append_audit(self, entry: AuditEntry) -> None:
         self._state.audited.append(entry)
+
+
+class FakeTransactions(Generic[Tx]):
+    """Transactions (server.domain.stores) in memory: `work` runs once; its changes are undone if it raises.
+
+    Counts the units of work per kind, so that a test sees which transaction a use case asked for.
+    A subclass says what a transaction is and how its state is saved and put back.
+    """
+
+    def __init__(self) -> None:
+        self.units: list[str] = []
+
+    def _transaction(self) -> Tx:
+        raise NotImplementedError
+
+    def _snapshot(self) -> object:
+        raise NotImplementedError
+
+    def _restore(self, saved: object) -> None:
+        raise NotImplementedError
+
+    async def _run(self, kind: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+        self.units.append(kind)
+        saved = self._snapshot()
+        try:
+            return await work(self._transaction())
+        except BaseException:
+            self._restore(saved)  # rolled back whole
+            raise
+
+    async def run_read(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        return await self._run("read", work)
+
+    async def run_in_transaction(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        return await self._run("transaction", work)
+
+    async def run_in_tenant_transaction(self, tenant_id: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+        return await self._run(f"tenant {tenant_id}", work)
+
+
+class FakeBillingTransaction(FakeChangeRecords):
+    """BillingTransaction (server.domain.stores) and PaymentTransaction (server.payments.stores)
+    on FakeInvoices' state: one transaction's view of it, as storage's InvoiceTransaction is both."""
+
+    def __init__(self, state: FakeInvoices) -> None:
+        self._state = state
 
     async def append_audit_many(self, entries: Sequence[AuditEntry]) -> None:
         self._state.audited.extend(entries)
@@ -506,18 +553,17 @@ def claim_request(requests: dict[tuple[str, str, str], tuple[bytes, bytes]], key
     return stored[1]
 
 
-class FakeInvoices:
-    """An InvoiceBook in memory: `work` runs once; what it changed is undone if it raises.
+class FakeInvoices(FakeTransactions[FakeBillingTransaction]):
+    """An InvoiceBook in memory (see FakeTransactions).
 
-    Counts the units of work per kind, so that a test sees which transaction a use case asked for.
     `usage` is each tenant's priced usage, the same for every period.
     """
 
     def __init__(self, *invoices: Invoice) -> None:
+        super().__init__()
         self.invoices = {invoice.id: invoice for invoice in invoices}
         self.audited: list[AuditEntry] = []
         self.requests: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
-        self.units: list[str] = []
         self.usage: dict[str, list[UsageRow]] = {}
         self.numbers: dict[tuple[str, str], int] = {}
         self.notes: list[CreditNote] = []
@@ -546,26 +592,15 @@ class FakeInvoices:
         "collections",
     )
 
-    async def _run(self, kind: str, work: Callable[[FakeBillingTransaction], Awaitable[T]]) -> T:
-        self.units.append(kind)
-        saved = {name: copy.copy(getattr(self, name)) for name in self._STATE}
-        try:
-            return await work(FakeBillingTransaction(self))
-        except BaseException:
-            for name, value in saved.items():  # rolled back whole
-                setattr(self, name, value)
-            raise
+    def _transaction(self) -> FakeBillingTransaction:
+        return FakeBillingTransaction(self)
 
-    async def run_read(self, work: Callable[[FakeBillingTransaction], Awaitable[T]]) -> T:
-        return await self._run("read", work)
+    def _snapshot(self) -> object:
+        return {name: copy.copy(getattr(self, name)) for name in self._STATE}
 
-    async def run_in_transaction(self, work: Callable[[FakeBillingTransaction], Awaitable[T]]) -> T:
-        return await self._run("transaction", work)
-
-    async def run_in_tenant_transaction(
-        self, tenant_id: str, work: Callable[[FakeBillingTransaction], Awaitable[T]]
-    ) -> T:
-        return await self._run(f"tenant {tenant_id}", work)
+    def _restore(self, saved: object) -> None:
+        for name, value in cast(dict[str, object], saved).items():
+            setattr(self, name, value)
 
     async def run_if_tenant_free(
         self, tenant_id: str, work: Callable[[FakeBillingTransaction | None], Awaitable[T]]
@@ -618,21 +653,12 @@ class PlanState:
     requests: dict[tuple[str, str, str], tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
 
 
-class FakePlanTransaction:
+class FakePlanTransaction(FakeChangeRecords):
     """A PlanTransaction on FakePlans' state, with storage's semantics (profiles carry the latest plan)."""
 
     def __init__(self, state: PlanState, now: datetime) -> None:
         self._state = state
         self._now = now
-
-    async def claim(self, key: RequestKey) -> bytes | None:
-        return claim_request(self._state.requests, key)
-
-    async def complete(self, key: RequestKey, response: bytes) -> None:
-        self._state.requests[_request(key)] = (key.fingerprint, response)
-
-    async def append_audit(self, entry: AuditEntry) -> None:
-        self._state.audited.append(entry)
 
     async def get_plan(self, plan_id: str) -> Plan | None:
         return self._state.plans.get(plan_id)
@@ -703,30 +729,19 @@ class FakePlanTransaction:
         return {m: self._state.meters[m] for m in meter_ids if m in self._state.meters}
 
 
-class FakePlans:
-    """Transactions[PlanTransaction] in memory: `work` runs once; what it changed is undone if it raises."""
+class FakePlans(FakeTransactions[FakePlanTransaction]):
+    """Transactions[PlanTransaction] in memory (see FakeTransactions)."""
 
     def __init__(self, now: datetime) -> None:
+        super().__init__()
         self.state = PlanState()
-        self.units: list[str] = []
         self._now = now
 
-    async def _run(self, kind: str, work: Callable[[FakePlanTransaction], Awaitable[T]]) -> T:
-        self.units.append(kind)
-        saved = copy.deepcopy(self.state)
-        try:
-            return await work(FakePlanTransaction(self.state, self._now))
-        except BaseException:
-            self.state = saved  # rolled back whole
-            raise
+    def _transaction(self) -> FakePlanTransaction:
+        return FakePlanTransaction(self.state, self._now)
 
-    async def run_read(self, work: Callable[[FakePlanTransaction], Awaitable[T]]) -> T:
-        return await self._run("read", work)
+    def _snapshot(self) -> object:
+        return copy.deepcopy(self.state)
 
-    async def run_in_transaction(self, work: Callable[[FakePlanTransaction], Awaitable[T]]) -> T:
-        return await self._run("transaction", work)
-
-    async def run_in_tenant_transaction(
-        self, tenant_id: str, work: Callable[[FakePlanTransaction], Awaitable[T]]
-    ) -> T:
-        return await self._run(f"tenant {tenant_id}", work)
+    def _restore(self, saved: object) -> None:
+        self.state = cast(PlanState, saved)

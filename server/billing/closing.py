@@ -23,7 +23,6 @@ or a pricing error. That path finalizes, refuses, or logs and postpones it, as b
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -32,7 +31,7 @@ from server.billing.pricer import InvoicePricer, PricedInvoice, meter_values_of,
 from server.domain.access import Caller
 from server.domain.audit import AuditAction, AuditEntry, invoice_state
 from server.domain.errors import TallyError
-from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
+from server.domain.models import Invoice, InvoiceKind
 from server.domain.plans import billing_period
 from server.domain.stores import BillingTransaction
 
@@ -85,27 +84,7 @@ async def close_block(
         if priced.unpriced:
             left.append(tenant)
             continue
-        amounts = priced.amounts
-        drafts.append(
-            (
-                Invoice(
-                    id=f"inv_{uuid.uuid4().hex}",
-                    tenant_id=tenant,
-                    period_start=basis.start,
-                    period_end=basis.end,
-                    currency=priced.currency,
-                    lines=amounts.lines,
-                    total=amounts.total,
-                    status=InvoiceStatus.DRAFT,
-                    created_at=at,
-                    updated_at=at,
-                    computed_at=at,
-                    kind=InvoiceKind.FINAL,
-                    plan_ids=priced.plan_ids,
-                ),
-                priced,
-            )
-        )
+        drafts.append((priced.draft(tenant, basis.start, basis.end, InvoiceKind.FINAL, at), priced))
     if not drafts:
         return BlockClose([], left)
 

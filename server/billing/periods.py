@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import uuid
@@ -97,20 +98,9 @@ class Periods:
             return start, end, await self._pricer.price(tx, tenant_id, start, end)
 
         start, end, priced = await self._invoices.run_read(work)
-        return Invoice(
-            id="",
-            tenant_id=tenant_id,
-            period_start=start,
-            period_end=end,
-            currency=priced.currency,
-            lines=priced.amounts.lines,
-            total=priced.amounts.total,
-            status=InvoiceStatus.DRAFT,
-            created_at=now,
-            updated_at=now,
-            computed_at=now,
-            plan_ids=priced.plan_ids,
-        )
+        return dataclasses.replace(
+            priced.draft(tenant_id, start, end, InvoiceKind.FINAL, now), id=""
+        )  # not stored
 
     async def close_in(
         self, tx: BillingTransaction, tenant_id: str, caller: Caller, due_by: datetime | None
@@ -318,26 +308,18 @@ async def _save_draft(
     at: datetime,
 ) -> Invoice:
     """Store the priced period as a new draft invoice of `kind`; the draft, as finalize_in takes it."""
-    invoice_id = f"inv_{uuid.uuid4().hex}"
-    amounts = priced.amounts
+    draft = priced.draft(tenant_id, period.start, period.end, kind, at)
     await tx.save(
-        invoice_id, tenant_id, period.start, period.end, priced.currency, amounts.total, amounts.lines, kind
+        draft.id,
+        tenant_id,
+        draft.period_start,
+        draft.period_end,
+        draft.currency,
+        draft.total,
+        draft.lines,
+        kind,
     )
-    return Invoice(
-        id=invoice_id,
-        tenant_id=tenant_id,
-        period_start=period.start,
-        period_end=period.end,
-        currency=priced.currency,
-        lines=amounts.lines,
-        total=amounts.total,
-        status=InvoiceStatus.DRAFT,
-        created_at=at,
-        updated_at=at,
-        computed_at=at,
-        kind=kind,
-        plan_ids=priced.plan_ids,
-    )
+    return draft
 
 
 def scheduler_principal() -> Principal:

@@ -11,6 +11,7 @@ block of tenants from a few set-based reads exactly as `price` prices one.
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from server.domain.invoice_pricing import (
     finish,
     price_segments,
 )
+from server.domain.models import Invoice, InvoiceKind, InvoiceStatus
 from server.domain.period_pricing import Tax
 from server.domain.plans import (
     DEFAULT_PLAN,
@@ -52,6 +54,26 @@ class PricedInvoice:
     plan_ids: tuple[str, ...]
     unpriced: bool
     profile: BillingProfile | None
+
+    def draft(
+        self, tenant_id: str, start: datetime, end: datetime, kind: InvoiceKind, at: datetime
+    ) -> Invoice:
+        """This content as a new draft invoice of the tenant for [start, end), with a fresh id."""
+        return Invoice(
+            id=f"inv_{uuid.uuid4().hex}",
+            tenant_id=tenant_id,
+            period_start=start,
+            period_end=end,
+            currency=self.currency,
+            lines=self.amounts.lines,
+            total=self.amounts.total,
+            status=InvoiceStatus.DRAFT,
+            created_at=at,
+            updated_at=at,
+            computed_at=at,
+            kind=kind,
+            plan_ids=self.plan_ids,
+        )
 
 
 def full_hours(profile: BillingProfile | None, start: datetime, end: datetime) -> int:

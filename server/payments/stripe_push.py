@@ -379,9 +379,10 @@ class StripePush:
                 return Done()
             if exc.code == "invoice_payment_intent_requires_action":
                 outcome = AttemptOutcome(action_required=True, failure=_stripe_message(exc))
+                attempt = 0  # one more than known
                 await self._attempts.record_attempt(
-                    InvoiceTransaction(conn), invoice.id, 0, outcome, _STRIPE
-                )  # 0: one more
+                    InvoiceTransaction(conn), invoice.id, attempt, outcome, _STRIPE
+                )
                 return Done()
             raise
         if paid.status == "paid":

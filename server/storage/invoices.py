@@ -344,11 +344,8 @@ class InvoiceTransaction:
         await webhooks.publish_many(self._conn, event_type, datas, time=time)
 
     async def create_payments(self, invoice_ids: Sequence[str], state: PaymentState, at: datetime) -> None:
-        """Record the payment of each new invoice, in `state` (one statement for many)."""
-        if len(invoice_ids) == 1:
-            await payments.create(self._conn, invoice_ids[0], state, at)
-        else:
-            await payments.create_many(self._conn, invoice_ids, state, at)
+        """Record the payment of each new invoice, in `state` (one statement)."""
+        await payments.create_many(self._conn, invoice_ids, state, at)
 
     async def payment(self, invoice_id: str) -> InvoicePayment | None:
         """The invoice's payment record, or None."""

@@ -39,21 +39,10 @@ async def get(conn: asyncpg.Connection | asyncpg.Pool, invoice_id: str) -> Invoi
     return None if row is None else _payment(row)
 
 
-async def create(conn: asyncpg.Connection, invoice_id: str, state: PaymentState, at: datetime) -> None:
-    """The invoice's payment row, when it is finalized (once: a second call changes nothing)."""
-    await conn.execute(
-        "INSERT INTO invoice_payments (invoice_id, state, updated_time) VALUES ($1, $2, $3)"
-        " ON CONFLICT (invoice_id) DO NOTHING",
-        invoice_id,
-        state.value,
-        at,
-    )
-
-
 async def create_many(
     conn: asyncpg.Connection, invoice_ids: Sequence[str], state: PaymentState, at: datetime
 ) -> None:
-    """`create` for many invoices in one statement (a period close's block)."""
+    """The invoices' payment rows, when they are finalized (once: a second call changes nothing)."""
     await conn.execute(
         "INSERT INTO invoice_payments (invoice_id, state, updated_time)"
         " SELECT invoice_id, $2, $3 FROM unnest($1::text[]) AS invoice_id"
