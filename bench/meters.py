@@ -124,7 +124,7 @@ FROM generate_series($3::timestamptz, $3::timestamptz + interval '30 days' - int
 # values per hour, and per month with the days they appeared in (migration 0054).
 _LOAD_DISTINCT = """
 INSERT INTO meter_distinct_hours (tenant_id, meter_id, hour, group_values, value)
-SELECT DISTINCT $1::text, $2::bigint, date_trunc('hour', t, 'UTC'), '{}'::jsonb,
+SELECT DISTINCT $1::text, $2::bigint, date_trunc('hour', t, 'UTC'), '{}',
        'user-' || (n * 7919 % 100000)
 FROM (SELECT n, $3::timestamptz + (n * ($4::bigint / $5::bigint)) * interval '1 microsecond' AS t
       FROM generate_series(1, $5::bigint) AS n) AS e

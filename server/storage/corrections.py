@@ -72,34 +72,35 @@ WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::json
 ORDER BY event_time DESC, event_id COLLATE "C" DESC
 LIMIT 1
 """
+# UNIQUE_COUNT's tables key their groups as jsonb's text (migration 0054): $3::jsonb::text.
 _DELETE_UNIQUE = """
 DELETE FROM meter_unique_values
-WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND value = $4 AND hour = $5
+WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4 AND hour = $5
   AND event_id = $6
 RETURNING 1
 """
 _STILL_CARRIED = """
 SELECT EXISTS (
     SELECT 1 FROM meter_unique_values
-    WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND value = $4
+    WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4
       AND hour >= $5 AND hour < $6
 )
 """
 _DELETE_HOUR_VALUE = """
 DELETE FROM meter_distinct_hours
-WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb AND value = $5
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text AND value = $5
 RETURNING 1
 """
 # $6: the day's bit. The month row keeps its other days; without them, it goes.
 _CLEAR_DAY = """
 UPDATE meter_distinct_months SET days = days & ~$6::integer
-WHERE tenant_id = $1 AND meter_id = $2 AND month = $3 AND group_values = $4::jsonb AND value = $5
+WHERE tenant_id = $1 AND meter_id = $2 AND month = $3 AND group_values = $4::jsonb::text AND value = $5
   AND days & $6::integer <> 0 AND days <> $6::integer
 RETURNING 1
 """
 _DELETE_MONTH_VALUE = """
 DELETE FROM meter_distinct_months
-WHERE tenant_id = $1 AND meter_id = $2 AND month = $3 AND group_values = $4::jsonb AND value = $5
+WHERE tenant_id = $1 AND meter_id = $2 AND month = $3 AND group_values = $4::jsonb::text AND value = $5
   AND days = $6::integer
 RETURNING 1
 """
@@ -107,7 +108,7 @@ RETURNING 1
 _UNCOUNT_DISTINCT = """
 INSERT INTO meter_unique_counts AS n
     (tenant_id, meter_id, hour, group_values, stripe, hour_values, day_values, month_values)
-VALUES ($1, $2, $3, $4::jsonb, pg_backend_pid(), -1, -$5::integer, -$6::integer)
+VALUES ($1, $2, $3, $4::jsonb::text, pg_backend_pid(), -1, -$5::integer, -$6::integer)
 ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
     SET hour_values = n.hour_values + excluded.hour_values,
         day_values = n.day_values + excluded.day_values,

@@ -77,10 +77,13 @@ FROM meter_hourly
 WHERE tenant_id = ANY($1::text[]) AND meter_id = $5 AND hour >= $2 AND hour < $3
 ORDER BY 1, 2, 3, latest_time DESC, latest_event_id COLLATE "C" DESC
 """
+# UNIQUE_COUNT's tables key their groups as jsonb's text (migration 0054): parsed only to
+# group by a dimension ($5), which a CASE spares the other summaries.
+_GROUP_DIMENSION = "CASE $5 WHEN '' THEN '' ELSE coalesce(group_values::jsonb ->> $5, '') END"
 # $2, $3, $4: each piece's label, grain and start. Edge hours read their values
 # (meter_distinct_hours); whole days and months read the values of their month whose days
 # meet the label's mask of days in that month (meter_distinct_months, migration 0054).
-_UNIQUE = """
+_UNIQUE = f"""
 WITH pieces AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS p(label, grain, bucket)
 ), masks AS (
@@ -101,8 +104,7 @@ WITH pieces AS (
     JOIN meter_distinct_months AS m
       ON m.tenant_id = ANY($1::text[]) AND m.meter_id = $6 AND m.month = p.month AND m.days & p.days <> 0
 )
-SELECT tenant_id, label, coalesce(group_values ->> nullif($5, ''), '') AS dimension_value,
-       count(DISTINCT value) AS distinct_values
+SELECT tenant_id, label, {_GROUP_DIMENSION} AS dimension_value, count(DISTINCT value) AS distinct_values
 FROM found
 GROUP BY 1, 2, 3
 ORDER BY 1, 2, 3
@@ -113,12 +115,12 @@ ORDER BY 1, 2, 3
 # read a million index entries and took 0.6 s). Each group comes back on its own: two
 # groups with the same label (no `region`, and `region` ""), whose values may overlap,
 # send the caller back to counting values.
-_UNIQUE_COUNTS = """
+_UNIQUE_COUNTS = f"""
 WITH pieces AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], $7::timestamptz[])
         AS p(label, grain, bucket, until)
 )
-SELECT tenant_id, label, coalesce(group_values ->> nullif($5, ''), '') AS dimension_value,
+SELECT tenant_id, label, {_GROUP_DIMENSION} AS dimension_value,
        sum(distinct_values)::bigint AS distinct_values
 FROM (
     SELECT n.tenant_id, p.label, n.group_values,

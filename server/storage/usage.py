@@ -111,14 +111,14 @@ METER_WRITES = """, gauge_values AS (
             THEN excluded.latest_value ELSE h.latest_value END
 ), unique_values AS (
     INSERT INTO meter_unique_values (tenant_id, meter_id, group_values, value, hour, event_id)
-    SELECT tenant_id, meter_id, group_values, value, date_trunc('hour', event_time, 'UTC'), event_id
+    SELECT tenant_id, meter_id, group_values::text, value, date_trunc('hour', event_time, 'UTC'), event_id
     FROM contrib WHERE kind = 'u'
     {keep}
 ), distinct_hours AS (
-    -- The values new to their hour (migration 0054). A value some batch wrote already
-    -- stops here: it is new to neither its day nor its month.
+    -- The values new to their hour (migration 0054; groups keyed as jsonb's text). A value
+    -- some batch wrote already stops here: it is new to neither its day nor its month.
     INSERT INTO meter_distinct_hours (tenant_id, meter_id, hour, group_values, value)
-    SELECT DISTINCT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values, value
+    SELECT DISTINCT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values::text, value
     FROM contrib WHERE kind = 'u'
     ON CONFLICT DO NOTHING
     RETURNING tenant_id, meter_id, hour, group_values, value

@@ -9,6 +9,13 @@
 -- Writers still never wait for each other in the steady state. The hour row is inserted
 -- with ON CONFLICT DO NOTHING. Only the writer whose hour row is new touches the month row:
 -- it inserts it, or it sets the day's bit when the bit is not set yet.
+--
+-- The UNIQUE_COUNT tables key their group values as text: jsonb's own text form, which is
+-- canonical (keys in jsonb's order, one spacing), so equal groups are equal strings, and
+-- compared byte-wise (COLLATE "C"). A jsonb key compared container by container cost about
+-- a quarter of each insert into these indexes. Reads parse the text only to group by a
+-- dimension.
+ALTER TABLE meter_unique_values ALTER COLUMN group_values TYPE text COLLATE "C" USING group_values::text;
 
 -- The hours: meter_distinct without its day and month rows.
 DELETE FROM meter_distinct WHERE grain <> 'h';
@@ -16,6 +23,7 @@ ALTER TABLE meter_distinct RENAME TO meter_distinct_hours;
 ALTER TABLE meter_distinct_hours DROP CONSTRAINT meter_distinct_pkey;
 ALTER TABLE meter_distinct_hours DROP COLUMN grain;
 ALTER TABLE meter_distinct_hours RENAME COLUMN bucket TO hour;
+ALTER TABLE meter_distinct_hours ALTER COLUMN group_values TYPE text COLLATE "C" USING group_values::text;
 ALTER TABLE meter_distinct_hours ADD PRIMARY KEY (tenant_id, meter_id, hour, group_values, value);
 
 -- The months: each distinct value of a month, with bit d - 1 of `days` set for each UTC
@@ -29,7 +37,7 @@ CREATE TABLE meter_distinct_months (
     tenant_id    text        NOT NULL,
     meter_id     bigint      NOT NULL,
     month        timestamptz NOT NULL,
-    group_values jsonb       NOT NULL,
+    group_values text        COLLATE "C" NOT NULL,
     value        text        NOT NULL,
     days         integer     NOT NULL CHECK (days <> 0),
     days_before  integer     NOT NULL,
@@ -52,7 +60,7 @@ CREATE TABLE meter_unique_counts (
     tenant_id    text        NOT NULL,
     meter_id     bigint      NOT NULL,
     hour         timestamptz NOT NULL,
-    group_values jsonb       NOT NULL,
+    group_values text        COLLATE "C" NOT NULL,
     stripe       integer     NOT NULL,
     hour_values  bigint      NOT NULL,
     day_values   bigint      NOT NULL,
@@ -65,7 +73,7 @@ CREATE INDEX meter_unique_counts_unfolded ON meter_unique_counts (hour) WHERE st
 -- Each day's and month's count is put on its first hour.
 INSERT INTO meter_unique_counts
     (tenant_id, meter_id, hour, group_values, stripe, hour_values, day_values, month_values)
-SELECT tenant_id, meter_id, bucket, group_values, 0,
+SELECT tenant_id, meter_id, bucket, group_values::text, 0,
        coalesce(sum(distinct_values) FILTER (WHERE grain = 'h'), 0),
        coalesce(sum(distinct_values) FILTER (WHERE grain = 'd'), 0),
        coalesce(sum(distinct_values) FILTER (WHERE grain = 'm'), 0)
