@@ -114,7 +114,7 @@ def scenario_ingest(
 _LOAD_HOURLY = """
 INSERT INTO meter_hourly (tenant_id, meter_id, hour, group_values, stripe,
                           min_value, max_value, latest_time, latest_event_id, latest_value)
-SELECT $1::text, $2::bigint, h, jsonb_build_object('region', r), 0,
+SELECT $1::text, $2::bigint, h, jsonb_build_object('region', r)::text, 0,
        1, 100 + (extract(hour FROM h))::int, h, 'e', 50
 FROM generate_series($3::timestamptz, $3::timestamptz + interval '30 days' - interval '1 hour',
                      '1 hour') AS h,

@@ -1,13 +1,17 @@
-"""Migration 0054 carries UNIQUE_COUNT's distinct values and counts over to their new shape.
+"""Migrations 0054 and 0055 carry the meters' rows over to their new shape.
 
-A database at 0053 is given values in the old shape: rows per hour, day and month, and
-counts per bucket split over two writers' stripes. After the migration, the hour rows
-are as they were, each month row holds exactly the days of its hour rows, and every
-hour's, day's and month's count is what it was.
+0054: a database at 0053 is given UNIQUE_COUNT values in the old shape: rows per hour, day
+and month, and counts per bucket split over two writers' stripes. After the migration,
+the hour rows are as they were, each month row holds exactly the days of its hour rows,
+and every hour's, day's and month's count is what it was.
+
+0054 and 0055: group values become jsonb's text, the very string that the write path now
+stores for the same group, so old rows and new ones are one group.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -90,7 +94,22 @@ async def test_migration_0054_keeps_every_distinct_value_and_count(pool_at_0053:
     before = [tuple(row) for row in await pool.fetch(_OLD_BY_KEY)]
     assert len(before) == 12  # 4 hours, 3 days and 2 months of "{}"; an hour, a day and a month of "eu"
 
-    assert 54 in await migrate(pool)
+    group = {"zone": "a", "region": "eu"}
+    await pool.execute(
+        "INSERT INTO meter_values (tenant_id, meter_id, hour, group_values, event_id, event_time, value)"
+        " VALUES ('t', 8, $1, $2::jsonb, 'e1', $1, '5')",
+        hours[0],
+        json.dumps(group),
+    )
+
+    assert {54, 55} <= set(await migrate(pool))
+
+    # What the write path stores for the same group now (server.domain.meters writes
+    # sorted keys, no spaces; the statement keys it as jsonb's text).
+    canonical = json.dumps(group, sort_keys=True, separators=(",", ":"))
+    written = await pool.fetchval("SELECT $1::jsonb::text", canonical)
+    migrated = await pool.fetchval("SELECT group_values FROM meter_values")
+    assert migrated == written == '{"zone": "a", "region": "eu"}'
 
     assert await distinct_rows(pool, "t") == before
     assert await distinct_counts(pool, "t") == before

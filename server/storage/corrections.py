@@ -54,25 +54,27 @@ VALUES ($1, date_trunc('hour', $2::timestamptz, 'UTC'), $3, $4, $5::jsonb, pg_ba
 ON CONFLICT (tenant_id, hour, service, usage_type, dimensions, stripe) DO UPDATE
     SET quantity = r.quantity + excluded.quantity, event_count = r.event_count + excluded.event_count
 """
+# The MAX/MIN/LATEST and UNIQUE_COUNT tables key their groups as jsonb's text (migrations
+# 0054 and 0055): $n::jsonb::text.
 _DELETE_VALUE = """
 DELETE FROM meter_values
-WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb AND event_id = $5
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text AND event_id = $5
 RETURNING 1
 """
 _CLEAR_HOUR = """
-DELETE FROM meter_hourly WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb
+DELETE FROM meter_hourly
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text
 """
 _RECOMPUTE_HOUR = """
 INSERT INTO meter_hourly (tenant_id, meter_id, hour, group_values, stripe,
                           min_value, max_value, latest_time, latest_event_id, latest_value)
-SELECT $1, $2, $3, $4::jsonb, 0, min(value::numeric) OVER (), max(value::numeric) OVER (),
+SELECT $1, $2, $3, $4::jsonb::text, 0, min(value::numeric) OVER (), max(value::numeric) OVER (),
        event_time, event_id, value::numeric
 FROM meter_values
-WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text
 ORDER BY event_time DESC, event_id COLLATE "C" DESC
 LIMIT 1
 """
-# UNIQUE_COUNT's tables key their groups as jsonb's text (migration 0054): $3::jsonb::text.
 _DELETE_UNIQUE = """
 DELETE FROM meter_unique_values
 WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4 AND hour = $5

@@ -48,6 +48,16 @@ BUCKET_SECONDS = {
     TimeBucket.MONTH: "extract(epoch FROM date_trunc('month', hour, 'UTC'))::bigint",
 }
 
+
+def _group_dimension(param: int) -> str:
+    """SQL for a row's value of the group-by dimension in parameter $param ('' for none).
+
+    The meter tables key their groups as jsonb's text (migrations 0054 and 0055): the text
+    is parsed only when a summary groups by a dimension, which the CASE spares the others.
+    """
+    return f"CASE ${param} WHEN '' THEN '' ELSE coalesce(group_values::jsonb ->> ${param}, '') END"
+
+
 # $1 tenants, [$2, $3) range, $4 group-by dimension ('' for none), $5 service,
 # $6 usage type, $7 filter (jsonb containment; '{}' matches every event).
 _ADDITIVE = """
@@ -61,8 +71,9 @@ HAVING sum(event_count) <> 0
 ORDER BY 1, 2, 3
 """
 # $5: the meter's id.
+# The meter's dimension is $4 here; the templates are filled in by `_shape`.
 _EXTREMES = """
-SELECT tenant_id, {bucket} AS bucket_start, coalesce(group_values ->> nullif($4, ''), '') AS dimension_value,
+SELECT tenant_id, {bucket} AS bucket_start, {dimension} AS dimension_value,
        min(min_value)::text AS low, max(max_value)::text AS high
 FROM meter_hourly
 WHERE tenant_id = ANY($1::text[]) AND meter_id = $5 AND hour >= $2 AND hour < $3
@@ -71,15 +82,12 @@ ORDER BY 1, 2, 3
 """
 _LATEST = """
 SELECT DISTINCT ON (1, 2, 3)
-       tenant_id, {bucket} AS bucket_start, coalesce(group_values ->> nullif($4, ''), '') AS dimension_value,
-       latest_value::text AS latest
+       tenant_id, {bucket} AS bucket_start, {dimension} AS dimension_value, latest_value::text AS latest
 FROM meter_hourly
 WHERE tenant_id = ANY($1::text[]) AND meter_id = $5 AND hour >= $2 AND hour < $3
 ORDER BY 1, 2, 3, latest_time DESC, latest_event_id COLLATE "C" DESC
 """
-# UNIQUE_COUNT's tables key their groups as jsonb's text (migration 0054): parsed only to
-# group by a dimension ($5), which a CASE spares the other summaries.
-_GROUP_DIMENSION = "CASE $5 WHEN '' THEN '' ELSE coalesce(group_values::jsonb ->> $5, '') END"
+_GROUP_DIMENSION = _group_dimension(5)
 # $2, $3, $4: each piece's label, grain and start. Edge hours read their values
 # (meter_distinct_hours); whole days and months read the values of their month whose days
 # meet the label's mask of days in that month (meter_distinct_months, migration 0054).
@@ -205,6 +213,10 @@ async def meter_totals(
     return found
 
 
+def _shape(template: str, bucket: TimeBucket) -> str:
+    return template.format(bucket=BUCKET_SECONDS[bucket], dimension=_group_dimension(4))
+
+
 def _seconds(micros: int | None) -> int | None:
     return None if micros is None else micros // MICROS_PER_SECOND
 
@@ -235,15 +247,11 @@ async def summarize_meter(
         column = "total" if aggregation is Aggregation.SUM else "events"
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
     if aggregation in (Aggregation.MAX, Aggregation.MIN):
-        rows = await conn.fetch(
-            _EXTREMES.format(bucket=BUCKET_SECONDS[bucket]), tenants, start, end, dimension, meter.id
-        )
+        rows = await conn.fetch(_shape(_EXTREMES, bucket), tenants, start, end, dimension, meter.id)
         column = "high" if aggregation is Aggregation.MAX else "low"
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
     if aggregation is Aggregation.LATEST:
-        rows = await conn.fetch(
-            _LATEST.format(bucket=BUCKET_SECONDS[bucket]), tenants, start, end, dimension, meter.id
-        )
+        rows = await conn.fetch(_shape(_LATEST, bucket), tenants, start, end, dimension, meter.id)
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r["latest"])) for r in rows]
     if aggregation is Aggregation.UNIQUE_COUNT:
         return await _unique_count(conn, meter, tenants, start, end, bucket, dimension)

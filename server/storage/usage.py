@@ -62,8 +62,10 @@ new_keys AS (
 """
 # What the batch's new events add to the non-additive meters (server.domain.meters
 # .Contributions: one entry per event and meter, matched in Python), in the same statement.
-# Every table is either appended to, inserted into with ON CONFLICT DO NOTHING (a writer
-# waits only for another that is inserting the very same new key), or striped per writer;
+# Group values are keyed as jsonb's text in the MAX/MIN/LATEST and UNIQUE_COUNT tables
+# (migrations 0054 and 0055). Every table is either appended to, inserted into with ON
+# CONFLICT DO NOTHING (a writer waits only for another that is inserting the very same new
+# key), or striped per writer;
 # but a UNIQUE_COUNT's month row, which only the writer of a new hour row touches (its
 # first event in an hour, not each one).
 # Event ids compare byte-wise (COLLATE "C"), as they do in Python, to break LATEST's ties.
@@ -82,8 +84,8 @@ CONTRIB_FROM = """contrib AS (
 # other write is an upsert that the same event written twice leaves as it is.
 METER_WRITES = """, gauge_values AS (
     INSERT INTO meter_values (tenant_id, meter_id, hour, group_values, event_id, event_time, value)
-    SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values, event_id, event_time,
-           value
+    SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values::text, event_id,
+           event_time, value
     FROM contrib WHERE kind = 'v'
     {keep}
 ), gauge_hours AS (
@@ -92,8 +94,8 @@ METER_WRITES = """, gauge_values AS (
     SELECT DISTINCT ON (tenant_id, meter_id, hour, group_values)
            tenant_id, meter_id, hour, group_values, pg_backend_pid(),
            min(quantity) OVER per_hour, max(quantity) OVER per_hour, event_time, event_id, quantity
-    FROM (SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC') AS hour, group_values,
-                 event_time, event_id, value::numeric AS quantity
+    FROM (SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC') AS hour,
+                 group_values::text AS group_values, event_time, event_id, value::numeric AS quantity
           FROM contrib WHERE kind = 'v') AS v
     WINDOW per_hour AS (PARTITION BY tenant_id, meter_id, hour, group_values)
     ORDER BY tenant_id, meter_id, hour, group_values, event_time DESC, event_id COLLATE "C" DESC
