@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
 from server.domain.pagination import PageTokens
+from server.storage.database import create_pool
 from server.storage.meter_backfill import MeterBackfiller
+from server.storage.migrations import migrate
 from server.storage.shared_keys import PAGE_TOKEN_KEY
 from tally.v1 import resources_pb2
 
@@ -243,3 +247,31 @@ ORDER BY 1, 2, 3, 4
 async def months_off_their_hours(db: asyncpg.Pool, tenant: str) -> list[tuple[object, ...]]:
     """The tenant's UNIQUE_COUNT month rows whose days differ from the days of its hour rows."""
     return [tuple(r) for r in await db.fetch(_MONTHS_OFF_HOURS, tenant)]
+
+
+@contextlib.asynccontextmanager
+async def own_database(
+    database_url: str, prefix: str, up_to: int | None = None
+) -> AsyncIterator[asyncpg.Pool]:
+    """A database of the caller's own on the test server, migrated (to version `up_to`), then dropped.
+
+    Skips the test where the database user may not create databases.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.InsufficientPrivilegeError:
+        await admin.close()
+        pytest.skip("the test database user may not create databases")
+    try:
+        parts = urlsplit(database_url)
+        pool = await create_pool(urlunsplit(parts._replace(path=f"/{name}")), min_size=1, max_size=4)
+        try:
+            await migrate(pool, up_to)
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()

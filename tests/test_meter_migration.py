@@ -12,18 +12,14 @@ stores for the same group, so old rows and new ones are one group.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import pytest
 import pytest_asyncio
 
-from server.storage.database import create_pool
-from server.storage.migrations import available_migrations, migrate
-from tests.helpers import distinct_counts, distinct_rows, months_off_their_hours
+from server.storage.migrations import migrate
+from tests.helpers import distinct_counts, distinct_rows, months_off_their_hours, own_database
 
 # (value, hour, group values): across a month's end, on two days of a month, in two groups.
 OLD_VALUES = [
@@ -57,33 +53,8 @@ GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
 
 @pytest_asyncio.fixture
 async def pool_at_0053(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    name = f"migrate_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.InsufficientPrivilegeError:
-        await admin.close()
-        pytest.skip("the test database user may not create databases")
-    parts = urlsplit(database_url)
-    pool = await create_pool(urlunsplit(parts._replace(path=f"/{name}")), min_size=1, max_size=2)
-    async with pool.acquire() as conn:
-        await conn.execute(
-            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for migration in available_migrations():
-            if migration.version <= 53:
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        migration.version,
-                        migration.name,
-                    )
-    yield pool
-    await pool.close()
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
+    async with own_database(database_url, "migrate", up_to=53) as pool:
+        yield pool
 
 
 async def test_migration_0054_keeps_every_distinct_value_and_count(pool_at_0053: asyncpg.Pool) -> None:
