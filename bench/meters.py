@@ -114,28 +114,41 @@ def scenario_ingest(
 _LOAD_HOURLY = """
 INSERT INTO meter_hourly (tenant_id, meter_id, hour, group_values, stripe,
                           min_value, max_value, latest_time, latest_event_id, latest_value)
-SELECT $1::text, $2::bigint, h, jsonb_build_object('region', r), 0,
+SELECT $1::text, $2::bigint, h, jsonb_build_object('region', r)::text, 0,
        1, 100 + (extract(hour FROM h))::int, h, 'e', 50
 FROM generate_series($3::timestamptz, $3::timestamptz + interval '30 days' - interval '1 hour',
                      '1 hour') AS h,
      unnest(ARRAY['eu-west-1','us-east-1','us-west-2','ap-south-1']) AS r
 """
-# One event in 7 is a query by one of 100,000 users, spread over the 30 days.
+# One event in 7 is a query by one of 100,000 users, spread over the 30 days: their
+# values per hour, and per month with the days they appeared in (migration 0054).
 _LOAD_DISTINCT = """
-INSERT INTO meter_distinct (tenant_id, meter_id, grain, bucket, group_values, value)
-SELECT DISTINCT $1::text, $2::bigint, g.grain, date_trunc(g.unit, t, 'UTC'), '{}'::jsonb,
+INSERT INTO meter_distinct_hours (tenant_id, meter_id, hour, group_values, value)
+SELECT DISTINCT $1::text, $2::bigint, date_trunc('hour', t, 'UTC'), '{}',
        'user-' || (n * 7919 % 100000)
 FROM (SELECT n, $3::timestamptz + (n * ($4::bigint / $5::bigint)) * interval '1 microsecond' AS t
       FROM generate_series(1, $5::bigint) AS n) AS e
-CROSS JOIN (VALUES ('h'::"char", 'hour'), ('d', 'day'), ('m', 'month')) AS g(grain, unit)
 ON CONFLICT DO NOTHING
 """
-# The bucket counts kept beside them (migration 0053), as the write path keeps them.
-_LOAD_DISTINCT_COUNTS = """
-INSERT INTO meter_distinct_counts (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
-SELECT tenant_id, meter_id, grain, bucket, group_values, 0, count(*)
-FROM meter_distinct WHERE tenant_id = $1 AND meter_id = $2
+_LOAD_DISTINCT_MONTHS = """
+INSERT INTO meter_distinct_months (tenant_id, meter_id, month, group_values, value, days, days_before)
+SELECT tenant_id, meter_id, date_trunc('month', hour, 'UTC'), group_values, value,
+       bit_or(1 << (extract(day FROM hour AT TIME ZONE 'UTC')::int - 1)), 0
+FROM meter_distinct_hours WHERE tenant_id = $1 AND meter_id = $2
 GROUP BY 1, 2, 3, 4, 5
+"""
+# The counts kept beside them, as the write path keeps them: each value's 1 for its day
+# and its month in the first hour it appeared there.
+_LOAD_DISTINCT_COUNTS = """
+INSERT INTO meter_unique_counts
+    (tenant_id, meter_id, hour, group_values, stripe, hour_values, day_values, month_values)
+SELECT tenant_id, meter_id, hour, group_values, 0, count(*),
+       count(*) FILTER (WHERE hour = first_in_day), count(*) FILTER (WHERE hour = first_in_month)
+FROM (SELECT tenant_id, meter_id, hour, group_values,
+             min(hour) OVER (PARTITION BY value, date_trunc('day', hour, 'UTC')) AS first_in_day,
+             min(hour) OVER (PARTITION BY value, date_trunc('month', hour, 'UTC')) AS first_in_month
+      FROM meter_distinct_hours WHERE tenant_id = $1 AND meter_id = $2) AS h
+GROUP BY 1, 2, 3, 4
 """
 _LOAD_READINGS = """
 INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
@@ -158,6 +171,7 @@ async def _load_meters(dsn: str, tenant: str, events: int, start: datetime, ids:
     try:
         await conn.execute(_LOAD_HOURLY, tenant, ids["peak-cpu"], start)
         await conn.execute(_LOAD_DISTINCT, tenant, ids["distinct-users"], start, span, events // 7)
+        await conn.execute(_LOAD_DISTINCT_MONTHS, tenant, ids["distinct-users"])
         await conn.execute(_LOAD_DISTINCT_COUNTS, tenant, ids["distinct-users"])
         await conn.execute(_LOAD_READINGS, tenant, ids["storage-gb-hours"], start, span, events // 7)
         await conn.execute(_LOAD_SERIES, tenant, ids["storage-gb-hours"])

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
 from server.domain.pagination import PageTokens
+from server.storage.database import create_pool
 from server.storage.meter_backfill import MeterBackfiller
+from server.storage.migrations import migrate
 from server.storage.shared_keys import PAGE_TOKEN_KEY
 from tally.v1 import resources_pb2
 
@@ -181,13 +185,32 @@ async def finish_backfills(backfiller: MeterBackfiller, db: asyncpg.Pool, names:
     raise AssertionError(f"still backfilling after 600 passes: {names}")
 
 
+# Per (meter, grain, bucket, group): the counts (meter_unique_counts, summed over the
+# bucket's hours and the stripes), and the values kept (hour rows; month rows per day bit).
 _COUNTS_BY_KEY = """
-SELECT meter_id, grain, bucket, group_values::text, sum(distinct_values)::bigint FROM meter_distinct_counts
-WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4 HAVING sum(distinct_values) <> 0 ORDER BY 1, 2, 3, 4
+SELECT meter_id, grain, bucket, group_values::text, sum(n)::bigint FROM (
+    SELECT meter_id, 'h' AS grain, hour AS bucket, group_values, hour_values AS n
+    FROM meter_unique_counts WHERE tenant_id = $1
+    UNION ALL
+    SELECT meter_id, 'd', date_trunc('day', hour, 'UTC'), group_values, day_values
+    FROM meter_unique_counts WHERE tenant_id = $1
+    UNION ALL
+    SELECT meter_id, 'm', date_trunc('month', hour, 'UTC'), group_values, month_values
+    FROM meter_unique_counts WHERE tenant_id = $1
+) AS c
+GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0 ORDER BY 1, 2, 3, 4
 """
 _DISTINCT_BY_KEY = """
-SELECT meter_id, grain, bucket, group_values::text, count(*) FROM meter_distinct
-WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+SELECT meter_id, grain, bucket, group_values::text, count(*) FROM (
+    SELECT meter_id, 'h' AS grain, hour AS bucket, group_values FROM meter_distinct_hours WHERE tenant_id = $1
+    UNION ALL
+    SELECT meter_id, 'd', month + (d - 1) * interval '24 hours', group_values
+    FROM meter_distinct_months, generate_series(1, 31) AS d
+    WHERE tenant_id = $1 AND days & (1 << (d - 1)) <> 0
+    UNION ALL
+    SELECT meter_id, 'm', month, group_values FROM meter_distinct_months WHERE tenant_id = $1
+) AS v
+GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
 """
 
 
@@ -197,5 +220,58 @@ async def distinct_counts(db: asyncpg.Pool, tenant: str) -> list[tuple[object, .
 
 
 async def distinct_rows(db: asyncpg.Pool, tenant: str) -> list[tuple[object, ...]]:
-    """The tenant's distinct-value rows counted per bucket and group: what the counts must say."""
+    """The tenant's distinct values counted per bucket and group: what the counts must say.
+
+    Each month row's day bits must also match the hour rows of those days: see
+    `months_off_their_hours`.
+    """
     return [tuple(r) for r in await db.fetch(_DISTINCT_BY_KEY, tenant)]
+
+
+_MONTHS_OFF_HOURS = """
+WITH from_hours AS (
+    SELECT meter_id, date_trunc('month', hour, 'UTC') AS month, group_values, value,
+           bit_or(1 << (extract(day FROM hour AT TIME ZONE 'UTC')::int - 1)) AS days
+    FROM meter_distinct_hours WHERE tenant_id = $1
+    GROUP BY 1, 2, 3, 4
+), months AS (
+    SELECT meter_id, month, group_values, value, days FROM meter_distinct_months WHERE tenant_id = $1
+)
+SELECT meter_id, month, group_values::text, value, h.days AS from_hours, m.days AS kept
+FROM from_hours AS h FULL JOIN months AS m USING (meter_id, month, group_values, value)
+WHERE h.days IS DISTINCT FROM m.days
+ORDER BY 1, 2, 3, 4
+"""
+
+
+async def months_off_their_hours(db: asyncpg.Pool, tenant: str) -> list[tuple[object, ...]]:
+    """The tenant's UNIQUE_COUNT month rows whose days differ from the days of its hour rows."""
+    return [tuple(r) for r in await db.fetch(_MONTHS_OFF_HOURS, tenant)]
+
+
+@contextlib.asynccontextmanager
+async def own_database(
+    database_url: str, prefix: str, up_to: int | None = None
+) -> AsyncIterator[asyncpg.Pool]:
+    """A database of the caller's own on the test server, migrated (to version `up_to`), then dropped.
+
+    Skips the test where the database user may not create databases.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.InsufficientPrivilegeError:
+        await admin.close()
+        pytest.skip("the test database user may not create databases")
+    try:
+        parts = urlsplit(database_url)
+        pool = await create_pool(urlunsplit(parts._replace(path=f"/{name}")), min_size=1, max_size=4)
+        try:
+            await migrate(pool, up_to)
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from server.domain.aggregation import (
     Reading,
     Span,
+    day_bit,
     decompose,
     hour_integral,
     integrate,
@@ -46,8 +47,9 @@ def test_a_range_is_covered_exactly_by_whole_months_days_and_edge_hours(first: i
     end = start + length * MICROS_PER_HOUR
     pieces = decompose(start, end)
     at = start
-    for grain, piece_start in pieces:
+    for grain, piece_start, piece_end in pieces:
         assert piece_start == at
+        assert piece_end == _grain_end(grain, piece_start)
         if grain == "d":
             assert piece_start % MICROS_PER_DAY == 0
         if grain == "m":
@@ -55,14 +57,20 @@ def test_a_range_is_covered_exactly_by_whole_months_days_and_edge_hours(first: i
         at = _grain_end(grain, piece_start)
     assert at == end
     # The fewest pieces: never 24 hours where a day fits, nor a month's days where the month fits.
-    assert sum(1 for g, _ in pieces if g == "h") <= 2 * 23
-    assert sum(1 for g, _ in pieces if g == "d") <= 2 * 30
+    assert sum(1 for piece in pieces if piece.grain == "h") <= 2 * 23
+    assert sum(1 for piece in pieces if piece.grain == "d") <= 2 * 30
 
 
 def test_a_calendar_month_is_one_piece_and_its_edges_are_days_and_hours() -> None:
     start = to_micros(datetime(2026, 1, 30, 22, tzinfo=UTC))
     end = to_micros(datetime(2026, 3, 2, 1, tzinfo=UTC))
-    assert [g for g, _ in decompose(start, end)] == ["h", "h", "d", "m", "d", "h"]
+    assert [piece.grain for piece in decompose(start, end)] == ["h", "h", "d", "m", "d", "h"]
+
+
+def test_a_day_is_one_bit_of_its_months_mask() -> None:
+    assert day_bit(to_micros(datetime(2026, 3, 1, tzinfo=UTC))) == 1
+    assert day_bit(to_micros(datetime(2026, 3, 2, 23, 59, tzinfo=UTC))) == 2
+    assert day_bit(to_micros(datetime(2026, 1, 31, 23, tzinfo=UTC))) == 1 << 30  # still a positive int4
 
 
 def test_day_buckets_are_cut_by_the_range() -> None:

@@ -33,7 +33,15 @@ from tally.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from tests.helpers import distinct_counts, distinct_rows, event, finish_backfills, hour_start, ts
+from tests.helpers import (
+    distinct_counts,
+    distinct_rows,
+    event,
+    finish_backfills,
+    hour_start,
+    months_off_their_hours,
+    ts,
+)
 
 SERVICE = "backfilltest"
 A = resources_pb2
@@ -213,6 +221,7 @@ async def test_a_backfilled_meter_reports_what_a_meter_from_the_start_reports(
     # UNIQUE_COUNT's bucket counts agree with the distinct rows the backfill and the live
     # batches wrote side by side (each counts only the rows it inserted).
     assert await distinct_counts(db, tenant) == await distinct_rows(db, tenant)
+    assert await months_off_their_hours(db, tenant) == []
 
     start = origin_micros - 24 * HOUR + data.draw(st.integers(-24, 34 * 24), label="window start") * HOUR
     end = start + data.draw(st.integers(1, 40 * 24), label="window length") * HOUR

@@ -32,7 +32,7 @@ from tally.v1 import (
     usage_service_pb2_grpc,
 )
 from tests.conftest import new_tenant
-from tests.helpers import distinct_counts, distinct_rows, event, hour_start, ts
+from tests.helpers import distinct_counts, distinct_rows, event, hour_start, months_off_their_hours, ts
 
 SERVICE = "metertest"
 A = resources_pb2
@@ -327,6 +327,7 @@ async def test_every_aggregation_matches_the_raw_events(
     # UNIQUE_COUNT's bucket counts stay in step with the distinct rows they count, through
     # resends, folds and cancellations (summed over writers' stripes).
     assert await distinct_counts(db, tenant) == await distinct_rows(db, tenant)
+    assert await months_off_their_hours(db, tenant) == []
 
 
 async def test_unique_count_by_region_counts_a_user_once_with_and_without_an_empty_region(

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -40,13 +39,11 @@ from server.notifications.events import (
 )
 from server.notifications.signing import signature, verify
 from server.payments.outbox import Outbox
-from server.storage.database import create_pool
-from server.storage.migrations import migrate
 from server.storage.webhooks import WebhookStore
 from tally.v1 import billing_service_pb2, notification_service_pb2_grpc, usage_service_pb2
 from tally.v1 import notification_service_pb2 as pb
 from tests.billing_helpers import far_anchor_day, set_profile, uploads
-from tests.helpers import error_info, event, field_violations, hour_start, ts
+from tests.helpers import error_info, event, field_violations, hour_start, own_database, ts
 
 SECRET = "whsec-test-0123456789abcdef"
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)  # the fake clock's start
@@ -107,20 +104,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @pytest_asyncio.fixture(scope="module")
 async def own_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    name = f"notify_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.InsufficientPrivilegeError:
-        await admin.close()
-        pytest.skip("the test database user may not create databases")
-    parts = urlsplit(database_url)
-    pool = await create_pool(urlunsplit(parts._replace(path=f"/{name}")), min_size=1, max_size=4)
-    await migrate(pool)
-    yield pool
-    await pool.close()
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
+    async with own_database(database_url, "notify") as pool:
+        yield pool
 
 
 class FakeClock:

@@ -58,6 +58,14 @@ def month_bounds(micros: int) -> tuple[int, int]:
     return start, _next_month(start)
 
 
+def day_bit(micros: int) -> int:
+    """The bit of the UTC day holding `micros` in a month's mask of days: 1 << (day of month - 1).
+
+    UNIQUE_COUNT keeps each value's days of a month as such a mask (meter_distinct_months).
+    """
+    return 1 << (to_datetime(micros).day - 1)
+
+
 def bucket_start(micros: int, bucket: TimeBucket) -> int:
     """The start of the bucket holding `micros`; TimeBucket.NONE has none (it is the caller's range)."""
     if bucket == TimeBucket.HOUR:
@@ -99,13 +107,15 @@ def spans(start: int, end: int, bucket: TimeBucket) -> list[Span]:
 
 
 class Piece(NamedTuple):
-    """One part of a range as `decompose` cuts it: a whole UTC month, day or hour from `start`.
+    """One part of a range as `decompose` cuts it: a whole UTC month, day or hour, [start, end).
 
-    UNIQUE_COUNT keeps its distinct values at these three grains (meter_distinct).
+    UNIQUE_COUNT counts values at these three grains (meter_unique_counts), and keeps them
+    per hour and per month with the month's days (meter_distinct_hours and _months).
     """
 
     grain: str  # "h" hour, "d" UTC day, "m" UTC month
     start: int
+    end: int
 
 
 def decompose(start: int, end: int) -> list[Piece]:
@@ -114,14 +124,12 @@ def decompose(start: int, end: int) -> list[Piece]:
     at = start
     while at < end:
         if at == _month_start(at) and _next_month(at) <= end:
-            pieces.append(Piece("m", at))
-            at = _next_month(at)
+            pieces.append(Piece("m", at, _next_month(at)))
         elif at % MICROS_PER_DAY == 0 and at + MICROS_PER_DAY <= end:
-            pieces.append(Piece("d", at))
-            at += MICROS_PER_DAY
+            pieces.append(Piece("d", at, at + MICROS_PER_DAY))
         else:
-            pieces.append(Piece("h", at))
-            at += MICROS_PER_HOUR
+            pieces.append(Piece("h", at, at + MICROS_PER_HOUR))
+        at = pieces[-1].end
     return pieces
 
 

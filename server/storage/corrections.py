@@ -7,12 +7,14 @@ event sent again is still a duplicate.
 - SUM and COUNT: a negative contribution in the canceller's own rollup stripe.
 - MAX, MIN, LATEST: the event's value is deleted and its hour recomputed from the values
   that survive (meter_values). meter_hourly is locked against the background fold meanwhile.
-- UNIQUE_COUNT: the event's value is deleted; for its hour, day and month, the distinct
-  row goes if no surviving event carries the value there, and its bucket's count loses
-  one (meter_distinct_counts, in the canceller's stripe). meter_distinct is locked in
-  SHARE ROW EXCLUSIVE mode first: it waits for the batches writing it to commit and holds
-  new ones back for the few milliseconds of the check, so that a batch adding the same
-  value concurrently cannot be missed.
+- UNIQUE_COUNT: the event's value is deleted. If no surviving event carries the value in
+  its hour, the hour row goes; then if none carries it in its day, the day's bit of the
+  month row is cleared, and the month row goes with its last day. The counts lose what
+  went, in the event's hour (meter_unique_counts, in the canceller's stripe).
+  meter_distinct_hours is locked in SHARE ROW EXCLUSIVE mode first: it waits for the
+  batches writing it to commit and holds new ones back for the few milliseconds of the
+  check, so that a batch adding the same value concurrently cannot be missed. Batches
+  write a month row only after an hour row, so the lock covers the month rows too.
 - TIME_WEIGHTED: the reading is deleted and its hour marked dirty (the cache of that hour
   is no longer used; the background task summarises it again).
 """
@@ -25,7 +27,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from server.domain.aggregation import month_bounds
+from server.domain.aggregation import day_bit, month_bounds
 from server.domain.audit import AuditEntry
 from server.domain.errors import ErrorReason, NotFound
 from server.domain.events import CancelledEvent
@@ -52,50 +54,67 @@ VALUES ($1, date_trunc('hour', $2::timestamptz, 'UTC'), $3, $4, $5::jsonb, pg_ba
 ON CONFLICT (tenant_id, hour, service, usage_type, dimensions, stripe) DO UPDATE
     SET quantity = r.quantity + excluded.quantity, event_count = r.event_count + excluded.event_count
 """
+# The MAX/MIN/LATEST and UNIQUE_COUNT tables key their groups as jsonb's text (migrations
+# 0054 and 0055): $n::jsonb::text.
 _DELETE_VALUE = """
 DELETE FROM meter_values
-WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb AND event_id = $5
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text AND event_id = $5
 RETURNING 1
 """
 _CLEAR_HOUR = """
-DELETE FROM meter_hourly WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb
+DELETE FROM meter_hourly
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text
 """
 _RECOMPUTE_HOUR = """
 INSERT INTO meter_hourly (tenant_id, meter_id, hour, group_values, stripe,
                           min_value, max_value, latest_time, latest_event_id, latest_value)
-SELECT $1, $2, $3, $4::jsonb, 0, min(value::numeric) OVER (), max(value::numeric) OVER (),
+SELECT $1, $2, $3, $4::jsonb::text, 0, min(value::numeric) OVER (), max(value::numeric) OVER (),
        event_time, event_id, value::numeric
 FROM meter_values
-WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text
 ORDER BY event_time DESC, event_id COLLATE "C" DESC
 LIMIT 1
 """
 _DELETE_UNIQUE = """
 DELETE FROM meter_unique_values
-WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND value = $4 AND hour = $5
+WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4 AND hour = $5
   AND event_id = $6
 RETURNING 1
 """
 _STILL_CARRIED = """
 SELECT EXISTS (
     SELECT 1 FROM meter_unique_values
-    WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb AND value = $4
+    WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4
       AND hour >= $5 AND hour < $6
 )
 """
-_DELETE_DISTINCT = """
-DELETE FROM meter_distinct
-WHERE tenant_id = $1 AND meter_id = $2 AND grain = $3::text::"char" AND bucket = $4
-  AND group_values = $5::jsonb AND value = $6
+_DELETE_HOUR_VALUE = """
+DELETE FROM meter_distinct_hours
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text AND value = $5
 RETURNING 1
 """
-# The bucket's count loses the row deleted, in the canceller's own stripe (migration 0053).
+# $6: the day's bit. The month row keeps its other days; without them, it goes.
+_CLEAR_DAY = """
+UPDATE meter_distinct_months SET days = days & ~$6::integer
+WHERE tenant_id = $1 AND meter_id = $2 AND month = $3 AND group_values = $4::jsonb::text AND value = $5
+  AND days & $6::integer <> 0 AND days <> $6::integer
+RETURNING 1
+"""
+_DELETE_MONTH_VALUE = """
+DELETE FROM meter_distinct_months
+WHERE tenant_id = $1 AND meter_id = $2 AND month = $3 AND group_values = $4::jsonb::text AND value = $5
+  AND days = $6::integer
+RETURNING 1
+"""
+# The counts lose what went, in the event's hour and the canceller's own stripe.
 _UNCOUNT_DISTINCT = """
-INSERT INTO meter_distinct_counts AS n
-    (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
-VALUES ($1, $2, $3::text::"char", $4, $5::jsonb, pg_backend_pid(), -1)
-ON CONFLICT (tenant_id, meter_id, grain, bucket, group_values, stripe) DO UPDATE
-    SET distinct_values = n.distinct_values - 1
+INSERT INTO meter_unique_counts AS n
+    (tenant_id, meter_id, hour, group_values, stripe, hour_values, day_values, month_values)
+VALUES ($1, $2, $3, $4::jsonb::text, pg_backend_pid(), -1, -$5::integer, -$6::integer)
+ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
+    SET hour_values = n.hour_values + excluded.hour_values,
+        day_values = n.day_values + excluded.day_values,
+        month_values = n.month_values + excluded.month_values
 """
 _DELETE_READING = """
 DELETE FROM meter_readings
@@ -199,28 +218,36 @@ async def _forget(
             )
             if not deleted:
                 continue
-            await conn.execute("LOCK TABLE meter_distinct IN SHARE ROW EXCLUSIVE MODE")
-            day = hour - hour % MICROS_PER_DAY
-            month_start, month_end = month_bounds(hour)
-            for grain, low, high in (
-                ("h", hour, hour + MICROS_PER_HOUR),
-                ("d", day, day + MICROS_PER_DAY),
-                ("m", month_start, month_end),
-            ):
-                carried = await conn.fetchval(
-                    _STILL_CARRIED,
-                    tenant_id,
-                    meter.id,
-                    entry.group_values,
-                    entry.value,
-                    to_datetime(low),
-                    to_datetime(high),
-                )
-                if not carried:
-                    key = (tenant_id, meter.id, grain, to_datetime(low), entry.group_values)
-                    if await conn.fetchval(_DELETE_DISTINCT, *key, entry.value):
-                        await conn.execute(_UNCOUNT_DISTINCT, *key)
+            await conn.execute("LOCK TABLE meter_distinct_hours IN SHARE ROW EXCLUSIVE MODE")
+            await _forget_unique_value(conn, tenant_id, meter.id, entry.group_values, entry.value, hour)
         elif await conn.fetchval(
             _DELETE_READING, tenant_id, meter.id, entry.group_values, event.event_time, event_id
         ):
             await conn.execute(_MARK_DIRTY, tenant_id, meter.id, entry.group_values, hour_time)
+
+
+async def _forget_unique_value(
+    conn: asyncpg.Connection, tenant_id: str, meter_id: int, group_values: str, value: str, hour: int
+) -> None:
+    """Drop the value from its hour, day and month where no surviving event carries it there."""
+
+    async def carried(low: int, high: int) -> bool:
+        found: bool = await conn.fetchval(
+            _STILL_CARRIED, tenant_id, meter_id, group_values, value, to_datetime(low), to_datetime(high)
+        )
+        return found
+
+    if await carried(hour, hour + MICROS_PER_HOUR) or not await conn.fetchval(
+        _DELETE_HOUR_VALUE, tenant_id, meter_id, to_datetime(hour), group_values, value
+    ):
+        return
+    day = hour - hour % MICROS_PER_DAY
+    day_gone = month_gone = False
+    if not await carried(day, day + MICROS_PER_DAY):
+        month = month_bounds(hour)[0]
+        key = (tenant_id, meter_id, to_datetime(month), group_values, value, day_bit(day))
+        day_gone = bool(await conn.fetchval(_CLEAR_DAY, *key))
+        if not day_gone:
+            month_gone = day_gone = bool(await conn.fetchval(_DELETE_MONTH_VALUE, *key))
+    gone = (int(day_gone), int(month_gone))
+    await conn.execute(_UNCOUNT_DISTINCT, tenant_id, meter_id, to_datetime(hour), group_values, *gone)

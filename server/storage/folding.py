@@ -3,12 +3,11 @@
 Writers add to rollup rows of their own stripe (see server.storage.usage), so the rows of
 an hour multiply with the number of connections that wrote to it. Folding moves the
 stripes of hours that are over (before the previous hour) into stripe 0 (and so for
-meter_hourly, and for meter_distinct_counts of hours, days and months that are over), each batch of
-rows exactly once: one statement deletes them (returning what they held) and adds that to
-stripe 0. Rows that a writer holds locked right now (a late event) are skipped, and folded
-on a later pass; a writer waits for the fold only when it adds a late event to a row the
-fold is moving at that moment. Summaries read every stripe, so folding never changes what
-they return.
+meter_hourly and meter_unique_counts), each batch of rows exactly once: one statement
+deletes them (returning what they held) and adds that to stripe 0. Rows that a writer
+holds locked right now (a late event) are skipped, and folded on a later pass; a writer
+waits for the fold only when it adds a late event to a row the fold is moving at that
+moment. Summaries read every stripe, so folding never changes what they return.
 
 The time-weighted cache summarises, per series, each closed hour (see
 server.domain.aggregation.HourSummary) up to a watermark, and resummarises the hours a
@@ -83,27 +82,24 @@ ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE SET
         THEN excluded.latest_value ELSE h.latest_value END
 RETURNING 1
 """
-# UNIQUE_COUNT's bucket counts (migration 0053): the stripes of buckets that are over (an
-# hour before $1, a UTC day or month before the one $1 falls in) into stripe 0.
+# UNIQUE_COUNT's counts (migration 0054): the stripes of hours that are over into stripe 0.
+# A day's or month's count is a sum over its hours, so folding an hour changes no count.
 _FOLD_DISTINCT_COUNTS = """
 WITH moved AS (
-    DELETE FROM meter_distinct_counts
+    DELETE FROM meter_unique_counts
     WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM meter_distinct_counts
-        WHERE stripe <> 0
-          AND bucket < CASE grain WHEN 'h' THEN $1::timestamptz
-                                  WHEN 'd' THEN date_trunc('day', $1::timestamptz, 'UTC')
-                                  ELSE date_trunc('month', $1::timestamptz, 'UTC') END
-        LIMIT $2 FOR UPDATE SKIP LOCKED))
-    RETURNING tenant_id, meter_id, grain, bucket, group_values, distinct_values
+        SELECT ctid FROM meter_unique_counts WHERE stripe <> 0 AND hour < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))
+    RETURNING tenant_id, meter_id, hour, group_values, hour_values, day_values, month_values
 )
-INSERT INTO meter_distinct_counts AS n
-    (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
-SELECT tenant_id, meter_id, grain, bucket, group_values, 0, sum(distinct_values)
+INSERT INTO meter_unique_counts AS n
+    (tenant_id, meter_id, hour, group_values, stripe, hour_values, day_values, month_values)
+SELECT tenant_id, meter_id, hour, group_values, 0, sum(hour_values), sum(day_values), sum(month_values)
 FROM moved
-GROUP BY 1, 2, 3, 4, 5
-ON CONFLICT (tenant_id, meter_id, grain, bucket, group_values, stripe) DO UPDATE
-    SET distinct_values = n.distinct_values + excluded.distinct_values
+GROUP BY 1, 2, 3, 4
+ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
+    SET hour_values = n.hour_values + excluded.hour_values,
+        day_values = n.day_values + excluded.day_values,
+        month_values = n.month_values + excluded.month_values
 RETURNING 1
 """
 _CLOSED_BEFORE = "SELECT date_trunc('hour', now(), 'UTC') - interval '1 hour'"
@@ -148,7 +144,7 @@ class FoldReport:
     """What one pass of `Folder.fold_once` did.
 
     `rollup_rows`, `gauge_rows` and `count_rows` are the stripe-0 rows written into
-    usage_rollups, meter_hourly and meter_distinct_counts; `hours_cached` the
+    usage_rollups, meter_hourly and meter_unique_counts; `hours_cached` the
     time-weighted hours summarised.
     """
 

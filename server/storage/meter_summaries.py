@@ -2,9 +2,10 @@
 
 - SUM and COUNT: the hourly rollups (every stripe), filtered by the meter's dimensions.
 - MAX, MIN, LATEST: meter_hourly (every stripe).
-- UNIQUE_COUNT: meter_distinct, the range of each bucket decomposed into whole months,
-  whole days and edge hours (server.domain.aggregation.decompose), counted as one union;
-  a bucket that is one piece, of one group, reads its count (meter_distinct_counts).
+- UNIQUE_COUNT: the range of each bucket decomposed into whole months, whole days and
+  edge hours (server.domain.aggregation.decompose), their values counted as one union
+  (meter_distinct_hours, meter_distinct_months); a bucket that is one piece, of one group,
+  reads its count (meter_unique_counts).
 - TIME_WEIGHTED: per series, the cached summaries of closed hours plus the readings of
   the hours not cached (recent or dirty), composed hour by hour in Python.
 
@@ -47,6 +48,16 @@ BUCKET_SECONDS = {
     TimeBucket.MONTH: "extract(epoch FROM date_trunc('month', hour, 'UTC'))::bigint",
 }
 
+
+def _group_dimension(param: int) -> str:
+    """SQL for a row's value of the group-by dimension in parameter $param ('' for none).
+
+    The meter tables key their groups as jsonb's text (migrations 0054 and 0055): the text
+    is parsed only when a summary groups by a dimension, which the CASE spares the others.
+    """
+    return f"CASE ${param} WHEN '' THEN '' ELSE coalesce(group_values::jsonb ->> ${param}, '') END"
+
+
 # $1 tenants, [$2, $3) range, $4 group-by dimension ('' for none), $5 service,
 # $6 usage type, $7 filter (jsonb containment; '{}' matches every event).
 _ADDITIVE = """
@@ -60,8 +71,9 @@ HAVING sum(event_count) <> 0
 ORDER BY 1, 2, 3
 """
 # $5: the meter's id.
+# The meter's dimension is $4 here; the templates are filled in by `_shape`.
 _EXTREMES = """
-SELECT tenant_id, {bucket} AS bucket_start, coalesce(group_values ->> nullif($4, ''), '') AS dimension_value,
+SELECT tenant_id, {bucket} AS bucket_start, {dimension} AS dimension_value,
        min(min_value)::text AS low, max(max_value)::text AS high
 FROM meter_hourly
 WHERE tenant_id = ANY($1::text[]) AND meter_id = $5 AND hour >= $2 AND hour < $3
@@ -70,41 +82,64 @@ ORDER BY 1, 2, 3
 """
 _LATEST = """
 SELECT DISTINCT ON (1, 2, 3)
-       tenant_id, {bucket} AS bucket_start, coalesce(group_values ->> nullif($4, ''), '') AS dimension_value,
-       latest_value::text AS latest
+       tenant_id, {bucket} AS bucket_start, {dimension} AS dimension_value, latest_value::text AS latest
 FROM meter_hourly
 WHERE tenant_id = ANY($1::text[]) AND meter_id = $5 AND hour >= $2 AND hour < $3
 ORDER BY 1, 2, 3, latest_time DESC, latest_event_id COLLATE "C" DESC
 """
-_UNIQUE = """
+_GROUP_DIMENSION = _group_dimension(5)
+# $2, $3, $4: each piece's label, grain and start. Edge hours read their values
+# (meter_distinct_hours); whole days and months read the values of their month whose days
+# meet the label's mask of days in that month (meter_distinct_months, migration 0054).
+_UNIQUE = f"""
 WITH pieces AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS p(label, grain, bucket)
+), masks AS (
+    SELECT label, date_trunc('month', bucket, 'UTC') AS month,
+           bit_or(CASE grain WHEN 'm' THEN -1
+                             ELSE 1 << (extract(day FROM bucket AT TIME ZONE 'UTC')::int - 1) END) AS days
+    FROM pieces WHERE grain <> 'h'
+    GROUP BY 1, 2
+), found AS (
+    SELECT d.tenant_id, p.label, d.group_values, d.value
+    FROM pieces AS p
+    JOIN meter_distinct_hours AS d
+      ON d.tenant_id = ANY($1::text[]) AND d.meter_id = $6 AND d.hour = p.bucket
+    WHERE p.grain = 'h'
+    UNION ALL
+    SELECT m.tenant_id, p.label, m.group_values, m.value
+    FROM masks AS p
+    JOIN meter_distinct_months AS m
+      ON m.tenant_id = ANY($1::text[]) AND m.meter_id = $6 AND m.month = p.month AND m.days & p.days <> 0
 )
-SELECT d.tenant_id, p.label, coalesce(d.group_values ->> nullif($5, ''), '') AS dimension_value,
-       count(DISTINCT d.value) AS distinct_values
-FROM pieces AS p
-JOIN meter_distinct AS d
-  ON d.tenant_id = ANY($1::text[]) AND d.meter_id = $6 AND d.grain = p.grain::"char" AND d.bucket = p.bucket
+SELECT tenant_id, label, {_GROUP_DIMENSION} AS dimension_value, count(DISTINCT value) AS distinct_values
+FROM found
 GROUP BY 1, 2, 3
 ORDER BY 1, 2, 3
 """
-# The same from the bucket counts (meter_distinct_counts, summed over stripes) when every
-# label is one piece and each group is one dimension value: a few numbers per bucket
-# instead of every distinct value (a daily summary of a month with 100,000 users read a
-# million index entries and took 0.6 s). Each group comes back on its own: two groups
-# with the same label (no `region`, and `region` ""), whose values may overlap, send the
-# caller back to counting values.
-_UNIQUE_COUNTS = """
+# The same from the counts (meter_unique_counts, summed over hours and stripes) when every
+# label is one piece [$4, $7) and each group is one dimension value: a few numbers per
+# bucket instead of every distinct value (a daily summary of a month with 100,000 users
+# read a million index entries and took 0.6 s). Each group comes back on its own: two
+# groups with the same label (no `region`, and `region` ""), whose values may overlap,
+# send the caller back to counting values.
+_UNIQUE_COUNTS = f"""
 WITH pieces AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS p(label, grain, bucket)
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], $7::timestamptz[])
+        AS p(label, grain, bucket, until)
 )
-SELECT n.tenant_id, p.label, coalesce(n.group_values ->> nullif($5, ''), '') AS dimension_value,
-       sum(n.distinct_values)::bigint AS distinct_values
-FROM pieces AS p
-JOIN meter_distinct_counts AS n
-  ON n.tenant_id = ANY($1::text[]) AND n.meter_id = $6 AND n.grain = p.grain::"char" AND n.bucket = p.bucket
-GROUP BY n.tenant_id, p.label, n.group_values
-HAVING sum(n.distinct_values) <> 0
+SELECT tenant_id, label, {_GROUP_DIMENSION} AS dimension_value,
+       sum(distinct_values)::bigint AS distinct_values
+FROM (
+    SELECT n.tenant_id, p.label, n.group_values,
+           CASE p.grain WHEN 'h' THEN n.hour_values WHEN 'd' THEN n.day_values ELSE n.month_values END
+               AS distinct_values
+    FROM pieces AS p
+    JOIN meter_unique_counts AS n
+      ON n.tenant_id = ANY($1::text[]) AND n.meter_id = $6 AND n.hour >= p.bucket AND n.hour < p.until
+) AS c
+GROUP BY tenant_id, label, group_values
+HAVING sum(distinct_values) <> 0
 ORDER BY 1, 2, 3
 """
 # Time-weighted: each series with its watermark and the last reading before $3.
@@ -178,6 +213,10 @@ async def meter_totals(
     return found
 
 
+def _shape(template: str, bucket: TimeBucket) -> str:
+    return template.format(bucket=BUCKET_SECONDS[bucket], dimension=_group_dimension(4))
+
+
 def _seconds(micros: int | None) -> int | None:
     return None if micros is None else micros // MICROS_PER_SECOND
 
@@ -208,15 +247,11 @@ async def summarize_meter(
         column = "total" if aggregation is Aggregation.SUM else "events"
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
     if aggregation in (Aggregation.MAX, Aggregation.MIN):
-        rows = await conn.fetch(
-            _EXTREMES.format(bucket=BUCKET_SECONDS[bucket]), tenants, start, end, dimension, meter.id
-        )
+        rows = await conn.fetch(_shape(_EXTREMES, bucket), tenants, start, end, dimension, meter.id)
         column = "high" if aggregation is Aggregation.MAX else "low"
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r[column])) for r in rows]
     if aggregation is Aggregation.LATEST:
-        rows = await conn.fetch(
-            _LATEST.format(bucket=BUCKET_SECONDS[bucket]), tenants, start, end, dimension, meter.id
-        )
+        rows = await conn.fetch(_shape(_LATEST, bucket), tenants, start, end, dimension, meter.id)
         return [MeterValue(r[0], meter, r[1], r[2], trim_decimal(r["latest"])) for r in rows]
     if aggregation is Aggregation.UNIQUE_COUNT:
         return await _unique_count(conn, meter, tenants, start, end, bucket, dimension)
@@ -238,14 +273,16 @@ async def _unique_count(
     labels: list[int | None] = []
     grains: list[str] = []
     buckets: list[datetime] = []
+    ends: list[datetime] = []
     for part in spans(to_micros(start), to_micros(end), bucket):
         for piece in decompose(part.start, part.end):
             labels.append(_seconds(part.label))
             grains.append(piece.grain)
             buckets.append(to_datetime(piece.start))
+            ends.append(to_datetime(piece.end))
     one_group_per_value = not meter.spec.group_by or tuple(meter.spec.group_by) == (dimension,)
     if one_group_per_value and len(set(labels)) == len(labels):
-        rows = await conn.fetch(_UNIQUE_COUNTS, tenants, labels, grains, buckets, dimension, meter.id)
+        rows = await conn.fetch(_UNIQUE_COUNTS, tenants, labels, grains, buckets, dimension, meter.id, ends)
         keys = [(r[0], r[1], r[2]) for r in rows]
         if len(set(keys)) == len(keys):
             return [MeterValue(r[0], meter, r[1], r[2], str(r[3])) for r in rows]

@@ -43,8 +43,11 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-async def migrate(pool: asyncpg.Pool) -> list[int]:
-    """Apply the migrations not yet applied; return the versions applied now."""
+async def migrate(pool: asyncpg.Pool, up_to: int | None = None) -> list[int]:
+    """Apply the migrations not yet applied (to version `up_to`, if given); return those applied now.
+
+    `up_to` serves the tests of a migration, which need a database as the one before it left it.
+    """
     applied_now: list[int] = []
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
@@ -57,7 +60,7 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
             )
             done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
             for migration in available_migrations():
-                if migration.version in done:
+                if migration.version in done or (up_to is not None and migration.version > up_to):
                     continue
                 async with conn.transaction():
                     await conn.execute(migration.sql)

@@ -62,8 +62,12 @@ new_keys AS (
 """
 # What the batch's new events add to the non-additive meters (server.domain.meters
 # .Contributions: one entry per event and meter, matched in Python), in the same statement.
-# Every table is either appended to, inserted into with ON CONFLICT DO NOTHING (a writer
-# waits only for another that is inserting the very same new key), or striped per writer.
+# Group values are keyed as jsonb's text in the MAX/MIN/LATEST and UNIQUE_COUNT tables
+# (migrations 0054 and 0055). Every table is either appended to, inserted into with ON
+# CONFLICT DO NOTHING (a writer waits only for another that is inserting the very same new
+# key), or striped per writer;
+# but a UNIQUE_COUNT's month row, which only the writer of a new hour row touches (its
+# first event in an hour, not each one).
 # Event ids compare byte-wise (COLLATE "C"), as they do in Python, to break LATEST's ties.
 # CONTRIB_FROM: the entries as parallel arrays, from parameter ${first} on.
 CONTRIB_FROM = """contrib AS (
@@ -80,8 +84,8 @@ CONTRIB_FROM = """contrib AS (
 # other write is an upsert that the same event written twice leaves as it is.
 METER_WRITES = """, gauge_values AS (
     INSERT INTO meter_values (tenant_id, meter_id, hour, group_values, event_id, event_time, value)
-    SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values, event_id, event_time,
-           value
+    SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values::text, event_id,
+           event_time, value
     FROM contrib WHERE kind = 'v'
     {keep}
 ), gauge_hours AS (
@@ -90,8 +94,8 @@ METER_WRITES = """, gauge_values AS (
     SELECT DISTINCT ON (tenant_id, meter_id, hour, group_values)
            tenant_id, meter_id, hour, group_values, pg_backend_pid(),
            min(quantity) OVER per_hour, max(quantity) OVER per_hour, event_time, event_id, quantity
-    FROM (SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC') AS hour, group_values,
-                 event_time, event_id, value::numeric AS quantity
+    FROM (SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC') AS hour,
+                 group_values::text AS group_values, event_time, event_id, value::numeric AS quantity
           FROM contrib WHERE kind = 'v') AS v
     WINDOW per_hour AS (PARTITION BY tenant_id, meter_id, hour, group_values)
     ORDER BY tenant_id, meter_id, hour, group_values, event_time DESC, event_id COLLATE "C" DESC
@@ -109,28 +113,63 @@ METER_WRITES = """, gauge_values AS (
             THEN excluded.latest_value ELSE h.latest_value END
 ), unique_values AS (
     INSERT INTO meter_unique_values (tenant_id, meter_id, group_values, value, hour, event_id)
-    SELECT tenant_id, meter_id, group_values, value, date_trunc('hour', event_time, 'UTC'), event_id
+    SELECT tenant_id, meter_id, group_values::text, value, date_trunc('hour', event_time, 'UTC'), event_id
     FROM contrib WHERE kind = 'u'
     {keep}
-), distinct_values AS (
-    INSERT INTO meter_distinct (tenant_id, meter_id, grain, bucket, group_values, value)
-    SELECT DISTINCT c.tenant_id, c.meter_id, g.grain, date_trunc(g.unit, c.event_time, 'UTC'),
-           c.group_values, c.value
-    FROM contrib AS c
-    CROSS JOIN (VALUES ('h'::"char", 'hour'), ('d', 'day'), ('m', 'month')) AS g(grain, unit)
-    WHERE c.kind = 'u'
+), distinct_hours AS (
+    -- The values new to their hour (migration 0054; groups keyed as jsonb's text). A value
+    -- some batch wrote already stops here: it is new to neither its day nor its month.
+    INSERT INTO meter_distinct_hours (tenant_id, meter_id, hour, group_values, value)
+    SELECT DISTINCT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values::text, value
+    FROM contrib WHERE kind = 'u'
     ON CONFLICT DO NOTHING
-    RETURNING tenant_id, meter_id, grain, bucket, group_values
-), distinct_counts AS (
-    -- Exactly the rows this statement inserted (a row a concurrent batch inserted first
-    -- does not come back), counted into the writer's own stripe.
-    INSERT INTO meter_distinct_counts AS n
-        (tenant_id, meter_id, grain, bucket, group_values, stripe, distinct_values)
-    SELECT tenant_id, meter_id, grain, bucket, group_values, pg_backend_pid(), count(*)
-    FROM distinct_values
+    RETURNING tenant_id, meter_id, hour, group_values, value
+), distinct_months AS (
+    -- Their month rows: inserted (new to the month), or given the days they were not in
+    -- yet. A row whose days were all set already is neither updated nor returned. Rows
+    -- are taken in key order, so that two writers updating the same ones cannot deadlock.
+    INSERT INTO meter_distinct_months AS m
+        (tenant_id, meter_id, month, group_values, value, days, days_before)
+    SELECT tenant_id, meter_id, date_trunc('month', hour, 'UTC'), group_values, value,
+           bit_or(1 << (extract(day FROM hour AT TIME ZONE 'UTC')::int - 1)), 0
+    FROM distinct_hours
     GROUP BY 1, 2, 3, 4, 5
-    ON CONFLICT (tenant_id, meter_id, grain, bucket, group_values, stripe) DO UPDATE
-        SET distinct_values = n.distinct_values + excluded.distinct_values
+    ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (tenant_id, meter_id, month, group_values, value) DO UPDATE
+        SET days = m.days | excluded.days, days_before = m.days
+        WHERE m.days & excluded.days <> excluded.days
+    RETURNING tenant_id, meter_id, month, group_values, value,
+              days & ~days_before AS new_days, days_before = 0 AS new_month
+), distinct_firsts AS (
+    -- Each new hour row, with whether it is the first hour (of this statement) of a day
+    -- or a month that is new to its value: that hour holds the day's or month's 1.
+    SELECT h.tenant_id, h.meter_id, h.hour, h.group_values,
+           (h.hour = min(h.hour) OVER same_day
+            AND coalesce(m.new_days & (1 << (extract(day FROM h.hour AT TIME ZONE 'UTC')::int - 1)) <> 0,
+                         false))::int AS new_to_day,
+           (h.hour = min(h.hour) OVER same_month AND coalesce(m.new_month, false))::int AS new_to_month
+    FROM distinct_hours AS h
+    LEFT JOIN distinct_months AS m
+      ON m.tenant_id = h.tenant_id AND m.meter_id = h.meter_id
+     AND m.month = date_trunc('month', h.hour, 'UTC') AND m.group_values = h.group_values
+     AND m.value = h.value
+    WINDOW same_day AS (PARTITION BY h.tenant_id, h.meter_id, h.group_values, h.value,
+                                     date_trunc('day', h.hour, 'UTC')),
+           same_month AS (PARTITION BY h.tenant_id, h.meter_id, h.group_values, h.value,
+                                       date_trunc('month', h.hour, 'UTC'))
+), distinct_counts AS (
+    -- Exactly what this statement made new (a row a concurrent batch inserted first does
+    -- not come back), counted into the writer's own stripe: one row per hour and group.
+    INSERT INTO meter_unique_counts AS n
+        (tenant_id, meter_id, hour, group_values, stripe, hour_values, day_values, month_values)
+    SELECT tenant_id, meter_id, hour, group_values, pg_backend_pid(), count(*), sum(new_to_day),
+           sum(new_to_month)
+    FROM distinct_firsts
+    GROUP BY 1, 2, 3, 4
+    ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
+        SET hour_values = n.hour_values + excluded.hour_values,
+            day_values = n.day_values + excluded.day_values,
+            month_values = n.month_values + excluded.month_values
 ), readings AS (
     INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
     SELECT tenant_id, meter_id, group_values, event_time, event_id, value::numeric
