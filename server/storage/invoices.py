@@ -317,11 +317,7 @@ class InvoiceTransaction:
 
     async def postpone_close(self, tenant_id: str, next_close_time: datetime) -> None:
         """Try the tenant's due close again at `next_close_time` (after a failure)."""
-        await self._conn.execute(
-            "UPDATE billing_profiles SET next_close_time = $2 WHERE tenant_id = $1",
-            tenant_id,
-            next_close_time,
-        )
+        await plans.postpone_close(self._conn, tenant_id, next_close_time)
 
     async def credited(self, invoice_id: str) -> Decimal:
         """The sum of the invoice's credit notes so far."""
@@ -536,8 +532,10 @@ class InvoiceTransaction:
 
     async def load(self, invoice_id: str) -> Invoice:
         """The invoice `invoice_id` as stored now, with its lines; it must exist."""
-        rows = await self._conn.fetch(f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE id = $1", invoice_id)
-        return (await _load(self._conn, rows))[0]
+        invoice = await self.find(invoice_id)
+        if invoice is None:
+            raise LookupError(f"invoice {invoice_id} is not stored")
+        return invoice
 
     async def save(
         self,

@@ -417,6 +417,13 @@ async def assign_plan(
     )
 
 
+async def postpone_close(conn: asyncpg.Connection, tenant_id: str, next_close_time: datetime) -> None:
+    """Try the tenant's due close again at `next_close_time` (after a failure); the cursor stays."""
+    await conn.execute(
+        "UPDATE billing_profiles SET next_close_time = $2 WHERE tenant_id = $1", tenant_id, next_close_time
+    )
+
+
 async def mark_closed(
     conn: asyncpg.Connection, tenant_id: str, closed_until: datetime, next_close_time: datetime
 ) -> None:

@@ -63,9 +63,10 @@ new_keys AS (
 # What the batch's new events add to the non-additive meters (server.domain.meters
 # .Contributions: one entry per event and meter, matched in Python), in the same statement.
 # Group values are keyed as jsonb's text in the MAX/MIN/LATEST and UNIQUE_COUNT tables
-# (migrations 0054 and 0055). Every table is either appended to, inserted into with ON
-# CONFLICT DO NOTHING (a writer waits only for another that is inserting the very same new
-# key), or striped per writer;
+# (migrations 0054 and 0055), cast where each is written: one text column computed in
+# contrib would parse every group's jsonb twice. The TIME_WEIGHTED tables keep jsonb.
+# Every table is either appended to, inserted into with ON CONFLICT DO NOTHING (a writer
+# waits only for another that is inserting the very same new key), or striped per writer;
 # but a UNIQUE_COUNT's month row, which only the writer of a new hour row touches (its
 # first event in an hour, not each one).
 # Event ids compare byte-wise (COLLATE "C"), as they do in Python, to break LATEST's ties.
