@@ -365,3 +365,84 @@ async def test_unique_count_without_group_by_is_exact_per_hour_day_and_window(
     assert await counts(A.TIME_BUCKET_UNSPECIFIED, timedelta(0), days) == {None: "3"}
     # A window that starts mid-day (hour pieces and day pieces): bob's two hours count once.
     assert await counts(A.TIME_BUCKET_UNSPECIFIED, timedelta(hours=2), days) == {None: "3"}
+
+
+async def test_cancelling_the_event_that_brought_a_value_to_its_hour_hands_the_hour_on(
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    db: asyncpg.Pool,
+    tenant: str,
+    usage_type: str,
+) -> None:
+    """The hour row names the event that brought the value (migration 0056); the hour's other
+    carriers have rows of their own. Cancelling the named one passes the hour row to another;
+    the value leaves its hour, day and month only with its last carrier there."""
+    users = (
+        await meters.CreateMeter(
+            meter_service_pb2.CreateMeterRequest(
+                meter=_meter(usage_type, A.METER_AGGREGATION_UNIQUE_COUNT, value_dimension="user_id")
+            )
+        )
+    ).meter
+    day = hour_start(0).replace(hour=0) - timedelta(days=2)
+    # ann: "a" then "b" in hour 1 (reported one after the other), "c" in hour 3 of the same day.
+    for event_id, hour in (("a", 1), ("b", 1), ("c", 3)):
+        await usage.ReportUsage(
+            usage_service_pb2.ReportUsageRequest(
+                event=event(
+                    tenant,
+                    event_id,
+                    service="metered",
+                    usage_type=usage_type,
+                    quantity="1",
+                    time=day + timedelta(hours=hour, minutes=10),
+                    dimensions={"user_id": "ann"},
+                )
+            )
+        )
+
+    async def state() -> tuple[
+        dict[int | None, str], dict[int | None, str], list[tuple[int, str]], list[str]
+    ]:
+        found = []
+        for bucket in (A.TIME_BUCKET_HOUR, A.TIME_BUCKET_DAY):
+            summary = (
+                await usage.GetUsageSummary(
+                    usage_service_pb2.GetUsageSummaryRequest(
+                        name=f"tenants/{tenant}/usageSummary",
+                        start_time=ts(day),
+                        end_time=ts(day + timedelta(days=1)),
+                        bucket=bucket,  # type: ignore[arg-type]
+                        meters=[users.name],
+                    )
+                )
+            ).summary
+            found.append(
+                {
+                    (a.bucket_start_time.seconds - int(day.timestamp())) // 3600: a.value
+                    for a in summary.meter_aggregates
+                }
+            )
+        hour_rows = await db.fetch(
+            "SELECT extract(epoch FROM hour - $2)::int / 3600, event_id FROM meter_distinct_hours"
+            " WHERE tenant_id = $1 ORDER BY 1",
+            tenant,
+            day,
+        )
+        others = await db.fetch(
+            "SELECT event_id FROM meter_unique_values WHERE tenant_id = $1 ORDER BY 1", tenant
+        )
+        return found[0], found[1], [tuple(r) for r in hour_rows], [r[0] for r in others]
+
+    assert await state() == ({1: "1", 3: "1"}, {0: "1"}, [(1, "a"), (3, "c")], ["b"])
+
+    async def cancel(event_id: str) -> None:
+        await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id=event_id))
+
+    await cancel("a")  # "b" still carries ann in hour 1: it takes the hour row over
+    assert await state() == ({1: "1", 3: "1"}, {0: "1"}, [(1, "b"), (3, "c")], [])
+    await cancel("b")  # hour 1 loses ann; hour 3 still has her that day
+    assert await state() == ({3: "1"}, {0: "1"}, [(3, "c")], [])
+    await cancel("c")  # her last carrier of the day and the month
+    assert await state() == ({}, {}, [], [])
+    assert await db.fetchval("SELECT count(*) FROM meter_distinct_months WHERE tenant_id = $1", tenant) == 0
