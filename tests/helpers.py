@@ -249,6 +249,27 @@ async def months_off_their_hours(db: asyncpg.Pool, tenant: str) -> list[tuple[ob
     return [tuple(r) for r in await db.fetch(_MONTHS_OFF_HOURS, tenant)]
 
 
+_CARRIERS = """
+SELECT m.name, c.event_id
+FROM (SELECT meter_id, event_id FROM meter_distinct_hours WHERE tenant_id = $1
+      UNION ALL
+      SELECT meter_id, event_id FROM meter_unique_values WHERE tenant_id = $1) AS c
+JOIN meters AS m ON m.id = c.meter_id
+"""
+
+
+async def unique_carriers(db: asyncpg.Pool, tenant: str) -> dict[str, list[str]]:
+    """Meter name -> the events that carry its values (hour rows' and others'), one entry per row.
+
+    An event listed twice is carried twice; a cancelled event listed is one not forgotten
+    (migration 0056: an hour row's event, then the hour's other carriers).
+    """
+    found: dict[str, list[str]] = {}
+    for name, event_id in await db.fetch(_CARRIERS, tenant):
+        found.setdefault(name, []).append(event_id)
+    return {name: sorted(events) for name, events in found.items()}
+
+
 @contextlib.asynccontextmanager
 async def own_database(
     database_url: str, prefix: str, up_to: int | None = None

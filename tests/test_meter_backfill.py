@@ -41,6 +41,7 @@ from tests.helpers import (
     hour_start,
     months_off_their_hours,
     ts,
+    unique_carriers,
 )
 
 SERVICE = "backfilltest"
@@ -222,6 +223,12 @@ async def test_a_backfilled_meter_reports_what_a_meter_from_the_start_reports(
     # batches wrote side by side (each counts only the rows it inserted).
     assert await distinct_counts(db, tenant) == await distinct_rows(db, tenant)
     assert await months_off_their_hours(db, tenant) == []
+    # Each surviving event is carried once by the copy, as by its twin: an event that a live
+    # batch made an hour row's carrier is not written again as another carrier.
+    carriers = await unique_carriers(db, tenant)
+    for kind in set(kinds) & {"users", "quantities"}:
+        copy, original = (name.removeprefix("meters/") for name in (copies[kind], twins.originals[kind]))
+        assert carriers.get(copy, []) == carriers.get(original, []), kind
 
     start = origin_micros - 24 * HOUR + data.draw(st.integers(-24, 34 * 24), label="window start") * HOUR
     end = start + data.draw(st.integers(1, 40 * 24), label="window length") * HOUR

@@ -7,6 +7,9 @@ and every hour's, day's and month's count is what it was.
 
 0054 and 0055: group values become jsonb's text, the very string that the write path now
 stores for the same group, so old rows and new ones are one group.
+
+0056: each hour row names one of the events that carry its value there (the least event
+id), and that event's own carrier row goes; the others stay.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ SELECT tenant_id, meter_id, grain, bucket, group_values, s.stripe,
 FROM meter_distinct CROSS JOIN (VALUES (0), (4242)) AS s(stripe)
 GROUP BY 1, 2, 3, 4, 5, s.stripe
 """
+# The events carrying them (one row each, keyed by group, value and hour): one per value
+# and hour ("e<i>"), and a second one ("e<i>b") for the first two.
+_OLD_CARRIERS = """
+INSERT INTO meter_unique_values (tenant_id, meter_id, group_values, value, hour, event_id)
+SELECT 't', 7, v.group_values::jsonb, v.value, v.hour, 'e' || (v.i - 1) || s.suffix
+FROM unnest($1::text[], $2::timestamptz[], $3::text[]) WITH ORDINALITY AS v(value, hour, group_values, i)
+CROSS JOIN (VALUES (''), ('b')) AS s(suffix)
+WHERE s.suffix = '' OR v.i <= 2
+"""
 _OLD_BY_KEY = """
 SELECT meter_id, grain::text, bucket, group_values::text, count(*) FROM meter_distinct
 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
@@ -61,6 +73,7 @@ async def test_migration_0054_keeps_every_distinct_value_and_count(pool_at_0053:
     pool = pool_at_0053
     values, hours, groups = (list(column) for column in zip(*OLD_VALUES, strict=True))
     await pool.execute(_OLD_ROWS, values, hours, groups)
+    await pool.execute(_OLD_CARRIERS, values, hours, groups)
     await pool.execute(_OLD_COUNTS)
     before = [tuple(row) for row in await pool.fetch(_OLD_BY_KEY)]
     assert len(before) == 12  # 4 hours, 3 days and 2 months of "{}"; an hour, a day and a month of "eu"
@@ -73,7 +86,7 @@ async def test_migration_0054_keeps_every_distinct_value_and_count(pool_at_0053:
         json.dumps(group),
     )
 
-    assert {54, 55} <= set(await migrate(pool))
+    assert {54, 55, 56} <= set(await migrate(pool))
 
     # What the write path stores for the same group now (server.domain.meters writes
     # sorted keys, no spaces; the statement keys it as jsonb's text).
@@ -95,3 +108,13 @@ async def test_migration_0054_keeps_every_distinct_value_and_count(pool_at_0053:
         (datetime(2026, 2, 1, tzinfo=UTC), "{}", "u2", 0b101),
     ]
     assert await pool.fetchval("SELECT to_regclass('meter_distinct_counts')") is None
+
+    hour_carriers = await pool.fetch(
+        "SELECT value, hour, group_values::text, event_id FROM meter_distinct_hours ORDER BY event_id"
+    )
+    assert [tuple(row) for row in hour_carriers] == [
+        (value, hour, json.dumps(json.loads(group)), f"e{i}")
+        for i, (value, hour, group) in enumerate(OLD_VALUES)
+    ]
+    others = await pool.fetch("SELECT value, hour, event_id FROM meter_unique_values ORDER BY event_id")
+    assert [tuple(row) for row in others] == [("u1", hours[0], "e0b"), ("u1", hours[1], "e1b")]

@@ -32,7 +32,15 @@ from tally.v1 import (
     usage_service_pb2_grpc,
 )
 from tests.conftest import new_tenant
-from tests.helpers import distinct_counts, distinct_rows, event, hour_start, months_off_their_hours, ts
+from tests.helpers import (
+    distinct_counts,
+    distinct_rows,
+    event,
+    hour_start,
+    months_off_their_hours,
+    ts,
+    unique_carriers,
+)
 
 SERVICE = "metertest"
 A = resources_pb2
@@ -328,6 +336,12 @@ async def test_every_aggregation_matches_the_raw_events(
     # resends, folds and cancellations (summed over writers' stripes).
     assert await distinct_counts(db, tenant) == await distinct_rows(db, tenant)
     assert await months_off_their_hours(db, tenant) == []
+    # Each surviving event is carried once (by its hour row or as another carrier); a
+    # cancelled one not at all, its hour row handed over or gone.
+    carriers = await unique_carriers(db, tenant)
+    for key in ("users", "users-flat", "quantities", "quantities-flat"):
+        counted = [e.event_id for e in surviving if not key.startswith("users") or "user" in e.dims]
+        assert carriers.get(meters.names[key].removeprefix("meters/"), []) == sorted(counted), key
 
 
 async def test_unique_count_by_region_counts_a_user_once_with_and_without_an_empty_region(

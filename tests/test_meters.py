@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import grpc
@@ -50,6 +50,66 @@ def _meter(usage_type: str, aggregation: int, **fields: object) -> A.Meter:
         aggregation=aggregation,  # type: ignore[arg-type]
         **fields,  # type: ignore[arg-type]
     )
+
+
+async def _users_meter(meters: meter_service_pb2_grpc.MeterServiceStub, usage_type: str) -> A.Meter:
+    """A UNIQUE_COUNT meter of the usage type's `user_id` values."""
+    definition = _meter(usage_type, A.METER_AGGREGATION_UNIQUE_COUNT, value_dimension="user_id")
+    return (await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=definition))).meter
+
+
+async def _report_user(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    tenant: str,
+    usage_type: str,
+    event_id: str,
+    when: datetime,
+    user: str,
+    quantity: str = "1",
+) -> None:
+    """Report one event of the usage type by `user` (its `user_id` dimension)."""
+    await usage.ReportUsage(
+        usage_service_pb2.ReportUsageRequest(
+            event=event(
+                tenant,
+                event_id,
+                service="metered",
+                usage_type=usage_type,
+                quantity=quantity,
+                time=when,
+                dimensions={"user_id": user},
+            )
+        )
+    )
+
+
+async def _per_bucket(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    tenant: str,
+    meter: str,
+    bucket: int,
+    origin: datetime,
+    start: datetime,
+    end: datetime,
+) -> dict[int | None, str]:
+    """The meter's values over [start, end) per bucket, keyed by hours after `origin` (None: no bucket)."""
+    summary = (
+        await usage.GetUsageSummary(
+            usage_service_pb2.GetUsageSummaryRequest(
+                name=f"tenants/{tenant}/usageSummary",
+                start_time=ts(start),
+                end_time=ts(end),
+                bucket=bucket,  # type: ignore[arg-type]
+                meters=[meter],
+            )
+        )
+    ).summary
+    return {
+        (a.bucket_start_time.seconds - int(origin.timestamp())) // 3600
+        if a.HasField("bucket_start_time")
+        else None: (a.value)
+        for a in summary.meter_aggregates
+    }
 
 
 async def _values(
@@ -219,28 +279,10 @@ async def test_a_cancelled_event_stops_counting_everywhere_and_stays_a_duplicate
     tenant: str,
     usage_type: str,
 ) -> None:
-    users = (
-        await meters.CreateMeter(
-            meter_service_pb2.CreateMeterRequest(
-                meter=_meter(usage_type, A.METER_AGGREGATION_UNIQUE_COUNT, value_dimension="user_id")
-            )
-        )
-    ).meter
+    users = await _users_meter(meters, usage_type)
     when = hour_start(-1) + timedelta(minutes=5)
     for event_id, user, quantity in (("a", "ann", "2"), ("b", "bob", "3")):
-        await usage.ReportUsage(
-            usage_service_pb2.ReportUsageRequest(
-                event=event(
-                    tenant,
-                    event_id,
-                    service="metered",
-                    usage_type=usage_type,
-                    quantity=quantity,
-                    time=when,
-                    dimensions={"user_id": user},
-                )
-            )
-        )
+        await _report_user(usage, tenant, usage_type, event_id, when, user, quantity)
     assert await _values(usage, tenant, [users.name]) == {users.name: "2"}
     request_id = uuid.uuid4().hex
     cancel = usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="b", request_id=request_id)
@@ -313,50 +355,18 @@ async def test_unique_count_without_group_by_is_exact_per_hour_day_and_window(
 ) -> None:
     """Whole-hour and whole-day buckets are counted as rows (one piece each, no group-by); a
     window over several pieces counts distinct values across them. Both must be exact."""
-    users = (
-        await meters.CreateMeter(
-            meter_service_pb2.CreateMeterRequest(
-                meter=_meter(usage_type, A.METER_AGGREGATION_UNIQUE_COUNT, value_dimension="user_id")
-            )
-        )
-    ).meter
+    users = await _users_meter(meters, usage_type)
     day = hour_start(0).replace(hour=0) - timedelta(days=3)  # three whole days, all in the past
     # (hour after `day`, user): ann every day, bob twice on day 0, cy on day 1 and 2 (cancelled on 2).
     seen = [(1, "ann"), (2, "bob"), (2, "bob"), (5, "bob"), (25, "ann"), (26, "cy"), (49, "ann"), (50, "cy")]
     for index, (hour, user) in enumerate(seen):
-        await usage.ReportUsage(
-            usage_service_pb2.ReportUsageRequest(
-                event=event(
-                    tenant,
-                    f"e{index}",
-                    service="metered",
-                    usage_type=usage_type,
-                    quantity="1",
-                    time=day + timedelta(hours=hour, minutes=10),
-                    dimensions={"user_id": user},
-                )
-            )
+        await _report_user(
+            usage, tenant, usage_type, f"e{index}", day + timedelta(hours=hour, minutes=10), user
         )
     await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="e7"))
 
     async def counts(bucket: int, start: timedelta, end: timedelta) -> dict[int | None, str]:
-        summary = (
-            await usage.GetUsageSummary(
-                usage_service_pb2.GetUsageSummaryRequest(
-                    name=f"tenants/{tenant}/usageSummary",
-                    start_time=ts(day + start),
-                    end_time=ts(day + end),
-                    bucket=bucket,  # type: ignore[arg-type]
-                    meters=[users.name],
-                )
-            )
-        ).summary
-        return {
-            (a.bucket_start_time.seconds - int(day.timestamp())) // 3600
-            if a.HasField("bucket_start_time")
-            else None: (a.value)
-            for a in summary.meter_aggregates
-        }
+        return await _per_bucket(usage, tenant, users.name, bucket, day, day + start, day + end)
 
     days = timedelta(days=3)
     assert await counts(A.TIME_BUCKET_DAY, timedelta(0), days) == {0: "2", 24: "2", 48: "1"}
@@ -365,3 +375,52 @@ async def test_unique_count_without_group_by_is_exact_per_hour_day_and_window(
     assert await counts(A.TIME_BUCKET_UNSPECIFIED, timedelta(0), days) == {None: "3"}
     # A window that starts mid-day (hour pieces and day pieces): bob's two hours count once.
     assert await counts(A.TIME_BUCKET_UNSPECIFIED, timedelta(hours=2), days) == {None: "3"}
+
+
+async def test_cancelling_the_event_that_brought_a_value_to_its_hour_hands_the_hour_on(
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    db: asyncpg.Pool,
+    tenant: str,
+    usage_type: str,
+) -> None:
+    """The hour row names the event that brought the value (migration 0056); the hour's other
+    carriers have rows of their own. Cancelling the named one passes the hour row to another;
+    the value leaves its hour, day and month only with its last carrier there."""
+    users = await _users_meter(meters, usage_type)
+    day = hour_start(0).replace(hour=0) - timedelta(days=2)
+    # ann: "a" then "b" in hour 1 (reported one after the other), "c" in hour 3 of the same day.
+    for event_id, hour in (("a", 1), ("b", 1), ("c", 3)):
+        await _report_user(
+            usage, tenant, usage_type, event_id, day + timedelta(hours=hour, minutes=10), "ann"
+        )
+
+    async def state() -> tuple[
+        dict[int | None, str], dict[int | None, str], list[tuple[int, str]], list[str]
+    ]:
+        end = day + timedelta(days=1)
+        hours = await _per_bucket(usage, tenant, users.name, A.TIME_BUCKET_HOUR, day, day, end)
+        days = await _per_bucket(usage, tenant, users.name, A.TIME_BUCKET_DAY, day, day, end)
+        hour_rows = await db.fetch(
+            "SELECT extract(epoch FROM hour - $2)::int / 3600, event_id FROM meter_distinct_hours"
+            " WHERE tenant_id = $1 ORDER BY 1",
+            tenant,
+            day,
+        )
+        others = await db.fetch(
+            "SELECT event_id FROM meter_unique_values WHERE tenant_id = $1 ORDER BY 1", tenant
+        )
+        return hours, days, [tuple(r) for r in hour_rows], [r[0] for r in others]
+
+    assert await state() == ({1: "1", 3: "1"}, {0: "1"}, [(1, "a"), (3, "c")], ["b"])
+
+    async def cancel(event_id: str) -> None:
+        await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id=event_id))
+
+    await cancel("a")  # "b" still carries ann in hour 1: it takes the hour row over
+    assert await state() == ({1: "1", 3: "1"}, {0: "1"}, [(1, "b"), (3, "c")], [])
+    await cancel("b")  # hour 1 loses ann; hour 3 still has her that day
+    assert await state() == ({3: "1"}, {0: "1"}, [(3, "c")], [])
+    await cancel("c")  # her last carrier of the day and the month
+    assert await state() == ({}, {}, [], [])
+    assert await db.fetchval("SELECT count(*) FROM meter_distinct_months WHERE tenant_id = $1", tenant) == 0

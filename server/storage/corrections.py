@@ -7,14 +7,17 @@ event sent again is still a duplicate.
 - SUM and COUNT: a negative contribution in the canceller's own rollup stripe.
 - MAX, MIN, LATEST: the event's value is deleted and its hour recomputed from the values
   that survive (meter_values). meter_hourly is locked against the background fold meanwhile.
-- UNIQUE_COUNT: the event's value is deleted. If no surviving event carries the value in
-  its hour, the hour row goes; then if none carries it in its day, the day's bit of the
-  month row is cleared, and the month row goes with its last day. The counts lose what
-  went, in the event's hour (meter_unique_counts, in the canceller's stripe).
-  meter_distinct_hours is locked in SHARE ROW EXCLUSIVE mode first: it waits for the
-  batches writing it to commit and holds new ones back for the few milliseconds of the
-  check, so that a batch adding the same value concurrently cannot be missed. Batches
-  write a month row only after an hour row, so the lock covers the month rows too.
+- UNIQUE_COUNT: the carriers of a value in an hour are its hour row's event and its
+  meter_unique_values rows (migration 0056). The event's own row goes; if it was the hour
+  row's, the row passes to another carrier, or goes when there is none. Then if no hour
+  row of the day carries the value, the day's bit of the month row is cleared, and the
+  month row goes with its last day. The counts lose what went, in the event's hour
+  (meter_unique_counts, in the canceller's stripe). meter_distinct_hours is locked in
+  SHARE ROW EXCLUSIVE mode first: it waits for the batches writing it to commit and holds
+  new ones back for the few milliseconds of the check, so that a batch adding the same
+  value concurrently cannot be missed. Batches write a month row or a carrier only in a
+  statement that writes the hour rows, so the lock covers those too; and cancellers, whom
+  it serializes, never hand a row to a carrier another one is taking away.
 - TIME_WEIGHTED: the reading is deleted and its hour marked dirty (the cache of that hour
   is no longer used; the background task summarises it again).
 """
@@ -75,23 +78,43 @@ WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::json
 ORDER BY event_time DESC, event_id COLLATE "C" DESC
 LIMIT 1
 """
-_DELETE_UNIQUE = """
+_DELETE_CARRIER = """
 DELETE FROM meter_unique_values
 WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4 AND hour = $5
   AND event_id = $6
+"""
+_HOUR_CARRIER = """
+SELECT event_id FROM meter_distinct_hours
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $5 AND group_values = $3::jsonb::text AND value = $4
+"""
+# Another carrier of the value in the hour takes over the hour row, and its own row goes.
+_HAND_OVER = """
+WITH heir AS (
+    DELETE FROM meter_unique_values
+    WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4 AND hour = $5
+      AND event_id = (SELECT event_id FROM meter_unique_values
+                      WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text
+                        AND value = $4 AND hour = $5
+                      LIMIT 1)
+    RETURNING event_id
+)
+UPDATE meter_distinct_hours AS d SET event_id = heir.event_id
+FROM heir
+WHERE d.tenant_id = $1 AND d.meter_id = $2 AND d.hour = $5 AND d.group_values = $3::jsonb::text
+  AND d.value = $4
 RETURNING 1
 """
-_STILL_CARRIED = """
+# $5: the day's 24 hours, probed one by one (a range would walk every value of the day).
+_DAY_CARRIED = """
 SELECT EXISTS (
-    SELECT 1 FROM meter_unique_values
-    WHERE tenant_id = $1 AND meter_id = $2 AND group_values = $3::jsonb::text AND value = $4
-      AND hour >= $5 AND hour < $6
+    SELECT 1 FROM meter_distinct_hours
+    WHERE tenant_id = $1 AND meter_id = $2 AND hour = ANY($5::timestamptz[])
+      AND group_values = $3::jsonb::text AND value = $4
 )
 """
 _DELETE_HOUR_VALUE = """
 DELETE FROM meter_distinct_hours
-WHERE tenant_id = $1 AND meter_id = $2 AND hour = $3 AND group_values = $4::jsonb::text AND value = $5
-RETURNING 1
+WHERE tenant_id = $1 AND meter_id = $2 AND hour = $5 AND group_values = $3::jsonb::text AND value = $4
 """
 # $6: the day's bit. The month row keeps its other days; without them, it goes.
 _CLEAR_DAY = """
@@ -213,13 +236,10 @@ async def _forget(
                 await conn.execute(_CLEAR_HOUR, tenant_id, meter.id, hour_time, entry.group_values)
                 await conn.execute(_RECOMPUTE_HOUR, tenant_id, meter.id, hour_time, entry.group_values)
         elif entry.kind == "u":
-            deleted = await conn.fetchval(
-                _DELETE_UNIQUE, tenant_id, meter.id, entry.group_values, entry.value, hour_time, event_id
-            )
-            if not deleted:
-                continue
             await conn.execute("LOCK TABLE meter_distinct_hours IN SHARE ROW EXCLUSIVE MODE")
-            await _forget_unique_value(conn, tenant_id, meter.id, entry.group_values, entry.value, hour)
+            await _forget_unique_value(
+                conn, tenant_id, meter.id, entry.group_values, entry.value, hour, event_id
+            )
         elif await conn.fetchval(
             _DELETE_READING, tenant_id, meter.id, entry.group_values, event.event_time, event_id
         ):
@@ -227,27 +247,30 @@ async def _forget(
 
 
 async def _forget_unique_value(
-    conn: asyncpg.Connection, tenant_id: str, meter_id: int, group_values: str, value: str, hour: int
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    meter_id: int,
+    group_values: str,
+    value: str,
+    hour: int,
+    event_id: str,
 ) -> None:
-    """Drop the value from its hour, day and month where no surviving event carries it there."""
-
-    async def carried(low: int, high: int) -> bool:
-        found: bool = await conn.fetchval(
-            _STILL_CARRIED, tenant_id, meter_id, group_values, value, to_datetime(low), to_datetime(high)
-        )
-        return found
-
-    if await carried(hour, hour + MICROS_PER_HOUR) or not await conn.fetchval(
-        _DELETE_HOUR_VALUE, tenant_id, meter_id, to_datetime(hour), group_values, value
-    ):
+    """Drop the event from the value's carriers; the value from its hour, day and month where none is left."""
+    key = (tenant_id, meter_id, group_values, value, to_datetime(hour))
+    await conn.execute(_DELETE_CARRIER, *key, event_id)
+    # Another event still carries the value in its hour (or, for an event recorded before the
+    # meter existed, the event never counted): nothing else changes.
+    if await conn.fetchval(_HOUR_CARRIER, *key) != event_id or await conn.fetchval(_HAND_OVER, *key):
         return
+    await conn.execute(_DELETE_HOUR_VALUE, *key)
     day = hour - hour % MICROS_PER_DAY
     day_gone = month_gone = False
-    if not await carried(day, day + MICROS_PER_DAY):
+    day_hours = [to_datetime(day + i * MICROS_PER_HOUR) for i in range(24)]
+    if not await conn.fetchval(_DAY_CARRIED, *key[:4], day_hours):
         month = month_bounds(hour)[0]
-        key = (tenant_id, meter_id, to_datetime(month), group_values, value, day_bit(day))
-        day_gone = bool(await conn.fetchval(_CLEAR_DAY, *key))
+        month_key = (tenant_id, meter_id, to_datetime(month), group_values, value, day_bit(day))
+        day_gone = bool(await conn.fetchval(_CLEAR_DAY, *month_key))
         if not day_gone:
-            month_gone = day_gone = bool(await conn.fetchval(_DELETE_MONTH_VALUE, *key))
+            month_gone = day_gone = bool(await conn.fetchval(_DELETE_MONTH_VALUE, *month_key))
     gone = (int(day_gone), int(month_gone))
     await conn.execute(_UNCOUNT_DISTINCT, tenant_id, meter_id, to_datetime(hour), group_values, *gone)

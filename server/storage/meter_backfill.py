@@ -42,7 +42,7 @@ from server.domain.meters import Aggregation, Meter, MeterMap, contribution
 from server.domain.timeutil import to_micros
 from server.storage.database import CONNECTION_ERRORS, RETRYABLE_ERRORS
 from server.storage.meters import METER_COLUMNS, meter_of
-from server.storage.usage import CONTRIB_FROM, METER_WRITES
+from server.storage.usage import BACKFILL_CARRIED, CONTRIB_FROM, METER_WRITES
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ FOR SHARE OF k
 _WRITE = (
     "WITH "
     + CONTRIB_FROM.format(*range(1, 8), "")
-    + METER_WRITES.format(keep="ON CONFLICT DO NOTHING")
+    + METER_WRITES.format(keep="ON CONFLICT DO NOTHING", carried=BACKFILL_CARRIED)
     + "\nSELECT 1"
 )
 _KEEP_SERIES = """

@@ -82,7 +82,10 @@ CONTRIB_FROM = """contrib AS (
 # METER_WRITES follows a contrib CTE. {keep}: "" on the live path (the events are new, so
 # their rows are too); "ON CONFLICT DO NOTHING" for a meter backfill
 # (server.storage.meter_backfill), whose events a live batch may have stored already. Every
-# other write is an upsert that the same event written twice leaves as it is.
+# other write is an upsert that the same event written twice leaves as it is. {carried}:
+# "" on the live path; for a backfill, BACKFILL_CARRIED, which leaves out an event that a
+# live batch made its hour row's carrier already (committed: the backfill reads only
+# committed keys), so that every event is carried once.
 METER_WRITES = """, gauge_values AS (
     INSERT INTO meter_values (tenant_id, meter_id, hour, group_values, event_id, event_time, value)
     SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values::text, event_id,
@@ -112,19 +115,32 @@ METER_WRITES = """, gauge_values AS (
             WHEN (excluded.latest_time, excluded.latest_event_id COLLATE "C")
                  > (h.latest_time, h.latest_event_id)
             THEN excluded.latest_value ELSE h.latest_value END
-), unique_values AS (
-    INSERT INTO meter_unique_values (tenant_id, meter_id, group_values, value, hour, event_id)
-    SELECT tenant_id, meter_id, group_values::text, value, date_trunc('hour', event_time, 'UTC'), event_id
-    FROM contrib WHERE kind = 'u'
-    {keep}
 ), distinct_hours AS (
-    -- The values new to their hour (migration 0054; groups keyed as jsonb's text). A value
-    -- some batch wrote already stops here: it is new to neither its day nor its month.
-    INSERT INTO meter_distinct_hours (tenant_id, meter_id, hour, group_values, value)
-    SELECT DISTINCT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values::text, value
-    FROM contrib WHERE kind = 'u'
+    -- The values new to their hour (migration 0054; groups keyed as jsonb's text), each
+    -- with the event that brought it (migration 0056: the statement's first carrier, by
+    -- event id). A value some batch wrote already stops here: it is new to neither its day
+    -- nor its month.
+    INSERT INTO meter_distinct_hours (tenant_id, meter_id, hour, group_values, value, event_id)
+    SELECT DISTINCT ON (tenant_id, meter_id, hour, group_values, value)
+           tenant_id, meter_id, hour, group_values, value, event_id
+    FROM (SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC') AS hour,
+                 group_values::text AS group_values, value, event_id
+          FROM contrib WHERE kind = 'u') AS u
+    ORDER BY tenant_id, meter_id, hour, group_values, value, event_id COLLATE "C"
     ON CONFLICT DO NOTHING
-    RETURNING tenant_id, meter_id, hour, group_values, value
+    RETURNING tenant_id, meter_id, hour, group_values, value, event_id
+), unique_values AS (
+    -- The other carriers: every event that is not its hour row's. Keyed so that a
+    -- cancellation finds one of a value's hour at once.
+    INSERT INTO meter_unique_values (tenant_id, meter_id, group_values, value, hour, event_id)
+    SELECT c.tenant_id, c.meter_id, c.group_values::text, c.value, date_trunc('hour', c.event_time, 'UTC'),
+           c.event_id
+    FROM contrib AS c
+    WHERE c.kind = 'u'
+      AND NOT EXISTS (SELECT FROM distinct_hours AS h
+                      WHERE h.event_id = c.event_id AND h.meter_id = c.meter_id AND h.tenant_id = c.tenant_id)
+      {carried}
+    {keep}
 ), distinct_months AS (
     -- Their month rows: inserted (new to the month), or given the days they were not in
     -- yet. A row whose days were all set already is neither updated nor returned. Rows
@@ -193,12 +209,17 @@ METER_WRITES = """, gauge_values AS (
     ON CONFLICT (tenant_id, meter_id, group_values, hour, stripe) DO UPDATE
         SET changes = d.changes + excluded.changes
 )"""
+BACKFILL_CARRIED = """AND NOT EXISTS (
+          SELECT FROM meter_distinct_hours AS d
+          WHERE d.tenant_id = c.tenant_id AND d.meter_id = c.meter_id
+            AND d.hour = date_trunc('hour', c.event_time, 'UTC') AND d.group_values = c.group_values::text
+            AND d.value = c.value AND d.event_id = c.event_id)"""
 METER_CTES = (
     ", "
     + CONTRIB_FROM.format(
         *range(8, 15), "JOIN new_keys AS k ON k.tenant_id = c.tenant_id AND k.event_id = c.event_id"
     )
-    + METER_WRITES.format(keep="")
+    + METER_WRITES.format(keep="", carried="")
 )
 # The batch arrives as parallel arrays, one per column.
 _UNNEST = """
