@@ -16,6 +16,9 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
            (--repeats), lock wait per batch sampled (bench.meters)
   meters-query   GetUsageSummary per aggregation (SUM, MAX, UNIQUE_COUNT, TIME_WEIGHTED), daily and
            monthly, for one tenant with 1M and 10M events (not in the default set: run it by name)
+  meters-statement  the batch statement alone, on two PostgreSQL instances (the default meters; and
+           the three extra ones), the same batches paired one by one (--statement-batches): the
+           median per-batch ratio, steady where whole runs swing (bench.statement; by name too)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench import closing, harness, meters, plain, queries
+from bench import closing, harness, meters, plain, queries, statement
 from bench.locks import LockSampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -257,6 +260,9 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="scale and meters-ingest: interleaved runs per variant"
     )
+    parser.add_argument(
+        "--statement-batches", type=int, default=300, help="meters-statement: timed batch pairs per variant"
+    )
     args = parser.parse_args()
     chosen = set(args.scenarios.split(","))
     batches = [int(b) for b in args.batches.split(",")]
@@ -317,6 +323,9 @@ def main() -> None:
         report["meters_query"] = meters.scenario_query(
             [int(n) for n in args.query_events.split(",")], run_client
         )
+    if "meters-statement" in chosen:
+        print("scenario 10: the batch statement alone, with and without the three extra meters", flush=True)
+        report["meters_statement"] = statement.scenario_statement(args.statement_batches)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
