@@ -8,8 +8,8 @@ PostgreSQL instances, one with the seven default SUM meters only and one with th
 `meters-ingest` scenario's three extra meters, take the same batches of 500 events
 (the benchmark workload's tenants, usage types, regions and quantities, times within the
 last 10 minutes) one after the other, alternating which goes first. Both see the machine
-in the same state, so the median of the per-batch ratios holds still to about 1% where
-the rates of whole runs move by 10%.
+in the same state, so the median of the per-batch ratios moves 1-3% from run to run
+where the rates of whole runs move by 10%.
 
 It reports, per UNIQUE_COUNT variant ("new values", "seen values": see bench.meters),
 the median batch time on each side, that median of per-batch ratios, and what matching
