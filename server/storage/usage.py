@@ -137,8 +137,8 @@ METER_WRITES = """, gauge_values AS (
            c.event_id
     FROM contrib AS c
     WHERE c.kind = 'u'
-      AND NOT EXISTS (SELECT FROM distinct_hours AS h
-                      WHERE h.event_id = c.event_id AND h.meter_id = c.meter_id AND h.tenant_id = c.tenant_id)
+      AND (c.tenant_id, c.meter_id, c.event_id) NOT IN (
+          SELECT tenant_id, meter_id, event_id FROM distinct_hours)
       {carried}
     {keep}
 ), distinct_months AS (
@@ -159,21 +159,27 @@ METER_WRITES = """, gauge_values AS (
               days & ~days_before AS new_days, days_before = 0 AS new_month
 ), distinct_firsts AS (
     -- Each new hour row, with whether it is the first hour (of this statement) of a day
-    -- or a month that is new to its value: that hour holds the day's or month's 1.
-    SELECT h.tenant_id, h.meter_id, h.hour, h.group_values,
-           (h.hour = min(h.hour) OVER same_day
-            AND coalesce(m.new_days & (1 << (extract(day FROM h.hour AT TIME ZONE 'UTC')::int - 1)) <> 0,
-                         false))::int AS new_to_day,
-           (h.hour = min(h.hour) OVER same_month AND coalesce(m.new_month, false))::int AS new_to_month
-    FROM distinct_hours AS h
-    LEFT JOIN distinct_months AS m
-      ON m.tenant_id = h.tenant_id AND m.meter_id = h.meter_id
-     AND m.month = date_trunc('month', h.hour, 'UTC') AND m.group_values = h.group_values
-     AND m.value = h.value
-    WINDOW same_day AS (PARTITION BY h.tenant_id, h.meter_id, h.group_values, h.value,
-                                     date_trunc('day', h.hour, 'UTC')),
-           same_month AS (PARTITION BY h.tenant_id, h.meter_id, h.group_values, h.value,
-                                       date_trunc('month', h.hour, 'UTC'))
+    -- or a month that is new to its value: that hour holds the day's or month's 1. The
+    -- month rows' news reach their hour rows through windows over both (sorts), not a
+    -- join: the CTEs' row counts are unknown to the planner, which would loop over every
+    -- pair of rows, and a write lane's transaction may hold thousands.
+    SELECT tenant_id, meter_id, hour, group_values,
+           (hour = min(hour) OVER same_day
+            AND coalesce(max(new_days) OVER same_month
+                         & (1 << (extract(day FROM hour AT TIME ZONE 'UTC')::int - 1)) <> 0, false))::int
+               AS new_to_day,
+           (hour = min(hour) OVER same_month AND coalesce(bool_or(new_month) OVER same_month, false))::int
+               AS new_to_month,
+           kept
+    FROM (SELECT tenant_id, meter_id, group_values, value, date_trunc('month', hour, 'UTC') AS month, hour,
+                 NULL::integer AS new_days, NULL::boolean AS new_month, true AS kept
+          FROM distinct_hours
+          UNION ALL
+          SELECT tenant_id, meter_id, group_values, value, month, NULL, new_days, new_month, false
+          FROM distinct_months) AS both_rows
+    WINDOW same_day AS (PARTITION BY tenant_id, meter_id, group_values, value,
+                                     date_trunc('day', hour, 'UTC')),
+           same_month AS (PARTITION BY tenant_id, meter_id, group_values, value, month)
 ), distinct_counts AS (
     -- Exactly what this statement made new (a row a concurrent batch inserted first does
     -- not come back), counted into the writer's own stripe: one row per hour and group.
@@ -182,6 +188,7 @@ METER_WRITES = """, gauge_values AS (
     SELECT tenant_id, meter_id, hour, group_values, pg_backend_pid(), count(*), sum(new_to_day),
            sum(new_to_month)
     FROM distinct_firsts
+    WHERE kept
     GROUP BY 1, 2, 3, 4
     ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
         SET hour_values = n.hour_values + excluded.hour_values,
