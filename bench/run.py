@@ -17,8 +17,9 @@ Scenarios, each against a freshly started embedded PostgreSQL (and `tally serve`
   meters-query   GetUsageSummary per aggregation (SUM, MAX, UNIQUE_COUNT, TIME_WEIGHTED), daily and
            monthly, for one tenant with 1M and 10M events (not in the default set: run it by name)
   meters-statement  the batch statement alone, on two PostgreSQL instances (the default meters; and
-           the three extra ones), the same batches paired one by one (--statement-batches): the
-           median per-batch ratio, steady where whole runs swing (bench.statement; by name too)
+           the three extra ones), the same batches paired one by one (--statement-batches, of
+           --statement-events): the median per-batch ratio, steady where whole runs swing
+           (bench.statement; by name too)
 """
 
 from __future__ import annotations
@@ -263,6 +264,12 @@ def main() -> None:
     parser.add_argument(
         "--statement-batches", type=int, default=300, help="meters-statement: timed batch pairs per variant"
     )
+    parser.add_argument(
+        "--statement-events",
+        type=int,
+        default=statement.DEFAULT_EVENTS,
+        help="meters-statement: events per batch",
+    )
     args = parser.parse_args()
     chosen = set(args.scenarios.split(","))
     batches = [int(b) for b in args.batches.split(",")]
@@ -325,7 +332,9 @@ def main() -> None:
         )
     if "meters-statement" in chosen:
         print("scenario 10: the batch statement alone, with and without the three extra meters", flush=True)
-        report["meters_statement"] = statement.scenario_statement(args.statement_batches)
+        report["meters_statement"] = statement.scenario_statement(
+            args.statement_batches, args.statement_events
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

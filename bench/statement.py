@@ -5,7 +5,8 @@ The `meters-ingest` scenario measures the target (the whole pipeline's rate), bu
 change to the write path is worth. This scenario isolates the statement that records a
 batch (`UsageStore.record_new_keys`) and pairs each batch with itself: two fresh
 PostgreSQL instances, one with the seven default SUM meters only and one with the
-`meters-ingest` scenario's three extra meters, take the same batches of 500 events
+`meters-ingest` scenario's three extra meters, take the same batches of 500 events (or
+`--statement-events`: a write lane merges waiting batches into one transaction)
 (the benchmark workload's tenants, usage types, regions and quantities, times within the
 last 10 minutes) one after the other, alternating which goes first. Both see the machine
 in the same state, so the median of the per-batch ratios moves 1-3% from run to run
@@ -34,15 +35,15 @@ from server.storage.meters import MeterStore
 from server.storage.migrations import migrate
 from server.storage.usage import UsageStore
 
-BATCH = 500
+DEFAULT_EVENTS = 500  # per batch; a write lane's transactions averaged about 800 in meters-ingest
 WARMUP = 100  # batches recorded on both sides before timing starts
 _VARIANTS = {"new values": meters.EXTRA_METERS, "seen values": meters.SEEN_VALUES_METERS}
 
 
-def _batch(rng: random.Random, number: int, now: float) -> list[EventRow]:
+def _batch(rng: random.Random, number: int, now: float, size: int) -> list[EventRow]:
     """One batch as the workload makes them (bench.workload)."""
     rows = []
-    for i in range(BATCH):
+    for i in range(size):
         service, usage_type = workload.USAGE_TYPES[rng.randrange(len(workload.USAGE_TYPES))]
         region = workload.REGIONS[rng.randrange(len(workload.REGIONS))]
         rows.append(
@@ -69,7 +70,9 @@ async def _open(
     return pool, MeterMap(await MeterStore(pool).all())
 
 
-async def _variant(batches: int, extra: list[tuple[str, str, str, str, str, list[str]]]) -> dict[str, Any]:
+async def _variant(
+    batches: int, size: int, extra: list[tuple[str, str, str, str, str, list[str]]]
+) -> dict[str, Any]:
     with harness.postgres() as (plain_dsn, _), harness.postgres() as (metered_dsn, _):
         plain_pool, _ = await _open(plain_dsn, [])
         metered_pool, meter_map = await _open(metered_dsn, extra)
@@ -79,7 +82,7 @@ async def _variant(batches: int, extra: list[tuple[str, str, str, str, str, list
             seconds: dict[str, list[float]] = {"default": [], "metered": []}
             matching: list[float] = []
             for number in range(WARMUP + batches):
-                rows = _batch(rng, number, now)
+                rows = _batch(rng, number, now, size)
                 columns = columns_of({row.key: row for row in rows})
                 started = time.perf_counter()
                 contributions: Contributions = meter_map.contributions(rows)
@@ -102,11 +105,16 @@ async def _variant(batches: int, extra: list[tuple[str, str, str, str, str, list
         }
 
 
-def scenario_statement(batches: int) -> list[dict[str, Any]]:
+def scenario_statement(batches: int, size: int = DEFAULT_EVENTS) -> list[dict[str, Any]]:
     """`meters-statement`: per variant, the paired per-batch cost of the statement with the extra meters."""
     rows = []
     for variant, extra in _VARIANTS.items():
-        row = {"unique_count": variant, "batches": batches, **asyncio.run(_variant(batches, extra))}
+        row = {
+            "unique_count": variant,
+            "batches": batches,
+            "events": size,
+            **asyncio.run(_variant(batches, size, extra)),
+        }
         print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         rows.append(row)
     return rows
