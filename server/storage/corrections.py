@@ -39,6 +39,7 @@ from server.domain.requests import Once, Replayed
 from server.domain.timeutil import MICROS_PER_DAY, MICROS_PER_HOUR, to_datetime, to_micros
 from server.storage import audit, request_ids
 from server.storage.database import run_with_retries
+from server.storage.usage import ADD_UNIQUE_COUNTS
 
 _KEY = """
 SELECT service, usage_type, quantity::text AS quantity, event_time, dimensions::text AS dimensions,
@@ -130,14 +131,11 @@ WHERE tenant_id = $1 AND meter_id = $2 AND month = $3 AND group_values = $4::jso
 RETURNING 1
 """
 # The counts lose what went, in the event's hour and the canceller's own stripe.
-_UNCOUNT_DISTINCT = """
+_UNCOUNT_DISTINCT = f"""
 INSERT INTO meter_unique_counts AS n
     (tenant_id, meter_id, hour, group_values, stripe, hour_values, day_values, month_values)
 VALUES ($1, $2, $3, $4::jsonb::text, pg_backend_pid(), -1, -$5::integer, -$6::integer)
-ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
-    SET hour_values = n.hour_values + excluded.hour_values,
-        day_values = n.day_values + excluded.day_values,
-        month_values = n.month_values + excluded.month_values
+{ADD_UNIQUE_COUNTS}
 """
 _DELETE_READING = """
 DELETE FROM meter_readings

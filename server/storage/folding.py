@@ -32,6 +32,7 @@ import asyncpg
 from server.domain.aggregation import Reading, summarize_hour
 from server.domain.timeutil import MICROS_PER_HOUR, to_datetime, to_micros
 from server.storage.database import CONNECTION_ERRORS, RETRYABLE_ERRORS
+from server.storage.usage import ADD_UNIQUE_COUNTS
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ RETURNING 1
 """
 # UNIQUE_COUNT's counts (migration 0054): the stripes of hours that are over into stripe 0.
 # A day's or month's count is a sum over its hours, so folding an hour changes no count.
-_FOLD_DISTINCT_COUNTS = """
+_FOLD_DISTINCT_COUNTS = f"""
 WITH moved AS (
     DELETE FROM meter_unique_counts
     WHERE ctid = ANY(ARRAY(
@@ -96,10 +97,7 @@ INSERT INTO meter_unique_counts AS n
 SELECT tenant_id, meter_id, hour, group_values, 0, sum(hour_values), sum(day_values), sum(month_values)
 FROM moved
 GROUP BY 1, 2, 3, 4
-ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
-    SET hour_values = n.hour_values + excluded.hour_values,
-        day_values = n.day_values + excluded.day_values,
-        month_values = n.month_values + excluded.month_values
+{ADD_UNIQUE_COUNTS}
 RETURNING 1
 """
 _CLOSED_BEFORE = "SELECT date_trunc('hour', now(), 'UTC') - interval '1 hour'"

@@ -79,6 +79,13 @@ CONTRIB_FROM = """contrib AS (
         AS c(tenant_id, event_id, meter_id, kind, value, group_values, time_micros)
     {7}
 )"""
+# How every writer of meter_unique_counts (this statement, a cancellation, the fold) adds
+# to a row: the counts are sums, so each adds its part to the row of its stripe. The
+# target table is aliased n.
+ADD_UNIQUE_COUNTS = """ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
+    SET hour_values = n.hour_values + excluded.hour_values,
+        day_values = n.day_values + excluded.day_values,
+        month_values = n.month_values + excluded.month_values"""
 # METER_WRITES follows a contrib CTE. {keep}: "" on the live path (the events are new, so
 # their rows are too); "ON CONFLICT DO NOTHING" for a meter backfill
 # (server.storage.meter_backfill), whose events a live batch may have stored already. Every
@@ -86,7 +93,7 @@ CONTRIB_FROM = """contrib AS (
 # "" on the live path; for a backfill, BACKFILL_CARRIED, which leaves out an event that a
 # live batch made its hour row's carrier already (committed: the backfill reads only
 # committed keys), so that every event is carried once.
-METER_WRITES = """, gauge_values AS (
+_METER_WRITES_SHAPE = """, gauge_values AS (
     INSERT INTO meter_values (tenant_id, meter_id, hour, group_values, event_id, event_time, value)
     SELECT tenant_id, meter_id, date_trunc('hour', event_time, 'UTC'), group_values::text, event_id,
            event_time, value
@@ -190,10 +197,7 @@ METER_WRITES = """, gauge_values AS (
     FROM distinct_firsts
     WHERE kept
     GROUP BY 1, 2, 3, 4
-    ON CONFLICT (tenant_id, meter_id, hour, group_values, stripe) DO UPDATE
-        SET hour_values = n.hour_values + excluded.hour_values,
-            day_values = n.day_values + excluded.day_values,
-            month_values = n.month_values + excluded.month_values
+    {add_unique_counts}
 ), readings AS (
     INSERT INTO meter_readings (tenant_id, meter_id, group_values, event_time, event_id, value)
     SELECT tenant_id, meter_id, group_values, event_time, event_id, value::numeric
@@ -216,6 +220,7 @@ METER_WRITES = """, gauge_values AS (
     ON CONFLICT (tenant_id, meter_id, group_values, hour, stripe) DO UPDATE
         SET changes = d.changes + excluded.changes
 )"""
+METER_WRITES = _METER_WRITES_SHAPE.replace("{add_unique_counts}", ADD_UNIQUE_COUNTS)
 BACKFILL_CARRIED = """AND NOT EXISTS (
           SELECT FROM meter_distinct_hours AS d
           WHERE d.tenant_id = c.tenant_id AND d.meter_id = c.meter_id
