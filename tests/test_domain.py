@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.domain.decimals import check_decimal, format_money, format_price, format_quantity
+from server.domain.decimals import (
+    canonical_quantity,
+    check_decimal,
+    format_money,
+    format_price,
+    format_quantity,
+)
 from server.domain.errors import InvalidArgument
-from server.domain.events import EventRules, RawEvent, columns_of, validate_batch
+from server.domain.events import EventRow, EventRules, RawEvent, columns_of, validate_batch
+from server.domain.meters import Aggregation, Meter, MeterMap, MeterSpec, MeterState, contribution
 from server.domain.pagination import ID, MICROS, NAME, PageTokens
 from server.domain.pricing import PricedUsage, price_usage
 
@@ -150,3 +159,113 @@ def test_pricing_stays_exact_beyond_the_default_28_digits() -> None:
     assert amounts.total == amounts.lines[0].amount
     # Python's default context (28 digits) would have lost the digits that matter here.
     assert amounts.lines[0].quantity * price == Decimal("2.999999999999999999999999997E+36")
+
+
+# Quantities as check_decimal accepts them (ASCII digits; up to 18 + 9 digits, leading and
+# trailing zeros included).
+_QUANTITY_TEXTS = st.from_regex(r"[0-9]{1,18}(\.[0-9]{1,9})?", fullmatch=True)
+
+
+@given(_QUANTITY_TEXTS)
+def test_canonical_quantity_is_the_decimal_formatting(text: str) -> None:
+    # A UNIQUE_COUNT of quantities stores this text: the batch path and a cancellation
+    # (which formats the stored numeric) must name one value the same way.
+    assert check_decimal(text, max_integer_digits=18, max_fraction_digits=9) is None
+    assert canonical_quantity(text) == format_quantity(Decimal(text))
+
+
+_TYPES = [("storage", "gb_hour"), ("analytics", "query")]
+_KEYS = ["region", "user", "plan"]
+
+
+@st.composite
+def _meter_sets(draw: st.DrawFn) -> list[Meter]:
+    meters = []
+    for number in range(draw(st.integers(1, 6))):
+        service, usage_type = draw(st.sampled_from(_TYPES))
+        aggregation = draw(st.sampled_from(list(Aggregation)))
+        spec = MeterSpec(
+            meter_id=f"m{number}",
+            service=service,
+            usage_type=usage_type,
+            aggregation=aggregation,
+            filter=draw(st.dictionaries(st.sampled_from(_KEYS), st.sampled_from(["a", "b"]), max_size=1)),
+            value_dimension=draw(st.sampled_from(["", *_KEYS]))
+            if aggregation is Aggregation.UNIQUE_COUNT
+            else "",
+            group_by=tuple(draw(st.lists(st.sampled_from(_KEYS), max_size=2, unique=True))),
+        )
+        state = draw(st.sampled_from(list(MeterState)))
+        meters.append(Meter(number + 1, spec, state, datetime(2026, 1, 1, tzinfo=UTC), None))
+    return meters
+
+
+@st.composite
+def _event_rows(draw: st.DrawFn) -> list[EventRow]:
+    rows = []
+    for number in range(draw(st.integers(0, 30))):
+        service, usage_type = draw(st.sampled_from([*_TYPES, ("compute", "cpu_hour")]))
+        values = st.sampled_from(["a", "b", "é"])
+        dimensions = draw(st.dictionaries(st.sampled_from(_KEYS), values, max_size=3))
+        dimensions_json = (
+            json.dumps(dimensions, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+            if dimensions
+            else "{}"
+        )
+        rows.append(
+            EventRow(
+                f"t{draw(st.integers(0, 2))}",
+                f"e{number}",
+                service,
+                usage_type,
+                draw(st.sampled_from(["1", "1.0", "1.50", "01.5", "0", "0.000", "2.25"])),
+                draw(st.integers(0, 10**16)),
+                dimensions_json,
+            )
+        )
+    return rows
+
+
+@given(_meter_sets(), _event_rows())
+def test_a_batch_is_matched_to_the_meters_as_each_of_its_events_alone(
+    meters: list[Meter], rows: list[EventRow]
+) -> None:
+    # Cancellations and backfills match one event at a time (contribution); a live batch
+    # matches in one pass with what it worked out per dimension set cached. They must agree
+    # entry for entry, or a cancellation would look for a value the batch never stored.
+    found = MeterMap(meters).contributions(rows)
+    expected = []
+    for row in rows:
+        for meter in meters:
+            if not meter.state.counting or meter.spec.aggregation.additive:
+                continue
+            if (meter.spec.service, meter.spec.usage_type) != (row.service, row.usage_type):
+                continue
+            entry = contribution(meter, json.loads(row.dimensions_json), row.quantity)
+            if entry is not None:
+                expected.append(
+                    (
+                        row.tenant_id,
+                        row.event_id,
+                        entry.meter_id,
+                        entry.kind,
+                        entry.value,
+                        entry.group_values,
+                        row.time_micros,
+                    )
+                )
+    assert (
+        list(
+            zip(
+                found.tenant_ids,
+                found.event_ids,
+                found.meter_ids,
+                found.kinds,
+                found.values,
+                found.group_values,
+                found.times_micros,
+                strict=True,
+            )
+        )
+        == expected
+    )

@@ -64,6 +64,18 @@ def format_quantity(value: Decimal) -> str:
     return text
 
 
+def canonical_quantity(text: str) -> str:
+    """format_quantity(Decimal(text)) of a validated quantity (check_decimal), without Decimal.
+
+    The batch path canonicalises one quantity per UNIQUE_COUNT entry ("1.50" and "1.5" are
+    one value); string operations do it in a fraction of Decimal's time.
+    """
+    integer, _, fraction = text.partition(".")
+    integer = integer.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    return f"{integer}.{fraction}" if fraction else integer
+
+
 def trim_decimal(text: str) -> str:
     """Canonical form of a plain decimal string ("3.750" -> "3.75", "5.0" -> "5")."""
     if "." in text:

@@ -19,9 +19,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 
-from server.domain.decimals import format_quantity
+from server.domain.decimals import canonical_quantity
 from server.domain.errors import FieldViolation, InvalidArgument
 from server.domain.events import (
     MAX_DIMENSION_KEY_LENGTH,
@@ -259,11 +258,29 @@ def _shape(meter: Meter, dimensions: Mapping[str, str]) -> _Shape | None:
 def _entry(meter: Meter, shape: _Shape, quantity: str) -> Contribution:
     group_values, value = shape
     if value is None:
-        if meter.spec.aggregation is Aggregation.UNIQUE_COUNT:
-            value = format_quantity(Decimal(quantity))  # "1.50" and "1.5" are one value
-        else:
-            value = quantity
+        value = _value_of(meter, quantity)
     return Contribution(meter.id, _KINDS[meter.spec.aggregation], value, group_values)
+
+
+def _value_of(meter: Meter, quantity: str) -> str:
+    """The value a meter without a value dimension stores: the event's quantity."""
+    if meter.spec.aggregation is Aggregation.UNIQUE_COUNT:
+        return canonical_quantity(quantity)  # "1.50" and "1.5" are one value
+    return quantity
+
+
+# How a batch's events of one dimension set reach one meter, worked out once per batch:
+# (meter id, kind, group JSON, the value of its value dimension or None, whether a value
+# taken from the quantity is canonicalised). None: the meter does not read them.
+_Plan = tuple[int, str, str, str | None, bool]
+
+
+def _plan(meter: Meter, dimensions_json: str) -> _Plan | None:
+    shape = _shape(meter, json.loads(dimensions_json) if dimensions_json != "{}" else {})
+    if shape is None:
+        return None
+    aggregation = meter.spec.aggregation
+    return meter.id, _KINDS[aggregation], shape[0], shape[1], aggregation is Aggregation.UNIQUE_COUNT
 
 
 class MeterMap:
@@ -288,28 +305,33 @@ class MeterMap:
             return found
         # A batch repeats a few dimension sets (regions, plans...): what a meter takes from
         # one is worked out once per batch, not parsed and serialised again for every event.
-        shapes: dict[tuple[int, str], _Shape | None] = {}
+        # This loop runs for every event of every batch, hence the local names.
+        plans: dict[tuple[int, str], _Plan | None] = {}
+        by_type = self._by_type
+        tenant_ids, event_ids, meter_ids = found.tenant_ids, found.event_ids, found.meter_ids
+        kinds, values, groups, times = found.kinds, found.values, found.group_values, found.times_micros
         for tenant_id, event_id, service, usage_type, quantity, time_micros, dimensions_json in rows:
-            meters = self._by_type.get((service, usage_type))
+            meters = by_type.get((service, usage_type))
             if not meters:
                 continue
             for meter in meters:
                 key = (meter.id, dimensions_json)
-                if key in shapes:
-                    shape = shapes[key]
+                if key in plans:
+                    plan = plans[key]
                 else:
-                    dimensions = json.loads(dimensions_json) if dimensions_json != "{}" else {}
-                    shape = shapes[key] = _shape(meter, dimensions)
-                if shape is None:
+                    plan = plans[key] = _plan(meter, dimensions_json)
+                if plan is None:
                     continue
-                entry = _entry(meter, shape, quantity)
-                found.tenant_ids.append(tenant_id)
-                found.event_ids.append(event_id)
-                found.meter_ids.append(entry.meter_id)
-                found.kinds.append(entry.kind)
-                found.values.append(entry.value)
-                found.group_values.append(entry.group_values)
-                found.times_micros.append(time_micros)
+                meter_id, kind, group_values, value, canonical = plan
+                if value is None:
+                    value = canonical_quantity(quantity) if canonical else quantity
+                tenant_ids.append(tenant_id)
+                event_ids.append(event_id)
+                meter_ids.append(meter_id)
+                kinds.append(kind)
+                values.append(value)
+                groups.append(group_values)
+                times.append(time_micros)
         return found
 
 
