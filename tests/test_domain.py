@@ -254,18 +254,4 @@ def test_a_batch_is_matched_to_the_meters_as_each_of_its_events_alone(
                         row.time_micros,
                     )
                 )
-    assert (
-        list(
-            zip(
-                found.tenant_ids,
-                found.event_ids,
-                found.meter_ids,
-                found.kinds,
-                found.values,
-                found.group_values,
-                found.times_micros,
-                strict=True,
-            )
-        )
-        == expected
-    )
+    assert list(zip(*found.columns(), strict=True)) == expected

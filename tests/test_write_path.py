@@ -126,13 +126,7 @@ async def test_an_open_batch_does_not_delay_another_writer_of_the_same_max_meter
             await conn.fetch(
                 _RECORD_BATCH_WITH_METERS,
                 *columns,
-                contributions.tenant_ids,
-                contributions.event_ids,
-                contributions.meter_ids,
-                contributions.kinds,
-                contributions.values,
-                contributions.group_values,
-                contributions.times_micros,
+                *contributions.columns(),
             )
             response = await usage.ReportUsage(
                 usage_service_pb2.ReportUsageRequest(

@@ -207,6 +207,18 @@ class Contributions:
     def __len__(self) -> int:
         return len(self.event_ids)
 
+    def columns(self) -> tuple[list[str], list[str], list[int], list[str], list[str], list[str], list[int]]:
+        """The columns in the order the statements that store them take them (CONTRIB_FROM)."""
+        return (
+            self.tenant_ids,
+            self.event_ids,
+            self.meter_ids,
+            self.kinds,
+            self.values,
+            self.group_values,
+            self.times_micros,
+        )
+
 
 _KINDS = {
     Aggregation.MAX: "v",

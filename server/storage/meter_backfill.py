@@ -218,16 +218,7 @@ async def _write(conn: asyncpg.Connection, meter: Meter, wanted: list[tuple[str,
                 kept_groups.append(entry.group_values)
     found = MeterMap([meter]).contributions(rows)
     if len(found):
-        await conn.execute(
-            _WRITE,
-            found.tenant_ids,
-            found.event_ids,
-            found.meter_ids,
-            found.kinds,
-            found.values,
-            found.group_values,
-            found.times_micros,
-        )
+        await conn.execute(_WRITE, *found.columns())
     if kept_tenants:
         await conn.execute(_KEEP_SERIES, kept_tenants, meter.id, kept_groups)
     return len(found)

@@ -337,15 +337,7 @@ class UsageStore:
         statement = _RECORD_BATCH
         if contributions is not None and len(contributions):
             statement = _RECORD_BATCH_WITH_METERS
-            args += (
-                contributions.tenant_ids,
-                contributions.event_ids,
-                contributions.meter_ids,
-                contributions.kinds,
-                contributions.values,
-                contributions.group_values,
-                contributions.times_micros,
-            )
+            args += contributions.columns()
 
         async def attempt() -> set[EventKey]:
             await self._ensure_partitions(columns)
