@@ -431,6 +431,148 @@ def test_plan_preview_close_and_late_event_with_grpcurl_money_by_hand(served: Se
     assert paid["status"] == "INVOICE_STATUS_PAID"
 
 
+def test_meters_of_active_users_and_gb_hours_with_grpcurl(served: Served, data_dir: Path) -> None:
+    """The README's meter walk-through (issue 10's "done when"), every value computed by hand."""
+    tenant = "meter-walkthrough"
+    tally_token = [TALLY, "token", "--data-dir", str(data_dir)]
+    meter_admin = subprocess.run(
+        [
+            *tally_token,
+            "--all-tenants",
+            "--scope",
+            "meters:admin",
+            "--scope",
+            "usage:read",
+            "--subject",
+            "meter-admin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    scopes = ["--scope", "usage:write", "--scope", "usage:read", "--scope", "billing:admin"]
+    token = subprocess.run(
+        [*tally_token, "--tenant", tenant, *scopes], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.strip()
+    users = served.call(
+        "tally.v1.MeterService/CreateMeter",
+        {
+            "meter": {
+                "meter_id": "e2e-active-users",
+                "service": "analytics",
+                "usage_type": "query",
+                "aggregation": "METER_AGGREGATION_UNIQUE_COUNT",
+                "value_dimension": "user_id",
+            },
+            "request_id": "create-e2e-active-users",
+        },
+        token=meter_admin,
+    )["meter"]
+    assert users["name"] == "meters/e2e-active-users"  # type: ignore[index]
+    assert users["state"] == "METER_STATE_BACKFILLING"  # type: ignore[index]  # counts new events at once; rebuilds the earlier ones
+    served.call(
+        "tally.v1.MeterService/CreateMeter",
+        {
+            "meter": {
+                "meter_id": "e2e-storage-gb-hours",
+                "service": "storage",
+                "usage_type": "gb_hour",
+                "aggregation": "METER_AGGREGATION_TIME_WEIGHTED",
+                "group_by_dimensions": ["bucket"],
+            }
+        },
+        token=meter_admin,
+    )
+    # Once: the test may run across an hour boundary. The queries are timed explicitly in
+    # this hour, so that the month they count in is the month read below.
+    this_hour, last_hour = hour(0), hour(-1)
+    half_past = last_hour.replace(":00:00Z", ":30:00Z")
+    queries = [("q-ann-1", "ann"), ("q-ann-2", "ann"), ("q-bob-1", "bob")]
+    events = [
+        {
+            "tenant_id": tenant,
+            "event_id": event_id,
+            "service": "analytics",
+            "usage_type": "query",
+            "quantity": "1",
+            "event_time": this_hour,
+            "dimensions": {"user_id": user},
+        }
+        for event_id, user in queries
+    ]
+    for event_id, gb, when in (("gb-1", "100", last_hour), ("gb-2", "300", half_past)):
+        events.append(
+            {
+                "tenant_id": tenant,
+                "event_id": event_id,
+                "service": "storage",
+                "usage_type": "gb_hour",
+                "quantity": gb,
+                "event_time": when,
+                "dimensions": {"bucket": "logs"},
+            }
+        )
+    ingested = served.call("tally.v1.UsageService/IngestUsage", {"events": events}, token=token)
+    assert ingested["accepted_count"] == "5"
+    # Sent again: duplicates, counted nowhere.
+    again = served.call("tally.v1.UsageService/IngestUsage", {"events": events[2:]}, token=token)
+    assert again["duplicate_count"] == "3" and "accepted_count" not in again
+
+    start = datetime.fromisoformat(this_hour)
+    month = start.replace(day=1, hour=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    next_month = (
+        (start.replace(day=1, hour=0) + timedelta(days=32)).replace(day=1).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+
+    def monthly_users() -> list[tuple[str, str, str]]:
+        summary = served.call(
+            "tally.v1.UsageService/GetUsageSummary",
+            {
+                "name": f"tenants/{tenant}/usageSummary",
+                "start_time": month,
+                "end_time": next_month,
+                "bucket": "TIME_BUCKET_MONTH",
+                "meters": ["meters/e2e-active-users"],
+            },
+            token=token,
+        )["summary"]
+        found = summary["meter_aggregates"]  # type: ignore[index]
+        return [(a["meter"], a["aggregation"], a["value"]) for a in found]
+
+    # Two distinct users over the month (ann twice, bob once).
+    assert monthly_users() == [("meters/e2e-active-users", "METER_AGGREGATION_UNIQUE_COUNT", "2")]
+    # 100 GB for the first half of the last hour, 300 GB for the second: 200 GB-hours.
+    storage = served.call(
+        "tally.v1.UsageService/GetUsageSummary",
+        {
+            "name": f"tenants/{tenant}/usageSummary",
+            "start_time": last_hour,
+            "end_time": this_hour,
+            "meters": ["meters/e2e-storage-gb-hours"],
+            "read_mask": {"paths": ["meter_aggregates"]},
+        },
+        token=token,
+    )["summary"]
+    assert storage == {  # the read mask leaves the usage types' aggregates out
+        "meter_aggregates": [
+            {
+                "meter": "meters/e2e-storage-gb-hours",
+                "aggregation": "METER_AGGREGATION_TIME_WEIGHTED",
+                "value": "200",
+            }
+        ]
+    }
+    # Bob's only query cancelled: one active user left, and bob's query stays a duplicate.
+    served.call(
+        "tally.v1.UsageService/CancelEvent", {"tenant_id": tenant, "event_id": "q-bob-1"}, token=token
+    )
+    assert monthly_users() == [("meters/e2e-active-users", "METER_AGGREGATION_UNIQUE_COUNT", "1")]
+    resent = served.call("tally.v1.UsageService/IngestUsage", {"events": events[2:3]}, token=token)
+    assert resent["duplicate_count"] == "1"
+    assert monthly_users() == [("meters/e2e-active-users", "METER_AGGREGATION_UNIQUE_COUNT", "1")]
+
+
 def test_sigterm_shuts_down_cleanly_and_data_survives_a_restart(served: Served, data_dir: Path) -> None:
     out = stop(served)
     assert "shutting down" in out
