@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 import asyncpg
 import grpc
@@ -424,3 +425,83 @@ async def test_cancelling_the_event_that_brought_a_value_to_its_hour_hands_the_h
     await cancel("c")  # her last carrier of the day and the month
     assert await state() == ({}, {}, [], [])
     assert await db.fetchval("SELECT count(*) FROM meter_distinct_months WHERE tenant_id = $1", tenant) == 0
+
+
+async def _one_batch(
+    events: list[resources_pb2.UsageEvent],
+) -> AsyncIterator[usage_service_pb2.IngestUsageRequest]:
+    yield usage_service_pb2.IngestUsageRequest(events=events)
+
+
+async def test_a_batch_of_any_mix_of_meter_kinds_is_stored_whole(
+    channel: grpc.aio.Channel,
+    meters: meter_service_pb2_grpc.MeterServiceStub,
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    tenant: str,
+) -> None:
+    """The batch statement holds only the write CTEs of the kinds its batch has (values,
+    distinct values, readings): every one of the seven mixes must store all of its events."""
+    billing = billing_service_pb2_grpc.BillingServiceStub(channel)
+    aggregations = {
+        "max": A.METER_AGGREGATION_MAX,
+        "users": A.METER_AGGREGATION_UNIQUE_COUNT,
+        "gauge": A.METER_AGGREGATION_TIME_WEIGHTED,
+    }
+    types, names = {}, {}
+    for key, aggregation in aggregations.items():
+        types[key] = f"u{uuid.uuid4().hex[:10]}"
+        await billing.SetRate(
+            billing_service_pb2.SetRateRequest(service="metered", usage_type=types[key], unit_price="1")
+        )
+        fields = {"value_dimension": "user_id"} if key == "users" else {}
+        definition = _meter(types[key], aggregation, **fields)
+        created = await meters.CreateMeter(meter_service_pb2.CreateMeterRequest(meter=definition))
+        names[key] = created.meter.name
+    hour = hour_start(-2)
+    peaks, users, gigabytes = ["7", "3", "9.5", "2"], ["ann", "bob", "ann", "cy"], ["4", "8", "12", "16"]
+    sent: dict[str, list[str]] = {key: [] for key in aggregations}
+    mixes = [("max",), ("users",), ("gauge",), ("max", "users"), ("max", "gauge"), ("users", "gauge")]
+    for number, mix in enumerate([*mixes, ("max", "users", "gauge")]):
+        batch = []
+        for key in mix:
+            index = len(sent[key])
+            quantity, dimensions, when = "1", {}, hour + timedelta(minutes=5)
+            if key == "max":
+                quantity = peaks[index]
+            elif key == "users":
+                dimensions = {"user_id": users[index]}
+            else:  # a reading every 15 minutes from the hour's start
+                quantity, when = gigabytes[index], hour + timedelta(minutes=15 * index)
+            sent[key].append(users[index] if key == "users" else quantity)
+            batch.append(
+                event(
+                    tenant,
+                    f"mix{number}-{key}",
+                    service="metered",
+                    usage_type=types[key],
+                    quantity=quantity,
+                    time=when,
+                    dimensions=dimensions,
+                )
+            )
+
+        assert (await usage.IngestUsage(_one_batch(batch))).accepted_count == len(mix)
+        # What each meter holds over the hour, computed by hand from what was sent so far.
+        readings = [Decimal(q) for q in sent["gauge"]]
+        expected = {
+            "max": max((Decimal(q) for q in sent["max"]), default=None),
+            "users": Decimal(len(set(sent["users"]))) if sent["users"] else None,
+            # Each reading holds for 15 minutes until the next; the last one to the hour's end.
+            "gauge": sum(readings[:-1], Decimal(0)) / 4 + readings[-1] * (5 - len(readings)) / 4
+            if readings
+            else None,
+        }
+        for key, name in names.items():
+            found = await _per_bucket(
+                usage, tenant, name, A.TIME_BUCKET_UNSPECIFIED, hour, hour, hour + timedelta(hours=1)
+            )
+            assert {k: Decimal(v) for k, v in found.items()} == (
+                {} if expected[key] is None else {None: expected[key]}
+            ), (mix, key)
+    # After all seven: the peak 9.5, three users, and 4/4 + 8/4 + 12/4 + 16/4 = 10 GB-hours.
+    assert expected == {"max": Decimal("9.5"), "users": Decimal(3), "gauge": Decimal(10)}

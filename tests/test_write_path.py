@@ -124,7 +124,7 @@ async def test_an_open_batch_does_not_delay_another_writer_of_the_same_max_meter
         await transaction.start()
         try:
             await conn.fetch(
-                _RECORD_BATCH_WITH_METERS,
+                _RECORD_BATCH_WITH_METERS[frozenset(contributions.kinds)],
                 *columns,
                 *contributions.columns(),
             )
