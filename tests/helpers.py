@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
@@ -21,7 +21,7 @@ from server.storage.database import create_pool
 from server.storage.meter_backfill import MeterBackfiller
 from server.storage.migrations import migrate
 from server.storage.shared_keys import PAGE_TOKEN_KEY
-from tally.v1 import resources_pb2
+from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
 
 
 def current_hour() -> datetime:
@@ -296,3 +296,45 @@ async def own_database(
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def meter_per_bucket(
+    usage: usage_service_pb2_grpc.UsageServiceStub,
+    tenant: str,
+    meter: str,
+    bucket: int,
+    origin: datetime,
+    start: datetime,
+    end: datetime,
+) -> dict[int | None, str]:
+    """The meter's values over [start, end) per bucket, keyed by hours after `origin` (None: no bucket)."""
+    summary = (
+        await usage.GetUsageSummary(
+            usage_service_pb2.GetUsageSummaryRequest(
+                name=f"tenants/{tenant}/usageSummary",
+                start_time=ts(start),
+                end_time=ts(end),
+                bucket=bucket,  # type: ignore[arg-type]
+                meters=[meter],
+            )
+        )
+    ).summary
+    return {
+        (a.bucket_start_time.seconds - int(origin.timestamp())) // 3600
+        if a.HasField("bucket_start_time")
+        else None: (a.value)
+        for a in summary.meter_aggregates
+    }
+
+
+async def ingest(
+    usage: usage_service_pb2_grpc.UsageServiceStub, batches: Sequence[Sequence[resources_pb2.UsageEvent]]
+) -> usage_service_pb2.IngestUsageResponse:
+    """One IngestUsage call sending `batches` in order."""
+
+    async def requests() -> AsyncIterator[usage_service_pb2.IngestUsageRequest]:
+        for batch in batches:
+            yield usage_service_pb2.IngestUsageRequest(events=batch)
+
+    response: usage_service_pb2.IngestUsageResponse = await usage.IngestUsage(requests())
+    return response

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 
 import asyncpg
 import grpc
 import pytest
 
-from tally.v1 import resources_pb2, usage_service_pb2, usage_service_pb2_grpc
-from tests.helpers import event, field_violations, hour_start, totals
-
-
-async def ingest(
-    usage: usage_service_pb2_grpc.UsageServiceStub, batches: Sequence[Sequence[resources_pb2.UsageEvent]]
-) -> usage_service_pb2.IngestUsageResponse:
-    async def requests() -> AsyncIterator[usage_service_pb2.IngestUsageRequest]:
-        for batch in batches:
-            yield usage_service_pb2.IngestUsageRequest(events=batch)
-
-    return await usage.IngestUsage(requests())
+from tally.v1 import usage_service_pb2, usage_service_pb2_grpc
+from tests.helpers import event, field_violations, hour_start, ingest, totals
 
 
 async def test_ingest_counts_accepted_duplicates_and_rejections(

@@ -36,7 +36,7 @@ from tally.v1 import (
 )
 from tests.billing_helpers import anchor_bounds, create_plan, far_anchor_day, set_profile
 from tests.conftest import new_tenant
-from tests.helpers import error_info, event, field_violations, hour_start, ts
+from tests.helpers import error_info, event, field_violations, hour_start, ingest, meter_per_bucket, ts
 from tests.test_period_close import close, fake_clock
 from tests.test_period_close_blocks import invoices_of, next_anchor_day, next_close
 
@@ -218,18 +218,8 @@ async def test_meter_charges_price_each_aggregate_over_the_whole_period(
     assert [(t.tier, t.quantity, t.amount) for t in peak.tiers] == [(1, "10", "10"), (2, "2", "2.25")]
 
     # The month's distinct users (4) are not the sum of the daily counts (2 + 2 + 2 + 1).
-    daily = (
-        await usage.GetUsageSummary(
-            usage_service_pb2.GetUsageSummaryRequest(
-                name=f"tenants/{tenant}/usageSummary",
-                start_time=ts(start),
-                end_time=ts(end),
-                bucket=R.TIME_BUCKET_DAY,
-                meters=[kit.users],
-            )
-        )
-    ).summary
-    assert sorted(a.value for a in daily.meter_aggregates) == ["1", "2", "2", "2"]
+    daily = await meter_per_bucket(usage, tenant, kit.users, R.TIME_BUCKET_DAY, start, start, end)
+    assert sorted(daily.values()) == ["1", "2", "2", "2"]
 
     closed = (await close(billing, tenant)).invoice
     assert closed.status == R.INVOICE_STATUS_FINALIZED
@@ -480,10 +470,7 @@ async def test_meter_charge_equals_its_price_computed_from_the_raw_events(
         for e in data.draw(st.permutations(events), label="order")
     ]
 
-    async def stream() -> AsyncIterator[usage_service_pb2.IngestUsageRequest]:
-        yield usage_service_pb2.IngestUsageRequest(events=batch)
-
-    assert (await usage.IngestUsage(stream())).accepted_count == len(events)
+    assert (await ingest(usage, [batch])).accepted_count == len(events)
     cancelled = data.draw(st.sets(st.sampled_from(events), max_size=2), label="cancelled")
     for e in cancelled:
         await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id=e.event_id))

@@ -22,7 +22,16 @@ from tally.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from tests.helpers import error_info, event, field_violations, finish_backfills, hour_start, ts
+from tests.helpers import (
+    error_info,
+    event,
+    field_violations,
+    finish_backfills,
+    hour_start,
+    ingest,
+    meter_per_bucket,
+    ts,
+)
 
 Code = grpc.StatusCode
 A = resources_pb2
@@ -82,35 +91,6 @@ async def _report_user(
             )
         )
     )
-
-
-async def _per_bucket(
-    usage: usage_service_pb2_grpc.UsageServiceStub,
-    tenant: str,
-    meter: str,
-    bucket: int,
-    origin: datetime,
-    start: datetime,
-    end: datetime,
-) -> dict[int | None, str]:
-    """The meter's values over [start, end) per bucket, keyed by hours after `origin` (None: no bucket)."""
-    summary = (
-        await usage.GetUsageSummary(
-            usage_service_pb2.GetUsageSummaryRequest(
-                name=f"tenants/{tenant}/usageSummary",
-                start_time=ts(start),
-                end_time=ts(end),
-                bucket=bucket,  # type: ignore[arg-type]
-                meters=[meter],
-            )
-        )
-    ).summary
-    return {
-        (a.bucket_start_time.seconds - int(origin.timestamp())) // 3600
-        if a.HasField("bucket_start_time")
-        else None: (a.value)
-        for a in summary.meter_aggregates
-    }
 
 
 async def _values(
@@ -367,7 +347,7 @@ async def test_unique_count_without_group_by_is_exact_per_hour_day_and_window(
     await usage.CancelEvent(usage_service_pb2.CancelEventRequest(tenant_id=tenant, event_id="e7"))
 
     async def counts(bucket: int, start: timedelta, end: timedelta) -> dict[int | None, str]:
-        return await _per_bucket(usage, tenant, users.name, bucket, day, day + start, day + end)
+        return await meter_per_bucket(usage, tenant, users.name, bucket, day, day + start, day + end)
 
     days = timedelta(days=3)
     assert await counts(A.TIME_BUCKET_DAY, timedelta(0), days) == {0: "2", 24: "2", 48: "1"}
@@ -400,8 +380,8 @@ async def test_cancelling_the_event_that_brought_a_value_to_its_hour_hands_the_h
         dict[int | None, str], dict[int | None, str], list[tuple[int, str]], list[str]
     ]:
         end = day + timedelta(days=1)
-        hours = await _per_bucket(usage, tenant, users.name, A.TIME_BUCKET_HOUR, day, day, end)
-        days = await _per_bucket(usage, tenant, users.name, A.TIME_BUCKET_DAY, day, day, end)
+        hours = await meter_per_bucket(usage, tenant, users.name, A.TIME_BUCKET_HOUR, day, day, end)
+        days = await meter_per_bucket(usage, tenant, users.name, A.TIME_BUCKET_DAY, day, day, end)
         hour_rows = await db.fetch(
             "SELECT extract(epoch FROM hour - $2)::int / 3600, event_id FROM meter_distinct_hours"
             " WHERE tenant_id = $1 ORDER BY 1",
@@ -425,12 +405,6 @@ async def test_cancelling_the_event_that_brought_a_value_to_its_hour_hands_the_h
     await cancel("c")  # her last carrier of the day and the month
     assert await state() == ({}, {}, [], [])
     assert await db.fetchval("SELECT count(*) FROM meter_distinct_months WHERE tenant_id = $1", tenant) == 0
-
-
-async def _one_batch(
-    events: list[resources_pb2.UsageEvent],
-) -> AsyncIterator[usage_service_pb2.IngestUsageRequest]:
-    yield usage_service_pb2.IngestUsageRequest(events=events)
 
 
 async def test_a_batch_of_any_mix_of_meter_kinds_is_stored_whole(
@@ -485,7 +459,7 @@ async def test_a_batch_of_any_mix_of_meter_kinds_is_stored_whole(
                 )
             )
 
-        assert (await usage.IngestUsage(_one_batch(batch))).accepted_count == len(mix)
+        assert (await ingest(usage, [batch])).accepted_count == len(mix)
         # What each meter holds over the hour, computed by hand from what was sent so far.
         readings = [Decimal(q) for q in sent["gauge"]]
         expected = {
@@ -497,7 +471,7 @@ async def test_a_batch_of_any_mix_of_meter_kinds_is_stored_whole(
             else None,
         }
         for key, name in names.items():
-            found = await _per_bucket(
+            found = await meter_per_bucket(
                 usage, tenant, name, A.TIME_BUCKET_UNSPECIFIED, hour, hour, hour + timedelta(hours=1)
             )
             assert {k: Decimal(v) for k, v in found.items()} == (

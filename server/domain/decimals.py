@@ -65,10 +65,11 @@ def format_quantity(value: Decimal) -> str:
 
 
 def canonical_quantity(text: str) -> str:
-    """format_quantity(Decimal(text)) of a validated quantity (check_decimal), without Decimal.
+    """format_quantity(Decimal(text)), without Decimal, of plain digits with an optional fraction.
 
-    The batch path canonicalises one quantity per UNIQUE_COUNT entry ("1.50" and "1.5" are
-    one value); string operations do it in a fraction of Decimal's time.
+    That is a quantity as check_decimal accepts it, or as a stored numeric prints it. The
+    batch path canonicalises one quantity per UNIQUE_COUNT entry ("1.50" and "1.5" are one
+    value); string operations do it in a fraction of Decimal's time.
     """
     integer, _, fraction = text.partition(".")
     integer = integer.lstrip("0") or "0"
